@@ -1,0 +1,64 @@
+"""aptckpt: checkpoints for PyTorch training -- verified, atomic, portable, incremental.
+
+>>> import aptckpt
+>>> info = aptckpt.save(state, "runs/a/step-500", backend="zstd")   # doctest: +SKIP
+>>> state = aptckpt.load("runs/a/step-500")                          # doctest: +SKIP
+
+``NATIVE`` tells whether the compiled core is active (``APTCKPT_NATIVE=auto|require|disable``).
+"""
+
+from aptckpt._accel import IMPLEMENTATION, NATIVE
+from aptckpt._version import __version__
+from aptckpt.api import (
+    CheckpointInfo,
+    SaveInfo,
+    TensorInfo,
+    VerifyReport,
+    inspect,
+    load,
+    save,
+    verify,
+)
+from aptckpt.errors import (
+    AptckptError,
+    BackendError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    DeviceUnavailableError,
+    FormatError,
+    IntegrityError,
+    UnknownBackendError,
+    UnsupportedFormatVersionError,
+    UnsupportedObjectError,
+    WriteError,
+)
+from aptckpt.manifest import FORMAT_VERSION
+from aptckpt.registry import available_backends, register_backend
+
+__all__ = [
+    "FORMAT_VERSION",
+    "IMPLEMENTATION",
+    "NATIVE",
+    "AptckptError",
+    "BackendError",
+    "CheckpointExistsError",
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "DeviceUnavailableError",
+    "FormatError",
+    "IntegrityError",
+    "SaveInfo",
+    "TensorInfo",
+    "UnknownBackendError",
+    "UnsupportedFormatVersionError",
+    "UnsupportedObjectError",
+    "VerifyReport",
+    "WriteError",
+    "__version__",
+    "available_backends",
+    "inspect",
+    "load",
+    "register_backend",
+    "save",
+    "verify",
+]

@@ -1,0 +1,332 @@
+"""The local commit protocol: a checkpoint appears whole or not at all.
+
+Writing: every file goes into a sibling temp directory
+``.<name>.tmp-<pid>-<random>``; once the backend is done, every data file is
+fsynced, then the manifest is written and fsynced, then the temp directory,
+then it is renamed onto the final name and the parent directory is fsynced.
+A crash at any instant leaves either the old state or the new one, plus at
+worst a hidden temp directory, which the next save into the same parent removes
+once its owner process is gone.
+
+Replacing an existing checkpoint (``overwrite=True``) swaps the two directories
+with ``renameat2(RENAME_EXCHANGE)`` where the kernel offers it, so the name
+never disappears; elsewhere it falls back to two renames, with a moment in
+which the old checkpoint exists only under a hidden trash name.
+
+Reading: files are opened with ``O_NOFOLLOW``, must be regular files inside the
+checkpoint root, and must have the size the manifest records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+
+from aptckpt import manifest as mf
+from aptckpt._config import MAX_MANIFEST_BYTES
+from aptckpt._config import threads as default_threads
+from aptckpt.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    FormatError,
+    IntegrityError,
+    UnsafePathError,
+    WriteError,
+)
+
+__all__ = ["CheckpointReader", "CheckpointWriter", "is_checkpoint"]
+
+log = logging.getLogger("aptckpt")
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def is_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is a committed checkpoint directory (its manifest exists)."""
+    return os.path.isfile(os.path.join(path, mf.MANIFEST_NAME))
+
+
+def _fsync_path(path: Path, *, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (os.O_DIRECTORY if directory else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths; False if this kernel or filesystem cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _owner_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(parent: Path) -> None:
+    """Delete temp directories in ``parent`` left behind by processes that died."""
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(".") or (".tmp-" not in name and ".trash-" not in name):
+            continue
+        try:
+            pid = int(name.rsplit("-", 2)[-2])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _owner_alive(pid):
+            log.info("removing stale temporary checkpoint directory %s", entry.path)
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+class CheckpointWriter:
+    """Collects the files of one checkpoint in a temp directory, then commits them.
+
+    Use as a context manager: leaving it without :meth:`commit` (an exception)
+    removes the temp directory and leaves the target untouched.
+    """
+
+    def __init__(self, final: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        self.final = Path(os.path.abspath(final))
+        self.overwrite = overwrite
+        self._check_target()
+        parent = self.final.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise WriteError(
+                f"cannot create directory '{parent}': {err.strerror}",
+                path=str(parent),
+                errno_=err.errno,
+            ) from err
+        remove_stale_temps(parent)
+        token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.root = parent / f".{self.final.name}.tmp-{token}"
+        self._trash = parent / f".{self.final.name}.trash-{token}"
+        try:
+            self.root.mkdir()
+        except OSError as err:
+            raise WriteError(
+                f"cannot create '{self.root}': {err.strerror}",
+                path=str(self.root),
+                errno_=err.errno,
+            ) from err
+        self._files: list[str] = []
+        self._committed = False
+
+    def _check_target(self) -> None:
+        final = self.final
+        if not os.path.lexists(final):
+            return
+        if final.is_dir() and not final.is_symlink():
+            if is_checkpoint(final):
+                if not self.overwrite:
+                    raise CheckpointExistsError(
+                        final,
+                        "a checkpoint already exists there; "
+                        "pass overwrite=True to replace it or choose another path",
+                    )
+                return
+            if not any(final.iterdir()):
+                return  # an empty directory the user made for us
+        raise CheckpointExistsError(
+            final,
+            "the path exists and is not an aptckpt checkpoint; refusing to replace it "
+            "(move it away or choose another path)",
+        )
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._committed:
+            self.abort()
+
+    @property
+    def files(self) -> list[str]:
+        """Relative paths of the files created so far, in creation order."""
+        return list(self._files)
+
+    def path(self, name: str) -> Path:
+        """Reserve the data file ``name`` (relative, validated) and return its temp path."""
+        mf.check_relative_path(name)
+        if name == mf.MANIFEST_NAME or name in self._files:
+            raise ValueError(f"file name {name!r} is reserved or already used")
+        target = self.root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._files.append(name)
+        return target
+
+    def sizes(self) -> list[mf.FileRecord]:
+        return [mf.FileRecord(n, (self.root / n).stat().st_size) for n in self._files]
+
+    def sync_files(self, threads: int | None = None) -> None:
+        """fsync every data file (in parallel: fsync releases the GIL)."""
+        paths = [self.root / n for n in self._files]
+        workers = max(1, min(len(paths), threads or default_threads()))
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(_fsync_path, paths))
+
+    def commit(self, manifest_bytes: bytes) -> None:
+        """Write the manifest last and move the checkpoint into place, durably."""
+        manifest_path = self.root / mf.MANIFEST_NAME
+        with open(manifest_path, "xb") as f:
+            f.write(manifest_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_path(self.root, directory=True)
+        self._check_target()  # the target may have appeared while we were writing
+        if os.path.lexists(self.final):
+            if _exchange(self.root, self.final):
+                os.rename(self.root, self._trash)
+            else:
+                os.rename(self.final, self._trash)
+                os.rename(self.root, self.final)
+        else:
+            os.rename(self.root, self.final)
+        self._committed = True
+        _fsync_path(self.final.parent, directory=True)
+        shutil.rmtree(self._trash, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Remove everything written so far; the target is untouched."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class CheckpointReader:
+    """Safe access to the files of a committed checkpoint."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(os.path.abspath(root))
+        if not self.root.exists():
+            raise CheckpointNotFoundError(root, "the path does not exist")
+        if not self.root.is_dir():
+            raise CheckpointNotFoundError(
+                root,
+                "it is a file, not a checkpoint directory (a plain torch.save file "
+                "loads with torch.load(path, weights_only=True))",
+            )
+        self.manifest_path = self.root / mf.MANIFEST_NAME
+        if not self.manifest_path.is_file():
+            raise CheckpointNotFoundError(
+                root,
+                f"it has no {mf.MANIFEST_NAME}: not an aptckpt checkpoint, or a save that "
+                "never committed",
+            )
+
+    def read_manifest(self) -> mf.Manifest:
+        fd = self._open_fd(self.manifest_path, mf.MANIFEST_NAME)
+        try:
+            size = os.fstat(fd).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise FormatError(
+                    f"manifest is {size} bytes, over the limit", path=str(self.manifest_path)
+                )
+            data = _read_exact(fd, size)
+        finally:
+            os.close(fd)
+        return mf.decode(data, where=str(self.manifest_path))
+
+    def _open_fd(self, path: Path, name: str) -> int:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError as err:
+            raise IntegrityError(
+                f"data file '{name}' is missing from checkpoint '{self.root}'",
+                path=str(self.root),
+                file=name,
+            ) from err
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise UnsafePathError(
+                    f"'{name}' is a symbolic link; checkpoints never contain links",
+                    path=str(self.root),
+                ) from err
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UnsafePathError(f"'{name}' is not a regular file", path=str(self.root))
+        return fd
+
+    def open(self, record: mf.FileRecord) -> int:
+        """Open a data file read-only, after checking it is safe and has its recorded size."""
+        parent = (self.root / record.path).parent
+        if os.path.realpath(parent) != os.path.join(
+            os.path.realpath(self.root), os.path.dirname(record.path)
+        ).rstrip("/"):
+            raise UnsafePathError(
+                f"'{record.path}' leaves the checkpoint through a link", path=str(self.root)
+            )
+        fd = self._open_fd(self.root / record.path, record.path)
+        size = os.fstat(fd).st_size
+        if size != record.size:
+            os.close(fd)
+            what = "truncated" if size < record.size else "longer than recorded"
+            raise IntegrityError(
+                f"data file '{record.path}' of checkpoint '{self.root}' is {what} "
+                f"({size} bytes, manifest says {record.size}); the checkpoint is damaged",
+                path=str(self.root),
+                file=record.path,
+            )
+        return fd
+
+    @contextlib.contextmanager
+    def open_all(self, records: tuple[mf.FileRecord, ...]) -> Iterator[list[int]]:
+        """Open every data file (checked as in :meth:`open`); close them on exit."""
+        fds: list[int] = []
+        try:
+            for record in records:
+                fds.append(self.open(record))
+            yield fds
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _read_exact(fd: int, size: int) -> bytes:
+    chunks = []
+    remaining = size
+    while remaining:
+        chunk = os.read(fd, remaining)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)

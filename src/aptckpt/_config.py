@@ -1,0 +1,39 @@
+"""Tunables, in one place.
+
+Defaults chosen from measurements on the reference machine (see
+``shared/research/baselines.md``): 4 MiB chunks are large enough that per-frame
+zstd overhead vanishes and small enough to spread over a thread pool.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: Bytes per chunk: the unit of hashing, compression, deduplication and parallelism.
+DEFAULT_CHUNK_SIZE = 4 << 20
+#: Target size of one shard file of the ``zstd`` backend.
+DEFAULT_SHARD_SIZE = 512 << 20
+#: zstd level: once byte-shuffled, float data compresses better *and* faster at 1 than at 3.
+DEFAULT_ZSTD_LEVEL = 1
+#: Largest manifest a reader accepts (a manifest of 10 million chunks is ~400 MB).
+MAX_MANIFEST_BYTES = 1 << 30
+#: Deepest container nesting of a state (the skeleton must stay within msgpack's stack).
+MAX_NESTING = 200
+#: Largest chunk size a writer may choose, and so a reader accepts.
+MAX_CHUNK_SIZE = 1 << 30
+
+
+def threads() -> int:
+    """Worker threads for parallel work: ``APTCKPT_THREADS`` or the usable CPUs."""
+    env = os.environ.get("APTCKPT_THREADS", "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
+        if value >= 1:
+            return value
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)

@@ -1,0 +1,379 @@
+"""The public API: ``save``, ``load``, ``inspect``, ``verify``.
+
+What happens here, identically for every backend: the state is flattened
+(refusing what cannot be stored, with its key path), the backend writes the
+tensors, every file is made durable, the manifest is written last and the
+checkpoint renamed into place (:mod:`aptckpt._atomic`). Loading reads and
+validates the manifest, lets the backend read (and verify) the tensors, then
+restores devices, ``nn.Parameter`` and ``requires_grad`` and rebuilds the state,
+with aliased tensors coming back as one object.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import torch
+
+from aptckpt import _dtypes, registry, tree
+from aptckpt import manifest as mf
+from aptckpt._atomic import CheckpointReader, CheckpointWriter
+from aptckpt._version import __version__
+from aptckpt.backends.base import Backend
+from aptckpt.errors import (
+    DeviceUnavailableError,
+    FormatError,
+    IntegrityError,
+    UnknownBackendError,
+    WriteError,
+)
+
+__all__ = [
+    "CheckpointInfo",
+    "SaveInfo",
+    "TensorInfo",
+    "VerifyReport",
+    "inspect",
+    "load",
+    "save",
+    "verify",
+]
+
+log = logging.getLogger("aptckpt")
+
+PathLike: TypeAlias = "str | os.PathLike[str]"
+DeviceLike: TypeAlias = "str | torch.device"
+MapLocation: TypeAlias = (
+    "DeviceLike | Mapping[str, DeviceLike] | Callable[[str], DeviceLike] | None"
+)
+
+
+@dataclass(frozen=True)
+class SaveInfo:
+    """What :func:`save` wrote."""
+
+    path: str
+    backend: str
+    tensors: int
+    raw_bytes: int
+    stored_bytes: int
+    files: tuple[str, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a checkpoint, as the manifest describes it."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    device: str
+    nbytes: int
+    stored_bytes: int | None
+    codecs: tuple[str, ...]
+    parameter: bool
+    requires_grad: bool
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint's manifest, summarised; no tensor data is read."""
+
+    path: str
+    backend: str
+    options: Mapping[str, Any]
+    format_version: int
+    library_version: str
+    torch_version: str
+    created_at: str
+    tensors: tuple[TensorInfo, ...]
+    files: tuple[mf.FileRecord, ...]
+    raw_bytes: int
+    stored_bytes: int
+    metadata: Any
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Result of a successful :func:`verify`."""
+
+    path: str
+    backend: str
+    tensors: int
+    raw_bytes: int
+    stored_bytes: int
+    seconds: float
+
+
+def _backend(name: str, *, saved_by: str | None = None) -> type[Backend]:
+    try:
+        return registry.get_backend(name)
+    except UnknownBackendError as err:
+        if saved_by is None:
+            raise
+        raise FormatError(
+            f"checkpoint was written by backend {name!r}, which is not installed here "
+            f"(available: {', '.join(err.available)}); install the plugin that provides it",
+            path=saved_by,
+        ) from err
+
+
+def _record(leaf: tree.TensorLeaf) -> mf.TensorRecord:
+    t = leaf.tensor
+    return mf.TensorRecord(
+        dtype=_dtypes.dtype_name(t.dtype),
+        shape=tuple(int(d) for d in t.shape),
+        device=str(t.device),
+        requires_grad=bool(t.requires_grad),
+        parameter=leaf.is_parameter,
+    )
+
+
+def save(
+    state: Any,
+    path: PathLike,
+    *,
+    backend: str = "zstd",
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> SaveInfo:
+    """Save ``state`` as a checkpoint directory at ``path``, atomically.
+
+    Args:
+        state: any nesting of dict / OrderedDict / list / tuple holding tensors,
+            ``nn.Parameter`` and plain values (None, bool, int, float, complex,
+            str, bytes, torch.dtype / device / Size).
+        path: the checkpoint directory to create.
+        backend: a registered backend name (:func:`available_backends`).
+        metadata: plain values stored in the manifest, shown by :func:`inspect`.
+        overwrite: replace an existing checkpoint at ``path`` (atomically).
+        **options: backend options, e.g. ``level=3`` or ``codec="none"`` for ``zstd``.
+
+    Returns:
+        What was written.
+
+    Raises:
+        UnsupportedObjectError: an object that cannot be stored, named by key path.
+        UnknownBackendError, BackendError: bad backend name or options.
+        CheckpointExistsError: ``path`` is taken and ``overwrite`` is false.
+        WriteError: the disk failed (full, read-only); nothing was committed.
+    """
+    start = time.perf_counter()
+    impl = _backend(backend)(**options)
+    flat = tree.flatten(state)
+    manifest_metadata = tree.encode_plain(dict(metadata), root="metadata") if metadata else None
+    records = tuple(_record(leaf) for leaf in flat.tensors)
+    with CheckpointWriter(path, overwrite=overwrite) as writer:
+        try:
+            payload = impl.write(flat, writer)
+            writer.sync_files()
+            files = tuple(writer.sizes())
+            manifest = mf.Manifest(
+                backend=backend,
+                options=impl.options_record(),
+                skeleton=flat.skeleton,
+                tensors=records,
+                files=files,
+                payload=payload,
+                metadata=manifest_metadata,
+                created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                library_version=__version__,
+                torch_version=torch.__version__,
+            )
+            writer.commit(mf.encode(manifest))
+        except OSError as err:
+            raise WriteError(
+                f"saving checkpoint '{path}' failed: {err.strerror or err}; nothing was "
+                "committed and earlier checkpoints are intact (free space or fix permissions, "
+                "then save again)",
+                path=os.fspath(path),
+                errno_=err.errno,
+            ) from err
+    info = SaveInfo(
+        path=str(writer.final),
+        backend=backend,
+        tensors=len(records),
+        raw_bytes=sum(r.nbytes for r in records),
+        stored_bytes=sum(f.size for f in files),
+        files=tuple(f.path for f in files),
+        seconds=time.perf_counter() - start,
+    )
+    log.info(
+        "saved %s (%s, %d bytes) in %.3fs", info.path, backend, info.stored_bytes, info.seconds
+    )
+    return info
+
+
+# --------------------------------------------------------------------- loading
+
+
+def _device_available(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):
+        return False
+    return True
+
+
+def _resolve_device(saved: str, map_location: MapLocation, key: str) -> torch.device:
+    target: Any
+    if map_location is None:
+        target = saved
+    elif isinstance(map_location, Mapping):
+        target = map_location.get(saved, saved)
+    elif callable(map_location):
+        target = map_location(saved)
+    else:
+        target = map_location
+    try:
+        device = torch.device(target)
+    except (RuntimeError, TypeError) as err:
+        raise DeviceUnavailableError(f"map_location gave {target!r}, not a device") from err
+    if not _device_available(device):
+        raise DeviceUnavailableError(
+            f"tensor {key} was saved on {saved!r} and would load onto {str(device)!r}, which "
+            "this machine lacks; pass map_location='cpu' (or a dict such as "
+            "{'cuda:1': 'cuda:0'}) to load it elsewhere"
+        )
+    return device
+
+
+def _restore(
+    tensor: torch.Tensor, record: mf.TensorRecord, map_location: MapLocation, key: str
+) -> torch.Tensor:
+    device = _resolve_device(record.device, map_location, key)
+    if tensor.device != device:
+        tensor = tensor.to(device)
+    if record.parameter:
+        return torch.nn.Parameter(tensor, requires_grad=record.requires_grad)
+    if record.requires_grad and (tensor.is_floating_point() or tensor.is_complex()):
+        tensor.requires_grad_(True)
+    return tensor
+
+
+def _open(path: PathLike) -> tuple[CheckpointReader, mf.Manifest, Backend]:
+    reader = CheckpointReader(path)
+    manifest = reader.read_manifest()
+    return reader, manifest, _backend(manifest.backend, saved_by=str(reader.root))()
+
+
+def _read_tensors(
+    reader: CheckpointReader, manifest: mf.Manifest, impl: Backend, *, verify: bool
+) -> list[torch.Tensor]:
+    tensors = impl.read(reader, manifest, verify=verify)
+    if len(tensors) != len(manifest.tensors):
+        raise FormatError(
+            f"backend {manifest.backend!r} returned {len(tensors)} tensors for "
+            f"{len(manifest.tensors)} records",
+            path=str(reader.root),
+        )
+    for i, (t, r) in enumerate(zip(tensors, manifest.tensors, strict=True)):
+        if _dtypes.dtype_name(t.dtype) != r.dtype or tuple(t.shape) != r.shape:
+            raise FormatError(
+                f"tensor {i}: backend returned {t.dtype} {tuple(t.shape)}, "
+                f"manifest says {r.dtype} {r.shape}",
+                path=str(reader.root),
+            )
+    return tensors
+
+
+def load(path: PathLike, *, map_location: MapLocation = None, verify: bool = True) -> Any:
+    """Load the state saved at ``path``, bit for bit.
+
+    Args:
+        path: a checkpoint directory written by :func:`save`.
+        map_location: where tensors go. ``None``: the device each was saved on;
+            a device (``"cpu"``); a dict from saved to target device names; or a
+            callable taking the saved device name.
+        verify: check every chunk's digest (default). ``False`` still checks
+            sizes and structure, and never unpickles.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` is not a committed checkpoint.
+        IntegrityError: stored bytes differ from their digests; names file and tensor.
+        FormatError: malformed manifest (UnsupportedFormatVersionError if newer).
+        DeviceUnavailableError: a saved device is missing; pass ``map_location``.
+    """
+    reader, manifest, impl = _open(path)
+    tensors = _read_tensors(reader, manifest, impl, verify=verify)
+    keys = tree.key_paths(manifest.skeleton, len(tensors))
+    restored = [
+        _restore(t, r, map_location, k)
+        for t, r, k in zip(tensors, manifest.tensors, keys, strict=True)
+    ]
+    return tree.rebuild(manifest.skeleton, restored)
+
+
+def inspect(path: PathLike) -> CheckpointInfo:
+    """Summarise a checkpoint from its manifest, without reading tensor data."""
+    reader, manifest, impl = _open(path)
+    layouts = impl.describe(manifest)
+    keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
+    tensors = tuple(
+        TensorInfo(
+            key=k,
+            dtype=r.dtype,
+            shape=r.shape,
+            device=r.device,
+            nbytes=r.nbytes,
+            stored_bytes=lay.stored_bytes,
+            codecs=lay.codecs,
+            parameter=r.parameter,
+            requires_grad=r.requires_grad,
+        )
+        for k, r, lay in zip(keys, manifest.tensors, layouts, strict=True)
+    )
+    return CheckpointInfo(
+        path=str(reader.root),
+        backend=manifest.backend,
+        options=dict(manifest.options),
+        format_version=manifest.format_version,
+        library_version=manifest.library_version,
+        torch_version=manifest.torch_version,
+        created_at=manifest.created_at,
+        tensors=tensors,
+        files=manifest.files,
+        raw_bytes=sum(t.nbytes for t in tensors),
+        stored_bytes=sum(f.size for f in manifest.files),
+        metadata=tree.rebuild(manifest.metadata, []) if manifest.metadata is not None else None,
+    )
+
+
+def verify(path: PathLike) -> VerifyReport:
+    """Check every digest, size and structural rule of a checkpoint.
+
+    Returns:
+        A report when the checkpoint is intact.
+
+    Raises:
+        IntegrityError: damage, with ``.problems`` listing every damaged chunk
+            found (file and tensor named).
+        FormatError, CheckpointNotFoundError: as for :func:`load`.
+    """
+    start = time.perf_counter()
+    reader, manifest, impl = _open(path)
+    tensors = _read_tensors(reader, manifest, impl, verify=True)
+    try:
+        tree.rebuild(manifest.skeleton, tensors)
+    except FormatError as err:
+        raise IntegrityError(str(err), path=str(reader.root)) from err
+    return VerifyReport(
+        path=str(reader.root),
+        backend=manifest.backend,
+        tensors=len(tensors),
+        raw_bytes=sum(r.nbytes for r in manifest.tensors),
+        stored_bytes=sum(f.size for f in manifest.files),
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,238 @@
+"""Chunk machinery shared by the chunked backends (``zstd``, later ``delta``).
+
+A tensor's bytes (contiguous, little-endian, C order) are cut into chunks of
+``chunk_size`` bytes, the last one shorter. Each chunk is stored as one record
+``[file, offset, length, codec, digest]``: the index of its data file in the
+manifest's file list, where its stored bytes start and how many there are, the
+index of its codec pipeline in the payload's codec table, and the XXH3-128
+digest of its *raw* bytes (so a digest names content, whatever the encoding).
+
+This module parses and validates those records (every number is checked before
+use) and decodes chunks straight into their destination tensors in parallel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from aptckpt import _accel, _dtypes, tree
+from aptckpt._config import MAX_CHUNK_SIZE
+from aptckpt.codecs import RAW, CodecError, Pipeline
+from aptckpt.errors import FormatError, IntegrityError
+from aptckpt.manifest import Manifest
+
+__all__ = [
+    "ChunkRecord",
+    "check_chunk_size",
+    "chunk_spans",
+    "decode_into",
+    "host_tensor",
+    "ordered_map",
+    "parse_chunk_table",
+]
+
+DIGEST_SIZE = 16
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    file: int
+    offset: int
+    length: int
+    codec: int
+    digest: bytes
+
+    def to_row(self) -> list[Any]:
+        return [self.file, self.offset, self.length, self.codec, self.digest]
+
+
+def check_chunk_size(value: object, *, where: str | None = None) -> int:
+    if type(value) is not int or not 16 <= value <= MAX_CHUNK_SIZE or value % 16:
+        raise FormatError(
+            f"chunk_size {value!r} must be a multiple of 16 between 16 and {MAX_CHUNK_SIZE}",
+            path=where,
+        )
+    return value
+
+
+def chunk_spans(nbytes: int, chunk_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` byte ranges of the chunks of a buffer of ``nbytes``."""
+    return [(s, min(s + chunk_size, nbytes)) for s in range(0, nbytes, chunk_size)]
+
+
+def host_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor with the same values (no copy when already one).
+
+    Conjugate and negative bits are resolved: they are lazy views whose stored
+    bytes differ from their values.
+    """
+    t = tensor.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    return t.to("cpu").contiguous()
+
+
+def parse_chunk_table(
+    manifest: Manifest, rows_per_tensor: object, chunk_size: int, n_codecs: int, *, where: str
+) -> list[list[ChunkRecord]]:
+    """Validate the per-tensor chunk rows of a payload against the manifest."""
+    if not isinstance(rows_per_tensor, list) or len(rows_per_tensor) != len(manifest.tensors):
+        raise FormatError("payload has no chunk list for every tensor", path=where)
+    sizes = [f.size for f in manifest.files]
+    table: list[list[ChunkRecord]] = []
+    for index, (record, rows) in enumerate(zip(manifest.tensors, rows_per_tensor, strict=True)):
+        spans = chunk_spans(record.nbytes, chunk_size)
+        if not isinstance(rows, list) or len(rows) != len(spans):
+            raise FormatError(
+                f"tensor {index} needs {len(spans)} chunks, payload lists "
+                f"{len(rows) if isinstance(rows, list) else rows!r}",
+                path=where,
+            )
+        chunks = []
+        for row in rows:
+            if not (
+                isinstance(row, list)
+                and len(row) == 5
+                and all(type(v) is int and v >= 0 for v in row[:4])
+                and isinstance(row[4], bytes)
+                and len(row[4]) == DIGEST_SIZE
+            ):
+                raise FormatError(f"malformed chunk record {row!r} of tensor {index}", path=where)
+            chunk = ChunkRecord(*row)
+            if chunk.file >= len(sizes) or chunk.codec >= n_codecs:
+                raise FormatError(f"chunk record {row!r} names a missing file or codec", path=where)
+            if chunk.offset + chunk.length > sizes[chunk.file]:
+                raise FormatError(
+                    f"chunk record {row!r} reaches past the end of its file", path=where
+                )
+            chunks.append(chunk)
+        table.append(chunks)
+    return table
+
+
+def ordered_map(
+    fn: Callable[[T], R], items: Iterable[T], *, threads: int, window: int | None = None
+) -> Iterator[R]:
+    """``map(fn, items)`` on a thread pool, results in order, at most ``window`` in flight.
+
+    The window bounds memory when each result holds a buffer (an encoded chunk).
+    """
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    window = window or 2 * threads + 2
+    pending: deque[Future[R]] = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="aptckpt") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def new_tensors(manifest: Manifest) -> list[torch.Tensor]:
+    out = []
+    for record in manifest.tensors:
+        dtype = _dtypes.dtype_from_name(record.dtype)
+        assert dtype is not None  # validated by manifest.decode
+        out.append(torch.empty(record.shape, dtype=dtype))
+    return out
+
+
+@dataclass(frozen=True)
+class _DecodeJob:
+    tensor: int
+    index: int
+    fd: int
+    chunk: ChunkRecord
+    out: memoryview
+
+
+def decode_into(
+    manifest: Manifest,
+    table: Sequence[Sequence[ChunkRecord]],
+    pipelines: Sequence[Pipeline],
+    chunk_size: int,
+    fds: Sequence[int],
+    *,
+    verify: bool,
+    threads: int,
+    where: str,
+) -> list[torch.Tensor]:
+    """Read, decode and (optionally) verify every chunk into fresh tensors, in parallel."""
+    outs = new_tensors(manifest)
+    jobs = []
+    for t_index, (out, chunks) in enumerate(zip(outs, table, strict=True)):
+        view = _dtypes.byte_view(out)
+        for c_index, ((start, stop), chunk) in enumerate(
+            zip(chunk_spans(len(view), chunk_size), chunks, strict=True)
+        ):
+            jobs.append(_DecodeJob(t_index, c_index, fds[chunk.file], chunk, view[start:stop]))
+
+    def run(job: _DecodeJob) -> IntegrityError | None:
+        pipeline = pipelines[job.chunk.codec]
+        try:
+            if pipeline.xor:
+                raise CodecError("xor-delta chunks need a base; this backend stores none")
+            if pipeline == RAW:
+                _read_into(job.fd, job.out, job.chunk.offset)
+            else:
+                stored = os.pread(job.fd, job.chunk.length, job.chunk.offset)
+                pipeline.decode(stored, job.out)
+            if verify and _accel.xxh3_128(job.out) != job.chunk.digest:
+                raise CodecError("digest mismatch: the stored bytes changed after saving")
+        except (CodecError, EOFError) as err:
+            return _damage(manifest, job, err, where)
+        return None
+
+    # Collect every damaged chunk rather than stopping at the first, so that
+    # verify() reports all of them.
+    problems = [e for e in ordered_map(run, jobs, threads=threads, window=4 * threads + 4) if e]
+    if problems:
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more damaged chunk(s))" if len(problems) > 1 else ""
+        raise IntegrityError(
+            f"{first}{more}",
+            path=where,
+            file=first.file,
+            tensor=first.tensor,
+            problems=tuple(str(p) for p in problems),
+        )
+    return outs
+
+
+def _read_into(fd: int, out: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(out):
+        n = os.preadv(fd, [out[done:]], offset + done)
+        if n == 0:
+            raise EOFError(f"file ends before offset {offset + len(out)}")
+        done += n
+
+
+def _damage(manifest: Manifest, job: _DecodeJob, err: Exception, where: str) -> IntegrityError:
+    key = tree.key_paths(manifest.skeleton, len(manifest.tensors))[job.tensor]
+    file = manifest.files[job.chunk.file].path
+    return IntegrityError(
+        f"checkpoint '{where}' is damaged: tensor {key}, chunk {job.index} "
+        f"(file '{file}', offset {job.chunk.offset}, {job.chunk.length} bytes): {err}",
+        path=where,
+        file=file,
+        tensor=key,
+    )

@@ -1,0 +1,122 @@
+"""The ``Backend`` interface every storage format implements.
+
+A backend turns the flat tensor list of a state into data files inside a
+checkpoint directory and back. Everything else -- the state skeleton, plain
+values, aliasing, ``nn.Parameter``, devices, the manifest, the atomic commit --
+is done by :mod:`aptckpt.api` around it, identically for every backend.
+
+Call order, driven by :mod:`aptckpt.api`:
+
+Saving
+    1. ``Backend(**options)`` once per save; bad options raise ``BackendError``.
+    2. :meth:`Backend.write` once, with the flattened state and a
+       ``CheckpointWriter`` whose :meth:`~aptckpt._atomic.CheckpointWriter.path`
+       hands out file names inside the (temporary) checkpoint directory. It
+       returns the backend's *payload*: msgpack-ready data stored in the manifest.
+    3. The API fsyncs every file, writes the manifest and commits.
+
+Loading
+    1. ``Backend()`` with default options (a reader must never need the writer's
+       options: whatever it needs is in the payload).
+    2. :meth:`Backend.read` returns one CPU tensor per manifest tensor record,
+       in order, as plain ``torch.Tensor`` of the recorded dtype and shape. It
+       validates the payload, and with ``verify=True`` checks every digest.
+
+Thread-safety: one backend instance serves one call on one thread; inside that
+call it may use as many threads as it likes. Instances hold no state between
+calls.
+
+The class is an ABC with default methods so the interface can grow without
+breaking plugins. A backend's module, registry key and entry point share one
+name; plugins register through the entry-point group ``aptckpt.backends`` and
+should pass :func:`aptckpt.testing.check_backend`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from aptckpt.errors import BackendError
+
+if TYPE_CHECKING:
+    import torch
+
+    from aptckpt._atomic import CheckpointReader, CheckpointWriter
+    from aptckpt.manifest import Manifest
+    from aptckpt.tree import FlatState
+
+__all__ = ["Backend", "BackendOptions", "TensorLayout"]
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Base of every backend's options: a small frozen dataclass.
+
+    Fields marked ``metadata={"record": False}`` (thread counts and other
+    run-time tunables) are not written to the manifest.
+    """
+
+    def validate(self) -> None:
+        """Raise ``BackendError`` naming a bad value and the allowed ones."""
+
+    def record(self) -> dict[str, Any]:
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("record", True)
+        }
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """How one tensor is stored, for :func:`aptckpt.inspect`."""
+
+    stored_bytes: int | None
+    codecs: tuple[str, ...]
+    chunks: int
+
+
+class Backend(ABC):
+    """A storage format for the tensors of a checkpoint; see the module docstring."""
+
+    #: Registry key, module name and entry-point name.
+    name: ClassVar[str]
+    #: The frozen dataclass of this backend's options.
+    Options: ClassVar[type[BackendOptions]] = BackendOptions
+
+    def __init__(self, **options: Any) -> None:
+        valid = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            allowed = ", ".join(sorted(valid)) or "none"
+            raise BackendError(
+                f"backend {self.name!r} has no option {', '.join(map(repr, unknown))}; "
+                f"its options are: {allowed}"
+            )
+        try:
+            self.options = self.Options(**options)
+        except TypeError as err:
+            raise BackendError(f"bad options for backend {self.name!r}: {err}") from err
+        self.options.validate()
+
+    @abstractmethod
+    def write(self, flat: FlatState, writer: CheckpointWriter) -> Any:
+        """Write the tensors of ``flat`` into files from ``writer``; return the payload."""
+
+    @abstractmethod
+    def read(
+        self, reader: CheckpointReader, manifest: Manifest, *, verify: bool = True
+    ) -> list[torch.Tensor]:
+        """Return one CPU tensor per ``manifest.tensors`` entry, in order."""
+
+    def describe(self, manifest: Manifest) -> list[TensorLayout]:
+        """How each tensor is stored, from the manifest alone (no data read)."""
+        return [TensorLayout(None, (), 0) for _ in manifest.tensors]
+
+    def options_record(self) -> Mapping[str, Any]:
+        """The options written to the manifest."""
+        return self.options.record()

@@ -1,0 +1,174 @@
+"""``torch`` backend: one ``torch.save`` file, readable by plain ``torch.load``.
+
+Layout inside the checkpoint directory::
+
+    manifest.msgpack
+    state.pt             torch.save of the state
+
+``torch.load("ckpt/state.pt", weights_only=True)`` opens ``state.pt`` without
+aptckpt. What goes into it is the state *as aptckpt normalises it* (only types
+that ``weights_only`` loads: subclasses of int/float/str become their base
+type; tensors are moved to the CPU, their devices kept in the manifest), so a
+state that this backend saves is one that loads without pickle's arbitrary
+code, and one that every other backend stores identically.
+
+Integrity: the payload holds the XXH3-128 digests of the file's chunks; they
+are checked before ``torch.load`` sees a byte. aptckpt always loads with
+``weights_only=True``, so a file carrying a code-running pickle is refused
+whether or not digests are verified. After loading, the state is flattened
+again and its skeleton must equal the manifest's.
+
+Payload::
+
+    {"file": 0, "chunk_size": int, "digests": bytes (16 per chunk)}
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+import torch
+
+from aptckpt import _accel, _config, tree
+from aptckpt._atomic import CheckpointReader, CheckpointWriter
+from aptckpt.backends import _chunks
+from aptckpt.backends.base import Backend, BackendOptions, TensorLayout
+from aptckpt.errors import FormatError, IntegrityError
+from aptckpt.manifest import Manifest
+from aptckpt.tree import FlatState
+
+__all__ = ["TorchBackend", "TorchOptions"]
+
+FILE_NAME = "state.pt"
+
+
+@dataclass(frozen=True)
+class TorchOptions(BackendOptions):
+    """Options of the ``torch`` backend.
+
+    Attributes:
+        chunk_size: bytes per hashed chunk of the file.
+    """
+
+    chunk_size: int = _config.DEFAULT_CHUNK_SIZE
+
+
+def _file_digests(fd: int, size: int, chunk_size: int) -> bytes:
+    if size == 0:
+        return b""
+    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as view:
+        return _accel.hash_chunks(view, chunk_size)  # type: ignore[no-any-return]
+
+
+def _save_form(leaf: tree.TensorLeaf) -> torch.Tensor:
+    t = leaf.tensor.detach().to("cpu")
+    if leaf.is_parameter:
+        return torch.nn.Parameter(t, requires_grad=leaf.tensor.requires_grad)
+    return t.requires_grad_(leaf.tensor.requires_grad)
+
+
+class TorchBackend(Backend):
+    """Interop backend: a ``torch.save`` file; see the module docstring."""
+
+    name: ClassVar[str] = "torch"
+    Options = TorchOptions
+    options: TorchOptions
+
+    def write(self, flat: FlatState, writer: CheckpointWriter) -> Any:
+        state = tree.rebuild(flat.skeleton, [_save_form(leaf) for leaf in flat.tensors])
+        path = writer.path(FILE_NAME)
+        with open(path, "xb") as f:
+            torch.save(state, f)
+            f.flush()
+            size = f.tell()
+            digests = _file_digests(f.fileno(), size, self.options.chunk_size)
+        return {"file": 0, "chunk_size": self.options.chunk_size, "digests": digests}
+
+    def _parse(self, manifest: Manifest, where: str) -> tuple[int, int, bytes]:
+        payload = manifest.payload
+        if not isinstance(payload, dict) or len(manifest.files) != 1 or payload.get("file") != 0:
+            raise FormatError("torch payload must name the one data file", path=where)
+        chunk_size = _chunks.check_chunk_size(payload.get("chunk_size"), where=where)
+        digests = payload.get("digests")
+        size = manifest.files[0].size
+        expected = -(-size // chunk_size) * _chunks.DIGEST_SIZE
+        if not isinstance(digests, bytes) or len(digests) != expected:
+            raise FormatError("torch payload digests do not cover the file", path=where)
+        return size, chunk_size, digests
+
+    def read(
+        self, reader: CheckpointReader, manifest: Manifest, *, verify: bool = True
+    ) -> list[torch.Tensor]:
+        where = str(reader.root)
+        size, chunk_size, digests = self._parse(manifest, where)
+        record = manifest.files[0]
+        fd = reader.open(record)
+        try:
+            if verify:
+                self._verify(fd, size, chunk_size, digests, manifest, where)
+            with os.fdopen(os.dup(fd), "rb") as f:
+                state = _load_safely(f, where, record.path)
+        finally:
+            os.close(fd)
+        try:
+            flat = tree.flatten(state)
+        except Exception as err:
+            raise FormatError(
+                f"'{record.path}' holds objects aptckpt never saves: {err}", path=where
+            ) from err
+        if _pack(flat.skeleton) != _pack(manifest.skeleton) or len(flat.tensors) != len(
+            manifest.tensors
+        ):
+            raise IntegrityError(
+                f"'{record.path}' does not hold the state its manifest describes; the checkpoint "
+                "was modified after saving",
+                path=where,
+                file=record.path,
+            )
+        return [leaf.tensor.detach() for leaf in flat.tensors]
+
+    def _verify(
+        self, fd: int, size: int, chunk_size: int, digests: bytes, manifest: Manifest, where: str
+    ) -> None:
+        found = _file_digests(fd, size, chunk_size)
+        if found == digests:
+            return
+        bad = [
+            i
+            for i in range(len(digests) // 16)
+            if found[16 * i : 16 * i + 16] != digests[16 * i : 16 * i + 16]
+        ]
+        file = manifest.files[0].path
+        raise IntegrityError(
+            f"checkpoint '{where}' is damaged: '{file}' differs from its digests in "
+            f"{len(bad)} chunk(s) of {chunk_size} bytes (first at offset {bad[0] * chunk_size})",
+            path=where,
+            file=file,
+        )
+
+    def describe(self, manifest: Manifest) -> list[TensorLayout]:
+        return [TensorLayout(None, ("torch.save",), 0) for _ in manifest.tensors]
+
+
+def _pack(skeleton: Any) -> bytes:
+    return msgpack.packb(skeleton, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _load_safely(f: Any, where: str, name: str) -> Any:
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise FormatError(
+            f"'{name}' needs pickle beyond weights_only to load (it may carry code) and was "
+            "refused; aptckpt never loads such files",
+            path=where,
+        ) from err
+    except Exception as err:  # torch raises RuntimeError, EOFError, zipfile errors, ...
+        raise IntegrityError(
+            f"'{name}' cannot be read by torch.load ({err})", path=where, file=name
+        ) from err

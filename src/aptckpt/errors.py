@@ -1,0 +1,154 @@
+"""Exception hierarchy of aptckpt.
+
+Every error the library raises derives from :class:`AptckptError`. Leaves also
+subclass the builtin that fits (``ValueError``, ``FileNotFoundError``, ...), so
+code that already catches builtins keeps working. Messages name the offending
+value and the fix; attributes carry the same facts for programs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+__all__ = [
+    "AptckptError",
+    "BackendError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "DeviceUnavailableError",
+    "FormatError",
+    "IntegrityError",
+    "NativeUnavailableError",
+    "UnknownBackendError",
+    "UnsafePathError",
+    "UnsupportedFormatVersionError",
+    "UnsupportedObjectError",
+    "WriteError",
+]
+
+
+class AptckptError(Exception):
+    """Root of every error raised by aptckpt."""
+
+
+class NativeUnavailableError(AptckptError, ImportError):
+    """``APTCKPT_NATIVE=require`` was set but the compiled core cannot be imported."""
+
+
+class UnknownBackendError(AptckptError, KeyError):
+    """A backend name that is not registered."""
+
+    def __init__(self, name: str, available: list[str]) -> None:
+        self.name = name
+        self.available = available
+        names = ", ".join(repr(n) for n in available) or "none"
+        super().__init__(
+            f"unknown backend {name!r}; available: {names}. Install the plugin that provides it "
+            "or register it with aptckpt.register_backend()."
+        )
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0])
+
+
+class BackendError(AptckptError, ValueError):
+    """A backend was misconfigured (bad options, an invalid plugin class)."""
+
+
+class UnsupportedObjectError(AptckptError, TypeError):
+    """The state holds an object that cannot be stored without pickle."""
+
+    def __init__(self, message: str, *, key_path: str, type_name: str) -> None:
+        self.key_path = key_path
+        self.type_name = type_name
+        super().__init__(message)
+
+
+class CheckpointNotFoundError(AptckptError, FileNotFoundError):
+    """No committed checkpoint exists at a path."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = os.fspath(path)
+        super().__init__(f"no checkpoint at '{self.path}': {reason}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class CheckpointExistsError(AptckptError, FileExistsError):
+    """The target path of a save is already taken."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = os.fspath(path)
+        super().__init__(f"cannot save to '{self.path}': {reason}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class FormatError(AptckptError, ValueError):
+    """A manifest or data file is malformed: wrong types, sizes, offsets or names."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(f"{message} (in '{path}')" if path else message)
+
+
+class UnsupportedFormatVersionError(FormatError):
+    """The checkpoint was written by a newer format version than this reader knows."""
+
+    def __init__(self, found: Any, supported: int, *, path: str | None = None) -> None:
+        self.found = found
+        self.supported = supported
+        super().__init__(
+            f"checkpoint format version {found!r} is newer than this aptckpt reads "
+            f"(up to {supported}); upgrade aptckpt to load it",
+            path=path,
+        )
+
+
+class UnsafePathError(FormatError):
+    """A path inside a checkpoint is absolute, leaves the checkpoint root, or is a link."""
+
+
+class IntegrityError(AptckptError, ValueError):
+    """Stored bytes do not match their recorded digest or size.
+
+    Attributes:
+        path: the checkpoint directory.
+        file: the damaged data file, relative to the checkpoint root (if known).
+        tensor: the key path of the tensor whose bytes are damaged (if known).
+        problems: every problem found, when a whole checkpoint was verified.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        file: str | None = None,
+        tensor: str | None = None,
+        problems: tuple[str, ...] = (),
+    ) -> None:
+        self.path = path
+        self.file = file
+        self.tensor = tensor
+        self.problems = problems or (message,)
+        super().__init__(message)
+
+
+class DeviceUnavailableError(AptckptError, RuntimeError):
+    """A tensor was saved on a device that this machine lacks."""
+
+
+class WriteError(AptckptError, OSError):
+    """Writing a checkpoint failed (disk full, permissions); nothing was committed."""
+
+    def __init__(self, message: str, *, path: str | None = None, errno_: int | None = None) -> None:
+        self.path = path
+        super().__init__(message)
+        self.errno = errno_
+
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -1,0 +1,257 @@
+"""The manifest: the one file that makes a directory a checkpoint (format v1).
+
+A checkpoint directory exists as a checkpoint if and only if its
+``manifest.msgpack`` exists; it is written last. This module owns the
+manifest's schema, its deterministic msgpack encoding and the validation of
+everything read back from it. The backend-specific part (``payload``) is opaque
+here and validated by the backend that wrote it.
+
+Every value read from a file is checked for type and range before use: a
+malformed or hostile manifest raises :class:`~aptckpt.errors.FormatError`, never
+another exception. See docs/format.md for the normative description.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from aptckpt import _dtypes
+from aptckpt._config import MAX_MANIFEST_BYTES
+from aptckpt.errors import FormatError, UnsafePathError, UnsupportedFormatVersionError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "FileRecord",
+    "Manifest",
+    "TensorRecord",
+    "check_relative_path",
+    "decode",
+    "encode",
+]
+
+FORMAT_NAME = "aptckpt"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.msgpack"
+
+_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+_MAX_DIMS = 64
+_MAX_NUMEL = 1 << 62
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """What the manifest says about one tensor: enough to allocate it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    device: str = "cpu"
+    requires_grad: bool = False
+    parameter: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        dtype = _dtypes.dtype_from_name(self.dtype)
+        assert dtype is not None  # validated on construction by decode()
+        return dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A data file of the checkpoint, relative to its root, and its exact size."""
+
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A decoded, validated manifest."""
+
+    backend: str
+    options: Mapping[str, Any]
+    skeleton: Any
+    tensors: tuple[TensorRecord, ...]
+    files: tuple[FileRecord, ...]
+    payload: Any
+    metadata: Any = None
+    created_at: str = ""
+    library_version: str = ""
+    torch_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+
+def check_relative_path(path: object, *, where: str | None = None) -> str:
+    """Validate a path stored in a checkpoint: relative, ``/``-separated, inside the root.
+
+    Components are limited to ``[A-Za-z0-9][A-Za-z0-9._-]*`` -- no ``..``, no
+    absolute paths, no backslashes, no hidden names -- so a hostile manifest
+    cannot name a file outside the checkpoint.
+
+    Raises:
+        UnsafePathError: the path breaks a rule.
+    """
+    if not isinstance(path, str) or not path or len(path) > 4096:
+        raise UnsafePathError(f"invalid file path {path!r} in manifest", path=where)
+    for part in path.split("/"):
+        if not _COMPONENT.fullmatch(part):
+            raise UnsafePathError(
+                f"unsafe file path {path!r} in manifest: every component must match "
+                f"{_COMPONENT.pattern} (no absolute paths, '..', or hidden names)",
+                path=where,
+            )
+    return path
+
+
+def encode(manifest: Manifest) -> bytes:
+    """Deterministic msgpack bytes of ``manifest`` (same manifest, same bytes)."""
+    doc = {
+        "format": FORMAT_NAME,
+        "format_version": manifest.format_version,
+        "library_version": manifest.library_version,
+        "torch_version": manifest.torch_version,
+        "created_at": manifest.created_at,
+        "backend": manifest.backend,
+        "options": dict(manifest.options),
+        "tree": manifest.skeleton,
+        "tensors": [
+            {
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "device": t.device,
+                "requires_grad": t.requires_grad,
+                "parameter": t.parameter,
+            }
+            for t in manifest.tensors
+        ],
+        "files": [{"path": f.path, "size": f.size} for f in manifest.files],
+        "payload": manifest.payload,
+        "metadata": manifest.metadata,
+    }
+    return msgpack.packb(doc, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------ decoding
+
+
+class _Reader:
+    """Typed access to a decoded msgpack map, raising FormatError with context."""
+
+    def __init__(self, doc: Mapping[str, Any], where: str | None, context: str) -> None:
+        self.doc, self.where, self.context = doc, where, context
+
+    def fail(self, message: str) -> FormatError:
+        return FormatError(f"malformed manifest: {self.context}{message}", path=self.where)
+
+    def get(self, key: str, kind: type | tuple[type, ...], *, default: Any = ...) -> Any:
+        if key not in self.doc:
+            if default is not ...:
+                return default
+            raise self.fail(f"missing field {key!r}")
+        value = self.doc[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(f"field {key!r} has type {type(value).__name__}")
+        return value
+
+    def count(self, key: str, *, limit: int = _MAX_NUMEL) -> int:
+        value = self.get(key, int)
+        if isinstance(value, bool) or not 0 <= value <= limit:
+            raise self.fail(f"field {key!r} = {value!r} is out of range")
+        return int(value)
+
+
+def _tensor_record(raw: object, index: int, where: str | None) -> TensorRecord:
+    if not isinstance(raw, dict):
+        raise FormatError(f"malformed manifest: tensor {index} is not a map", path=where)
+    r = _Reader(raw, where, f"tensor {index}: ")
+    dtype = r.get("dtype", str)
+    if _dtypes.dtype_from_name(dtype) is None:
+        raise r.fail(f"unknown dtype {dtype!r}; a newer aptckpt or torch may be needed")
+    shape = r.get("shape", list)
+    if len(shape) > _MAX_DIMS or not all(type(d) is int and 0 <= d <= _MAX_NUMEL for d in shape):
+        raise r.fail(f"invalid shape {shape!r}")
+    if math.prod(shape) > _MAX_NUMEL:
+        raise r.fail(f"shape {shape!r} has too many elements")
+    device = r.get("device", str, default="cpu")
+    if len(device) > 64:
+        raise r.fail("device name too long")
+    return TensorRecord(
+        dtype=dtype,
+        shape=tuple(shape),
+        device=device,
+        requires_grad=r.get("requires_grad", bool, default=False),
+        parameter=r.get("parameter", bool, default=False),
+    )
+
+
+def decode(data: bytes, *, where: str | None = None) -> Manifest:
+    """Decode and validate manifest bytes.
+
+    Args:
+        data: the bytes of ``manifest.msgpack``.
+        where: the manifest's path, for messages.
+
+    Raises:
+        UnsupportedFormatVersionError: written by a newer format version.
+        FormatError: anything else malformed.
+    """
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise FormatError(f"manifest is {len(data)} bytes, over the limit", path=where)
+    try:
+        doc = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as err:  # msgpack raises many unrelated types for bad input
+        raise FormatError(
+            f"manifest is not valid msgpack ({type(err).__name__}: {err}); the checkpoint is "
+            "damaged -- restore it from a copy",
+            path=where,
+        ) from err
+    if not isinstance(doc, dict):
+        raise FormatError("malformed manifest: top level is not a map", path=where)
+    r = _Reader(doc, where, "")
+    if doc.get("format") != FORMAT_NAME:
+        raise r.fail(f"'format' is {doc.get('format')!r}, not {FORMAT_NAME!r}")
+    version = doc.get("format_version")
+    if type(version) is not int or version < 1:
+        raise r.fail(f"invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise UnsupportedFormatVersionError(version, FORMAT_VERSION, path=where)
+    raw_tensors = r.get("tensors", list)
+    raw_files = r.get("files", list)
+    files = []
+    for i, f in enumerate(raw_files):
+        if not isinstance(f, dict):
+            raise r.fail(f"file {i} is not a map")
+        fr = _Reader(f, where, f"file {i}: ")
+        files.append(
+            FileRecord(check_relative_path(fr.get("path", str), where=where), fr.count("size"))
+        )
+    if len({f.path for f in files}) != len(files):
+        raise r.fail("a file is listed twice")
+    return Manifest(
+        backend=r.get("backend", str),
+        options=r.get("options", dict, default={}),
+        skeleton=doc.get("tree"),
+        tensors=tuple(_tensor_record(t, i, where) for i, t in enumerate(raw_tensors)),
+        files=tuple(files),
+        payload=doc.get("payload"),
+        metadata=doc.get("metadata"),
+        created_at=r.get("created_at", str, default=""),
+        library_version=r.get("library_version", str, default=""),
+        torch_version=r.get("torch_version", str, default=""),
+        format_version=version,
+    )
