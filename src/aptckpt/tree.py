@@ -13,7 +13,7 @@ Skeleton encoding (format v1, see docs/format.md):
 * every other node is a msgpack array whose first element is a tag string:
   ``["dict", [k0, v0, k1, v1, ...]]``, ``["odict", [k0, v0, ...], meta]``,
   ``["list", [...]]``, ``["tuple", [...]]``, ``["tensor", index]``,
-  ``["int", "<decimal>"]`` (an int outside the msgpack range),
+  ``["int", "<hex>"]`` (an int outside the msgpack range, e.g. ``"-1f"``),
   ``["complex", real, imag]``, ``["dtype", "float32"]``, ``["device", "cuda:0"]``,
   ``["size", [d0, d1, ...]]``.
 
@@ -50,6 +50,7 @@ from aptckpt.errors import FormatError, UnsupportedObjectError
 __all__ = ["FlatState", "TensorLeaf", "encode_plain", "flatten", "key_paths", "rebuild"]
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+_MAX_BIG_INT_BITS = 1 << 20
 _SUPPORTED_HINT = (
     "supported: dict, OrderedDict, list, tuple, None, bool, int, float, complex, str, bytes, "
     "torch.dtype, torch.device, torch.Size and dense tensors / nn.Parameter"
@@ -115,7 +116,7 @@ def _check_tensor(t: torch.Tensor, path: str) -> None:
         )
     if t.device.type == "meta":
         raise _refuse(t, path, "a meta tensor holds no data; materialise it first")
-    if any(n is not None for n in (t.names or ())):
+    if any(n is not None for n in (getattr(t, "names", None) or ())):  # gone in torch 2.13
         raise _refuse(t, path, "named tensors are not supported; call .rename(None) first")
 
 
@@ -151,7 +152,11 @@ class _Flattener:
             return bytes(obj)
         if isinstance(obj, int):
             value = int(obj)
-            return value if _INT_MIN <= value <= _INT_MAX else ["int", str(value)]
+            if _INT_MIN <= value <= _INT_MAX:
+                return value
+            if value.bit_length() > _MAX_BIG_INT_BITS:
+                raise _refuse(obj, path, f"ints above {_MAX_BIG_INT_BITS} bits are not supported")
+            return ["int", format(value, "x")]  # hex: str(int) is capped at 4300 digits
         if isinstance(obj, float):
             return float(obj)
         if isinstance(obj, complex):
@@ -284,9 +289,9 @@ class _Builder:
                 raise _bad(f"tensor index {arg!r} out of range (0..{len(self.tensors) - 1})")
             self.used[arg] = True
             return self.tensors[arg]
-        if tag == "int" and isinstance(arg, str) and len(arg) <= 10_000:
+        if tag == "int" and isinstance(arg, str) and len(arg) <= _MAX_BIG_INT_BITS // 4 + 1:
             try:
-                return int(arg)
+                return int(arg, 16)
             except ValueError as err:
                 raise _bad(f"bad big int {arg!r}") from err
         if tag == "complex" and len(node) == 3 and all(isinstance(x, float) for x in node[1:]):

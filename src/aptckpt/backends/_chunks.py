@@ -14,6 +14,7 @@ use) and decodes chunks straight into their destination tensors in parallel.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -151,7 +152,11 @@ def new_tensors(manifest: Manifest) -> list[torch.Tensor]:
     for record in manifest.tensors:
         dtype = _dtypes.dtype_from_name(record.dtype)
         assert dtype is not None  # validated by manifest.decode
-        out.append(torch.empty(record.shape, dtype=dtype))
+        with warnings.catch_warnings():
+            # torch warns that complex32 is experimental on every allocation; the
+            # user saved one, so telling them again on load is noise.
+            warnings.filterwarnings("ignore", "ComplexHalf support is experimental")
+            out.append(torch.empty(record.shape, dtype=dtype))
     return out
 
 

@@ -84,8 +84,8 @@ class TorchBackend(Backend):
         path = writer.path(FILE_NAME)
         with open(path, "xb") as f:
             torch.save(state, f)
-            f.flush()
-            size = f.tell()
+        with open(path, "rb") as f:  # hashed from the page cache, not a second copy in memory
+            size = os.fstat(f.fileno()).st_size
             digests = _file_digests(f.fileno(), size, self.options.chunk_size)
         return {"file": 0, "chunk_size": self.options.chunk_size, "digests": digests}
 

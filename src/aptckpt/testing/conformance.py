@@ -1,0 +1,205 @@
+"""The conformance suite every backend passes, built-in or plugin.
+
+Usage, in a pytest module of the plugin::
+
+    from aptckpt.testing.conformance import BackendConformance
+
+    class TestMyBackend(BackendConformance):
+        backend = "mine"
+        options = {"level": 3}        # optional backend options
+
+pytest collects the inherited ``test_*`` methods. They need ``hypothesis`` and
+pytest's ``tmp_path``; hypothesis settings come from the active profile.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import aptckpt
+from aptckpt import _dtypes
+from aptckpt.testing._compare import assert_state_equal
+from aptckpt.testing.strategies import states
+
+__all__ = ["BackendConformance", "special_values_state"]
+
+
+def _bits(dtype: torch.dtype, pattern: bytes, count: int) -> torch.Tensor:
+    data = (pattern * count * dtype.itemsize)[: count * dtype.itemsize]
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).clone()
+
+
+def special_values_state() -> dict[str, Any]:
+    """Every supported dtype with edge-case bit patterns, layouts and containers."""
+    gen = torch.Generator().manual_seed(0)
+    per_dtype = {}
+    for name, dtype in _dtypes.DTYPES.items():
+        random_bytes = torch.randint(
+            0, 256, (37 * dtype.itemsize,), dtype=torch.uint8, generator=gen
+        )
+        per_dtype[name] = {
+            "random": random_bytes.view(dtype),
+            "ones": _bits(dtype, b"\xff", 5),
+            "scalar": random_bytes[: dtype.itemsize].view(dtype).reshape(()),
+            "empty": torch.empty(0, 3, dtype=dtype),
+        }
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    nan_payload = struct.unpack("<f", b"\x01\x00\xc0\x7f")[0]
+    shared = torch.randn(3, 4, generator=gen)
+    tied = torch.nn.Parameter(torch.randn(5, 2, generator=gen))
+    od: collections.OrderedDict[str, Any] = collections.OrderedDict(w=base.clone())
+    od._metadata = {"": {"version": 2}}  # type: ignore[attr-defined]
+    return {
+        "dtypes": per_dtype,
+        "floats": torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, nan_payload, 1e-45]),
+        "layouts": {
+            "transposed": base.t(),
+            "strided": base[::2, ::3],
+            "offset": base[1:, 2:],
+            "expanded": torch.ones(1, 6).expand(4, 6),
+            "conj": torch.randn(3, dtype=torch.complex64, generator=gen).conj(),
+            "neg": torch.randn(3, dtype=torch.complex64, generator=gen).conj().imag,
+            "channels_last": torch.randn(2, 3, 4, 5, generator=gen).to(
+                memory_format=torch.channels_last
+            ),
+        },
+        "aliasing": {"a": shared, "b": shared, "tied_in": tied, "tied_out": tied},
+        "parameters": {
+            "trainable": torch.nn.Parameter(torch.randn(4, generator=gen)),
+            "frozen": torch.nn.Parameter(torch.randn(4, generator=gen), requires_grad=False),
+            "int": torch.nn.Parameter(torch.arange(3), requires_grad=False),
+        },
+        "requires_grad": torch.randn(3, generator=gen).requires_grad_(),
+        "containers": {
+            "tuple": (1, (2.5, "x"), [None, b"\x00\xff"]),
+            "int_keys": {0: {"step": torch.tensor(3.0)}, 1: {}},
+            "mixed_keys": {None: 1, True: 2, 3: 3, "s": 4, 2.5: 5, b"k": 6, (1, "a"): 7},
+            "odict": od,
+            "empty": [{}, [], ()],
+        },
+        "plain": {
+            "big_int": 2**100,
+            "neg_big": -(2**80),
+            "u64": 2**64 - 1,
+            "nan": float("nan"),
+            "neg_zero": -0.0,
+            "complex": complex(1.5, -2.0),
+            "dtype": torch.bfloat16,
+            "device": torch.device("cpu"),
+            "size": torch.Size([2, 3]),
+            "text": "ünïcødé ✓",
+        },
+    }
+
+
+class BackendConformance:
+    """Inherit, set ``backend`` (and ``options``), and pytest runs the suite."""
+
+    backend: ClassVar[str]
+    options: ClassVar[dict[str, Any]] = {}
+
+    def roundtrip(self, state: Any, path: Path, **kwargs: Any) -> Any:
+        aptckpt.save(state, path, backend=self.backend, **self.options, **kwargs)
+        return aptckpt.load(path)
+
+    def test_special_values_roundtrip(self, tmp_path: Path) -> None:
+        state = special_values_state()
+        assert_state_equal(state, self.roundtrip(state, tmp_path / "ckpt"))
+
+    def test_load_without_verify(self, tmp_path: Path) -> None:
+        state = special_values_state()
+        aptckpt.save(state, tmp_path / "ckpt", backend=self.backend, **self.options)
+        assert_state_equal(state, aptckpt.load(tmp_path / "ckpt", verify=False))
+
+    def test_tied_state_dict_loads_tied(self, tmp_path: Path) -> None:
+        emb = torch.nn.Embedding(10, 4)
+        head = torch.nn.Linear(4, 10, bias=False)
+        head.weight = emb.weight
+        model = torch.nn.ModuleDict({"emb": emb, "head": head})
+        loaded = self.roundtrip(model.state_dict(), tmp_path / "ckpt")
+        assert loaded["emb.weight"] is loaded["head.weight"]
+        fresh = torch.nn.ModuleDict(
+            {"emb": torch.nn.Embedding(10, 4), "head": torch.nn.Linear(4, 10, bias=False)}
+        )
+        fresh.load_state_dict(loaded)
+        assert torch.equal(fresh["emb"].weight, emb.weight)
+
+    def test_optimizer_state_roundtrip(self, tmp_path: Path) -> None:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model(torch.randn(5, 4)).sum().backward()
+        opt.step()
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 1}
+        loaded = self.roundtrip(state, tmp_path / "ckpt")
+        assert_state_equal(state, loaded)
+        opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        opt2.load_state_dict(loaded["optimizer"])
+
+    def test_metadata_and_inspect(self, tmp_path: Path) -> None:
+        state = {"w": torch.ones(3, 2), "n": 4}
+        aptckpt.save(
+            state, tmp_path / "c", backend=self.backend, metadata={"epoch": 3}, **self.options
+        )
+        info = aptckpt.inspect(tmp_path / "c")
+        assert info.backend == self.backend
+        assert info.metadata == {"epoch": 3}
+        assert [(t.key, t.dtype, t.shape) for t in info.tensors] == [
+            ("state['w']", "float32", (3, 2))
+        ]
+        assert info.stored_bytes == sum(
+            os.path.getsize(tmp_path / "c" / f.path) for f in info.files
+        )
+        aptckpt.verify(tmp_path / "c")
+
+    def test_unsupported_object_refused_and_nothing_written(self, tmp_path: Path) -> None:
+        class Opaque:
+            pass
+
+        try:
+            aptckpt.save(
+                {"a": {"b": [1, Opaque()]}}, tmp_path / "c", backend=self.backend, **self.options
+            )
+        except aptckpt.UnsupportedObjectError as err:
+            assert "state['a']['b'][1]" in str(err)
+        else:
+            raise AssertionError("an unsupported object was saved")
+        assert not os.path.exists(tmp_path / "c")
+        assert os.listdir(tmp_path) == []
+
+    def test_overwrite_is_explicit(self, tmp_path: Path) -> None:
+        path = tmp_path / "c"
+        aptckpt.save({"v": 1}, path, backend=self.backend, **self.options)
+        try:
+            aptckpt.save({"v": 2}, path, backend=self.backend, **self.options)
+        except aptckpt.CheckpointExistsError:
+            pass
+        else:
+            raise AssertionError("an existing checkpoint was replaced without overwrite=True")
+        assert aptckpt.load(path) == {"v": 1}
+        aptckpt.save({"v": 2}, path, backend=self.backend, overwrite=True, **self.options)
+        assert aptckpt.load(path) == {"v": 2}
+        assert sorted(os.listdir(tmp_path)) == ["c"]
+
+    def test_deterministic_data_files(self, tmp_path: Path) -> None:
+        state = special_values_state()
+        for name in ("a", "b"):
+            aptckpt.save(state, tmp_path / name, backend=self.backend, **self.options)
+        files = aptckpt.inspect(tmp_path / "a").files
+        assert files == aptckpt.inspect(tmp_path / "b").files
+        for f in files:
+            assert (tmp_path / "a" / f.path).read_bytes() == (tmp_path / "b" / f.path).read_bytes()
+
+    @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(state=states())
+    def test_generated_states_roundtrip(self, state: Any) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            assert_state_equal(state, self.roundtrip(state, Path(tmp) / "ckpt"))

@@ -1,0 +1,102 @@
+"""Hypothesis strategies for checkpoint states.
+
+``states()`` draws nested dict / OrderedDict / list / tuple structures holding
+plain values and tensors of every supported dtype with arbitrary bit patterns
+(NaN payloads, -0.0, subnormals), any shape including 0-dim and zero-size, in
+contiguous, transposed, strided, sliced and expanded layouts, and the same
+tensor placed under several keys (aliasing).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import torch
+from hypothesis import strategies as st
+
+from aptckpt import _dtypes
+
+__all__ = ["dtypes", "plain_values", "states", "tensors"]
+
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+
+
+def dtypes() -> st.SearchStrategy[torch.dtype]:
+    return st.sampled_from(sorted(_dtypes.DTYPES.values(), key=str))
+
+
+def _from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    raw = (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data
+        else torch.empty(0, dtype=torch.uint8)
+    )
+    return raw.view(dtype).reshape(shape).clone()
+
+
+@st.composite
+def tensors(draw: st.DrawFn, *, max_numel: int = 64) -> torch.Tensor:
+    """A tensor of any supported dtype, shape and layout, with arbitrary bytes."""
+    dtype = draw(dtypes())
+    shape = tuple(draw(st.lists(st.integers(0, 5), min_size=0, max_size=3)))
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel > max_numel:
+        shape = (max_numel,)
+        numel = max_numel
+    data = draw(st.binary(min_size=numel * dtype.itemsize, max_size=numel * dtype.itemsize))
+    base = _from_bytes(data, dtype, shape)
+    layout = draw(st.sampled_from(["contiguous", "transposed", "strided", "expanded", "offset"]))
+    if layout == "transposed" and base.dim() >= 2:
+        return base.transpose(0, 1)
+    if layout == "strided" and base.dim() >= 1 and base.shape[0] > 1:
+        return base[::2]
+    if layout == "offset" and base.dim() >= 1 and base.shape[0] > 1:
+        return base[1:]
+    if layout == "expanded" and base.dim() >= 1:
+        return base[:1].expand(3, *base.shape[1:]) if base.shape[0] >= 1 else base
+    return base
+
+
+def plain_values() -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(_INT64_MIN, _UINT64_MAX),
+        st.integers(),  # big ints too
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.complex_numbers(allow_nan=True),
+        st.text(max_size=20),
+        st.binary(max_size=20),
+        dtypes(),
+        st.just(torch.device("cpu")),
+        st.lists(st.integers(0, 9), max_size=3).map(torch.Size),
+    )
+
+
+def _keys() -> st.SearchStrategy[Any]:
+    return st.one_of(st.text(max_size=8), st.integers(-5, 1000), st.booleans(), st.none())
+
+
+def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.lists(children, max_size=4),
+        st.lists(children, max_size=4).map(tuple),
+        st.dictionaries(_keys(), children, max_size=4),
+        st.dictionaries(st.text(max_size=8), children, max_size=4).map(collections.OrderedDict),
+    )
+
+
+@st.composite
+def states(draw: st.DrawFn, *, max_leaves: int = 12) -> Any:
+    """A nested state; some tensors appear under two keys (tied weights)."""
+    pool = draw(st.lists(tensors(), min_size=1, max_size=4))
+    if draw(st.booleans()):
+        pool[0] = torch.nn.Parameter(
+            pool[0].contiguous(), requires_grad=pool[0].is_floating_point()
+        )
+    leaves = st.one_of(plain_values(), st.sampled_from(pool))
+    tree = draw(st.recursive(leaves, _containers, max_leaves=max_leaves))
+    return {"tree": tree, "pool": pool, "tied": [pool[0], pool[0]]}
