@@ -287,10 +287,21 @@ def _dist_version(name: str) -> str:
 
 
 def versions(repo: Path) -> dict[str, str]:
-    """Python and package versions, and the git commit of the tree being benchmarked."""
+    """Python and package versions, and the git commit of the tree being benchmarked.
+
+    For aptckpt the imported module is described (version, native or pure-Python core, and
+    where it was imported from), since a source tree on ``PYTHONPATH`` has no dist metadata.
+    """
     out = {"python": sys.version.split()[0]}
     for name in ("torch", "aptckpt", "numpy", "zstandard", "safetensors", "xxhash", "msgpack"):
         out[name] = _dist_version(name)
+    apt = sys.modules.get("aptckpt")
+    if apt is not None:
+        where = Path(apt.__file__ or "?").parent
+        with contextlib.suppress(ValueError):
+            where = where.relative_to(repo)
+        impl = getattr(apt, "IMPLEMENTATION", "?")
+        out["aptckpt"] = f"{getattr(apt, '__version__', '?')} ({impl} core, imported from {where})"
     try:
         head = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
