@@ -79,6 +79,8 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
         raise ValueError("byte_view needs a contiguous CPU tensor")
     if tensor.numel() == 0:
         return memoryview(bytearray())
-    flat = tensor.detach().reshape(-1).view(torch.uint8)
+    # as_strided, not reshape: a "contiguous" tensor may carry any stride on a
+    # size-1 dimension, and view(uint8) insists on a unit stride.
+    flat = tensor.detach().as_strided((tensor.numel(),), (1,)).view(torch.uint8)
     array: np.ndarray = flat.numpy()
     return memoryview(array).cast("B")

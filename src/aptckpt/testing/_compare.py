@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from aptckpt._dtypes import byte_view
 from aptckpt.tree import _alias_key
 
 __all__ = ["assert_state_equal"]
@@ -18,10 +19,7 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
-    t = t.contiguous()
-    if t.numel() == 0:
-        return b""
-    return bytes(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return bytes(byte_view(t.contiguous()))
 
 
 class _Comparer:

@@ -192,7 +192,16 @@ class BackendConformance:
         for f in files:
             assert (tmp_path / "a" / f.path).read_bytes() == (tmp_path / "b" / f.path).read_bytes()
 
-    @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,  # fixtures here are per test, not per example
+            # One test body inherited by one class per backend: sharing replayed
+            # examples between backends is harmless (each must pass them all).
+            HealthCheck.differing_executors,
+        ]
+    )
     @given(state=states())
     def test_generated_states_roundtrip(self, state: Any) -> None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -89,6 +89,23 @@ def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     )
 
 
+class _PoolRef(int):
+    """Placeholder for a pool tensor while hypothesis builds (and reprs) the tree.
+
+    Hypothesis reprs strategies, and torch cannot print ``bits*`` or ``float4`` tensors.
+    """
+
+
+def _substitute(node: Any, pool: list[torch.Tensor]) -> Any:
+    if isinstance(node, _PoolRef):
+        return pool[int(node) % len(pool)]
+    if isinstance(node, dict):
+        return type(node)((k, _substitute(v, pool)) for k, v in node.items())
+    if isinstance(node, (list, tuple)):
+        return type(node)(_substitute(v, pool) for v in node)
+    return node
+
+
 @st.composite
 def states(draw: st.DrawFn, *, max_leaves: int = 12) -> Any:
     """A nested state; some tensors appear under two keys (tied weights)."""
@@ -97,6 +114,6 @@ def states(draw: st.DrawFn, *, max_leaves: int = 12) -> Any:
         pool[0] = torch.nn.Parameter(
             pool[0].contiguous(), requires_grad=pool[0].is_floating_point()
         )
-    leaves = st.one_of(plain_values(), st.sampled_from(pool))
-    tree = draw(st.recursive(leaves, _containers, max_leaves=max_leaves))
+    leaves = st.one_of(plain_values(), st.integers(0, 3).map(_PoolRef))
+    tree = _substitute(draw(st.recursive(leaves, _containers, max_leaves=max_leaves)), pool)
     return {"tree": tree, "pool": pool, "tied": [pool[0], pool[0]]}

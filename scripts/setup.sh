@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up .venv with everything aptckpt needs, and build + install aptckpt into it.
+# Needs only Python >= 3.10, a C++17 compiler and CMake; idempotent and incremental.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+# torch is pinned (constraints.txt): an unpinned torch pulls several GB of CUDA packages.
+"${PIP[@]}" install -c constraints.txt \
+    "torch==2.13.0" numpy msgpack zstandard xxhash \
+    "scikit-build-core>=0.10" "pybind11>=2.12" \
+    pytest hypothesis safetensors ruff mypy
+# --no-build-isolation reuses the build tools above, and build/ keeps the C++ build
+# incremental between runs.
+"${PIP[@]}" install -c constraints.txt --no-build-isolation --no-deps .
+.venv/bin/python -c "import aptckpt; print(f'aptckpt {aptckpt.__version__} installed, core: {aptckpt.IMPLEMENTATION}')"

@@ -1,0 +1,27 @@
+"""Shared test configuration: hypothesis profiles and the active implementation.
+
+Profiles (``HYPOTHESIS_PROFILE``): ``default`` keeps the default run lean for CI
+on 2 cores; ``thorough`` is for the slow torture run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+import aptckpt
+
+settings.register_profile(
+    "default",
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("thorough", max_examples=500, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"aptckpt {aptckpt.__version__}, core: {aptckpt.IMPLEMENTATION}"

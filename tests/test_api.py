@@ -1,0 +1,165 @@
+"""api: errors, devices, integrity checks, safe loading."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import msgpack
+import pytest
+import torch
+
+import aptckpt
+from aptckpt import manifest as mf
+from aptckpt.errors import (
+    BackendError,
+    DeviceUnavailableError,
+    FormatError,
+    IntegrityError,
+    UnknownBackendError,
+    UnsupportedFormatVersionError,
+    UnsupportedObjectError,
+)
+
+
+def rewrite_manifest(path, **changes):
+    doc = msgpack.unpackb((path / mf.MANIFEST_NAME).read_bytes(), raw=False)
+    doc.update(changes)
+    (path / mf.MANIFEST_NAME).write_bytes(msgpack.packb(doc, use_bin_type=True))
+    return doc
+
+
+def test_unknown_backend_lists_available(tmp_path):
+    with pytest.raises(UnknownBackendError) as info:
+        aptckpt.save({}, tmp_path / "c", backend="zstd2")
+    assert str(info.value).startswith("unknown backend 'zstd2'; available: ")
+    assert "'torch'" in str(info.value) and "'zstd'" in str(info.value)
+
+
+def test_bad_options_name_the_allowed_ones(tmp_path):
+    with pytest.raises(BackendError, match="its options are: chunk_size, codec, level"):
+        aptckpt.save({}, tmp_path / "c", backend="zstd", compression=3)
+    with pytest.raises(BackendError, match="codec 'lz4'"):
+        aptckpt.save({}, tmp_path / "c", backend="zstd", codec="lz4")
+    with pytest.raises(BackendError, match="chunk_size"):
+        aptckpt.save({}, tmp_path / "c", backend="zstd", chunk_size=1000)
+    assert not os.path.exists(tmp_path / "c")
+
+
+def test_metadata_must_be_plain(tmp_path):
+    with pytest.raises(UnsupportedObjectError, match="metadata"):
+        aptckpt.save({}, tmp_path / "c", metadata={"t": torch.ones(1)})
+
+
+def test_save_info(tmp_path):
+    info = aptckpt.save({"w": torch.zeros(1000), "x": 3}, tmp_path / "c")
+    assert info.backend == "zstd" and info.tensors == 1 and info.raw_bytes == 4000
+    assert 0 < info.stored_bytes < 4000
+    assert info.files == ("shard-00000.bin",)
+
+
+def test_map_location_forms(tmp_path):
+    aptckpt.save({"w": torch.ones(2)}, tmp_path / "c")
+    for where in ("cpu", torch.device("cpu"), {"cpu": "cpu"}, lambda saved: "cpu"):
+        assert aptckpt.load(tmp_path / "c", map_location=where)["w"].device.type == "cpu"
+
+
+def test_missing_device_needs_map_location(tmp_path):
+    aptckpt.save({"w": torch.ones(2)}, tmp_path / "c")
+    doc = msgpack.unpackb((tmp_path / "c" / mf.MANIFEST_NAME).read_bytes(), raw=False)
+    doc["tensors"][0]["device"] = "cuda:7"
+    rewrite_manifest(tmp_path / "c", tensors=doc["tensors"])
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 8:
+        with pytest.raises(DeviceUnavailableError, match="map_location='cpu'"):
+            aptckpt.load(tmp_path / "c")
+    assert aptckpt.load(tmp_path / "c", map_location={"cuda:7": "cpu"})["w"].device.type == "cpu"
+
+
+def test_newer_format_refused(tmp_path):
+    aptckpt.save({"w": torch.ones(2)}, tmp_path / "c")
+    rewrite_manifest(tmp_path / "c", format_version=99)
+    with pytest.raises(UnsupportedFormatVersionError, match="upgrade aptckpt"):
+        aptckpt.load(tmp_path / "c")
+
+
+def test_unknown_backend_in_checkpoint(tmp_path):
+    aptckpt.save({"w": torch.ones(2)}, tmp_path / "c")
+    rewrite_manifest(tmp_path / "c", backend="fancy")
+    with pytest.raises(FormatError, match="backend 'fancy', which is not installed"):
+        aptckpt.load(tmp_path / "c")
+
+
+@pytest.mark.parametrize("backend", ["zstd", "torch"])
+def test_flipped_bits_named_by_file_and_tensor(tmp_path, backend):
+    state = {"a": torch.randn(5000), "b": torch.randn(5000)}
+    aptckpt.save(state, tmp_path / "c", backend=backend, chunk_size=4096)
+    (name,) = aptckpt.inspect(tmp_path / "c").files
+    data = bytearray((tmp_path / "c" / name.path).read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (tmp_path / "c" / name.path).write_bytes(bytes(data))
+    for call in (aptckpt.load, aptckpt.verify):
+        with pytest.raises(IntegrityError) as info:
+            call(tmp_path / "c")
+        assert info.value.file == name.path
+        assert name.path in str(info.value)
+    if backend == "zstd":
+        assert info.value.tensor in ("state['a']", "state['b']")
+
+
+def test_verify_reports_every_damaged_chunk(tmp_path):
+    aptckpt.save({"a": torch.randn(4096), "b": torch.randn(4096)}, tmp_path / "c",
+                 codec="none", chunk_size=4096)  # fmt: skip
+    shard = tmp_path / "c" / "shard-00000.bin"
+    data = bytearray(shard.read_bytes())
+    for offset in range(100, len(data), 4096):
+        data[offset] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError) as info:
+        aptckpt.verify(tmp_path / "c")
+    assert len(info.value.problems) == 8
+    assert "state['a']" in info.value.problems[0] and "state['b']" in info.value.problems[-1]
+    report_ok = aptckpt.save({"x": torch.ones(3)}, tmp_path / "d")
+    assert aptckpt.verify(report_ok.path).tensors == 1
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('APTCKPT_PWNED', '/tmp/aptckpt-pwned')}",))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_code_running_pickle_in_torch_file_is_refused(tmp_path, monkeypatch, verify):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("APTCKPT_PWNED", str(marker))
+    aptckpt.save({"w": torch.ones(2)}, tmp_path / "c", backend="torch")
+    evil = tmp_path / "c" / "state.pt"
+    torch.save({"w": torch.ones(2), "x": _Exploit()}, evil, pickle_protocol=2)
+    # Make the manifest agree with the evil file, as an attacker would.
+    from aptckpt import _accel
+
+    size = evil.stat().st_size
+    doc = msgpack.unpackb((tmp_path / "c" / mf.MANIFEST_NAME).read_bytes(), raw=False)
+    doc["files"][0]["size"] = size
+    doc["payload"]["digests"] = _accel.hash_chunks(evil.read_bytes(), doc["payload"]["chunk_size"])
+    rewrite_manifest(tmp_path / "c", files=doc["files"], payload=doc["payload"])
+    with pytest.raises(FormatError, match="refused"):
+        aptckpt.load(tmp_path / "c", verify=verify)
+    assert not marker.exists()
+    assert pickle.dumps(1)  # pickle itself untouched
+
+
+def test_inspect_reads_no_tensor_data(tmp_path):
+    aptckpt.save({"w": torch.ones(100, 10, dtype=torch.bfloat16)}, tmp_path / "c")
+    (tmp_path / "c" / "shard-00000.bin").write_bytes(b"")  # data gone, manifest intact
+    info = aptckpt.inspect(tmp_path / "c")
+    assert info.tensors[0].shape == (100, 10) and info.tensors[0].dtype == "bfloat16"
+    assert info.tensors[0].codecs == ("shuffle2+zstd",)
+    assert info.raw_bytes == 2000
+
+
+def test_native_flag_matches_environment():
+    mode = os.environ.get("APTCKPT_NATIVE", "auto")
+    if mode == "disable":
+        assert aptckpt.NATIVE is False and aptckpt.IMPLEMENTATION == "python"
+    elif mode == "require":
+        assert aptckpt.NATIVE is True

@@ -1,0 +1,114 @@
+"""_atomic: the commit protocol and safe reading."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import aptckpt
+from aptckpt import _atomic
+from aptckpt.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    IntegrityError,
+    UnsafePathError,
+)
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    aptckpt.save({"v": torch.ones(2)}, tmp_path / "c")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr("aptckpt.backends.zstd.ZstdBackend.write", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        aptckpt.save({"v": torch.zeros(2)}, tmp_path / "c", overwrite=True)
+    with pytest.raises(RuntimeError, match="injected"):
+        aptckpt.save({"v": torch.zeros(2)}, tmp_path / "d")
+    assert sorted(os.listdir(tmp_path)) == ["c"]
+    assert torch.equal(aptckpt.load(tmp_path / "c")["v"], torch.ones(2))
+
+
+def test_crash_before_manifest_leaves_no_checkpoint_and_next_save_cleans(tmp_path):
+    code = (
+        "import os, aptckpt, torch\n"
+        "import aptckpt._atomic as a\n"
+        "a.CheckpointWriter.commit = lambda self, m: os._exit(9)\n"
+        f"aptckpt.save({{'w': torch.ones(1000)}}, {str(tmp_path / 'c')!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], check=False)
+    assert proc.returncode == 9
+    leftovers = os.listdir(tmp_path)
+    assert len(leftovers) == 1 and leftovers[0].startswith(".c.tmp-")
+    with pytest.raises(CheckpointNotFoundError):
+        aptckpt.load(tmp_path / "c")
+    aptckpt.save({"w": torch.ones(2)}, tmp_path / "c")  # removes the dead process's temp dir
+    assert os.listdir(tmp_path) == ["c"]
+
+
+def test_refuses_to_replace_foreign_directories_and_files(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "precious.txt").write_text("keep")
+    (tmp_path / "file").write_text("keep")
+    for name in ("data", "file"):
+        with pytest.raises(CheckpointExistsError, match="not an aptckpt checkpoint"):
+            aptckpt.save({"v": 1}, tmp_path / name, overwrite=True)
+    assert (tmp_path / "data" / "precious.txt").read_text() == "keep"
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_empty_directory_is_used(tmp_path):
+    (tmp_path / "c").mkdir()
+    aptckpt.save({"v": 1}, tmp_path / "c")
+    assert aptckpt.load(tmp_path / "c") == {"v": 1}
+
+
+def test_overwrite_falls_back_without_renameat2(tmp_path, monkeypatch):
+    aptckpt.save({"v": 1}, tmp_path / "c")
+    monkeypatch.setattr(_atomic, "_exchange", lambda a, b: False)
+    aptckpt.save({"v": 2}, tmp_path / "c", overwrite=True)
+    assert aptckpt.load(tmp_path / "c") == {"v": 2}
+    assert os.listdir(tmp_path) == ["c"]
+
+
+def test_parents_are_created(tmp_path):
+    aptckpt.save({"v": 1}, tmp_path / "a" / "b" / "c")
+    assert aptckpt.load(tmp_path / "a" / "b" / "c") == {"v": 1}
+
+
+def test_reader_errors_name_the_problem(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+        aptckpt.load(tmp_path / "missing")
+    torch.save({"a": 1}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointNotFoundError, match=r"torch\.load"):
+        aptckpt.load(tmp_path / "plain.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointNotFoundError, match="manifest"):
+        aptckpt.load(tmp_path / "empty")
+
+
+def test_symlinked_data_file_is_refused(tmp_path):
+    aptckpt.save({"w": torch.ones(10)}, tmp_path / "c")
+    shard = tmp_path / "c" / "shard-00000.bin"
+    os.rename(shard, tmp_path / "elsewhere.bin")
+    os.symlink(tmp_path / "elsewhere.bin", shard)
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        aptckpt.load(tmp_path / "c")
+
+
+def test_truncated_and_missing_files_detected(tmp_path):
+    aptckpt.save({"w": torch.ones(1000)}, tmp_path / "c")
+    shard = tmp_path / "c" / "shard-00000.bin"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1])
+    with pytest.raises(IntegrityError, match="truncated") as info:
+        aptckpt.load(tmp_path / "c")
+    assert info.value.file == "shard-00000.bin"
+    shard.unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        aptckpt.load(tmp_path / "c")

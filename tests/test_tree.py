@@ -1,0 +1,135 @@
+"""tree: flattening, refusals with key paths, aliasing rules, skeleton validation."""
+
+from __future__ import annotations
+
+import collections
+import enum
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from aptckpt import tree
+from aptckpt.errors import FormatError, UnsupportedObjectError
+
+
+def roundtrip(state):
+    flat = tree.flatten(state)
+    return tree.rebuild(flat.skeleton, [leaf.tensor for leaf in flat.tensors])
+
+
+@pytest.mark.parametrize(
+    ("state", "path"),
+    [
+        ({"a": {1, 2}}, "state['a']"),
+        ({"a": [np.ones(2)]}, "state['a'][0]"),
+        ({"opt": {"state": {0: object()}}}, "state['opt']['state'][0]"),
+        ({"nt": collections.namedtuple("P", "x")(1)}, "state['nt']"),
+        ({"dd": collections.defaultdict(list)}, "state['dd']"),
+        ({"sp": torch.ones(2).to_sparse()}, "state['sp']"),
+        ({"m": torch.empty(2, device="meta")}, "state['m']"),
+        ({"int4": torch.empty(2, dtype=torch.int4)}, "state['int4']"),
+        ({"fn": len}, "state['fn']"),
+        ({"mod": torch.nn.Linear(1, 1)}, "state['mod']"),
+        ({("a",): {torch.ones(1).data_ptr(): [slice(1)]}}, "state[('a',)]"),
+    ],
+)
+def test_refuses_unstorable_objects_with_key_path(state, path):
+    with pytest.raises(UnsupportedObjectError, match=re.escape(path)) as info:
+        tree.flatten(state)
+    assert info.value.key_path.startswith(path)
+
+
+def test_refuses_tensor_as_dict_key_and_cycles_and_deep_nesting():
+    with pytest.raises(UnsupportedObjectError, match="dict key"):
+        tree.flatten({torch.ones(1): 1})
+    cyclic: list = []
+    cyclic.append(cyclic)
+    with pytest.raises(UnsupportedObjectError, match="cycle"):
+        tree.flatten({"c": cyclic})
+    deep: list = []
+    node = deep
+    for _ in range(300):
+        node.append([])
+        node = node[0]
+    with pytest.raises(UnsupportedObjectError, match="nesting deeper"):
+        tree.flatten(deep)
+
+
+def test_error_message_names_the_fix():
+    with pytest.raises(UnsupportedObjectError, match="supported: dict"):
+        tree.flatten({"x": object()})
+    with pytest.raises(UnsupportedObjectError, match="to_dense"):
+        tree.flatten({"x": torch.ones(2).to_sparse()})
+
+
+def test_subclasses_of_plain_types_store_their_value():
+    class Color(enum.IntEnum):
+        RED = 3
+
+    out = roundtrip({"np": np.float64(1.5), "enum": Color.RED, "b": True})
+    assert out == {"np": 1.5, "enum": 3, "b": True}
+    assert type(out["np"]) is float and type(out["enum"]) is int and type(out["b"]) is bool
+
+
+def test_big_ints_beyond_4300_digits():
+    huge = 7**20000  # str() of this exceeds Python's default digit limit
+    assert roundtrip([huge, -huge, 2**64, -(2**63) - 1]) == [huge, -huge, 2**64, -(2**63) - 1]
+
+
+def test_same_object_and_equal_views_alias_others_do_not():
+    w = torch.randn(4, 4)
+    a, b = w.detach(), w.detach()  # two objects, same memory and view: tied weights
+    flat = tree.flatten({"a": a, "b": b, "c": w[:2], "d": w.t(), "e": w})
+    assert len(flat.tensors) == 3  # {a, b, e}, w[:2], w.t()
+    assert [leaf.key_path for leaf in flat.tensors] == ["state['a']", "state['c']", "state['d']"]
+
+
+def test_empty_tensors_never_alias_by_pointer():
+    flat = tree.flatten([torch.empty(0), torch.empty(0, 3)])
+    assert len(flat.tensors) == 2
+
+
+def test_parameter_is_flagged():
+    p = torch.nn.Parameter(torch.ones(2))
+    (leaf,) = tree.flatten({"p": p}).tensors
+    assert leaf.is_parameter
+
+
+def test_ordered_dict_metadata_kept():
+    sd = torch.nn.BatchNorm1d(3).state_dict()
+    out = roundtrip(sd)
+    assert type(out) is collections.OrderedDict
+    assert out._metadata == sd._metadata
+
+
+@pytest.mark.parametrize(
+    "skeleton",
+    [
+        ["nope", 1],
+        ["tensor", 5],
+        ["tensor", True],
+        ["dict", [1]],
+        ["dict", [["list", []], 1]],
+        ["dtype", "float99"],
+        ["int", "zz"],
+        ["size", ["a"]],
+        {"a": 1},
+        [],
+        ["list"],
+    ],
+)
+def test_rebuild_rejects_malformed_skeletons(skeleton):
+    with pytest.raises(FormatError):
+        tree.rebuild(skeleton, [torch.ones(1)] if skeleton == ["tensor", 5] else [])
+
+
+def test_rebuild_rejects_unreferenced_tensor():
+    with pytest.raises(FormatError, match="never referenced"):
+        tree.rebuild(["list", []], [torch.ones(1)])
+
+
+def test_key_paths_never_raise_on_garbage():
+    assert tree.key_paths(["dict", ["a", ["tensor", 0], "b"]], 2) == ["state['a']", "tensor #1"]
+    assert tree.key_paths({"x": 1}, 1) == ["tensor #0"]
