@@ -108,7 +108,7 @@ unsigned resolve_threads(long long threads) {
         throw py::value_error("threads must be >= 0 (0 means the default), got " +
                               std::to_string(threads));
     }
-    if (threads == 0) return aptckpt::default_threads();  // std::invalid_argument -> ValueError
+    if (threads == 0) return aptckpt::default_threads();
     return static_cast<unsigned>(std::min<long long>(threads, kMaxThreads));
 }
 
@@ -338,7 +338,7 @@ PYBIND11_MODULE(_native, m) {
     m.def("pread_many", &pread_many, py::arg("fd"), py::arg("buffers"), py::arg("offsets"),
           py::arg("threads") = 0, "Fill each writable buffer from its offset in parallel.");
     m.def("default_threads", &aptckpt::default_threads,
-          "Default worker count: $APTCKPT_THREADS, else the number of online CPUs.");
+          "Default worker count: $APTCKPT_THREADS if >= 1, else the usable CPUs.");
     m.def("simd", &aptckpt::xxh3_simd,
           "Instruction set of the hash loop: 'avx2', 'sse2' or 'scalar'.");
 }

@@ -10,6 +10,7 @@
 #include "thread_pool.hpp"
 
 #include <pthread.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -19,7 +20,6 @@
 #include <exception>
 #include <memory>
 #include <mutex>
-#include <stdexcept>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -27,7 +27,9 @@
 namespace aptckpt {
 namespace {
 
-constexpr unsigned kMaxEnvThreads = 4096;
+// APTCKPT_THREADS values are clamped here only so the arithmetic cannot overflow; parallel_for
+// clamps again to kMaxThreads.
+constexpr unsigned long kEnvCap = 1UL << 20;
 
 struct Job {
     Job(std::size_t count, const std::function<void(std::size_t)>& task, unsigned helpers)
@@ -133,42 +135,44 @@ Pool& pool() {
     return *g_pool;
 }
 
-std::string trim(const char* raw) {
+// Parses like Python's int() on ASCII text: blanks around, an optional sign, digits with single
+// underscores between them. Returns 0 for anything else or a value below 1.
+unsigned long parse_positive(const char* raw) {
     std::string s(raw);
     const char* blanks = " \t\n\r\f\v";
     const auto first = s.find_first_not_of(blanks);
-    if (first == std::string::npos) return {};
-    return s.substr(first, s.find_last_not_of(blanks) - first + 1);
+    if (first == std::string::npos) return 0;
+    s = s.substr(first, s.find_last_not_of(blanks) - first + 1);
+    std::size_t i = 0;
+    bool negative = false;
+    if (s[0] == '+' || s[0] == '-') negative = s[i++] == '-';
+    unsigned long value = 0;
+    bool digit_before = false;
+    for (; i < s.size(); ++i) {
+        const char c = s[i];
+        if (c == '_' && digit_before && i + 1 < s.size() && s[i + 1] != '_') continue;
+        if (c < '0' || c > '9') return 0;
+        digit_before = true;
+        value = std::min<unsigned long>(kEnvCap, value * 10 + static_cast<unsigned long>(c - '0'));
+    }
+    return negative || !digit_before ? 0 : value;
 }
 
-unsigned parse_threads(const std::string& s, const char* raw) {
-    unsigned long value = 0;
-    bool ok = !s.empty();
-    for (const char c : s) {
-        if (c < '0' || c > '9' || value > kMaxEnvThreads) {
-            ok = false;
-            break;
-        }
-        value = value * 10 + static_cast<unsigned long>(c - '0');
+unsigned usable_cpus() {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) {
+        return static_cast<unsigned>(CPU_COUNT(&set));
     }
-    if (!ok || value < 1 || value > kMaxEnvThreads) {
-        throw std::invalid_argument("APTCKPT_THREADS='" + std::string(raw) +
-                                    "' is not a whole number from 1 to 4096; unset it or set it "
-                                    "to a thread count such as 4");
-    }
-    return static_cast<unsigned>(value);
+    const unsigned online = std::thread::hardware_concurrency();  // > 1024 CPUs, or not Linux
+    return online == 0 ? 1 : online;
 }
 
 }  // namespace
 
 unsigned default_threads() {
     const char* raw = std::getenv("APTCKPT_THREADS");
-    if (raw != nullptr) {
-        const std::string s = trim(raw);
-        if (!s.empty()) return parse_threads(s, raw);
-    }
-    const unsigned online = std::thread::hardware_concurrency();
-    return online == 0 ? 1 : online;
+    const unsigned long value = raw == nullptr ? 0 : parse_positive(raw);
+    return value >= 1 ? static_cast<unsigned>(value) : usable_cpus();
 }
 
 void parallel_for(std::size_t n, unsigned threads, const std::function<void(std::size_t)>& fn) {

@@ -16,8 +16,8 @@ namespace aptckpt {
 // Upper bound on the threads one parallel_for uses; larger requests are clamped.
 constexpr unsigned kMaxThreads = 256;
 
-// The default parallelism: $APTCKPT_THREADS if set (a decimal integer in [1, 4096], surrounding
-// blanks allowed), else the number of online CPUs. Throws std::invalid_argument for a bad value.
+// The default parallelism, the same as aptckpt._config.threads(): $APTCKPT_THREADS when it reads
+// as an integer >= 1 (as Python's int() reads it), else the CPUs this process may run on.
 unsigned default_threads();
 
 // threads == 0 means default_threads().
