@@ -40,6 +40,7 @@ means the library default, :func:`aptckpt._config.threads`):
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
@@ -72,7 +73,7 @@ def _choose() -> ModuleType:
         )
     if mode != "disable":
         try:
-            from aptckpt import _native
+            native = importlib.import_module("aptckpt._native")
         except ImportError as err:
             if mode == "require":
                 raise NativeUnavailableError(
@@ -81,10 +82,8 @@ def _choose() -> ModuleType:
                     "available, or set APTCKPT_NATIVE=auto"
                 ) from err
         else:
-            return _native
-    from aptckpt import _pyimpl
-
-    return _pyimpl
+            return native
+    return importlib.import_module("aptckpt._pyimpl")
 
 
 _impl = _choose()

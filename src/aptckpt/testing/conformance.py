@@ -129,11 +129,10 @@ class BackendConformance:
         model = torch.nn.ModuleDict({"emb": emb, "head": head})
         loaded = self.roundtrip(model.state_dict(), tmp_path / "ckpt")
         assert loaded["emb.weight"] is loaded["head.weight"]
-        fresh = torch.nn.ModuleDict(
-            {"emb": torch.nn.Embedding(10, 4), "head": torch.nn.Linear(4, 10, bias=False)}
-        )
+        fresh_emb = torch.nn.Embedding(10, 4)
+        fresh = torch.nn.ModuleDict({"emb": fresh_emb, "head": torch.nn.Linear(4, 10, bias=False)})
         fresh.load_state_dict(loaded)
-        assert torch.equal(fresh["emb"].weight, emb.weight)
+        assert torch.equal(fresh_emb.weight, emb.weight)
 
     def test_optimizer_state_roundtrip(self, tmp_path: Path) -> None:
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
