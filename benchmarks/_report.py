@@ -163,8 +163,9 @@ def _residency_notes(runs: dict[str, Any]) -> list[str]:
         worst, who = max(cold)
         notes.append(
             f"Page cache check (mincore): before the {len(cold)} cold loads at most "
-            f"{100 * worst:.2f}% of the checkpoint's pages were resident (worst: {who}); "
-            f"before the {len(warm)} warm loads at least "
+            f"{100 * worst:.2f}% of the checkpoint's pages were resident"
+            + (f" (worst: {who})" if worst > 0 else "")
+            + f"; before the {len(warm)} warm loads at least "
             f"{100 * min(warm, default=math.nan):.1f}% were."
         )
     return notes
@@ -185,6 +186,8 @@ def render(meta: dict[str, Any], runs: dict[str, Any], compression: dict[str, An
         f"- **Machine**: {m['cpu']}; {m['cores']}; torch threads {m['torch_threads']}; "
         f"RAM {m['ram']}; Linux {m['kernel']}",
         f"- **Filesystem**: {m['filesystem']}",
+        f"- **Load average** (1/5/15 min, from /proc/loadavg; > 0 means other work shared the "
+        f"2 vCPUs): at start {meta['loadavg_start']}, at end {meta['loadavg_end']}",
         "- **Versions**: " + ", ".join(f"{k} {val}" for k, val in v.items() if k != "git"),
         f"- **Tree**: git {v['git']}",
         f"- **Repetitions**: {meta['reps']}, interleaved round-robin; cells are "
@@ -241,7 +244,7 @@ def render(meta: dict[str, Any], runs: dict[str, Any], compression: dict[str, An
     if comp_rows:
         out += ["## Compression", "", table(COMPRESSION_HEADER, comp_rows, "ll" + "r" * 6), ""]
 
-    notes = _residency_notes(runs)
+    notes = _residency_notes(runs) + list(meta.get("observed", []))
     for run in runs.values():
         for r in run["results"].values():
             if r.error:

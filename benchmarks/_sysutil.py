@@ -279,6 +279,14 @@ def machine_info(workdir: Path) -> dict[str, str]:
     }
 
 
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages, as /proc/loadavg gives them."""
+    try:
+        return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def _dist_version(name: str) -> str:
     try:
         return importlib.metadata.version(name)
