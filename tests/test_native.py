@@ -163,7 +163,7 @@ def _reference_shuffle(data: bytes, itemsize: int) -> bytes:
     return body.T.tobytes() + data[n * itemsize :]
 
 
-SHUFFLE_SIZES = [1, 2, 3, 4, 5, 8, 16, 32]
+SHUFFLE_SIZES = [1, 2, 3, 4, 5, 8, 16, 32, 100]
 
 
 @pytest.mark.parametrize("itemsize", SHUFFLE_SIZES)

