@@ -87,27 +87,29 @@ def test_unknown_name():
         registry.get_backend("nope")
 
 
-def test_entry_point_plugins_are_discovered(monkeypatch):
-    class FakeEntryPoint:
-        name, value = "viaep", "test_registry:RawFilesBackend"
+@pytest.fixture
+def entry_points(monkeypatch):
+    """Pretend the given (name, "module:attr") pairs are installed entry points."""
+    added: list[str] = []
 
-    monkeypatch.setattr(registry, "_plugins_scanned", False)
-    monkeypatch.setattr(registry, "entry_points", lambda group: [FakeEntryPoint()])
-    try:
-        assert "viaep" in aptckpt.available_backends()
-        assert registry.get_backend("viaep") is RawFilesBackend
-    finally:
-        registry.unregister_backend("viaep")
+    def install(*pairs):
+        fakes = [type("EP", (), {"name": n, "value": v})() for n, v in pairs]
+        added.extend(n for n, _ in pairs)
+        monkeypatch.setattr(registry, "_plugins_scanned", False)
+        monkeypatch.setattr(registry, "entry_points", lambda group: fakes)
+
+    yield install
+    for name in added:
+        registry.unregister_backend(name)
 
 
-def test_broken_plugin_reports_itself(monkeypatch):
-    class BrokenEntryPoint:
-        name, value = "broken", "no_such_module_xyz:Backend"
+def test_entry_point_plugins_are_discovered(entry_points):
+    entry_points(("viaep", "test_registry:RawFilesBackend"))
+    assert "viaep" in aptckpt.available_backends()
+    assert registry.get_backend("viaep") is RawFilesBackend
 
-    monkeypatch.setattr(registry, "_plugins_scanned", False)
-    monkeypatch.setattr(registry, "entry_points", lambda group: [BrokenEntryPoint()])
-    try:
-        with pytest.raises(BackendError, match="failed to load"):
-            aptckpt.save({"x": torch.ones(1)}, "unused", backend="broken")
-    finally:
-        registry.unregister_backend("broken")
+
+def test_broken_plugin_reports_itself(entry_points):
+    entry_points(("broken", "no_such_module_xyz:Backend"))
+    with pytest.raises(BackendError, match="failed to load"):
+        aptckpt.save({"x": torch.ones(1)}, "unused", backend="broken")
