@@ -47,6 +47,7 @@ def test_saving_again_reproduces_the_format(tmp_path, name):
         golden_state(), tmp_path / name, backend="zstd", metadata={"golden": name}, **GOLDEN[name]
     )
     fresh, old = _manifest(tmp_path / name), _manifest(committed)
+
     def packed(doc, key):  # bytes, because the tree holds a NaN and nan != nan
         return msgpack.packb(doc[key], use_bin_type=True)
 

@@ -47,7 +47,15 @@ from aptckpt import _dtypes
 from aptckpt._config import MAX_NESTING
 from aptckpt.errors import FormatError, UnsupportedObjectError
 
-__all__ = ["FlatState", "TensorLeaf", "encode_plain", "flatten", "key_paths", "rebuild"]
+__all__ = [
+    "FlatState",
+    "TensorLeaf",
+    "encode_plain",
+    "find_plain",
+    "flatten",
+    "key_paths",
+    "rebuild",
+]
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 _MAX_BIG_INT_BITS = 1 << 20
@@ -347,6 +355,31 @@ def key_paths(skeleton: Any, count: int, *, root: str = "state") -> list[str]:
             pairs = [(arg[i], arg[i + 1]) for i in range(0, len(arg) - 1, 2)]
             stack.extend((v, f"{path}[{_key_repr(k)}]") for k, v in reversed(pairs))
     return paths
+
+
+def find_plain(skeleton: Any, predicate: Any, *, root: str = "state") -> list[str]:
+    """Key paths of the inline plain values (and dict keys) of ``skeleton`` matching ``predicate``.
+
+    Lets a backend refuse values it cannot represent, naming where they are.
+    """
+    found: list[str] = []
+    stack: list[tuple[Any, str]] = [(skeleton, root)]
+    while stack:
+        node, path = stack.pop()
+        if not isinstance(node, list):
+            if predicate(node):
+                found.append(path)
+            continue
+        if len(node) < 2 or not isinstance(node[1], list):
+            continue
+        tag, arg = node[0], node[1]
+        if tag in ("list", "tuple"):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(arg))
+        elif tag in ("dict", "odict"):
+            for i in range(0, len(arg) - 1, 2):
+                stack.append((arg[i], f"{path} (key {_key_repr(arg[i])})"))
+                stack.append((arg[i + 1], f"{path}[{_key_repr(arg[i])}]"))
+    return sorted(found)
 
 
 def _key_repr(node: Any) -> str:

@@ -10,7 +10,9 @@ aptckpt. What goes into it is the state *as aptckpt normalises it* (only types
 that ``weights_only`` loads: subclasses of int/float/str become their base
 type; tensors are moved to the CPU, their devices kept in the manifest), so a
 state that this backend saves is one that loads without pickle's arbitrary
-code, and one that every other backend stores identically.
+code, and one that every other backend stores identically. The one value it
+must refuse is empty ``bytes``: pickle protocol 2 (the only one ``weights_only``
+reads) spells ``b""`` as a call that ``weights_only`` rejects.
 
 Integrity: the payload holds the XXH3-128 digests of the file's chunks; they
 are checked before ``torch.load`` sees a byte. aptckpt always loads with
@@ -38,7 +40,7 @@ from aptckpt import _accel, _config, tree
 from aptckpt._atomic import CheckpointReader, CheckpointWriter
 from aptckpt.backends import _chunks
 from aptckpt.backends.base import Backend, BackendOptions, TensorLayout
-from aptckpt.errors import FormatError, IntegrityError
+from aptckpt.errors import FormatError, IntegrityError, UnsupportedObjectError
 from aptckpt.manifest import Manifest
 from aptckpt.tree import FlatState
 
@@ -80,6 +82,7 @@ class TorchBackend(Backend):
     options: TorchOptions
 
     def write(self, flat: FlatState, writer: CheckpointWriter) -> Any:
+        _refuse_unloadable(flat)
         state = tree.rebuild(flat.skeleton, [_save_form(leaf) for leaf in flat.tensors])
         path = writer.path(FILE_NAME)
         with open(path, "xb") as f:
@@ -153,6 +156,20 @@ class TorchBackend(Backend):
 
     def describe(self, manifest: Manifest) -> list[TensorLayout]:
         return [TensorLayout(None, ("torch.save",), 0) for _ in manifest.tensors]
+
+
+def _refuse_unloadable(flat: FlatState) -> None:
+    # weights_only reads pickle protocol 2 only, which spells b"" as a call of the
+    # global `bytes` -- a global that weights_only refuses. Non-empty bytes are fine.
+    paths = tree.find_plain(flat.skeleton, lambda v: v == b"")
+    if paths:
+        raise UnsupportedObjectError(
+            f"cannot store empty bytes (b'') at {paths[0]} with the torch backend: "
+            "torch.load(weights_only=True) refuses them; use the zstd backend, or store "
+            "None or a non-empty value instead",
+            key_path=paths[0],
+            type_name="builtins.bytes",
+        )
 
 
 def _pack(skeleton: Any) -> bytes:

@@ -139,6 +139,8 @@ class ZstdBackend(Backend):
             for view in (_dtypes.byte_view(host),)
             for start, stop in _chunks.chunk_spans(len(view), opts.chunk_size)
         ]
+        if opts.codec == "none":
+            return self._write_raw(jobs, len(hosts), writer)
         pipelines: list[Pipeline] = [RAW]
         codec_index = {RAW: 0}
         rows: list[list[list[Any]]] = [[] for _ in hosts]
@@ -155,11 +157,38 @@ class ZstdBackend(Backend):
                 rows[job.tensor].append(chunk.to_row())
         finally:
             shards.close()
-        return {
-            "chunk_size": opts.chunk_size,
-            "codecs": [p.to_record() for p in pipelines],
-            "chunks": rows,
-        }
+        return self._payload([p.to_record() for p in pipelines], rows)
+
+    def _write_raw(self, jobs: list[_Job], n_tensors: int, writer: CheckpointWriter) -> Any:
+        """Raw chunks: every offset is known up front, so all chunks are hashed in one
+        parallel native call and each shard is written with parallel positional writes
+        straight from tensor memory (no copy, no Python loop over bytes)."""
+        opts = self.options
+        digests = _accel.hash_chunks_many([j.data for j in jobs], opts.chunk_size, self._threads)
+        rows: list[list[list[Any]]] = [[] for _ in range(n_tensors)]
+        shards: list[list[tuple[memoryview, int]]] = []
+        offset = opts.shard_size  # forces a first shard
+        for job, digest in zip(jobs, digests, strict=True):
+            if offset >= opts.shard_size:
+                shards.append([])
+                offset = 0
+            rows[job.tensor].append(
+                _chunks.ChunkRecord(len(shards) - 1, offset, len(job.data), 0, digest).to_row()
+            )
+            shards[-1].append((job.data, offset))
+            offset += len(job.data)
+        for index, placed in enumerate(shards):
+            path = writer.path(f"shard-{index:05d}.bin")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                buffers, offsets = zip(*placed, strict=True)
+                _accel.pwrite_many(fd, list(buffers), list(offsets), self._threads)
+            finally:
+                os.close(fd)
+        return self._payload([RAW.to_record()], rows)
+
+    def _payload(self, codecs: list[Any], rows: list[list[list[Any]]]) -> dict[str, Any]:
+        return {"chunk_size": self.options.chunk_size, "codecs": codecs, "chunks": rows}
 
     def _encode(self, job: _Job) -> tuple[bytes, Pipeline, Any]:
         digest: bytes = _accel.xxh3_128(job.data)

@@ -60,7 +60,7 @@ def tensors(draw: st.DrawFn, *, max_numel: int = 64) -> torch.Tensor:
     return base
 
 
-def plain_values() -> st.SearchStrategy[Any]:
+def plain_values(*, empty_bytes: bool = True) -> st.SearchStrategy[Any]:
     return st.one_of(
         st.none(),
         st.booleans(),
@@ -69,14 +69,14 @@ def plain_values() -> st.SearchStrategy[Any]:
         st.floats(allow_nan=True, allow_infinity=True),
         st.complex_numbers(allow_nan=True),
         st.text(max_size=20),
-        st.binary(max_size=20),
+        st.binary(min_size=0 if empty_bytes else 1, max_size=20),
         dtypes(),
         st.just(torch.device("cpu")),
         st.lists(st.integers(0, 9), max_size=3).map(torch.Size),
     )
 
 
-def _keys() -> st.SearchStrategy[Any]:
+def _keys() -> st.SearchStrategy[Any]:  # no bytes keys: b"" would need empty_bytes
     return st.one_of(st.text(max_size=8), st.integers(-5, 1000), st.booleans(), st.none())
 
 
@@ -107,13 +107,13 @@ def _substitute(node: Any, pool: list[torch.Tensor]) -> Any:
 
 
 @st.composite
-def states(draw: st.DrawFn, *, max_leaves: int = 12) -> Any:
+def states(draw: st.DrawFn, *, max_leaves: int = 12, empty_bytes: bool = True) -> Any:
     """A nested state; some tensors appear under two keys (tied weights)."""
     pool = draw(st.lists(tensors(), min_size=1, max_size=4))
     if draw(st.booleans()):
         pool[0] = torch.nn.Parameter(
             pool[0].contiguous(), requires_grad=pool[0].is_floating_point()
         )
-    leaves = st.one_of(plain_values(), st.integers(0, 3).map(_PoolRef))
+    leaves = st.one_of(plain_values(empty_bytes=empty_bytes), st.integers(0, 3).map(_PoolRef))
     tree = _substitute(draw(st.recursive(leaves, _containers, max_leaves=max_leaves)), pool)
     return {"tree": tree, "pool": pool, "tied": [pool[0], pool[0]]}
