@@ -184,7 +184,8 @@ def _header(args: argparse.Namespace) -> list[str]:
         f"native hash kernel: {_native.simd()}, default threads: {_native.default_threads()}",
         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
         f"- median of {args.reps} repetitions (min-max); hash buffer {args.hash_gib} GiB; "
-        f"I/O in {args.dir}",
+        f"I/O in {args.dir}; load average at start {os.getloadavg()[0]:.2f} "
+        "(other processes share these CPUs: wide spreads mean noise)",
         "",
     ]
 
