@@ -208,8 +208,15 @@ def render(meta: dict[str, Any], runs: dict[str, Any], compression: dict[str, An
     comp_rows: list[list[str]] = []
     for run in runs.values():
         results, nbytes = run["results"], run["nbytes"]
+        cpu = run.get("cpu", [])
+        foreign = ", ".join(f"{100 * c['foreign']:.0f}%" for c in cpu)
+        steal = ", ".join(f"{100 * c['steal']:.0f}%" for c in cpu)
         out += [
             f"## {run['title']} — {fmt_bytes(nbytes)}",
+            "",
+            f"CPU busy outside this process during each round (other processes and kernel "
+            f"threads, as a share of all vCPUs): {foreign or '—'}; hypervisor steal: "
+            f"{steal or '—'}.",
             "",
             "### Limits",
             "",
@@ -266,6 +273,7 @@ def to_json(meta: dict[str, Any], runs: dict[str, Any], compression: dict[str, A
                 "title": run["title"],
                 "nbytes": run["nbytes"],
                 "results": {k: dataclasses.asdict(r) for k, r in run["results"].items()},
+                "cpu_elsewhere_per_round": run.get("cpu", []),
             }
             for label, run in runs.items()
         },

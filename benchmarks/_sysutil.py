@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -277,6 +278,38 @@ def machine_info(workdir: Path) -> dict[str, str]:
         "kernel": platform.release(),
         "filesystem": f"{fstype} on {dev}, mounted at {mnt} (checkpoints in {workdir})",
     }
+
+
+class CpuMeter:
+    """How much of the machine's CPU went elsewhere during an interval.
+
+    ``foreign`` is CPU time busy on the machine (/proc/stat) but not charged to this process,
+    as a fraction of all vCPUs over the wall time: other processes, plus kernel threads (including
+    page writeback this process caused, so it is an upper bound on outside interference).
+    ``steal`` is time the hypervisor gave to other guests. Both near 0 mean a quiet machine.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float, float, float]:
+        vals = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = vals
+        hz = os.sysconf("SC_CLK_TCK")
+        t = os.times()
+        busy = (user + nice + system + irq + softirq) / hz
+        return busy, steal / hz, t.user + t.system, time.monotonic()
+
+    def read(self) -> dict[str, float]:
+        """Fractions since construction: ``{"foreign": ..., "steal": ...}``."""
+        b1, s1, o1, w1 = self._read()
+        b0, s0, o0, w0 = self._start
+        capacity = max(w1 - w0, 1e-9) * (os.cpu_count() or 1)
+        return {
+            "foreign": max(0.0, (b1 - b0) - (o1 - o0)) / capacity,
+            "steal": (s1 - s0) / capacity,
+        }
 
 
 def loadavg() -> str:

@@ -443,10 +443,17 @@ def _run_loads(s: Saver, path: Path, obj: Any, res: SaveResult) -> None:
         gc.collect()
 
 
-def run_workload(label: str, obj: Any, savers: list[Saver], reps: int) -> dict[str, SaveResult]:
-    """Interleaved repetitions of every saver (and its loaders) on one object."""
+def run_workload(
+    label: str, obj: Any, savers: list[Saver], reps: int
+) -> tuple[dict[str, SaveResult], list[dict[str, float]]]:
+    """Interleaved repetitions of every saver (and its loaders) on one object.
+
+    Returns the results per saver and, per round, the CPU share used elsewhere on the machine.
+    """
     results = {s.key: SaveResult(s.name, s.group) for s in savers}
+    cpu: list[dict[str, float]] = []
     for rep in range(reps):
+        meter = _sysutil.CpuMeter()
         k = rep % len(savers)
         for s in savers[k:] + savers[:k]:  # rotate the starting contender each round
             res = results[s.key]
@@ -477,7 +484,9 @@ def run_workload(label: str, obj: Any, savers: list[Saver], reps: int) -> dict[s
             finally:
                 _sysutil.remove(path)
                 gc.collect()
-    return results
+        cpu.append(meter.read())
+        _log(f"[{label} rep {rep + 1}/{reps}] CPU elsewhere: {cpu[-1]}")
+    return results, cpu
 
 
 def compression_probe(aptckpt: Any, obj: Any, backend: str, opts: dict[str, Any]) -> dict[str, Any]:
@@ -563,8 +572,13 @@ def main(argv: list[str] | None = None) -> None:
         raw = _sysutil.RawIO(list(unique_tensors(obj).values()))
         savers = [s for s in contenders(raw, aptckpt, apt_status) if s.key in selected]
         _log(f"workload {name}: {raw.nbytes / 1e9:.3f} GB, contenders: {[s.key for s in savers]}")
-        results = run_workload(name, obj, savers, args.reps)
-        runs[name] = {"title": titles[name], "nbytes": tensor_bytes(obj), "results": results}
+        results, cpu = run_workload(name, obj, savers, args.reps)
+        runs[name] = {
+            "title": titles[name],
+            "nbytes": tensor_bytes(obj),
+            "results": results,
+            "cpu": cpu,
+        }
         del raw
         gc.collect()
 
