@@ -2,10 +2,14 @@
 
 A tensor's bytes (contiguous, little-endian, C order) are cut into chunks of
 ``chunk_size`` bytes, the last one shorter. Each chunk is stored as one record
-``[file, offset, length, codec, digest]``: the index of its data file in the
-manifest's file list, where its stored bytes start and how many there are, the
-index of its codec pipeline in the payload's codec table, and the XXH3-128
-digest of its *raw* bytes (so a digest names content, whatever the encoding).
+``[file, offset, length, codec, digest, stored_digest]``: the index of its data
+file in the manifest's file list, where its stored bytes start and how many
+there are, the index of its codec pipeline in the payload's codec table, the
+XXH3-128 digest of its *raw* bytes (so a digest names content, whatever the
+encoding), and for an encoded chunk the XXH3-128 of its stored bytes (nil for
+a raw chunk, whose stored bytes are its raw bytes). The stored digest catches
+damage that decodes to the same content -- a flipped bit that zstd ignores in a
+frame header -- and is checked before any decompression.
 
 This module parses and validates those records (every number is checked before
 use) and decodes chunks straight into their destination tensors in parallel.
@@ -51,9 +55,10 @@ class ChunkRecord:
     length: int
     codec: int
     digest: bytes
+    stored_digest: bytes | None = None
 
     def to_row(self) -> list[Any]:
-        return [self.file, self.offset, self.length, self.codec, self.digest]
+        return [self.file, self.offset, self.length, self.codec, self.digest, self.stored_digest]
 
 
 def check_chunk_size(value: object, *, where: str | None = None) -> int:
@@ -85,9 +90,18 @@ def host_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def parse_chunk_table(
-    manifest: Manifest, rows_per_tensor: object, chunk_size: int, n_codecs: int, *, where: str
+    manifest: Manifest,
+    rows_per_tensor: object,
+    chunk_size: int,
+    pipelines: Sequence[Pipeline],
+    *,
+    where: str,
 ) -> list[list[ChunkRecord]]:
-    """Validate the per-tensor chunk rows of a payload against the manifest."""
+    """Validate the per-tensor chunk rows of a payload against the manifest.
+
+    An encoded chunk must carry the digest of its stored bytes.
+    """
+    n_codecs = len(pipelines)
     if not isinstance(rows_per_tensor, list) or len(rows_per_tensor) != len(manifest.tensors):
         raise FormatError("payload has no chunk list for every tensor", path=where)
     sizes = [f.size for f in manifest.files]
@@ -104,14 +118,18 @@ def parse_chunk_table(
         for row in rows:
             if not (
                 isinstance(row, list)
-                and len(row) == 5
+                and len(row) == 6
                 and all(type(v) is int and v >= 0 for v in row[:4])
-                and isinstance(row[4], bytes)
-                and len(row[4]) == DIGEST_SIZE
+                and all(isinstance(d, bytes) and len(d) == DIGEST_SIZE for d in row[4:5])
+                and (row[5] is None or (isinstance(row[5], bytes) and len(row[5]) == DIGEST_SIZE))
             ):
                 raise FormatError(f"malformed chunk record {row!r} of tensor {index}", path=where)
             chunk = ChunkRecord(*row)
-            if chunk.file >= len(sizes) or chunk.codec >= n_codecs:
+            if (
+                chunk.file >= len(sizes)
+                or chunk.codec >= n_codecs
+                or (chunk.stored_digest is None and pipelines[chunk.codec] != RAW)
+            ):
                 raise FormatError(f"chunk record {row!r} names a missing file or codec", path=where)
             if chunk.offset + chunk.length > sizes[chunk.file]:
                 raise FormatError(
@@ -199,6 +217,8 @@ def decode_into(
                 _read_into(job.fd, job.out, job.chunk.offset)
             else:
                 stored = os.pread(job.fd, job.chunk.length, job.chunk.offset)
+                if verify and _accel.xxh3_128(stored) != job.chunk.stored_digest:
+                    raise CodecError("stored-bytes digest mismatch: the file changed after saving")
                 pipeline.decode(stored, job.out)
             if verify and _accel.xxh3_128(job.out) != job.chunk.digest:
                 raise CodecError("digest mismatch: the stored bytes changed after saving")

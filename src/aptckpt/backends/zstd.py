@@ -16,6 +16,8 @@ Payload (manifest ``payload``)::
 
     {"chunk_size": int, "codecs": [pipeline, ...], "chunks": [[row, ...] per tensor]}
 
+(rows ``[file, offset, length, codec, digest, stored_digest]``)
+
 with rows as described in :mod:`aptckpt.backends._chunks`. Saving hashes,
 shuffles and compresses chunks on a thread pool while the calling thread
 appends finished frames to the shard; loading reads, decompresses, unshuffles
@@ -146,14 +148,16 @@ class ZstdBackend(Backend):
         rows: list[list[list[Any]]] = [[] for _ in hosts]
         shards = _ShardWriter(writer, opts.shard_size)
         try:
-            for job, (digest, pipeline, data) in zip(
+            for job, (digest, pipeline, data, stored_digest) in zip(
                 jobs, _chunks.ordered_map(self._encode, jobs, threads=self._threads), strict=True
             ):
                 if pipeline not in codec_index:
                     codec_index[pipeline] = len(pipelines)
                     pipelines.append(pipeline)
                 file, offset = shards.append(data)
-                chunk = _chunks.ChunkRecord(file, offset, len(data), codec_index[pipeline], digest)
+                chunk = _chunks.ChunkRecord(
+                    file, offset, len(data), codec_index[pipeline], digest, stored_digest
+                )
                 rows[job.tensor].append(chunk.to_row())
         finally:
             shards.close()
@@ -190,15 +194,15 @@ class ZstdBackend(Backend):
     def _payload(self, codecs: list[Any], rows: list[list[list[Any]]]) -> dict[str, Any]:
         return {"chunk_size": self.options.chunk_size, "codecs": codecs, "chunks": rows}
 
-    def _encode(self, job: _Job) -> tuple[bytes, Pipeline, Any]:
+    def _encode(self, job: _Job) -> tuple[bytes, Pipeline, Any, bytes | None]:
         digest: bytes = _accel.xxh3_128(job.data)
-        if self.options.codec == "none" or not job.data:
-            return digest, RAW, job.data
+        if not job.data:
+            return digest, RAW, job.data, None
         pipeline = Pipeline(shuffle=job.itemsize if job.itemsize > 1 else 0, zstd=True)
         encoded = pipeline.encode(job.data, level=self.options.level)
         if len(encoded) >= len(job.data):  # incompressible: store it as it is
-            return digest, RAW, job.data
-        return digest, pipeline, encoded
+            return digest, RAW, job.data, None
+        return digest, pipeline, encoded, _accel.xxh3_128(encoded)
 
     # ------------------------------------------------------------------- read
 
@@ -212,7 +216,7 @@ class ZstdBackend(Backend):
             raise FormatError("zstd payload has no codec table", path=where)
         pipelines = [Pipeline.from_record(c, where=where) for c in codecs]
         table = _chunks.parse_chunk_table(
-            manifest, payload.get("chunks"), chunk_size, len(pipelines), where=where
+            manifest, payload.get("chunks"), chunk_size, pipelines, where=where
         )
         return chunk_size, pipelines, table
 
