@@ -543,6 +543,9 @@ def main(argv: list[str] | None = None) -> None:
     command = "python " + " ".join(shlex.quote(a) for a in [_rel(sys.argv[0]), *sys.argv[1:]])
 
     aptckpt, apt_status = probe_aptckpt()
+    # Versions and git state at the start: that is the tree the installed package came from
+    # at best; others may commit while the benchmark runs.
+    versions = _sysutil.versions(REPO)
     for key, st in apt_status.items():
         _log(f"aptckpt contender {key}: {st}")
 
@@ -595,7 +598,7 @@ def main(argv: list[str] | None = None) -> None:
         "duration_s": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
         "command": command,
         "machine": _sysutil.machine_info(WORKDIR),
-        "versions": _sysutil.versions(REPO),
+        "versions": versions,
         "workload": describe(wl),
         "scale": args.scale,
         "reps": args.reps,
