@@ -20,7 +20,6 @@ slower than the copy itself on the reference machine.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,7 +173,3 @@ def _decompress(stored: Any, expected: int) -> Any:
 
 RAW = Pipeline()
 
-
-def table(pipelines: Sequence[Pipeline]) -> list[list[dict[str, Any]]]:
-    """Manifest records of a codec table."""
-    return [p.to_record() for p in pipelines]

@@ -229,6 +229,9 @@ def decode_into(
     # Collect every damaged chunk rather than stopping at the first, so that
     # verify() reports all of them.
     problems = [e for e in ordered_map(run, jobs, threads=threads, window=4 * threads + 4) if e]
+    if problems:  # name tensors by key path; computed once, only when something is damaged
+        keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
+        problems = [_named(p, keys) for p in problems]
     if problems:
         first = problems[0]
         more = f" (and {len(problems) - 1} more damaged chunk(s))" if len(problems) > 1 else ""
@@ -251,11 +254,18 @@ def _read_into(fd: int, out: memoryview, offset: int) -> None:
         done += n
 
 
+def _named(problem: IntegrityError, keys: list[str]) -> IntegrityError:
+    index = int(problem.tensor or 0)
+    key = keys[index]
+    message = str(problem).replace(f"tensor #{index},", f"tensor {key},", 1)
+    return IntegrityError(message, path=problem.path, file=problem.file, tensor=key)
+
+
 def _damage(manifest: Manifest, job: _DecodeJob, err: Exception, where: str) -> IntegrityError:
-    key = tree.key_paths(manifest.skeleton, len(manifest.tensors))[job.tensor]
+    key = str(job.tensor)  # replaced by its key path in _named()
     file = manifest.files[job.chunk.file].path
     return IntegrityError(
-        f"checkpoint '{where}' is damaged: tensor {key}, chunk {job.index} "
+        f"checkpoint '{where}' is damaged: tensor #{key}, chunk {job.index} "
         f"(file '{file}', offset {job.chunk.offset}, {job.chunk.length} bytes): {err}",
         path=where,
         file=file,
