@@ -24,6 +24,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -31,6 +32,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from aptckpt import manifest as mf
 from aptckpt._config import MAX_MANIFEST_BYTES
@@ -44,17 +46,32 @@ from aptckpt.errors import (
     WriteError,
 )
 
-__all__ = ["CheckpointReader", "CheckpointWriter", "is_checkpoint"]
+__all__ = ["CheckpointReader", "CheckpointWriter", "is_checkpoint", "is_temporary"]
 
 log = logging.getLogger("aptckpt")
+T = TypeVar("T")
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+#: Names of the temp and trash directories of saves: ``.<name>.tmp-<pid>-<hex>``.
+_TEMP_NAME = re.compile(r"\..+\.(?:tmp|trash)-(?P<pid>[0-9]+)-[0-9a-f]+")
+
+
+def is_temporary(name: str) -> bool:
+    """True for the name of a save's temp or trash directory (never a checkpoint)."""
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
 def is_checkpoint(path: str | os.PathLike[str]) -> bool:
     """True if ``path`` is a committed checkpoint directory (its manifest exists)."""
     return os.path.isfile(os.path.join(path, mf.MANIFEST_NAME))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (created, renamed, removed names) durable."""
+    _fsync_path(path, directory=True)
 
 
 def _fsync_path(path: Path, *, directory: bool = False) -> None:
@@ -99,13 +116,10 @@ def remove_stale_temps(parent: Path) -> None:
     except OSError:
         return
     for entry in entries:
-        name = entry.name
-        if not name.startswith(".") or (".tmp-" not in name and ".trash-" not in name):
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if match is None:
             continue
-        try:
-            pid = int(name.rsplit("-", 2)[-2])
-        except ValueError:
-            continue
+        pid = int(match["pid"])
         if pid != os.getpid() and not _owner_alive(pid):
             log.info("removing stale temporary checkpoint directory %s", entry.path)
             shutil.rmtree(entry.path, ignore_errors=True)
@@ -145,6 +159,10 @@ class CheckpointWriter:
             ) from err
         self._files: list[str] = []
         self._committed = False
+        self._held = contextlib.ExitStack()
+        #: Bytes a backend wrote outside the checkpoint directory for this save
+        #: (new objects in a shared store); counted in ``SaveInfo.stored_bytes``.
+        self.external_bytes = 0
 
     def _check_target(self) -> None:
         final = self.final
@@ -176,8 +194,15 @@ class CheckpointWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self._committed:
-            self.abort()
+        try:
+            if not self._committed:
+                self.abort()
+        finally:
+            self._held.close()
+
+    def hold(self, resource: contextlib.AbstractContextManager[T]) -> T:
+        """Enter ``resource`` (a lock) and keep it until the save commits or aborts."""
+        return self._held.enter_context(resource)
 
     @property
     def files(self) -> list[str]:
@@ -265,25 +290,7 @@ class CheckpointReader:
         return mf.decode(data, where=str(self.manifest_path))
 
     def _open_fd(self, path: Path, name: str) -> int:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError as err:
-            raise IntegrityError(
-                f"data file '{name}' is missing from checkpoint '{self.root}'",
-                path=str(self.root),
-                file=name,
-            ) from err
-        except OSError as err:
-            if err.errno == errno.ELOOP:
-                raise UnsafePathError(
-                    f"'{name}' is a symbolic link; checkpoints never contain links",
-                    path=str(self.root),
-                ) from err
-            raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise UnsafePathError(f"'{name}' is not a regular file", path=str(self.root))
-        return fd
+        return open_regular(path, name, self.root)
 
     def open(self, record: mf.FileRecord) -> int:
         """Open a data file read-only, after checking it is safe and has its recorded size."""
@@ -318,6 +325,30 @@ class CheckpointReader:
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+def open_regular(path: Path, name: str, root: Path) -> int:
+    """Open ``path`` read-only; it must be a regular file, not a symbolic link.
+
+    ``name`` (the path as a manifest spells it) and ``root`` (the checkpoint or
+    store it belongs to) only serve the error messages.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError as err:
+        raise IntegrityError(
+            f"data file '{name}' is missing from '{root}'", path=str(root), file=name
+        ) from err
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnsafePathError(
+                f"'{name}' is a symbolic link; checkpoints never contain links", path=str(root)
+            ) from err
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePathError(f"'{name}' is not a regular file", path=str(root))
+    return fd
 
 
 def _read_exact(fd: int, size: int) -> bytes:

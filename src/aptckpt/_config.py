@@ -15,6 +15,9 @@ DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_SHARD_SIZE = 512 << 20
 #: zstd level: once byte-shuffled, float data compresses better *and* faster at 1 than at 3.
 DEFAULT_ZSTD_LEVEL = 1
+#: ``delta`` backend: every this many saves along a base chain, one stores no
+#: xor-delta, so loading a chunk decodes at most this many objects.
+DEFAULT_KEYFRAME_EVERY = 8
 #: Largest manifest a reader accepts (a manifest of 10 million chunks is ~400 MB).
 MAX_MANIFEST_BYTES = 1 << 30
 #: Deepest container nesting of a state (the skeleton must stay within msgpack's stack).

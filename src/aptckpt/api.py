@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,10 +24,11 @@ import torch
 
 from aptckpt import _dtypes, registry, tree
 from aptckpt import manifest as mf
-from aptckpt._atomic import CheckpointReader, CheckpointWriter
+from aptckpt._atomic import CheckpointReader, CheckpointWriter, fsync_dir
 from aptckpt._version import __version__
 from aptckpt.backends.base import Backend
 from aptckpt.errors import (
+    CheckpointExistsError,
     DeviceUnavailableError,
     FormatError,
     IntegrityError,
@@ -39,6 +41,8 @@ __all__ = [
     "SaveInfo",
     "TensorInfo",
     "VerifyReport",
+    "convert",
+    "delete",
     "inspect",
     "load",
     "save",
@@ -56,7 +60,12 @@ MapLocation: TypeAlias = (
 
 @dataclass(frozen=True)
 class SaveInfo:
-    """What :func:`save` wrote."""
+    """What :func:`save` wrote.
+
+    ``stored_bytes`` counts the bytes this save wrote: its files, plus the new
+    objects it added to a shared store (``delta``), so an incremental save
+    reports only what it added. ``files`` are the files inside the checkpoint.
+    """
 
     path: str
     backend: str
@@ -84,7 +93,12 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A checkpoint's manifest, summarised; no tensor data is read."""
+    """A checkpoint's manifest, summarised; no tensor data is read.
+
+    ``files`` are the files inside the checkpoint directory; ``store_bytes`` the
+    bytes it reaches in a shared object store (``delta``; objects other
+    checkpoints may share); ``stored_bytes`` the sum of both.
+    """
 
     path: str
     backend: str
@@ -97,6 +111,7 @@ class CheckpointInfo:
     files: tuple[mf.FileRecord, ...]
     raw_bytes: int
     stored_bytes: int
+    store_bytes: int
     metadata: Any
 
 
@@ -171,6 +186,23 @@ def save(
     flat = tree.flatten(state)
     manifest_metadata = tree.encode_plain(dict(metadata), root="metadata") if metadata else None
     records = tuple(_record(leaf) for leaf in flat.tensors)
+    return _write(
+        flat, records, manifest_metadata, path, backend, impl, overwrite=overwrite, start=start
+    )
+
+
+def _write(
+    flat: tree.FlatState,
+    records: tuple[mf.TensorRecord, ...],
+    metadata: Any,
+    path: PathLike,
+    backend: str,
+    impl: Backend,
+    *,
+    overwrite: bool,
+    start: float,
+) -> SaveInfo:
+    """Write a flattened state with ``impl`` and commit it: the part of a save after flattening."""
     with CheckpointWriter(path, overwrite=overwrite) as writer:
         try:
             payload = impl.write(flat, writer)
@@ -183,7 +215,7 @@ def save(
                 tensors=records,
                 files=files,
                 payload=payload,
-                metadata=manifest_metadata,
+                metadata=metadata,
                 created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 library_version=__version__,
                 torch_version=torch.__version__,
@@ -202,7 +234,7 @@ def save(
         backend=backend,
         tensors=len(records),
         raw_bytes=sum(r.nbytes for r in records),
-        stored_bytes=sum(f.size for f in files),
+        stored_bytes=sum(f.size for f in files) + writer.external_bytes,
         files=tuple(f.path for f in files),
         seconds=time.perf_counter() - start,
     )
@@ -320,6 +352,7 @@ def inspect(path: PathLike) -> CheckpointInfo:
     """Summarise a checkpoint from its manifest, without reading tensor data."""
     reader, manifest, impl = _open(path)
     layouts = impl.describe(manifest)
+    store_bytes = impl.external_bytes(manifest)
     keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
     tensors = tuple(
         TensorInfo(
@@ -346,7 +379,8 @@ def inspect(path: PathLike) -> CheckpointInfo:
         tensors=tensors,
         files=manifest.files,
         raw_bytes=sum(t.nbytes for t in tensors),
-        stored_bytes=sum(f.size for f in manifest.files),
+        stored_bytes=sum(f.size for f in manifest.files) + store_bytes,
+        store_bytes=store_bytes,
         metadata=tree.rebuild(manifest.metadata, []) if manifest.metadata is not None else None,
     )
 
@@ -374,6 +408,74 @@ def verify(path: PathLike) -> VerifyReport:
         backend=manifest.backend,
         tensors=len(tensors),
         raw_bytes=sum(r.nbytes for r in manifest.tensors),
-        stored_bytes=sum(f.size for f in manifest.files),
+        stored_bytes=sum(f.size for f in manifest.files) + impl.external_bytes(manifest),
         seconds=time.perf_counter() - start,
     )
+
+
+def convert(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    backend: str = "zstd",
+    overwrite: bool = False,
+    verify: bool = True,
+    **options: Any,
+) -> SaveInfo:
+    """Rewrite the checkpoint ``src`` as ``dst`` with another backend.
+
+    Tensors keep their recorded devices, ``nn.Parameter`` and ``requires_grad``
+    flags, aliasing and metadata; nothing is moved to a device. The main use:
+    turning a ``delta`` checkpoint, whose data lives in its run's object store,
+    into a standalone ``zstd`` or ``torch`` checkpoint that can be shipped alone.
+
+    Args:
+        src: a committed checkpoint (any backend).
+        dst: the new checkpoint directory.
+        backend, overwrite, **options: as for :func:`save`.
+        verify: check every digest of ``src`` while reading it (default).
+
+    Raises:
+        As :func:`load` for ``src`` and :func:`save` for ``dst``.
+    """
+    start = time.perf_counter()
+    impl = _backend(backend)(**options)
+    reader, manifest, src_impl = _open(src)
+    if os.path.realpath(reader.root) == os.path.realpath(dst):
+        raise CheckpointExistsError(
+            dst, "it is the checkpoint being converted; choose another path"
+        )
+    tensors = _read_tensors(reader, manifest, src_impl, verify=verify)
+    keys = tree.key_paths(manifest.skeleton, len(tensors))
+    leaves = tuple(
+        tree.TensorLeaf(t, k, r.parameter)
+        for t, k, r in zip(tensors, keys, manifest.tensors, strict=True)
+    )
+    flat = tree.FlatState(manifest.skeleton, leaves)
+    return _write(
+        flat,
+        manifest.tensors,
+        manifest.metadata,
+        dst,
+        backend,
+        impl,
+        overwrite=overwrite,
+        start=start,
+    )
+
+
+def delete(path: PathLike) -> None:
+    """Delete the checkpoint at ``path``.
+
+    The manifest goes first (durably), so a crash part-way leaves a directory
+    that is no longer a checkpoint rather than a checkpoint with missing files.
+    Objects a ``delta`` checkpoint reached stay in the store until
+    :func:`collect_garbage`; other checkpoints never depend on this directory.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` is not a committed checkpoint.
+    """
+    reader = CheckpointReader(path)
+    os.unlink(reader.manifest_path)
+    fsync_dir(reader.root)
+    shutil.rmtree(reader.root)

@@ -172,4 +172,3 @@ def _decompress(stored: Any, expected: int) -> Any:
 
 
 RAW = Pipeline()
-

@@ -20,6 +20,8 @@ __all__ = [
     "FormatError",
     "IntegrityError",
     "NativeUnavailableError",
+    "StoreBusyError",
+    "StoreNotFoundError",
     "UnknownBackendError",
     "UnsafePathError",
     "UnsupportedFormatVersionError",
@@ -149,6 +151,28 @@ class WriteError(AptckptError, OSError):
         self.path = path
         super().__init__(message)
         self.errno = errno_
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class StoreBusyError(AptckptError, BlockingIOError):
+    """An object store is locked by a save or a garbage collection in progress."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class StoreNotFoundError(AptckptError, FileNotFoundError):
+    """A path given as an object store is not one."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
 
     def __str__(self) -> str:
         return str(self.args[0])

@@ -22,6 +22,7 @@ __all__ = ["available_backends", "get_backend", "register_backend", "registered"
 ENTRY_POINT_GROUP = "aptckpt.backends"
 
 _BUILTINS = {
+    "delta": "aptckpt.backends.delta:DeltaBackend",
     "torch": "aptckpt.backends.torch:TorchBackend",
     "zstd": "aptckpt.backends.zstd:ZstdBackend",
 }

@@ -1,4 +1,4 @@
-"""Chunk machinery shared by the chunked backends (``zstd``, later ``delta``).
+"""Chunk machinery shared by the chunked backends (``zstd``, ``delta``).
 
 A tensor's bytes (contiguous, little-endian, C order) are cut into chunks of
 ``chunk_size`` bytes, the last one shorter. Each chunk is stored as one record
@@ -23,21 +23,23 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
 from aptckpt import _accel, _dtypes, tree
 from aptckpt._config import MAX_CHUNK_SIZE
 from aptckpt.codecs import RAW, CodecError, Pipeline
-from aptckpt.errors import FormatError, IntegrityError
+from aptckpt.errors import BackendError, FormatError, IntegrityError
 from aptckpt.manifest import Manifest
 
 __all__ = [
     "ChunkRecord",
     "check_chunk_size",
+    "check_common_options",
     "chunk_spans",
     "decode_into",
+    "fill_tensors",
     "host_tensor",
     "ordered_map",
     "parse_chunk_table",
@@ -45,6 +47,7 @@ __all__ = [
 
 DIGEST_SIZE = 16
 T = TypeVar("T")
+C = TypeVar("C")
 R = TypeVar("R")
 
 
@@ -68,6 +71,18 @@ def check_chunk_size(value: object, *, where: str | None = None) -> int:
             path=where,
         )
     return value
+
+
+def check_common_options(level: object, chunk_size: object, threads: object) -> None:
+    """Validate the options every chunked backend has; raise ``BackendError``."""
+    if type(level) is not int or not -7 <= level <= 22:
+        raise BackendError(f"zstd level {level!r} must be an int in -7..22")
+    try:
+        check_chunk_size(chunk_size)
+    except FormatError as err:
+        raise BackendError(str(err)) from None
+    if threads is not None and (type(threads) is not int or threads < 1):
+        raise BackendError(f"threads {threads!r} must be a positive int or None")
 
 
 def chunk_spans(nbytes: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -179,12 +194,69 @@ def new_tensors(manifest: Manifest) -> list[torch.Tensor]:
 
 
 @dataclass(frozen=True)
-class _DecodeJob:
+class _Slot(Generic[C]):
     tensor: int
     index: int
-    fd: int
-    chunk: ChunkRecord
+    chunk: C
     out: memoryview
+
+
+def fill_tensors(
+    manifest: Manifest,
+    table: Sequence[Sequence[C]],
+    chunk_size: int,
+    decode: Callable[[C, memoryview], None],
+    locate: Callable[[C], tuple[str, str]],
+    *,
+    threads: int,
+    where: str,
+) -> list[torch.Tensor]:
+    """Fill fresh tensors chunk by chunk, in parallel, collecting every damaged chunk.
+
+    ``decode(chunk, out)`` writes one chunk's raw bytes into ``out`` (verifying
+    them if asked to) and raises ``IntegrityError`` (``CodecError``) or
+    ``EOFError`` for damage. ``locate(chunk)`` gives ``(file, detail)`` for
+    messages: the file it lives in and where in it.
+    """
+    outs = new_tensors(manifest)
+    slots = []
+    for t_index, (out, chunks) in enumerate(zip(outs, table, strict=True)):
+        view = _dtypes.byte_view(out)
+        for c_index, ((start, stop), chunk) in enumerate(
+            zip(chunk_spans(len(view), chunk_size), chunks, strict=True)
+        ):
+            slots.append(_Slot(t_index, c_index, chunk, view[start:stop]))
+
+    def run(slot: _Slot[C]) -> IntegrityError | None:
+        try:
+            decode(slot.chunk, slot.out)
+        except (IntegrityError, EOFError) as err:
+            file, detail = locate(slot.chunk)
+            return IntegrityError(
+                f"checkpoint '{where}' is damaged: tensor #{slot.tensor}, chunk {slot.index} "
+                f"({detail}): {err}",
+                path=where,
+                file=file,
+                tensor=str(slot.tensor),  # replaced by its key path in _named()
+            )
+        return None
+
+    # Collect every damaged chunk rather than stopping at the first, so that
+    # verify() reports all of them.
+    problems = [e for e in ordered_map(run, slots, threads=threads, window=4 * threads + 4) if e]
+    if problems:  # name tensors by key path; computed once, only when something is damaged
+        keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
+        problems = [_named(p, keys) for p in problems]
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more damaged chunk(s))" if len(problems) > 1 else ""
+        raise IntegrityError(
+            f"{first}{more}",
+            path=where,
+            file=first.file,
+            tensor=first.tensor,
+            problems=tuple(str(p) for p in problems),
+        )
+    return outs
 
 
 def decode_into(
@@ -198,51 +270,28 @@ def decode_into(
     threads: int,
     where: str,
 ) -> list[torch.Tensor]:
-    """Read, decode and (optionally) verify every chunk into fresh tensors, in parallel."""
-    outs = new_tensors(manifest)
-    jobs = []
-    for t_index, (out, chunks) in enumerate(zip(outs, table, strict=True)):
-        view = _dtypes.byte_view(out)
-        for c_index, ((start, stop), chunk) in enumerate(
-            zip(chunk_spans(len(view), chunk_size), chunks, strict=True)
-        ):
-            jobs.append(_DecodeJob(t_index, c_index, fds[chunk.file], chunk, view[start:stop]))
+    """Read, decode and (optionally) verify chunks of shard files into fresh tensors."""
 
-    def run(job: _DecodeJob) -> IntegrityError | None:
-        pipeline = pipelines[job.chunk.codec]
-        try:
-            if pipeline.xor:
-                raise CodecError("xor-delta chunks need a base; this backend stores none")
-            if pipeline == RAW:
-                _read_into(job.fd, job.out, job.chunk.offset)
-            else:
-                stored = os.pread(job.fd, job.chunk.length, job.chunk.offset)
-                if verify and _accel.xxh3_128(stored) != job.chunk.stored_digest:
-                    raise CodecError("stored-bytes digest mismatch: the file changed after saving")
-                pipeline.decode(stored, job.out)
-            if verify and _accel.xxh3_128(job.out) != job.chunk.digest:
-                raise CodecError("digest mismatch: the stored bytes changed after saving")
-        except (CodecError, EOFError) as err:
-            return _damage(manifest, job, err, where)
-        return None
+    def decode(chunk: ChunkRecord, out: memoryview) -> None:
+        pipeline = pipelines[chunk.codec]
+        fd = fds[chunk.file]
+        if pipeline.xor:
+            raise CodecError("xor-delta chunks need a base; this backend stores none")
+        if pipeline == RAW:
+            _read_into(fd, out, chunk.offset)
+        else:
+            stored = os.pread(fd, chunk.length, chunk.offset)
+            if verify and _accel.xxh3_128(stored) != chunk.stored_digest:
+                raise CodecError("stored-bytes digest mismatch: the file changed after saving")
+            pipeline.decode(stored, out)
+        if verify and _accel.xxh3_128(out) != chunk.digest:
+            raise CodecError("digest mismatch: the stored bytes changed after saving")
 
-    # Collect every damaged chunk rather than stopping at the first, so that
-    # verify() reports all of them.
-    problems = [e for e in ordered_map(run, jobs, threads=threads, window=4 * threads + 4) if e]
-    if problems:  # name tensors by key path; computed once, only when something is damaged
-        keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
-        problems = [_named(p, keys) for p in problems]
-    if problems:
-        first = problems[0]
-        more = f" (and {len(problems) - 1} more damaged chunk(s))" if len(problems) > 1 else ""
-        raise IntegrityError(
-            f"{first}{more}",
-            path=where,
-            file=first.file,
-            tensor=first.tensor,
-            problems=tuple(str(p) for p in problems),
-        )
-    return outs
+    def locate(chunk: ChunkRecord) -> tuple[str, str]:
+        file = manifest.files[chunk.file].path
+        return file, f"file '{file}', offset {chunk.offset}, {chunk.length} bytes"
+
+    return fill_tensors(manifest, table, chunk_size, decode, locate, threads=threads, where=where)
 
 
 def _read_into(fd: int, out: memoryview, offset: int) -> None:
@@ -259,15 +308,3 @@ def _named(problem: IntegrityError, keys: list[str]) -> IntegrityError:
     key = keys[index]
     message = str(problem).replace(f"tensor #{index},", f"tensor {key},", 1)
     return IntegrityError(message, path=problem.path, file=problem.file, tensor=key)
-
-
-def _damage(manifest: Manifest, job: _DecodeJob, err: Exception, where: str) -> IntegrityError:
-    key = str(job.tensor)  # replaced by its key path in _named()
-    file = manifest.files[job.chunk.file].path
-    return IntegrityError(
-        f"checkpoint '{where}' is damaged: tensor #{key}, chunk {job.index} "
-        f"(file '{file}', offset {job.chunk.offset}, {job.chunk.length} bytes): {err}",
-        path=where,
-        file=file,
-        tensor=key,
-    )

@@ -117,6 +117,11 @@ class Backend(ABC):
         """How each tensor is stored, from the manifest alone (no data read)."""
         return [TensorLayout(None, (), 0) for _ in manifest.tensors]
 
+    def external_bytes(self, manifest: Manifest) -> int:
+        """Bytes this checkpoint reaches outside its own directory (a shared object
+        store), from the manifest alone; 0 for a self-contained checkpoint."""
+        return 0
+
     def options_record(self) -> Mapping[str, Any]:
         """The options written to the manifest."""
         return self.options.record()

@@ -67,16 +67,9 @@ class ZstdOptions(BackendOptions):
     def validate(self) -> None:
         if self.codec not in _CODECS:
             raise BackendError(f"codec {self.codec!r} is not one of {', '.join(_CODECS)}")
-        if type(self.level) is not int or not -7 <= self.level <= 22:
-            raise BackendError(f"zstd level {self.level!r} must be an int in -7..22")
-        try:
-            _chunks.check_chunk_size(self.chunk_size)
-        except FormatError as err:
-            raise BackendError(str(err)) from None
+        _chunks.check_common_options(self.level, self.chunk_size, self.threads)
         if type(self.shard_size) is not int or self.shard_size < 1:
             raise BackendError(f"shard_size {self.shard_size!r} must be a positive int")
-        if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
-            raise BackendError(f"threads {self.threads!r} must be a positive int or None")
 
 
 @dataclass(frozen=True)

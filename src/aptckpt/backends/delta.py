@@ -1,0 +1,670 @@
+"""``delta`` backend: chunks shared through a run-wide object store; a save writes what changed.
+
+Tensors are cut into the same chunks as the ``zstd`` backend. Every chunk is an
+*object* in an :class:`~aptckpt.objectstore.ObjectStore` that the checkpoints of
+a run share (by default ``aptckpt-store`` next to the checkpoint). A save:
+
+1. hashes every chunk in parallel (XXH3-128, in the native core);
+2. reuses the object of every chunk whose digest the *base* checkpoint (by
+   default the newest one using the store) already reaches: an unchanged tensor
+   costs only its manifest entry;
+3. encodes each changed chunk as an xor-delta against the same chunk of the
+   base (then byte-shuffled and zstd-compressed) when that is smaller than
+   compressing it alone, and writes the new objects in parallel;
+4. every ``keyframe_every``-th save is a *keyframe*: it reaches no delta object,
+   so chains stay shorter than ``keyframe_every`` and older deltas become
+   garbage once the checkpoints before the keyframe are deleted.
+
+The checkpoint directory holds only its manifest. Its payload lists every
+object it reaches, delta bases included, so each manifest stands alone given
+the store, and garbage collection (:func:`collect_garbage`) is reachability
+from the committed manifests: an object reached by no manifest is removed;
+deleting one checkpoint never breaks another.
+
+Payload (manifest ``payload``)::
+
+    {"chunk_size": int,
+     "store": {"up": int, "name": str},     # the store is <checkpoint>/..(up times)/<name>
+     "keyframe_every": int, "since_keyframe": int,   # 0: this save is a keyframe
+     "base": str | nil,                      # informational: the base, relative to the store's dir
+     "codecs": [pipeline, ...],
+     "objects": [[name, size, raw_size, codec, digest, base], ...],
+     "chunks": [[object index, ...] per tensor]}
+
+An object row: ``name`` is the XXH3-128 of its stored bytes (and its file name),
+``size`` their length, ``raw_size`` and ``digest`` the length and XXH3-128 of the
+chunk it decodes to, ``codec`` an index into ``codecs``, ``base`` the index of
+an *earlier* row it is xor-encoded against (nil for a whole object). Loading
+decodes each chunk's chain -- the whole object, then each xor residual xored in
+place -- on a thread pool, every chunk in parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from aptckpt import _accel, _config, _dtypes, objectstore, tree
+from aptckpt._atomic import CheckpointReader, CheckpointWriter
+from aptckpt.backends import _chunks
+from aptckpt.backends.base import Backend, BackendOptions, TensorLayout
+from aptckpt.codecs import RAW, CodecError, Pipeline
+from aptckpt.errors import (
+    AptckptError,
+    BackendError,
+    CheckpointNotFoundError,
+    FormatError,
+    IntegrityError,
+    StoreNotFoundError,
+)
+from aptckpt.manifest import Manifest, TensorRecord, check_relative_path
+from aptckpt.objectstore import ObjectStore
+from aptckpt.tree import FlatState
+
+__all__ = [
+    "DeltaBackend",
+    "DeltaOptions",
+    "GarbageReport",
+    "StoredObject",
+    "collect_garbage",
+    "find_store",
+    "parse_payload",
+]
+
+log = logging.getLogger("aptckpt")
+
+#: Longest xor chain a reader accepts (a writer keeps it below ``keyframe_every``).
+MAX_CHAIN = 256
+_DIGEST = 16
+
+
+@dataclass(frozen=True)
+class DeltaOptions(BackendOptions):
+    """Options of the ``delta`` backend.
+
+    Attributes:
+        level: zstd compression level (-7..22).
+        chunk_size: bytes per chunk, a multiple of 16; deltas need the same
+            chunk size as their base.
+        keyframe_every: every this many saves (counted along the base chain)
+            one is a keyframe that reaches no delta; chains stay shorter than
+            this. 1 disables xor-deltas (unchanged chunks are still shared).
+        store: the object store directory; it must sit next to the checkpoint
+            or next to one of its parent directories. Default: ``aptckpt-store``
+            next to the checkpoint.
+        base: the checkpoint to delta against, which must use the same store.
+            Default: the newest checkpoint (by manifest time) using the store.
+        threads: worker threads (default: ``APTCKPT_THREADS`` or the CPU count).
+    """
+
+    level: int = _config.DEFAULT_ZSTD_LEVEL
+    chunk_size: int = _config.DEFAULT_CHUNK_SIZE
+    keyframe_every: int = _config.DEFAULT_KEYFRAME_EVERY
+    store: str | os.PathLike[str] | None = field(default=None, metadata={"record": False})
+    base: str | os.PathLike[str] | None = field(default=None, metadata={"record": False})
+    threads: int | None = field(default=None, metadata={"record": False})
+
+    def validate(self) -> None:
+        _chunks.check_common_options(self.level, self.chunk_size, self.threads)
+        if type(self.keyframe_every) is not int or not 1 <= self.keyframe_every <= MAX_CHAIN:
+            raise BackendError(
+                f"keyframe_every {self.keyframe_every!r} must be an int in 1..{MAX_CHAIN}"
+            )
+        for name in ("store", "base"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise BackendError(f"{name} must be a path or None, got {value!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class StoredObject:
+    """One object of the store, as a manifest describes it (compared by identity)."""
+
+    name: bytes
+    size: int
+    raw_size: int
+    pipeline: Pipeline
+    digest: bytes
+    base: StoredObject | None = None
+
+    @property
+    def depth(self) -> int:
+        """Number of xor links below this object (0: a whole object)."""
+        depth, link = 0, self.base
+        while link is not None:
+            depth, link = depth + 1, link.base
+        return depth
+
+    def chain(self) -> list[StoredObject]:
+        """The whole object first, then each delta up to this one."""
+        links: list[StoredObject] = []
+        link: StoredObject | None = self
+        while link is not None:
+            links.append(link)
+            link = link.base
+        return links[::-1]
+
+
+@dataclass(frozen=True)
+class DeltaPayload:
+    """A parsed, validated ``delta`` payload."""
+
+    chunk_size: int
+    store_up: int
+    store_name: str
+    keyframe_every: int
+    since_keyframe: int
+    base: str | None
+    objects: tuple[StoredObject, ...]
+    chunks: tuple[tuple[StoredObject, ...], ...]
+
+    def store_root(self, checkpoint: Path, where: str) -> Path:
+        return objectstore.resolve_location(checkpoint, self.store_up, self.store_name, where=where)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _row_object(
+    row: object, index: int, objects: list[StoredObject], pipelines: Sequence[Pipeline], where: str
+) -> StoredObject:
+    def bad(why: str) -> FormatError:
+        return FormatError(f"delta object {index} {row!r}: {why}", path=where)
+
+    if not (isinstance(row, list) and len(row) == 6):
+        raise bad("is not a 6-item list")
+    name, size, raw_size, codec, digest, base = row
+    if not (isinstance(name, bytes) and len(name) == _DIGEST):
+        raise bad("name is not a 16-byte digest")
+    if not (isinstance(digest, bytes) and len(digest) == _DIGEST):
+        raise bad("digest is not a 16-byte digest")
+    if not all(type(v) is int and v >= 0 for v in (size, raw_size, codec)):
+        raise bad("size, raw_size and codec must be non-negative ints")
+    if codec >= len(pipelines):
+        raise bad("names a missing codec")
+    pipeline = pipelines[codec]
+    base_obj = None
+    if base is not None:
+        if type(base) is not int or not 0 <= base < index:
+            raise bad("base must be the index of an earlier object")
+        base_obj = objects[base]
+        if base_obj.raw_size != raw_size:
+            raise bad(f"its base decodes to {base_obj.raw_size} bytes, it to {raw_size}")
+    if pipeline.xor != (base_obj is not None):
+        raise bad("an object has a base exactly when its codec starts with xor")
+    if size > raw_size or (not pipeline.zstd and size != raw_size):
+        raise bad("stored size does not fit its codec and raw size")
+    if pipeline == RAW and name != digest:
+        raise bad("a raw object's name must be its digest")
+    obj = StoredObject(name, size, raw_size, pipeline, digest, base_obj)
+    if base_obj is not None and obj.depth > MAX_CHAIN:
+        raise bad(f"its xor chain is longer than {MAX_CHAIN}")
+    return obj
+
+
+def parse_payload(manifest: Manifest, where: str) -> DeltaPayload:
+    """Validate a ``delta`` payload against its manifest; every number is checked."""
+    p = manifest.payload
+    if not isinstance(p, dict):
+        raise FormatError("delta payload is not a map", path=where)
+    chunk_size = _chunks.check_chunk_size(p.get("chunk_size"), where=where)
+    store = p.get("store")
+    if not isinstance(store, dict):
+        raise FormatError("delta payload names no store", path=where)
+    up, name = store.get("up"), store.get("name")
+    if type(up) is not int or not 1 <= up <= objectstore.MAX_STORE_DEPTH:
+        raise FormatError(f"store location 'up' = {up!r} is out of range", path=where)
+    check_relative_path(name, where=where)
+    assert isinstance(name, str)
+    every, since = p.get("keyframe_every"), p.get("since_keyframe")
+    if type(every) is not int or not 1 <= every <= MAX_CHAIN:
+        raise FormatError(f"keyframe_every {every!r} is out of range", path=where)
+    if type(since) is not int or not 0 <= since < every:
+        raise FormatError(f"since_keyframe {since!r} is out of range", path=where)
+    base = p.get("base")
+    if base is not None:
+        check_relative_path(base, where=where)
+    codecs = p.get("codecs")
+    if not isinstance(codecs, list) or not codecs:
+        raise FormatError("delta payload has no codec table", path=where)
+    pipelines = [Pipeline.from_record(c, where=where) for c in codecs]
+    rows = p.get("objects")
+    if not isinstance(rows, list):
+        raise FormatError("delta payload has no object table", path=where)
+    objects: list[StoredObject] = []
+    for index, row in enumerate(rows):
+        objects.append(_row_object(row, index, objects, pipelines, where))
+    raw_chunks = p.get("chunks")
+    if not isinstance(raw_chunks, list) or len(raw_chunks) != len(manifest.tensors):
+        raise FormatError("payload has no chunk list for every tensor", path=where)
+    chunks = []
+    for t_index, (record, refs) in enumerate(zip(manifest.tensors, raw_chunks, strict=True)):
+        spans = _chunks.chunk_spans(record.nbytes, chunk_size)
+        if not isinstance(refs, list) or len(refs) != len(spans):
+            raise FormatError(f"tensor {t_index} needs {len(spans)} chunks", path=where)
+        row = []
+        for (start, stop), ref in zip(spans, refs, strict=True):
+            if type(ref) is not int or not 0 <= ref < len(objects):
+                raise FormatError(f"tensor {t_index} names missing object {ref!r}", path=where)
+            if objects[ref].raw_size != stop - start:
+                raise FormatError(
+                    f"tensor {t_index}: object {ref} decodes to {objects[ref].raw_size} bytes, "
+                    f"its chunk is {stop - start}",
+                    path=where,
+                )
+            row.append(objects[ref])
+        chunks.append(tuple(row))
+    return DeltaPayload(chunk_size, up, name, every, since, base, tuple(objects), tuple(chunks))
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def decode_chain(store: ObjectStore, obj: StoredObject, out: memoryview, *, verify: bool) -> None:
+    """Decode ``obj`` into ``out``: its whole object, then each xor residual xored in place."""
+    for link in obj.chain():
+        if link.pipeline == RAW:
+            store.read_into(link.name, out)
+            stored_ok = not verify or _accel.xxh3_128(out) == link.name
+        else:
+            stored = store.read(link.name, link.size)
+            stored_ok = not verify or _accel.xxh3_128(stored) == link.name
+            if stored_ok:
+                link.pipeline.decode(stored, out, base=out if link.pipeline.xor else None)
+        if not stored_ok:
+            raise CodecError(
+                f"object '{store.label(link.name)}' does not match its name: "
+                "it changed after saving"
+            )
+    if verify and _accel.xxh3_128(out) != obj.digest:
+        raise CodecError("digest mismatch: the stored bytes changed after saving")
+
+
+class _BaseScratch(threading.local):
+    """Per-thread buffer for the previous version of a chunk."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def get(self, size: int) -> memoryview:
+        if len(self.buffer) < size:
+            self.buffer = bytearray(size)
+        return memoryview(self.buffer)[:size]
+
+
+_base_scratch = _BaseScratch()
+
+
+# ------------------------------------------------------------------ writing
+
+
+@dataclass(frozen=True)
+class _Base:
+    """The checkpoint a save deltas against."""
+
+    path: Path
+    payload: DeltaPayload
+    by_key: dict[str, tuple[TensorRecord, tuple[StoredObject, ...]]]
+
+
+@dataclass(frozen=True)
+class _Job:
+    data: memoryview
+    itemsize: int
+    digest: bytes
+    prev: StoredObject | None  # the same chunk in the base, to xor against
+
+
+class DeltaBackend(Backend):
+    """Incremental, content-addressed; see the module docstring."""
+
+    name: ClassVar[str] = "delta"
+    Options = DeltaOptions
+    options: DeltaOptions
+
+    @property
+    def _threads(self) -> int:
+        return self.options.threads or _config.threads()
+
+    def write(self, flat: FlatState, writer: CheckpointWriter) -> Any:
+        opts = self.options
+        root = Path(
+            os.path.abspath(opts.store or writer.final.parent / objectstore.DEFAULT_STORE_NAME)
+        )
+        up, name = objectstore.location_of(root, writer.final)
+        store = ObjectStore.create(root)
+        writer.hold(store.lock(exclusive=False))
+        base = self._find_base(store)
+        since = 0 if base is None else base.payload.since_keyframe + 1
+        if since >= opts.keyframe_every:
+            since = 0
+        hosts = [_chunks.host_tensor(leaf.tensor) for leaf in flat.tensors]
+        views = [_dtypes.byte_view(h) for h in hosts]
+        digests = _accel.hash_chunks_many(views, opts.chunk_size, self._threads)
+        planner = _Planner(store, base, keyframe=since == 0, opts=opts)
+        for leaf, host, view, packed in zip(flat.tensors, hosts, views, digests, strict=True):
+            planner.add_tensor(leaf.key_path, host.element_size(), view, packed)
+        written = 0
+        results = _chunks.ordered_map(
+            lambda job: self._encode(store, job), planner.jobs, threads=self._threads
+        )
+        new_objects = []
+        for obj, nbytes in results:
+            new_objects.append(obj)
+            written += nbytes
+        store.sync()
+        writer.external_bytes += written
+        chunks = planner.resolve(new_objects)
+        return self._payload(
+            up, name, since, base.path.relative_to(store.root.parent) if base else None, chunks
+        )
+
+    def _payload(
+        self,
+        up: int,
+        name: str,
+        since: int,
+        base: Path | None,
+        chunks: list[list[StoredObject]],
+    ) -> dict[str, Any]:
+        pipelines: dict[Pipeline, int] = {}
+        index: dict[StoredObject, int] = {}
+        rows: list[list[Any]] = []
+
+        def add(obj: StoredObject) -> int:
+            if obj in index:
+                return index[obj]
+            base_index = add(obj.base) if obj.base is not None else None
+            codec = pipelines.setdefault(obj.pipeline, len(pipelines))
+            index[obj] = len(rows)
+            rows.append([obj.name, obj.size, obj.raw_size, codec, obj.digest, base_index])
+            return index[obj]
+
+        refs = [[add(obj) for obj in tensor] for tensor in chunks]
+        return {
+            "chunk_size": self.options.chunk_size,
+            "store": {"up": up, "name": name},
+            "keyframe_every": self.options.keyframe_every,
+            "since_keyframe": since,
+            "base": base.as_posix() if base is not None else None,
+            "codecs": [p.to_record() for p in pipelines] or [RAW.to_record()],
+            "objects": rows,
+            "chunks": refs,
+        }
+
+    def _find_base(self, store: ObjectStore) -> _Base | None:
+        if self.options.base is not None:
+            path = Path(os.path.abspath(self.options.base))
+            base = _read_base(path, store)
+            if base is None:
+                raise BackendError(
+                    f"base '{path}' is not a delta checkpoint using the store '{store.root}'; "
+                    "pass a checkpoint saved with backend='delta' and the same store"
+                )
+            return base
+        candidates = []
+        for path in objectstore.find_checkpoints(store.root.parent, skip=store.root):
+            try:
+                candidates.append((os.stat(path / "manifest.msgpack").st_mtime_ns, str(path)))
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+        for _, candidate in sorted(candidates, reverse=True):
+            try:
+                base = _read_base(Path(candidate), store)
+            except (AptckptError, OSError) as err:
+                log.warning("not using '%s' as a delta base: %s", candidate, err)
+                continue
+            if base is not None:
+                return base
+        return None
+
+    def _encode(self, store: ObjectStore, job: _Job) -> tuple[StoredObject, int]:
+        raw, level = job.data, self.options.level
+        shuffle = job.itemsize if job.itemsize > 1 else 0
+        best: tuple[Pipeline, Any, StoredObject | None] | None = None
+        predicted_whole = len(raw)
+        if job.prev is not None:
+            previous = _base_scratch.get(len(raw))
+            try:
+                decode_chain(store, job.prev, previous, verify=True)
+            except (IntegrityError, EOFError, OSError) as err:
+                log.warning(
+                    "cannot read the previous version of a chunk, storing it whole: %s", err
+                )
+            else:
+                pipeline = Pipeline(xor=True, shuffle=shuffle, zstd=True)
+                best = (pipeline, pipeline.encode(raw, level=level, base=previous), job.prev)
+                root = job.prev.chain()[0]
+                predicted_whole = root.size * len(raw) // max(1, root.raw_size)
+        if best is None or len(best[1]) >= predicted_whole:
+            # No base, or the delta may not beat compressing the chunk alone (predicted
+            # from how well the chunk's last whole version compressed): try that too.
+            pipeline = Pipeline(shuffle=shuffle, zstd=True)
+            whole = pipeline.encode(raw, level=level)
+            if best is None or len(whole) < len(best[1]):
+                best = (pipeline, whole, None)
+        if len(best[1]) >= len(raw):
+            best = (RAW, raw, None)
+        pipeline, stored, base = best
+        name = job.digest if pipeline == RAW else _accel.xxh3_128(stored)
+        written = store.put(name, stored)
+        return StoredObject(name, len(stored), len(raw), pipeline, job.digest, base), written
+
+    # ------------------------------------------------------------------- read
+
+    def read(
+        self, reader: CheckpointReader, manifest: Manifest, *, verify: bool = True
+    ) -> list[torch.Tensor]:
+        where = str(reader.root)
+        payload = parse_payload(manifest, where)
+        store = ObjectStore.open(payload.store_root(reader.root, where), where=where)
+
+        def decode(obj: StoredObject, out: memoryview) -> None:
+            decode_chain(store, obj, out, verify=verify)
+
+        def locate(obj: StoredObject) -> tuple[str, str]:
+            label = store.label(obj.name)
+            chain = f", xor chain of {obj.depth + 1} objects" if obj.base is not None else ""
+            return label, f"object '{label}'{chain}"
+
+        return _chunks.fill_tensors(
+            manifest,
+            payload.chunks,
+            payload.chunk_size,
+            decode,
+            locate,
+            threads=self._threads,
+            where=where,
+        )
+
+    def describe(self, manifest: Manifest) -> list[TensorLayout]:
+        payload = parse_payload(manifest, "manifest")
+        return [
+            TensorLayout(
+                stored_bytes=sum(o.size for o in chunks),
+                codecs=tuple(sorted({o.pipeline.describe() for o in chunks})),
+                chunks=len(chunks),
+            )
+            for chunks in payload.chunks
+        ]
+
+    def external_bytes(self, manifest: Manifest) -> int:
+        payload = parse_payload(manifest, "manifest")
+        return sum({o.name: o.size for o in payload.objects}.values())
+
+
+def _read_base(path: Path, store: ObjectStore) -> _Base | None:
+    """The delta checkpoint at ``path`` if it uses ``store``, else None."""
+    reader = CheckpointReader(path)
+    manifest = reader.read_manifest()
+    if manifest.backend != DeltaBackend.name:
+        return None
+    where = str(reader.root)
+    payload = parse_payload(manifest, where)
+    if os.path.realpath(payload.store_root(reader.root, where)) != os.path.realpath(store.root):
+        return None
+    keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
+    by_key = dict(zip(keys, zip(manifest.tensors, payload.chunks, strict=True), strict=True))
+    return _Base(Path(os.path.realpath(reader.root)), payload, by_key)
+
+
+class _Planner:
+    """Decides, chunk by chunk, which object to reuse and what to encode."""
+
+    def __init__(
+        self, store: ObjectStore, base: _Base | None, *, keyframe: bool, opts: DeltaOptions
+    ) -> None:
+        self.store, self.base, self.keyframe, self.opts = store, base, keyframe, opts
+        # Objects that may be reused by digest (a digest names the exact bytes, so
+        # the base's chunk size does not matter). A keyframe reuses no delta.
+        self.known: dict[bytes, StoredObject] = {}
+        for obj in base.payload.objects if base is not None else ():
+            if keyframe and obj.base is not None:
+                continue
+            seen = self.known.get(obj.digest)
+            if seen is None or obj.depth < seen.depth:
+                self.known[obj.digest] = obj
+        self._present: dict[StoredObject, bool] = {}
+        self.jobs: list[_Job] = []
+        self._pending: dict[bytes, int] = {}
+        #: per tensor, per chunk: a reused object or the index of a job
+        self.slots: list[list[StoredObject | int]] = []
+
+    def _in_store(self, obj: StoredObject) -> bool:
+        present = self._present.get(obj)
+        if present is None:
+            present = self.store.exists(obj.name, obj.size) and (
+                obj.base is None or self._in_store(obj.base)
+            )
+            self._present[obj] = present
+        return present
+
+    def add_tensor(self, key: str, itemsize: int, view: memoryview, packed: bytes) -> None:
+        previous = self._previous(key, len(view))
+        row: list[StoredObject | int] = []
+        spans = _chunks.chunk_spans(len(view), self.opts.chunk_size)
+        for c_index, (start, stop) in enumerate(spans):
+            digest = packed[c_index * _DIGEST : (c_index + 1) * _DIGEST]
+            known = self.known.get(digest)
+            if known is not None and self._in_store(known):
+                row.append(known)
+                continue
+            if digest not in self._pending:
+                prev = previous[c_index] if previous is not None else None
+                if prev is not None and not (
+                    prev.raw_size == stop - start
+                    and prev.depth + 1 < self.opts.keyframe_every
+                    and self._in_store(prev)
+                ):
+                    prev = None
+                self._pending[digest] = len(self.jobs)
+                self.jobs.append(_Job(view[start:stop], itemsize, digest, prev))
+            row.append(self._pending[digest])
+        self.slots.append(row)
+
+    def _previous(self, key: str, nbytes: int) -> tuple[StoredObject, ...] | None:
+        """The base's chunks of the tensor at ``key``, if xor-deltas against them may be made."""
+        if self.keyframe or self.base is None:
+            return None
+        if self.base.payload.chunk_size != self.opts.chunk_size:
+            return None
+        found = self.base.by_key.get(key)
+        if found is None or found[0].nbytes != nbytes:
+            return None
+        return found[1]
+
+    def resolve(self, new: Sequence[StoredObject]) -> list[list[StoredObject]]:
+        return [[new[s] if isinstance(s, int) else s for s in row] for row in self.slots]
+
+
+# -------------------------------------------------------- garbage collection
+
+
+@dataclass(frozen=True)
+class GarbageReport:
+    """What :func:`collect_garbage` found and did."""
+
+    store: str
+    checkpoints: int
+    kept_objects: int
+    kept_bytes: int
+    removed_objects: int
+    removed_bytes: int
+    dry_run: bool
+
+
+def find_store(path: str | os.PathLike[str]) -> ObjectStore:
+    """The store at ``path``, or in ``path/aptckpt-store`` (a run directory)."""
+    for candidate in (Path(path), Path(path) / objectstore.DEFAULT_STORE_NAME):
+        if objectstore.is_store(candidate):
+            return ObjectStore.open(candidate)
+    inside = Path(path) / objectstore.DEFAULT_STORE_NAME
+    raise StoreNotFoundError(
+        f"no object store at '{path}': neither it nor '{inside}' "
+        "holds a STORE marker; pass the store directory or the run directory that contains it",
+        path=os.fspath(path),
+    )
+
+
+def collect_garbage(
+    path: str | os.PathLike[str], *, dry_run: bool = False, wait: bool = True
+) -> GarbageReport:
+    """Remove the objects of a store that no committed delta checkpoint reaches.
+
+    The checkpoints using the store are found beneath the store's directory.
+    Holds the store's lock exclusively, so no save is in flight meanwhile.
+
+    Raises:
+        StoreNotFoundError: ``path`` is not a store or a directory holding one.
+        StoreBusyError: ``wait=False`` and a save holds the store.
+        FormatError: a checkpoint's manifest cannot be read; nothing is removed,
+            since the objects that checkpoint reaches are unknown.
+    """
+    store = find_store(path)
+    reachable: set[bytes] = set()
+    checkpoints = 0
+    with store.lock(exclusive=True, wait=wait):
+        for ckpt in objectstore.find_checkpoints(store.root.parent, skip=store.root):
+            where = str(ckpt)
+            try:
+                manifest = CheckpointReader(ckpt).read_manifest()
+                if manifest.backend != DeltaBackend.name:
+                    continue
+                payload = parse_payload(manifest, where)
+                root = payload.store_root(ckpt, where)
+            except CheckpointNotFoundError:
+                continue  # deleted while we looked
+            except (FormatError, IntegrityError) as err:
+                raise FormatError(
+                    f"cannot read checkpoint '{ckpt}' ({err}); garbage collection removed "
+                    "nothing, since it cannot tell which objects that checkpoint reaches. "
+                    "Repair or delete it, then collect again",
+                    path=where,
+                ) from err
+            if os.path.realpath(root) != os.path.realpath(store.root):
+                continue
+            checkpoints += 1
+            reachable.update(o.name for o in payload.objects)
+        kept = kept_bytes = removed = removed_bytes = 0
+        for name, file, size in list(store.names()):
+            if name in reachable:
+                kept, kept_bytes = kept + 1, kept_bytes + size
+                continue
+            if not dry_run:
+                file.unlink(missing_ok=True)
+            removed, removed_bytes = removed + 1, removed_bytes + size
+        if not dry_run:
+            store.clear_tmp()
+            store.remove_empty_fanouts()
+    report = GarbageReport(
+        str(store.root), checkpoints, kept, kept_bytes, removed, removed_bytes, dry_run
+    )
+    log.info("collected garbage in %s: %s", store.root, report)
+    return report

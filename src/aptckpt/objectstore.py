@@ -1,0 +1,399 @@
+"""The content-addressed object store shared by the ``delta`` checkpoints of a run.
+
+Layout (a directory inside the run directory, by default ``aptckpt-store``)::
+
+    aptckpt-store/
+      STORE                 marker: msgpack {"format": "aptckpt-store", "version": 1}
+      LOCK                  flock target: saves hold it shared, garbage collection exclusive
+      objects/3f/a1c0...    one file per object, named by the XXH3-128 of its bytes (hex)
+      tmp/                  objects being written (renamed into objects/ once durable)
+
+An object is the stored bytes of one chunk. Its name is the digest of exactly
+those bytes, so a file in ``objects/`` is immutable and self-verifying: two
+writers of one name write the same bytes, and ``fsck`` needs no manifest. What
+the bytes mean (codec, the object it is an xor-delta against) is recorded in the
+manifests that reach it, never in the object.
+
+Durability: an object is written to ``tmp/``, fsynced, then renamed to its
+name; the directories that gained names are fsynced by :meth:`ObjectStore.sync`
+before the manifest that needs them is written. So a name in ``objects/`` always
+holds complete bytes, and a crash leaves at worst unreferenced objects, which
+garbage collection removes.
+
+Concurrency: a save holds the store's lock *shared* from before it decides
+which objects already exist until its manifest is committed; garbage collection
+holds it *exclusive*. So collection never removes an object a save in flight is
+counting on. Loads take no lock: they only read objects reached from committed
+manifests, which collection never removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+
+from aptckpt._atomic import fsync_dir, is_checkpoint, is_temporary, open_regular
+from aptckpt.errors import FormatError, IntegrityError, StoreBusyError, UnsafePathError
+from aptckpt.manifest import check_relative_path
+
+__all__ = [
+    "DEFAULT_STORE_NAME",
+    "MAX_STORE_DEPTH",
+    "ObjectStore",
+    "find_checkpoints",
+    "is_store",
+    "location_of",
+    "resolve_location",
+]
+
+DEFAULT_STORE_NAME = "aptckpt-store"
+STORE_FORMAT = "aptckpt-store"
+STORE_VERSION = 1
+_MARKER = "STORE"
+_LOCK = "LOCK"
+_NAME_BYTES = 16
+_MAX_MARKER_BYTES = 4096
+#: How far below its store's directory a checkpoint may be.
+MAX_STORE_DEPTH = 16
+
+
+def is_store(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is an object store (it holds a ``STORE`` marker)."""
+    return os.path.isfile(os.path.join(path, _MARKER))
+
+
+def _hex_name(name: bytes) -> str:
+    if len(name) != _NAME_BYTES:
+        raise ValueError(f"object names are {_NAME_BYTES} bytes, got {len(name)}")
+    return name.hex()
+
+
+class ObjectStore:
+    """One object store directory; see the module docstring.
+
+    Thread-safe for :meth:`put`, :meth:`read_into` and :meth:`exists` from many
+    threads at once.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.objects = root / "objects"
+        self._tmp = root / "tmp"
+        self._touched: set[Path] = set()
+
+    # ------------------------------------------------------------ open/create
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str], *, where: str | None = None) -> ObjectStore:
+        """Open an existing store; ``where`` names the checkpoint that needs it."""
+        path = Path(os.path.abspath(root))
+        need = f" (needed by checkpoint '{where}')" if where else ""
+        if not path.is_dir():
+            raise IntegrityError(
+                f"object store '{path}' does not exist{need}. A delta checkpoint keeps its data in "
+                "its run's store: copy the whole run directory, or make a standalone copy with "
+                "aptckpt.convert() before moving a single checkpoint",
+                path=where or str(path),
+            )
+        store = cls(path)
+        store._check_marker()
+        return store
+
+    @classmethod
+    def create(cls, root: str | os.PathLike[str]) -> ObjectStore:
+        """Open the store at ``root``, creating it (durably) if it does not exist.
+
+        Raises:
+            FormatError: ``root`` exists, is not empty and is not a store.
+        """
+        path = Path(os.path.abspath(root))
+        if is_store(path):
+            store = cls(path)
+            store._check_marker()
+            store.objects.mkdir(exist_ok=True)
+            store._tmp.mkdir(exist_ok=True)
+            return store
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise FormatError(
+                f"'{path}' exists and is not an aptckpt object store; pass store= another "
+                "directory for delta checkpoints (or move that one away)",
+                path=str(path),
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        store = cls(path)
+        store.objects.mkdir(exist_ok=True)
+        store._tmp.mkdir(exist_ok=True)
+        (path / _LOCK).touch()
+        marker = msgpack.packb({"format": STORE_FORMAT, "version": STORE_VERSION})
+        tmp = path / f".{_MARKER}.{os.getpid()}-{secrets.token_hex(4)}"
+        with open(tmp, "wb") as f:
+            f.write(marker)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path / _MARKER)  # two racing creators write the same marker
+        fsync_dir(path)
+        fsync_dir(path.parent)
+        return store
+
+    def _check_marker(self) -> None:
+        fd = open_regular(self.root / _MARKER, _MARKER, self.root)
+        try:
+            data = os.read(fd, _MAX_MARKER_BYTES + 1)
+        finally:
+            os.close(fd)
+        try:
+            doc = msgpack.unpackb(data) if len(data) <= _MAX_MARKER_BYTES else None
+        except Exception:  # msgpack raises many unrelated types for bad input
+            doc = None
+        if not isinstance(doc, dict) or doc.get("format") != STORE_FORMAT:
+            raise FormatError(
+                f"'{self.root / _MARKER}' is not an aptckpt store marker", path=str(self.root)
+            )
+        version = doc.get("version")
+        if type(version) is not int or not 1 <= version <= STORE_VERSION:
+            raise FormatError(
+                f"object store '{self.root}' has layout version {version!r}; this aptckpt reads "
+                f"version {STORE_VERSION} (a newer aptckpt may be needed)",
+                path=str(self.root),
+            )
+
+    # ---------------------------------------------------------------- locking
+
+    @contextlib.contextmanager
+    def lock(self, *, exclusive: bool, wait: bool = True) -> Iterator[None]:
+        """Hold the store lock: shared for saves, exclusive for garbage collection."""
+        fd = os.open(self.root / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            try:
+                fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError as err:
+                raise StoreBusyError(
+                    f"object store '{self.root}' is in use by a save or a collection in "
+                    "progress; try again when it finishes",
+                    path=str(self.root),
+                ) from err
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    # ---------------------------------------------------------------- objects
+
+    def path(self, name: bytes) -> Path:
+        hex_name = _hex_name(name)
+        return self.objects / hex_name[:2] / hex_name[2:]
+
+    def label(self, name: bytes) -> str:
+        """How messages name an object: relative to the store's parent directory."""
+        return str(self.path(name).relative_to(self.root.parent))
+
+    def exists(self, name: bytes, size: int) -> bool:
+        try:
+            st = os.stat(self.path(name), follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return st.st_size == size
+
+    def put(self, name: bytes, data: memoryview | bytes) -> int:
+        """Store ``data`` under ``name`` (the caller's digest of it) unless present.
+
+        Returns the number of bytes written (0 when the object already existed).
+        The new name is durable only after :meth:`sync`.
+        """
+        target = self.path(name)
+        if self.exists(name, len(data)):
+            return 0
+        target.parent.mkdir(exist_ok=True)
+        tmp = self._tmp / f"{target.parent.name}{target.name}.{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, target)  # same bytes if another writer got there first
+        self._touched.add(target.parent)
+        return len(data)
+
+    def sync(self) -> None:
+        """Make the names of every object :meth:`put` since the last call durable."""
+        touched, self._touched = self._touched, set()
+        for directory in sorted(touched):
+            fsync_dir(directory)
+        if touched:
+            fsync_dir(self.objects)
+
+    def read_into(self, name: bytes, out: memoryview) -> None:
+        """Fill ``out`` with the object ``name``, which must be exactly ``len(out)`` bytes."""
+        fd = self._open(name, len(out))
+        try:
+            done = 0
+            while done < len(out):
+                n = os.preadv(fd, [out[done:]], done)
+                if n == 0:
+                    raise EOFError(f"object ends after {done} of {len(out)} bytes")
+                done += n
+        finally:
+            os.close(fd)
+
+    def read(self, name: bytes, size: int) -> bytes:
+        fd = self._open(name, size)
+        try:
+            data = os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+        if len(data) != size:
+            raise EOFError(f"object ends after {len(data)} of {size} bytes")
+        return data
+
+    def _open(self, name: bytes, size: int) -> int:
+        path = self.path(name)
+        label = self.label(name)
+        if path.parent.is_symlink() or self.objects.is_symlink():
+            raise UnsafePathError(
+                f"'{label}' is reached through a symbolic link; stores never contain links",
+                path=str(self.root),
+            )
+        try:
+            fd = open_regular(path, label, self.root)
+        except IntegrityError as err:
+            raise IntegrityError(
+                f"object '{label}' is missing from the store (removed by hand, or the run was "
+                "copied without it)",
+                path=str(self.root),
+                file=label,
+            ) from err
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            os.close(fd)
+            raise IntegrityError(
+                f"object '{label}' is {actual} bytes, manifest says {size}",
+                path=str(self.root),
+                file=label,
+            )
+        return fd
+
+    # -------------------------------------------------------- maintenance
+
+    def names(self) -> Iterator[tuple[bytes, Path, int]]:
+        """Every well-named object: ``(name, path, size)``. Other files are skipped."""
+        try:
+            fanouts = sorted(os.scandir(self.objects), key=lambda e: e.name)
+        except FileNotFoundError:
+            return
+        for fanout in fanouts:
+            if len(fanout.name) != 2 or not fanout.is_dir(follow_symlinks=False):
+                continue
+            for entry in sorted(os.scandir(fanout.path), key=lambda e: e.name):
+                try:
+                    name = bytes.fromhex(fanout.name + entry.name)
+                except ValueError:
+                    continue
+                if len(name) != _NAME_BYTES or not entry.is_file(follow_symlinks=False):
+                    continue
+                yield name, Path(entry.path), entry.stat(follow_symlinks=False).st_size
+
+    def clear_tmp(self) -> int:
+        """Remove every file in ``tmp/``; only safe under the exclusive lock."""
+        removed = 0
+        for entry in os.scandir(self._tmp):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+        return removed
+
+    def remove_empty_fanouts(self) -> None:
+        for entry in os.scandir(self.objects):
+            if entry.is_dir(follow_symlinks=False):
+                try:
+                    os.rmdir(entry.path)
+                except OSError as err:
+                    if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+
+
+def find_checkpoints(home: Path, *, skip: Path | None = None) -> Iterator[Path]:
+    """Committed checkpoint directories beneath ``home`` (at most ``MAX_STORE_DEPTH`` deep).
+
+    Symbolic links, the directory ``skip`` (the store) and the temp and trash
+    directories of saves are not entered.
+    """
+    pending = [(home, 0)]
+    while pending:
+        directory, depth = pending.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False) or is_temporary(entry.name):
+                continue
+            path = Path(entry.path)
+            if skip is not None and path == skip:
+                continue
+            if is_checkpoint(path):
+                yield path
+            if depth + 1 < MAX_STORE_DEPTH:
+                pending.append((path, depth + 1))
+
+
+def location_of(store_root: Path, checkpoint: Path) -> tuple[int, str]:
+    """How a checkpoint names its store: ``(up, name)``, the store being
+    ``checkpoint/..(up times)/name``.
+
+    The store must sit in a directory that contains the checkpoint, so that the
+    checkpoints using it are all found beneath that directory by garbage
+    collection, and copying that directory moves the run whole.
+
+    Raises:
+        UnsafePathError: the store is elsewhere.
+    """
+    name = store_root.name
+    home = Path(os.path.realpath(store_root.parent))
+    parent = Path(os.path.realpath(checkpoint.parent))
+    try:
+        rel = parent.relative_to(home)
+    except ValueError:
+        rel = None
+    if rel is None or not name or name.startswith("."):
+        raise UnsafePathError(
+            f"the object store '{store_root}' must be a directory next to the checkpoint "
+            f"'{checkpoint}' or next to one of its parent directories (e.g. "
+            f"'{checkpoint.parent / DEFAULT_STORE_NAME}')",
+            path=str(checkpoint),
+        )
+    check_relative_path(name)
+    up = len(rel.parts) + 1
+    if up > MAX_STORE_DEPTH:
+        raise UnsafePathError(
+            f"checkpoint '{checkpoint}' is {up} levels below its store's directory; "
+            f"at most {MAX_STORE_DEPTH} are allowed",
+            path=str(checkpoint),
+        )
+    return up, name
+
+
+def resolve_location(checkpoint: Path, up: object, name: object, *, where: str) -> Path:
+    """The store a manifest names, validated (the inverse of :func:`location_of`)."""
+    if type(up) is not int or not 1 <= up <= MAX_STORE_DEPTH:
+        raise FormatError(f"store location 'up' = {up!r} is out of range", path=where)
+    check_relative_path(name, where=where)
+    assert isinstance(name, str)
+    if "/" in name:
+        raise UnsafePathError(f"store name {name!r} must be one path component", path=where)
+    real = Path(os.path.realpath(checkpoint))
+    if len(real.parents) < up:
+        raise FormatError(f"store location 'up' = {up} climbs above '/'", path=where)
+    return real.parents[up - 1] / name
