@@ -28,6 +28,7 @@ from aptckpt._atomic import CheckpointReader, CheckpointWriter, fsync_dir
 from aptckpt._version import __version__
 from aptckpt.backends.base import Backend
 from aptckpt.errors import (
+    AptckptError,
     CheckpointExistsError,
     DeviceUnavailableError,
     FormatError,
@@ -221,6 +222,8 @@ def _write(
                 torch_version=torch.__version__,
             )
             writer.commit(mf.encode(manifest))
+        except AptckptError:
+            raise  # already says what went wrong (some of them are OSErrors too)
         except OSError as err:
             raise WriteError(
                 f"saving checkpoint '{path}' failed: {err.strerror or err}; nothing was "

@@ -1,0 +1,208 @@
+"""objectstore: layout, durability rules, locking, safe reads, store locations."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from aptckpt import _accel, objectstore
+from aptckpt.errors import (
+    FormatError,
+    IntegrityError,
+    StoreBusyError,
+    UnsafePathError,
+)
+from aptckpt.objectstore import ObjectStore
+
+
+def put(store: ObjectStore, data: bytes) -> bytes:
+    name = _accel.xxh3_128(data)
+    store.put(name, data)
+    return name
+
+
+def test_create_makes_layout_and_reopens(tmp_path):
+    store = ObjectStore.create(tmp_path / "s")
+    assert sorted(os.listdir(tmp_path / "s")) == ["LOCK", "STORE", "objects", "tmp"]
+    assert objectstore.is_store(tmp_path / "s")
+    name = put(store, b"hello")
+    again = ObjectStore.create(tmp_path / "s")  # idempotent
+    assert again.read(name, 5) == b"hello"
+    assert ObjectStore.open(tmp_path / "s").read(name, 5) == b"hello"
+
+
+def test_create_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    with pytest.raises(FormatError, match="not an aptckpt object store"):
+        ObjectStore.create(tmp_path / "s")
+    assert os.listdir(tmp_path / "s") == ["notes.txt"]
+
+
+def test_open_missing_store_names_the_fix(tmp_path):
+    with pytest.raises(IntegrityError, match=r"copy the whole run directory.*convert"):
+        ObjectStore.open(tmp_path / "nope", where="ckpt")
+
+
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        (b"garbage", "not an aptckpt store marker"),
+        (msgpack.packb({"format": "aptckpt-store", "version": 99}), "layout version 99"),
+        (msgpack.packb({"format": "other", "version": 1}), "not an aptckpt store marker"),
+    ],
+)
+def test_bad_marker_is_refused(tmp_path, marker, message):
+    ObjectStore.create(tmp_path / "s")
+    (tmp_path / "s" / "STORE").write_bytes(marker)
+    with pytest.raises(FormatError, match=message):
+        ObjectStore.open(tmp_path / "s")
+
+
+def test_put_is_content_addressed_and_idempotent(tmp_path):
+    store = ObjectStore.create(tmp_path / "s")
+    data = os.urandom(1000)
+    name = _accel.xxh3_128(data)
+    assert store.put(name, data) == 1000
+    assert store.put(name, data) == 0  # present: nothing written
+    path = store.path(name)
+    assert path.parent.name + path.name == name.hex()
+    assert path.read_bytes() == data
+    assert os.listdir(tmp_path / "s" / "tmp") == []
+    store.sync()
+    assert [(n, s) for n, _, s in store.names()] == [(name, 1000)]
+
+
+def test_read_checks_size_and_presence(tmp_path):
+    store = ObjectStore.create(tmp_path / "s")
+    name = put(store, b"abcdef")
+    with pytest.raises(IntegrityError, match="is 6 bytes, manifest says 7"):
+        store.read(name, 7)
+    store.path(name).unlink()
+    with pytest.raises(IntegrityError, match="missing from the store"):
+        store.read(name, 6)
+    out = bytearray(6)
+    with pytest.raises(IntegrityError, match="missing"):
+        store.read_into(name, memoryview(out))
+
+
+def test_links_are_refused(tmp_path):
+    store = ObjectStore.create(tmp_path / "s")
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"secret")
+    name = _accel.xxh3_128(b"secret")
+    store.path(name).parent.mkdir()
+    store.path(name).symlink_to(outside)
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        store.read(name, 6)
+    # a fan-out directory that is a link
+    other = _accel.xxh3_128(b"other")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / store.path(other).name).write_bytes(b"other")
+    store.path(other).parent.symlink_to(elsewhere)
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        store.read(other, 5)
+
+
+def test_names_skip_foreign_files(tmp_path):
+    store = ObjectStore.create(tmp_path / "s")
+    name = put(store, b"x")
+    (store.objects / "zz").mkdir()
+    (store.objects / "zz" / "not-hex").write_bytes(b"")
+    (store.objects / "README").write_text("hi")
+    assert [n for n, _, _ in store.names()] == [name]
+
+
+def test_lock_shared_allows_shared_but_not_exclusive(tmp_path):
+    store = ObjectStore.create(tmp_path / "s")
+    with (
+        store.lock(exclusive=False),
+        store.lock(exclusive=False),
+        pytest.raises(StoreBusyError, match="in use"),
+        store.lock(exclusive=True, wait=False),
+    ):
+        pass
+    with store.lock(exclusive=True, wait=False):
+        pass  # free again
+
+
+def test_exclusive_lock_waits_for_the_save(tmp_path):
+    store = ObjectStore.create(tmp_path / "s")
+    order = []
+    held = threading.Event()
+
+    def save() -> None:
+        with store.lock(exclusive=False):
+            held.set()
+            threading.Event().wait(0.2)
+            order.append("save done")
+
+    worker = threading.Thread(target=save)
+    worker.start()
+    held.wait()
+    with store.lock(exclusive=True):
+        order.append("gc")
+    worker.join()
+    assert order == ["save done", "gc"]
+
+
+def test_clear_tmp_and_empty_fanouts(tmp_path):
+    store = ObjectStore.create(tmp_path / "s")
+    (tmp_path / "s" / "tmp" / "leftover.123-ab").write_bytes(b"partial")
+    name = put(store, b"y")
+    store.path(name).unlink()
+    assert store.clear_tmp() == 1
+    store.remove_empty_fanouts()
+    assert os.listdir(store.objects) == []
+
+
+# ----------------------------------------------------------------- locations
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_location_round_trip(tmp_path, depth):
+    parent = tmp_path.joinpath(*[f"d{i}" for i in range(depth)])
+    checkpoint = parent / "ckpt"
+    store = tmp_path / "aptckpt-store"
+    up, name = objectstore.location_of(store, checkpoint)
+    assert (up, name) == (depth + 1, "aptckpt-store")
+    assert objectstore.resolve_location(checkpoint, up, name, where="w") == Path(
+        os.path.realpath(store)
+    )
+
+
+@pytest.mark.parametrize(
+    "store", ["elsewhere/aptckpt-store", "runs/a/ckpt/store", "runs/a/.hidden"], ids=str
+)
+def test_location_must_contain_the_checkpoint(tmp_path, store):
+    with pytest.raises(UnsafePathError):
+        objectstore.location_of(tmp_path / store, tmp_path / "runs" / "a" / "ckpt")
+
+
+def test_location_depth_is_bounded(tmp_path):
+    deep = tmp_path.joinpath(*["d"] * objectstore.MAX_STORE_DEPTH) / "ckpt"
+    with pytest.raises(UnsafePathError, match="levels below"):
+        objectstore.location_of(tmp_path / "s", deep)
+
+
+@pytest.mark.parametrize(
+    ("up", "name"),
+    [(0, "s"), (17, "s"), ("1", "s"), (True, "s"), (1, "../s"), (1, "a/b"), (1, ".s"), (1, "")],
+)
+def test_hostile_locations_are_refused(tmp_path, up, name):
+    with pytest.raises(FormatError):
+        objectstore.resolve_location(tmp_path / "ckpt", up, name, where="w")
+
+
+def test_find_checkpoints_skips_temps_store_and_links(tmp_path):
+    for rel in ("a/c1", "a/b/c2", ".c3.tmp-123-abcdef01", "aptckpt-store/objects/c4"):
+        (tmp_path / rel).mkdir(parents=True)
+        (tmp_path / rel / "manifest.msgpack").write_bytes(b"")
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    found = objectstore.find_checkpoints(tmp_path, skip=tmp_path / "aptckpt-store")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in found) == ["a/b/c2", "a/c1"]
