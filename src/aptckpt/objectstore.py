@@ -308,13 +308,19 @@ class ObjectStore:
     def clear_tmp(self) -> int:
         """Remove every file in ``tmp/``; only safe under the exclusive lock."""
         removed = 0
-        for entry in os.scandir(self._tmp):
+        try:
+            entries = list(os.scandir(self._tmp))
+        except FileNotFoundError:  # a store copied by a tool that drops empty directories
+            return 0
+        for entry in entries:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
                 removed += 1
         return removed
 
     def remove_empty_fanouts(self) -> None:
+        if not self.objects.is_dir():
+            return
         for entry in os.scandir(self.objects):
             if entry.is_dir(follow_symlinks=False):
                 try:

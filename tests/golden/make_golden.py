@@ -64,7 +64,18 @@ GOLDEN = {
     "zstd": {"chunk_size": 64, "shard_size": 512},
     "zstd-raw": {"codec": "none", "chunk_size": 64},
     "torch": {"chunk_size": 256},
+    "delta": {"chunk_size": 64, "keyframe_every": 8},
 }
+#: The ``delta`` golden is a run directory: a chain of checkpoints and their store.
+DELTA_CHAIN = ("s0", "s1", "s2")
+
+
+def delta_state(index: int) -> dict[str, Any]:
+    """The state of checkpoint ``DELTA_CHAIN[index]``: the golden state with the tied
+    weight nudged, so later saves hold unchanged chunks and xor-deltas."""
+    state = golden_state()
+    state["tied"]["a"].add_(index / 1024)  # "a" and "b" are one tensor
+    return state
 
 
 def main() -> None:
@@ -73,7 +84,17 @@ def main() -> None:
         backend = name.split("-")[0]
         path = HERE / f"v{version}" / name
         shutil.rmtree(path, ignore_errors=True)
-        aptckpt.save(golden_state(), path, backend=backend, metadata={"golden": name}, **options)
+        if backend == "delta":
+            for index, checkpoint in enumerate(DELTA_CHAIN):
+                aptckpt.save(
+                    delta_state(index),
+                    path / checkpoint,
+                    backend=backend,
+                    metadata={"golden": name},
+                    **options,
+                )
+        else:
+            aptckpt.save(golden_state(), path, backend=backend, metadata={"golden": name}, **options)
         print("wrote", path)
 
 
