@@ -13,6 +13,10 @@ Saving
        ``CheckpointWriter`` whose :meth:`~aptckpt._atomic.CheckpointWriter.path`
        hands out file names inside the (temporary) checkpoint directory. It
        returns the backend's *payload*: msgpack-ready data stored in the manifest.
+       A backend that keeps data outside the checkpoint (the ``delta`` object
+       store) makes it durable itself before returning, adds the bytes it wrote
+       to ``writer.external_bytes``, and may keep a lock until the commit with
+       ``writer.hold(lock)``.
     3. The API fsyncs every file, writes the manifest and commits.
 
 Loading

@@ -362,9 +362,8 @@ class DeltaBackend(Backend):
         store.sync()
         writer.external_bytes += written
         chunks = planner.resolve(new_objects)
-        return self._payload(
-            up, name, since, base.path.relative_to(store.root.parent) if base else None, chunks
-        )
+        home = Path(os.path.realpath(store.root.parent))
+        return self._payload(up, name, since, base.path.relative_to(home) if base else None, chunks)
 
     def _payload(
         self,
