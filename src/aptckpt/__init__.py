@@ -37,6 +37,7 @@ from aptckpt.errors import (
     UnsupportedObjectError,
     WriteError,
 )
+from aptckpt.manager import CheckpointManager, CheckpointRecord, ResumeInfo
 from aptckpt.manifest import FORMAT_VERSION
 from aptckpt.registry import available_backends, register_backend
 
@@ -48,11 +49,14 @@ __all__ = [
     "BackendError",
     "CheckpointExistsError",
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointRecord",
     "DeviceUnavailableError",
     "FormatError",
     "GarbageReport",
     "IntegrityError",
+    "ResumeInfo",
     "SaveInfo",
     "StoreBusyError",
     "StoreNotFoundError",
