@@ -94,7 +94,9 @@ def main() -> None:
                     **options,
                 )
         else:
-            aptckpt.save(golden_state(), path, backend=backend, metadata={"golden": name}, **options)
+            aptckpt.save(
+                golden_state(), path, backend=backend, metadata={"golden": name}, **options
+            )
         print("wrote", path)
 
 
