@@ -1,0 +1,508 @@
+"""cli: every subcommand's output, exit codes, exports, progress bars, the entry points."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import aptckpt
+from aptckpt.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def make_state(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 8, generator=gen)
+    return {
+        "model": {"w": w, "tied": w, "b": torch.zeros(3), "layers": [{"k": torch.ones(4)}]},
+        "opt": {"state": {0: {"m": torch.arange(5, dtype=torch.float32)}}},
+        "step": 5,
+        "name": "run-a",
+    }
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    path = tmp_path / "ckpt"
+    aptckpt.save(make_state(), path, metadata={"epoch": 3, "note": "hi"})
+    return path
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def pairs(out):
+    """The ``name  value`` lines of a key/value block, as a dict."""
+    return dict(re.split(r"\s{2,}", line, maxsplit=1) for line in out.splitlines() if "  " in line)
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+# ---------------------------------------------------------------- info, inspect
+
+
+def test_info(capsys):
+    code, out, _ = run(capsys, "info")
+    assert code == 0
+    assert f"aptckpt         {aptckpt.__version__}" in out
+    assert f"torch           {torch.__version__}" in out
+    assert ("native (C++)" if aptckpt.NATIVE else "pure Python") in out
+    assert "delta, torch, zstd" in out and "format version  1" in out
+    code, out, _ = run(capsys, "info", "--json")
+    doc = json.loads(out)
+    assert doc["implementation"] == aptckpt.IMPLEMENTATION and doc["native"] is aptckpt.NATIVE
+    assert doc["format_version"] == aptckpt.FORMAT_VERSION and doc["threads"] >= 1
+    assert {"delta", "torch", "zstd"} <= set(doc["backends"]) and doc["simd"]
+
+
+def test_inspect(capsys, ckpt):
+    code, out, _ = run(capsys, "inspect", ckpt)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["path", str(ckpt)]
+    assert lines[1].split() == ["backend", "zstd"]
+    assert "level=1 codec=zstd" in out and "raw bytes       304 B" in out
+    assert "epoch         3" in out and "note          'hi'" in out
+    header = next(line for line in lines if line.startswith("key"))
+    assert header.split() == ["key", "dtype", "shape", "bytes", "stored", "codecs"]
+    row = next(line for line in lines if line.startswith("state['model']['w']"))
+    assert row.split()[:5] == ["state['model']['w']", "float32", "(8,", "8)", "256"]
+    assert "state['opt']['state'][0]['m']" in out and "store bytes" not in out
+
+    code, out, _ = run(capsys, "inspect", "--json", ckpt)
+    doc = json.loads(out)
+    assert doc["backend"] == "zstd" and doc["metadata"] == {"epoch": 3, "note": "hi"}
+    assert doc["raw_bytes"] == 304 and doc["files"][0]["path"] == "shard-00000.bin"
+    w = doc["tensors"][0]
+    assert w["key"] == "state['model']['w']" and w["dtype"] == "float32"
+    assert w["shape"] == [8, 8] and w["nbytes"] == 256
+
+
+def test_inspect_delta_shows_store_bytes(capsys, tmp_path):
+    aptckpt.save(make_state(), tmp_path / "run" / "c1", backend="delta")
+    code, out, _ = run(capsys, "inspect", tmp_path / "run" / "c1")
+    assert code == 0 and "backend         delta" in out
+    assert "store bytes" in out and "files           0 (0 B)" in out
+
+
+# ---------------------------------------------------------------- verify
+
+
+def test_verify_one_and_a_tree(capsys, tmp_path, ckpt):
+    code, out, _ = run(capsys, "verify", ckpt)
+    assert code == 0 and out.startswith(f"OK       {ckpt}  zstd ") and "4 tensors" in out
+
+    run_dir = tmp_path / "run"
+    aptckpt.save(make_state(), run_dir / "step-2", backend="delta")
+    aptckpt.save(make_state(1), run_dir / "step-10", backend="delta")
+    aptckpt.save(make_state(), run_dir / "nested" / "ckpt")
+    # Not checkpoints: a save's leftover temp dir (it even has a manifest) and the store.
+    temp = run_dir / ".step-3.tmp-999999-abcd"
+    temp.mkdir()
+    (temp / "manifest.msgpack").write_bytes(b"half-written")
+    code, out, _ = run(capsys, "verify", run_dir)
+    assert code == 0
+    names = [line.split()[1] for line in out.splitlines() if line.startswith("OK")]
+    assert names == ["nested/ckpt", "step-2", "step-10"]  # natural order
+    assert out.splitlines()[-1] == "3 checkpoint(s): 3 OK, 0 failed"
+    assert "/s" in out  # throughput
+
+    code, out, _ = run(capsys, "verify", "--json", run_dir)
+    doc = json.loads(out)
+    assert [d["ok"] for d in doc] == [True] * 3
+    assert doc[1]["path"] == str(run_dir / "step-2") and doc[1]["backend"] == "delta"
+
+
+def test_verify_damage_names_file_and_tensor_and_checks_all(capsys, tmp_path):
+    root = tmp_path / "runs"
+    aptckpt.save(make_state(), root / "a")
+    aptckpt.save(make_state(), root / "b")
+    shard = root / "a" / "shard-00000.bin"
+    flip_byte(shard, 0)  # tensor state['model']['w']
+    flip_byte(shard, shard.stat().st_size - 1)  # tensor state['opt']['state'][0]['m']
+    code, out, _ = run(capsys, "verify", root)
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0] == "DAMAGED  a"
+    assert "state['model']['w']" in lines[1] and "'shard-00000.bin'" in lines[1]
+    assert "state['opt']['state'][0]['m']" in lines[2]
+    assert lines[3].startswith("OK       b ")  # the next checkpoint was still checked
+    assert lines[-1] == "2 checkpoint(s): 1 OK, 1 failed"
+
+    code, out, _ = run(capsys, "verify", "--json", root / "a")
+    assert code == 1
+    (doc,) = json.loads(out)
+    assert doc["ok"] is False and doc["file"] == "shard-00000.bin"
+    assert doc["tensor"] == "state['model']['w']" and len(doc["problems"]) == 2
+
+
+def test_verify_reports_unreadable_manifest_as_failure(capsys, tmp_path, ckpt):
+    (ckpt / "manifest.msgpack").write_bytes(b"\x00garbage")
+    code, out, _ = run(capsys, "verify", ckpt)
+    assert code == 1 and out.startswith(f"FAILED   {ckpt}\n    ")
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["inspect", "{missing}"],
+        ["verify", "{missing}"],
+        ["diff", "{missing}", "{missing}"],
+        ["convert", "{missing}", "{tmp}/out"],
+        ["convert", "{missing}", "{tmp}/out.pt", "--to", "torch-file"],
+        ["gc", "{missing}"],
+        ["ls", "{missing}"],
+    ],
+)
+def test_missing_path_is_one_clear_line(capsys, tmp_path, argv):
+    missing = tmp_path / "nope"
+    code, out, err = run(capsys, *(a.format(missing=missing, tmp=tmp_path) for a in argv))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"aptckpt {argv[0]}: error: ")
+    assert str(missing) in err and ("does not exist" in err or "no object store" in err)
+
+
+def test_unknown_backend_and_bad_options(capsys, tmp_path, ckpt):
+    code, _, err = run(capsys, "convert", ckpt, tmp_path / "out", "--backend", "zstd2")
+    assert code == 2
+    assert "unknown backend 'zstd2'; available: 'delta', 'torch', 'zstd'" in err
+    code, _, err = run(
+        capsys, "convert", ckpt, tmp_path / "out", "--backend", "torch", "--level", 3
+    )
+    assert code == 2 and "backend 'torch' has no option 'level'" in err
+    code, _, err = run(capsys, "convert", ckpt, tmp_path / "out", "--option", "codec")
+    assert code == 2 and "--option 'codec' is not KEY=VALUE" in err
+    code, _, err = run(
+        capsys, "convert", ckpt, tmp_path / "o.pt", "--to", "torch-file", "--level", 3
+    )
+    assert code == 2 and "apply to checkpoints, not --to torch-file" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o.pt").exists()
+
+
+def test_usage_errors(capsys, ckpt):
+    assert main([]) == 2
+    assert "required: COMMAND" in capsys.readouterr().err
+    assert main(["bogus"]) == 2
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"aptckpt {aptckpt.__version__}"
+    assert main(["verify", "--help"]) == 0
+    code, _, err = run(capsys, "inspect", ckpt / "shard-00000.bin")
+    assert code == 2 and "it is a file, not a checkpoint directory" in err
+
+
+def test_os_error_is_one_line(capsys, ckpt, tmp_path):
+    dst = tmp_path / "no-such-dir" / "out.pt"
+    code, _, err = run(capsys, "convert", ckpt, dst, "--to", "torch-file")
+    assert code == 2 and err.count("\n") == 1
+    assert "No such file or directory" in err and "no-such-dir" in err
+
+
+def test_damage_while_reading_exits_1(capsys, tmp_path, ckpt):
+    other = tmp_path / "other"
+    aptckpt.save(make_state(), other)
+    flip_byte(other / "shard-00000.bin", 0)
+    code, _, err = run(capsys, "diff", ckpt, other)
+    assert code == 1 and "is damaged" in err and "state['model']['w']" in err
+
+
+# ---------------------------------------------------------------- diff
+
+
+def test_diff(capsys, tmp_path):
+    model = {"w": torch.ones(10), "same": torch.arange(6).reshape(2, 3)}
+    a = {"model": model, "step": 5, "old": 1, "h": torch.zeros(2), "s": torch.zeros(2)}
+    b = {"model": {k: v.clone() for k, v in model.items()}, "step": 6, "new": torch.ones(1)}
+    b.update(h=torch.zeros(2, dtype=torch.float16), s=torch.zeros(3))
+    b["model"]["w"][0] += 0.5
+    b["model"]["w"][3] -= 2.0
+    aptckpt.save(a, tmp_path / "a")
+    aptckpt.save(b, tmp_path / "b")
+    code, out, _ = run(capsys, "diff", tmp_path / "a", tmp_path / "b")
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line}
+    assert rows["model.w"].split() == ["model.w", "changed", "2/10", "2", "0.6519"]
+    assert rows["step"].split() == ["step", "5", "->", "6"]
+    assert rows["h"].split() == ["h", "dtype", "float32", "->", "float16"]
+    assert rows["s"].split() == ["s", "shape", "(2,)", "->", "(3,)"]
+    assert "only in A" in rows["old"] and "only in B" in rows["new"]
+    assert "model.same" not in rows  # unchanged keys only with --all
+    assert out.splitlines()[-1] == ("different: 1 same, 4 changed, 1 only in A, 1 only in B")
+    _, out, _ = run(capsys, "diff", "--all", tmp_path / "a", tmp_path / "b")
+    assert "model.same" in out
+
+    _, out, _ = run(capsys, "diff", "--json", tmp_path / "a", tmp_path / "b")
+    keys = {r["key"]: r for r in json.loads(out)["keys"]}
+    w = keys["model.w"]
+    assert (w["status"], w["differing"], w["numel"], w["max_abs_diff"]) == ("changed", 2, 10, 2.0)
+    assert math.isclose(w["rel_l2"], math.sqrt(4.25 / 10))
+    assert keys["model.same"]["status"] == "same" and keys["step"]["b"] == 6
+
+
+def test_diff_identical_nested_keys_and_nan(capsys, tmp_path):
+    state = make_state()
+    state["model"]["n"] = torch.tensor([float("nan"), 1.0])
+    aptckpt.save(state, tmp_path / "a")
+    aptckpt.save(state, tmp_path / "b", backend="torch")
+    code, out, _ = run(capsys, "diff", "--all", tmp_path / "a", tmp_path / "b")
+    assert code == 0 and out.splitlines()[-1].startswith("identical: 8 same, 0 changed")
+    assert "opt.state[0].m" in out and "model.layers[0].k" in out
+
+    state["model"]["n"] = torch.tensor([1.0, 1.0])
+    aptckpt.save(state, tmp_path / "c")
+    _, out, _ = run(capsys, "diff", "--json", tmp_path / "a", tmp_path / "c")
+    n = next(r for r in json.loads(out)["keys"] if r["key"] == "model.n")
+    assert n["differing"] == 1 and n["max_abs_diff"] == "nan"  # strict JSON: NaN as a string
+
+
+# ---------------------------------------------------------------- convert
+
+
+def test_convert_to_another_backend(capsys, tmp_path, ckpt):
+    dst = tmp_path / "as-torch"
+    code, out, _ = run(capsys, "convert", ckpt, dst, "--backend", "torch")
+    assert code == 0 and out.startswith(f"converted {ckpt} -> {dst} (torch): 4 tensors")
+    assert aptckpt.inspect(dst).backend == "torch"
+    loaded = aptckpt.load(dst)
+    assert torch.equal(loaded["model"]["w"], make_state()["model"]["w"])
+
+    code, _, err = run(capsys, "convert", ckpt, dst, "--level", 9)
+    assert code == 2 and "--overwrite" in err and "overwrite=True" not in err
+    code, _, _ = run(
+        capsys, "convert", ckpt, dst, "--level", 9, "--overwrite", "--option", "codec=none"
+    )
+    assert code == 0 and aptckpt.inspect(dst).options["level"] == 9
+    assert aptckpt.inspect(dst).options["codec"] == "none"
+
+
+def test_convert_to_torch_file(capsys, tmp_path, ckpt):
+    dst = tmp_path / "export.pt"
+    code, out, _ = run(capsys, "convert", ckpt, dst, "--to", "torch-file")
+    assert code == 0 and out.startswith(f"wrote {dst} (torch-file, ")
+    state = torch.load(dst, weights_only=True)
+    expected = make_state()
+    assert torch.equal(state["model"]["w"], expected["model"]["w"])
+    assert state["model"]["tied"] is state["model"]["w"]  # aliasing survives
+    assert state["opt"]["state"][0]["m"].tolist() == [0, 1, 2, 3, 4]
+    assert state["step"] == 5 and state["name"] == "run-a"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "export.pt"]  # no temp file left
+    assert dst.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+    code, _, err = run(capsys, "convert", ckpt, dst, "--to", "torch-file")
+    assert code == 2 and "exists; pass --overwrite" in err
+    code, _, _ = run(capsys, "convert", ckpt, dst, "--to", "torch-file", "--overwrite")
+    assert code == 0 and sorted(os.listdir(tmp_path)) == ["ckpt", "export.pt"]
+
+
+def test_convert_to_torch_file_refuses_empty_bytes(capsys, tmp_path):
+    aptckpt.save({"x": b""}, tmp_path / "c")
+    code, _, err = run(capsys, "convert", tmp_path / "c", tmp_path / "x.pt", "--to", "torch-file")
+    assert code == 2 and "state['x'] is empty bytes" in err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_convert_to_safetensors(capsys, tmp_path, ckpt):
+    st = pytest.importorskip("safetensors.torch")
+    dst = tmp_path / "model.safetensors"
+    code, out, err = run(capsys, "convert", ckpt, dst, "--to", "safetensors")
+    assert code == 0 and out.startswith(f"wrote {dst} (safetensors, ")
+    assert "'tied' shares storage with 'w'" in err
+    tensors = st.load_file(dst)
+    assert sorted(tensors) == ["b", "layers.0.k", "tied", "w"]
+    assert torch.equal(tensors["w"], make_state()["model"]["w"])
+    assert torch.equal(tensors["tied"], tensors["w"])
+    assert dst.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not the writer's 0600 temp file
+
+    # No "model" entry: every top-level tensor; plain values are skipped, and said so.
+    flat = tmp_path / "flat"
+    aptckpt.save({"w": torch.ones(2), "step": 3, "nested": {"x": torch.ones(1)}}, flat)
+    code, _, err = run(capsys, "convert", flat, tmp_path / "f.safetensors", "--to", "safetensors")
+    assert code == 0 and "skipped 2 non-tensor value(s)" in err
+    assert sorted(st.load_file(tmp_path / "f.safetensors")) == ["w"]
+
+    aptckpt.save({"model": {"c": torch.zeros(2, dtype=torch.complex128)}}, tmp_path / "c128")
+    code, _, err = run(
+        capsys, "convert", tmp_path / "c128", tmp_path / "c.st", "--to", "safetensors"
+    )
+    assert code == 2 and "cannot store the dtype complex128 of 'c'; --to torch-file" in err
+    assert not (tmp_path / "c.st").exists()
+
+
+def test_convert_to_safetensors_without_the_package(capsys, monkeypatch, tmp_path, ckpt):
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import now fails
+    code, _, err = run(capsys, "convert", ckpt, tmp_path / "m.st", "--to", "safetensors")
+    assert code == 2 and "pip install safetensors" in err
+    assert not (tmp_path / "m.st").exists()
+
+
+def test_progress_bars_on_a_terminal(capsys, monkeypatch, tmp_path, ckpt):
+    tty = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert main(["convert", str(ckpt), str(tmp_path / "c2")]) == 0
+    assert "convert [" in tty.getvalue() and tty.getvalue().endswith("\n")
+    assert aptckpt.verify(tmp_path / "c2").tensors == 4
+    tty.seek(0)
+    tty.truncate()
+    assert main(["verify", str(tmp_path)]) == 0
+    assert "verify [" in tty.getvalue() and "2/2" in tty.getvalue()
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "2 checkpoint(s): 2 OK, 0 failed"
+
+
+# ---------------------------------------------------------------- gc
+
+
+def test_gc_dry_run_then_real(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    aptckpt.save({"a": torch.ones(1000), "b": torch.randn(1000)}, run_dir / "c1", backend="delta")
+    aptckpt.save({"a": torch.ones(1000)}, run_dir / "c2", backend="delta")
+    aptckpt.delete(run_dir / "c1")
+    store = run_dir / "aptckpt-store"
+    files_before = sorted(p for p in store.rglob("*") if p.is_file())
+
+    code, out, _ = run(capsys, "gc", "--dry-run", run_dir)
+    assert code == 0
+    rows = pairs(out)
+    assert rows["store"] == str(store) and rows["checkpoints"].startswith("1 ")
+    assert rows["would remove"].startswith("1 objects, ") and rows["would free"].endswith("KB")
+    assert "nothing was removed" in out
+    assert sorted(p for p in store.rglob("*") if p.is_file()) == files_before
+
+    code, out, _ = run(capsys, "gc", run_dir)
+    real = pairs(out)
+    assert (
+        code == 0
+        and real["removed"] == rows["would remove"]
+        and real["freed"] == rows["would free"]
+    )
+    assert len([p for p in store.rglob("*") if p.is_file()]) == len(files_before) - 1
+    assert torch.equal(aptckpt.load(run_dir / "c2")["a"], torch.ones(1000))
+
+    code, out, _ = run(capsys, "gc", "--json", run_dir)
+    doc = json.loads(out)
+    assert code == 0 and doc["removed_objects"] == 0 and doc["kept_objects"] >= 1
+    assert doc["dry_run"] is False
+
+
+# ---------------------------------------------------------------- ls
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+
+def test_ls(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mgr = aptckpt.CheckpointManager(run_dir, backend="delta", keep_last=None)
+    mgr.save_checkpoint(model, opt, None, 0, 10, [2.0], {"loss": 1.5, "acc": 0.25})
+    metrics = {"loss": 1.2}
+    mgr.save_checkpoint(model, opt, None, 1, 15, [1.0], metrics, temporary=True, batch_index=5)
+    records = mgr.checkpoints()
+
+    code, out, _ = run(capsys, "ls", run_dir)
+    assert code == 0
+    lines = out.splitlines()
+    header = ["step", "epoch", "kind", "metrics", "best", "written", "backend", "path"]
+    assert lines[0].split() == header
+    first = lines[1].split()
+    assert first[:5] == ["10", "0", "epoch", "loss=1.5", "acc=0.25"]
+    assert first[-2:] == ["delta", records[0].rel_path]
+    second = lines[2].split()
+    assert second[:4] == ["15", "1", "temp", "loss=1.2"] and second[-1] == records[1].rel_path
+    assert len(lines) == 3
+
+    code, out, _ = run(capsys, "ls", "--json", run_dir)
+    doc = json.loads(out)
+    assert [d["global_step"] for d in doc] == [10, 15]
+    assert doc[0]["path"] == str(records[0].path) and doc[1]["batch_index"] == 5
+    assert doc[0]["metrics"] == {"loss": 1.5, "acc": 0.25} and doc[0]["bytes"] > 0
+    assert doc[0]["is_best"] is True and doc[0]["run_best"] is True
+
+
+def test_ls_marks_only_the_runs_best(capsys, tmp_path):
+    model = Tiny()
+    mgr = aptckpt.CheckpointManager(tmp_path, keep_last=None)
+    for step, loss in ((10, 1.5), (20, 0.9), (30, 1.1)):
+        mgr.save_checkpoint(model, None, None, step // 10, step, [], {"loss": loss})
+    assert [r.is_best for r in mgr.checkpoints()] == [True, True, False]  # best when saved
+    code, out, _ = run(capsys, "ls", tmp_path)
+    assert code == 0
+    assert [line.split()[4] == "*" for line in out.splitlines()[1:]] == [False, True, False]
+    _, out, _ = run(capsys, "ls", "--json", tmp_path)
+    assert [d["run_best"] for d in json.loads(out)] == [False, True, False]
+
+
+def test_ls_on_what_is_not_a_run(capsys, tmp_path, ckpt):
+    code, _, err = run(capsys, "ls", ckpt)
+    assert code == 2 and f"use: aptckpt inspect {ckpt}" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(capsys, "ls", empty)
+    assert code == 2 and "no metadata.json and no checkpoints" in err
+    code, _, err = run(capsys, "ls", tmp_path)  # holds a checkpoint, but is no run
+    assert code == 2 and "aptckpt verify lists them" in err
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def test_python_m_aptckpt_info():
+    proc = subprocess.run(
+        [sys.executable, "-m", "aptckpt", "info", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["version"] == aptckpt.__version__
+
+
+def test_console_script(tmp_path):
+    script = Path(sys.executable).parent / "aptckpt"
+    if not script.exists():
+        pytest.skip("the aptckpt console script is not installed in this environment")
+    proc = subprocess.run(
+        [str(script), "inspect", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    missing = tmp_path / "nope"
+    expected = f"aptckpt inspect: error: no checkpoint at '{missing}': the path does not exist\n"
+    assert proc.stderr == expected
