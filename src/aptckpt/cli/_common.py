@@ -1,0 +1,190 @@
+"""Helpers shared by the subcommands: text and JSON output, paths, progress, state keys.
+
+Everything here writes to stdout only through :func:`print_json` (callers print
+tables themselves), and raises :class:`UsageError` for command-line problems,
+which :func:`aptckpt.cli.main` reports as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from aptckpt import objectstore
+from aptckpt._atomic import is_checkpoint, is_temporary
+from aptckpt._progress import Progress
+
+T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """A problem with the command line itself (exit 2); the message names the fix."""
+
+
+# ------------------------------------------------------------------ text
+
+
+def fmt_size(n: float) -> str:
+    """Decimal byte size: ``"512 B"``, ``"1.5 MB"``."""
+    for suffix in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or suffix == "TB":
+            return f"{n:.0f} {suffix}" if suffix == "B" else f"{n:.1f} {suffix}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def fmt_num(x: float | None) -> str:
+    return "" if x is None else f"{x:.4g}"
+
+
+def fmt_value(v: Any, limit: int = 60) -> str:
+    """A plain value for a table cell, cut to ``limit`` characters."""
+    text = f"{v:.6g}" if isinstance(v, float) else repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def render_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()
+) -> str:
+    """Columns two spaces apart; the columns numbered in ``right`` are right-aligned."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+    lines = []
+    for row in (header, *rows):
+        cells = (
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def render_pairs(pairs: Sequence[tuple[str, str]]) -> str:
+    """``key  value`` lines with the values aligned."""
+    width = max((len(k) for k, _ in pairs), default=0)
+    return "\n".join(f"{k.ljust(width)}  {v}".rstrip() for k, v in pairs)
+
+
+def os_message(err: OSError) -> str:
+    """An ``OSError`` as one line naming the file, without errno noise."""
+    what = err.strerror or str(err)
+    return f"{what}: '{err.filename}'" if err.filename else what
+
+
+# ------------------------------------------------------------------ json
+
+
+def jsonable(v: Any) -> Any:
+    """Strict JSON: non-finite floats become strings, other plain values their repr."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        v = {f.name: getattr(v, f.name) for f in dataclasses.fields(v)}
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if isinstance(v, Mapping):
+        return {k if isinstance(k, (str, int)) else repr(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    return str(v) if isinstance(v, os.PathLike) else repr(v)
+
+
+def print_json(v: Any) -> None:
+    print(json.dumps(jsonable(v), indent=2, allow_nan=False))
+
+
+# ------------------------------------------------------------------ paths
+
+
+def _natural(path: Path) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(path))]
+
+
+def display_path(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when beneath it, else as given."""
+    return str(path.relative_to(root)) if path != root and root in path.parents else str(path)
+
+
+def find_checkpoints(root: Path) -> list[Path]:
+    """Committed checkpoints at or beneath ``root``; temp dirs and stores are skipped."""
+    if is_checkpoint(root):
+        return [root]
+    found = []
+    for directory, subdirs, _ in os.walk(root):
+        here = Path(directory)
+        keep = []
+        for name in subdirs:
+            if is_temporary(name) or objectstore.is_store(here / name):
+                continue
+            keep.append(name)
+            if is_checkpoint(here / name):
+                found.append(here / name)
+        subdirs[:] = keep
+    return sorted(found, key=_natural)
+
+
+# ------------------------------------------------------------------ progress
+
+
+def busy(fn: Callable[[], T], desc: str, total: int | None) -> T:
+    """Run ``fn`` under a progress bar (terminals only; the API reports no progress
+    of its own, so the bar shows elapsed time until ``fn`` returns)."""
+    with Progress(total, desc, unit="B") as bar:
+        if not bar.enabled:
+            return fn()
+        out: list[T] = []
+        err: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                out.append(fn())
+            except BaseException as e:  # re-raised in the calling thread
+                err.append(e)
+
+        worker = threading.Thread(target=work, name="aptckpt-cli", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.1)
+            bar.update(0)
+        if err:
+            raise err[0]
+        bar.update(total or 0)
+        return out[0]
+
+
+# ------------------------------------------------------------------ state keys
+
+
+def flatten_state(
+    obj: Any, prefix: str = "", *, dotted_index: bool = False
+) -> Iterator[tuple[str, Any]]:
+    """(key, leaf) pairs: dict keys joined with dots, list indices and non-str keys in [].
+
+    With ``dotted_index`` list indices are joined with dots too (``layers.0.weight``),
+    the naming of ``state_dict`` keys that safetensors files use.
+    """
+    if prefix == "" and isinstance(obj, (Mapping, list, tuple)) and not obj:
+        return  # an empty state has no keys
+    if isinstance(obj, Mapping) and obj:
+        for k, v in obj.items():
+            sub = (f"{prefix}.{k}" if prefix else k) if isinstance(k, str) else f"{prefix}[{k!r}]"
+            yield from flatten_state(v, sub, dotted_index=dotted_index)
+    elif isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size) and obj:
+        for i, v in enumerate(obj):
+            sub = (f"{prefix}.{i}" if prefix else str(i)) if dotted_index else f"{prefix}[{i}]"
+            yield from flatten_state(v, sub, dotted_index=dotted_index)
+    else:
+        yield prefix, obj
+
+
+def dtype_str(t: torch.Tensor) -> str:
+    """``"float32"``, not ``"torch.float32"``."""
+    return str(t.dtype).removeprefix("torch.")
