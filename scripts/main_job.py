@@ -1,11 +1,16 @@
-"""The main job (until the reference training loop lands): a realistic training
-state saved and loaded with every backend, timed, checked bit for bit.
+"""The main job: the APT reference training, killed and resumed, ends bit for bit where
+an uninterrupted run ends; and what checkpointing costs with each backend.
 
-The state is what a trainer needs to resume: a GPT-style model after a few real
-AdamW steps, optimizer moments, LR scheduler, step counters, loss history,
-metrics, config, and the Python / NumPy / torch RNG states. For each backend it
-prints save and load times, bytes on disk, and shows that a flipped bit in a
-copy is caught by ``aptckpt.verify``.
+1. Train the reference model (``aptckpt.apt.train_model``, default sizes) without
+   interruption, in this process, into ``<out>/uninterrupted-<backend>``.
+2. Run the same training as ``python -m aptckpt.apt`` in a subprocess into
+   ``<out>/killed``; SIGKILL it mid-epoch right after its first temporary checkpoint
+   commits; move the run directory to ``<out>/resumed`` (as if to another
+   machine) and resume it there with ``--resume-from auto``.
+3. Compare the final checkpoints of 1 and 2: model, optimizer, scheduler, loss
+   history, metrics and RNG states must be equal bit for bit. Exit status 1 if not.
+4. Train uninterrupted with the other backends too, check that they end in the same
+   state, and print for each backend checkpointing time as a fraction of training time.
 
 Run: ``./scripts/run.sh`` (or ``.venv/bin/python scripts/main_job.py --help``).
 """
@@ -14,183 +19,193 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
 import aptckpt
+from aptckpt.apt import TrainResult, train_model
+from aptckpt.manager import CheckpointManager
 from aptckpt.testing import assert_state_equal
 
-
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.ln1(x)
-        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
-        return x + self.mlp(self.ln2(x))
+BACKENDS = ("torch", "zstd", "delta")
+EPOCHS, BATCH_SIZE, LEARNING_RATE = 3, 16, 3e-3
 
 
-class TinyGPT(nn.Module):
-    """Decoder-only LM with tied input/output embeddings (like GPT-2)."""
-
-    def __init__(self, vocab: int, d: int, layers: int, heads: int, ctx: int) -> None:
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-        self.head.weight = self.tok.weight
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        t = idx.shape[1]
-        mask = torch.triu(torch.full((t, t), float("-inf")), diagonal=1)
-        x = self.tok(idx) + self.pos(torch.arange(t))
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.head(self.ln(x))
-
-
-def training_state(*, d: int, layers: int, steps: int) -> dict[str, Any]:
-    torch.manual_seed(0)
-    random.seed(0)
-    np.random.seed(0)
-    config = {"vocab": 4096, "d_model": d, "layers": layers, "heads": 8, "ctx": 64, "lr": 3e-4}
-    model = TinyGPT(config["vocab"], d, layers, config["heads"], config["ctx"])
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, config["vocab"], (4, config["ctx"]))
-        logits = model(idx[:, :-1])
-        loss = nn.functional.cross_entropy(
-            logits.reshape(-1, config["vocab"]), idx[:, 1:].reshape(-1)
-        )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    np_state = np.random.get_state()
-    return {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "epoch": 0,
-        "global_step": steps,
-        "batch_in_epoch": steps,
-        "loss_history": losses,
-        "metrics": {"train_loss": losses[-1], "best_loss": min(losses)},
-        "config": config,
-        "rng": {
-            "python": random.getstate(),
-            "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-            "torch": torch.get_rng_state(),
-        },
-    }
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def final_state(run_dir: Path) -> Any:
+    record = CheckpointManager(run_dir).latest()
+    if record is None or record.kind != "epoch":
+        raise SystemExit(f"FAIL: {run_dir} holds no final checkpoint")
+    return aptckpt.load(record.path)
 
 
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    raise AssertionError
+    raise AssertionError("unreachable")
 
 
-def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
+def indent(line: str) -> None:
+    print(f"    | {line}", flush=True)
+
+
+def uninterrupted(out: Path, backend: str, temp_freq: int) -> TrainResult:
+    return train_model(
+        EPOCHS,
+        BATCH_SIZE,
+        LEARNING_RATE,
+        out / f"uninterrupted-{backend}",
+        temp_checkpoint_freq=temp_freq,
+        backend=backend,
+        log=indent,
+    )
+
+
+def killed_and_resumed(out: Path, backend: str, temp_freq: int) -> Path:
+    """Train in a subprocess, SIGKILL it after its first temporary checkpoint, move, resume."""
+    cli = [
+        sys.executable,
+        "-m",
+        "aptckpt.apt",
+        f"--epochs={EPOCHS}",
+        f"--batch-size={BATCH_SIZE}",
+        f"--learning-rate={LEARNING_RATE}",
+        f"--temp-checkpoint-freq={temp_freq}",
+        f"--backend={backend}",
+        "--no-progress",
+        "--threads=1",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [*cli, "--checkpoint-dir=killed"],
+        cwd=out,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    killed = False
+    for line in proc.stdout:
+        indent(line.rstrip("\n"))
+        if line.startswith("  temp checkpoint"):  # printed once the checkpoint has committed
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+    proc.communicate(timeout=120)
+    if not killed or proc.returncode != -signal.SIGKILL:
+        raise SystemExit(f"FAIL: the training subprocess was not killed (status {proc.returncode})")
+    print(f"    SIGKILL sent right after that line (pid {proc.pid})", flush=True)
+
+    shutil.move(out / "killed", out / "resumed")
+    print("  moved the run directory killed/ -> resumed/; resuming with --resume-from auto")
+    result = subprocess.run(
+        [*cli, "--checkpoint-dir=resumed", "--resume-from=auto"],
+        cwd=out,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    for line in result.stdout.splitlines():
+        indent(line)
+    if result.returncode != 0:
+        raise SystemExit(f"FAIL: the resumed run exited with status {result.returncode}")
+    if "(temporary," not in result.stdout:
+        raise SystemExit("FAIL: the resumed run did not start from a temporary checkpoint")
+    return out / "resumed"
+
+
+def compare(label: str, expected: Any, actual: Any) -> None:
+    try:
+        assert_state_equal(expected, actual)
+    except AssertionError as err:
+        raise SystemExit(f"FAIL: {label}: {err}") from err
+    tensors = aptckpt.tree.flatten(expected).tensors
+    n_bytes = sum(leaf.tensor.numel() * leaf.tensor.element_size() for leaf in tensors)
+    print(
+        f"  OK {label}: equal bit for bit -- model, optimizer, scheduler, loss history "
+        f"({len(expected['loss_history'])} steps), metrics, RNG states ({len(tensors)} tensors, "
+        f"{fmt_bytes(n_bytes)})",
+        flush=True,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None, help="directory for checkpoints")
+    parser.add_argument("--out", type=Path, default=None, help="keep the run directories here")
+    parser.add_argument(
+        "--backend", default="zstd", choices=BACKENDS, help="backend of the kill test (zstd)"
+    )
+    parser.add_argument(
+        "--temp-checkpoint-freq",
+        type=int,
+        default=20,
+        help="temporary checkpoint every N steps in every run (default 20)",
+    )
     args = parser.parse_args()
-
+    # The CLI's default; the same count in every run compared (reductions split by
+    # thread count round differently), and the tiny model gains nothing from more.
+    torch.set_num_threads(1)
     print(
-        f"aptckpt {aptckpt.__version__} (core: {aptckpt.IMPLEMENTATION}), torch {torch.__version__}"
+        f"aptckpt {aptckpt.__version__} (core: {aptckpt.IMPLEMENTATION}), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
     )
-    state, seconds = timed(training_state, d=args.d_model, layers=args.layers, steps=args.steps)
-    n_params = (
-        sum(t.numel() for t in state["model"].values()) - state["model"]["head.weight"].numel()
-    )
-    raw = sum(
-        t.numel() * t.element_size()
-        for t in aptckpt.tree.flatten(state).tensors
-        for t in [t.tensor]
-    )
-    print(
-        f"training state: {n_params / 1e6:.1f}M parameters after {args.steps} AdamW steps, "
-        f"{fmt_bytes(raw)} of tensors ({seconds:.1f}s to build)\n"
-    )
-
     root = args.out or Path(tempfile.mkdtemp(prefix="aptckpt-main-"))
     root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    ref_path = root / "torch_save.pt"
-    _, save_s = timed(torch.save, state, ref_path)
-    _, load_s = timed(torch.load, ref_path, weights_only=True)
-    rows.append(("torch.save / torch.load (reference)", save_s, load_s, ref_path.stat().st_size))
-    for label, backend, options in [
-        ("aptckpt zstd", "zstd", {}),
-        ("aptckpt zstd codec=none", "zstd", {"codec": "none"}),
-        ("aptckpt torch", "torch", {}),
-    ]:
-        path = root / label.replace(" ", "_").replace("=", "-")
-        info, save_s = timed(aptckpt.save, state, path, backend=backend, overwrite=True, **options)
-        loaded, load_s = timed(aptckpt.load, path)
-        assert_state_equal(state, loaded)
-        rows.append((label, save_s, load_s, info.stored_bytes))
-        print(
-            f"{label}: saved {info.tensors} tensors to {path} -> files {', '.join(info.files)}; "
-            "loaded back bit-exact (tied embedding still tied: "
-            f"{loaded['model']['tok.weight'] is loaded['model']['head.weight']})"
-        )
+    start = time.perf_counter()
 
-    print(f"\n{'':38} {'save s':>8} {'load s':>8} {'on disk':>10} {'vs raw':>7}")
-    for label, save_s, load_s, size in rows:
-        print(f"{label:38} {save_s:8.3f} {load_s:8.3f} {fmt_bytes(size):>10} {raw / size:6.2f}x")
-    print("(save times include fsync for aptckpt, not for torch.save; single run, not a benchmark)")
+    print(f"\n[1] uninterrupted reference training, backend {args.backend}, in {root}")
+    results = {args.backend: uninterrupted(root, args.backend, args.temp_checkpoint_freq)}
+    expected = final_state(root / f"uninterrupted-{args.backend}")
 
-    damaged = root / "damaged"
-    shutil.copytree(root / "aptckpt_zstd", damaged, dirs_exist_ok=True)
-    shard = damaged / "shard-00000.bin"
-    with open(shard, "r+b") as f:
-        f.seek(os.path.getsize(shard) // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x01]))
-    try:
-        aptckpt.verify(damaged)
-    except aptckpt.IntegrityError as err:
-        print(f"\nflipped one bit in a copy; verify says: {err}")
-    else:
-        raise SystemExit("a flipped bit went undetected")
-    info = aptckpt.inspect(root / "aptckpt_zstd")
+    print(f"\n[2] the same training in a subprocess, SIGKILLed mid-epoch, backend {args.backend}")
+    resumed = killed_and_resumed(root, args.backend, args.temp_checkpoint_freq)
+
+    print("\n[3] final checkpoints compared")
+    compare("killed + moved + resumed vs uninterrupted", expected, final_state(resumed))
+
+    print("\n[4] uninterrupted training with the other backends")
+    for backend in BACKENDS:
+        if backend not in results:
+            print(f"  backend {backend}:")
+            results[backend] = uninterrupted(root, backend, args.temp_checkpoint_freq)
+            compare(
+                f"{backend} vs {args.backend}",
+                expected,
+                final_state(root / f"uninterrupted-{backend}"),
+            )
+
+    first = results[args.backend]
     print(
-        f"\ninspect: backend {info.backend}, format v{info.format_version}, {len(info.tensors)} "
-        f"tensors, {fmt_bytes(info.raw_bytes)} raw -> {fmt_bytes(info.stored_bytes)} stored"
+        f"\ncheckpointing cost, uninterrupted runs ({EPOCHS} epochs x "
+        f"{first.global_step // EPOCHS} steps, {first.model.num_parameters():,} parameters, "
+        f"a temporary checkpoint every {args.temp_checkpoint_freq} steps):"
     )
+    header = ("backend", "saves", "train s", "ckpt s", "ckpt/train", "written")
+    print("  {:8} {:>5} {:>8} {:>7} {:>10} {:>9}".format(*header))
+    for backend in BACKENDS:
+        r = results[backend]
+        saves = len(r.checkpoints) + len(r.temp_checkpoints)
+        print(
+            f"  {backend:8} {saves:5d} {r.train_seconds:8.2f} {r.checkpoint_seconds:7.2f} "
+            f"{100 * r.checkpoint_fraction:9.1f}% {fmt_bytes(r.bytes_written):>9}"
+        )
+    print(
+        "  (single runs on a shared machine, not a benchmark; checkpoint time includes fsync; "
+        "written = bytes each save stored, for delta only new objects)"
+    )
+    print(f"\nmain job done in {time.perf_counter() - start:.1f}s")
     if args.out is None:
         shutil.rmtree(root)
 
