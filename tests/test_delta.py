@@ -405,11 +405,10 @@ def test_interrupted_save_leaves_committed_checkpoints_and_gc_cleans_up(tmp_path
         save(state, tmp_path / "s1", threads=1)
     monkeypatch.undo()
     assert not (tmp_path / "s1").exists()
-    orphans = object_names(tmp_path) - before  # written before the failure
-    assert len(orphans) == 2
+    assert object_names(tmp_path) == before  # nothing got a name
+    assert len(os.listdir(tmp_path / "aptckpt-store" / "tmp")) == 2  # written before the failure
     assert_state_equal(reference, aptckpt.load(tmp_path / "s0"))
-    report = aptckpt.collect_garbage(tmp_path)
-    assert report.removed_objects == len(orphans)
+    aptckpt.collect_garbage(tmp_path)
     assert object_names(tmp_path) == before
     assert os.listdir(tmp_path / "aptckpt-store" / "tmp") == []
 

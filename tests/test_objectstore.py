@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from aptckpt.objectstore import ObjectStore
 def put(store: ObjectStore, data: bytes) -> bytes:
     name = _accel.xxh3_128(data)
     store.put(name, data)
+    store.sync()
     return name
 
 
@@ -63,16 +65,18 @@ def test_bad_marker_is_refused(tmp_path, marker, message):
         ObjectStore.open(tmp_path / "s")
 
 
-def test_put_is_content_addressed_and_idempotent(tmp_path):
+def test_put_is_content_addressed_idempotent_and_named_at_sync(tmp_path):
     store = ObjectStore.create(tmp_path / "s")
     data = os.urandom(1000)
     name = _accel.xxh3_128(data)
     assert store.put(name, data) == 1000
-    assert store.put(name, data) == 0  # present: nothing written
-    path = store.path(name)
-    assert path.parent.name + path.name == name.hex()
-    assert path.read_bytes() == data
+    assert not store.path(name).exists()  # named only once durable
+    assert len(os.listdir(tmp_path / "s" / "tmp")) == 1
+    store.sync()
+    assert store.path(name).name == name.hex()
+    assert store.path(name).read_bytes() == data
     assert os.listdir(tmp_path / "s" / "tmp") == []
+    assert store.put(name, data) == 0  # present: nothing written
     store.sync()
     assert [(n, s) for n, _, s in store.names()] == [(name, 1000)]
 
@@ -95,16 +99,16 @@ def test_links_are_refused(tmp_path):
     outside = tmp_path / "secret"
     outside.write_bytes(b"secret")
     name = _accel.xxh3_128(b"secret")
-    store.path(name).parent.mkdir()
     store.path(name).symlink_to(outside)
     with pytest.raises(UnsafePathError, match="symbolic link"):
         store.read(name, 6)
-    # a fan-out directory that is a link
+    # the objects directory itself a link
     other = _accel.xxh3_128(b"other")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    (elsewhere / store.path(other).name).write_bytes(b"other")
-    store.path(other).parent.symlink_to(elsewhere)
+    (elsewhere / other.hex()).write_bytes(b"other")
+    shutil.rmtree(store.objects)
+    store.objects.symlink_to(elsewhere)
     with pytest.raises(UnsafePathError, match="symbolic link"):
         store.read(other, 5)
 
@@ -113,7 +117,7 @@ def test_names_skip_foreign_files(tmp_path):
     store = ObjectStore.create(tmp_path / "s")
     name = put(store, b"x")
     (store.objects / "zz").mkdir()
-    (store.objects / "zz" / "not-hex").write_bytes(b"")
+    (store.objects / "not-hex").write_bytes(b"")
     (store.objects / "README").write_text("hi")
     assert [n for n, _, _ in store.names()] == [name]
 
@@ -151,14 +155,12 @@ def test_exclusive_lock_waits_for_the_save(tmp_path):
     assert order == ["save done", "gc"]
 
 
-def test_clear_tmp_and_empty_fanouts(tmp_path):
+def test_unsynced_objects_stay_in_tmp_until_cleared(tmp_path):
     store = ObjectStore.create(tmp_path / "s")
-    (tmp_path / "s" / "tmp" / "leftover.123-ab").write_bytes(b"partial")
-    name = put(store, b"y")
-    store.path(name).unlink()
+    store.put(_accel.xxh3_128(b"y"), b"y")  # a save that died before sync()
+    assert list(store.names()) == []
     assert store.clear_tmp() == 1
-    store.remove_empty_fanouts()
-    assert os.listdir(store.objects) == []
+    assert os.listdir(tmp_path / "s" / "tmp") == []
 
 
 # ----------------------------------------------------------------- locations

@@ -69,6 +69,11 @@ def is_checkpoint(path: str | os.PathLike[str]) -> bool:
     return os.path.isfile(os.path.join(path, mf.MANIFEST_NAME))
 
 
+def fsync_file(path: Path) -> None:
+    """Make the contents of file ``path`` durable."""
+    _fsync_path(path)
+
+
 def fsync_dir(path: Path) -> None:
     """Make the entries of directory ``path`` (created, renamed, removed names) durable."""
     _fsync_path(path, directory=True)

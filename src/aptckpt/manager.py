@@ -74,7 +74,12 @@ class _Stateful(Protocol):
 
 @dataclass(frozen=True)
 class CheckpointRecord:
-    """One committed checkpoint of a run, as the index describes it."""
+    """One committed checkpoint of a run, as the index describes it.
+
+    ``is_best`` records that the checkpoint was the best of the run *when it was
+    saved*; the newest checkpoint so flagged is the run's best
+    (:meth:`CheckpointManager.best`). ``bytes`` is what its save wrote.
+    """
 
     path: Path
     rel_path: str
@@ -195,6 +200,8 @@ class CheckpointManager:
         self.temp_every = temp_every or 0
         self.backend_options = dict(backend_options or {})
         self.last_loaded: ResumeInfo | None = None
+        #: The record of the last checkpoint this manager saved (bytes written, best flag).
+        self.last_saved: CheckpointRecord | None = None
         self._created_at: str | None = None
 
     # ------------------------------------------------------------ saving
@@ -318,10 +325,12 @@ class CheckpointManager:
         )
         records = [r for r in records if r.rel_path != rel] + [record]
         records = self._mark_best(records, record, is_best)
-        records = self._retain(records, record)
-        self._write_index(records)
-        if any(r.backend == "delta" for r in records) or self.backend == "delta":
-            self._collect_garbage()
+        record = next(r for r in records if r.rel_path == rel)
+        kept = self._retain(records, record)
+        self._write_index(kept)
+        self.last_saved = record
+        if len(kept) < len(records):
+            self._collect_garbage()  # deleted checkpoints may leave delta objects unreached
         log.info("checkpoint %s committed (%d bytes)", rel, info.stored_bytes)
         return self.run_dir / rel
 

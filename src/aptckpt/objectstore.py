@@ -5,7 +5,7 @@ Layout (a directory inside the run directory, by default ``aptckpt-store``)::
     aptckpt-store/
       STORE                 marker: msgpack {"format": "aptckpt-store", "version": 1}
       LOCK                  flock target: saves hold it shared, garbage collection exclusive
-      objects/3f/a1c0...    one file per object, named by the XXH3-128 of its bytes (hex)
+      objects/3fa1c0...     one file per object, named by the XXH3-128 of its bytes (32 hex)
       tmp/                  objects being written (renamed into objects/ once durable)
 
 An object is the stored bytes of one chunk. Its name is the digest of exactly
@@ -14,11 +14,14 @@ writers of one name write the same bytes, and ``fsck`` needs no manifest. What
 the bytes mean (codec, the object it is an xor-delta against) is recorded in the
 manifests that reach it, never in the object.
 
-Durability: an object is written to ``tmp/``, fsynced, then renamed to its
-name; the directories that gained names are fsynced by :meth:`ObjectStore.sync`
-before the manifest that needs them is written. So a name in ``objects/`` always
-holds complete bytes, and a crash leaves at worst unreferenced objects, which
-garbage collection removes.
+Durability: :meth:`ObjectStore.put` writes an object to ``tmp/``;
+:meth:`ObjectStore.sync` fsyncs every pending object (in parallel, so the
+filesystem journal commits them together), renames each to its name and fsyncs
+``objects/`` once, before the manifest that needs them is written. So a name in
+``objects/`` always holds complete bytes, and a crash leaves at worst
+unreferenced objects and files in ``tmp/``, which garbage collection removes.
+``objects/`` is one flat directory: one directory fsync per save, however many
+objects it adds (ext4, xfs and btrfs index large directories).
 
 Concurrency: a save holds the store's lock *shared* from before it decides
 which objects already exist until its manifest is committed; garbage collection
@@ -30,16 +33,16 @@ manifests, which collection never removes.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import secrets
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgpack
 
-from aptckpt._atomic import fsync_dir, is_checkpoint, is_temporary, open_regular
+from aptckpt._atomic import fsync_dir, fsync_file, is_checkpoint, is_temporary, open_regular
 from aptckpt.errors import FormatError, IntegrityError, StoreBusyError, UnsafePathError
 from aptckpt.manifest import check_relative_path
 
@@ -86,7 +89,7 @@ class ObjectStore:
         self.root = root
         self.objects = root / "objects"
         self._tmp = root / "tmp"
-        self._touched: set[Path] = set()
+        self._pending: list[tuple[Path, Path]] = []  # (temp file, final name), awaiting sync()
 
     # ------------------------------------------------------------ open/create
 
@@ -187,8 +190,7 @@ class ObjectStore:
     # ---------------------------------------------------------------- objects
 
     def path(self, name: bytes) -> Path:
-        hex_name = _hex_name(name)
-        return self.objects / hex_name[:2] / hex_name[2:]
+        return self.objects / _hex_name(name)
 
     def label(self, name: bytes) -> str:
         """How messages name an object: relative to the store's parent directory."""
@@ -202,38 +204,38 @@ class ObjectStore:
         return st.st_size == size
 
     def put(self, name: bytes, data: memoryview | bytes) -> int:
-        """Store ``data`` under ``name`` (the caller's digest of it) unless present.
+        """Write ``data``, whose digest is ``name``, unless the store has it.
 
         Returns the number of bytes written (0 when the object already existed).
-        The new name is durable only after :meth:`sync`.
+        The object gets its name, durably, at the next :meth:`sync`.
         """
         target = self.path(name)
         if self.exists(name, len(data)):
             return 0
-        target.parent.mkdir(exist_ok=True)
-        tmp = self._tmp / f"{target.parent.name}{target.name}.{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = self._tmp / f"{target.name}.{os.getpid()}-{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             view = memoryview(data).cast("B")
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
         except BaseException:
             os.close(fd)
             os.unlink(tmp)
             raise
         os.close(fd)
-        os.replace(tmp, target)  # same bytes if another writer got there first
-        self._touched.add(target.parent)
+        self._pending.append((tmp, target))  # list.append is atomic: safe from many threads
         return len(data)
 
-    def sync(self) -> None:
-        """Make the names of every object :meth:`put` since the last call durable."""
-        touched, self._touched = self._touched, set()
-        for directory in sorted(touched):
-            fsync_dir(directory)
-        if touched:
-            fsync_dir(self.objects)
+    def sync(self, threads: int = 4) -> None:
+        """Make every object :meth:`put` since the last call durable under its name."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        with ThreadPoolExecutor(max(1, min(threads, len(pending)))) as pool:
+            list(pool.map(fsync_file, [tmp for tmp, _ in pending]))
+        for tmp, target in pending:
+            os.replace(tmp, target)  # same bytes if another writer got there first
+        fsync_dir(self.objects)
 
     def read_into(self, name: bytes, out: memoryview) -> None:
         """Fill ``out`` with the object ``name``, which must be exactly ``len(out)`` bytes."""
@@ -261,7 +263,7 @@ class ObjectStore:
     def _open(self, name: bytes, size: int) -> int:
         path = self.path(name)
         label = self.label(name)
-        if path.parent.is_symlink() or self.objects.is_symlink():
+        if self.objects.is_symlink():
             raise UnsafePathError(
                 f"'{label}' is reached through a symbolic link; stores never contain links",
                 path=str(self.root),
@@ -290,20 +292,17 @@ class ObjectStore:
     def names(self) -> Iterator[tuple[bytes, Path, int]]:
         """Every well-named object: ``(name, path, size)``. Other files are skipped."""
         try:
-            fanouts = sorted(os.scandir(self.objects), key=lambda e: e.name)
+            entries = sorted(os.scandir(self.objects), key=lambda e: e.name)
         except FileNotFoundError:
             return
-        for fanout in fanouts:
-            if len(fanout.name) != 2 or not fanout.is_dir(follow_symlinks=False):
+        for entry in entries:
+            try:
+                name = bytes.fromhex(entry.name)
+            except ValueError:
                 continue
-            for entry in sorted(os.scandir(fanout.path), key=lambda e: e.name):
-                try:
-                    name = bytes.fromhex(fanout.name + entry.name)
-                except ValueError:
-                    continue
-                if len(name) != _NAME_BYTES or not entry.is_file(follow_symlinks=False):
-                    continue
-                yield name, Path(entry.path), entry.stat(follow_symlinks=False).st_size
+            if len(name) != _NAME_BYTES or not entry.is_file(follow_symlinks=False):
+                continue
+            yield name, Path(entry.path), entry.stat(follow_symlinks=False).st_size
 
     def clear_tmp(self) -> int:
         """Remove every file in ``tmp/``; only safe under the exclusive lock."""
@@ -317,17 +316,6 @@ class ObjectStore:
                 os.unlink(entry.path)
                 removed += 1
         return removed
-
-    def remove_empty_fanouts(self) -> None:
-        if not self.objects.is_dir():
-            return
-        for entry in os.scandir(self.objects):
-            if entry.is_dir(follow_symlinks=False):
-                try:
-                    os.rmdir(entry.path)
-                except OSError as err:
-                    if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                        raise
 
 
 def find_checkpoints(home: Path, *, skip: Path | None = None) -> Iterator[Path]:

@@ -359,7 +359,7 @@ class DeltaBackend(Backend):
         for obj, nbytes in results:
             new_objects.append(obj)
             written += nbytes
-        store.sync()
+        store.sync(self._threads * 2)
         writer.external_bytes += written
         chunks = planner.resolve(new_objects)
         home = Path(os.path.realpath(store.root.parent))
@@ -661,7 +661,6 @@ def collect_garbage(
             removed, removed_bytes = removed + 1, removed_bytes + size
         if not dry_run:
             store.clear_tmp()
-            store.remove_empty_fanouts()
     report = GarbageReport(
         str(store.root), checkpoints, kept, kept_bytes, removed, removed_bytes, dry_run
     )
