@@ -618,3 +618,45 @@ def test_random_histories_never_break_a_checkpoint(tmp_path_factory, ops, every)
         aptckpt.collect_garbage(run)
     for path, expected in alive.items():
         assert_state_equal(expected, aptckpt.load(path))
+
+
+def test_recent_chunks_in_memory_give_the_same_checkpoints_as_decoding(tmp_path, monkeypatch):
+    """Deltas taken against chunks kept in memory from the last save, or decoded from
+    the store, are the same bytes; a clobbered memory entry is not used."""
+
+    def history(run: Path) -> list[Any]:
+        torch.manual_seed(0)  # step() draws from the global generator
+        state = training_state()
+        for i in range(4):
+            save(state, run / f"s{i}")
+            step(state)
+        return [payload(run / f"s{i}")["objects"] for i in range(4)]
+
+    with_cache = history(tmp_path / "cached")
+    kept = delta._recent._stores.get(str(tmp_path / "cached" / "aptckpt-store"))
+    assert kept  # the last save's new chunks stayed in memory
+    monkeypatch.setenv("APTCKPT_DELTA_CACHE_BYTES", "0")
+    assert history(tmp_path / "decoded") == with_cache
+    monkeypatch.delenv("APTCKPT_DELTA_CACHE_BYTES")
+    for entries in delta._recent._stores.values():
+        for buffer in entries.values():
+            buffer[0] ^= 1  # memory corruption, or a caller mutating a kept chunk
+    state = aptckpt.load(tmp_path / "cached" / "s3")
+    step(state)
+    save(state, tmp_path / "cached" / "s4")
+    assert_state_equal(state, aptckpt.load(tmp_path / "cached" / "s4"))
+
+
+def test_dense_changes_keep_chains_short(tmp_path):
+    """When every value changes, an xor link saves little, so chains are cut early
+    rather than growing to keyframe_every: loads stay cheap."""
+    gen = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(64 * 1024, generator=gen)}
+    for i in range(8):
+        save(state, tmp_path / f"s{i}", chunk_size=64 * 1024)
+        state["w"] = state["w"] + 1e-2 * torch.randn(64 * 1024, generator=gen)
+    depths = [
+        max(o.depth for o in delta.parse_payload(aptckpt_manifest(tmp_path / f"s{i}"), "t").objects)
+        for i in range(8)
+    ]
+    assert max(depths) <= 2, depths

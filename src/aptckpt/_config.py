@@ -18,6 +18,13 @@ DEFAULT_ZSTD_LEVEL = 1
 #: ``delta`` backend: every this many saves along a base chain, one stores no
 #: xor-delta, so loading a chunk decodes at most this many objects.
 DEFAULT_KEYFRAME_EVERY = 8
+#: ``delta`` backend: an xor link must beat compressing the chunk alone by this
+#: fraction per link of its chain (each link costs a decode on every load).
+DELTA_CHAIN_PENALTY = 0.1
+#: ``delta`` backend: default bytes of raw chunks kept in memory between saves of one
+#: process (``APTCKPT_DELTA_CACHE_BYTES``), so the next save deltas against them
+#: without decoding their chains from the store. 0 disables.
+DEFAULT_DELTA_CACHE_BYTES = 1 << 30
 #: Largest manifest a reader accepts (a manifest of 10 million chunks is ~400 MB).
 MAX_MANIFEST_BYTES = 1 << 30
 #: Deepest container nesting of a state (the skeleton must stay within msgpack's stack).
@@ -40,3 +47,12 @@ def threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def delta_cache_bytes() -> int:
+    """Bytes of raw chunks the ``delta`` backend may keep between saves."""
+    env = os.environ.get("APTCKPT_DELTA_CACHE_BYTES", "").strip()
+    try:
+        return max(0, int(env)) if env else DEFAULT_DELTA_CACHE_BYTES
+    except ValueError:
+        return DEFAULT_DELTA_CACHE_BYTES

@@ -302,6 +302,71 @@ class _BaseScratch(threading.local):
 _base_scratch = _BaseScratch()
 
 
+class _RecentChunks:
+    """Raw bytes of the chunks the last save into each store wrote, in this process.
+
+    The next save deltas a changed chunk against the chunk's previous version;
+    taking it from here rather than decoding its xor chain from the store is
+    what keeps a delta save cheap late in a keyframe cycle. Bounded by
+    :func:`aptckpt._config.delta_cache_bytes`; entries are checked against their
+    digest before use, so a stale or clobbered entry costs only a decode.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stores: dict[str, dict[bytes, bytearray]] = {}
+        self._filling: dict[str, tuple[dict[bytes, bytearray], list[int]]] = {}
+        # Buffers of retired generations, reused: fresh memory costs a page fault per
+        # 4 KiB, which here is slower than the copy itself.
+        self._free: dict[int, list[bytearray]] = {}
+
+    def get(self, store: str, digest: bytes, size: int) -> bytearray | None:
+        data = self._stores.get(store, {}).get(digest)
+        if data is None or len(data) != size or _accel.xxh3_128(data) != digest:
+            return None
+        return data
+
+    def begin(self, store: str) -> None:
+        self._filling[store] = ({}, [_config.delta_cache_bytes()])
+
+    def offer(self, store: str, digest: bytes, raw: memoryview) -> None:
+        entries, budget = self._filling[store]
+        with self._lock:
+            if budget[0] < len(raw) or digest in entries:
+                return
+            budget[0] -= len(raw)
+            free = self._free.get(len(raw))
+            buffer = free.pop() if free else bytearray(len(raw))
+        buffer[:] = raw
+        entries[digest] = buffer
+
+    def commit(self, store: str) -> None:
+        """Make this save's chunks the ones kept; only the last store saved into keeps any."""
+        entries, _ = self._filling.pop(store)
+        for old in self._stores.values():
+            self._retire(old)
+        self._stores = {store: entries}
+
+    def abort(self, store: str) -> None:
+        entries, _ = self._filling.pop(store, ({}, []))
+        self._retire(entries)
+
+    def _retire(self, entries: dict[bytes, bytearray]) -> None:
+        """Keep retired buffers for reuse, up to the cache budget (so at most twice
+        the budget is held: the kept chunks and the free buffers)."""
+        with self._lock:
+            room = _config.delta_cache_bytes() - sum(
+                len(b) for bufs in self._free.values() for b in bufs
+            )
+            for buffer in entries.values():
+                if len(buffer) <= room:
+                    self._free.setdefault(len(buffer), []).append(buffer)
+                    room -= len(buffer)
+
+
+_recent = _RecentChunks()
+
+
 # ------------------------------------------------------------------ writing
 
 
@@ -352,14 +417,21 @@ class DeltaBackend(Backend):
         for leaf, host, view, packed in zip(flat.tensors, hosts, views, digests, strict=True):
             planner.add_tensor(leaf.key_path, host.element_size(), view, packed)
         written = 0
-        results = _chunks.ordered_map(
-            lambda job: self._encode(store, job), planner.jobs, threads=self._threads
-        )
-        new_objects = []
-        for obj, nbytes in results:
-            new_objects.append(obj)
-            written += nbytes
-        store.sync(self._threads * 2)
+        key = str(store.root)
+        _recent.begin(key)
+        try:
+            results = _chunks.ordered_map(
+                lambda job: self._encode(store, job), planner.jobs, threads=self._threads
+            )
+            new_objects = []
+            for obj, nbytes in results:
+                new_objects.append(obj)
+                written += nbytes
+            store.sync(self._threads * 2)
+        except BaseException:
+            _recent.abort(key)
+            raise
+        _recent.commit(key)
         writer.external_bytes += written
         chunks = planner.resolve(new_objects)
         home = Path(os.path.realpath(store.root.parent))
@@ -425,36 +497,57 @@ class DeltaBackend(Backend):
         return None
 
     def _encode(self, store: ObjectStore, job: _Job) -> tuple[StoredObject, int]:
+        """Store one new chunk: as an xor-delta against its previous version when
+        that pays for its place in the chain, else whole (compressed or raw)."""
         raw, level = job.data, self.options.level
         shuffle = job.itemsize if job.itemsize > 1 else 0
+        whole = Pipeline(shuffle=shuffle, zstd=True)
         best: tuple[Pipeline, Any, StoredObject | None] | None = None
-        predicted_whole = len(raw)
         if job.prev is not None:
-            previous = _base_scratch.get(len(raw))
-            try:
-                decode_chain(store, job.prev, previous, verify=True)
-            except (IntegrityError, EOFError, OSError) as err:
-                log.warning(
-                    "cannot read the previous version of a chunk, storing it whole: %s", err
-                )
-            else:
+            previous = self._previous_version(store, job.prev, len(raw))
+            if previous is not None:
                 pipeline = Pipeline(xor=True, shuffle=shuffle, zstd=True)
-                best = (pipeline, pipeline.encode(raw, level=level, base=previous), job.prev)
+                delta = pipeline.encode(raw, level=level, base=previous)
+                # Each link costs a decode on every load: it must beat the whole chunk by
+                # a margin that grows with the chain. The whole chunk's size is predicted
+                # from how well the chain's whole object compressed; compress it only
+                # when the prediction leaves the delta in doubt.
+                weight = 1 + _config.DELTA_CHAIN_PENALTY * (job.prev.depth + 1)
                 root = job.prev.chain()[0]
-                predicted_whole = root.size * len(raw) // max(1, root.raw_size)
-        if best is None or len(best[1]) >= predicted_whole:
-            # No base, or the delta may not beat compressing the chunk alone (predicted
-            # from how well the chunk's last whole version compressed): try that too.
-            pipeline = Pipeline(shuffle=shuffle, zstd=True)
-            whole = pipeline.encode(raw, level=level)
-            if best is None or len(whole) < len(best[1]):
-                best = (pipeline, whole, None)
+                predicted = root.size * len(raw) // max(1, root.raw_size)
+                if len(delta) * weight < predicted:
+                    best = (pipeline, delta, job.prev)
+                else:
+                    alone = whole.encode(raw, level=level)
+                    best = (
+                        (pipeline, delta, job.prev)
+                        if len(delta) * weight < len(alone)
+                        else (whole, alone, None)
+                    )
+        if best is None:
+            best = (whole, whole.encode(raw, level=level), None)
         if len(best[1]) >= len(raw):
             best = (RAW, raw, None)
         pipeline, stored, base = best
         name = job.digest if pipeline == RAW else _accel.xxh3_128(stored)
         written = store.put(name, stored)
+        _recent.offer(str(store.root), job.digest, raw)
         return StoredObject(name, len(stored), len(raw), pipeline, job.digest, base), written
+
+    @staticmethod
+    def _previous_version(store: ObjectStore, prev: StoredObject, size: int) -> Any:
+        """The raw bytes ``prev`` decodes to: from memory if the last save left them
+        there, else decoded from the store; None if they cannot be read."""
+        cached = _recent.get(str(store.root), prev.digest, size)
+        if cached is not None:
+            return cached
+        previous = _base_scratch.get(size)
+        try:
+            decode_chain(store, prev, previous, verify=True)
+        except (IntegrityError, EOFError, OSError) as err:
+            log.warning("cannot read the previous version of a chunk, storing it whole: %s", err)
+            return None
+        return previous
 
     # ------------------------------------------------------------------- read
 
