@@ -83,6 +83,8 @@ log = logging.getLogger("aptckpt")
 #: Longest xor chain a reader accepts (a writer keeps it below ``keyframe_every``).
 MAX_CHAIN = 256
 _DIGEST = 16
+#: Bytes of a large changed chunk encoded both ways to decide whether a delta may pay.
+_SAMPLE = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -505,14 +507,16 @@ class DeltaBackend(Backend):
         best: tuple[Pipeline, Any, StoredObject | None] | None = None
         if job.prev is not None:
             previous = self._previous_version(store, job.prev, len(raw))
-            if previous is not None:
-                pipeline = Pipeline(xor=True, shuffle=shuffle, zstd=True)
+            pipeline = Pipeline(xor=True, shuffle=shuffle, zstd=True)
+            # Each link costs a decode on every load: it must beat the whole chunk by
+            # a margin that grows with the chain.
+            weight = 1 + _config.DELTA_CHAIN_PENALTY * (job.prev.depth + 1)
+            if previous is not None and _delta_may_win(
+                raw, previous, pipeline, whole, weight, level
+            ):
                 delta = pipeline.encode(raw, level=level, base=previous)
-                # Each link costs a decode on every load: it must beat the whole chunk by
-                # a margin that grows with the chain. The whole chunk's size is predicted
-                # from how well the chain's whole object compressed; compress it only
-                # when the prediction leaves the delta in doubt.
-                weight = 1 + _config.DELTA_CHAIN_PENALTY * (job.prev.depth + 1)
+                # The whole chunk's size is predicted from how well the chain's whole
+                # object compressed; compress it only when that leaves the delta in doubt.
                 root = job.prev.chain()[0]
                 predicted = root.size * len(raw) // max(1, root.raw_size)
                 if len(delta) * weight < predicted:
@@ -590,6 +594,18 @@ class DeltaBackend(Backend):
     def external_bytes(self, manifest: Manifest) -> int:
         payload = parse_payload(manifest, "manifest")
         return sum({o.name: o.size for o in payload.objects}.values())
+
+
+def _delta_may_win(
+    raw: memoryview, previous: Any, delta: Pipeline, whole: Pipeline, weight: float, level: int
+) -> bool:
+    """False when encoding a sample of a large chunk both ways shows that the whole
+    chunk clearly wins (dense changes): then the full delta is not even tried."""
+    if len(raw) < 4 * _SAMPLE:
+        return True
+    sample = slice(0, _SAMPLE)
+    as_delta = len(delta.encode(raw[sample], level=level, base=memoryview(previous)[sample]))
+    return as_delta * weight < len(whole.encode(raw[sample], level=level))
 
 
 def _read_base(path: Path, store: ObjectStore) -> _Base | None:
