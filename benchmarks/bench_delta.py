@@ -20,7 +20,7 @@ explicitly, default ``keyframe_every``), and in the same round saves the same st
    times, interleaved with zstd saves of it. Target: bytes and time <= 5% of the zstd save.
 
 Method: ratios are taken within a round (the same state, seconds apart) and the median of the
-per-round ratios is reported; within a round the order of the timed saves rotates, and every
+per-round ratios is reported; the order of the timed saves rotates from round to round; every
 timed operation is preceded by ``gc.collect()`` and ``os.sync()`` (untimed). The last delta
 checkpoint of every series is loaded and compared bit for bit with the state it saved.
 
@@ -29,6 +29,7 @@ Usage::
     python benchmarks/bench_delta.py --scale small --out benchmarks/_work/RESULTS-delta-small.md
     python benchmarks/bench_delta.py --scale full                    # writes RESULTS-delta.md
     python benchmarks/bench_delta.py --scale small --scenarios 1,4
+    python benchmarks/bench_delta.py --from-json benchmarks/_work/results-delta-full-<stamp>.json
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import hashlib
 import json
 import math
 import os
 import shlex
+import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,13 +55,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from any directory
 
 import _sysutil
-from _stats import fmt_bytes, fmt_ratio, fmt_s, median, table
+from _stats import fmt_bytes, fmt_s, median, table
 from bench_backends import _log, _settle, _timed, check_nested, touch
 from workload import GPT, ModelConfig, build_workload, describe, tensor_bytes, unique_tensors
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WORKDIR = HERE / "_work"  # gitignored: every file the benchmark writes goes here
+MANIFEST_NAME = "manifest.msgpack"
 
 # Targets from the delta backend's brief.
 TARGET_FROZEN_BYTES = 1.1  # delta bytes / zstd bytes of what changed, at most
@@ -82,7 +85,7 @@ class Plan:
     dense_ckpts: int = 6
     dense_steps: int = 3
     load_reps: int = 3
-    unchanged_reps: int = 5
+    unchanged_reps: int = 7
 
 
 # Same counts at both scales, so that "small" exercises the same keyframe positions.
@@ -114,17 +117,23 @@ def read_payload(path: Path) -> Any:
     """The backend payload of a committed checkpoint (for since_keyframe and the object table)."""
     from aptckpt import manifest as mf
 
-    return mf.decode((path / mf.MANIFEST_NAME).read_bytes(), where=str(path)).payload
+    assert mf.MANIFEST_NAME == MANIFEST_NAME
+    return mf.decode((path / MANIFEST_NAME).read_bytes(), where=str(path)).payload
 
 
 def timed_save(aptckpt: Any, state: Any, path: Path, backend: str, **opts: Any) -> dict[str, Any]:
     """One timed ``aptckpt.save``: wall seconds (after settling) and the SaveInfo fields."""
     _settle()
     dt, info = _timed(lambda: aptckpt.save(state, path, backend=backend, overwrite=True, **opts))
+    manifest = (path / MANIFEST_NAME).stat().st_size
     return {
         "seconds": dt,
         "info_seconds": info.seconds,
         "stored_bytes": info.stored_bytes,
+        "manifest_bytes": manifest,
+        # SaveInfo.stored_bytes leaves the manifest out (for every backend); a delta save of an
+        # unchanged state writes nothing else, so the figures here add it.
+        "written_bytes": info.stored_bytes + manifest,
         "raw_bytes": info.raw_bytes,
     }
 
@@ -166,19 +175,50 @@ class DeltaChain:
         p = read_payload(path)
         rows = p["objects"]
         new = [r for r in rows if r[0] not in self.prev_names]
+        depth: list[int] = []
+        for r in rows:  # a row's base is an earlier row
+            depth.append(0 if r[5] is None else depth[r[5]] + 1)
         return {
             "path": path.name,
             "since_keyframe": p["since_keyframe"],
             "keyframe_every": p["keyframe_every"],
             "keyframe": p["since_keyframe"] == 0,
-            "manifest_bytes": _sysutil.disk_bytes(path),
             "chunks": sum(len(c) for c in p["chunks"]),
             "objects": len(rows),
             "new_objects": len(new),
             "new_xor": sum(1 for r in new if r[5] is not None),
             "new_object_bytes": sum(r[1] for r in new),
             "new_raw_bytes": sum(r[2] for r in new),
+            "max_chain": 1 + max(depth, default=0),  # objects decoded for the deepest chunk
         }
+
+
+def installed_code(aptckpt: Any) -> dict[str, Any]:
+    """Which aptckpt code this run imports: a fingerprint of its files, and its ``.py`` files
+    compared with ``src/aptckpt`` at the repository's HEAD (others may commit, or reinstall the
+    package into the venv, while a benchmark runs; the fingerprint is taken again at the end).
+    """
+    root = Path(aptckpt.__file__).resolve().parent
+    files = sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    git = ["git", "-C", str(REPO)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    differ = []
+    for f in files:
+        if f.suffix != ".py":
+            continue
+        rel = f.relative_to(root).as_posix()
+        at_head = subprocess.run([*git, "show", f"HEAD:src/aptckpt/{rel}"], capture_output=True)
+        if at_head.returncode != 0 or at_head.stdout != f.read_bytes():
+            differ.append(rel)
+    return {
+        "fingerprint": digest.hexdigest()[:16],
+        "head": head.stdout.strip() or "unknown",
+        "py_files": sum(1 for f in files if f.suffix == ".py"),
+        "py_differ_from_head": differ,
+    }
 
 
 def make_batch(cfg: ModelConfig, gen: torch.Generator) -> torch.Tensor:
@@ -280,23 +320,23 @@ def scenario_frozen(aptckpt: Any, wl: Any, plan: Plan) -> dict[str, Any]:
             "step": step,
         }
         ops = [
-            ("delta", lambda: chain.save(state)),
-            ("zstd_full", lambda: timed_save(aptckpt, state, run / "ref-zstd-full", "zstd")),
-            ("zstd_changed", lambda: timed_save(aptckpt, changed, run / "ref-zstd-changed", "zstd")),
-            ("raw", lambda: timed_raw(state, run / "ref-raw.bin")),
-        ]  # fmt: skip
+            ("delta", lambda s=state: chain.save(s)),
+            ("zstd_full", lambda s=state: timed_save(aptckpt, s, run / "ref-zstd-full", "zstd")),
+            ("zstd_changed", lambda c=changed: timed_save(aptckpt, c, run / "ref-zstd-ch", "zstd")),
+            ("raw", lambda s=state: timed_raw(s, run / "ref-raw.bin")),
+        ]
         r = run_ops(ops, k)
         r["loss"] = loss
         r["step"] = step
         rounds.append(r)
-        for ref in ("ref-zstd-full", "ref-zstd-changed", "ref-raw.bin"):
+        for ref in ("ref-zstd-full", "ref-zstd-ch", "ref-raw.bin"):
             _sysutil.remove(run / ref)
         d = r["delta"]
         _log(
-            f"[frozen {k + 1}/{plan.frozen_ckpts}] delta {fmt_bytes(d['stored_bytes'])} "
+            f"[frozen {k + 1}/{plan.frozen_ckpts}] delta {_b(d['written_bytes'])} "
             f"(since_keyframe {d['since_keyframe']}) {d['seconds']:.3f} s; changed-zstd "
-            f"{fmt_bytes(r['zstd_changed']['stored_bytes'])}; zstd full "
-            f"{fmt_bytes(r['zstd_full']['stored_bytes'])} {r['zstd_full']['seconds']:.3f} s; "
+            f"{_b(r['zstd_changed']['written_bytes'])}; zstd full "
+            f"{_b(r['zstd_full']['written_bytes'])} {r['zstd_full']['seconds']:.3f} s; "
             f"raw {r['raw']['seconds']:.3f} s"
         )
     cpu = meter.read()
@@ -321,7 +361,9 @@ def scenario_frozen(aptckpt: Any, wl: Any, plan: Plan) -> dict[str, Any]:
 # scenario 2: bf16 weights at lr 1e-5
 
 
-def _bf16_changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _bf16_changed(
+    before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]
+) -> dict[str, Any]:
     """Fraction of bf16 elements (by bit pattern) and number of tensors that changed."""
     changed = total = tensors = 0
     seen: set[int] = set()
@@ -353,19 +395,27 @@ def scenario_bf16(aptckpt: Any, wl: Any, plan: Plan, optimizer: str) -> dict[str
     meter = _sysutil.CpuMeter()
     step = 0
     before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def snapshot(step: int) -> dict[str, Any]:
+        weights = model.state_dict()
+        out = {"weights": {"model": weights, "step": step}}
+        if "full" in chains:
+            out["full"] = {"model": weights, "optimizer": opt.state_dict(), "step": step}
+        return out
+
     states: dict[str, Any] = {}
     for k in range(plan.bf16_ckpts):
         loss = train(model, opt, cfg, gen, plan.bf16_steps)
         step += plan.bf16_steps
-        weights = model.state_dict()
-        states = {"weights": {"model": weights, "step": step}}
-        if "full" in chains:
-            states["full"] = {"model": weights, "optimizer": opt.state_dict(), "step": step}
+        states = snapshot(step)
+        weights = states["weights"]["model"]
         ops: list[tuple[str, Callable[[], dict[str, Any]]]] = []
         for key, chain in chains.items():
             ops.append((f"delta_{key}", lambda c=chain, s=states[key]: c.save(s)))
             ref = run / key / "ref-zstd"
-            ops.append((f"zstd_{key}", lambda s=states[key], p=ref: timed_save(aptckpt, s, p, "zstd")))
+            ops.append(
+                (f"zstd_{key}", lambda s=states[key], p=ref: timed_save(aptckpt, s, p, "zstd"))
+            )
         r = run_ops(ops, k)
         r["changed"] = _bf16_changed(before, weights)
         r["loss"] = loss
@@ -377,22 +427,27 @@ def scenario_bf16(aptckpt: Any, wl: Any, plan: Plan, optimizer: str) -> dict[str
         _log(
             f"[bf16-{optimizer} {k + 1}/{plan.bf16_ckpts}] "
             + "; ".join(
-                f"{key}: delta {fmt_bytes(r[f'delta_{key}']['stored_bytes'])} vs zstd "
-                f"{fmt_bytes(r[f'zstd_{key}']['stored_bytes'])}"
+                f"{key}: delta {_b(r[f'delta_{key}']['written_bytes'])} vs zstd "
+                f"{_b(r[f'zstd_{key}']['written_bytes'])}"
                 for key in chains
             )
             + f"; {100 * r['changed']['elements_changed']:.3f}% of elements changed"
         )
-    # A keyframe's cost at this point of the cycle: the same state saved against the last
-    # checkpoint with keyframe_every=1, so that it reuses only whole objects, as the next real
-    # keyframe would. It is the last save of the chain, so it changes no figure above.
-    probes = {}
-    for key, chain in chains.items():
-        probes[key] = chain.save(states[key], keyframe_every=1)
-        _log(f"[bf16-{optimizer}] {key}: keyframe probe {fmt_bytes(probes[key]['stored_bytes'])}")
-    cpu = meter.read()
     checks = {key: verify_load(aptckpt, c.prev, states[key]) if c.prev else "none"
               for key, c in chains.items()}  # fmt: skip
+    # A keyframe's cost: the next checkpoint (as many steps on) saved against the last one with
+    # keyframe_every=1, so that it is a keyframe -- it reuses only whole objects of its base and
+    # stores every other chunk whole, as the next real keyframe of the cycle would. It is the
+    # last save of the chain, so it changes no figure above.
+    train(model, opt, cfg, gen, plan.bf16_steps)
+    step += plan.bf16_steps
+    next_states = snapshot(step)
+    probes = {}
+    for key, chain in chains.items():
+        probes[key] = chain.save(next_states[key], keyframe_every=1)
+        assert probes[key]["keyframe"]
+        _log(f"[bf16-{optimizer}] {key}: keyframe probe {_b(probes[key]['written_bytes'])}")
+    cpu = meter.read()
     out = {
         "optimizer": optimizer,
         "lr": BF16_LR,
@@ -433,9 +488,9 @@ def scenario_dense(aptckpt: Any, wl: Any, plan: Plan) -> tuple[dict[str, Any], d
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
         _sysutil.remove(run / "ref-zstd")
         ops = [
-            ("delta", lambda: chain.save(state)),
-            ("zstd", lambda: timed_save(aptckpt, state, run / "ref-zstd", "zstd")),
-            ("raw", lambda: timed_raw(state, run / "ref-raw.bin")),
+            ("delta", lambda s=state: chain.save(s)),
+            ("zstd", lambda s=state: timed_save(aptckpt, s, run / "ref-zstd", "zstd")),
+            ("raw", lambda s=state: timed_raw(s, run / "ref-raw.bin")),
         ]
         r = run_ops(ops, k)
         r["loss"] = loss
@@ -444,9 +499,9 @@ def scenario_dense(aptckpt: Any, wl: Any, plan: Plan) -> tuple[dict[str, Any], d
         _sysutil.remove(run / "ref-raw.bin")
         d, z = r["delta"], r["zstd"]
         _log(
-            f"[dense {k + 1}/{plan.dense_ckpts}] delta {fmt_bytes(d['stored_bytes'])} "
+            f"[dense {k + 1}/{plan.dense_ckpts}] delta {_b(d['written_bytes'])} "
             f"{d['seconds']:.3f} s (since_keyframe {d['since_keyframe']}, {d['new_xor']} xor / "
-            f"{d['new_objects']} new objects); zstd {fmt_bytes(z['stored_bytes'])} "
+            f"{d['new_objects']} new objects); zstd {_b(z['written_bytes'])} "
             f"{z['seconds']:.3f} s; raw {r['raw']['seconds']:.3f} s"
         )
     model.requires_grad_(False)
@@ -472,6 +527,7 @@ def scenario_dense(aptckpt: Any, wl: Any, plan: Plan) -> tuple[dict[str, Any], d
         "rounds": rounds,
         "loads": loads,
         "load_chain_depth": rounds[-1]["delta"]["since_keyframe"] + 1,
+        "load_max_chain": rounds[-1]["delta"]["max_chain"],
         "verify_last": checks,
         "cpu": meter.read(),
         "loadavg_end": _sysutil.loadavg(),
@@ -495,9 +551,9 @@ def scenario_unchanged(aptckpt: Any, plan: Plan, chain: DeltaChain, state: Any,
         _sysutil.remove(run / "ref-zstd")
         d, z = r["delta"], r["zstd"]
         _log(
-            f"[unchanged {rep + 1}/{plan.unchanged_reps}] delta {fmt_bytes(d['stored_bytes'])} "
+            f"[unchanged {rep + 1}/{plan.unchanged_reps}] delta {_b(d['written_bytes'])} "
             f"{d['seconds']:.3f} s (since_keyframe {d['since_keyframe']}); zstd "
-            f"{fmt_bytes(z['stored_bytes'])} {z['seconds']:.3f} s"
+            f"{_b(z['written_bytes'])} {z['seconds']:.3f} s"
         )
     check = verify_load(aptckpt, chain.prev, state) if chain.prev else "none"
     return {
@@ -513,12 +569,23 @@ def scenario_unchanged(aptckpt: Any, plan: Plan, chain: DeltaChain, state: Any,
 # report
 
 
+def _b(n: float | None) -> str:
+    """Bytes: kB below 0.1 MB (manifests), else as ``_stats.fmt_bytes``."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "—"
+    return f"{n / 1e3:.1f} kB" if n < 100e3 else fmt_bytes(int(n))
+
+
 def _ok(met: bool) -> str:
     return "**met**" if met else "**MISSED**"
 
 
 def _x(v: float) -> str:
     return "—" if math.isnan(v) else f"{v:.2f}x"
+
+
+def _x3(v: float) -> str:
+    return "—" if math.isnan(v) else f"{v:.3f}x"
 
 
 def _pct(v: float, digits: int = 1) -> str:
@@ -555,20 +622,20 @@ def summarize(res: dict[str, Any]) -> list[dict[str, Any]]:
     if "frozen" in res:
         rs = res["frozen"]["rounds"][1:]
         deltas = [r for r in rs if not r["delta"]["keyframe"]]
-        b = [r["delta"]["stored_bytes"] / r["zstd_changed"]["stored_bytes"] for r in deltas]
+        b = [r["delta"]["written_bytes"] / r["zstd_changed"]["written_bytes"] for r in deltas]
         t = [r["delta"]["seconds"] / r["zstd_full"]["seconds"] for r in deltas]
         rows.append({
             "scenario": "1 frozen backbone",
             "target": f"delta bytes / zstd bytes of what changed <= {TARGET_FROZEN_BYTES}x",
-            "measured": f"median {_x(median(b))}, worst {_x(max(b, default=math.nan))} "
+            "measured": f"median {_x3(median(b))}, worst {_x3(max(b, default=math.nan))} "
                         f"over {len(b)} delta saves",
             "met": bool(b) and max(b) <= TARGET_FROZEN_BYTES,
         })  # fmt: skip
         rows.append({
             "scenario": "1 frozen backbone",
             "target": f"delta save time / zstd save time (full state) <= {TARGET_FROZEN_TIME}x",
-            "measured": f"median {_x(median(t))} [{_x(min(t, default=math.nan))}-"
-                        f"{_x(max(t, default=math.nan))}] over {len(t)} delta saves",
+            "measured": f"median {_x3(median(t))} [{_x3(min(t, default=math.nan))}-"
+                        f"{_x3(max(t, default=math.nan))}] over {len(t)} delta saves",
             "met": bool(t) and median(t) <= TARGET_FROZEN_TIME,
         })  # fmt: skip
     for opt in ("adamw", "sgd"):
@@ -576,36 +643,38 @@ def summarize(res: dict[str, Any]) -> list[dict[str, Any]]:
         if key not in res:
             continue
         rs = [r for r in res[key]["rounds"][1:] if not r["delta_weights"]["keyframe"]]
-        f = [r["zstd_weights"]["stored_bytes"] / r["delta_weights"]["stored_bytes"] for r in rs]
+        f = [r["zstd_weights"]["written_bytes"] / r["delta_weights"]["written_bytes"] for r in rs]
         am = bf16_amortised(res[key], "weights")
         rows.append({
             "scenario": f"2 bf16 weights, {'AdamW' if opt == 'adamw' else 'SGD'} lr 1e-5",
             "target": f"zstd bytes / delta bytes >= {TARGET_BF16_FEWER:.0f}x (per delta save)",
-            "measured": f"median {_x(median(f))}, worst {_x(min(f, default=math.nan))} over "
+            "measured": f"median {_x3(median(f))}, worst {_x3(min(f, default=math.nan))} over "
                         f"{len(f)} delta saves; amortised over a keyframe cycle "
-                        f"{_x(am['ratio'])}",
+                        f"{_x3(am['ratio'])}",
             "met": bool(f) and min(f) >= TARGET_BF16_FEWER,
         })  # fmt: skip
     if "dense" in res:
         rs = res["dense"]["rounds"]
-        b = [r["delta"]["stored_bytes"] / r["zstd"]["stored_bytes"] for r in rs]
+        b = [r["delta"]["written_bytes"] / r["zstd"]["written_bytes"] for r in rs]
         rows.append({
             "scenario": "3 dense fp32 AdamW",
             "target": "delta bytes <= zstd bytes, every checkpoint",
-            "measured": f"delta/zstd worst {_x(max(b))}, median {_x(median(b))} over "
+            "measured": f"delta/zstd worst {_x3(max(b))}, median {_x3(median(b))} over "
                         f"{len(b)} checkpoints",
             "met": max(b) <= TARGET_DENSE_BYTES,
         })  # fmt: skip
     if "unchanged" in res:
         rs = [r for r in res["unchanged"]["rounds"] if not r["delta"]["keyframe"]]
-        b = [r["delta"]["stored_bytes"] / r["zstd"]["stored_bytes"] for r in rs]
+        b = [r["delta"]["written_bytes"] / r["zstd"]["written_bytes"] for r in rs]
         t = [r["delta"]["seconds"] / r["zstd"]["seconds"] for r in rs]
-        rows.append({
-            "scenario": "4 unchanged state",
-            "target": f"delta bytes <= {TARGET_UNCHANGED:.0%} of a zstd save",
-            "measured": f"median {_pct(median(b), 3)} over {len(b)} non-keyframe re-saves",
-            "met": bool(b) and median(b) <= TARGET_UNCHANGED,
-        })
+        rows.append(
+            {
+                "scenario": "4 unchanged state",
+                "target": f"delta bytes <= {TARGET_UNCHANGED:.0%} of a zstd save",
+                "measured": f"median {_pct(median(b), 3)} over {len(b)} non-keyframe re-saves",
+                "met": bool(b) and median(b) <= TARGET_UNCHANGED,
+            }
+        )
         rows.append({
             "scenario": "4 unchanged state",
             "target": f"delta save time <= {TARGET_UNCHANGED:.0%} of a zstd save",
@@ -619,16 +688,16 @@ def summarize(res: dict[str, Any]) -> list[dict[str, Any]]:
 def bf16_amortised(r: dict[str, Any], key: str) -> dict[str, Any]:
     """Bytes per save over one keyframe cycle: one keyframe (the probe) + (K-1) delta saves."""
     rounds = r["rounds"]
-    deltas = [x[f"delta_{key}"]["stored_bytes"] for x in rounds[1:]
+    deltas = [x[f"delta_{key}"]["written_bytes"] for x in rounds[1:]
               if not x[f"delta_{key}"]["keyframe"]]  # fmt: skip
-    zstd = median([x[f"zstd_{key}"]["stored_bytes"] for x in rounds])
+    zstd = median([x[f"zstd_{key}"]["written_bytes"] for x in rounds])
     every = rounds[0][f"delta_{key}"]["keyframe_every"]
-    kf = r["keyframe_probe"][key]["stored_bytes"]
+    kf = r["keyframe_probe"][key]["written_bytes"]
     per_save = (kf + (every - 1) * median(deltas)) / every if deltas else math.nan
     return {
         "keyframe_every": every,
         "keyframe_bytes": kf,
-        "first_bytes": rounds[0][f"delta_{key}"]["stored_bytes"],
+        "first_bytes": rounds[0][f"delta_{key}"]["written_bytes"],
         "delta_median": median(deltas),
         "per_save": per_save,
         "zstd_median": zstd,
@@ -644,9 +713,9 @@ def render_frozen(r: dict[str, Any]) -> list[str]:
         rows.append([
             str(i + 1),
             _kind(d, i == 0),
-            fmt_bytes(d["stored_bytes"]),
-            fmt_bytes(zc["stored_bytes"]),
-            _x(d["stored_bytes"] / zc["stored_bytes"]),
+            _b(d["written_bytes"]),
+            _b(zc["written_bytes"]),
+            "— (whole state)" if i == 0 else _x(d["written_bytes"] / zc["written_bytes"]),
             _new(d),
             f"{d['seconds']:.3f}",
             f"{zf['seconds']:.3f}",
@@ -662,9 +731,9 @@ def render_frozen(r: dict[str, Any]) -> list[str]:
         return [
             label,
             f"{len(xs)} saves",
-            _spread([x["delta"]["stored_bytes"] for x in xs], lambda v: fmt_bytes(int(v))),
-            _spread([x["zstd_changed"]["stored_bytes"] for x in xs], lambda v: fmt_bytes(int(v))),
-            _spread([x["delta"]["stored_bytes"] / x["zstd_changed"]["stored_bytes"] for x in xs],
+            _spread([x["delta"]["written_bytes"] for x in xs], _b),
+            _spread([x["zstd_changed"]["written_bytes"] for x in xs], _b),
+            _spread([x["delta"]["written_bytes"] / x["zstd_changed"]["written_bytes"] for x in xs],
                     _x),
             "",
             _spread([x["delta"]["seconds"] for x in xs], lambda v: f"{v:.3f}"),
@@ -679,7 +748,7 @@ def render_frozen(r: dict[str, Any]) -> list[str]:
     kf_idx = [str(i + 1) for i, x in enumerate(r["rounds"]) if i and x["delta"]["keyframe"]]
     raw_gbps = r["state_bytes"] / median([x["raw"]["seconds"] for x in r["rounds"]]) / 1e9
     head = [
-        "checkpoint", "kind", "delta stored", "changed, zstd", "delta / changed",
+        "checkpoint", "kind", "delta written", "changed, zstd", "delta / changed",
         "new objects (of chunks)", "delta save s", "zstd full save s", "delta / zstd time",
         "zstd changed save s", "raw write+fsync s",
     ]  # fmt: skip
@@ -691,11 +760,11 @@ def render_frozen(r: dict[str, Any]) -> list[str]:
         f"{100 * (1 - r['params_trainable'] / r['params_total']):.2f}% frozen**, the tied "
         f"embedding counted once); AdamW (lr from the workload) over the trainable ones only; "
         f"{r['steps_between']} optimizer steps between checkpoints. Saved state "
-        f"`{{model: state_dict, optimizer: state_dict, step}}` = {fmt_bytes(r['state_bytes'])} "
-        f"of tensors, of which {fmt_bytes(r['changed_bytes'])} (trainable weights + their AdamW "
+        f"`{{model: state_dict, optimizer: state_dict, step}}` = {_b(r['state_bytes'])} "
+        f"of tensors, of which {_b(r['changed_bytes'])} (trainable weights + their AdamW "
         f"state) change between checkpoints. *Changed, zstd*: those tensors alone (plus the "
         f"optimizer's param groups and the step) saved with `backend='zstd'` in the same round. "
-        f"*Raw write*: `write(2)` of all {fmt_bytes(r['state_bytes'])} of tensor bytes + fsync "
+        f"*Raw write*: `write(2)` of all {_b(r['state_bytes'])} of tensor bytes + fsync "
         f"({raw_gbps:.2f} GB/s at the median).",
         "",
         f"`keyframe_every` = {every} (the default). Keyframe saves among checkpoints 2..: "
@@ -727,21 +796,21 @@ def render_bf16(r: dict[str, Any]) -> list[str]:
             _kind(d, i == 0),
             f"{100 * x['changed']['elements_changed']:.3f}%",
             f"{x['changed']['tensors_changed']} / {x['changed']['tensors']}",
-            fmt_bytes(d["stored_bytes"]),
-            fmt_bytes(z["stored_bytes"]),
-            _x(z["stored_bytes"] / d["stored_bytes"]),
+            _b(d["written_bytes"]),
+            _b(z["written_bytes"]),
+            _x(z["written_bytes"] / d["written_bytes"]),
             _new(d),
             f"{d['seconds']:.3f}",
             f"{z['seconds']:.3f}",
         ]
         if has_full:
             df, zf = x["delta_full"], x["zstd_full"]
-            row += [fmt_bytes(df["stored_bytes"]), fmt_bytes(zf["stored_bytes"]),
-                    _x(zf["stored_bytes"] / df["stored_bytes"])]  # fmt: skip
+            row += [_b(df["written_bytes"]), _b(zf["written_bytes"]),
+                    _x(zf["written_bytes"] / df["written_bytes"])]  # fmt: skip
         rows.append(row)
     head = [
         "checkpoint", "kind", "bf16 elements changed since previous", "tensors changed",
-        "delta stored", "zstd stored", "zstd / delta", "new objects (of chunks)", "delta save s",
+        "delta written", "zstd written", "zstd / delta", "new objects (of chunks)", "delta save s",
         "zstd save s",
     ]  # fmt: skip
     if has_full:
@@ -752,10 +821,10 @@ def render_bf16(r: dict[str, Any]) -> list[str]:
         "",
         f"The workload model cast to bf16 (parameters in bf16, no fp32 master copy), trained with "
         f"{name} at lr {r['lr']:g}, {r['steps_between']} steps between checkpoints. Saved "
-        f"state: `{{model: bf16 state_dict, step}}` = {fmt_bytes(r['weights_bytes'])} of tensors"
+        f"state: `{{model: bf16 state_dict, step}}` = {_b(r['weights_bytes'])} of tensors"
         + (
             f"; the *full state* columns add the optimizer's state_dict (bf16 AdamW moments, "
-            f"{fmt_bytes(r['full_bytes'])} in all) in a second chain, for information, no target."
+            f"{_b(r['full_bytes'])} in all) in a second chain, for information, no target."
             if has_full
             else "; plain SGD holds no per-parameter state, so this is the whole training state."
         ),
@@ -763,14 +832,15 @@ def render_bf16(r: dict[str, Any]) -> list[str]:
         table(head, rows),
         "",
         f"Amortised over a keyframe cycle (`keyframe_every` = {am['keyframe_every']}): one "
-        f"keyframe + {am['keyframe_every'] - 1} delta saves. The keyframe's cost is measured, "
-        f"after the last checkpoint, by saving the same state against it with `keyframe_every=1` "
-        f"(it reuses only whole objects, as the next real keyframe would): "
-        f"{fmt_bytes(am['keyframe_bytes'])} (first save of the series: "
-        f"{fmt_bytes(am['first_bytes'])}). Per save: ({fmt_bytes(am['keyframe_bytes'])} + "
-        f"{am['keyframe_every'] - 1} x {fmt_bytes(int(am['delta_median']))}) / "
-        f"{am['keyframe_every']} = {fmt_bytes(int(am['per_save']))}, vs zstd "
-        f"{fmt_bytes(int(am['zstd_median']))} per save: **{_x(am['ratio'])} fewer bytes** "
+        f"keyframe + {am['keyframe_every'] - 1} delta saves. The keyframe's cost is measured on "
+        f"the next checkpoint ({r['steps_between']} more steps), saved against the last one with "
+        f"`keyframe_every=1` so that it is a keyframe (it reuses only whole objects of its base, "
+        f"as the next real keyframe would): "
+        f"{_b(am['keyframe_bytes'])} (first save of the series: "
+        f"{_b(am['first_bytes'])}). Per save: ({_b(am['keyframe_bytes'])} + "
+        f"{am['keyframe_every'] - 1} x {_b(am['delta_median'])}) / "
+        f"{am['keyframe_every']} = {_b(am['per_save'])}, vs zstd "
+        f"{_b(am['zstd_median'])} per save: **{_x(am['ratio'])} fewer bytes** "
         f"(with a keyframe as large as this one, no cycle of {am['keyframe_every']} can do "
         f"better than {_x(am['bound'])}).",
     ]
@@ -779,8 +849,8 @@ def render_bf16(r: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"Full state (with moments), amortised the same way: keyframe "
-            f"{fmt_bytes(amf['keyframe_bytes'])}, per save {fmt_bytes(int(amf['per_save']))} vs "
-            f"zstd {fmt_bytes(int(amf['zstd_median']))}: {_x(amf['ratio'])} fewer bytes.",
+            f"{_b(amf['keyframe_bytes'])}, per save {_b(amf['per_save'])} vs "
+            f"zstd {_b(amf['zstd_median'])}: {_x(amf['ratio'])} fewer bytes.",
         ]
     lines += [
         "",
@@ -801,9 +871,9 @@ def render_dense(r: dict[str, Any]) -> list[str]:
         rows.append([
             str(i + 1),
             _kind(d, i == 0),
-            fmt_bytes(d["stored_bytes"]),
-            fmt_bytes(z["stored_bytes"]),
-            _x(d["stored_bytes"] / z["stored_bytes"]),
+            _b(d["written_bytes"]),
+            _b(z["written_bytes"]),
+            _x(d["written_bytes"] / z["written_bytes"]),
             _new(d),
             f"{d['seconds']:.3f}",
             f"{z['seconds']:.3f}",
@@ -817,14 +887,23 @@ def render_dense(r: dict[str, Any]) -> list[str]:
         "",
         f"All parameters trainable; the workload's model and AdamW state, trained on for "
         f"{r['steps_between']} steps between checkpoints. Saved state `{{model, optimizer, step}}` "
-        f"= {fmt_bytes(r['state_bytes'])} of tensors.",
+        f"= {_b(r['state_bytes'])} of tensors.",
         "",
         table(
-            ["checkpoint", "kind", "delta stored", "zstd stored", "delta / zstd",
-             "new objects (of chunks)", "delta save s", "zstd save s", "delta / zstd time",
-             "raw write+fsync s"],
+            [
+                "checkpoint",
+                "kind",
+                "delta written",
+                "zstd written",
+                "delta / zstd",
+                "new objects (of chunks)",
+                "delta save s",
+                "zstd save s",
+                "delta / zstd time",
+                "raw write+fsync s",
+            ],
             rows,
-        ),  # fmt: skip
+        ),
         "",
         f"Warm load (after one untimed load of each), {len(ld)} interleaved repetitions, "
         f"`aptckpt.load` with digest verification, then one byte read per page:",
@@ -832,11 +911,14 @@ def render_dense(r: dict[str, Any]) -> list[str]:
         table(
             ["checkpoint", "seconds, median [min-max]", "vs zstd load (time ratio)"],
             [
-                [f"last delta checkpoint (xor chains up to {r['load_chain_depth']} objects)",
-                 fmt_s(ld), _x(median(lratio))],
+                [
+                    f"last delta checkpoint ({_chain(r)})",
+                    fmt_s(ld),
+                    _x(median(lratio)),
+                ],
                 ["zstd checkpoint of the same state", fmt_s(lz), "1.00x"],
             ],
-        ),  # fmt: skip
+        ),
         "",
         "Loaded and compared bit for bit with the saved state: "
         + ", ".join(f"{k} {v}" for k, v in r["verify_last"].items())
@@ -847,6 +929,15 @@ def render_dense(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _chain(r: dict[str, Any]) -> str:
+    """The last delta checkpoint's position in its keyframe cycle and, if recorded, its longest
+    chain (older JSON dumps only bound it by the position)."""
+    since = r["load_chain_depth"] - 1
+    if "load_max_chain" in r:
+        return f"`since_keyframe` {since}, longest chain {r['load_max_chain']} objects"
+    return f"`since_keyframe` {since}: chains of at most {since + 1} objects"
+
+
 def render_unchanged(r: dict[str, Any]) -> list[str]:
     rows = []
     for i, x in enumerate(r["rounds"]):
@@ -854,9 +945,9 @@ def render_unchanged(r: dict[str, Any]) -> list[str]:
         rows.append([
             str(i + 1),
             "**keyframe**" if d["keyframe"] else f"delta (since_keyframe {d['since_keyframe']})",
-            fmt_bytes(d["stored_bytes"]),
-            fmt_bytes(z["stored_bytes"]),
-            _pct(d["stored_bytes"] / z["stored_bytes"], 3),
+            _b(d["written_bytes"]),
+            _b(z["written_bytes"]),
+            _pct(d["written_bytes"] / z["written_bytes"], 3),
             str(d["new_objects"]),
             f"{d['seconds']:.3f}",
             f"{z['seconds']:.3f}",
@@ -866,7 +957,7 @@ def render_unchanged(r: dict[str, Any]) -> list[str]:
     return [
         "## 4. Saving an unchanged state again",
         "",
-        f"The state of scenario 3's last checkpoint ({fmt_bytes(r['state_bytes'])}), saved again "
+        f"The state of scenario 3's last checkpoint ({_b(r['state_bytes'])}), saved again "
         f"with delta against the previous checkpoint of the same chain, {len(r['rounds'])} times, "
         f"each round interleaved with a zstd save of the same state (order alternating). "
         f"The chain continues scenario 3's, so its `since_keyframe` counter runs on"
@@ -879,16 +970,96 @@ def render_unchanged(r: dict[str, Any]) -> list[str]:
         ),
         "",
         table(
-            ["re-save", "kind", "delta stored", "zstd stored", "delta / zstd bytes",
-             "new objects", "delta save s", "zstd save s", "delta / zstd time"],
+            [
+                "re-save",
+                "kind",
+                "delta written",
+                "zstd written",
+                "delta / zstd bytes",
+                "new objects",
+                "delta save s",
+                "zstd save s",
+                "delta / zstd time",
+            ],
             rows,
-        ),  # fmt: skip
+        ),
         "",
         f"Last re-saved checkpoint loaded and compared bit for bit: {r['verify_last']}.",
         "",
         _cpu_line(r["cpu"], r["loadavg_end"]),
         "",
     ]
+
+
+def _code_line(start: dict[str, Any], end: dict[str, Any]) -> str:
+    differ = start["py_differ_from_head"]
+    same = (
+        f"its {start['py_files']} Python files are identical to `src/aptckpt` at git "
+        f"{start['head']}"
+        if not differ
+        else f"its Python files differ from `src/aptckpt` at git {start['head']} in "
+        + ", ".join(f"`{d}`" for d in differ)
+    )
+    if end["fingerprint"] == start["fingerprint"]:
+        kept = "unchanged at the end of the run"
+    else:
+        kept = "**CHANGED during the run (reinstalled?): the figures may mix two versions**"
+    return f"the imported aptckpt (files fingerprint {start['fingerprint']}, {kept}); {same}."
+
+
+def observations(res: dict[str, Any]) -> list[str]:
+    """Facts read off the results that the tables alone do not make obvious."""
+    out = []
+    saves = [
+        x["delta"]
+        for key in ("frozen", "dense", "unchanged")
+        if key in res
+        for x in res[key]["rounds"]
+    ]
+    zero = [d for d in saves if d["stored_bytes"] == 0]
+    if zero:
+        sizes = [d["manifest_bytes"] for d in zero]
+        out.append(
+            f"`SaveInfo.stored_bytes` was 0 for {len(zero)} delta save(s) that added no store "
+            f"object, although each wrote its manifest ({_b(min(sizes))}-{_b(max(sizes))}); "
+            f"the byte figures here add the "
+            f"manifest to `stored_bytes` for every backend."
+        )
+    if saves:
+        out.append(
+            f"Delta manifests grow along a chain (each lists every object it reaches, xor bases "
+            f"included): {_b(min(d['manifest_bytes'] for d in saves))} to "
+            f"{_b(max(d['manifest_bytes'] for d in saves))} in this run."
+        )
+    if "dense" in res:
+        rs = res["dense"]["rounds"]
+        by_depth = ", ".join(
+            f"{x['delta']['since_keyframe']}: {x['delta']['seconds'] / x['zstd']['seconds']:.2f}x"
+            for x in rs
+        )
+        out.append(
+            f"Scenario 3 (no target on time), delta save time / zstd save time per checkpoint, "
+            f"by `since_keyframe`: {by_depth}."
+        )
+        ld, lz = res["dense"]["loads"]["delta"], res["dense"]["loads"]["zstd"]
+        ratio = median([a / b for a, b in zip(ld, lz, strict=True)])
+        out.append(
+            f"Scenario 3, warm load: the last delta checkpoint ({_chain(res['dense'])}) "
+            f"took {_x(ratio)} the time of "
+            f"the zstd checkpoint of the same state (median of per-round ratios)."
+        )
+    if "unchanged" in res:
+        kf = [x for x in res["unchanged"]["rounds"] if x["delta"]["keyframe"]]
+        for x in kf:
+            d, z = x["delta"], x["zstd"]
+            out.append(
+                f"Scenario 4: the unchanged state re-saved on a keyframe wrote "
+                f"{_b(d['written_bytes'])} ({_pct(d['written_bytes'] / z['written_bytes'])} "
+                f"of a zstd save) in {_pct(d['seconds'] / z['seconds'])} of its "
+                f"time: a keyframe stores whole every chunk whose only stored form is an "
+                f"xor-delta, whether or not it changed."
+            )
+    return out
 
 
 def render(meta: dict[str, Any], res: dict[str, Any]) -> str:
@@ -903,6 +1074,11 @@ def render(meta: dict[str, Any], res: dict[str, Any]) -> str:
         "",
         f"- **Date**: {meta['date']} (run took {meta['duration_s'] / 60:.1f} min)",
         f"- **Command**: `{meta['command']}`",
+        *(
+            [f"- **Report rendered again** (same figures): {meta['rendered_again']}"]
+            if meta.get("rendered_again")
+            else []
+        ),
         f"- **Machine**: {m['cpu']}; {m['cores']}; torch threads {m['torch_threads']}; "
         f"RAM {m['ram']}; Linux {m['kernel']}",
         f"- **Filesystem**: {m['filesystem']}",
@@ -910,11 +1086,15 @@ def render(meta: dict[str, Any], res: dict[str, Any]) -> str:
         f"{meta['loadavg_end']}; `uptime` at start: `{meta['uptime_start']}`",
         "- **Versions**: " + ", ".join(f"{k} {val}" for k, val in v.items() if k != "git"),
         f"- **Tree**: git {v['git']}",
+        f"- **Code measured**: {_code_line(meta['code_start'], meta['code_end'])}",
         f"- **Options**: delta with defaults (`keyframe_every` {meta['keyframe_every']}, zstd "
         f"level {meta['level']}, chunk {meta['chunk_size'] >> 20} MiB, store `aptckpt-store` in "
         f"the run directory), `base=` the previous checkpoint of the series passed explicitly; "
-        f"zstd with defaults (level {meta['level']}). Sizes: `SaveInfo.stored_bytes` (for delta: "
-        f"the manifest plus the store objects the save newly wrote); GB = 10^9 bytes.",
+        f"zstd with defaults (level {meta['level']}). **Bytes written** = `SaveInfo.stored_bytes` "
+        f"+ the manifest's size: `stored_bytes` counts the data files and the new store objects "
+        f"but not the manifest, for every backend, so a delta save that adds no object reports 0 "
+        f"(see Notes); for delta the manifest is the checkpoint directory's only file. "
+        f"GB = 10^9 bytes, kB = 10^3.",
         f"- **Scale**: `{meta['scale']}` -- {meta['workload']}",
         "",
         "## Targets",
@@ -926,8 +1106,9 @@ def render(meta: dict[str, Any], res: dict[str, Any]) -> str:
         ),
         "",
     ]
-    if meta.get("notes"):
-        out += ["## Notes", ""] + [f"- {n}" for n in meta["notes"]] + [""]
+    notes = [*meta.get("notes", []), *observations(res)]
+    if notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     if "frozen" in res:
         out += render_frozen(res["frozen"])
     if any(k.startswith("bf16") for k in res):
@@ -976,6 +1157,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma list of 1 (frozen), 2 (bf16), 3 (dense), 4 (unchanged; runs 3 first)",
     )
     parser.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a line for the report's Notes (repeatable), e.g. about other runs",
+    )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="measure nothing: render the report again from a results-delta-*.json dump",
+    )
+    parser.add_argument(
         "--bf16-optimizers",
         default="adamw,sgd",
         help="comma list of adamw, sgd: the optimizers of scenario 2",
@@ -990,8 +1183,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def rerender(args: argparse.Namespace, command: str) -> None:
+    """Write the report of an earlier run again from its JSON dump (after a change of layout)."""
+    dump = json.loads(args.from_json.read_text())
+    meta, res = dump["meta"], dump["results"]
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    meta["rendered_again"] = f"{now} from `{_rel(args.from_json)}` by `{command}`"
+    meta["notes"] = [*meta.get("notes", []), *args.note]
+    args.out.write_text(render(meta, res) + "\n")
+    _log(f"wrote {_rel(args.out)} from {_rel(args.from_json)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.from_json is not None:
+        words = ["python", _rel(sys.argv[0]), "--from-json", _rel(args.from_json)]
+        if args.out != HERE / "RESULTS-delta.md":
+            words += ["--out", _rel(args.out)]
+        if args.note:
+            words.append(f"--note ... ({len(args.note)}, under Notes)")
+        rerender(args, " ".join(words))
+        return
     WORKDIR.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
     loadavg_start = _sysutil.loadavg()
@@ -1006,6 +1218,7 @@ def main(argv: list[str] | None = None) -> None:
             "(.venv/bin/pip install --no-build-isolation --no-deps -q .)"
         )
     versions = _sysutil.versions(REPO)
+    code_start = installed_code(aptckpt)
     plan = PLANS[args.scale]
     _log(f"building workload ({args.scale}) ...")
     wl = build_workload(args.scale)
@@ -1043,13 +1256,15 @@ def main(argv: list[str] | None = None) -> None:
         "loadavg_start": loadavg_start,
         "loadavg_end": _sysutil.loadavg(),
         "uptime_start": uptime,
+        "code_start": code_start,
+        "code_end": installed_code(aptckpt),
         "scale": args.scale,
         "plan": dataclasses.asdict(plan),
         "workload": wl_text,
         "keyframe_every": _config.DEFAULT_KEYFRAME_EVERY,
         "level": _config.DEFAULT_ZSTD_LEVEL,
         "chunk_size": _config.DEFAULT_CHUNK_SIZE,
-        "notes": [],
+        "notes": list(args.note),
     }
     report = render(meta, res)
     print(report)
