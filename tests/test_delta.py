@@ -85,6 +85,7 @@ def test_unchanged_state_writes_nothing_new(tmp_path):
     before = object_names(tmp_path)
     second = save(state, tmp_path / "s1")
     assert second.stored_bytes == 0
+    assert second.manifest_bytes == (tmp_path / "s1" / mf.MANIFEST_NAME).stat().st_size
     assert object_names(tmp_path) == before
     assert os.listdir(tmp_path / "s1") == [mf.MANIFEST_NAME]
     assert_state_equal(state, aptckpt.load(tmp_path / "s1"))

@@ -63,9 +63,10 @@ MapLocation: TypeAlias = (
 class SaveInfo:
     """What :func:`save` wrote.
 
-    ``stored_bytes`` counts the bytes this save wrote: its files, plus the new
-    objects it added to a shared store (``delta``), so an incremental save
-    reports only what it added. ``files`` are the files inside the checkpoint.
+    ``stored_bytes`` counts the data this save wrote: its data files, plus the
+    new objects it added to a shared store (``delta``), so an incremental save
+    reports only what it added. ``manifest_bytes`` is the size of the manifest,
+    written besides. ``files`` are the data files inside the checkpoint.
     """
 
     path: str
@@ -75,6 +76,7 @@ class SaveInfo:
     stored_bytes: int
     files: tuple[str, ...]
     seconds: float
+    manifest_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,8 @@ def _write(
                 library_version=__version__,
                 torch_version=torch.__version__,
             )
-            writer.commit(mf.encode(manifest))
+            encoded = mf.encode(manifest)
+            writer.commit(encoded)
         except AptckptError:
             raise  # already says what went wrong (some of them are OSErrors too)
         except OSError as err:
@@ -240,6 +243,7 @@ def _write(
         stored_bytes=sum(f.size for f in files) + writer.external_bytes,
         files=tuple(f.path for f in files),
         seconds=time.perf_counter() - start,
+        manifest_bytes=len(encoded),
     )
     log.info(
         "saved %s (%s, %d bytes) in %.3fs", info.path, backend, info.stored_bytes, info.seconds
