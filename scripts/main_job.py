@@ -32,6 +32,7 @@ import torch
 
 import aptckpt
 from aptckpt.apt import TrainResult, train_model
+from aptckpt.apt._support import fmt_bytes
 from aptckpt.manager import CheckpointManager
 from aptckpt.testing import assert_state_equal
 
@@ -44,14 +45,6 @@ def final_state(run_dir: Path) -> Any:
     if record is None or record.kind != "epoch":
         raise SystemExit(f"FAIL: {run_dir} holds no final checkpoint")
     return aptckpt.load(record.path)
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def indent(line: str) -> None:

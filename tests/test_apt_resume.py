@@ -20,31 +20,18 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import aptckpt
-from aptckpt.apt import APTConfig, CharTokenizer, TrainResult, train_model
-from aptckpt.apt.corpus import default_corpus
+from aptckpt.apt import TrainResult, train_model
 from aptckpt.manager import CheckpointManager
 from aptckpt.testing import assert_state_equal
+from test_apt import TINY, one_thread  # noqa: F401 (an autouse fixture: one torch thread)
 
 BACKENDS = ["torch", "zstd", "delta"]
-VOCAB = CharTokenizer.from_text(default_corpus()).vocab_size
-TINY = APTConfig(vocab_size=VOCAB, d_model=16, n_layer=1, n_head=2, context=16)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: the tiny model gains nothing from more, and the CLI runs use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def final_state(run_dir: Path | str) -> Any:
