@@ -360,3 +360,11 @@ def versions(repo: Path) -> dict[str, str]:
     except (OSError, subprocess.CalledProcessError):
         out["git"] = "unknown"
     return out
+
+
+def repo_relative(p: str | Path) -> str:
+    """``p`` relative to the repository root when it lies inside it (for reports)."""
+    try:
+        return str(Path(p).resolve().relative_to(Path(__file__).resolve().parent.parent))
+    except ValueError:
+        return str(p)

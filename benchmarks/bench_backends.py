@@ -52,6 +52,7 @@ from workload import build_workload, describe, iter_tensors, tensor_bytes, uniqu
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WORKDIR = HERE / "_work"  # gitignored: every file the benchmark writes goes here
+_rel = _sysutil.repo_relative
 
 Flat = dict[str, torch.Tensor]
 
@@ -612,13 +613,6 @@ def main(argv: list[str] | None = None) -> None:
     raw_json = WORKDIR / f"results-{args.scale}-{stamp}.json"
     raw_json.write_text(json.dumps(_report.to_json(meta, runs, compression), indent=1))
     _log(f"wrote {_rel(args.out)} and {_rel(raw_json)}")
-
-
-def _rel(p: str | Path) -> str:
-    try:
-        return str(Path(p).resolve().relative_to(REPO))
-    except ValueError:
-        return str(p)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ from workload import GPT, ModelConfig, build_workload, describe, tensor_bytes, u
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WORKDIR = HERE / "_work"  # gitignored: every file the benchmark writes goes here
+_rel = _sysutil.repo_relative
 MANIFEST_NAME = "manifest.msgpack"
 
 # Targets from the delta backend's brief.
@@ -1275,13 +1276,6 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"meta": meta, "results": res, "targets": summarize(res)}
     raw_json.write_text(json.dumps(_jsonable(payload), indent=1))
     _log(f"wrote {_rel(args.out)} and {_rel(raw_json)}")
-
-
-def _rel(p: str | Path) -> str:
-    try:
-        return str(Path(p).resolve().relative_to(REPO))
-    except ValueError:
-        return str(p)
 
 
 if __name__ == "__main__":
