@@ -300,3 +300,27 @@ def test_rng_capture_restore_round_trip(tmp_path):
     restore_rng(aptckpt.load(tmp_path / "rng"))
     got = (random.random(), float(np.random.rand()), torch.rand(3))
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_latest_follows_the_resumed_trajectory_not_the_highest_step(tmp_path):
+    """Resuming from an older checkpoint abandons the later ones: after the next save,
+    "latest" is that save, although an abandoned checkpoint has a higher step."""
+    t = Trainer()
+    mgr = CheckpointManager(tmp_path / "run", keep_last=None, temp_every=1)
+    for step in (10, 20, 30):
+        t.step()
+        t.save(mgr, 0, step)
+    t.save(mgr, 1, 35, temporary=True, batch_index=5)
+    resumed = Trainer(seed=3)
+    mgr.load_checkpoint(
+        resumed.model, resumed.optimizer, resumed.scheduler, "checkpoints/apt_model_epoch0_step10"
+    )
+    resumed.step()
+    resumed.save(mgr, 0, 15, temporary=True, batch_index=15)
+    latest = mgr.latest()
+    assert latest is not None and (latest.kind, latest.global_step) == ("temp", 15)
+    fresh = CheckpointManager(tmp_path / "run")  # a new process: from the manifests alone
+    (tmp_path / "run" / "metadata.json").unlink()
+    assert fresh.resolve("latest").name == "apt_model_epoch0_step15"
+    resumed.save(mgr, 0, 20)  # the regular checkpoint of the new trajectory
+    assert [r.kind for r in mgr.checkpoints()].count("temp") == 0  # both temps are obsolete

@@ -15,9 +15,9 @@ history, metrics, config, tokenizer files, RNG states, data position) and
 whose manifest metadata says what it is (kind, epoch, step, metrics). The
 checkpoints themselves are the truth; ``metadata.json`` is an index over them,
 replaced atomically after every change and rebuilt from the checkpoints when it
-is missing, stale or damaged. "latest" is the committed checkpoint with the
-highest global step (a regular one wins a tie with a temporary one), never
-judged by file times; a save that never committed is invisible.
+is missing, stale or damaged. "latest" is the committed checkpoint saved last
+(each save records a sequence number in its manifest; never judged by file
+times); a save that never committed is invisible.
 
 Order of a save: the new checkpoint commits, then older ones are deleted by the
 retention rules (keep the last ``keep_last`` regular checkpoints and the best
@@ -79,6 +79,9 @@ class CheckpointRecord:
     ``is_best`` records that the checkpoint was the best of the run *when it was
     saved*; the newest checkpoint so flagged is the run's best
     (:meth:`CheckpointManager.best`). ``bytes`` is what its save wrote.
+    ``sequence`` numbers the run's saves (1, 2, ...): "newest" means the highest,
+    so a run resumed from an older checkpoint continues from its own saves, not
+    from those of the continuation it abandoned, whatever their global steps.
     """
 
     path: Path
@@ -92,6 +95,7 @@ class CheckpointRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     backend: str = ""
     bytes: int = 0
+    sequence: int = 0
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -295,7 +299,9 @@ class CheckpointManager:
         folder = _TEMP if temporary else _REGULAR
         rel = f"{folder}/{self.model_name}_epoch{epoch}_step{step}"
         records = self.checkpoints()
+        sequence = max((r.sequence for r in records), default=0) + 1
         run_meta = {
+            "sequence": sequence,
             "kind": kind,
             "epoch": epoch,
             "global_step": step,
@@ -322,6 +328,7 @@ class CheckpointManager:
             metrics=plain_metrics,
             backend=self.backend,
             bytes=info.stored_bytes,
+            sequence=sequence,
         )
         records = [r for r in records if r.rel_path != rel] + [record]
         records = self._mark_best(records, record, is_best)
@@ -381,9 +388,7 @@ class CheckpointManager:
             keep |= {r.rel_path for r in [r for r in regular if r.is_best][-self.keep_best :]}
         kept = []
         for r in records:
-            stale_temp = (
-                r.kind == "temp" and new.kind == "epoch" and r.global_step <= new.global_step
-            )
+            stale_temp = r.kind == "temp" and new.kind == "epoch" and _order(r) < _order(new)
             if (r.kind == "epoch" and r.rel_path not in keep) or stale_temp:
                 self._delete(r)
             else:
@@ -458,6 +463,7 @@ class CheckpointManager:
             metrics=dict(run.get("metrics") or {}),
             backend=info.backend,
             bytes=info.stored_bytes,
+            sequence=int(run.get("sequence", 0)),
         )
 
     def _read_index(self) -> list[CheckpointRecord]:
@@ -492,6 +498,7 @@ class CheckpointManager:
                         metrics=dict(item.get("metrics") or {}),
                         backend=str(item.get("backend", "")),
                         bytes=int(item.get("bytes", 0)),
+                        sequence=int(item.get("sequence", 0)),
                     )
                 )
             except (KeyError, TypeError, ValueError) as err:
@@ -524,7 +531,7 @@ class CheckpointManager:
         return ordered[-1] if ordered else None
 
     def latest(self) -> CheckpointRecord | None:
-        """The newest complete checkpoint, temporary or regular (by global step)."""
+        """The complete checkpoint saved last, temporary or regular."""
         return self._newest(self.checkpoints())
 
     def best(self) -> CheckpointRecord | None:
@@ -626,9 +633,10 @@ class CheckpointManager:
         return state
 
 
-def _order(record: CheckpointRecord) -> tuple[int, int]:
-    """Sort key: global step, then a regular checkpoint after a temporary one."""
-    return (record.global_step, 1 if record.kind == "epoch" else 0)
+def _order(record: CheckpointRecord) -> tuple[int, int, int]:
+    """Oldest to newest: by save sequence, then global step (an index or checkpoints
+    without sequence numbers), then a regular checkpoint after a temporary one."""
+    return (record.sequence, record.global_step, 1 if record.kind == "epoch" else 0)
 
 
 def _metric(record: CheckpointRecord, name: str) -> float | None:
