@@ -69,6 +69,21 @@ def is_checkpoint(path: str | os.PathLike[str]) -> bool:
     return os.path.isfile(os.path.join(path, mf.MANIFEST_NAME))
 
 
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Replace the small file ``path`` with ``data`` durably: readers see the old
+    bytes or the new ones, never a mix (sibling temp file, fsync, rename, fsync)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
 def fsync_file(path: Path) -> None:
     """Make the contents of file ``path`` durable."""
     _fsync_path(path)

@@ -34,14 +34,13 @@ import logging
 import math
 import os
 import re
-import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import aptckpt.api as api
-from aptckpt._atomic import fsync_dir, is_checkpoint
+from aptckpt._atomic import is_checkpoint, write_file_atomic
 from aptckpt.backends.delta import collect_garbage
 from aptckpt.errors import (
     AptckptError,
@@ -148,16 +147,6 @@ def _tokenizer_files(tokenizer: Any) -> dict[str, bytes] | None:
             raise ValueError(f"tokenizer file name {name!r} must be a plain file name")
         out[name] = data.encode() if isinstance(data, str) else bytes(data)
     return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class CheckpointManager:
@@ -416,7 +405,7 @@ class CheckpointManager:
         for name, data in files.items():
             target = directory / name
             if not target.exists() or target.read_bytes() != data:
-                _write_atomic(target, data)
+                write_file_atomic(target, data)
 
     # ----------------------------------------------------------- the index
 
@@ -521,7 +510,7 @@ class CheckpointManager:
         self._created_at = str(doc["created_at"])
         text = json.dumps(doc, indent=2, default=str, allow_nan=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.run_dir / INDEX_NAME, text.encode("utf-8") + b"\n")
+        write_file_atomic(self.run_dir / INDEX_NAME, text.encode("utf-8") + b"\n")
 
     # ------------------------------------------------------------ queries
 

@@ -42,7 +42,14 @@ from pathlib import Path
 
 import msgpack
 
-from aptckpt._atomic import fsync_dir, fsync_file, is_checkpoint, is_temporary, open_regular
+from aptckpt._atomic import (
+    fsync_dir,
+    fsync_file,
+    is_checkpoint,
+    is_temporary,
+    open_regular,
+    write_file_atomic,
+)
 from aptckpt.errors import FormatError, IntegrityError, StoreBusyError, UnsafePathError
 from aptckpt.manifest import check_relative_path
 
@@ -135,13 +142,7 @@ class ObjectStore:
         store._tmp.mkdir(exist_ok=True)
         (path / _LOCK).touch()
         marker = msgpack.packb({"format": STORE_FORMAT, "version": STORE_VERSION})
-        tmp = path / f".{_MARKER}.{os.getpid()}-{secrets.token_hex(4)}"
-        with open(tmp, "wb") as f:
-            f.write(marker)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path / _MARKER)  # two racing creators write the same marker
-        fsync_dir(path)
+        write_file_atomic(path / _MARKER, marker)  # two racing creators write the same marker
         fsync_dir(path.parent)
         return store
 
