@@ -25,7 +25,7 @@ from aptckpt.errors import (
 def rewrite_manifest(path, **changes):
     doc = msgpack.unpackb((path / mf.MANIFEST_NAME).read_bytes(), raw=False)
     doc.update(changes)
-    (path / mf.MANIFEST_NAME).write_bytes(msgpack.packb(doc, use_bin_type=True))
+    (path / mf.MANIFEST_NAME).write_bytes(mf.pack_document(doc))
     return doc
 
 

@@ -68,7 +68,7 @@ def test_info(capsys):
     assert f"aptckpt         {aptckpt.__version__}" in out
     assert f"torch           {torch.__version__}" in out
     assert ("native (C++)" if aptckpt.NATIVE else "pure Python") in out
-    assert "delta, torch, zstd" in out and "format version  1" in out
+    assert "delta, torch, zstd" in out and f"format version  {aptckpt.FORMAT_VERSION}" in out
     code, out, _ = run(capsys, "info", "--json")
     doc = json.loads(out)
     assert doc["implementation"] == aptckpt.IMPLEMENTATION and doc["native"] is aptckpt.NATIVE

@@ -44,7 +44,7 @@ def payload(path: Path) -> dict[str, Any]:
 def rewrite_payload(path: Path, **changes: Any) -> None:
     doc = msgpack.unpackb((path / mf.MANIFEST_NAME).read_bytes(), raw=False)
     doc["payload"].update(changes)
-    (path / mf.MANIFEST_NAME).write_bytes(msgpack.packb(doc, use_bin_type=True))
+    (path / mf.MANIFEST_NAME).write_bytes(mf.pack_document(doc))
 
 
 def object_names(run: Path) -> set[bytes]:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgpack
 import pytest
 
 from aptckpt import manifest as mf
-from aptckpt.errors import FormatError, UnsafePathError, UnsupportedFormatVersionError
+from aptckpt._accel import xxh3_128
+from aptckpt.errors import (
+    FormatError,
+    IntegrityError,
+    UnsafePathError,
+    UnsupportedFormatVersionError,
+)
 
 
 def sample() -> mf.Manifest:
@@ -24,9 +32,10 @@ def sample() -> mf.Manifest:
 
 
 def doc(**changes):
+    """A manifest with ``changes``, sealed with a valid checksum (as a hostile file could be)."""
     d = msgpack.unpackb(mf.encode(sample()), raw=False)
     d.update(changes)
-    return msgpack.packb(d, use_bin_type=True)
+    return mf.pack_document(d)
 
 
 def test_roundtrip_and_deterministic_bytes():
@@ -37,8 +46,8 @@ def test_roundtrip_and_deterministic_bytes():
 
 def test_newer_version_is_refused_with_upgrade_hint():
     with pytest.raises(UnsupportedFormatVersionError, match="upgrade aptckpt") as info:
-        mf.decode(doc(format_version=2))
-    assert info.value.found == 2
+        mf.decode(doc(format_version=mf.FORMAT_VERSION + 1))
+    assert info.value.found == mf.FORMAT_VERSION + 1
 
 
 @pytest.mark.parametrize(
@@ -76,6 +85,40 @@ def test_unsafe_paths_refused(path):
         mf.check_relative_path(path)
     with pytest.raises(UnsafePathError):
         mf.decode(doc(files=[{"path": path, "size": 1}]))
+
+
+def test_manifest_ends_with_its_checksum():
+    data = mf.encode(sample())
+    assert data[-16:] == xxh3_128(data[:-16])
+    assert msgpack.unpackb(data, raw=False)["checksum"] == data[-16:]
+
+
+def test_every_flipped_bit_of_a_manifest_is_detected():
+    data = mf.encode(sample())
+    for bit in range(len(data) * 8):
+        damaged = bytearray(data)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises((IntegrityError, FormatError)):
+            mf.decode(bytes(damaged))
+
+
+@pytest.mark.parametrize("cut", [1, 16, 17, 27, 28])
+def test_truncated_manifest_is_detected(cut):
+    with pytest.raises((IntegrityError, FormatError)):
+        mf.decode(mf.encode(sample())[:-cut])
+
+
+def test_checksum_is_mandatory_from_version_2():
+    d = msgpack.unpackb(mf.encode(sample()), raw=False)
+    del d["checksum"]
+    with pytest.raises(IntegrityError, match="no valid checksum"):
+        mf.decode(msgpack.packb(d, use_bin_type=True))
+
+
+def test_version_1_manifests_without_checksum_still_decode():
+    v1 = mf.encode(dataclasses.replace(sample(), format_version=1))
+    assert b"checksum" not in v1
+    assert mf.decode(v1).format_version == 1
 
 
 def test_safe_paths_accepted():

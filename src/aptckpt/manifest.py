@@ -6,6 +6,12 @@ manifest's schema, its deterministic msgpack encoding and the validation of
 everything read back from it. The backend-specific part (``payload``) is opaque
 here and validated by the backend that wrote it.
 
+Format version 2 ends the map with a ``checksum`` entry: the XXH3-128 of every
+byte of the file before the digest itself. A reader checks it before it trusts
+anything else in the file, so a flipped bit anywhere in a manifest -- a plain
+value such as the epoch, a dtype, a chunk digest -- is an error, never a
+silently different state. Version 1 manifests (no checksum) stay readable.
+
 Every value read from a file is checked for type and range before use: a
 malformed or hostile manifest raises :class:`~aptckpt.errors.FormatError`, never
 another exception. See docs/format.md for the normative description.
@@ -21,9 +27,14 @@ from typing import Any
 
 import msgpack
 
-from aptckpt import _dtypes
+from aptckpt import _accel, _dtypes
 from aptckpt._config import MAX_MANIFEST_BYTES
-from aptckpt.errors import FormatError, UnsafePathError, UnsupportedFormatVersionError
+from aptckpt.errors import (
+    FormatError,
+    IntegrityError,
+    UnsafePathError,
+    UnsupportedFormatVersionError,
+)
 
 __all__ = [
     "FORMAT_NAME",
@@ -35,11 +46,18 @@ __all__ = [
     "check_relative_path",
     "decode",
     "encode",
+    "pack_document",
 ]
 
 FORMAT_NAME = "aptckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.msgpack"
+#: The first version whose manifests must end with a checksum entry.
+CHECKSUM_SINCE = 2
+
+_DIGEST_SIZE = 16
+#: msgpack of the last entry's key and its bin header: fixstr "checksum", bin8 of 16 bytes.
+_CHECKSUM_TAIL = b"\xa8checksum\xc4\x10"
 
 _COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _MAX_DIMS = 64
@@ -143,7 +161,47 @@ def encode(manifest: Manifest) -> bytes:
         "payload": manifest.payload,
         "metadata": manifest.metadata,
     }
-    return msgpack.packb(doc, use_bin_type=True)  # type: ignore[no-any-return]
+    return pack_document(doc)
+
+
+def pack_document(doc: Mapping[str, Any]) -> bytes:
+    """msgpack bytes of a manifest map, sealed with its checksum when its
+    ``format_version`` calls for one.
+
+    :func:`encode` uses it; tests and fuzzers use it to build manifests with
+    arbitrary (also hostile) content that still carry a valid checksum.
+    """
+    body = dict(doc)
+    body.pop("checksum", None)
+    version = body.get("format_version")
+    if not (type(version) is int and version >= CHECKSUM_SINCE):
+        return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+    body["checksum"] = bytes(_DIGEST_SIZE)  # placeholder, the last entry of the map
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    head = packed[:-_DIGEST_SIZE]
+    assert head.endswith(_CHECKSUM_TAIL)
+    digest: bytes = _accel.xxh3_128(head)
+    return head + digest
+
+
+def _check_checksum(data: bytes, where: str | None) -> bool:
+    """Verify the trailing checksum if the file has one; True if it had one.
+
+    Runs before msgpack parses anything, so damage anywhere is reported as
+    damage, not as whatever the damaged bytes happen to decode to.
+    """
+    if not data[:-_DIGEST_SIZE].endswith(_CHECKSUM_TAIL):
+        return False
+    body, digest = data[:-_DIGEST_SIZE], data[-_DIGEST_SIZE:]
+    if _accel.xxh3_128(body) != digest:
+        raise IntegrityError(
+            f"manifest checksum mismatch (stored {digest.hex()}, computed "
+            f"{_accel.xxh3_128(body).hex()}): the manifest is damaged, so nothing in this "
+            "checkpoint can be trusted -- restore it from a copy or use another checkpoint",
+            path=where,
+            file=MANIFEST_NAME,
+        )
+    return True
 
 
 # ------------------------------------------------------------------ decoding
@@ -212,6 +270,7 @@ def decode(data: bytes, *, where: str | None = None) -> Manifest:
     """
     if len(data) > MAX_MANIFEST_BYTES:
         raise FormatError(f"manifest is {len(data)} bytes, over the limit", path=where)
+    has_checksum = _check_checksum(data, where)
     try:
         doc = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except Exception as err:  # msgpack raises many unrelated types for bad input
@@ -230,6 +289,13 @@ def decode(data: bytes, *, where: str | None = None) -> Manifest:
         raise r.fail(f"invalid format_version {version!r}")
     if version > FORMAT_VERSION:
         raise UnsupportedFormatVersionError(version, FORMAT_VERSION, path=where)
+    if version >= CHECKSUM_SINCE and not has_checksum:
+        raise IntegrityError(
+            f"manifest of format version {version} has no valid checksum entry at its end: "
+            "the manifest is damaged or truncated -- restore it from a copy",
+            path=where,
+            file=MANIFEST_NAME,
+        )
     raw_tensors = r.get("tensors", list)
     raw_files = r.get("files", list)
     files = []
