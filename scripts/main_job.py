@@ -41,7 +41,7 @@ EPOCHS, BATCH_SIZE, LEARNING_RATE = 3, 16, 3e-3
 
 
 def final_state(run_dir: Path) -> Any:
-    record = CheckpointManager(run_dir).latest()
+    record = CheckpointManager(run_dir, read_only=True).latest()
     if record is None or record.kind != "epoch":
         raise SystemExit(f"FAIL: {run_dir} holds no final checkpoint")
     return aptckpt.load(record.path)

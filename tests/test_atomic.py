@@ -112,3 +112,43 @@ def test_truncated_and_missing_files_detected(tmp_path):
     shard.unlink()
     with pytest.raises(IntegrityError, match="missing"):
         aptckpt.load(tmp_path / "c")
+
+
+def test_interrupted_delete_leaves_no_visible_directory(tmp_path, monkeypatch):
+    aptckpt.save({"v": torch.ones(2)}, tmp_path / "c")
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt  # the process dies before the files are gone
+
+    monkeypatch.setattr(_atomic.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        aptckpt.delete(tmp_path / "c")
+    monkeypatch.undo()
+    (leftover,) = os.listdir(tmp_path)
+    assert _atomic.is_temporary(leftover) and ".trash-" in leftover
+    aptckpt.save({"v": torch.ones(2)}, tmp_path / "d")  # the next save there cleans up
+    assert os.listdir(tmp_path) == ["d"]
+
+
+def test_stale_temps_of_dead_or_same_pid_owners_go_live_ones_stay(tmp_path):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            "dead": ".a.tmp-4194999-00000001",
+            "same_pid": f".b.trash-{os.getpid()}-00000002",
+            "live": f".c.tmp-{live.pid}-00000003",
+            "file": ".metadata.json.tmp-4194999-00000004",
+        }
+        for key, name in names.items():
+            if key == "file":
+                (tmp_path / name).write_bytes(b"x")
+            else:
+                (tmp_path / name).mkdir()
+        (tmp_path / "visible").mkdir()
+        removed = _atomic.remove_stale_temps(tmp_path)
+        assert sorted(removed) == sorted([names["dead"], names["same_pid"], names["file"]])
+        assert sorted(os.listdir(tmp_path)) == sorted([names["live"], "visible"])
+        assert _atomic.remove_stale_temps(tmp_path, exclusive=True) == [names["live"]]
+    finally:
+        live.kill()
+        live.wait()

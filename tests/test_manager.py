@@ -225,6 +225,29 @@ def test_checkpoint_committed_but_not_indexed_is_found(tmp_path, monkeypatch):
     assert mgr.latest() is not None and mgr.latest().global_step == 2
 
 
+def test_crash_during_retention_leaves_an_index_of_complete_checkpoints(tmp_path, monkeypatch):
+    t = Trainer()
+    mgr = CheckpointManager(tmp_path / "run", keep_last=1, keep_best=0)
+    t.step()
+    t.save(mgr, 0, 1)
+
+    def crash(self: CheckpointManager, record: Any) -> None:
+        raise KeyboardInterrupt  # killed before deleting what retention dropped
+
+    monkeypatch.setattr(CheckpointManager, "_delete", crash)
+    t.step()
+    with pytest.raises(KeyboardInterrupt):
+        t.save(mgr, 1, 2)
+    monkeypatch.undo()
+    assert [e["global_step"] for e in index(tmp_path / "run")["checkpoints"]] == [2]
+    for entry in index(tmp_path / "run")["checkpoints"]:
+        aptckpt.verify(tmp_path / "run" / entry["path"])
+    assert len(os.listdir(tmp_path / "run" / "checkpoints")) == 2  # the dropped one is still there
+    t.step()
+    t.save(mgr, 2, 3)  # ... until the next save's retention
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["apt_model_epoch2_step3"]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_moved_run_directory_resumes(tmp_path, backend):
     t = Trainer()

@@ -6,7 +6,10 @@ fsynced, then the manifest is written and fsynced, then the temp directory,
 then it is renamed onto the final name and the parent directory is fsynced.
 A crash at any instant leaves either the old state or the new one, plus at
 worst a hidden temp directory, which the next save into the same parent removes
-once its owner process is gone.
+once its owner process is gone (see :func:`remove_stale_temps`).
+
+Deleting renames the checkpoint to a hidden trash name first, so a crash
+part-way through leaves hidden debris, never a visible half-deleted checkpoint.
 
 Replacing an existing checkpoint (``overwrite=True``) swaps the two directories
 with ``renameat2(RENAME_EXCHANGE)`` where the kernel offers it, so the name
@@ -46,7 +49,15 @@ from aptckpt.errors import (
     WriteError,
 )
 
-__all__ = ["CheckpointReader", "CheckpointWriter", "is_checkpoint", "is_temporary"]
+__all__ = [
+    "CheckpointReader",
+    "CheckpointWriter",
+    "is_checkpoint",
+    "is_temporary",
+    "remove_checkpoint",
+    "remove_stale_temps",
+    "write_file_atomic",
+]
 
 log = logging.getLogger("aptckpt")
 T = TypeVar("T")
@@ -55,8 +66,16 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
-#: Names of the temp and trash directories of saves: ``.<name>.tmp-<pid>-<hex>``.
+#: Names of the temp and trash entries of saves and small-file writes:
+#: ``.<name>.tmp-<pid>-<hex>`` and ``.<name>.trash-<pid>-<hex>``.
 _TEMP_NAME = re.compile(r"\..+\.(?:tmp|trash)-(?P<pid>[0-9]+)-[0-9a-f]+")
+
+#: Temp and trash paths that a save or delete of *this* process is using right now.
+_ACTIVE: set[str] = set()
+
+
+def _temp_sibling(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def is_temporary(name: str) -> bool:
@@ -72,7 +91,8 @@ def is_checkpoint(path: str | os.PathLike[str]) -> bool:
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Replace the small file ``path`` with ``data`` durably: readers see the old
     bytes or the new ones, never a mix (sibling temp file, fsync, rename, fsync)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = _temp_sibling(path, "tmp")
+    _ACTIVE.add(str(tmp))
     try:
         with open(tmp, "xb") as f:
             f.write(data)
@@ -81,7 +101,21 @@ def write_file_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        _ACTIVE.discard(str(tmp))
     fsync_dir(path.parent)
+
+
+def remove_checkpoint(root: Path) -> None:
+    """Delete the checkpoint directory ``root``: renamed to a hidden trash name
+    (durably), then removed, so no crash leaves a visible half-deleted directory."""
+    trash = _temp_sibling(root, "trash")
+    _ACTIVE.add(str(trash))
+    try:
+        os.rename(root, trash)
+        fsync_dir(root.parent)
+        shutil.rmtree(trash)
+    finally:
+        _ACTIVE.discard(str(trash))
 
 
 def fsync_file(path: Path) -> None:
@@ -129,20 +163,34 @@ def _owner_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(parent: Path) -> None:
-    """Delete temp directories in ``parent`` left behind by processes that died."""
+def remove_stale_temps(parent: Path, *, exclusive: bool = False) -> list[str]:
+    """Delete the temp and trash entries in ``parent`` that no save is using.
+
+    An entry is stale when no save or delete of this process is using it and
+    either the process named in it is gone, or it names this process's pid (a
+    previous process that had the same pid: containers restart with the same
+    pids), or ``exclusive`` is true -- the caller holds the run lock, so no
+    other process writes there. Returns the names removed.
+    """
     try:
         entries = list(os.scandir(parent))
     except OSError:
-        return
+        return []
+    removed = []
     for entry in entries:
         match = _TEMP_NAME.fullmatch(entry.name)
-        if match is None:
+        if match is None or entry.path in _ACTIVE:
             continue
         pid = int(match["pid"])
-        if pid != os.getpid() and not _owner_alive(pid):
-            log.info("removing stale temporary checkpoint directory %s", entry.path)
-            shutil.rmtree(entry.path, ignore_errors=True)
+        if exclusive or pid == os.getpid() or not _owner_alive(pid):
+            log.info("removing stale temporary %s", entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+            removed.append(entry.name)
+    return removed
 
 
 class CheckpointWriter:
@@ -169,9 +217,11 @@ class CheckpointWriter:
         token = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.root = parent / f".{self.final.name}.tmp-{token}"
         self._trash = parent / f".{self.final.name}.trash-{token}"
+        _ACTIVE.update((str(self.root), str(self._trash)))
         try:
             self.root.mkdir()
         except OSError as err:
+            _ACTIVE.difference_update((str(self.root), str(self._trash)))
             raise WriteError(
                 f"cannot create '{self.root}': {err.strerror}",
                 path=str(self.root),
@@ -218,6 +268,7 @@ class CheckpointWriter:
             if not self._committed:
                 self.abort()
         finally:
+            _ACTIVE.difference_update((str(self.root), str(self._trash)))
             self._held.close()
 
     def hold(self, resource: contextlib.AbstractContextManager[T]) -> T:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import torch
 
 from aptckpt import _dtypes, registry, tree
 from aptckpt import manifest as mf
-from aptckpt._atomic import CheckpointReader, CheckpointWriter, fsync_dir
+from aptckpt._atomic import CheckpointReader, CheckpointWriter, remove_checkpoint
 from aptckpt._version import __version__
 from aptckpt.backends.base import Backend
 from aptckpt.errors import (
@@ -474,8 +473,9 @@ def convert(
 def delete(path: PathLike) -> None:
     """Delete the checkpoint at ``path``.
 
-    The manifest goes first (durably), so a crash part-way leaves a directory
-    that is no longer a checkpoint rather than a checkpoint with missing files.
+    The directory is first renamed to a hidden trash name (durably), so a crash
+    part-way leaves hidden debris that the next save there removes, never a
+    visible directory with some files missing.
     Objects a ``delta`` checkpoint reached stay in the store until
     :func:`collect_garbage`; other checkpoints never depend on this directory.
 
@@ -483,6 +483,4 @@ def delete(path: PathLike) -> None:
         CheckpointNotFoundError: ``path`` is not a committed checkpoint.
     """
     reader = CheckpointReader(path)
-    os.unlink(reader.manifest_path)
-    fsync_dir(reader.root)
-    shutil.rmtree(reader.root)
+    remove_checkpoint(reader.root)

@@ -20,6 +20,7 @@ __all__ = [
     "FormatError",
     "IntegrityError",
     "NativeUnavailableError",
+    "RunBusyError",
     "StoreBusyError",
     "StoreNotFoundError",
     "UnknownBackendError",
@@ -161,6 +162,24 @@ class StoreBusyError(AptckptError, BlockingIOError):
 
     def __init__(self, message: str, *, path: str | None = None) -> None:
         self.path = path
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class RunBusyError(AptckptError, BlockingIOError):
+    """A run directory is already being written by another process.
+
+    Attributes:
+        path: the run directory.
+        holder: what the lock file says about the process holding it
+            (``{"pid": ..., "since": ...}``), or ``{}`` if it could not be read.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, holder: Any = None) -> None:
+        self.path = path
+        self.holder = holder or {}
         super().__init__(message)
 
     def __str__(self) -> str:

@@ -19,10 +19,21 @@ is missing, stale or damaged. "latest" is the committed checkpoint saved last
 (each save records a sequence number in its manifest; never judged by file
 times); a save that never committed is invisible.
 
-Order of a save: the new checkpoint commits, then older ones are deleted by the
-retention rules (keep the last ``keep_last`` regular checkpoints and the best
-``keep_best``; temporaries once a later regular checkpoint exists), then the
-index is replaced, then ``delta`` objects no checkpoint reaches are collected.
+Order of a save: the new checkpoint commits; the index is replaced with the
+checkpoints the retention rules keep (the last ``keep_last`` regular checkpoints
+and the best ``keep_best``; temporaries until a later regular checkpoint
+exists); then the dropped ones are deleted and ``delta`` objects no checkpoint
+reaches are collected. A crash at any point leaves an index that lists only
+complete checkpoints, and at worst dropped checkpoints still on disk, which the
+next save deletes.
+
+One writer per run: a manager that writes holds the run lock
+(:mod:`aptckpt._runlock`) from its creation until :meth:`CheckpointManager.close`,
+so a second trainer on the same run directory fails at once with
+:class:`~aptckpt.errors.RunBusyError`; a killed owner releases it at once. When
+it takes the lock it removes what crashed saves left behind (hidden temp and
+trash entries, store temp files). ``read_only=True`` takes no lock and writes
+nothing.
 """
 
 from __future__ import annotations
@@ -40,15 +51,17 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import aptckpt.api as api
-from aptckpt._atomic import is_checkpoint, write_file_atomic
+from aptckpt import _runlock
+from aptckpt._atomic import is_checkpoint, remove_stale_temps, write_file_atomic
 from aptckpt.backends.delta import collect_garbage
 from aptckpt.errors import (
     AptckptError,
     BackendError,
     CheckpointNotFoundError,
     StoreBusyError,
+    StoreNotFoundError,
 )
-from aptckpt.objectstore import DEFAULT_STORE_NAME
+from aptckpt.objectstore import DEFAULT_STORE_NAME, ObjectStore
 from aptckpt.training_state import capture_rng
 from aptckpt.training_state import restore_rng as restore_rng_states
 
@@ -59,7 +72,7 @@ log = logging.getLogger("aptckpt")
 INDEX_NAME = "metadata.json"
 INDEX_FORMAT = "aptckpt-run"
 INDEX_VERSION = 1
-_REGULAR, _TEMP = "checkpoints", "temp"
+_REGULAR, _TEMP, _TOKENIZER = "checkpoints", "temp", "tokenizer"
 _RUN_KEY = "aptckpt_run"
 #: Top-level keys of a checkpoint's state that the manager fills itself.
 RESERVED = frozenset({"global_step", "epoch", "batch_index", "metrics", "rng"})
@@ -162,6 +175,10 @@ class CheckpointManager:
         temp_every: :meth:`should_save_temp` is true every this many global steps
             (None or 0: never).
         backend_options: options passed to the backend on every save.
+        read_only: only read the run (list, resolve, load): take no lock, write nothing.
+
+    Raises:
+        RunBusyError: (writing managers) another process is writing into ``run_dir``.
     """
 
     def __init__(
@@ -176,6 +193,7 @@ class CheckpointManager:
         best_mode: Literal["min", "max"] = "min",
         temp_every: int | None = None,
         backend_options: Mapping[str, Any] | None = None,
+        read_only: bool = False,
     ) -> None:
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
@@ -196,6 +214,60 @@ class CheckpointManager:
         #: The record of the last checkpoint this manager saved (bytes written, best flag).
         self.last_saved: CheckpointRecord | None = None
         self._created_at: str | None = None
+        self.read_only = read_only
+        self._lock: _runlock.RunLock | None = None
+        if not read_only:
+            self._hold_run()
+
+    # ------------------------------------------------------------ the run lock
+
+    def _hold_run(self) -> None:
+        """Take the run lock if this manager does not hold it; clean up after
+        crashed saves when it is newly taken."""
+        if self.read_only:
+            raise ValueError(
+                f"this CheckpointManager of '{self.run_dir}' was opened with read_only=True; "
+                "open it without read_only to save"
+            )
+        if self._lock is not None and self._lock.held:
+            return
+        self._lock = _runlock.acquire(self.run_dir)
+        self._remove_debris()
+
+    def _remove_debris(self) -> None:
+        """Remove what saves that crashed left behind: hidden temp and trash entries
+        in the run's folders, and temp files in its object store. Only under the
+        run lock, so no other process is writing them."""
+        folders = (_REGULAR, _TEMP, _TOKENIZER)
+        removed = len(remove_stale_temps(self.run_dir, exclusive=True))
+        for folder in folders:
+            removed += len(remove_stale_temps(self.run_dir / folder, exclusive=True))
+        store_dir = self.run_dir / DEFAULT_STORE_NAME
+        if store_dir.is_dir():
+            try:
+                store = ObjectStore.open(store_dir)
+                with store.lock(exclusive=True, wait=False):
+                    cleared = store.clear_tmp()
+            except (StoreBusyError, StoreNotFoundError):
+                pass  # another process saves into the store: its temp files are live
+            except AptckptError as err:
+                log.warning("object store temp files not cleaned: %s", err)
+            else:
+                removed += cleared
+        if removed:
+            log.info("removed %d leftovers of interrupted saves in %s", removed, self.run_dir)
+
+    def close(self) -> None:
+        """Release the run lock (other managers of this process may still hold it).
+        A later save takes it again."""
+        lock, self._lock = self._lock, None
+        del lock  # released when the last manager of this process lets go
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------ saving
 
@@ -267,6 +339,7 @@ class CheckpointManager:
     ) -> Path:
         """Save ``state`` (objects with ``state_dict()`` are saved through it, other
         values as they are) with the step, epoch, metrics and RNG states."""
+        self._hold_run()
         clash = RESERVED & set(state)
         if clash:
             raise ValueError(f"state keys {sorted(clash)} are reserved by CheckpointManager")
@@ -322,10 +395,12 @@ class CheckpointManager:
         records = [r for r in records if r.rel_path != rel] + [record]
         records = self._mark_best(records, record, is_best)
         record = next(r for r in records if r.rel_path == rel)
-        kept = self._retain(records, record)
-        self._write_index(kept)
+        kept, dropped = self._retain(records, record)
+        self._write_index(kept)  # before deleting: the index never lists a deleted checkpoint
         self.last_saved = record
-        if len(kept) < len(records):
+        for old in dropped:
+            self._delete(old)
+        if dropped:
             self._collect_garbage()  # deleted checkpoints may leave delta objects unreached
         log.info("checkpoint %s committed (%d bytes)", rel, info.stored_bytes)
         return self.run_dir / rel
@@ -368,21 +443,22 @@ class CheckpointManager:
 
     def _retain(
         self, records: list[CheckpointRecord], new: CheckpointRecord
-    ) -> list[CheckpointRecord]:
-        """Delete what the retention rules drop; ``new`` has committed already."""
+    ) -> tuple[list[CheckpointRecord], list[CheckpointRecord]]:
+        """Split ``records`` into those the retention rules keep and those they drop
+        (``new`` has committed already and is kept)."""
         regular = sorted((r for r in records if r.kind == "epoch"), key=_order)
         keep = {new.rel_path}
         keep |= {r.rel_path for r in (regular[-self.keep_last :] if self.keep_last else regular)}
         if self.keep_best:
             keep |= {r.rel_path for r in [r for r in regular if r.is_best][-self.keep_best :]}
-        kept = []
+        kept, dropped = [], []
         for r in records:
             stale_temp = r.kind == "temp" and new.kind == "epoch" and _order(r) < _order(new)
             if (r.kind == "epoch" and r.rel_path not in keep) or stale_temp:
-                self._delete(r)
+                dropped.append(r)
             else:
                 kept.append(r)
-        return kept
+        return kept, dropped
 
     def _delete(self, record: CheckpointRecord) -> None:
         with contextlib.suppress(CheckpointNotFoundError):  # already gone
@@ -400,7 +476,8 @@ class CheckpointManager:
             log.warning("garbage collection skipped: %s", err)
 
     def _write_tokenizer(self, files: dict[str, bytes]) -> None:
-        directory = self.run_dir / "tokenizer"
+        self._hold_run()
+        directory = self.run_dir / _TOKENIZER
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             target = directory / name

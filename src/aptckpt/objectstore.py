@@ -186,7 +186,10 @@ class ObjectStore:
                 ) from err
             yield
         finally:
-            os.close(fd)  # releases the lock
+            try:
+                self.discard_pending()  # a save that commits has synced everything
+            finally:
+                os.close(fd)  # releases the lock
 
     # ---------------------------------------------------------------- objects
 
@@ -232,11 +235,20 @@ class ObjectStore:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        with ThreadPoolExecutor(max(1, min(threads, len(pending)))) as pool:
-            list(pool.map(fsync_file, [tmp for tmp, _ in pending]))
-        for tmp, target in pending:
-            os.replace(tmp, target)  # same bytes if another writer got there first
-        fsync_dir(self.objects)
+        try:
+            with ThreadPoolExecutor(max(1, min(threads, len(pending)))) as pool:
+                list(pool.map(fsync_file, [tmp for tmp, _ in pending]))
+            for tmp, target in pending:
+                os.replace(tmp, target)  # same bytes if another writer got there first
+            fsync_dir(self.objects)
+        except BaseException:
+            _unlink_temps(pending)  # those renamed already are unreferenced objects: GC's job
+            raise
+
+    def discard_pending(self) -> None:
+        """Remove the temp files of objects :meth:`put` but never synced (a failed save)."""
+        pending, self._pending = self._pending, []
+        _unlink_temps(pending)
 
     def read_into(self, name: bytes, out: memoryview) -> None:
         """Fill ``out`` with the object ``name``, which must be exactly ``len(out)`` bytes."""
@@ -317,6 +329,12 @@ class ObjectStore:
                 os.unlink(entry.path)
                 removed += 1
         return removed
+
+
+def _unlink_temps(pending: list[tuple[Path, Path]]) -> None:
+    for tmp, _ in pending:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def find_checkpoints(home: Path, *, skip: Path | None = None) -> Iterator[Path]:

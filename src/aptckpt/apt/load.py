@@ -69,7 +69,7 @@ def _resolve(path: Path) -> Path:
     if (path / "checkpoints").is_dir() or (path / "metadata.json").is_file():
         from aptckpt.manager import CheckpointManager  # only needed for run directories
 
-        manager = CheckpointManager(path)
+        manager = CheckpointManager(path, read_only=True)
         record = manager.best() or manager.latest()
         if record is None:
             raise CheckpointNotFoundError(path, "the run directory holds no checkpoint")

@@ -31,7 +31,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         raise UsageError(f"'{run}' {why}; pass the run directory of a training run")
     if is_checkpoint(run):
         raise UsageError(f"'{run}' is a single checkpoint, not a run; use: aptckpt inspect {run}")
-    manager = aptckpt.CheckpointManager(run)  # reads only; creates nothing
+    manager = aptckpt.CheckpointManager(run, read_only=True)
     records = manager.checkpoints()
     # is_best says "best when saved", so several can carry it; the run's best is one.
     best = manager.best()
