@@ -208,3 +208,18 @@ def test_find_checkpoints_skips_temps_store_and_links(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "a")
     found = objectstore.find_checkpoints(tmp_path, skip=tmp_path / "aptckpt-store")
     assert sorted(p.relative_to(tmp_path).as_posix() for p in found) == ["a/b/c2", "a/c1"]
+
+
+def test_store_appears_complete_or_not_at_all(tmp_path, monkeypatch):
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # dies before the marker is written
+
+    monkeypatch.setattr(objectstore, "write_file_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ObjectStore.create(tmp_path / "aptckpt-store")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []  # no marker-less store that would block the next save
+    (tmp_path / "aptckpt-store").mkdir()  # an empty directory made for it is used
+    store = ObjectStore.create(tmp_path / "aptckpt-store")
+    assert objectstore.is_store(store.root)
+    assert ObjectStore.create(tmp_path / "aptckpt-store").root == store.root

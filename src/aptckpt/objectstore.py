@@ -36,6 +36,7 @@ import contextlib
 import fcntl
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -136,15 +137,33 @@ class ObjectStore:
                 "directory for delta checkpoints (or move that one away)",
                 path=str(path),
             )
-        path.mkdir(parents=True, exist_ok=True)
-        store = cls(path)
-        store.objects.mkdir(exist_ok=True)
-        store._tmp.mkdir(exist_ok=True)
-        (path / _LOCK).touch()
-        marker = msgpack.packb({"format": STORE_FORMAT, "version": STORE_VERSION})
-        write_file_atomic(path / _MARKER, marker)  # two racing creators write the same marker
-        fsync_dir(path.parent)
-        return store
+        # Build the store in a hidden sibling and rename it into place: a crash
+        # leaves either no store or a complete one (plus hidden debris that the
+        # next save's cleanup removes), never a directory without its marker.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        building = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            building.mkdir()
+            (building / "objects").mkdir()
+            (building / "tmp").mkdir()
+            (building / _LOCK).touch()
+            marker = msgpack.packb({"format": STORE_FORMAT, "version": STORE_VERSION})
+            write_file_atomic(building / _MARKER, marker)
+            fsync_dir(building)
+            try:
+                if path.exists():
+                    path.rmdir()  # the empty directory a user made for us
+                os.rename(building, path)
+            except OSError as err:
+                if not is_store(path):  # not a rival creator that got there first
+                    raise FormatError(
+                        f"cannot create the object store '{path}': {err.strerror}",
+                        path=str(path),
+                    ) from err
+            fsync_dir(path.parent)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+        return cls.open(path)
 
     def _check_marker(self) -> None:
         fd = open_regular(self.root / _MARKER, _MARKER, self.root)

@@ -1,0 +1,417 @@
+"""Crash torture: SIGKILL a checkpointing training run at random instants and check,
+after every kill, what a run directory promises.
+
+One *episode* trains the reference APT model (:func:`aptckpt.apt.train_model`,
+a small shape) twice in forked children: once uninterrupted, then again into a
+second run directory, SIGKILLed after a random delay and restarted with
+``resume_from="auto"``, over and over, until the kill budget is spent; a last
+restart runs to the end. The run saves a temporary checkpoint every other step
+and keeps one regular checkpoint, so retention deletes, temporaries are
+replaced and, with ``delta``, garbage collection runs: kills land in every part
+of the save path. After each kill a fresh process checks:
+
+1. every visible entry of ``checkpoints/`` and ``temp/`` is a complete
+   checkpoint that loads and verifies (nothing partial is visible as complete);
+2. ``metadata.json`` parses and every checkpoint it lists exists, loads and
+   verifies;
+3. "latest" resolves to a complete checkpoint -- the one saved last;
+4. a writing :class:`~aptckpt.manager.CheckpointManager` can take the run (the
+   dead owner's lock is gone) and, having taken it, no temp or trash entry and
+   no object-store temp file is left;
+5. with ``delta``, the store's garbage collection can read every manifest.
+
+At the end the interrupted run's final checkpoint must equal the uninterrupted
+one's bit for bit (model, optimizer, scheduler, loss history, metrics, RNG).
+
+Run it: ``python -m aptckpt.testing.crash --backend delta --kills 50``; it
+prints a JSON report and exits 1 on any failure. The driver process imports
+torch but runs no tensor operation, so forking it is safe; every child uses one
+torch thread (the same floating-point reductions in every run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import json
+import mmap
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import aptckpt
+from aptckpt import api
+from aptckpt._atomic import CheckpointWriter, is_checkpoint, is_temporary
+from aptckpt.apt import train_model
+from aptckpt.apt.model import APTConfig
+from aptckpt.apt.train import _Run
+from aptckpt.manager import CheckpointManager
+from aptckpt.objectstore import DEFAULT_STORE_NAME
+from aptckpt.testing._compare import assert_state_equal
+
+__all__ = ["EpisodeReport", "check_run", "run_episode"]
+
+#: A small model (about 30k parameters) and a short schedule: many saves per second.
+MODEL = APTConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, context=16)
+TRAINING: dict[str, Any] = dict(
+    epochs=3,
+    batch_size=8,
+    learning_rate=3e-3,
+    temp_checkpoint_freq=2,
+    keep_last=1,
+    max_steps_per_epoch=10,
+    model_config=MODEL,
+    seed=0,
+    log=None,
+    progress=False,
+)
+_FOLDERS = ("checkpoints", "temp")
+#: Share of kills timed from the fork rather than from the start of training, so that
+#: startup and the resume load are killed too.
+EARLY_KILLS = 0.2
+#: What a victim was doing when it was killed (innermost first wins).
+PHASES = (
+    "startup",  # building the model, resuming (loading the checkpoint)
+    "training",  # steps and evaluation
+    "save: data",  # a backend writing and syncing data files / store objects
+    "save: commit",  # manifest, fsync, rename
+    "index",  # replacing metadata.json
+    "retention delete",
+    "garbage collection",
+)
+
+
+@dataclass
+class EpisodeReport:
+    """What one episode did and found."""
+
+    backend: str
+    seed: int
+    kills: int = 0
+    #: kills after which the run held a save's temporary files: the kill landed mid-save
+    kills_mid_save: int = 0
+    #: what the victim was doing at each kill: phase name -> count
+    kill_phases: dict[str, int] = field(default_factory=dict)
+    checks: int = 0
+    restarts: int = 0
+    final_equal: bool = False
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _preload() -> None:
+    """Import in the driver what every child would import on its first optimizer
+    step (torch's optimizers pull in torch._dynamo: over a second), so that kills
+    land in training and saving rather than in imports. Imports only: the driver
+    must run no tensor operation before it forks."""
+    for module in ("torch._dynamo", "torch.optim"):
+        importlib.import_module(module)
+
+
+#: Phases whose boundaries are also hit exactly: the victim kills itself when it
+#: enters or leaves one of them (short phases that timed kills rarely hit).
+TRAPS = ("save: commit", "index", "retention delete", "garbage collection")
+#: Share of victims given such a trap.
+TRAPPED = 0.3
+
+
+def _instrument(phase: mmap.mmap, trap: tuple[str, int, bool] | None) -> None:
+    """In a victim: record in shared memory which phase it is in; with ``trap``
+    ``(phase, n, at_exit)``, SIGKILL itself on entering (or leaving) that phase
+    for the ``n``-th time."""
+    entries: dict[str, int] = {}
+
+    def track(owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name)
+        code = PHASES.index(label)
+
+        def sprung(at_exit: bool) -> bool:
+            return trap is not None and trap[0] == label and trap[1:] == (entries[label], at_exit)
+
+        @functools.wraps(original)
+        def tracked(*args: Any, **kwargs: Any) -> Any:
+            previous = phase[0]
+            phase[0] = code
+            entries[label] = entries.get(label, 0) + 1
+            if sprung(False):
+                os.kill(os.getpid(), signal.SIGKILL)
+            result = original(*args, **kwargs)
+            if sprung(True):
+                os.kill(os.getpid(), signal.SIGKILL)
+            phase[0] = previous
+            return result
+
+        setattr(owner, name, tracked)
+
+    phase[0] = PHASES.index("startup")
+    track(_Run, "train", "training")
+    track(api, "save", "save: data")
+    track(CheckpointWriter, "commit", "save: commit")
+    track(CheckpointManager, "_write_index", "index")
+    track(CheckpointManager, "_delete", "retention delete")
+    track(CheckpointManager, "_collect_garbage", "garbage collection")
+
+
+def _train(
+    run_dir: Path,
+    backend: str,
+    resume: bool,
+    phase: mmap.mmap | None = None,
+    trap: tuple[str, int, bool] | None = None,
+) -> None:
+    if phase is not None:
+        _instrument(phase, trap)
+    train_model(
+        checkpoint_dir=run_dir,
+        backend=backend,
+        resume_from="auto" if resume else None,
+        **TRAINING,
+    )
+
+
+def _in_child(work: Callable[[], Any], result: Path | None = None) -> int:
+    """Fork; run ``work`` in the child (its JSON-able return value goes to
+    ``result``); return the child's pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 0
+    try:
+        torch.set_num_threads(1)
+        value = work()
+        if result is not None:
+            result.write_text(json.dumps(value))
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    finally:
+        os._exit(status)
+
+
+def _wait_for_phase(phase: mmap.mmap, pid: int, startup: int, limit: float = 30.0) -> None:
+    """Wait until the victim leaves its startup phase (or exits, or ``limit`` seconds)."""
+    deadline = time.monotonic() + limit
+    while phase[0] == startup and time.monotonic() < deadline:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return  # it exited (left unreaped for the caller)
+        time.sleep(0.0005)
+
+
+def _wait(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _debris(run_dir: Path) -> list[str]:
+    """Hidden temp/trash entries and store temp files in the run."""
+    found = []
+    for folder in (run_dir, *(run_dir / f for f in (*_FOLDERS, "tokenizer"))):
+        if folder.is_dir():
+            found += [str(p.relative_to(run_dir)) for p in folder.iterdir() if is_temporary(p.name)]
+    store_tmp = run_dir / DEFAULT_STORE_NAME / "tmp"
+    if store_tmp.is_dir():
+        found += [str(p.relative_to(run_dir)) for p in store_tmp.iterdir()]
+    return found
+
+
+def check_run(run_dir: Path, backend: str) -> dict[str, Any]:
+    """Check a run directory after a crash (items 1-5 of the module docstring)."""
+    failures: list[str] = []
+    complete: dict[str, int] = {}  # rel path -> sequence
+    for folder in _FOLDERS:
+        directory = run_dir / folder
+        if not directory.is_dir():
+            continue
+        for entry in sorted(directory.iterdir()):
+            rel = f"{folder}/{entry.name}"
+            if is_temporary(entry.name):
+                continue
+            if not is_checkpoint(entry):
+                failures.append(f"{rel} is visible but has no manifest (partial checkpoint)")
+                continue
+            try:
+                aptckpt.verify(entry)
+                state = aptckpt.load(entry, verify=False)
+                info = aptckpt.inspect(entry)
+            except aptckpt.AptckptError as err:
+                failures.append(f"{rel} is visible as complete but broken: {err}")
+                continue
+            if not isinstance(state, dict) or "model" not in state:
+                failures.append(f"{rel} loaded something other than a training state")
+            complete[rel] = int(info.metadata["aptckpt_run"]["sequence"])
+    index = run_dir / "metadata.json"
+    if index.exists():
+        try:
+            listed = [e["path"] for e in json.loads(index.read_text())["checkpoints"]]
+        except (ValueError, KeyError, TypeError) as err:
+            failures.append(f"metadata.json is unreadable: {err}")
+            listed = []
+        failures += [
+            f"metadata.json lists {rel}, which is not a complete checkpoint"
+            for rel in listed
+            if rel not in complete
+        ]
+    latest = CheckpointManager(run_dir, read_only=True).latest()
+    if complete:
+        newest = max(complete, key=complete.__getitem__)
+        if latest is None or latest.rel_path != newest:
+            got = latest.rel_path if latest else None
+            failures.append(f"latest resolves to {got}, not the last complete save {newest}")
+    elif latest is not None:
+        failures.append(f"latest resolves to {latest.rel_path} but no checkpoint is complete")
+    debris = _debris(run_dir)
+    try:
+        CheckpointManager(run_dir, backend=backend).close()  # the restart's first step
+    except aptckpt.AptckptError as err:
+        failures.append(f"a new writer cannot take the run: {err}")
+    left = _debris(run_dir)
+    if left:
+        failures.append(f"leftovers survive a restart: {left}")
+    if (run_dir / DEFAULT_STORE_NAME).is_dir():
+        try:
+            aptckpt.collect_garbage(run_dir, dry_run=True)
+        except aptckpt.AptckptError as err:
+            failures.append(f"garbage collection cannot read the run: {err}")
+    return {"failures": failures, "debris": len(debris)}
+
+
+def run_episode(
+    backend: str, kills: int, *, seed: int = 0, workdir: Path | None = None
+) -> EpisodeReport:
+    """One episode: an uninterrupted run, then a run killed ``kills`` times and
+    resumed, checked after every kill and compared at the end."""
+    _preload()
+    start = time.perf_counter()
+    report = EpisodeReport(backend=backend, seed=seed)
+    rng = random.Random(seed)
+    root = workdir or Path(tempfile.mkdtemp(prefix="aptckpt-crash-"))
+    reference, victim = root / "reference", root / "run"
+    for path in (reference, victim):
+        shutil.rmtree(path, ignore_errors=True)
+
+    began = time.perf_counter()
+    if _wait(_in_child(lambda: _train(reference, backend, resume=False))) != 0:
+        report.failures.append("the uninterrupted run failed")
+        return report
+    duration = time.perf_counter() - began
+    # Delays spread the kills over the whole run: each life is short enough that the
+    # budget is spent before the run ends, long enough that resumed lives progress.
+    longest = max(0.05, 2.0 * duration / max(kills, 1))
+
+    phase = mmap.mmap(-1, 1)  # shared with the forked victims
+    while report.kills < kills:
+        phase[0] = PHASES.index("startup")  # before the fork: no stale phase is read
+        trap = None
+        if rng.random() < TRAPPED:
+            trap = (rng.choice(TRAPS), rng.randint(1, 2), rng.random() < 0.5)
+        pid = _in_child(functools.partial(_train, victim, backend, True, phase, trap))
+        if trap is not None or rng.random() >= EARLY_KILLS:  # most: once training has begun
+            _wait_for_phase(phase, pid, PHASES.index("startup"))
+        # A trapped victim gets longer, to reach its trap; if it does not, the timer kills it.
+        time.sleep(rng.uniform(0.0, longest * (4 if trap else 1)))
+        os.kill(pid, signal.SIGKILL)
+        killed_in = PHASES[phase[0]]
+        status = _wait(pid)
+        if status == 0:
+            break  # it finished before the signal: the run is complete
+        if status != -signal.SIGKILL:
+            report.failures.append(f"a resumed run failed with status {status}")
+            break
+        report.kills += 1
+        report.kill_phases[killed_in] = report.kill_phases.get(killed_in, 0) + 1
+        result = root / "check.json"
+        checker = _in_child(lambda: check_run(victim, backend), result)
+        if _wait(checker) != 0:
+            report.failures.append(f"the check after kill {report.kills} crashed")
+            break
+        found = json.loads(result.read_text())
+        report.checks += 1
+        report.kills_mid_save += found["debris"] > 0
+        report.failures += [f"after kill {report.kills}: {f}" for f in found["failures"]]
+        if report.failures:
+            break
+        report.restarts += 1
+
+    if not report.failures:
+        final = _in_child(lambda: _train(victim, backend, resume=True))
+        if _wait(final) != 0:
+            report.failures.append("the last resumed run failed")
+        else:
+            outcome = root / "compare.json"
+            _wait(_in_child(lambda: _compare(reference, victim), outcome))
+            message = json.loads(outcome.read_text()) if outcome.exists() else "compare crashed"
+            report.final_equal = message == ""
+            if message:
+                report.failures.append(f"final state differs from the uninterrupted run: {message}")
+    if workdir is None:
+        shutil.rmtree(root, ignore_errors=True)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _compare(reference: Path, victim: Path) -> str:
+    expected = CheckpointManager(reference, read_only=True).latest()
+    actual = CheckpointManager(victim, read_only=True).latest()
+    if expected is None or actual is None:
+        return "a run has no final checkpoint"
+    if (expected.kind, expected.global_step) != (actual.kind, actual.global_step):
+        got, want = (actual.kind, actual.global_step), (expected.kind, expected.global_step)
+        return f"ended at {got}, not {want}"
+    try:
+        assert_state_equal(aptckpt.load(expected.path), aptckpt.load(actual.path))
+    except AssertionError as err:
+        return str(err)
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="zstd")
+    parser.add_argument("--kills", type=int, default=20, help="kills per episode (default 20)")
+    parser.add_argument("--episodes", type=int, default=1, help="episodes (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dir", type=Path, default=None, help="keep the run directories here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    reports = []
+    for episode in range(args.episodes):
+        workdir = args.dir / f"episode-{episode}" if args.dir else None
+        if workdir:
+            workdir.mkdir(parents=True, exist_ok=True)
+        seed = args.seed + episode
+        reports.append(run_episode(args.backend, args.kills, seed=seed, workdir=workdir))
+    totals = {
+        "backend": args.backend,
+        "implementation": aptckpt.IMPLEMENTATION,
+        "episodes": len(reports),
+        "kills": sum(r.kills for r in reports),
+        "kills_mid_save": sum(r.kills_mid_save for r in reports),
+        "kill_phases": {
+            p: sum(r.kill_phases.get(p, 0) for r in reports)
+            for p in PHASES
+            if any(p in r.kill_phases for r in reports)
+        },
+        "checks": sum(r.checks for r in reports),
+        "final_equal": sum(r.final_equal for r in reports),
+        "failures": [f for r in reports for f in r.failures],
+        "seconds": round(sum(r.seconds for r in reports), 1),
+        "episode_reports": [asdict(r) for r in reports],
+    }
+    print(json.dumps(totals, indent=1))
+    return 1 if totals["failures"] or totals["final_equal"] != len(reports) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
