@@ -88,6 +88,31 @@ def is_checkpoint(path: str | os.PathLike[str]) -> bool:
     return os.path.isfile(os.path.join(path, mf.MANIFEST_NAME))
 
 
+def _remedy(code: int | None) -> str:
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on that filesystem (or save elsewhere), then save again"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            "check the permissions of the directory (or whether the filesystem is mounted "
+            "read-only), then save again"
+        )
+    if code == errno.EIO:
+        return "the device reported an I/O error: check the disk and its logs before saving again"
+    return "fix the cause, then save again"
+
+
+def write_error(action: str, err: OSError, *, path: str | os.PathLike[str]) -> WriteError:
+    """A :class:`WriteError` for an ``OSError`` met while ``action`` (e.g. "saving
+    checkpoint 'x'"), naming the file that failed and what to do about it."""
+    where = f" ('{err.filename}')" if err.filename else ""
+    reason = err.strerror or str(err)
+    return WriteError(
+        f"{action} failed: {reason}{where}; {_remedy(err.errno)}",
+        path=os.fspath(path),
+        errno_=err.errno,
+    )
+
+
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Replace the small file ``path`` with ``data`` durably: readers see the old
     bytes or the new ones, never a mix (sibling temp file, fsync, rename, fsync)."""
@@ -112,8 +137,10 @@ def remove_checkpoint(root: Path) -> None:
     _ACTIVE.add(str(trash))
     try:
         os.rename(root, trash)
-        fsync_dir(root.parent)
-        shutil.rmtree(trash)
+        try:
+            fsync_dir(root.parent)
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
     finally:
         _ACTIVE.discard(str(trash))
 
@@ -208,10 +235,10 @@ class CheckpointWriter:
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise WriteError(
-                f"cannot create directory '{parent}': {err.strerror}",
-                path=str(parent),
-                errno_=err.errno,
+            raise write_error(
+                f"creating directory '{parent}' for checkpoint '{self.final.name}'",
+                err,
+                path=parent,
             ) from err
         remove_stale_temps(parent)
         token = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -222,10 +249,8 @@ class CheckpointWriter:
             self.root.mkdir()
         except OSError as err:
             _ACTIVE.difference_update((str(self.root), str(self._trash)))
-            raise WriteError(
-                f"cannot create '{self.root}': {err.strerror}",
-                path=str(self.root),
-                errno_=err.errno,
+            raise write_error(
+                f"saving checkpoint '{self.final}' (nothing was written)", err, path=self.final
             ) from err
         self._files: list[str] = []
         self._committed = False
@@ -276,6 +301,11 @@ class CheckpointWriter:
         return self._held.enter_context(resource)
 
     @property
+    def committed(self) -> bool:
+        """True once the checkpoint has been renamed into place."""
+        return self._committed
+
+    @property
     def files(self) -> list[str]:
         """Relative paths of the files created so far, in creation order."""
         return list(self._files)
@@ -318,8 +348,10 @@ class CheckpointWriter:
         else:
             os.rename(self.root, self.final)
         self._committed = True
-        _fsync_path(self.final.parent, directory=True)
-        shutil.rmtree(self._trash, ignore_errors=True)
+        try:
+            _fsync_path(self.final.parent, directory=True)
+        finally:
+            shutil.rmtree(self._trash, ignore_errors=True)  # the replaced checkpoint, if any
 
     def abort(self) -> None:
         """Remove everything written so far; the target is untouched."""

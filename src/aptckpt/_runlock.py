@@ -34,7 +34,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from aptckpt.errors import RunBusyError, WriteError
+from aptckpt._atomic import write_error
+from aptckpt.errors import RunBusyError
 
 __all__ = ["LOCK_NAME", "RunLock", "acquire"]
 
@@ -76,12 +77,7 @@ def acquire(run_dir: Path) -> RunLock:
             run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as err:
-            raise WriteError(
-                f"cannot create the run lock in '{run_dir}': {err.strerror}; the run directory "
-                "must be writable",
-                path=str(run_dir),
-                errno_=err.errno,
-            ) from err
+            raise write_error(f"taking the run lock of '{run_dir}'", err, path=run_dir) from err
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         lock = _held.get(key)

@@ -23,7 +23,7 @@ import torch
 
 from aptckpt import _dtypes, registry, tree
 from aptckpt import manifest as mf
-from aptckpt._atomic import CheckpointReader, CheckpointWriter, remove_checkpoint
+from aptckpt._atomic import CheckpointReader, CheckpointWriter, remove_checkpoint, write_error
 from aptckpt._version import __version__
 from aptckpt.backends.base import Backend
 from aptckpt.errors import (
@@ -33,7 +33,6 @@ from aptckpt.errors import (
     FormatError,
     IntegrityError,
     UnknownBackendError,
-    WriteError,
 )
 
 __all__ = [
@@ -227,12 +226,18 @@ def _write(
         except AptckptError:
             raise  # already says what went wrong (some of them are OSErrors too)
         except OSError as err:
-            raise WriteError(
-                f"saving checkpoint '{path}' failed: {err.strerror or err}; nothing was "
-                "committed and earlier checkpoints are intact (free space or fix permissions, "
-                "then save again)",
-                path=os.fspath(path),
-                errno_=err.errno,
+            if writer.committed:  # only the final directory fsync failed
+                raise write_error(
+                    f"checkpoint '{writer.final}' was committed, but making its directory entry "
+                    "durable",
+                    err,
+                    path=writer.final,
+                ) from err
+            raise write_error(
+                f"saving checkpoint '{writer.final}' (nothing was committed; earlier checkpoints "
+                "are intact)",
+                err,
+                path=writer.final,
             ) from err
     info = SaveInfo(
         path=str(writer.final),

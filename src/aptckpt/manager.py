@@ -38,7 +38,6 @@ nothing.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import logging
@@ -52,7 +51,7 @@ from typing import Any, Literal, Protocol
 
 import aptckpt.api as api
 from aptckpt import _runlock
-from aptckpt._atomic import is_checkpoint, remove_stale_temps, write_file_atomic
+from aptckpt._atomic import is_checkpoint, remove_stale_temps, write_error, write_file_atomic
 from aptckpt.backends.delta import collect_garbage
 from aptckpt.errors import (
     AptckptError,
@@ -250,7 +249,7 @@ class CheckpointManager:
                     cleared = store.clear_tmp()
             except (StoreBusyError, StoreNotFoundError):
                 pass  # another process saves into the store: its temp files are live
-            except AptckptError as err:
+            except (AptckptError, OSError) as err:
                 log.warning("object store temp files not cleaned: %s", err)
             else:
                 removed += cleared
@@ -323,7 +322,15 @@ class CheckpointManager:
             is_best=is_best,
         )
         if files:
-            self._write_tokenizer(files)
+            try:
+                self._write_tokenizer(files)
+            except OSError as err:
+                raise write_error(
+                    f"checkpoint '{path}' was committed (with the tokenizer inside), but "
+                    f"writing the run's {_TOKENIZER}/ files",
+                    err,
+                    path=self.run_dir,
+                ) from err
         return path
 
     def save(
@@ -396,8 +403,16 @@ class CheckpointManager:
         records = self._mark_best(records, record, is_best)
         record = next(r for r in records if r.rel_path == rel)
         kept, dropped = self._retain(records, record)
-        self._write_index(kept)  # before deleting: the index never lists a deleted checkpoint
         self.last_saved = record
+        try:
+            self._write_index(kept)  # before deleting: the index never lists a deleted checkpoint
+        except OSError as err:
+            raise write_error(
+                f"checkpoint '{rel}' was committed, but updating {INDEX_NAME} (it is rebuilt "
+                "from the checkpoints when stale)",
+                err,
+                path=self.run_dir,
+            ) from err
         for old in dropped:
             self._delete(old)
         if dropped:
@@ -461,8 +476,19 @@ class CheckpointManager:
         return kept, dropped
 
     def _delete(self, record: CheckpointRecord) -> None:
-        with contextlib.suppress(CheckpointNotFoundError):  # already gone
+        """Delete a checkpoint retention dropped. A failure is logged, not raised: the
+        new checkpoint is safe, and the next save tries again."""
+        try:
             api.delete(record.path)
+        except CheckpointNotFoundError:
+            return  # already gone
+        except OSError as err:
+            log.warning(
+                "could not delete checkpoint %s (retention): %s; the next save tries again",
+                record.rel_path,
+                err,
+            )
+            return
         log.info("deleted checkpoint %s (retention)", record.rel_path)
 
     def _collect_garbage(self) -> None:
@@ -472,7 +498,7 @@ class CheckpointManager:
             collect_garbage(self.run_dir, wait=False)
         except StoreBusyError:
             log.info("object store busy; garbage collection postponed to the next save")
-        except AptckptError as err:
+        except (AptckptError, OSError) as err:
             log.warning("garbage collection skipped: %s", err)
 
     def _write_tokenizer(self, files: dict[str, bytes]) -> None:
