@@ -152,3 +152,27 @@ def test_stale_temps_of_dead_or_same_pid_owners_go_live_ones_stay(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_rival_committing_between_check_and_rename(tmp_path, monkeypatch, overwrite):
+    real = _atomic.CheckpointWriter._check_target
+    raced = []
+
+    def racing(self):
+        real(self)
+        committing = hasattr(self, "root") and (self.root / "manifest.msgpack").exists()
+        if self.final.name == "c" and committing and not raced:
+            raced.append(True)  # another process commits 'c' right now
+            aptckpt.save({"v": torch.zeros(2)}, tmp_path / "rival")
+            os.rename(tmp_path / "rival", tmp_path / "c")
+
+    monkeypatch.setattr(_atomic.CheckpointWriter, "_check_target", racing)
+    if overwrite:
+        aptckpt.save({"v": torch.ones(2)}, tmp_path / "c", overwrite=True)
+        assert torch.equal(aptckpt.load(tmp_path / "c")["v"], torch.ones(2))  # replaced it
+    else:
+        with pytest.raises(CheckpointExistsError):
+            aptckpt.save({"v": torch.ones(2)}, tmp_path / "c")
+        assert torch.equal(aptckpt.load(tmp_path / "c")["v"], torch.zeros(2))  # the rival's
+    assert os.listdir(tmp_path) == ["c"]

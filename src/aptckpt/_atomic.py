@@ -338,20 +338,39 @@ class CheckpointWriter:
             f.flush()
             os.fsync(f.fileno())
         _fsync_path(self.root, directory=True)
-        self._check_target()  # the target may have appeared while we were writing
-        if os.path.lexists(self.final):
-            if _exchange(self.root, self.final):
-                os.rename(self.root, self._trash)
-            else:
-                os.rename(self.final, self._trash)
-                os.rename(self.root, self.final)
+        for _attempt in range(3):
+            self._check_target()  # the target may have appeared while we were writing
+            if self._move_into_place():
+                break
         else:
-            os.rename(self.root, self.final)
+            raise CheckpointExistsError(
+                self.final, "other saves kept committing there at the same time; try again"
+            )
         self._committed = True
         try:
             _fsync_path(self.final.parent, directory=True)
         finally:
             shutil.rmtree(self._trash, ignore_errors=True)  # the replaced checkpoint, if any
+
+    def _move_into_place(self) -> bool:
+        """Rename the temp directory onto the final name; False if another save
+        committed there in the meantime (``overwrite`` then tries again)."""
+        try:
+            if not self.overwrite or not os.path.lexists(self.final):
+                # onto nothing or an empty directory; refused onto a rival's checkpoint
+                os.rename(self.root, self.final)
+            elif _exchange(self.root, self.final):
+                os.rename(self.root, self._trash)
+            else:
+                os.rename(self.final, self._trash)
+                os.rename(self.root, self.final)
+        except OSError as err:
+            if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return False  # a rival committed first
+            if err.errno == errno.ENOENT and not os.path.lexists(self.final):
+                return False  # a rival's exchange or delete moved it in between
+            raise
+        return True
 
     def abort(self) -> None:
         """Remove everything written so far; the target is untouched."""
