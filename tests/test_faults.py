@@ -49,6 +49,7 @@ class Faults:
         self.fail_at = fail_at
         self.errno = errno_
         self.calls: list[str] = []
+        self.log: list[tuple[str, str]] = []  # (op, path) of every call seen
         self.fired: str | None = None
 
     def _inside(self, path: Any) -> bool:
@@ -65,6 +66,7 @@ class Faults:
 
     def hit(self, op: str, where: Any) -> None:
         self.calls.append(op)
+        self.log.append((op, os.fspath(where) if isinstance(where, (str, os.PathLike)) else ""))
         if self.fail_at is not None and len(self.calls) - 1 == self.fail_at:
             self.fired = f"{op} {where}"
             raise OSError(self.errno, os.strerror(self.errno), str(where))
@@ -271,3 +273,32 @@ def test_every_storage_call_of_a_manager_save_can_fail(tmp_path, monkeypatch):
 
     count, ops = sweep(tmp_path, monkeypatch, prepare, act, META_ERRORS)
     print(f"\nmanager: {count} faults injected over {len(ops)} storage calls")
+
+
+@pytest.mark.parametrize("case", OPTIONS)
+def test_durability_order(tmp_path, monkeypatch, case):
+    """Every byte a checkpoint needs is fsynced before the rename that makes it
+    visible, and the parent directory after it (store objects: before the manifest)."""
+    backend, options = OPTIONS[case]
+    aptckpt.save(state(0), tmp_path / "s0", backend=backend, **options)
+    with injected(monkeypatch, Faults(tmp_path)) as faults:
+        aptckpt.save(state(1), tmp_path / "s1", backend=backend, **options)
+    log = faults.log
+    (commit,) = [
+        i for i, (op, path) in enumerate(log) if op == "rename" and ".s1.tmp-" in Path(path).name
+    ]
+    temp_dir = log[commit][1]
+    manifest = os.path.join(temp_dir, "manifest.msgpack")
+    before, after = log[:commit], log[commit + 1 :]
+    synced = {path for op, path in before if op == "fsync"}
+    data = {path for op, path in before if op == "open" and path.startswith(temp_dir)}
+    assert data and data <= synced  # every data file and the manifest
+    assert manifest in synced and temp_dir in synced
+    assert ("fsync", str(tmp_path)) in after  # the parent directory, after the rename
+    if backend == "delta":
+        objects = [i for i, (op, path) in enumerate(before) if op == "replace"]
+        named = {path for op, path in before if op == "open" and "/aptckpt-store/tmp/" in path}
+        manifest_written = next(i for i, (op, path) in enumerate(before) if path == manifest)
+        assert objects and max(objects) < manifest_written  # objects named before the manifest
+        assert named <= synced
+        assert ("fsync", str(tmp_path / "aptckpt-store" / "objects")) in before
