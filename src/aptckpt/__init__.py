@@ -11,6 +11,7 @@ from aptckpt._accel import IMPLEMENTATION, NATIVE
 from aptckpt._version import __version__
 from aptckpt.api import (
     CheckpointInfo,
+    SaveHandle,
     SaveInfo,
     TensorInfo,
     VerifyReport,
@@ -59,6 +60,7 @@ __all__ = [
     "IntegrityError",
     "ResumeInfo",
     "RunBusyError",
+    "SaveHandle",
     "SaveInfo",
     "StoreBusyError",
     "StoreNotFoundError",

@@ -17,13 +17,14 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias, overload
 
 import torch
 
-from aptckpt import _dtypes, registry, tree
+from aptckpt import _background, _dtypes, registry, tree
 from aptckpt import manifest as mf
 from aptckpt._atomic import CheckpointReader, CheckpointWriter, remove_checkpoint, write_error
+from aptckpt._background import SaveHandle
 from aptckpt._version import __version__
 from aptckpt.backends.base import Backend
 from aptckpt.errors import (
@@ -37,6 +38,7 @@ from aptckpt.errors import (
 
 __all__ = [
     "CheckpointInfo",
+    "SaveHandle",
     "SaveInfo",
     "TensorInfo",
     "VerifyReport",
@@ -152,6 +154,32 @@ def _record(leaf: tree.TensorLeaf) -> mf.TensorRecord:
     )
 
 
+@overload
+def save(
+    state: Any,
+    path: PathLike,
+    *,
+    backend: str = ...,
+    metadata: Mapping[str, Any] | None = ...,
+    overwrite: bool = ...,
+    blocking: Literal[True] = ...,
+    **options: Any,
+) -> SaveInfo: ...
+
+
+@overload
+def save(
+    state: Any,
+    path: PathLike,
+    *,
+    backend: str = ...,
+    metadata: Mapping[str, Any] | None = ...,
+    overwrite: bool = ...,
+    blocking: Literal[False],
+    **options: Any,
+) -> SaveHandle[SaveInfo]: ...
+
+
 def save(
     state: Any,
     path: PathLike,
@@ -159,8 +187,9 @@ def save(
     backend: str = "zstd",
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    blocking: bool = True,
     **options: Any,
-) -> SaveInfo:
+) -> SaveInfo | SaveHandle[SaveInfo]:
     """Save ``state`` as a checkpoint directory at ``path``, atomically.
 
     Args:
@@ -171,23 +200,77 @@ def save(
         backend: a registered backend name (:func:`available_backends`).
         metadata: plain values stored in the manifest, shown by :func:`inspect`.
         overwrite: replace an existing checkpoint at ``path`` (atomically).
+        blocking: ``False`` returns as soon as the state is copied into reusable
+            host staging buffers (pinned for CUDA tensors) and persists it in the
+            background: the caller may change the state at once. At most one
+            background save is in flight; the next waits for it. See
+            :class:`SaveHandle`.
         **options: backend options, e.g. ``level=3`` or ``codec="none"`` for ``zstd``.
 
     Returns:
-        What was written.
+        What was written; with ``blocking=False``, a :class:`SaveHandle` whose
+        ``wait()`` returns it (or raises the save's error).
 
     Raises:
         UnsupportedObjectError: an object that cannot be stored, named by key path.
         UnknownBackendError, BackendError: bad backend name or options.
         CheckpointExistsError: ``path`` is taken and ``overwrite`` is false.
         WriteError: the disk failed (full, read-only); nothing was committed.
+        (With ``blocking=False`` the errors of the persisting part come from ``wait()``.)
     """
+    pending = prepare_save(
+        state, path, backend=backend, metadata=metadata, overwrite=overwrite, **options
+    )
+    if blocking:
+        return pending.persist(pending.flat)
+    return _background.submit(pending.flat, os.fspath(path), pending.persist)
+
+
+@dataclass(frozen=True)
+class PendingSave:
+    """A save split at the snapshot: ``flat`` is the state as found (the caller's
+    tensors); ``persist(snapshot)`` writes and commits a snapshot of it.
+    :func:`save` and the :class:`~aptckpt.CheckpointManager` use it."""
+
+    flat: tree.FlatState
+    records: tuple[mf.TensorRecord, ...]
+    metadata: Any
+    path: PathLike
+    backend: str
+    impl: Backend
+    overwrite: bool
+    start: float
+
+    def persist(self, snapshot: tree.FlatState) -> SaveInfo:
+        return _write(
+            snapshot,
+            self.records,
+            self.metadata,
+            self.path,
+            self.backend,
+            self.impl,
+            overwrite=self.overwrite,
+            start=self.start,
+        )
+
+
+def prepare_save(
+    state: Any,
+    path: PathLike,
+    *,
+    backend: str = "zstd",
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> PendingSave:
+    """Everything of :func:`save` that must happen before the state may change:
+    options checked, state flattened, tensor records taken from the originals."""
     start = time.perf_counter()
     impl = _backend(backend)(**options)
     flat = tree.flatten(state)
     manifest_metadata = tree.encode_plain(dict(metadata), root="metadata") if metadata else None
     records = tuple(_record(leaf) for leaf in flat.tensors)
-    return _write(
+    return PendingSave(
         flat, records, manifest_metadata, path, backend, impl, overwrite=overwrite, start=start
     )
 

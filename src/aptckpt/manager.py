@@ -50,8 +50,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import aptckpt.api as api
-from aptckpt import _runlock
+from aptckpt import _background, _runlock
 from aptckpt._atomic import is_checkpoint, remove_stale_temps, write_error, write_file_atomic
+from aptckpt._background import SaveHandle
 from aptckpt.backends.delta import collect_garbage
 from aptckpt.errors import (
     AptckptError,
@@ -63,6 +64,7 @@ from aptckpt.errors import (
 from aptckpt.objectstore import DEFAULT_STORE_NAME, ObjectStore
 from aptckpt.training_state import capture_rng
 from aptckpt.training_state import restore_rng as restore_rng_states
+from aptckpt.tree import FlatState
 
 __all__ = ["CheckpointManager", "CheckpointRecord", "ResumeInfo"]
 
@@ -215,6 +217,7 @@ class CheckpointManager:
         self._created_at: str | None = None
         self.read_only = read_only
         self._lock: _runlock.RunLock | None = None
+        self._in_flight: SaveHandle[Path] | None = None
         if not read_only:
             self._hold_run()
 
@@ -257,10 +260,13 @@ class CheckpointManager:
             log.info("removed %d leftovers of interrupted saves in %s", removed, self.run_dir)
 
     def close(self) -> None:
-        """Release the run lock (other managers of this process may still hold it).
-        A later save takes it again."""
-        lock, self._lock = self._lock, None
-        del lock  # released when the last manager of this process lets go
+        """Finish the save in flight (raising its error), then release the run lock
+        (other managers of this process may still hold it). A later save takes it again."""
+        try:
+            self.wait()
+        finally:
+            lock, self._lock = self._lock, None
+            del lock  # released when the last manager of this process lets go
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -291,15 +297,18 @@ class CheckpointManager:
         batch_index: int | None = None,
         temporary: bool = False,
         extra: Any = None,
-    ) -> Path:
-        """Save the full training state; return the checkpoint's path.
+        blocking: bool = True,
+    ) -> Any:
+        """Save the full training state; return the checkpoint's path (with
+        ``blocking=False``, a :class:`~aptckpt.SaveHandle` whose ``wait()`` returns it).
 
         ``epoch`` is the epoch in progress; a regular checkpoint (the default)
         is taken after it ended. ``temporary=True`` makes a mid-epoch checkpoint
         in ``temp/``, with ``batch_index`` the batches of ``epoch`` already done.
         ``tokenizer`` (an object with ``files() -> {name: bytes}``) is written to
         ``tokenizer/`` and embedded in the checkpoint, as is ``config``.
-        ``is_best=None`` decides from ``metrics[best_metric]``.
+        ``is_best=None`` decides from ``metrics[best_metric]``. ``blocking=False``:
+        see :meth:`save`.
         """
         files = _tokenizer_files(tokenizer)
         objects: dict[str, Any] = {
@@ -312,7 +321,7 @@ class CheckpointManager:
             "tokenizer": files,
             "extra": extra,
         }
-        path = self.save(
+        return self._save(
             global_step,
             objects,
             epoch=epoch,
@@ -320,18 +329,9 @@ class CheckpointManager:
             batch_index=batch_index,
             temporary=temporary,
             is_best=is_best,
+            blocking=blocking,
+            tokenizer_files=files,
         )
-        if files:
-            try:
-                self._write_tokenizer(files)
-            except OSError as err:
-                raise write_error(
-                    f"checkpoint '{path}' was committed (with the tokenizer inside), but "
-                    f"writing the run's {_TOKENIZER}/ files",
-                    err,
-                    path=self.run_dir,
-                ) from err
-        return path
 
     def save(
         self,
@@ -343,9 +343,55 @@ class CheckpointManager:
         batch_index: int | None = None,
         temporary: bool = False,
         is_best: bool | None = None,
-    ) -> Path:
+        blocking: bool = True,
+    ) -> Any:
         """Save ``state`` (objects with ``state_dict()`` are saved through it, other
-        values as they are) with the step, epoch, metrics and RNG states."""
+        values as they are) with the step, epoch, metrics and RNG states; return
+        the checkpoint's path.
+
+        ``blocking=False`` returns a :class:`~aptckpt.SaveHandle` (``wait()``
+        gives the path) as soon as the state is copied into host staging
+        buffers; writing, commit, index, retention and garbage collection run in
+        the background while training goes on. One save of a manager is in
+        flight at a time: the next save (and :meth:`wait`, :meth:`close`, loads)
+        waits for it, and raises its error if it failed.
+        """
+        return self._save(
+            step,
+            state,
+            epoch=epoch,
+            metrics=metrics,
+            batch_index=batch_index,
+            temporary=temporary,
+            is_best=is_best,
+            blocking=blocking,
+            tokenizer_files=None,
+        )
+
+    def wait(self) -> None:
+        """Block until this manager's background save (if any) has finished.
+
+        Raises:
+            The background save's error, once, if it failed.
+        """
+        handle, self._in_flight = self._in_flight, None
+        if handle is not None:
+            handle.wait()
+
+    def _save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        epoch: int,
+        metrics: Mapping[str, Any] | None,
+        batch_index: int | None,
+        temporary: bool,
+        is_best: bool | None,
+        blocking: bool,
+        tokenizer_files: dict[str, bytes] | None,
+    ) -> Any:
+        self.wait()
         self._hold_run()
         clash = RESERVED & set(state)
         if clash:
@@ -377,7 +423,7 @@ class CheckpointManager:
             "batch_index": batch_index,
             "metrics": plain_metrics,
         }
-        info = api.save(
+        pending = api.prepare_save(
             content,
             self.run_dir / rel,
             backend=self.backend,
@@ -385,7 +431,7 @@ class CheckpointManager:
             overwrite=True,
             **self._backend_options(records),
         )
-        record = CheckpointRecord(
+        new = CheckpointRecord(
             path=self.run_dir / rel,
             rel_path=rel,
             kind=kind,
@@ -396,9 +442,27 @@ class CheckpointManager:
             created_at=_now(),
             metrics=plain_metrics,
             backend=self.backend,
-            bytes=info.stored_bytes,
+            bytes=0,
             sequence=sequence,
         )
+
+        def persist(snapshot: FlatState) -> Path:
+            info = pending.persist(snapshot)
+            self._after_commit(_replace(new, bytes=info.stored_bytes), records, is_best)
+            if tokenizer_files:
+                self._write_tokenizer_after_commit(tokenizer_files, new.path)
+            return new.path
+
+        if blocking:
+            return persist(pending.flat)
+        self._in_flight = _background.submit(pending.flat, str(new.path), persist)
+        return self._in_flight
+
+    def _after_commit(
+        self, record: CheckpointRecord, records: list[CheckpointRecord], is_best: bool | None
+    ) -> None:
+        """Index, retention and garbage collection once ``record`` has committed."""
+        rel = record.rel_path
         records = [r for r in records if r.rel_path != rel] + [record]
         records = self._mark_best(records, record, is_best)
         record = next(r for r in records if r.rel_path == rel)
@@ -417,8 +481,18 @@ class CheckpointManager:
             self._delete(old)
         if dropped:
             self._collect_garbage()  # deleted checkpoints may leave delta objects unreached
-        log.info("checkpoint %s committed (%d bytes)", rel, info.stored_bytes)
-        return self.run_dir / rel
+        log.info("checkpoint %s committed (%d bytes)", rel, record.bytes)
+
+    def _write_tokenizer_after_commit(self, files: dict[str, bytes], path: Path) -> None:
+        try:
+            self._write_tokenizer(files)
+        except OSError as err:
+            raise write_error(
+                f"checkpoint '{path}' was committed (with the tokenizer inside), but "
+                f"writing the run's {_TOKENIZER}/ files",
+                err,
+                path=self.run_dir,
+            ) from err
 
     def _backend_options(self, records: list[CheckpointRecord]) -> dict[str, Any]:
         options = dict(self.backend_options)
@@ -623,11 +697,14 @@ class CheckpointManager:
         return ordered[-1] if ordered else None
 
     def latest(self) -> CheckpointRecord | None:
-        """The complete checkpoint saved last, temporary or regular."""
+        """The complete checkpoint saved last, temporary or regular (after this
+        manager's save in flight, if any, has finished)."""
+        self.wait()
         return self._newest(self.checkpoints())
 
     def best(self) -> CheckpointRecord | None:
         """The best regular checkpoint: the newest one flagged best when saved."""
+        self.wait()
         flagged = [r for r in self.checkpoints() if r.kind == "epoch" and r.is_best]
         return flagged[-1] if flagged else None
 
@@ -693,6 +770,7 @@ class CheckpointManager:
     ) -> dict[str, Any]:
         """Load a checkpoint's state into every object of ``objects`` that has
         ``load_state_dict`` (``None`` values are skipped); return the whole state."""
+        self.wait()
         path = self.resolve(checkpoint_path)
         state = api.load(path, map_location=map_location)
         if not isinstance(state, dict) or "global_step" not in state:

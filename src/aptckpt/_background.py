@@ -1,0 +1,225 @@
+"""Asynchronous saves: snapshot into reusable staging buffers, persist in the background.
+
+``save(..., blocking=False)`` costs the caller one memory copy of the state:
+every tensor is copied into a host staging buffer (pinned memory for CUDA
+tensors, copied with ``non_blocking=True`` on the current stream), then the
+save's encoding, writing and commit run on one background thread while the
+caller goes on. The buffers are kept and reused by the next save whose tensors
+have the same dtypes and shapes, so from the second save on the copy lands in
+memory that is already mapped (first-touch page faults cost more than the copy).
+
+Rules:
+
+* At most one save is in flight per process: the next asynchronous save waits
+  for it before copying (its buffers are the staging buffers), so extra host
+  memory is bounded by one copy of the largest state saved.
+* Errors surface through the :class:`SaveHandle` (``wait()`` re-raises) and are
+  logged when the save fails; a process exiting normally first finishes the save
+  in flight (``atexit``). A process killed mid-persist leaves what any
+  interrupted save leaves: the previous checkpoints, intact.
+* The state may change as soon as ``save`` returns: nothing refers to the
+  caller's tensors any more (for CUDA tensors, kernels enqueued later on the
+  same stream run after the copies).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from aptckpt import tree
+
+__all__ = ["SaveHandle", "submit", "wait_all"]
+
+log = logging.getLogger("aptckpt")
+T = TypeVar("T")
+
+
+class SaveHandle(Generic[T]):
+    """A save persisting in the background.
+
+    Attributes:
+        path: where the checkpoint is being saved.
+        snapshot_seconds: how long the caller was blocked (waiting for the
+            previous save, plus copying the state).
+    """
+
+    def __init__(self, future: Future[T], path: str, snapshot_seconds: float) -> None:
+        self._future = future
+        self.path = path
+        self.snapshot_seconds = snapshot_seconds
+
+    def done(self) -> bool:
+        """True once the save has committed or failed."""
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> T:
+        """Block until the save has committed; return its result or raise its error.
+
+        Raises:
+            TimeoutError: not finished within ``timeout`` seconds.
+            The save's own error (``WriteError``, ...), if it failed.
+        """
+        return self._future.result(timeout)
+
+    result = wait
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The save's error, or None if it succeeded (blocks like :meth:`wait`)."""
+        return self._future.exception(timeout)
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "in flight"
+        return f"SaveHandle({self.path!r}, {state})"
+
+
+class _Staging:
+    """Host buffers a state is copied into, reused while dtypes and shapes repeat."""
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor] = []
+
+    def _buffer(self, index: int, source: torch.Tensor) -> torch.Tensor:
+        pinned = source.device.type == "cuda"
+        if index < len(self._buffers):
+            buf = self._buffers[index]
+            if (
+                buf.dtype == source.dtype
+                and buf.shape == source.shape
+                and buf.is_pinned() == pinned
+            ):
+                return buf
+        buf = torch.empty(source.shape, dtype=source.dtype, pin_memory=pinned)
+        if index < len(self._buffers):
+            self._buffers[index] = buf
+        else:
+            self._buffers.append(buf)
+        return buf
+
+    def snapshot(self, flat: tree.FlatState) -> tuple[tree.FlatState, torch.cuda.Event | None]:
+        """Copy every tensor of ``flat`` into the staging buffers; return the state
+        over those copies and, if CUDA copies were enqueued, an event marking their end."""
+        del self._buffers[len(flat.tensors) :]
+        fast_src: list[torch.Tensor] = []
+        fast_dst: list[torch.Tensor] = []
+        cuda = False
+        leaves = []
+        for index, leaf in enumerate(flat.tensors):
+            source = leaf.tensor.detach()
+            buf = self._buffer(index, source)
+            cuda = cuda or source.device.type == "cuda"
+            if source.is_contiguous() and not source.is_conj() and not source.is_neg():
+                fast_src.append(_bytes(source))  # any dtype: copied as bytes
+                fast_dst.append(_bytes(buf))
+            else:  # strided, conjugate or negative views: resolved, then copied
+                resolved = source.resolve_conj().resolve_neg().contiguous()
+                _bytes(buf).copy_(_bytes(resolved))
+            leaves.append(dataclasses.replace(leaf, tensor=buf))
+        for device in {t.device for t in fast_src}:
+            pairs = [(d, s) for d, s in zip(fast_dst, fast_src, strict=True) if s.device == device]
+            dst, src = [d for d, _ in pairs], [s for _, s in pairs]
+            torch._foreach_copy_(dst, src, non_blocking=device.type == "cuda")
+        event = None
+        if cuda:
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record()
+        return tree.FlatState(skeleton=flat.skeleton, tensors=tuple(leaves)), event
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+class _Saver:
+    """The process's one background save thread and its staging buffers."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="aptckpt-save")
+        self._staging = _Staging()
+        self._in_flight: Future[Any] | None = None
+        self._lock = threading.Lock()
+
+    def submit(
+        self, flat: tree.FlatState, path: str, persist: Callable[[tree.FlatState], T]
+    ) -> SaveHandle[T]:
+        start = time.perf_counter()
+        with self._lock:  # callers from several threads take turns
+            previous = self._in_flight
+            if previous is not None:
+                previous.exception()  # wait; its own handle reports its error
+            staged, event = self._staging.snapshot(flat)
+
+            def run() -> T:
+                if event is not None:
+                    event.synchronize()  # the device-to-host copies have landed
+                try:
+                    return persist(staged)
+                except BaseException as err:
+                    log.error("background save of '%s' failed: %s", path, err)
+                    raise
+
+            future = self._executor.submit(run)
+            self._in_flight = future
+        return SaveHandle(future, path, time.perf_counter() - start)
+
+    def wait(self) -> None:
+        future = self._in_flight
+        if future is not None:
+            future.exception()
+
+
+_saver: _Saver | None = None
+_saver_lock = threading.Lock()
+
+
+def _get() -> _Saver:
+    global _saver
+    with _saver_lock:
+        if _saver is None:
+            _saver = _Saver()
+        return _saver
+
+
+def submit(
+    flat: tree.FlatState, path: str, persist: Callable[[tree.FlatState], T]
+) -> SaveHandle[T]:
+    """Snapshot ``flat`` (blocking), then run ``persist`` on the snapshot in the
+    background; see the module docstring."""
+    return _get().submit(flat, path, persist)
+
+
+def wait_all() -> None:
+    """Block until the save in flight (if any) has finished, successfully or not."""
+    if _saver is not None:
+        _saver.wait()
+
+
+def _forget_in_child() -> None:
+    """A forked child has no background thread: it starts with a fresh saver."""
+    global _saver, _saver_lock
+    _saver, _saver_lock = None, threading.Lock()
+
+
+def _register_exit_hook() -> None:
+    """Finish the save in flight when the interpreter exits normally. It must run
+    before ``concurrent.futures`` refuses new work at shutdown (the backends use
+    thread pools), so it joins the hooks that run before thread joining; those
+    run last-registered first, and concurrent.futures registered at import."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(wait_all)
+    else:  # pragma: no cover - other Pythons
+        atexit.register(wait_all)
+
+
+_register_exit_hook()
+os.register_at_fork(after_in_child=_forget_in_child)
