@@ -136,7 +136,10 @@ class _Staging:
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(torch.uint8)
+    """The bytes of a contiguous tensor as a flat uint8 view (any dtype, any device).
+    as_strided, not reshape: a "contiguous" tensor may carry any stride on a
+    size-1 dimension, and view(uint8) insists on a unit stride."""
+    return t.as_strided((t.numel(),), (1,)).view(torch.uint8)
 
 
 class _Saver:
