@@ -73,6 +73,11 @@ class SaveHandle(Generic[T]):
 
     result = wait
 
+    def add_done_callback(self, fn: Callable[[SaveHandle[T]], object]) -> None:
+        """Call ``fn(handle)`` when the save has committed or failed (at once if it
+        has), on the thread that finished it."""
+        self._future.add_done_callback(lambda _: fn(self))
+
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The save's error, or None if it succeeded (blocks like :meth:`wait`)."""
         return self._future.exception(timeout)

@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     ckpt.add_argument(
         "--keep-last", type=int, default=3, help="regular checkpoints kept (default 3)"
     )
+    ckpt.add_argument(
+        "--sync-checkpoints",
+        action="store_true",
+        help="save synchronously (default: in the background, training waits only for a "
+        "copy of the state)",
+    )
     model = parser.add_argument_group("model")
     model.add_argument("--d-model", type=int, default=defaults.d_model)
     model.add_argument("--n-layer", type=int, default=defaults.n_layer)
@@ -115,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_steps_per_epoch=args.max_steps_per_epoch,
             progress=args.progress,
             log=lambda line: print(line, flush=True),
+            async_checkpoints=not args.sync_checkpoints,
         )
     except (AptckptError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -122,8 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     print(
         f"done: {result.global_step} steps, final train loss {last}; "
-        f"checkpointing {result.checkpoint_seconds:.2f}s = "
-        f"{100 * result.checkpoint_fraction:.1f}% of {result.train_seconds:.2f}s training",
+        f"blocked on checkpoints {result.checkpoint_seconds:.2f}s = "
+        f"{100 * result.blocked_fraction:.2f}% of {result.wall_seconds:.2f}s wall",
         flush=True,
     )
     return 0

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import os
 import random
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,8 +102,11 @@ class TrainResult:
             ones may since have been removed by retention.
         temp_checkpoints: temporary checkpoints this call wrote (each regular
             checkpoint removes the temporaries before it).
-        checkpoint_seconds: wall time spent inside checkpoint saves.
+        checkpoint_seconds: wall time the loop was blocked by checkpoints: inside
+            save calls (with asynchronous saves: the snapshot copy and any wait for
+            the previous save) and waiting for the last save at the end.
         train_seconds: wall time spent training and evaluating, saves excluded.
+        wall_seconds: wall time of the whole call.
         bytes_written: bytes the saves of this call stored.
         global_step: optimizer steps of the run, resumed part included.
         run_dir: the checkpoint directory.
@@ -119,6 +124,7 @@ class TrainResult:
     temp_checkpoints: tuple[str, ...]
     checkpoint_seconds: float
     train_seconds: float
+    wall_seconds: float
     bytes_written: int
     global_step: int
     run_dir: str
@@ -128,6 +134,11 @@ class TrainResult:
     def checkpoint_fraction(self) -> float:
         """Checkpointing time as a fraction of training time."""
         return self.checkpoint_seconds / self.train_seconds if self.train_seconds else 0.0
+
+    @property
+    def blocked_fraction(self) -> float:
+        """Share of the call's wall time the loop was blocked by checkpoints."""
+        return self.checkpoint_seconds / self.wall_seconds if self.wall_seconds else 0.0
 
 
 def train_model(
@@ -148,6 +159,7 @@ def train_model(
     log: Log | None = print,
     corpus: str | None = None,
     device: str | torch.device = "cpu",
+    async_checkpoints: bool = True,
 ) -> TrainResult:
     """Train the APT model, checkpointing into ``checkpoint_dir``; resumable bit for bit.
 
@@ -178,6 +190,10 @@ def train_model(
             ``None`` for silence.
         corpus: training text; default :func:`~aptckpt.apt.corpus.default_corpus`.
         device: where to train.
+        async_checkpoints: save in the background (``blocking=False``): the loop
+            waits only for the copy of the state into host staging buffers (and
+            for the previous save, if it is still running). ``False`` saves
+            synchronously. Either way the run is bit-identical.
 
     Returns:
         A :class:`TrainResult`.
@@ -219,6 +235,7 @@ def train_model(
             f"model_config.vocab_size {model_config.vocab_size} is smaller than the "
             f"tokenizer's {tokenizer.vocab_size}"
         )
+    started = time.perf_counter()
     run = _Run(
         text,
         tokenizer,
@@ -230,6 +247,7 @@ def train_model(
         max_steps_per_epoch=max_steps_per_epoch,
         device=torch.device(device),
         log=log if log is not None else _silent,
+        blocking=not async_checkpoints,
     )
     manager = CheckpointManager(
         checkpoint_dir, backend=backend, model_name=MODEL_NAME, keep_last=keep_last
@@ -242,6 +260,14 @@ def train_model(
             f"backend {backend}, checkpoints in {os.fspath(checkpoint_dir)}"
         )
     run.train(manager, temp_checkpoint_freq, progress)
+    with run.clock.span("checkpoint"):
+        manager.close()  # the last save, if still in flight, finishes (or raises) here
+    wall = time.perf_counter() - started
+    run.log(
+        f"blocked on checkpoints {run.clock.checkpoint:.3f}s of {wall:.2f}s wall "
+        f"({100 * run.clock.checkpoint / wall:.2f}%), "
+        f"{'asynchronous' if async_checkpoints else 'synchronous'} saves"
+    )
     return TrainResult(
         model=run.model,
         tokenizer=tokenizer,
@@ -254,6 +280,7 @@ def train_model(
         temp_checkpoints=tuple(run.temps),
         checkpoint_seconds=run.clock.checkpoint,
         train_seconds=run.clock.train,
+        wall_seconds=wall,
         bytes_written=run.clock.bytes,
         global_step=run.global_step,
         run_dir=os.fspath(checkpoint_dir),
@@ -277,9 +304,12 @@ class _Run:
         max_steps_per_epoch: int | None,
         device: torch.device,
         log: Log,
+        blocking: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
         self.epochs = epochs
+        self.blocking = blocking
+        self._report_lock = threading.Lock()  # completion reports come from the save thread
         self.device = device
         self.log = log
         tokens = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
@@ -416,7 +446,6 @@ class _Run:
         for epoch in range(self.start_epoch, self.epochs):
             first = self.start_batch if epoch == self.start_epoch else 0
             epoch_start = len(self.losses) - first  # this epoch's first loss in self.losses
-            seconds_before, bytes_before = self.clock.checkpoint, self.clock.bytes
             desc = f"epoch {epoch + 1}/{self.epochs}"
             with self.clock.span("train"), Progress(steps, desc, enabled=progress) as bar:
                 bar.update(first)
@@ -435,14 +464,7 @@ class _Run:
                     device=self.device,
                 )
             self.epoch_losses.append(train_loss)
-            path, is_best = self._save(manager, epoch, epoch_start, val_loss=val_loss)
-            val = "" if val_loss is None else f", val loss {val_loss:.4f}"
-            self.log(
-                f"epoch {epoch + 1}/{self.epochs}: train loss {train_loss:.4f}{val}"
-                f"{' (best)' if is_best else ''}, checkpoint {path}, "
-                f"{fmt_bytes(self.clock.bytes - bytes_before)} written, "
-                f"{self.clock.checkpoint - seconds_before:.3f}s checkpointing"
-            )
+            self._save(manager, epoch, epoch_start, val_loss=val_loss)
 
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         logits = self.model(inputs.to(self.device))
@@ -466,7 +488,7 @@ class _Run:
         *,
         batch_index: int | None = None,
         val_loss: float | None = None,
-    ) -> tuple[str, bool]:
+    ) -> None:
         """A temporary checkpoint (``batch_index`` given) or the end-of-epoch one."""
         temporary = batch_index is not None
         train_loss = mean(self.losses[epoch_start:])
@@ -490,23 +512,50 @@ class _Run:
                 batch_index=batch_index,
                 temporary=temporary,
                 extra=self.extra,
+                blocking=self.blocking,
             )
-        path = os.fspath(saved)
-        with self.clock.span("other"):
-            # The manager records what each save stored (for delta: only the new objects).
-            records = manager.checkpoints()
-            size = next((r.bytes for r in records if os.fspath(r.path) == path), 0)
-            best = None if temporary else manager.best()
-        self.clock.bytes += size
-        if temporary:
-            self.temps.append(path)
+        report = _Report(epoch, batch_index, self.global_step, train_loss, val_loss)
+        if self.blocking:
+            self._committed(manager, report, time.perf_counter())
+        else:  # reported once committed, from the save thread
+            started = time.perf_counter()
+            saved.add_done_callback(lambda _: self._committed(manager, report, started))
+
+    def _committed(self, manager: CheckpointManager, report: _Report, started: float) -> None:
+        """Account for and log a save that has committed (not called if it failed)."""
+        record = manager.last_saved
+        if record is None or record.global_step != report.global_step:
+            return  # it failed: the error is raised by the next save or the final wait
+        path = os.fspath(record.path)
+        with self._report_lock:
+            self.clock.bytes += record.bytes  # for delta: only the new objects
+            if report.batch_index is not None:
+                self.temps.append(path)
+                self.log(
+                    f"  temp checkpoint {path} (epoch {report.epoch + 1}, batch "
+                    f"{report.batch_index}, step {report.global_step}, {fmt_bytes(record.bytes)})"
+                )
+                return
+            self.checkpoints.append(path)
+            val = "" if report.val_loss is None else f", val loss {report.val_loss:.4f}"
+            later = time.perf_counter() - started
+            background = "" if self.blocking else f", committed {later:.3f}s later"
             self.log(
-                f"  temp checkpoint {path} (epoch {epoch + 1}, batch {batch_index}, "
-                f"step {self.global_step}, {fmt_bytes(size)})"
+                f"epoch {report.epoch + 1}/{self.epochs}: train loss {report.train_loss:.4f}{val}"
+                f"{' (best)' if record.is_best else ''}, checkpoint {path}, "
+                f"{fmt_bytes(record.bytes)} written{background}"
             )
-            return path, False
-        self.checkpoints.append(path)
-        return path, best is not None and os.fspath(best.path) == path
+
+
+@dataclass(frozen=True)
+class _Report:
+    """What the log line of a checkpoint says besides what the manager records."""
+
+    epoch: int
+    batch_index: int | None
+    global_step: int
+    train_loss: float
+    val_loss: float | None
 
 
 def _silent(_: str) -> None:
