@@ -44,7 +44,9 @@ def torture(backend: str, *, kills: int, episodes: int, seed: int, min_kills: in
     assert report["checks"] == report["kills"]
     print(
         f"\n{backend}: {report['kills']} kills survived, phases {report['kill_phases']}, "
-        f"{report['kills_mid_save']} left a save's temp files ({report['seconds']} s)"
+        f"{report['kills_mid_save']} left a save's temp files, "
+        f"{report['asynchronous_episodes']}/{report['episodes']} episodes with background saves "
+        f"({report['seconds']} s)"
     )
     return report
 
@@ -58,4 +60,5 @@ def test_random_kills_lose_nothing(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hundreds_of_random_kills_lose_nothing(backend):
     report = torture(backend, kills=25, episodes=12, seed=1000, min_kills=200)
-    assert {"save: data", "save: commit", "index"} <= set(report["kill_phases"])
+    assert {"save: snapshot", "save: data", "save: commit", "index"} <= set(report["kill_phases"])
+    assert 0 < report["asynchronous_episodes"] < report["episodes"]  # both kinds of saves

@@ -8,7 +8,9 @@ second run directory, SIGKILLed after a random delay and restarted with
 restart runs to the end. The run saves a temporary checkpoint every other step
 and keeps one regular checkpoint, so retention deletes, temporaries are
 replaced and, with ``delta``, garbage collection runs: kills land in every part
-of the save path. After each kill a fresh process checks:
+of the save path. Episodes with even seeds save in the background (the loop's
+default: kills then also land while the save thread persists and the loop
+trains on), odd seeds synchronously. After each kill a fresh process checks:
 
 1. every visible entry of ``checkpoints/`` and ``temp/`` is a complete
    checkpoint that loads and verifies (nothing partial is visible as complete);
@@ -52,7 +54,7 @@ from typing import Any
 import torch
 
 import aptckpt
-from aptckpt import api
+from aptckpt import _background, api
 from aptckpt._atomic import CheckpointWriter, is_checkpoint, is_temporary
 from aptckpt.apt import train_model
 from aptckpt.apt.model import APTConfig
@@ -85,6 +87,7 @@ EARLY_KILLS = 0.2
 PHASES = (
     "startup",  # building the model, resuming (loading the checkpoint)
     "training",  # steps and evaluation
+    "save: snapshot",  # copying the state into staging buffers (asynchronous saves)
     "save: data",  # a backend writing and syncing data files / store objects
     "save: commit",  # manifest, fsync, rename
     "index",  # replacing metadata.json
@@ -99,6 +102,7 @@ class EpisodeReport:
 
     backend: str
     seed: int
+    asynchronous: bool = False
     kills: int = 0
     #: kills after which the run held a save's temporary files: the kill landed mid-save
     kills_mid_save: int = 0
@@ -157,7 +161,8 @@ def _instrument(phase: mmap.mmap, trap: tuple[str, int, bool] | None) -> None:
 
     phase[0] = PHASES.index("startup")
     track(_Run, "train", "training")
-    track(api, "save", "save: data")
+    track(_background._Staging, "snapshot", "save: snapshot")
+    track(api.PendingSave, "persist", "save: data")  # on the save thread when asynchronous
     track(CheckpointWriter, "commit", "save: commit")
     track(CheckpointManager, "_write_index", "index")
     track(CheckpointManager, "_delete", "retention delete")
@@ -168,6 +173,7 @@ def _train(
     run_dir: Path,
     backend: str,
     resume: bool,
+    asynchronous: bool,
     phase: mmap.mmap | None = None,
     trap: tuple[str, int, bool] | None = None,
 ) -> None:
@@ -177,6 +183,7 @@ def _train(
         checkpoint_dir=run_dir,
         backend=backend,
         resume_from="auto" if resume else None,
+        async_checkpoints=asynchronous,
         **TRAINING,
     )
 
@@ -302,7 +309,11 @@ def run_episode(
         shutil.rmtree(path, ignore_errors=True)
 
     began = time.perf_counter()
-    if _wait(_in_child(lambda: _train(reference, backend, resume=False))) != 0:
+    # Even seeds save in the background (the loop's default), odd seeds synchronously;
+    # the reference is always synchronous, so both must end in its exact state.
+    asynchronous = seed % 2 == 0
+    report.asynchronous = asynchronous
+    if _wait(_in_child(lambda: _train(reference, backend, False, False))) != 0:
         report.failures.append("the uninterrupted run failed")
         return report
     duration = time.perf_counter() - began
@@ -316,7 +327,7 @@ def run_episode(
         trap = None
         if rng.random() < TRAPPED:
             trap = (rng.choice(TRAPS), rng.randint(1, 2), rng.random() < 0.5)
-        pid = _in_child(functools.partial(_train, victim, backend, True, phase, trap))
+        pid = _in_child(functools.partial(_train, victim, backend, True, asynchronous, phase, trap))
         if trap is not None or rng.random() >= EARLY_KILLS:  # most: once training has begun
             _wait_for_phase(phase, pid, PHASES.index("startup"))
         # A trapped victim gets longer, to reach its trap; if it does not, the timer kills it.
@@ -345,7 +356,7 @@ def run_episode(
         report.restarts += 1
 
     if not report.failures:
-        final = _in_child(lambda: _train(victim, backend, resume=True))
+        final = _in_child(lambda: _train(victim, backend, True, asynchronous))
         if _wait(final) != 0:
             report.failures.append("the last resumed run failed")
         else:
@@ -408,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         "backend": args.backend,
         "implementation": aptckpt.IMPLEMENTATION,
         "episodes": len(reports),
+        "asynchronous_episodes": sum(r.asynchronous for r in reports),
         "kills": sum(r.kills for r in reports),
         "kills_mid_save": sum(r.kills_mid_save for r in reports),
         "kill_phases": {
