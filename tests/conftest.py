@@ -6,6 +6,7 @@ on 2 cores; ``thorough`` is for the slow torture run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -21,6 +22,17 @@ settings.register_profile(
 )
 settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def terminal_line(config: pytest.Config, text: str) -> None:
+    """Write a line to the terminal past output capturing (torture tests report counts)."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        reporter.write_line("")
+        reporter.write_line(text)
 
 
 def pytest_report_header(config: pytest.Config) -> str:

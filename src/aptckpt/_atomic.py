@@ -456,7 +456,9 @@ def open_regular(path: Path, name: str, root: Path) -> int:
     store it belongs to) only serve the error messages.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO planted in place of a file must not block; it is
+        # refused below as not a regular file. (No effect on reads of regular files.)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError as err:
         raise IntegrityError(
             f"data file '{name}' is missing from '{root}'", path=str(root), file=name

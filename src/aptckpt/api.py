@@ -15,6 +15,7 @@ import datetime
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, overload
@@ -341,14 +342,21 @@ def _write(
 # --------------------------------------------------------------------- loading
 
 
-def _device_available(device: torch.device) -> bool:
+def _device_available(device: torch.device, *, allow_meta: bool) -> bool:
+    """Whether tensors can be placed on ``device`` here. ``meta`` tensors hold no
+    data: only a caller who asks for them by ``map_location`` gets them, never a
+    checkpoint that names that device (it would load silently empty)."""
     if device.type == "cpu":
         return True
+    if device.type == "meta":
+        return allow_meta
     if device.type == "cuda":
         return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
     try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # some backends warn on first use
+            torch.empty(0, device=device)
+    except Exception:  # absent device modules raise ImportError, others RuntimeError
         return False
     return True
 
@@ -364,10 +372,15 @@ def _resolve_device(saved: str, map_location: MapLocation, key: str) -> torch.de
     else:
         target = map_location
     try:
-        device = torch.device(target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # exotic device names warn; refused below if absent
+            device = torch.device(target)
     except (RuntimeError, TypeError) as err:
         raise DeviceUnavailableError(f"map_location gave {target!r}, not a device") from err
-    if not _device_available(device):
+    chosen = map_location is not None and not (
+        isinstance(map_location, Mapping) and saved not in map_location
+    )
+    if not _device_available(device, allow_meta=chosen):
         raise DeviceUnavailableError(
             f"tensor {key} was saved on {saved!r} and would load onto {str(device)!r}, which "
             "this machine lacks; pass map_location='cpu' (or a dict such as "
@@ -382,9 +395,15 @@ def _restore(
     device = _resolve_device(record.device, map_location, key)
     if tensor.device != device:
         tensor = tensor.to(device)
+    differentiable = tensor.is_floating_point() or tensor.is_complex()
+    if record.requires_grad and not differentiable:
+        raise FormatError(
+            f"tensor {key} of dtype {record.dtype} is recorded with requires_grad, which only "
+            "floating-point and complex tensors can have: the manifest is inconsistent"
+        )
     if record.parameter:
         return torch.nn.Parameter(tensor, requires_grad=record.requires_grad)
-    if record.requires_grad and (tensor.is_floating_point() or tensor.is_complex()):
+    if record.requires_grad:
         tensor.requires_grad_(True)
     return tensor
 

@@ -28,10 +28,16 @@ import zstandard
 from aptckpt import _accel
 from aptckpt.errors import FormatError, IntegrityError
 
-__all__ = ["RAW", "CodecError", "Pipeline"]
+__all__ = ["MAX_ZSTD_RATIO", "RAW", "CodecError", "Pipeline"]
 
 _STEP_ORDER = ("xor", "shuffle", "zstd")
 _MAX_ITEMSIZE = 16
+
+#: No zstd frame decodes to more than this many times its own size: a block
+#: regenerates at most 128 KiB and the smallest block (RLE) takes 4 bytes. A
+#: reader refuses a chunk record claiming more before it allocates anything,
+#: so a hostile manifest cannot make it reserve memory no file could fill.
+MAX_ZSTD_RATIO = (128 << 10) // 4
 
 
 class CodecError(IntegrityError):
@@ -103,6 +109,10 @@ class Pipeline:
         if ids != [s for s in _STEP_ORDER if s in ids]:
             raise FormatError(f"codec steps {ids} are out of order or repeated", path=where)
         return cls(xor="xor" in ids, shuffle=shuffle, zstd="zstd" in ids)
+
+    def max_raw_size(self, stored: int) -> int:
+        """The most raw bytes ``stored`` bytes encoded with this pipeline can hold."""
+        return stored * MAX_ZSTD_RATIO if self.zstd else stored
 
     def describe(self) -> str:
         """Short human name, e.g. ``shuffle4+zstd`` or ``raw``."""

@@ -118,6 +118,9 @@ class UnsafePathError(FormatError):
 class IntegrityError(AptckptError, ValueError):
     """Stored bytes do not match their recorded digest or size.
 
+    The message always names the damaged file: when ``file`` is given and the
+    message does not mention it, it is appended.
+
     Attributes:
         path: the checkpoint directory.
         file: the damaged data file, relative to the checkpoint root (if known).
@@ -137,6 +140,13 @@ class IntegrityError(AptckptError, ValueError):
         self.path = path
         self.file = file
         self.tensor = tensor
+        if file is not None and file not in message:
+            if path is not None and path.endswith(file):
+                message = f"{message} (in '{path}')"
+            elif path is not None and path not in message:
+                message = f"{message} (file '{file}' of '{path}')"
+            else:
+                message = f"{message} (file '{file}')"
         self.problems = problems or (message,)
         super().__init__(message)
 

@@ -195,8 +195,8 @@ def _check_checksum(data: bytes, where: str | None) -> bool:
     body, digest = data[:-_DIGEST_SIZE], data[-_DIGEST_SIZE:]
     if _accel.xxh3_128(body) != digest:
         raise IntegrityError(
-            f"manifest checksum mismatch (stored {digest.hex()}, computed "
-            f"{_accel.xxh3_128(body).hex()}): the manifest is damaged, so nothing in this "
+            f"manifest '{where or MANIFEST_NAME}' fails its checksum (stored {digest.hex()}, "
+            f"computed {_accel.xxh3_128(body).hex()}): the manifest is damaged, so nothing in this "
             "checkpoint can be trusted -- restore it from a copy or use another checkpoint",
             path=where,
             file=MANIFEST_NAME,
@@ -291,7 +291,8 @@ def decode(data: bytes, *, where: str | None = None) -> Manifest:
         raise UnsupportedFormatVersionError(version, FORMAT_VERSION, path=where)
     if version >= CHECKSUM_SINCE and not has_checksum:
         raise IntegrityError(
-            f"manifest of format version {version} has no valid checksum entry at its end: "
+            f"manifest '{where or MANIFEST_NAME}' (format version {version}) has no valid "
+            "checksum entry at its end: "
             "the manifest is damaged or truncated -- restore it from a copy",
             path=where,
             file=MANIFEST_NAME,

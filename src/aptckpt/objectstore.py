@@ -175,15 +175,21 @@ class ObjectStore:
             doc = msgpack.unpackb(data) if len(data) <= _MAX_MARKER_BYTES else None
         except Exception:  # msgpack raises many unrelated types for bad input
             doc = None
+        marker = self.root / _MARKER
         if not isinstance(doc, dict) or doc.get("format") != STORE_FORMAT:
             raise FormatError(
-                f"'{self.root / _MARKER}' is not an aptckpt store marker", path=str(self.root)
+                f"'{marker}' is not an aptckpt store marker (the file {_MARKER} is damaged, or "
+                "the directory is not an object store)",
+                path=str(self.root),
             )
         version = doc.get("version")
         if type(version) is not int or not 1 <= version <= STORE_VERSION:
+            newer = type(version) is int and version > STORE_VERSION
             raise FormatError(
-                f"object store '{self.root}' has layout version {version!r}; this aptckpt reads "
-                f"version {STORE_VERSION} (a newer aptckpt may be needed)",
+                f"object store marker '{marker}' says layout version {version!r}; this aptckpt "
+                f"reads version {STORE_VERSION} ("
+                + ("a newer aptckpt is needed" if newer else f"the file {_MARKER} is damaged")
+                + ")",
                 path=str(self.root),
             )
 

@@ -37,7 +37,7 @@ tensors, unsupported dtypes, reference cycles and nesting deeper than
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,44 +251,80 @@ def _bad(message: str) -> FormatError:
     return FormatError(f"malformed state skeleton: {message}")
 
 
+class _Make:
+    """A container whose children are being built: assembled once they all are."""
+
+    __slots__ = ("count", "meta", "tag")
+
+    def __init__(self, tag: str, count: int, meta: bool) -> None:
+        self.tag, self.count, self.meta = tag, count, meta
+
+
 class _Builder:
+    """Rebuilds a skeleton without recursion: a manifest may nest as deep as msgpack
+    lets it (about 500 containers), far below what the Python stack would survive in
+    every caller, so containers are assembled from an explicit stack."""
+
     def __init__(self, tensors: Sequence[Any]) -> None:
         self.tensors = tensors
         self.used = [False] * len(tensors)
 
-    def items(self, node: list[Any], depth: int) -> Iterator[tuple[Any, Any]]:
-        if len(node) < 2 or not isinstance(node[1], list) or len(node[1]) % 2:
-            raise _bad(f"{node[0]!r} node needs a flat [key, value, ...] list")
-        flat = node[1]
-        for i in range(0, len(flat), 2):
-            key = self.build(flat[i], depth + 1)
+    def build(self, root: Any) -> Any:
+        todo: list[tuple[Any, int] | _Make] = [(root, 0)]
+        done: list[Any] = []
+        while todo:
+            task = todo.pop()
+            if isinstance(task, _Make):
+                done.append(self.assemble(task, done))
+                continue
+            node, depth = task
+            if node is None or isinstance(node, (bool, int, float, str, bytes)):
+                done.append(node)
+                continue
+            if not isinstance(node, list) or not node or not isinstance(node[0], str):
+                raise _bad(f"unexpected node {type(node).__name__}")
+            tag = node[0]
+            if tag in ("list", "tuple"):
+                if len(node) != 2 or not isinstance(node[1], list):
+                    raise _bad(f"{tag} node needs one list of items")
+                children = node[1]
+                meta = False
+            elif tag in ("dict", "odict"):
+                if len(node) < 2 or not isinstance(node[1], list) or len(node[1]) % 2:
+                    raise _bad(f"{tag!r} node needs a flat [key, value, ...] list")
+                meta = tag == "odict" and len(node) > 2 and node[2] is not None
+                children = [*node[1], node[2]] if meta else node[1]
+            else:
+                done.append(self.leaf(tag, node))
+                continue
+            if depth >= MAX_NESTING:  # flatten() never nests containers deeper
+                raise _bad(f"containers nested deeper than {MAX_NESTING} levels")
+            todo.append(_Make(tag, len(children), meta))
+            todo.extend((child, depth + 1) for child in reversed(children))
+        return done[0]
+
+    @staticmethod
+    def assemble(make: _Make, done: list[Any]) -> Any:
+        start = len(done) - make.count
+        values = done[start:]
+        del done[start:]
+        if make.tag == "list":
+            return values
+        if make.tag == "tuple":
+            return tuple(values)
+        meta = values.pop() if make.meta else None
+        pairs = list(zip(values[0::2], values[1::2], strict=True))
+        for key, _ in pairs:
             try:
                 hash(key)
             except TypeError as err:
                 raise _bad(f"unhashable dict key {key!r}") from err
-            yield key, self.build(flat[i + 1], depth + 1)
-
-    def build(self, node: Any, depth: int) -> Any:
-        if depth > 2 * MAX_NESTING + 2:
-            raise _bad(f"nesting deeper than {MAX_NESTING} levels")
-        if node is None or isinstance(node, (bool, int, float, str, bytes)):
-            return node
-        if not isinstance(node, list) or not node or not isinstance(node[0], str):
-            raise _bad(f"unexpected node {type(node).__name__}")
-        tag = node[0]
-        if tag in ("list", "tuple"):
-            if len(node) != 2 or not isinstance(node[1], list):
-                raise _bad(f"{tag} node needs one list of items")
-            items = [self.build(v, depth + 1) for v in node[1]]
-            return items if tag == "list" else tuple(items)
-        if tag == "dict":
-            return dict(self.items(node, depth))
-        if tag == "odict":
-            od = collections.OrderedDict(self.items(node, depth))
-            if len(node) > 2 and node[2] is not None:
-                od._metadata = self.build(node[2], depth + 1)  # type: ignore[attr-defined]
-            return od
-        return self.leaf(tag, node)
+        if make.tag == "dict":
+            return dict(pairs)
+        od = collections.OrderedDict(pairs)
+        if make.meta:
+            od._metadata = meta  # type: ignore[attr-defined]
+        return od
 
     def leaf(self, tag: str, node: list[Any]) -> Any:
         arg = node[1] if len(node) == 2 else None
@@ -314,8 +350,10 @@ class _Builder:
                 return torch.device(arg)
             except RuntimeError as err:
                 raise _bad(f"bad device {arg!r}") from err
-        if tag == "size" and isinstance(arg, list) and all(type(d) is int for d in arg):
-            return torch.Size(arg)
+        if tag == "size" and isinstance(arg, list):
+            if all(type(d) is int and _INT_MIN <= d < 2**63 for d in arg):
+                return torch.Size(arg)
+            raise _bad(f"bad torch.Size {arg!r}: sizes are 64-bit signed ints")
         raise _bad(f"unknown or malformed node {tag!r}")
 
 
@@ -327,7 +365,7 @@ def rebuild(skeleton: Any, tensors: Sequence[Any]) -> Any:
             leaves a tensor unreferenced.
     """
     builder = _Builder(tensors)
-    state = builder.build(skeleton, 0)
+    state = builder.build(skeleton)
     if not all(builder.used):
         raise _bad(f"tensor {builder.used.index(False)} is never referenced")
     return state

@@ -12,37 +12,48 @@ damage that decodes to the same content -- a flipped bit that zstd ignores in a
 frame header -- and is checked before any decompression.
 
 This module parses and validates those records (every number is checked before
-use) and decodes chunks straight into their destination tensors in parallel.
+use, and no tensor is allocated that the stored bytes could not fill), opens the
+data files -- naming, before anything is allocated, the chunks a missing or
+truncated file loses -- and decodes chunks straight into their destination
+tensors in parallel.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 
 from aptckpt import _accel, _dtypes, tree
 from aptckpt._config import MAX_CHUNK_SIZE
 from aptckpt.codecs import RAW, CodecError, Pipeline
-from aptckpt.errors import BackendError, FormatError, IntegrityError
-from aptckpt.manifest import Manifest
+from aptckpt.errors import BackendError, FormatError, IntegrityError, UnsafePathError
+from aptckpt.manifest import FileRecord, Manifest
+
+if TYPE_CHECKING:
+    from aptckpt._atomic import CheckpointReader
 
 __all__ = [
     "ChunkRecord",
     "check_chunk_size",
     "check_common_options",
+    "chunk_count",
     "chunk_spans",
     "decode_into",
+    "file_problem",
     "fill_tensors",
     "host_tensor",
+    "open_data_files",
     "ordered_map",
     "parse_chunk_table",
+    "refuse_unreadable",
 ]
 
 DIGEST_SIZE = 16
@@ -104,6 +115,12 @@ def host_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return t.to("cpu").contiguous()
 
 
+def chunk_count(nbytes: int, chunk_size: int) -> int:
+    """How many chunks a tensor of ``nbytes`` has (computed, never enumerated: a
+    hostile manifest may claim 2**66 bytes)."""
+    return -(-nbytes // chunk_size)
+
+
 def parse_chunk_table(
     manifest: Manifest,
     rows_per_tensor: object,
@@ -114,23 +131,31 @@ def parse_chunk_table(
 ) -> list[list[ChunkRecord]]:
     """Validate the per-tensor chunk rows of a payload against the manifest.
 
-    An encoded chunk must carry the digest of its stored bytes.
+    Besides types and ranges: an encoded chunk must carry the digest of its
+    stored bytes; a chunk's stored bytes must be able to hold its raw bytes (a
+    raw or shuffled chunk stores exactly them, a zstd frame at most
+    ``MAX_ZSTD_RATIO`` times its length); and chunks lie in their files in
+    tensor order without overlapping (writers append them: format 5.2). So
+    every stored byte backs at most one chunk, and no tensor is allocated that
+    the data files, whose sizes are checked before allocation, could not fill.
     """
     n_codecs = len(pipelines)
     if not isinstance(rows_per_tensor, list) or len(rows_per_tensor) != len(manifest.tensors):
         raise FormatError("payload has no chunk list for every tensor", path=where)
     sizes = [f.size for f in manifest.files]
     table: list[list[ChunkRecord]] = []
+    end = (0, 0)  # (file, offset) where the previous chunk's stored bytes end
     for index, (record, rows) in enumerate(zip(manifest.tensors, rows_per_tensor, strict=True)):
-        spans = chunk_spans(record.nbytes, chunk_size)
-        if not isinstance(rows, list) or len(rows) != len(spans):
+        nbytes = record.nbytes
+        count = chunk_count(nbytes, chunk_size)
+        if not isinstance(rows, list) or len(rows) != count:
             raise FormatError(
-                f"tensor {index} needs {len(spans)} chunks, payload lists "
+                f"tensor {index} needs {count} chunks, payload lists "
                 f"{len(rows) if isinstance(rows, list) else rows!r}",
                 path=where,
             )
         chunks = []
-        for row in rows:
+        for c_index, row in enumerate(rows):
             if not (
                 isinstance(row, list)
                 and len(row) == 6
@@ -150,6 +175,23 @@ def parse_chunk_table(
                 raise FormatError(
                     f"chunk record {row!r} reaches past the end of its file", path=where
                 )
+            pipeline = pipelines[chunk.codec]
+            raw = min(chunk_size, nbytes - c_index * chunk_size)
+            if raw > pipeline.max_raw_size(chunk.length) or (
+                not pipeline.zstd and raw != chunk.length
+            ):
+                raise FormatError(
+                    f"chunk record {row!r} of tensor {index} stores {chunk.length} bytes for "
+                    f"{raw} raw bytes, which codec {pipeline.describe()!r} cannot hold",
+                    path=where,
+                )
+            if (chunk.file, chunk.offset) < end:
+                raise FormatError(
+                    f"chunk record {row!r} of tensor {index} overlaps or precedes the previous "
+                    "chunk's bytes; chunks lie in their files in tensor order",
+                    path=where,
+                )
+            end = (chunk.file, chunk.offset + chunk.length)
             chunks.append(chunk)
         table.append(chunks)
     return table
@@ -232,31 +274,142 @@ def fill_tensors(
             decode(slot.chunk, slot.out)
         except (IntegrityError, EOFError) as err:
             file, detail = locate(slot.chunk)
-            return IntegrityError(
-                f"checkpoint '{where}' is damaged: tensor #{slot.tensor}, chunk {slot.index} "
-                f"({detail}): {err}",
-                path=where,
-                file=file,
-                tensor=str(slot.tensor),  # replaced by its key path in _named()
-            )
+            return _chunk_damage(where, slot.tensor, f"chunk {slot.index}", detail, file, err)
         return None
 
     # Collect every damaged chunk rather than stopping at the first, so that
     # verify() reports all of them.
     problems = [e for e in ordered_map(run, slots, threads=threads, window=4 * threads + 4) if e]
-    if problems:  # name tensors by key path; computed once, only when something is damaged
-        keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
-        problems = [_named(p, keys) for p in problems]
-        first = problems[0]
-        more = f" (and {len(problems) - 1} more damaged chunk(s))" if len(problems) > 1 else ""
-        raise IntegrityError(
-            f"{first}{more}",
-            path=where,
-            file=first.file,
-            tensor=first.tensor,
-            problems=tuple(str(p) for p in problems),
-        )
+    if problems:
+        raise _combined(problems, manifest, where)
     return outs
+
+
+def refuse_unreadable(
+    manifest: Manifest,
+    table: Sequence[Sequence[C]],
+    problem: Callable[[C], tuple[str, str] | None],
+    locate: Callable[[C], tuple[str, str]],
+    *,
+    where: str,
+) -> None:
+    """Raise ``IntegrityError`` naming every chunk whose stored bytes cannot be
+    read at all -- ``problem(chunk)`` gives the file at fault and why: it is
+    missing or has the wrong size -- before any tensor is allocated. Reported per
+    (tensor, file), so a lost shard of a thousand chunks is one line per tensor
+    it held, not a thousand."""
+    groups: dict[tuple[int, str, str], list[int]] = {}
+    details: dict[tuple[int, str, str], str] = {}
+    for t_index, chunks in enumerate(table):
+        for c_index, chunk in enumerate(chunks):
+            found = problem(chunk)
+            if found is None:
+                continue
+            file, why = found
+            group = (t_index, file, why)
+            groups.setdefault(group, []).append(c_index)
+            details.setdefault(group, locate(chunk)[1])
+    if not groups:
+        return
+    problems = []
+    for (t_index, file, why), indexes in groups.items():
+        which = (
+            f"chunk {indexes[0]}"
+            if len(indexes) == 1
+            else f"{len(indexes)} chunks ({indexes[0]} to {indexes[-1]})"
+        )
+        detail = details[t_index, file, why] if len(indexes) == 1 else f"'{file}'"
+        problems.append(_chunk_damage(where, t_index, which, detail, file, why))
+    raise _combined(problems, manifest, where)
+
+
+def _chunk_damage(
+    where: str, tensor: int, which: str, detail: str, file: str, why: object
+) -> IntegrityError:
+    # The tensor is named by index here; _combined() puts in its key path, which is
+    # computed only when something is damaged.
+    return IntegrityError(
+        f"checkpoint '{where}' is damaged: tensor #{tensor}, {which} ({detail}): {why}",
+        path=where,
+        file=file,
+        tensor=str(tensor),
+    )
+
+
+def _combined(problems: list[IntegrityError], manifest: Manifest, where: str) -> IntegrityError:
+    keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
+    named = [_named(p, keys) for p in problems]
+    first = named[0]
+    more = f" (and {len(named) - 1} more damaged chunk(s))" if len(named) > 1 else ""
+    return IntegrityError(
+        f"{first}{more}; restore the checkpoint from a copy",
+        path=where,
+        file=first.file,
+        tensor=first.tensor,
+        problems=tuple(str(p) for p in named),
+    )
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """A data file that cannot be used: missing (``size`` None) or of the wrong size."""
+
+    size: int | None
+    error: IntegrityError
+
+
+def open_data_files(
+    reader: CheckpointReader, records: Sequence[FileRecord]
+) -> tuple[list[int], dict[int, FileProblem]]:
+    """Open every data file, checked as :meth:`CheckpointReader.open` does.
+
+    Returns one descriptor per file (-1 where it failed) and, per failed file
+    index, what is wrong, so that the chunks it holds can be named. A link or a
+    file that is not a regular one raises ``UnsafePathError`` at once; it is
+    refused before ``open`` so that a FIFO cannot block the reader. The caller
+    closes the descriptors.
+    """
+    fds: list[int] = []
+    failed: dict[int, FileProblem] = {}
+    try:
+        for index, record in enumerate(records):
+            path = reader.root / record.path
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                mode = None
+            if mode is not None and not stat.S_ISREG(mode):
+                what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+                raise UnsafePathError(
+                    f"data file '{record.path}' is {what}; checkpoints hold regular files only",
+                    path=str(reader.root),
+                )
+            try:
+                fds.append(reader.open(record))
+            except IntegrityError as err:
+                fds.append(-1)
+                size = None if mode is None else os.lstat(path).st_size
+                failed[index] = FileProblem(size, err)
+    except BaseException:
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+        raise
+    return fds, failed
+
+
+def file_problem(record: FileRecord, found: FileProblem | None, stop: int) -> str | None:
+    """Why the bytes of data file ``record`` up to ``stop`` cannot be read, if they cannot."""
+    if found is None:
+        return None
+    if found.size is None:
+        return f"data file '{record.path}' is missing"
+    if found.size < record.size and stop > found.size:
+        return (
+            f"data file '{record.path}' is truncated to {found.size} bytes "
+            f"(manifest says {record.size})"
+        )
+    return None
 
 
 def decode_into(

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ from aptckpt.errors import (
     FormatError,
     IntegrityError,
     StoreNotFoundError,
+    UnsafePathError,
 )
 from aptckpt.manifest import Manifest, TensorRecord, check_relative_path
 from aptckpt.objectstore import ObjectStore
@@ -201,7 +203,11 @@ def _row_object(
             raise bad(f"its base decodes to {base_obj.raw_size} bytes, it to {raw_size}")
     if pipeline.xor != (base_obj is not None):
         raise bad("an object has a base exactly when its codec starts with xor")
-    if size > raw_size or (not pipeline.zstd and size != raw_size):
+    if (
+        size > raw_size
+        or raw_size > pipeline.max_raw_size(size)
+        or (not pipeline.zstd and size != raw_size)
+    ):
         raise bad("stored size does not fit its codec and raw size")
     if pipeline == RAW and name != digest:
         raise bad("a raw object's name must be its digest")
@@ -248,9 +254,10 @@ def parse_payload(manifest: Manifest, where: str) -> DeltaPayload:
         raise FormatError("payload has no chunk list for every tensor", path=where)
     chunks = []
     for t_index, (record, refs) in enumerate(zip(manifest.tensors, raw_chunks, strict=True)):
+        count = _chunks.chunk_count(record.nbytes, chunk_size)
+        if not isinstance(refs, list) or len(refs) != count:
+            raise FormatError(f"tensor {t_index} needs {count} chunks", path=where)
         spans = _chunks.chunk_spans(record.nbytes, chunk_size)
-        if not isinstance(refs, list) or len(refs) != len(spans):
-            raise FormatError(f"tensor {t_index} needs {len(spans)} chunks", path=where)
         row = []
         for (start, stop), ref in zip(spans, refs, strict=True):
             if type(ref) is not int or not 0 <= ref < len(objects):
@@ -570,6 +577,12 @@ class DeltaBackend(Backend):
             chain = f", xor chain of {obj.depth + 1} objects" if obj.base is not None else ""
             return label, f"object '{label}'{chain}"
 
+        # Every object must be there with its recorded size before a tensor is
+        # allocated: the sizes are what justify the allocation (a hostile manifest
+        # may claim a terabyte), and a lost object is reported for every chunk it
+        # breaks, not only for the first one decoded.
+        checked = _ObjectCheck(store)
+        _chunks.refuse_unreadable(manifest, payload.chunks, checked.problem, locate, where=where)
         return _chunks.fill_tensors(
             manifest,
             payload.chunks,
@@ -594,6 +607,47 @@ class DeltaBackend(Backend):
     def external_bytes(self, manifest: Manifest) -> int:
         payload = parse_payload(manifest, "manifest")
         return sum({o.name: o.size for o in payload.objects}.values())
+
+
+class _ObjectCheck:
+    """Whether the objects of a chain are in the store with their recorded sizes."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.found: dict[bytes, str | None] = {}
+        if store.objects.is_symlink():
+            raise UnsafePathError(
+                f"'{store.objects}' is a symbolic link; stores never contain links",
+                path=str(store.root),
+            )
+
+    def problem(self, obj: StoredObject) -> tuple[str, str] | None:
+        """``(object, why)`` for the first link of ``obj``'s chain that cannot be read."""
+        for link in obj.chain():
+            if link.name not in self.found:
+                self.found[link.name] = self._check(link)
+            why = self.found[link.name]
+            if why is not None:
+                return self.store.label(link.name), why
+        return None
+
+    def _check(self, obj: StoredObject) -> str | None:
+        label = self.store.label(obj.name)
+        try:
+            st = os.lstat(self.store.path(obj.name))
+        except FileNotFoundError:
+            return (
+                f"object '{label}' is missing from the store (removed by hand, or the run was "
+                "copied without it)"
+            )
+        if not stat.S_ISREG(st.st_mode):
+            what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            raise UnsafePathError(
+                f"'{label}' is {what}; stores hold regular files only", path=str(self.store.root)
+            )
+        if st.st_size != obj.size:
+            return f"object '{label}' is {st.st_size} bytes, manifest says {obj.size}"
+        return None
 
 
 def _delta_may_win(
@@ -734,8 +788,21 @@ def collect_garbage(
         StoreBusyError: ``wait=False`` and a save holds the store.
         FormatError: a checkpoint's manifest cannot be read; nothing is removed,
             since the objects that checkpoint reaches are unknown.
+        UnsafePathError: the store or its ``objects/`` is a symbolic link.
     """
     store = find_store(path)
+    for link in (store.root, store.objects):
+        # Through a link, the checkpoints using those objects may live beneath another
+        # directory -- another run's, if a hostile run directory links to its store --
+        # and collecting would delete what they reach.
+        if link.is_symlink():
+            raise UnsafePathError(
+                f"refusing to collect garbage: '{link}' is a symbolic link to "
+                f"'{os.path.realpath(link)}', so the checkpoints using its objects may live "
+                "anywhere and none is known unreachable; nothing was removed. Collect in the "
+                "run directory that really holds the store",
+                path=str(link),
+            )
     reachable: set[bytes] = set()
     checkpoints = 0
     with store.lock(exclusive=True, wait=wait):

@@ -37,8 +37,8 @@ import msgpack
 import torch
 
 from aptckpt import _accel, _config, tree
-from aptckpt._atomic import CheckpointReader, CheckpointWriter
-from aptckpt.backends import _chunks
+from aptckpt._atomic import CheckpointReader, CheckpointWriter, open_regular
+from aptckpt.backends import _chunks, _torchfile
 from aptckpt.backends.base import Backend, BackendOptions, TensorLayout
 from aptckpt.errors import FormatError, IntegrityError, UnsupportedObjectError
 from aptckpt.manifest import Manifest
@@ -86,7 +86,15 @@ class TorchBackend(Backend):
         state = tree.rebuild(flat.skeleton, [_save_form(leaf) for leaf in flat.tensors])
         path = writer.path(FILE_NAME)
         with open(path, "xb") as f:
-            torch.save(state, f)
+            try:
+                torch.save(state, f)
+            except RuntimeError as err:
+                # torch's zip writer turns a failed write (disk full) into a RuntimeError;
+                # give the caller the OSError underneath, which it reports as a WriteError.
+                cause = err.__cause__ or err.__context__
+                if isinstance(cause, OSError):
+                    raise cause from err
+                raise
         with open(path, "rb") as f:  # hashed from the page cache, not a second copy in memory
             size = os.fstat(f.fileno()).st_size
             digests = _file_digests(f.fileno(), size, self.options.chunk_size)
@@ -110,10 +118,12 @@ class TorchBackend(Backend):
         where = str(reader.root)
         size, chunk_size, digests = self._parse(manifest, where)
         record = manifest.files[0]
-        fd = reader.open(record)
+        (fd,), failed = _chunks.open_data_files(reader, manifest.files)
+        if failed:
+            raise _Damage(reader, manifest, chunk_size, digests).error(failed[0])
         try:
-            if verify:
-                self._verify(fd, size, chunk_size, digests, manifest, where)
+            if verify and _file_digests(fd, size, chunk_size) != digests:
+                raise _Damage(reader, manifest, chunk_size, digests).error(None)
             with os.fdopen(os.dup(fd), "rb") as f:
                 state = _load_safely(f, where, record.path)
         finally:
@@ -124,35 +134,16 @@ class TorchBackend(Backend):
             raise FormatError(
                 f"'{record.path}' holds objects aptckpt never saves: {err}", path=where
             ) from err
-        if _pack(flat.skeleton) != _pack(manifest.skeleton) or len(flat.tensors) != len(
-            manifest.tensors
+        if len(flat.tensors) != len(manifest.tensors) or not _same_skeleton(
+            flat.skeleton, manifest.skeleton
         ):
             raise IntegrityError(
                 f"'{record.path}' does not hold the state its manifest describes; the checkpoint "
-                "was modified after saving",
+                "was modified after saving -- restore it from a copy",
                 path=where,
                 file=record.path,
             )
         return [leaf.tensor.detach() for leaf in flat.tensors]
-
-    def _verify(
-        self, fd: int, size: int, chunk_size: int, digests: bytes, manifest: Manifest, where: str
-    ) -> None:
-        found = _file_digests(fd, size, chunk_size)
-        if found == digests:
-            return
-        bad = [
-            i
-            for i in range(len(digests) // 16)
-            if found[16 * i : 16 * i + 16] != digests[16 * i : 16 * i + 16]
-        ]
-        file = manifest.files[0].path
-        raise IntegrityError(
-            f"checkpoint '{where}' is damaged: '{file}' differs from its digests in "
-            f"{len(bad)} chunk(s) of {chunk_size} bytes (first at offset {bad[0] * chunk_size})",
-            path=where,
-            file=file,
-        )
 
     def describe(self, manifest: Manifest) -> list[TensorLayout]:
         return [TensorLayout(None, ("torch.save",), 0) for _ in manifest.tensors]
@@ -172,8 +163,97 @@ def _refuse_unloadable(flat: FlatState) -> None:
         )
 
 
-def _pack(skeleton: Any) -> bytes:
-    return msgpack.packb(skeleton, use_bin_type=True)  # type: ignore[no-any-return]
+def _same_skeleton(loaded: Any, recorded: Any) -> bool:
+    packed = msgpack.packb(loaded, use_bin_type=True)
+    try:
+        return packed == msgpack.packb(recorded, use_bin_type=True)  # type: ignore[no-any-return]
+    except ValueError:  # nested deeper than msgpack packs: no state aptckpt saved
+        return False
+
+
+class _Damage:
+    """Names what a damaged ``state.pt`` loses: the file, the chunks, the tensors."""
+
+    def __init__(
+        self, reader: CheckpointReader, manifest: Manifest, chunk_size: int, digests: bytes
+    ) -> None:
+        self.where = str(reader.root)
+        self.reader, self.manifest = reader, manifest
+        self.record = manifest.files[0]
+        self.chunk_size, self.digests = chunk_size, digests
+
+    def error(self, problem: _chunks.FileProblem | None) -> IntegrityError:
+        """The error for a file that is missing or of the wrong size (``problem``),
+        or that differs from its digests (``None``)."""
+        file, recorded = self.record.path, self.record.size
+        nbytes = [r.nbytes for r in self.manifest.tensors]
+        hit: list[int] | None
+        if problem is not None and problem.size is None:
+            what = f"data file '{file}' is missing"
+            hit = [i for i, n in enumerate(nbytes) if n]
+        elif problem is not None and problem.size is not None and problem.size > recorded:
+            what = str(problem.error)  # bytes appended: no tensor byte is known to be lost
+            hit = []
+        else:
+            what, hit = self._locate(nbytes)
+        message = f"checkpoint '{self.where}' is damaged: {what}"
+        keys = tree.key_paths(self.manifest.skeleton, len(nbytes)) if hit else []
+        named = [keys[i] for i in hit or ()]
+        if named:
+            shown = ", ".join(named[:4]) + (f" and {len(named) - 4} more" if len(named) > 4 else "")
+            message += f"; tensor(s) {shown} are stored in the damaged chunks"
+        elif hit is not None:
+            message += (
+                "; the damaged bytes hold no tensor data (zip headers or the pickle), but "
+                "torch.load cannot trust the file"
+            )
+        return IntegrityError(
+            f"{message}; restore the checkpoint from a copy",
+            path=self.where,
+            file=file,
+            tensor=named[0] if named else None,
+        )
+
+    def _locate(self, nbytes: list[int]) -> tuple[str, list[int] | None]:
+        """Hash what is left of the file; which chunks differ, and which tensors they hold."""
+        file, recorded, cs = self.record.path, self.record.size, self.chunk_size
+        fd = open_regular(self.reader.root / file, file, self.reader.root)
+        try:
+            size = os.fstat(fd).st_size
+            complete = min(size, recorded) // cs
+            found = _file_digests(fd, complete * cs, cs)
+            good = [
+                found[16 * i : 16 * i + 16] == self.digests[16 * i : 16 * i + 16]
+                for i in range(complete)
+            ]
+            bad = [(i * cs, (i + 1) * cs) for i, ok in enumerate(good) if not ok]
+            if size < recorded:
+                bad.append((size, recorded))
+                what = f"data file '{file}' is truncated to {size} bytes (manifest says {recorded})"
+            else:
+                if size % cs:  # the last, shorter chunk
+                    good.append(_digest_at(fd, complete * cs, size % cs) == self.digests[-16:])
+                    if not good[-1]:
+                        bad.append((complete * cs, size))
+                what = (
+                    f"'{file}' differs from its digests in {len(bad)} chunk(s) of {cs} bytes "
+                    f"(first at offset {bad[0][0] if bad else '?'})"
+                )
+            verified = min(size, len(good) * cs)
+
+            def intact(start: int, stop: int) -> bool:
+                return stop <= verified and all(good[start // cs : -(-stop // cs)])
+
+            if size == 0:
+                return what, [i for i, n in enumerate(nbytes) if n]
+            with mmap.mmap(fd, size, prot=mmap.PROT_READ) as data:
+                return what, _torchfile.damaged_tensors(data, bad, intact, nbytes)
+        finally:
+            os.close(fd)
+
+
+def _digest_at(fd: int, offset: int, length: int) -> bytes:
+    return _accel.xxh3_128(os.pread(fd, length, offset))  # type: ignore[no-any-return]
 
 
 def _load_safely(f: Any, where: str, name: str) -> Any:

@@ -37,7 +37,7 @@ from aptckpt._atomic import CheckpointReader, CheckpointWriter
 from aptckpt.backends import _chunks
 from aptckpt.backends.base import Backend, BackendOptions, TensorLayout
 from aptckpt.codecs import RAW, Pipeline
-from aptckpt.errors import BackendError, FormatError
+from aptckpt.errors import BackendError, FormatError, IntegrityError
 from aptckpt.manifest import Manifest
 from aptckpt.tree import FlatState
 
@@ -208,6 +208,12 @@ class ZstdBackend(Backend):
         if not isinstance(codecs, list) or not codecs:
             raise FormatError("zstd payload has no codec table", path=where)
         pipelines = [Pipeline.from_record(c, where=where) for c in codecs]
+        if any(p.xor for p in pipelines):
+            raise FormatError(
+                "zstd payload lists an xor-delta codec, but this backend stores no bases "
+                "(a delta checkpoint's payload under the wrong backend name?)",
+                path=where,
+            )
         table = _chunks.parse_chunk_table(
             manifest, payload.get("chunks"), chunk_size, pipelines, where=where
         )
@@ -218,7 +224,10 @@ class ZstdBackend(Backend):
     ) -> list[torch.Tensor]:
         where = str(reader.root)
         chunk_size, pipelines, table = self._parse(manifest, where)
-        with reader.open_all(manifest.files) as fds:
+        fds, failed = _chunks.open_data_files(reader, manifest.files)
+        try:
+            if failed:
+                self._refuse(manifest, table, failed, where)
             return _chunks.decode_into(
                 manifest,
                 table,
@@ -229,6 +238,40 @@ class ZstdBackend(Backend):
                 threads=self._threads,
                 where=where,
             )
+        finally:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+
+    @staticmethod
+    def _refuse(
+        manifest: Manifest,
+        table: list[list[_chunks.ChunkRecord]],
+        failed: dict[int, _chunks.FileProblem],
+        where: str,
+    ) -> None:
+        """Data files are missing or have the wrong size: name the chunks lost, before
+        anything is allocated; else (bytes appended) the first file's own error."""
+        files = manifest.files
+
+        def problem(chunk: _chunks.ChunkRecord) -> tuple[str, str] | None:
+            record = files[chunk.file]
+            found = failed.get(chunk.file)
+            why = _chunks.file_problem(record, found, chunk.offset + chunk.length)
+            return None if why is None else (record.path, why)
+
+        def locate(chunk: _chunks.ChunkRecord) -> tuple[str, str]:
+            file = files[chunk.file].path
+            return file, f"file '{file}', offset {chunk.offset}, {chunk.length} bytes"
+
+        _chunks.refuse_unreadable(manifest, table, problem, locate, where=where)
+        index, first = next(iter(failed.items()))
+        raise IntegrityError(
+            f"{first.error}; restore the checkpoint from a copy",
+            path=where,
+            file=files[index].path,
+            problems=tuple(f"{p.error}" for p in failed.values()),
+        ) from first.error
 
     def describe(self, manifest: Manifest) -> list[TensorLayout]:
         _, pipelines, table = self._parse(manifest, "manifest")

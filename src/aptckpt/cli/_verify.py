@@ -3,16 +3,23 @@
 One line per checkpoint (``OK``, ``DAMAGED`` or ``FAILED``), then a summary; exit
 status 1 when any checkpoint failed. A failure is reported and verification goes on
 with the next checkpoint, so one damaged directory does not hide the others.
+
+A directory that holds the data files of a built-in backend (``shard-NNNNN.bin``,
+``state.pt``) but no manifest is reported ``DAMAGED`` too: a save never leaves one
+under a visible name (it writes into a hidden temporary directory and renames it
+once the manifest is in), so its manifest was lost.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import aptckpt
+from aptckpt import objectstore
 from aptckpt._progress import Progress
 from aptckpt.cli._common import (
     UsageError,
@@ -24,6 +31,7 @@ from aptckpt.cli._common import (
     print_json,
 )
 from aptckpt.errors import AptckptError, IntegrityError
+from aptckpt.manifest import MANIFEST_NAME
 
 
 def _problem(err: BaseException) -> dict[str, Any]:
@@ -35,36 +43,76 @@ def _problem(err: BaseException) -> dict[str, Any]:
     return {"error": str(err), "problems": [str(err)]}
 
 
+#: Data files of the built-in backends; a directory holding one must hold a manifest.
+_DATA_FILE = re.compile(r"shard-[0-9]{5}\.bin|state\.pt")
+
+
+def _orphans(root: Path, found: list[Path]) -> list[Path]:
+    """Directories at or beneath ``root`` that hold data files but no manifest."""
+    skip = set(found)
+    orphans = []
+    for directory, subdirs, files in os.walk(root):
+        here = Path(directory)
+        subdirs[:] = [
+            d
+            for d in subdirs
+            if not (d.startswith(".") or here / d in skip or objectstore.is_store(here / d))
+        ]
+        if here not in skip and any(_DATA_FILE.fullmatch(f) for f in files):
+            orphans.append(here)
+    return orphans
+
+
+def _orphan_problem(path: Path) -> str:
+    files = sorted(f.name for f in path.iterdir() if _DATA_FILE.fullmatch(f.name))
+    shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+    return (
+        f"'{path}' holds data files ({shown}) but no {MANIFEST_NAME}: its manifest was "
+        "deleted (a save that did not commit leaves only a hidden temporary directory), and "
+        "the data cannot be read without it -- restore the checkpoint from a copy"
+    )
+
+
+def _check(path: Path, name: str, width: int, *, orphan: bool) -> tuple[dict[str, Any], str]:
+    """Verify one checkpoint: its JSON result and its line of text."""
+    if orphan:
+        problem = _orphan_problem(path)
+        result: dict[str, Any] = {"path": os.path.abspath(path), "ok": False}
+        result.update(error=problem, problems=[problem])
+        return result, f"DAMAGED  {name}\n    {problem}"
+    try:
+        report = aptckpt.verify(path)
+    except (AptckptError, OSError) as err:
+        result = {"path": os.path.abspath(path), "ok": False, **_problem(err)}
+        line = f"{'DAMAGED' if isinstance(err, IntegrityError) else 'FAILED':<7}  {name}"
+        return result, line + "".join(f"\n    {p}" for p in result["problems"])
+    rate = report.raw_bytes / report.seconds if report.seconds > 0 else 0.0
+    line = (
+        f"OK       {name.ljust(width)}  {report.backend:<5}  {report.tensors:>4} "
+        f"tensors  {fmt_size(report.raw_bytes):>9} raw  "
+        f"{fmt_size(report.stored_bytes):>9} stored  {report.seconds:6.2f}s  "
+        f"{fmt_size(rate):>9}/s"
+    )
+    return {"ok": True, **jsonable(report)}, line
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     root = Path(args.path)
     if not root.is_dir():
         aptckpt.verify(root)  # raises the library's own "no checkpoint" message
     found = find_checkpoints(root)
-    if not found:
+    orphans = _orphans(root, found)
+    if not found and not orphans:
         raise UsageError(
             f"no checkpoints at or beneath '{root}' (no directory there holds a "
             "manifest.msgpack); pass a checkpoint or a run directory"
         )
-    width = max(len(display_path(p, root)) for p in found)
+    paths = [*found, *orphans]
+    width = max(len(display_path(p, root)) for p in paths)
     results: list[dict[str, Any]] = []
-    with Progress(len(found), "verify", enabled=None if len(found) > 1 else False) as bar:
-        for path in found:
-            name = display_path(path, root)
-            try:
-                report = aptckpt.verify(path)
-            except (AptckptError, OSError) as err:
-                result = {"path": os.path.abspath(path), "ok": False, **_problem(err)}
-                line = f"{'DAMAGED' if isinstance(err, IntegrityError) else 'FAILED':<7}  {name}"
-                line += "".join(f"\n    {p}" for p in result["problems"])
-            else:
-                result = {"ok": True, **jsonable(report)}
-                rate = report.raw_bytes / report.seconds if report.seconds > 0 else 0.0
-                line = (
-                    f"OK       {name.ljust(width)}  {report.backend:<5}  {report.tensors:>4} "
-                    f"tensors  {fmt_size(report.raw_bytes):>9} raw  "
-                    f"{fmt_size(report.stored_bytes):>9} stored  {report.seconds:6.2f}s  "
-                    f"{fmt_size(rate):>9}/s"
-                )
+    with Progress(len(paths), "verify", enabled=None if len(paths) > 1 else False) as bar:
+        for path in paths:
+            result, line = _check(path, display_path(path, root), width, orphan=path in orphans)
             results.append(result)
             if not args.json:
                 if bar.enabled:
