@@ -415,9 +415,27 @@ def _open(path: PathLike) -> tuple[CheckpointReader, mf.Manifest, Backend]:
 
 
 def _read_tensors(
-    reader: CheckpointReader, manifest: mf.Manifest, impl: Backend, *, verify: bool
+    reader: CheckpointReader,
+    manifest: mf.Manifest,
+    impl: Backend,
+    *,
+    verify: bool,
+    targets: list[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:
-    tensors = impl.read(reader, manifest, verify=verify)
+    if targets is None:
+        tensors = impl.read(reader, manifest, verify=verify)
+    else:  # contiguous CPU destinations are decoded into directly
+        direct = [
+            t.detach()
+            if t is not None
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+            and not t.is_conj()
+            and not t.is_neg()
+            else None
+            for t in targets
+        ]
+        tensors = impl.read_into(reader, manifest, direct, verify=verify)
     if len(tensors) != len(manifest.tensors):
         raise FormatError(
             f"backend {manifest.backend!r} returned {len(tensors)} tensors for "
@@ -434,7 +452,13 @@ def _read_tensors(
     return tensors
 
 
-def load(path: PathLike, *, map_location: MapLocation = None, verify: bool = True) -> Any:
+def load(
+    path: PathLike,
+    *,
+    map_location: MapLocation = None,
+    verify: bool = True,
+    into: Any = None,
+) -> Any:
     """Load the state saved at ``path``, bit for bit.
 
     Args:
@@ -444,21 +468,68 @@ def load(path: PathLike, *, map_location: MapLocation = None, verify: bool = Tru
             callable taking the saved device name.
         verify: check every chunk's digest (default). ``False`` still checks
             sizes and structure, and never unpickles.
+        into: existing tensors to fill in place: a nested dict/list of tensors
+            shaped like the saved state (or part of it), or an ``nn.Module`` whose
+            ``state_dict()`` is the saved state. A saved tensor whose key path
+            matches a destination of the same dtype and shape is written into it
+            -- decoded straight into its memory when it is a contiguous CPU tensor
+            (no second copy), copied otherwise -- and the returned state holds the
+            destination object itself. If the load fails part-way (damage),
+            destinations may hold partial data.
 
     Raises:
         CheckpointNotFoundError: ``path`` is not a committed checkpoint.
         IntegrityError: stored bytes differ from their digests; names file and tensor.
         FormatError: malformed manifest (UnsupportedFormatVersionError if newer).
         DeviceUnavailableError: a saved device is missing; pass ``map_location``.
+        ValueError: a destination in ``into`` has another dtype or shape.
     """
     reader, manifest, impl = _open(path)
-    tensors = _read_tensors(reader, manifest, impl, verify=verify)
-    keys = tree.key_paths(manifest.skeleton, len(tensors))
-    restored = [
-        _restore(t, r, map_location, k)
-        for t, r, k in zip(tensors, manifest.tensors, keys, strict=True)
-    ]
+    keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
+    targets = _destinations(into, keys, manifest) if into is not None else None
+    tensors = _read_tensors(reader, manifest, impl, verify=verify, targets=targets)
+    restored = []
+    for index, (t, r, k) in enumerate(zip(tensors, manifest.tensors, keys, strict=True)):
+        target = targets[index] if targets is not None else None
+        if target is None:
+            restored.append(_restore(t, r, map_location, k))
+            continue
+        if t.data_ptr() != target.data_ptr() or t.numel() == 0:
+            with torch.no_grad():
+                target.copy_(t)  # a device, strided or view destination: one copy
+        restored.append(target)
     return tree.rebuild(manifest.skeleton, restored)
+
+
+def _destinations(into: Any, keys: list[str], manifest: mf.Manifest) -> list[torch.Tensor | None]:
+    """The destination tensor of every saved tensor (by key path), checked."""
+    if isinstance(into, torch.nn.Module):
+        into = into.state_dict(keep_vars=True)
+    found: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if torch.is_tensor(node):
+            found.setdefault(path, node)
+        elif isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(value, tree.child_path(path, key))
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, tree.child_path(path, i))
+
+    walk(into, "state")
+    out: list[torch.Tensor | None] = []
+    for key, record in zip(keys, manifest.tensors, strict=True):
+        target = found.get(key)
+        if target is not None and (
+            _dtypes.dtype_name(target.dtype) != record.dtype or tuple(target.shape) != record.shape
+        ):
+            raise ValueError(
+                f"into: {key} is {_dtypes.dtype_name(target.dtype)} {tuple(target.shape)}, but "
+                f"the checkpoint holds {record.dtype} {record.shape} there; nothing was read"
+            )
+        out.append(target)
+    return out
 
 
 def inspect(path: PathLike) -> CheckpointInfo:

@@ -50,6 +50,7 @@ from aptckpt.errors import FormatError, UnsupportedObjectError
 __all__ = [
     "FlatState",
     "TensorLeaf",
+    "child_path",
     "encode_plain",
     "find_plain",
     "flatten",
@@ -88,7 +89,8 @@ class FlatState:
     tensors: tuple[TensorLeaf, ...]
 
 
-def _child_path(path: str, key: Any) -> str:
+def child_path(path: str, key: Any) -> str:
+    """The key path of ``key`` inside ``path``: ``state['model']['w']``, ``state[0]``."""
     return f"{path}[{key!r}]"
 
 
@@ -201,7 +203,7 @@ class _Flattener:
                 items: list[Any] = []
                 for key, value in obj.items():
                     items.append(self.key(key, path))
-                    items.append(self.node(value, _child_path(path, key), depth + 1))
+                    items.append(self.node(value, child_path(path, key), depth + 1))
                 if type(obj) is dict:
                     return ["dict", items]
                 meta = getattr(obj, "_metadata", None)
@@ -210,7 +212,7 @@ class _Flattener:
                 )
                 return ["odict", items, meta_node]
             tag = "list" if type(obj) is list else "tuple"
-            return [tag, [self.node(v, _child_path(path, i), depth + 1) for i, v in enumerate(obj)]]
+            return [tag, [self.node(v, child_path(path, i), depth + 1) for i, v in enumerate(obj)]]
         finally:
             self._active.discard(id(obj))
 

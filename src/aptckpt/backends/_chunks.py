@@ -222,9 +222,17 @@ def ordered_map(
                 future.cancel()
 
 
-def new_tensors(manifest: Manifest) -> list[torch.Tensor]:
-    out = []
-    for record in manifest.tensors:
+def new_tensors(
+    manifest: Manifest, into: Sequence[torch.Tensor | None] | None = None
+) -> list[torch.Tensor]:
+    """A tensor per record to decode into: ``into[i]`` where given (a contiguous
+    CPU tensor of the record's dtype and shape, checked by the caller), else new."""
+    out: list[torch.Tensor] = []
+    for index, record in enumerate(manifest.tensors):
+        given = into[index] if into is not None else None
+        if given is not None:
+            out.append(given)
+            continue
         dtype = _dtypes.dtype_from_name(record.dtype)
         assert dtype is not None  # validated by manifest.decode
         with warnings.catch_warnings():
@@ -252,15 +260,17 @@ def fill_tensors(
     *,
     threads: int,
     where: str,
+    into: Sequence[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:
-    """Fill fresh tensors chunk by chunk, in parallel, collecting every damaged chunk.
+    """Fill fresh tensors (or ``into``'s, see :func:`new_tensors`) chunk by chunk, in
+    parallel, collecting every damaged chunk.
 
     ``decode(chunk, out)`` writes one chunk's raw bytes into ``out`` (verifying
     them if asked to) and raises ``IntegrityError`` (``CodecError``) or
     ``EOFError`` for damage. ``locate(chunk)`` gives ``(file, detail)`` for
     messages: the file it lives in and where in it.
     """
-    outs = new_tensors(manifest)
+    outs = new_tensors(manifest, into)
     slots = []
     for t_index, (out, chunks) in enumerate(zip(outs, table, strict=True)):
         view = _dtypes.byte_view(out)
@@ -422,8 +432,10 @@ def decode_into(
     verify: bool,
     threads: int,
     where: str,
+    into: Sequence[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:
-    """Read, decode and (optionally) verify chunks of shard files into fresh tensors."""
+    """Read, decode and (optionally) verify chunks of shard files into fresh tensors
+    (or into ``into``'s)."""
 
     def decode(chunk: ChunkRecord, out: memoryview) -> None:
         pipeline = pipelines[chunk.codec]
@@ -444,7 +456,9 @@ def decode_into(
         file = manifest.files[chunk.file].path
         return file, f"file '{file}', offset {chunk.offset}, {chunk.length} bytes"
 
-    return fill_tensors(manifest, table, chunk_size, decode, locate, threads=threads, where=where)
+    return fill_tensors(
+        manifest, table, chunk_size, decode, locate, threads=threads, where=where, into=into
+    )
 
 
 def _read_into(fd: int, out: memoryview, offset: int) -> None:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -116,6 +116,21 @@ class Backend(ABC):
         self, reader: CheckpointReader, manifest: Manifest, *, verify: bool = True
     ) -> list[torch.Tensor]:
         """Return one CPU tensor per ``manifest.tensors`` entry, in order."""
+
+    def read_into(
+        self,
+        reader: CheckpointReader,
+        manifest: Manifest,
+        into: Sequence[torch.Tensor | None],
+        *,
+        verify: bool = True,
+    ) -> list[torch.Tensor]:
+        """Like :meth:`read`, but tensor ``i`` is decoded straight into ``into[i]``
+        when that is given (a contiguous CPU tensor of the record's dtype and shape)
+        and returned as it. Backends that can, override this to write no second
+        copy; this default reads, then copies."""
+        tensors = self.read(reader, manifest, verify=verify)
+        return [t if d is None else d.copy_(t) for t, d in zip(tensors, into, strict=True)]
 
     def describe(self, manifest: Manifest) -> list[TensorLayout]:
         """How each tensor is stored, from the manifest alone (no data read)."""

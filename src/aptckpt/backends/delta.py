@@ -565,6 +565,16 @@ class DeltaBackend(Backend):
     def read(
         self, reader: CheckpointReader, manifest: Manifest, *, verify: bool = True
     ) -> list[torch.Tensor]:
+        return self.read_into(reader, manifest, [None] * len(manifest.tensors), verify=verify)
+
+    def read_into(
+        self,
+        reader: CheckpointReader,
+        manifest: Manifest,
+        into: Sequence[torch.Tensor | None],
+        *,
+        verify: bool = True,
+    ) -> list[torch.Tensor]:
         where = str(reader.root)
         payload = parse_payload(manifest, where)
         store = ObjectStore.open(payload.store_root(reader.root, where), where=where)
@@ -591,6 +601,7 @@ class DeltaBackend(Backend):
             locate,
             threads=self._threads,
             where=where,
+            into=into,
         )
 
     def describe(self, manifest: Manifest) -> list[TensorLayout]:

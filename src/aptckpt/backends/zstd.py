@@ -27,6 +27,7 @@ and verifies chunks in parallel straight into the destination tensors.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -222,6 +223,16 @@ class ZstdBackend(Backend):
     def read(
         self, reader: CheckpointReader, manifest: Manifest, *, verify: bool = True
     ) -> list[torch.Tensor]:
+        return self.read_into(reader, manifest, [None] * len(manifest.tensors), verify=verify)
+
+    def read_into(
+        self,
+        reader: CheckpointReader,
+        manifest: Manifest,
+        into: Sequence[torch.Tensor | None],
+        *,
+        verify: bool = True,
+    ) -> list[torch.Tensor]:
         where = str(reader.root)
         chunk_size, pipelines, table = self._parse(manifest, where)
         fds, failed = _chunks.open_data_files(reader, manifest.files)
@@ -237,6 +248,7 @@ class ZstdBackend(Backend):
                 verify=verify,
                 threads=self._threads,
                 where=where,
+                into=into,
             )
         finally:
             for fd in fds:
