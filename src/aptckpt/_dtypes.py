@@ -83,4 +83,4 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     # size-1 dimension, and view(uint8) insists on a unit stride.
     flat = tensor.detach().as_strided((tensor.numel(),), (1,)).view(torch.uint8)
     array: np.ndarray = flat.numpy()
-    return array.data.cast("B")
+    return array.data  # uint8, one dimension: already a flat "B" view

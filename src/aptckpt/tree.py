@@ -107,6 +107,10 @@ def _refuse(obj: object, path: str, why: str) -> UnsupportedObjectError:
     )
 
 
+#: Named tensors exist in older torch releases only (``Tensor.names`` is gone in 2.13).
+_HAS_NAMES = hasattr(torch.Tensor, "names")
+
+
 def _check_tensor(t: torch.Tensor, path: str) -> None:
     if type(t) not in (torch.Tensor, torch.nn.Parameter):
         raise _refuse(
@@ -126,7 +130,7 @@ def _check_tensor(t: torch.Tensor, path: str) -> None:
         )
     if t.device.type == "meta":
         raise _refuse(t, path, "a meta tensor holds no data; materialise it first")
-    if any(n is not None for n in (getattr(t, "names", None) or ())):  # gone in torch 2.13
+    if _HAS_NAMES and any(n is not None for n in getattr(t, "names", ())):
         raise _refuse(t, path, "named tensors are not supported; call .rename(None) first")
 
 

@@ -228,17 +228,17 @@ def new_tensors(
     """A tensor per record to decode into: ``into[i]`` where given (a contiguous
     CPU tensor of the record's dtype and shape, checked by the caller), else new."""
     out: list[torch.Tensor] = []
-    for index, record in enumerate(manifest.tensors):
-        given = into[index] if into is not None else None
-        if given is not None:
-            out.append(given)
-            continue
-        dtype = _dtypes.dtype_from_name(record.dtype)
-        assert dtype is not None  # validated by manifest.decode
-        with warnings.catch_warnings():
-            # torch warns that complex32 is experimental on every allocation; the
-            # user saved one, so telling them again on load is noise.
-            warnings.filterwarnings("ignore", "ComplexHalf support is experimental")
+    with warnings.catch_warnings():
+        # torch warns that complex32 is experimental on every allocation; the
+        # user saved one, so telling them again on load is noise.
+        warnings.filterwarnings("ignore", "ComplexHalf support is experimental")
+        for index, record in enumerate(manifest.tensors):
+            given = into[index] if into is not None else None
+            if given is not None:
+                out.append(given)
+                continue
+            dtype = _dtypes.dtype_from_name(record.dtype)
+            assert dtype is not None  # validated by manifest.decode
             out.append(torch.empty(record.shape, dtype=dtype))
     return out
 
