@@ -279,20 +279,52 @@ def fill_tensors(
         ):
             slots.append(_Slot(t_index, c_index, chunk, view[start:stop]))
 
-    def run(slot: _Slot[C]) -> IntegrityError | None:
-        try:
-            decode(slot.chunk, slot.out)
-        except (IntegrityError, EOFError) as err:
-            file, detail = locate(slot.chunk)
-            return _chunk_damage(where, slot.tensor, f"chunk {slot.index}", detail, file, err)
-        return None
+    def run(batch: list[_Slot[C]]) -> list[IntegrityError]:
+        found = []
+        for slot in batch:
+            try:
+                decode(slot.chunk, slot.out)
+            except (IntegrityError, EOFError) as err:
+                file, detail = locate(slot.chunk)
+                found.append(
+                    _chunk_damage(where, slot.tensor, f"chunk {slot.index}", detail, file, err)
+                )
+        return found
 
     # Collect every damaged chunk rather than stopping at the first, so that
     # verify() reports all of them.
-    problems = [e for e in ordered_map(run, slots, threads=threads, window=4 * threads + 4) if e]
+    batches = _batches(slots)
+    problems = [
+        e
+        for found in ordered_map(run, batches, threads=threads, window=4 * threads + 4)
+        for e in found
+    ]
     if problems:
         raise _combined(problems, manifest, where)
     return outs
+
+
+#: Small chunks (small tensors) are decoded in batches of about this many bytes, one
+#: thread-pool task each: a task per 4-byte scalar would cost more than its work.
+_BATCH_BYTES = 1 << 20
+_BATCH_SLOTS = 256
+
+
+def _batches(slots: list[_Slot[C]]) -> list[list[_Slot[C]]]:
+    """Consecutive slots grouped into tasks of about ``_BATCH_BYTES`` (a large chunk
+    is a task of its own)."""
+    batches: list[list[_Slot[C]]] = []
+    current: list[_Slot[C]] = []
+    size = 0
+    for slot in slots:
+        current.append(slot)
+        size += len(slot.out)
+        if size >= _BATCH_BYTES or len(current) >= _BATCH_SLOTS:
+            batches.append(current)
+            current, size = [], 0
+    if current:
+        batches.append(current)
+    return batches
 
 
 def refuse_unreadable(
