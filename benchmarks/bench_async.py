@@ -7,7 +7,8 @@ Role: the figures behind "async save stalls the caller <= 1.2x a memcpy of the s
 Contenders (each round, in rotated order; the first round is a warm-up, not reported):
 
 * ``memcpy``: the state copied into pre-allocated, already touched host buffers, the same way the
-  staging copy does it (one ``torch._foreach_copy_`` of byte views) -- the stall's lower bound;
+  staging copy does it (one ``torch._foreach_copy_`` of byte views) -- the reference of the ratios;
+  and the same bytes copied by numpy on one thread into one touched buffer (bench_backends' limit);
 * ``aptckpt async``: ``aptckpt.save(..., blocking=False)`` until it returns (zstd level 1 and
   ``codec="none"``); the previous save is waited for *outside* the timed region, as a trainer
   whose saves are further apart than one persist would see it;
@@ -115,6 +116,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(state, work / "torch.pt")
         return time.perf_counter() - start
 
+    raw = _sysutil.RawIO(list(state.values()))
+
+    def numpy_memcpy(rep: int) -> float:
+        start = time.perf_counter()
+        raw.memcpy()
+        return time.perf_counter() - start
+
     def memcpy_run(rep: int) -> float:
         start = time.perf_counter()
         memcpy()
@@ -141,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 
     contenders: dict[str, Callable[[int], float]] = {
         "memcpy into touched buffers": memcpy_run,
+        "memcpy, numpy, 1 thread, one touched buffer": numpy_memcpy,
         "aptckpt async save, zstd level 1": apt("zstd", False, backend="zstd"),
         "aptckpt async save, codec=none": apt("raw", False, backend="zstd", codec="none"),
         "aptckpt async save, back to back": apt("b2b", True, backend="zstd", codec="none"),
