@@ -36,7 +36,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from aptckpt import tree
+from aptckpt import _dtypes, tree
 
 __all__ = ["SaveHandle", "submit", "wait_all"]
 
@@ -122,12 +122,12 @@ class _Staging:
             source = leaf.tensor.detach()
             buf = self._buffer(index, source)
             cuda = cuda or source.device.type == "cuda"
-            if source.is_contiguous() and not source.is_conj() and not source.is_neg():
-                fast_src.append(_bytes(source))  # any dtype: copied as bytes
-                fast_dst.append(_bytes(buf))
+            if _dtypes.holds_its_values(source):
+                fast_src.append(_dtypes.byte_tensor(source))  # any dtype: copied as bytes
+                fast_dst.append(_dtypes.byte_tensor(buf))
             else:  # strided, conjugate or negative views: resolved, then copied
                 resolved = source.resolve_conj().resolve_neg().contiguous()
-                _bytes(buf).copy_(_bytes(resolved))
+                _dtypes.byte_tensor(buf).copy_(_dtypes.byte_tensor(resolved))
             leaves.append(dataclasses.replace(leaf, tensor=buf))
         for device in {t.device for t in fast_src}:
             pairs = [(d, s) for d, s in zip(fast_dst, fast_src, strict=True) if s.device == device]
@@ -138,13 +138,6 @@ class _Staging:
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record()
         return tree.FlatState(skeleton=flat.skeleton, tensors=tuple(leaves)), event
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """The bytes of a contiguous tensor as a flat uint8 view (any dtype, any device).
-    as_strided, not reshape: a "contiguous" tensor may carry any stride on a
-    size-1 dimension, and view(uint8) insists on a unit stride."""
-    return t.as_strided((t.numel(),), (1,)).view(torch.uint8)
 
 
 class _Saver:

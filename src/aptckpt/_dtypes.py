@@ -69,6 +69,21 @@ def dtype_from_name(name: str) -> torch.dtype | None:
     return DTYPES.get(name) if isinstance(name, str) else None
 
 
+def holds_its_values(tensor: torch.Tensor) -> bool:
+    """True if the tensor's memory is exactly its values in C order: contiguous,
+    and no lazy conjugate or negative bit (whose stored bytes differ from the values)."""
+    return tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg()
+
+
+def byte_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous tensor (any dtype, any device) as a flat uint8 view.
+
+    as_strided, not reshape: a "contiguous" tensor may carry any stride on a
+    size-1 dimension, and view(uint8) insists on a unit stride.
+    """
+    return tensor.detach().as_strided((tensor.numel(),), (1,)).view(torch.uint8)
+
+
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """A flat, writable ``memoryview`` of a contiguous CPU tensor's bytes, without copying.
 
@@ -79,8 +94,5 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
         raise ValueError("byte_view needs a contiguous CPU tensor")
     if tensor.numel() == 0:
         return memoryview(bytearray())
-    # as_strided, not reshape: a "contiguous" tensor may carry any stride on a
-    # size-1 dimension, and view(uint8) insists on a unit stride.
-    flat = tensor.detach().as_strided((tensor.numel(),), (1,)).view(torch.uint8)
-    array: np.ndarray = flat.numpy()
+    array: np.ndarray = byte_tensor(tensor).numpy()
     return array.data  # uint8, one dimension: already a flat "B" view

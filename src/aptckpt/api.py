@@ -427,11 +427,7 @@ def _read_tensors(
     else:  # contiguous CPU destinations are decoded into directly
         direct = [
             t.detach()
-            if t is not None
-            and t.device.type == "cpu"
-            and t.is_contiguous()
-            and not t.is_conj()
-            and not t.is_neg()
+            if t is not None and t.device.type == "cpu" and _dtypes.holds_its_values(t)
             else None
             for t in targets
         ]
@@ -494,7 +490,7 @@ def load(
         if target is None:
             restored.append(_restore(t, r, map_location, k))
             continue
-        if t.data_ptr() != target.data_ptr() or t.numel() == 0:
+        if t.data_ptr() != target.data_ptr():  # not decoded in place
             with torch.no_grad():
                 target.copy_(t)  # a device, strided or view destination: one copy
         restored.append(target)
