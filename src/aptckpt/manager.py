@@ -240,10 +240,8 @@ class CheckpointManager:
         """Remove what saves that crashed left behind: hidden temp and trash entries
         in the run's folders, and temp files in its object store. Only under the
         run lock, so no other process is writing them."""
-        folders = (_REGULAR, _TEMP, _TOKENIZER)
-        removed = len(remove_stale_temps(self.run_dir, exclusive=True))
-        for folder in folders:
-            removed += len(remove_stale_temps(self.run_dir / folder, exclusive=True))
+        folders = [self.run_dir] + [self.run_dir / f for f in (_REGULAR, _TEMP, _TOKENIZER)]
+        removed = sum(len(remove_stale_temps(f, exclusive=True)) for f in folders)
         store_dir = self.run_dir / DEFAULT_STORE_NAME
         if store_dir.is_dir():
             try:
@@ -576,7 +574,6 @@ class CheckpointManager:
             log.warning("garbage collection skipped: %s", err)
 
     def _write_tokenizer(self, files: dict[str, bytes]) -> None:
-        self._hold_run()
         directory = self.run_dir / _TOKENIZER
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
