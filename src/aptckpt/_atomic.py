@@ -56,6 +56,8 @@ __all__ = [
     "is_temporary",
     "remove_checkpoint",
     "remove_stale_temps",
+    "temp_sibling",
+    "write_error",
     "write_file_atomic",
 ]
 
@@ -74,8 +76,16 @@ _TEMP_NAME = re.compile(r"\..+\.(?:tmp|trash)-(?P<pid>[0-9]+)-[0-9a-f]+")
 _ACTIVE: set[str] = set()
 
 
-def _temp_sibling(path: Path, kind: str) -> Path:
-    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+@contextlib.contextmanager
+def temp_sibling(path: Path, kind: str = "tmp") -> Iterator[Path]:
+    """A hidden sibling name of ``path`` for a temp (``kind="tmp"``) or trash entry,
+    protected from :func:`remove_stale_temps` of this process while in use."""
+    sibling = path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+    _ACTIVE.add(str(sibling))
+    try:
+        yield sibling
+    finally:
+        _ACTIVE.discard(str(sibling))
 
 
 def is_temporary(name: str) -> bool:
@@ -116,33 +126,27 @@ def write_error(action: str, err: OSError, *, path: str | os.PathLike[str]) -> W
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Replace the small file ``path`` with ``data`` durably: readers see the old
     bytes or the new ones, never a mix (sibling temp file, fsync, rename, fsync)."""
-    tmp = _temp_sibling(path, "tmp")
-    _ACTIVE.add(str(tmp))
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        _ACTIVE.discard(str(tmp))
+    with temp_sibling(path) as tmp:
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
 
 
 def remove_checkpoint(root: Path) -> None:
     """Delete the checkpoint directory ``root``: renamed to a hidden trash name
     (durably), then removed, so no crash leaves a visible half-deleted directory."""
-    trash = _temp_sibling(root, "trash")
-    _ACTIVE.add(str(trash))
-    try:
+    with temp_sibling(root, "trash") as trash:
         os.rename(root, trash)
         try:
             fsync_dir(root.parent)
         finally:
             shutil.rmtree(trash, ignore_errors=True)
-    finally:
-        _ACTIVE.discard(str(trash))
 
 
 def fsync_file(path: Path) -> None:

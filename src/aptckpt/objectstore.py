@@ -49,6 +49,7 @@ from aptckpt._atomic import (
     is_checkpoint,
     is_temporary,
     open_regular,
+    temp_sibling,
     write_file_atomic,
 )
 from aptckpt.errors import FormatError, IntegrityError, StoreBusyError, UnsafePathError
@@ -141,28 +142,28 @@ class ObjectStore:
         # leaves either no store or a complete one (plus hidden debris that the
         # next save's cleanup removes), never a directory without its marker.
         path.parent.mkdir(parents=True, exist_ok=True)
-        building = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            building.mkdir()
-            (building / "objects").mkdir()
-            (building / "tmp").mkdir()
-            (building / _LOCK).touch()
-            marker = msgpack.packb({"format": STORE_FORMAT, "version": STORE_VERSION})
-            write_file_atomic(building / _MARKER, marker)
-            fsync_dir(building)
+        with temp_sibling(path) as building:
             try:
-                if path.exists():
-                    path.rmdir()  # the empty directory a user made for us
-                os.rename(building, path)
-            except OSError as err:
-                if not is_store(path):  # not a rival creator that got there first
-                    raise FormatError(
-                        f"cannot create the object store '{path}': {err.strerror}",
-                        path=str(path),
-                    ) from err
-            fsync_dir(path.parent)
-        finally:
-            shutil.rmtree(building, ignore_errors=True)
+                building.mkdir()
+                (building / "objects").mkdir()
+                (building / "tmp").mkdir()
+                (building / _LOCK).touch()
+                marker = msgpack.packb({"format": STORE_FORMAT, "version": STORE_VERSION})
+                write_file_atomic(building / _MARKER, marker)
+                fsync_dir(building)
+                try:
+                    if path.exists():
+                        path.rmdir()  # the empty directory a user made for us
+                    os.rename(building, path)
+                except OSError as err:
+                    if not is_store(path):  # not a rival creator that got there first
+                        raise FormatError(
+                            f"cannot create the object store '{path}': {err.strerror}",
+                            path=str(path),
+                        ) from err
+                fsync_dir(path.parent)
+            finally:
+                shutil.rmtree(building, ignore_errors=True)
         return cls.open(path)
 
     def _check_marker(self) -> None:
