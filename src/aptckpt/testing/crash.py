@@ -249,8 +249,7 @@ def check_run(run_dir: Path, backend: str) -> dict[str, Any]:
                 failures.append(f"{rel} is visible but has no manifest (partial checkpoint)")
                 continue
             try:
-                aptckpt.verify(entry)
-                state = aptckpt.load(entry, verify=False)
+                state = aptckpt.load(entry)  # verifies every digest: one read, not two
                 info = aptckpt.inspect(entry)
             except aptckpt.AptckptError as err:
                 failures.append(f"{rel} is visible as complete but broken: {err}")
