@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -96,7 +97,7 @@ class _FaultyFile:
 def injected(monkeypatch: pytest.MonkeyPatch, faults: Faults) -> Iterator[Faults]:
     real = {
         name: getattr(os, name)
-        for name in ("open", "write", "pwrite", "fsync", "mkdir", "rename", "replace")
+        for name in ("open", "write", "pwrite", "ftruncate", "fsync", "mkdir", "rename", "replace")
     }
     real_pwrite_many = _accel.pwrite_many
     writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT
@@ -139,6 +140,7 @@ def injected(monkeypatch: pytest.MonkeyPatch, faults: Faults) -> Iterator[Faults
     monkeypatch.setattr(os, "open", os_open)
     monkeypatch.setattr(os, "write", on_fd("write"))
     monkeypatch.setattr(os, "pwrite", on_fd("pwrite"))
+    monkeypatch.setattr(os, "ftruncate", on_fd("ftruncate"))
     monkeypatch.setattr(os, "fsync", on_fd("fsync"))
     for name in ("mkdir", "rename", "replace"):
         monkeypatch.setattr(os, name, on_path(name))
@@ -149,6 +151,16 @@ def injected(monkeypatch: pytest.MonkeyPatch, faults: Faults) -> Iterator[Faults
         yield faults
     finally:
         monkeypatch.undo()
+
+
+def _directio_works(where: Path) -> bool:
+    try:
+        fd = os.open(where / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(where / "probe")
+    return True
 
 
 def check_message(err: WriteError, code: int) -> None:
@@ -179,12 +191,20 @@ def debris(root: Path) -> list[str]:
     return found
 
 
-#: Cases: backend and options (zstd-raw writes through the native parallel pwrite).
+#: Cases: backend, options, and whether data files are written with O_DIRECT (bounce buffers
+#: written by a background thread with os.pwrite, a padded tail, ftruncate) or buffered (zstd
+#: raw chunks then go through the core's parallel pwrite_many straight from tensor memory).
 OPTIONS = {
-    "torch": ("torch", {}),
-    "zstd": ("zstd", {"chunk_size": 4096, "shard_size": 16384}),
-    "zstd-raw": ("zstd", {"chunk_size": 4096, "shard_size": 16384, "codec": "none"}),
-    "delta": ("delta", {"chunk_size": 4096}),
+    "torch": ("torch", {}, True),
+    "torch-buffered": ("torch", {}, False),
+    "zstd": ("zstd", {"chunk_size": 4096, "shard_size": 16384}, True),
+    "zstd-raw": ("zstd", {"chunk_size": 4096, "shard_size": 16384, "codec": "none"}, True),
+    "zstd-raw-buffered": (
+        "zstd",
+        {"chunk_size": 4096, "shard_size": 16384, "codec": "none"},
+        False,
+    ),
+    "delta": ("delta", {"chunk_size": 4096}, True),
 }
 
 
@@ -232,7 +252,7 @@ def sweep(
 
 @pytest.mark.parametrize("case", OPTIONS)
 def test_every_storage_call_of_a_save_can_fail(tmp_path, monkeypatch, case):
-    backend, options = OPTIONS[case]
+    backend, options, direct = OPTIONS[case]
 
     def prepare(base: Path) -> dict[Path, Any]:
         aptckpt.save(state(0), base / "s0", backend=backend, **options)
@@ -245,11 +265,15 @@ def test_every_storage_call_of_a_save_can_fail(tmp_path, monkeypatch, case):
         aptckpt.save(state(0), root / "s0", backend=backend, overwrite=True, **options)
         return root / "s1"
 
-    count, ops = sweep(tmp_path, monkeypatch, prepare, act, WRITE_ERRORS)
+    # Not monkeypatch.setenv: the injector's monkeypatch.undo() would drop it mid-sweep.
+    with mock.patch.dict(os.environ, {"APTCKPT_DIRECT_IO": "1" if direct else "0"}):
+        count, ops = sweep(tmp_path, monkeypatch, prepare, act, WRITE_ERRORS)
     print(f"\n{case}: {count} faults injected over {len(ops)} storage calls: {sorted(set(ops))}")
     assert {"open", "fsync", "rename"} <= set(ops)
-    if case == "zstd-raw":
+    if case == "zstd-raw-buffered":
         assert "pwrite_many" in ops
+    if direct and backend != "delta" and _directio_works(tmp_path):
+        assert {"pwrite", "ftruncate"} <= set(ops)
 
 
 def test_every_storage_call_of_a_manager_save_can_fail(tmp_path, monkeypatch):
@@ -279,10 +303,11 @@ def test_every_storage_call_of_a_manager_save_can_fail(tmp_path, monkeypatch):
 def test_durability_order(tmp_path, monkeypatch, case):
     """Every byte a checkpoint needs is fsynced before the rename that makes it
     visible, and the parent directory after it (store objects: before the manifest)."""
-    backend, options = OPTIONS[case]
-    aptckpt.save(state(0), tmp_path / "s0", backend=backend, **options)
-    with injected(monkeypatch, Faults(tmp_path)) as faults:
-        aptckpt.save(state(1), tmp_path / "s1", backend=backend, **options)
+    backend, options, direct = OPTIONS[case]
+    with mock.patch.dict(os.environ, {"APTCKPT_DIRECT_IO": "1" if direct else "0"}):
+        aptckpt.save(state(0), tmp_path / "s0", backend=backend, **options)
+        with injected(monkeypatch, Faults(tmp_path)) as faults:
+            aptckpt.save(state(1), tmp_path / "s1", backend=backend, **options)
     log = faults.log
     (commit,) = [
         i for i, (op, path) in enumerate(log) if op == "rename" and ".s1.tmp-" in Path(path).name
@@ -293,6 +318,15 @@ def test_durability_order(tmp_path, monkeypatch, case):
     synced = {path for op, path in before if op == "fsync"}
     data = {path for op, path in before if op == "open" and path.startswith(temp_dir)}
     assert data and data <= synced  # every data file and the manifest
+    for path in data:  # ... after its last write (direct writes: the padded tail, ftruncate)
+        last_write = max(
+            i
+            for i, (op, p) in enumerate(before)
+            if p == path and op in {"write", "pwrite", "ftruncate", "file.write", "open"}
+        )
+        assert last_write < max(
+            i for i, (op, p) in enumerate(before) if p == path and op == "fsync"
+        )
     assert manifest in synced and temp_dir in synced
     assert ("fsync", str(tmp_path)) in after  # the parent directory, after the rename
     if backend == "delta":

@@ -49,6 +49,14 @@ def threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def direct_io() -> bool:
+    """Whether data files are written with ``O_DIRECT`` (``APTCKPT_DIRECT_IO``, default on;
+    ``0``, ``false``, ``no`` or ``off`` turn it off). Where the file system refuses it, writes
+    are buffered whatever this says."""
+    value = os.environ.get("APTCKPT_DIRECT_IO", "1").strip().lower()
+    return value not in {"0", "false", "no", "off"}
+
+
 def delta_cache_bytes() -> int:
     """Bytes of raw chunks the ``delta`` backend may keep between saves."""
     env = os.environ.get("APTCKPT_DELTA_CACHE_BYTES", "").strip()

@@ -31,13 +31,14 @@ import mmap
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar, cast
 
 import msgpack
 import torch
 
 from aptckpt import _accel, _config, tree
 from aptckpt._atomic import CheckpointReader, CheckpointWriter, open_regular
+from aptckpt._directio import DirectWriter
 from aptckpt.backends import _chunks, _torchfile
 from aptckpt.backends.base import Backend, BackendOptions, TensorLayout
 from aptckpt.errors import FormatError, IntegrityError, UnsupportedObjectError
@@ -84,10 +85,10 @@ class TorchBackend(Backend):
     def write(self, flat: FlatState, writer: CheckpointWriter) -> Any:
         _refuse_unloadable(flat)
         state = tree.rebuild(flat.skeleton, [_save_form(leaf) for leaf in flat.tensors])
-        path = writer.path(FILE_NAME)
-        with open(path, "xb") as f:
+        # Direct writes, hashed on the way in: the file is not read back.
+        with DirectWriter(writer.path(FILE_NAME), digest_chunk_size=self.options.chunk_size) as f:
             try:
-                torch.save(state, f)
+                torch.save(state, cast(IO[bytes], f))  # it needs write() and flush() only
             except RuntimeError as err:
                 # torch's zip writer turns a failed write (disk full) into a RuntimeError;
                 # give the caller the OSError underneath, which it reports as a WriteError.
@@ -95,9 +96,7 @@ class TorchBackend(Backend):
                 if isinstance(cause, OSError):
                     raise cause from err
                 raise
-        with open(path, "rb") as f:  # hashed from the page cache, not a second copy in memory
-            size = os.fstat(f.fileno()).st_size
-            digests = _file_digests(f.fileno(), size, self.options.chunk_size)
+        digests = f.digests()
         return {"file": 0, "chunk_size": self.options.chunk_size, "digests": digests}
 
     def _parse(self, manifest: Manifest, where: str) -> tuple[int, int, bytes]:

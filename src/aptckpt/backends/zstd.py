@@ -35,6 +35,7 @@ import torch
 
 from aptckpt import _accel, _config, _dtypes
 from aptckpt._atomic import CheckpointReader, CheckpointWriter
+from aptckpt._directio import DirectWriter
 from aptckpt.backends import _chunks
 from aptckpt.backends.base import Backend, BackendOptions, TensorLayout
 from aptckpt.codecs import RAW, Pipeline
@@ -85,32 +86,31 @@ class _ShardWriter:
 
     def __init__(self, writer: CheckpointWriter, shard_size: int) -> None:
         self.writer, self.shard_size = writer, shard_size
-        self.fd = -1
+        self.file: DirectWriter | None = None
         self.index = -1
-        self.offset = 0
 
     def append(self, data: Any) -> tuple[int, int]:
-        if self.fd < 0 or self.offset >= self.shard_size:
+        if self.file is None or self.file.size >= self.shard_size:
             self._next_shard()
-        start = self.offset
-        view = memoryview(data).cast("B")
-        while view:  # os.write releases the GIL; loop over short writes
-            written = os.write(self.fd, view)
-            view = view[written:]
-        self.offset += len(data)
+        assert self.file is not None
+        start = self.file.size
+        self.file.write(data)
         return self.index, start
 
     def _next_shard(self) -> None:
         self.close()
         self.index += 1
-        path = self.writer.path(f"shard-{self.index:05d}.bin")
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        self.offset = 0
+        self.file = DirectWriter(self.writer.path(f"shard-{self.index:05d}.bin"))
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.file is not None:
+            file, self.file = self.file, None
+            file.close()
+
+    def abort(self) -> None:
+        if self.file is not None:
+            file, self.file = self.file, None
+            file.abort()
 
 
 class ZstdBackend(Backend):
@@ -153,14 +153,17 @@ class ZstdBackend(Backend):
                     file, offset, len(data), codec_index[pipeline], digest, stored_digest
                 )
                 rows[job.tensor].append(chunk.to_row())
-        finally:
-            shards.close()
+        except BaseException:
+            shards.abort()
+            raise
+        shards.close()
         return self._payload([p.to_record() for p in pipelines], rows)
 
     def _write_raw(self, jobs: list[_Job], n_tensors: int, writer: CheckpointWriter) -> Any:
         """Raw chunks: every offset is known up front, so all chunks are hashed in one
-        parallel native call and each shard is written with parallel positional writes
-        straight from tensor memory (no copy, no Python loop over bytes)."""
+        parallel native call and each shard is written in one go: large direct writes from
+        bounce buffers, or (without ``O_DIRECT``) parallel positional writes straight from
+        tensor memory."""
         opts = self.options
         digests = _accel.hash_chunks_many([j.data for j in jobs], opts.chunk_size, self._threads)
         rows: list[list[list[Any]]] = [[] for _ in range(n_tensors)]
@@ -176,13 +179,8 @@ class ZstdBackend(Backend):
             shards[-1].append((job.data, offset))
             offset += len(job.data)
         for index, placed in enumerate(shards):
-            path = writer.path(f"shard-{index:05d}.bin")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            try:
-                buffers, offsets = zip(*placed, strict=True)
-                _accel.pwrite_many(fd, list(buffers), list(offsets), self._threads)
-            finally:
-                os.close(fd)
+            with DirectWriter(writer.path(f"shard-{index:05d}.bin")) as file:
+                file.write_many([data for data, _ in placed], self._threads)
         return self._payload([RAW.to_record()], rows)
 
     def _payload(self, codecs: list[Any], rows: list[list[list[Any]]]) -> dict[str, Any]:

@@ -1,0 +1,176 @@
+"""DirectWriter: the file holds exactly the bytes written, whatever the write sizes and the
+path taken (O_DIRECT bounce buffers, the buffered fallback, a file system refusing O_DIRECT at
+open or at a write); digests computed on the way in equal the file's; errors surface and no
+write outlives the descriptor."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aptckpt import _accel, _directio
+from aptckpt._directio import BLOCK_SIZE, DirectWriter
+
+SMALL = 4 * BLOCK_SIZE  # a small bounce buffer so that examples cross many buffer boundaries
+
+
+def _direct_supported(where: Path) -> bool:
+    try:
+        fd = os.open(where / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(where / "probe")
+    return True
+
+
+def _is_direct(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+pieces = st.lists(st.binary(max_size=3 * SMALL), max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(parts=pieces, direct=st.booleans(), chunk=st.sampled_from([16, 4096, 5000, 1 << 20]))
+def test_file_holds_the_bytes_written_and_their_digests(tmp_path_factory, parts, direct, chunk):
+    path = tmp_path_factory.mktemp("dw") / "f.bin"
+    with DirectWriter(path, direct=direct, digest_chunk_size=chunk, buffer_size=SMALL) as f:
+        for part in parts:
+            assert f.write(part) == len(part)
+    expected = b"".join(parts)
+    assert path.read_bytes() == expected
+    assert f.size == len(expected)
+    assert f.digests() == _accel.hash_chunks(expected, chunk)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_write_many_takes_any_buffers(tmp_path, direct):
+    import numpy as np
+
+    arrays = [np.arange(n, dtype=np.float32) for n in (0, 1, 1000, 3 * SMALL)]
+    with DirectWriter(tmp_path / "f", direct=direct, buffer_size=SMALL) as f:
+        f.write_many(arrays)
+        f.write(b"tail")
+    assert (tmp_path / "f").read_bytes() == b"".join(a.tobytes() for a in arrays) + b"tail"
+
+
+def test_direct_io_is_used_where_the_file_system_takes_it(tmp_path):
+    if not _direct_supported(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT")
+    with DirectWriter(tmp_path / "f", direct=True) as f:
+        assert f.direct and _is_direct(f.fd)
+        f.write(b"x" * 5)
+    assert (tmp_path / "f").stat().st_size == 5  # the padded tail was truncated away
+
+
+def test_environment_turns_direct_io_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("APTCKPT_DIRECT_IO", "off")
+    with DirectWriter(tmp_path / "f") as f:
+        assert not f.direct and not _is_direct(f.fd)
+
+
+def test_refused_at_open_falls_back_to_buffered(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def refusing(path: Any, flags: int, *args: Any) -> int:
+        fd = real_open(path, flags & ~os.O_DIRECT, *args)  # Linux creates the file first
+        if flags & os.O_DIRECT:
+            os.close(fd)
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        return fd
+
+    monkeypatch.setattr(os, "open", refusing)
+    with DirectWriter(tmp_path / "f", direct=True, buffer_size=SMALL) as f:
+        assert not f.direct
+        f.write(b"abc" * SMALL)
+    assert (tmp_path / "f").read_bytes() == b"abc" * SMALL
+
+
+def test_refused_at_a_write_goes_on_buffered(tmp_path, monkeypatch):
+    if not _direct_supported(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT")
+    real_pwrite = os.pwrite
+    refused = []
+
+    def picky(fd: int, data: Any, offset: int) -> int:
+        if _is_direct(fd):
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", picky)
+    data = os.urandom(3 * SMALL + 7)
+    with DirectWriter(tmp_path / "f", direct=True, buffer_size=SMALL) as f:
+        f.write(data)
+    assert refused == [0]
+    assert (tmp_path / "f").read_bytes() == data
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_a_failed_background_write_is_raised_and_nothing_outlives_the_file(
+    tmp_path, monkeypatch, code
+):
+    real_pwrite = os.pwrite
+    calls = []
+
+    def failing(fd: int, data: Any, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(code, os.strerror(code))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    f = DirectWriter(tmp_path / "f", direct=True, buffer_size=SMALL)
+    if not f.direct:
+        f.abort()
+        pytest.skip("this file system refuses O_DIRECT")
+    # noqa: the error surfaces at a later write or at close, whichever waits for it first
+    with pytest.raises(OSError, match=os.strerror(code)) as caught:  # noqa: PT012
+        for _ in range(8):
+            f.write(b"z" * SMALL)
+        f.close()
+    assert caught.value.errno == code
+    f.abort()  # idempotent after the failure
+    assert f.fd == -1
+    assert f._pending == type(f._pending)()  # every write ended before the descriptor closed
+
+
+def test_leaving_by_an_exception_waits_for_writes_and_closes(tmp_path):
+    with pytest.raises(KeyError), DirectWriter(tmp_path / "f", buffer_size=SMALL) as f:  # noqa: PT012
+        f.write(b"q" * (5 * SMALL))
+        raise KeyError("caller failed")
+    assert f.fd == -1
+    assert not f._pending
+
+
+def test_bounce_buffers_are_reused_between_files(tmp_path):
+    with DirectWriter(tmp_path / "a", direct=True) as f:
+        f.write(b"a" * (_directio.BUFFER_SIZE + 1))
+    pooled = list(_directio._pool)
+    assert pooled
+    with DirectWriter(tmp_path / "b", direct=True) as f:
+        f.write(b"b")
+        if f.direct:
+            assert f._buffer in pooled
+
+
+def test_buffer_size_must_be_block_aligned(tmp_path):
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        DirectWriter(tmp_path / "f", buffer_size=1000)
+    assert not (tmp_path / "f").exists()
+
+
+def test_digests_need_a_closed_writer(tmp_path):
+    f = DirectWriter(tmp_path / "f", digest_chunk_size=16)
+    with pytest.raises(RuntimeError, match="closed writer"):
+        f.digests()
+    f.close()
+    assert f.digests() == b""
