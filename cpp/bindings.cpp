@@ -12,11 +12,13 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "parallel_io.hpp"
+#include "read_verify.hpp"
 #include "shuffle.hpp"
 #include "thread_pool.hpp"
 #include "xxh3.hpp"
@@ -313,6 +315,51 @@ void pread_many(int fd, py::handle buffers, py::handle offsets, long long thread
     raise_io_error("pread_many", st, s.size, s.offset);
 }
 
+py::list read_verify_many(py::handle fds, py::handle buffers, py::handle offsets,
+                          py::handle digests, long long threads) {
+    const std::vector<Buffer> bufs = buffers_of(buffers, "buffers", true);
+    const std::vector<std::uint64_t> offs = offsets_of(offsets, bufs);
+    const py::list fd_items(py::reinterpret_borrow<py::object>(fds));
+    if (fd_items.size() != bufs.size()) {
+        throw py::value_error("got " + std::to_string(bufs.size()) + " buffers but " +
+                              std::to_string(fd_items.size()) +
+                              " file descriptors; pass one per buffer");
+    }
+    const std::uint8_t* expected = nullptr;
+    std::unique_ptr<Buffer> digest_buf;
+    if (!digests.is_none()) {
+        digest_buf = std::make_unique<Buffer>(digests, "digests", false);
+        if (digest_buf->size() != kDigestSize * bufs.size()) {
+            throw py::value_error("digests has " + std::to_string(digest_buf->size()) +
+                                  " bytes; it must hold 16 per buffer (" +
+                                  std::to_string(kDigestSize * bufs.size()) + ")");
+        }
+        expected = digest_buf->data();
+    }
+    const unsigned nthreads = resolve_threads(threads);
+    std::vector<aptckpt::CheckedSpan> spans;
+    spans.reserve(bufs.size());
+    for (std::size_t i = 0; i < bufs.size(); ++i) {
+        const int fd = fd_items[i].cast<int>();
+        spans.push_back({fd, bufs[i].mutable_data(), bufs[i].size(), offs[i],
+                         expected ? expected + kDigestSize * i : nullptr});
+    }
+    std::vector<aptckpt::SpanProblem> problems;
+    aptckpt::IoStatus st;
+    {
+        py::gil_scoped_release nogil;
+        st = aptckpt::read_verify_all(spans, nthreads, &problems);
+    }
+    if (!st.ok()) {
+        raise_io_error("read_verify_many", st, spans[st.index].size, spans[st.index].offset);
+    }
+    py::list out;
+    for (const aptckpt::SpanProblem& p : problems) {
+        out.append(py::make_tuple(p.index, p.kind == aptckpt::SpanProblem::eof ? "eof" : "digest"));
+    }
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -337,6 +384,11 @@ PYBIND11_MODULE(_native, m) {
           "Write each buffer at its offset in parallel; return the byte count.");
     m.def("pread_many", &pread_many, py::arg("fd"), py::arg("buffers"), py::arg("offsets"),
           py::arg("threads") = 0, "Fill each writable buffer from its offset in parallel.");
+    m.def("read_verify_many", &read_verify_many, py::arg("fds"), py::arg("buffers"),
+          py::arg("offsets"), py::arg("digests") = py::none(), py::arg("threads") = 0,
+          "Fill each buffer from its offset of fds[i] in parallel (adjacent spans share one "
+          "preadv) and check it against its 16 bytes of digests; return [(index, 'eof' | "
+          "'digest')] for the spans cut short or not matching.");
     m.def("default_threads", &aptckpt::default_threads,
           "Default worker count: $APTCKPT_THREADS if >= 1, else the usable CPUs.");
     m.def("simd", &aptckpt::xxh3_simd,

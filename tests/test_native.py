@@ -254,6 +254,77 @@ def test_pread_past_end_of_file_is_eof_error(impl: ModuleType, rw_fd: int) -> No
         impl.pread_many(rw_fd, out, [0, 60])
 
 
+def _read_layout(tmp_path: Path, seed: int) -> tuple[list[int], list[int], list[int], bytes]:
+    """Spans over two files: runs of adjacent small spans (grouped into one preadv), large
+    spans, gaps, empty spans, spans past the end of a file; returns (fds, sizes, offsets,
+    the expected digests)."""
+    rng = np.random.default_rng(seed)
+    contents = [_random(300_000, seed=seed), _random(50_000, seed=seed + 1)]
+    fds, sizes, offsets = [], [], []
+    for which, content in enumerate(contents):
+        path = tmp_path / f"f{seed}-{which}.bin"
+        path.write_bytes(content)
+        fd = os.open(path, os.O_RDONLY)
+        position = 0
+        while position < len(content) + 100:
+            size = int(rng.choice([0, 1, 7, 100, 4096, 70_000]))
+            fds.append(fd)
+            sizes.append(size)
+            offsets.append(position)
+            position += size + int(rng.choice([0, 0, 0, 5]))  # mostly adjacent
+    digests = b"".join(
+        _pyimpl.xxh3_128(contents[0 if fd == fds[0] else 1][o : o + n])
+        for fd, n, o in zip(fds, sizes, offsets, strict=True)
+    )
+    return fds, sizes, offsets, digests
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("threads", [1, 3])
+def test_read_verify_many_reads_checks_and_names_short_and_damaged(
+    impl: ModuleType, tmp_path: Path, seed: int, threads: int
+) -> None:
+    fds, sizes, offsets, digests = _read_layout(tmp_path, seed)
+    try:
+        files = {fd: os.pread(fd, 1 << 20, 0) for fd in set(fds)}
+        expected_eof = [
+            i
+            for i, (fd, n, o) in enumerate(zip(fds, sizes, offsets, strict=True))
+            if o + n > len(files[fd])
+        ]
+        damaged = sorted({(7 * seed + 3 * k) % len(sizes) for k in range(3)} - set(expected_eof))
+        wrong = bytearray(digests)
+        for i in damaged:
+            wrong[16 * i] ^= 1
+        out = [bytearray(n) for n in sizes]
+        found = impl.read_verify_many(fds, out, offsets, bytes(wrong), threads=threads)
+        assert found == sorted(
+            [(i, "eof") for i in expected_eof] + [(i, "digest") for i in damaged]
+        )
+        for i, (fd, n, o) in enumerate(zip(fds, sizes, offsets, strict=True)):
+            if i not in expected_eof:
+                assert bytes(out[i]) == files[fd][o : o + n], i
+        unchecked = [bytearray(n) for n in sizes]
+        assert impl.read_verify_many(fds, unchecked, offsets, threads=threads) == [
+            (i, "eof") for i in expected_eof
+        ]
+    finally:
+        for fd in set(fds):
+            os.close(fd)
+
+
+def test_read_verify_many_validates_its_arguments(impl: ModuleType, rw_fd: int) -> None:
+    with pytest.raises(ValueError, match="got 2 buffers but 1 file descriptors"):
+        impl.read_verify_many([rw_fd], [bytearray(1), bytearray(1)], [0, 1])
+    with pytest.raises(ValueError, match="digests has 3 bytes; it must hold 16 per buffer"):
+        impl.read_verify_many([rw_fd], [bytearray(1)], [0], b"abc")
+    with pytest.raises(ValueError, match=r"buffers\[0\] must be writable"):
+        impl.read_verify_many([rw_fd], [b"x"], [0])
+    with pytest.raises(OSError, match="read_verify_many: buffer 1") as info:
+        impl.read_verify_many([rw_fd, -1], [bytearray(0), bytearray(2)], [0, 0])
+    assert info.value.errno == errno.EBADF
+
+
 def test_io_errors_carry_errno(impl: ModuleType, tmp_path: Path) -> None:
     with pytest.raises(OSError, match="pwrite_many: buffer 0") as info:
         impl.pwrite_many(-1, [b"abc"], [0])
@@ -341,6 +412,8 @@ def test_native_and_twin_raise_the_same_errors(rw_fd: int) -> None:
     os.pwrite(rw_fd, b"y" * 10, 0)
     calls = {
         "eof": lambda m: m.pread_many(rw_fd, [bytearray(4), bytearray(8)], [0, 5]),
+        "read-ebadf": lambda m: m.read_verify_many([rw_fd, -1], [bytearray(3)] * 2, [0, 3]),
+        "read-fds": lambda m: m.read_verify_many([rw_fd], [bytearray(3)] * 2, [0, 3]),
         "ebadf": lambda m: m.pwrite_many(-1, [b"", b"abc"], [0, 7]),
         "offsets": lambda m: m.pread_many(rw_fd, [bytearray(1)], [0, 1]),
         "chunk": lambda m: m.hash_chunks(b"a", 0),

@@ -34,6 +34,12 @@ means the library default, :func:`aptckpt._config.threads`):
 ``pread_many(fd, buffers, offsets, threads=0) -> None``
     Fills each writable buffer from its offset in parallel; a read past the end
     of the file raises ``EOFError``; other failures ``OSError``.
+``read_verify_many(fds, buffers, offsets, digests=None, threads=0) -> list[tuple[int, str]]``
+    Fills each writable buffer from its offset of ``fds[i]`` in parallel (the core reads runs
+    of spans adjacent in one file with a single ``preadv``) and, when ``digests`` (16 bytes per
+    buffer) is given, checks each buffer's XXH3-128 right after reading it. Returns
+    ``(index, "eof")`` for a buffer the end of its file cut short and ``(index, "digest")``
+    for one whose bytes do not match, in index order; other failures raise ``OSError``.
 ``default_threads() -> int`` / ``simd() -> str``
     The core's default worker count, and the instruction set its hash uses.
 """
@@ -54,6 +60,7 @@ __all__ = [
     "hash_chunks_many",
     "pread_many",
     "pwrite_many",
+    "read_verify_many",
     "shuffle",
     "simd",
     "unshuffle",
@@ -101,5 +108,6 @@ unshuffle = _impl.unshuffle
 xor = _impl.xor
 pwrite_many = _impl.pwrite_many
 pread_many = _impl.pread_many
+read_verify_many = _impl.read_verify_many
 default_threads = _impl.default_threads
 simd = _impl.simd

@@ -34,6 +34,7 @@ __all__ = [
     "hash_chunks_many",
     "pread_many",
     "pwrite_many",
+    "read_verify_many",
     "shuffle",
     "simd",
     "unshuffle",
@@ -325,6 +326,57 @@ def pread_many(
             done += n
 
     _run(read, len(views), nthreads)
+
+
+def read_verify_many(
+    fds: Iterable[int],
+    buffers: Iterable[Buffer],
+    offsets: Iterable[int],
+    digests: Buffer | None = None,
+    threads: int = 0,
+) -> list[tuple[int, str]]:
+    """Fill each writable buffer from its offset of ``fds[i]`` in parallel and check it
+    against its 16 bytes of ``digests`` (when given).
+
+    Returns ``(index, "eof")`` for each buffer the end of its file cut short and
+    ``(index, "digest")`` for each whose bytes do not match, in index order.
+
+    Raises:
+        OSError: any other read failure, with its ``errno`` (the lowest-numbered buffer's).
+    """
+    views = _views(buffers, "buffers", writable=True)
+    offs = _offsets(offsets, views)
+    descriptors = [operator.index(fd) for fd in fds]
+    if len(descriptors) != len(views):
+        raise ValueError(
+            f"got {len(views)} buffers but {len(descriptors)} file descriptors; pass one per buffer"
+        )
+    expected = None
+    if digests is not None:
+        expected = _view(digests, "digests").tobytes()
+        if len(expected) != 16 * len(views):
+            raise ValueError(
+                f"digests has {len(expected)} bytes; it must hold 16 per buffer ({16 * len(views)})"
+            )
+    nthreads = _threads(threads)
+
+    def read(i: int) -> str | None:
+        view, offset, done = views[i], offs[i], 0
+        while done < view.nbytes:
+            try:
+                n = os.preadv(descriptors[i], [view[done:]], offset + done)
+            except OSError as err:
+                code = err.errno if err.errno is not None else errno.EIO
+                raise _os_error("read_verify_many", i, view, offset, done, code) from err
+            if n == 0:
+                return "eof"
+            done += n
+        if expected is not None and xxhash.xxh3_128_digest(view) != expected[16 * i : 16 * i + 16]:
+            return "digest"
+        return None
+
+    found = _run(read, len(views), nthreads)
+    return [(i, why) for i, why in enumerate(found) if why is not None]
 
 
 # ---- introspection ----
