@@ -12,6 +12,7 @@ with aliased tensors coming back as one object.
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import time
@@ -361,7 +362,8 @@ def _device_available(device: torch.device, *, allow_meta: bool) -> bool:
     return True
 
 
-def _resolve_device(saved: str, map_location: MapLocation, key: str) -> torch.device:
+def _resolve_device(saved: str, map_location: MapLocation, key: Callable[[], str]) -> torch.device:
+    """Where a tensor saved on ``saved`` goes; ``key()`` names it in the error."""
     target: Any
     if map_location is None:
         target = saved
@@ -382,24 +384,44 @@ def _resolve_device(saved: str, map_location: MapLocation, key: str) -> torch.de
     )
     if not _device_available(device, allow_meta=chosen):
         raise DeviceUnavailableError(
-            f"tensor {key} was saved on {saved!r} and would load onto {str(device)!r}, which "
+            f"tensor {key()} was saved on {saved!r} and would load onto {str(device)!r}, which "
             "this machine lacks; pass map_location='cpu' (or a dict such as "
             "{'cuda:1': 'cuda:0'}) to load it elsewhere"
         )
     return device
 
 
+class _KeyPaths:
+    """The key paths of a manifest's tensors, computed when first needed (a message, or
+    matching ``into=`` destinations): a load that goes well never walks the skeleton twice."""
+
+    def __init__(self, manifest: mf.Manifest) -> None:
+        self._manifest = manifest
+        self._paths: list[str] | None = None
+
+    def all(self) -> list[str]:
+        if self._paths is None:
+            self._paths = tree.key_paths(self._manifest.skeleton, len(self._manifest.tensors))
+        return self._paths
+
+    def __getitem__(self, index: int) -> str:
+        return self.all()[index]
+
+
 def _restore(
-    tensor: torch.Tensor, record: mf.TensorRecord, map_location: MapLocation, key: str
+    tensor: torch.Tensor,
+    record: mf.TensorRecord,
+    device: torch.device,
+    keys: _KeyPaths,
+    index: int,
 ) -> torch.Tensor:
-    device = _resolve_device(record.device, map_location, key)
     if tensor.device != device:
         tensor = tensor.to(device)
     differentiable = tensor.is_floating_point() or tensor.is_complex()
     if record.requires_grad and not differentiable:
         raise FormatError(
-            f"tensor {key} of dtype {record.dtype} is recorded with requires_grad, which only "
-            "floating-point and complex tensors can have: the manifest is inconsistent"
+            f"tensor {keys[index]} of dtype {record.dtype} is recorded with requires_grad, "
+            "which only floating-point and complex tensors can have: the manifest is inconsistent"
         )
     if record.parameter:
         return torch.nn.Parameter(tensor, requires_grad=record.requires_grad)
@@ -481,14 +503,20 @@ def load(
         ValueError: a destination in ``into`` has another dtype or shape.
     """
     reader, manifest, impl = _open(path)
-    keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
-    targets = _destinations(into, keys, manifest) if into is not None else None
+    keys = _KeyPaths(manifest)
+    targets = _destinations(into, keys.all(), manifest) if into is not None else None
     tensors = _read_tensors(reader, manifest, impl, verify=verify, targets=targets)
     restored = []
-    for index, (t, r, k) in enumerate(zip(tensors, manifest.tensors, keys, strict=True)):
+    devices: dict[str, torch.device] = {}  # saved device -> target, resolved once each
+    for index, (t, r) in enumerate(zip(tensors, manifest.tensors, strict=True)):
         target = targets[index] if targets is not None else None
         if target is None:
-            restored.append(_restore(t, r, map_location, k))
+            device = devices.get(r.device)
+            if device is None:
+                device = devices[r.device] = _resolve_device(
+                    r.device, map_location, functools.partial(keys.__getitem__, index)
+                )
+            restored.append(_restore(t, r, device, keys, index))
             continue
         if t.data_ptr() != target.data_ptr():  # not decoded in place
             with torch.no_grad():

@@ -547,8 +547,10 @@ def decode_into(
         file = manifest.files[chunk.file].path
         return file, f"file '{file}', offset {chunk.offset}, {chunk.length} bytes"
 
+    raw_codecs = {index for index, pipeline in enumerate(pipelines) if pipeline == RAW}
+
     def stored_raw(chunk: ChunkRecord) -> RawPlace | None:
-        if pipelines[chunk.codec] != RAW:
+        if chunk.codec not in raw_codecs:
             return None
         return RawPlace(fds[chunk.file], chunk.offset, chunk.digest if verify else None)
 
