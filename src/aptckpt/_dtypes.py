@@ -96,7 +96,7 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
         return memoryview(bytearray())
     if tensor.dtype in _NUMPY_VIEWABLE:  # the fast path (a few microseconds per tensor count
         # when a state has ten thousand of them): numpy's own view, recast as bytes
-        return memoryview(tensor.detach().numpy()).cast("B")
+        return tensor.detach().numpy().data.cast("B")
     array: np.ndarray = byte_tensor(tensor).numpy()
     return array.data  # uint8, one dimension: already a flat "B" view
 

@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeAlias, overload
 
 import torch
 
-from aptckpt import _background, _dtypes, registry, tree
+from aptckpt import _background, _dtypes, _gc, registry, tree
 from aptckpt import manifest as mf
 from aptckpt._atomic import CheckpointReader, CheckpointWriter, remove_checkpoint, write_error
 from aptckpt._background import SaveHandle
@@ -243,6 +243,7 @@ class PendingSave:
     overwrite: bool
     start: float
 
+    @_gc.pausing
     def persist(self, snapshot: tree.FlatState) -> SaveInfo:
         return _write(
             snapshot,
@@ -256,6 +257,7 @@ class PendingSave:
         )
 
 
+@_gc.pausing
 def prepare_save(
     state: Any,
     path: PathLike,
@@ -470,6 +472,7 @@ def _read_tensors(
     return tensors
 
 
+@_gc.pausing
 def load(
     path: PathLike,
     *,
@@ -593,6 +596,7 @@ def inspect(path: PathLike) -> CheckpointInfo:
     )
 
 
+@_gc.pausing
 def verify(path: PathLike) -> VerifyReport:
     """Check every digest, size and structural rule of a checkpoint.
 

@@ -1,0 +1,56 @@
+"""Pausing Python's cyclic garbage collector while a save or load builds its bookkeeping.
+
+A state of ten thousand tensors makes tens of thousands of long-lived objects (records, chunk
+rows, views) in a burst; each burst of allocations triggers collections that traverse all of
+them again, which cost more than the work itself. Nothing a save or load creates forms cycles
+that must be collected before it returns, so collection is paused for its duration (the way
+``pickle`` users and msgpack's unpacker do it) and resumed after; nested and concurrent pauses
+(a background save beside a load) resume collection when the last one ends, and only if it was
+enabled before the first.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
+
+__all__ = ["paused", "pausing"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_lock = threading.Lock()
+_depth = 0
+_was_enabled = False
+
+
+@contextmanager
+def paused() -> Iterator[None]:
+    global _depth, _was_enabled
+    with _lock:
+        if _depth == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0 and _was_enabled:
+                gc.enable()
+
+
+def pausing(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorator: run ``fn`` inside :func:`paused`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with paused():
+            return fn(*args, **kwargs)
+
+    return wrapper

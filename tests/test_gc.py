@@ -1,0 +1,67 @@
+"""_gc.paused: collection is off inside, back on after the last of nested or concurrent
+pauses, and left off when the caller had turned it off."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+import torch
+
+import aptckpt
+from aptckpt import _gc
+
+
+@pytest.fixture(autouse=True)
+def _restore_gc():
+    was = gc.isenabled()
+    yield
+    (gc.enable if was else gc.disable)()
+
+
+def test_nested_pauses_resume_at_the_last():
+    gc.enable()
+    with _gc.paused():
+        assert not gc.isenabled()
+        with _gc.paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+
+def test_a_disabled_collector_stays_disabled():
+    gc.disable()
+    with _gc.paused():
+        pass
+    assert not gc.isenabled()
+
+
+def test_concurrent_pauses_resume_when_both_end():
+    gc.enable()
+    inside, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with _gc.paused():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    inside.wait(10)
+    with _gc.paused():
+        pass
+    assert not gc.isenabled()  # the other thread's pause is still going
+    release.set()
+    thread.join()
+    assert gc.isenabled()
+
+
+def test_save_and_load_resume_collection_even_when_they_fail(tmp_path):
+    gc.enable()
+    aptckpt.save({"w": torch.ones(3)}, tmp_path / "c")
+    assert torch.equal(aptckpt.load(tmp_path / "c")["w"], torch.ones(3))
+    assert gc.isenabled()
+    with pytest.raises(aptckpt.CheckpointNotFoundError):
+        aptckpt.load(tmp_path / "missing")
+    assert gc.isenabled()
