@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,39 @@ class RawIO:
         finally:
             os.close(fd)
 
+    def read_fresh(self, path: Path, threads: int = 2) -> np.ndarray:
+        """read(2) through the page cache into freshly allocated memory, on ``threads`` threads
+        (the limit for any loader that returns new tensors: the kernel zeroes and maps every
+        page on first touch, which here costs more than the copy). Returns the buffer."""
+        out = np.empty(self.nbytes, dtype=np.uint8)
+        view = memoryview(out)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+
+            def part(k: int) -> None:
+                for pos in range(k * CHUNK, self.nbytes, threads * CHUNK):
+                    piece = view[pos : pos + CHUNK]
+                    done = 0
+                    while done < len(piece):
+                        n = os.preadv(fd, [piece[done:]], pos + done)
+                        if n == 0:
+                            raise OSError(f"{path}: short read at {pos + done}")
+                        done += n
+
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(part, range(threads)))
+        finally:
+            os.close(fd)
+        return out
+
+    def check_fresh(self, out: np.ndarray) -> None:
+        """Raise unless ``out`` (from :meth:`read_fresh`) holds exactly the tensors' bytes."""
+        pos = 0
+        for i, v in enumerate(self.views):
+            if not np.array_equal(out[pos : pos + v.size], v):
+                raise AssertionError(f"fresh read differs from tensor #{i} at byte offset {pos}")
+            pos += v.size
+
     def memcpy(self) -> None:
         """Copy every tensor's bytes into the pre-touched buffer (numpy, one thread)."""
         pos = 0
@@ -237,6 +271,16 @@ class RawIO:
     def clear_buffer(self) -> None:
         """Overwrite the buffer so that a later check proves the next read really happened."""
         self._big_np[: self.nbytes] = 0
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``), so that the next
+    allocation faults fresh pages as in a new process, instead of reusing the last repetition's
+    freed ones (which would make every loader after the first look free of page faults)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _cpu_model() -> str:

@@ -9,9 +9,16 @@ Rows: fp32 states of 0.1, 1 and 4 GB in 100 tensors, and 0.1 GB in 10, 1,000 and
 Contenders per row (interleaved round-robin, median of ``--reps``):
 
 * save: aptckpt ``zstd`` ``codec="none"`` (sync, fsynced), aptckpt ``zstd`` level 1,
-  ``torch.save`` + fsync, and the limit: raw buffered write of the same bytes + fsync;
+  ``torch.save`` + fsync, and the limits: raw write of the same bytes + fsync, buffered and
+  ``O_DIRECT`` (from a reused aligned buffer);
 * load, warm page cache: aptckpt (verified), aptckpt ``into=`` pre-allocated tensors,
-  ``torch.load(weights_only=True)``, and the limit: raw read into a touched buffer.
+  ``torch.load(weights_only=True)``, and the limits: raw read into fresh memory (what any
+  loader returning new tensors must do; compared with aptckpt's load) and into a touched
+  buffer (compared with ``into=``).
+
+Before every timed load the C heap's free pages are given back to the OS
+(``_sysutil.trim_heap``), so each loader allocates fresh memory as a resume in a new process
+does, rather than the pages the previous repetition freed.
 
 Usage::
 
@@ -76,12 +83,14 @@ def run_row(gb: float, count: int, reps: int, work: Path) -> dict[str, list[floa
 
     saves: dict[str, Callable[[], None]] = {
         "save: raw write + fsync (limit)": lambda: raw.write_buffered(work / "raw.bin"),
+        "save: raw O_DIRECT write + fsync (limit)": lambda: raw.write_direct(work / "raw.bin"),
         "save: aptckpt zstd codec=none": apt_save(codec="none"),
         "save: aptckpt zstd level 1": apt_save(),
         "save: torch.save + fsync": torch_save,
     }
     loads: dict[str, Callable[[], Any]] = {
         "load: raw read, warm (limit)": lambda: raw.read_buffered(work / "raw.bin"),
+        "load: raw read into fresh memory, warm (limit)": lambda: raw.read_fresh(work / "raw.bin"),
         "load: aptckpt codec=none, verified": lambda: aptckpt.load(work / "apt-none"),
         "load: aptckpt codec=none, into=": lambda: aptckpt.load(work / "apt-none", into=templates),
         "load: torch.load": lambda: torch.load(work / "torch.pt", weights_only=True),
@@ -101,6 +110,7 @@ def run_row(gb: float, count: int, reps: int, work: Path) -> dict[str, list[floa
             _sysutil.prewarm(work / ("raw.bin" if "raw" in name else "apt-none"))
             _sysutil.prewarm(work / "torch.pt")
             gc.collect()
+            _sysutil.trim_heap()
             start = time.perf_counter()
             result = loads[name]()
             elapsed = time.perf_counter() - start
@@ -132,14 +142,14 @@ def main(argv: list[str] | None = None) -> None:
     header = [
         "state",
         "tensors",
-        "raw write+fsync s",
-        "codec=none s (% of raw)",
+        "raw write+fsync s: buffered / O_DIRECT",
+        "codec=none s (% of buffered / O_DIRECT)",
         "zstd-1 s",
         "torch.save+fsync s",
         "none vs torch.save",
-        "raw read s",
-        "load s (% of raw)",
-        "load into= s",
+        "raw read s: fresh / touched",
+        "load s (% of fresh read)",
+        "load into= s (% of touched read)",
         "torch.load s",
         "load vs torch.load",
     ]
@@ -147,19 +157,22 @@ def main(argv: list[str] | None = None) -> None:
     for gb, count, t in results:
         med = {k: _stats.median(v) for k, v in t.items()}
         raw_w, none = med["save: raw write + fsync (limit)"], med["save: aptckpt zstd codec=none"]
+        raw_d = med["save: raw O_DIRECT write + fsync (limit)"]
         raw_r, load = med["load: raw read, warm (limit)"], med["load: aptckpt codec=none, verified"]
+        raw_f = med["load: raw read into fresh memory, warm (limit)"]
+        into = med["load: aptckpt codec=none, into="]
         rows.append(
             [
                 f"{gb:g} GB",
                 f"{count:,}",
-                f"{raw_w:.3f}",
-                f"{none:.3f} ({100 * raw_w / none:.0f}%)",
+                f"{raw_w:.3f} / {raw_d:.3f}",
+                f"{none:.3f} ({100 * raw_w / none:.0f}% / {100 * raw_d / none:.0f}%)",
                 f"{med['save: aptckpt zstd level 1']:.3f}",
                 f"{med['save: torch.save + fsync']:.3f}",
                 f"{med['save: torch.save + fsync'] / none:.2f}x",
-                f"{raw_r:.3f}",
-                f"{load:.3f} ({100 * raw_r / load:.0f}%)",
-                f"{med['load: aptckpt codec=none, into=']:.3f}",
+                f"{raw_f:.3f} / {raw_r:.3f}",
+                f"{load:.3f} ({100 * raw_f / load:.0f}%)",
+                f"{into:.3f} ({100 * raw_r / into:.0f}%)",
                 f"{med['load: torch.load']:.3f}",
                 f"{med['load: torch.load'] / load:.2f}x",
             ]
