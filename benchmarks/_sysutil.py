@@ -277,10 +277,8 @@ def trim_heap() -> None:
     """Give the C heap's free pages back to the OS (glibc ``malloc_trim``), so that the next
     allocation faults fresh pages as in a new process, instead of reusing the last repetition's
     freed ones (which would make every loader after the first look free of page faults)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def _cpu_model() -> str:

@@ -445,8 +445,11 @@ def _read_tensors(
     *,
     verify: bool,
     targets: list[torch.Tensor | None] | None = None,
+    mapped: bool = False,
 ) -> list[torch.Tensor]:
-    if targets is None:
+    if mapped:
+        tensors = impl.read_mapped(reader, manifest, verify=verify)
+    elif targets is None:
         tensors = impl.read(reader, manifest, verify=verify)
     else:  # contiguous CPU destinations are decoded into directly
         direct = [
@@ -479,6 +482,7 @@ def load(
     map_location: MapLocation = None,
     verify: bool = True,
     into: Any = None,
+    mmap: bool = False,
 ) -> Any:
     """Load the state saved at ``path``, bit for bit.
 
@@ -497,6 +501,14 @@ def load(
             (no second copy), copied otherwise -- and the returned state holds the
             destination object itself. If the load fails part-way (damage),
             destinations may hold partial data.
+        mmap: return tensors stored uncompressed (``zstd`` with ``codec="none"``,
+            and incompressible chunks) as copy-on-write memory maps of the
+            checkpoint's files instead of reading them: nothing is copied or
+            allocated up front, pages are shared with the page cache until written.
+            ``verify`` still hashes every mapped byte before returning. As with
+            ``torch.load(mmap=True)``, the files must not be truncated or rewritten
+            while the tensors live (aptckpt never does; deleting the checkpoint is
+            safe). Tensors mapped to another device are copied there. Not with ``into``.
 
     Raises:
         CheckpointNotFoundError: ``path`` is not a committed checkpoint.
@@ -505,10 +517,12 @@ def load(
         DeviceUnavailableError: a saved device is missing; pass ``map_location``.
         ValueError: a destination in ``into`` has another dtype or shape.
     """
+    if mmap and into is not None:
+        raise ValueError("load() takes mmap=True or into=, not both: into= already reuses memory")
     reader, manifest, impl = _open(path)
     keys = _KeyPaths(manifest)
     targets = _destinations(into, keys.all(), manifest) if into is not None else None
-    tensors = _read_tensors(reader, manifest, impl, verify=verify, targets=targets)
+    tensors = _read_tensors(reader, manifest, impl, verify=verify, targets=targets, mapped=mmap)
     restored = []
     devices: dict[str, torch.device] = {}  # saved device -> target, resolved once each
     for index, (t, r) in enumerate(zip(tensors, manifest.tensors, strict=True)):

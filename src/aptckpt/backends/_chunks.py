@@ -41,12 +41,15 @@ if TYPE_CHECKING:
     from aptckpt._atomic import CheckpointReader
 
 __all__ = [
+    "DIGEST_MISMATCH",
     "ChunkRecord",
     "RawPlace",
     "check_chunk_size",
     "check_common_options",
     "chunk_count",
+    "chunk_damage",
     "chunk_spans",
+    "combined",
     "decode_into",
     "file_problem",
     "fill_tensors",
@@ -263,6 +266,7 @@ def fill_tensors(
     where: str,
     into: Sequence[torch.Tensor | None] | None = None,
     stored_raw: Callable[[C], RawPlace | None] | None = None,
+    skip: frozenset[int] = frozenset(),
 ) -> list[torch.Tensor]:
     """Fill fresh tensors (or ``into``'s, see :func:`new_tensors`) chunk by chunk, in
     parallel, collecting every damaged chunk.
@@ -275,12 +279,15 @@ def fill_tensors(
     ``stored_raw(chunk)``, when given, says where a chunk stored as its raw bytes
     lies (:class:`RawPlace`); all such chunks are read straight into their
     destinations, and checked, by one call into the core (:func:`_read_raw`)
-    instead of one ``decode`` each.
+    instead of one ``decode`` each. Tensors whose index is in ``skip`` are taken
+    from ``into`` as they are (already filled: memory-mapped).
     """
     outs = new_tensors(manifest, into)
     slots = []
     raw_slots = []
     for t_index, (out, chunks) in enumerate(zip(outs, table, strict=True)):
+        if t_index in skip:
+            continue
         view = _dtypes.byte_view(out)
         for c_index, ((start, stop), chunk) in enumerate(
             zip(chunk_spans(len(view), chunk_size), chunks, strict=True)
@@ -300,7 +307,7 @@ def fill_tensors(
             except (IntegrityError, EOFError) as err:
                 file, detail = locate(slot.chunk)
                 found.append(
-                    _chunk_damage(where, slot.tensor, f"chunk {slot.index}", detail, file, err)
+                    chunk_damage(where, slot.tensor, f"chunk {slot.index}", detail, file, err)
                 )
         return found
 
@@ -315,7 +322,7 @@ def fill_tensors(
     ]
     if problems:
         problems.sort(key=lambda p: int(p.tensor or 0))
-        raise _combined(problems, manifest, where)
+        raise combined(problems, manifest, where)
     return outs
 
 
@@ -329,10 +336,10 @@ class RawPlace:
     digest: bytes | None
 
 
-_RAW_DAMAGE = {
-    "eof": "the file ends before the chunk does",
-    "digest": "digest mismatch: the stored bytes changed after saving",
-}
+#: Why a chunk whose bytes differ from its digest is refused.
+DIGEST_MISMATCH = "digest mismatch: the stored bytes changed after saving"
+
+_RAW_DAMAGE = {"eof": "the file ends before the chunk does", "digest": DIGEST_MISMATCH}
 
 
 def _read_raw(
@@ -360,7 +367,7 @@ def _read_raw(
         slot = raw_slots[index][0]
         file, detail = locate(slot.chunk)
         problems.append(
-            _chunk_damage(where, slot.tensor, f"chunk {slot.index}", detail, file, _RAW_DAMAGE[why])
+            chunk_damage(where, slot.tensor, f"chunk {slot.index}", detail, file, _RAW_DAMAGE[why])
         )
     return problems
 
@@ -422,14 +429,14 @@ def refuse_unreadable(
             else f"{len(indexes)} chunks ({indexes[0]} to {indexes[-1]})"
         )
         detail = details[t_index, file, why] if len(indexes) == 1 else f"'{file}'"
-        problems.append(_chunk_damage(where, t_index, which, detail, file, why))
-    raise _combined(problems, manifest, where)
+        problems.append(chunk_damage(where, t_index, which, detail, file, why))
+    raise combined(problems, manifest, where)
 
 
-def _chunk_damage(
+def chunk_damage(
     where: str, tensor: int, which: str, detail: str, file: str, why: object
 ) -> IntegrityError:
-    # The tensor is named by index here; _combined() puts in its key path, which is
+    # The tensor is named by index here; combined() puts in its key path, which is
     # computed only when something is damaged.
     return IntegrityError(
         f"checkpoint '{where}' is damaged: tensor #{tensor}, {which} ({detail}): {why}",
@@ -439,7 +446,7 @@ def _chunk_damage(
     )
 
 
-def _combined(problems: list[IntegrityError], manifest: Manifest, where: str) -> IntegrityError:
+def combined(problems: list[IntegrityError], manifest: Manifest, where: str) -> IntegrityError:
     keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
     named = [_named(p, keys) for p in problems]
     first = named[0]
@@ -526,9 +533,10 @@ def decode_into(
     threads: int,
     where: str,
     into: Sequence[torch.Tensor | None] | None = None,
+    skip: frozenset[int] = frozenset(),
 ) -> list[torch.Tensor]:
     """Read, decode and (optionally) verify chunks of shard files into fresh tensors
-    (or into ``into``'s)."""
+    (or into ``into``'s; those in ``skip`` are left as they are)."""
 
     def decode(chunk: ChunkRecord, out: memoryview) -> None:
         pipeline = pipelines[chunk.codec]
@@ -564,6 +572,7 @@ def decode_into(
         where=where,
         into=into,
         stored_raw=stored_raw,
+        skip=skip,
     )
 
 

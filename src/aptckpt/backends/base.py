@@ -132,6 +132,14 @@ class Backend(ABC):
         tensors = self.read(reader, manifest, verify=verify)
         return [t if d is None else d.copy_(t) for t, d in zip(tensors, into, strict=True)]
 
+    def read_mapped(
+        self, reader: CheckpointReader, manifest: Manifest, *, verify: bool = True
+    ) -> list[torch.Tensor]:
+        """Like :meth:`read`, but tensors stored as their raw bytes may be returned as
+        copy-on-write memory maps of the checkpoint's files instead of copies (``load(...,
+        mmap=True)``). Backends that store nothing mappable keep this default: :meth:`read`."""
+        return self.read(reader, manifest, verify=verify)
+
     def describe(self, manifest: Manifest) -> list[TensorLayout]:
         """How each tensor is stored, from the manifest alone (no data read)."""
         return [TensorLayout(None, (), 0) for _ in manifest.tensors]

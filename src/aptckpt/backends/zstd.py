@@ -36,7 +36,7 @@ import torch
 from aptckpt import _accel, _config, _dtypes
 from aptckpt._atomic import CheckpointReader, CheckpointWriter
 from aptckpt._directio import DirectWriter
-from aptckpt.backends import _chunks
+from aptckpt.backends import _chunks, _mapped
 from aptckpt.backends.base import Backend, BackendOptions, TensorLayout
 from aptckpt.codecs import RAW, Pipeline
 from aptckpt.errors import BackendError, FormatError, IntegrityError
@@ -247,6 +247,44 @@ class ZstdBackend(Backend):
                 threads=self._threads,
                 where=where,
                 into=into,
+            )
+        finally:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+
+    def read_mapped(
+        self, reader: CheckpointReader, manifest: Manifest, *, verify: bool = True
+    ) -> list[torch.Tensor]:
+        """Raw tensors as copy-on-write maps of the shard files (``_mapped``), the others
+        decoded as :meth:`read` does."""
+        where = str(reader.root)
+        chunk_size, pipelines, table = self._parse(manifest, where)
+        fds, failed = _chunks.open_data_files(reader, manifest.files)
+        try:
+            if failed:
+                self._refuse(manifest, table, failed, where)
+            mapped = _mapped.map_raw_tensors(
+                manifest,
+                table,
+                pipelines,
+                chunk_size,
+                fds,
+                verify=verify,
+                threads=self._threads,
+                where=where,
+            )
+            return _chunks.decode_into(
+                manifest,
+                table,
+                pipelines,
+                chunk_size,
+                fds,
+                verify=verify,
+                threads=self._threads,
+                where=where,
+                into=[mapped.get(i) for i in range(len(manifest.tensors))],
+                skip=frozenset(mapped),
             )
         finally:
             for fd in fds:
