@@ -327,9 +327,9 @@ def apt_saver(aptckpt: Any, backend: str, opts: dict[str, Any]) -> Callable[[Any
     return save
 
 
-def apt_loader(aptckpt: Any, verify: bool) -> Callable[[Path, Any], Any]:
+def apt_loader(aptckpt: Any, verify: bool, mmap: bool = False) -> Callable[[Path, Any], Any]:
     def load(path: Path, ref: Any) -> Any:
-        return touch(aptckpt.load(path) if verify else aptckpt.load(path, verify=False))
+        return touch(aptckpt.load(path, verify=verify, mmap=mmap))
 
     return load
 
@@ -379,6 +379,8 @@ def contenders(raw: _sysutil.RawIO, aptckpt: Any, apt_status: dict[str, str]) ->
             Loader(f"aptckpt.load ({label})", apt_loader(aptckpt, True), check_nested),
             Loader(f"aptckpt.load verify=False ({label})", apt_loader(aptckpt, False),
                    check_nested),
+            *([Loader(f"aptckpt.load mmap=True ({label})", apt_loader(aptckpt, True, True),
+                      check_nested)] if opts.get("codec") == "none" else []),
         )))  # fmt: skip
     return out
 

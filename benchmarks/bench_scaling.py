@@ -12,9 +12,10 @@ Contenders per row (interleaved round-robin, median of ``--reps``):
   ``torch.save`` + fsync, and the limits: raw write of the same bytes + fsync, buffered and
   ``O_DIRECT`` (from a reused aligned buffer);
 * load, warm page cache: aptckpt (verified), aptckpt ``into=`` pre-allocated tensors,
-  ``torch.load(weights_only=True)``, and the limits: raw read into fresh memory (what any
-  loader returning new tensors must do; compared with aptckpt's load) and into a touched
-  buffer (compared with ``into=``).
+  aptckpt ``mmap=True`` (verified: every byte hashed), ``torch.load(weights_only=True)`` with
+  and without ``mmap=True`` (lazy: no byte is read until used), and the limits: raw read into
+  fresh memory (what any loader returning new tensors must do; compared with aptckpt's load)
+  and into a touched buffer (compared with ``into=``).
 
 Before every timed load the C heap's free pages are given back to the OS
 (``_sysutil.trim_heap``), so each loader allocates fresh memory as a resume in a new process
@@ -93,7 +94,11 @@ def run_row(gb: float, count: int, reps: int, work: Path) -> dict[str, list[floa
         "load: raw read into fresh memory, warm (limit)": lambda: raw.read_fresh(work / "raw.bin"),
         "load: aptckpt codec=none, verified": lambda: aptckpt.load(work / "apt-none"),
         "load: aptckpt codec=none, into=": lambda: aptckpt.load(work / "apt-none", into=templates),
+        "load: aptckpt codec=none, mmap=True": lambda: aptckpt.load(work / "apt-none", mmap=True),
         "load: torch.load": lambda: torch.load(work / "torch.pt", weights_only=True),
+        "load: torch.load mmap=True": lambda: torch.load(
+            work / "torch.pt", weights_only=True, mmap=True
+        ),
     }
     times: dict[str, list[float]] = {name: [] for name in [*saves, *loads]}
     for rep in range(reps):
@@ -152,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
         "load into= s (% of touched read)",
         "torch.load s",
         "load vs torch.load",
+        "mmap=True s (verified)",
+        "mmap vs torch.load",
+        "torch.load mmap=True s (lazy, unverified)",
     ]
     rows = []
     for gb, count, t in results:
@@ -161,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         raw_r, load = med["load: raw read, warm (limit)"], med["load: aptckpt codec=none, verified"]
         raw_f = med["load: raw read into fresh memory, warm (limit)"]
         into = med["load: aptckpt codec=none, into="]
+        mapped = med["load: aptckpt codec=none, mmap=True"]
         rows.append(
             [
                 f"{gb:g} GB",
@@ -175,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"{into:.3f} ({100 * raw_r / into:.0f}%)",
                 f"{med['load: torch.load']:.3f}",
                 f"{med['load: torch.load'] / load:.2f}x",
+                f"{mapped:.3f}",
+                f"{med['load: torch.load'] / mapped:.1f}x",
+                f"{med['load: torch.load mmap=True']:.3f}",
             ]
         )
     report = "\n".join(

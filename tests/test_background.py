@@ -65,13 +65,13 @@ def test_one_in_flight_and_staging_buffers_are_reused(tmp_path):
     state = {"a": torch.randn(1000, 100), "b": torch.randn(10)}
     first = aptckpt.save(state, tmp_path / "s0", blocking=False)
     staging = _background._get()._staging
-    pointers = [b.data_ptr() for b in staging._buffers]
+    pointers = [b.data_ptr() for b in staging.buffers()]
     second = aptckpt.save(state, tmp_path / "s1", blocking=False)
     assert first.done()  # the second save waited for the first before copying
-    assert [b.data_ptr() for b in staging._buffers] == pointers  # same shapes: same buffers
+    assert [b.data_ptr() for b in staging.buffers()] == pointers  # same shapes: same buffers
     second.wait()
     aptckpt.save({"a": torch.randn(5)}, tmp_path / "s2", blocking=False).wait()
-    assert len(staging._buffers) == 1  # bounded: one copy of the state saved last
+    assert len(staging.buffers()) == 1  # bounded: one copy of the state saved last
     assert_state_equal(state, aptckpt.load(tmp_path / "s1"))
 
 
@@ -205,7 +205,7 @@ def test_cuda_tensors_are_staged_in_pinned_memory(tmp_path):
     handle = aptckpt.save(state, tmp_path / "c", blocking=False)
     state["w"].add_(1)  # enqueued after the copies on the same stream
     handle.wait()
-    assert all(b.is_pinned() for b in _background._get()._staging._buffers)
+    assert all(b.is_pinned() for b in _background._get()._staging.buffers())
     loaded = aptckpt.load(tmp_path / "c", map_location="cpu")
     assert_state_equal(expected, loaded)
     assert aptckpt.inspect(tmp_path / "c").tensors[0].device.startswith("cuda")

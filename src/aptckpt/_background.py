@@ -25,7 +25,6 @@ Rules:
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import logging
 import os
 import threading
@@ -91,47 +90,49 @@ class _Staging:
     """Host buffers a state is copied into, reused while dtypes and shapes repeat."""
 
     def __init__(self) -> None:
-        self._buffers: list[torch.Tensor] = []
+        # Per slot: the buffer, its flat byte view (the copy's destination) and whether it
+        # is pinned -- kept so that a save of thousands of tensors pays no per-tensor
+        # view or is_pinned() call once the buffers exist.
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
 
-    def _buffer(self, index: int, source: torch.Tensor) -> torch.Tensor:
+    def buffers(self) -> list[torch.Tensor]:
+        """The staging buffers, one per tensor of the state copied last."""
+        return [buf for buf, _, _ in self._buffers]
+
+    def _buffer(self, index: int, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pinned = source.device.type == "cuda"
         if index < len(self._buffers):
-            buf = self._buffers[index]
-            if (
-                buf.dtype == source.dtype
-                and buf.shape == source.shape
-                and buf.is_pinned() == pinned
-            ):
-                return buf
+            buf, view, was_pinned = self._buffers[index]
+            if buf.dtype == source.dtype and buf.shape == source.shape and was_pinned == pinned:
+                return buf, view
         buf = torch.empty(source.shape, dtype=source.dtype, pin_memory=pinned)
+        slot = (buf, _dtypes.byte_tensor(buf), pinned)
         if index < len(self._buffers):
-            self._buffers[index] = buf
+            self._buffers[index] = slot
         else:
-            self._buffers.append(buf)
-        return buf
+            self._buffers.append(slot)
+        return buf, slot[1]
 
     def snapshot(self, flat: tree.FlatState) -> tuple[tree.FlatState, torch.cuda.Event | None]:
         """Copy every tensor of ``flat`` into the staging buffers; return the state
         over those copies and, if CUDA copies were enqueued, an event marking their end."""
         del self._buffers[len(flat.tensors) :]
-        fast_src: list[torch.Tensor] = []
-        fast_dst: list[torch.Tensor] = []
-        cuda = False
+        by_device: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         leaves = []
+        cuda = False
         for index, leaf in enumerate(flat.tensors):
             source = leaf.tensor.detach()
-            buf = self._buffer(index, source)
-            cuda = cuda or source.device.type == "cuda"
-            if _dtypes.holds_its_values(source):
-                fast_src.append(_dtypes.byte_tensor(source))  # any dtype: copied as bytes
-                fast_dst.append(_dtypes.byte_tensor(buf))
+            buf, buf_bytes = self._buffer(index, source)
+            cuda = cuda or source.is_cuda
+            if _dtypes.holds_its_values(source):  # any dtype: copied as bytes, batched
+                dst, src = by_device.setdefault(source.device, ([], []))
+                dst.append(buf_bytes)
+                src.append(_dtypes.byte_tensor(source))
             else:  # strided, conjugate or negative views: resolved, then copied
                 resolved = source.resolve_conj().resolve_neg().contiguous()
-                _dtypes.byte_tensor(buf).copy_(_dtypes.byte_tensor(resolved))
-            leaves.append(dataclasses.replace(leaf, tensor=buf))
-        for device in {t.device for t in fast_src}:
-            pairs = [(d, s) for d, s in zip(fast_dst, fast_src, strict=True) if s.device == device]
-            dst, src = [d for d, _ in pairs], [s for _, s in pairs]
+                buf_bytes.copy_(_dtypes.byte_tensor(resolved))
+            leaves.append(tree.TensorLeaf(buf, leaf.key_path, leaf.is_parameter))
+        for device, (dst, src) in by_device.items():
             torch._foreach_copy_(dst, src, non_blocking=device.type == "cuda")
         event = None
         if cuda:

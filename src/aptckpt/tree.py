@@ -134,6 +134,20 @@ def _check_tensor(t: torch.Tensor, path: str) -> None:
         raise _refuse(t, path, "named tensors are not supported; call .rename(None) first")
 
 
+def _is_plain_scalar(value: Any) -> bool:
+    """True for a value :meth:`_Flattener.node` would return unchanged (an exact str, float,
+    bool, None or small int): the fast path for long lists of losses and metrics, which
+    skips building a key path per element."""
+    kind = type(value)
+    return (
+        kind is float
+        or kind is str
+        or value is None
+        or kind is bool
+        or (kind is int and _INT_MIN <= value <= _INT_MAX)
+    )
+
+
 class _Flattener:
     def __init__(self) -> None:
         self.leaves: list[TensorLeaf] = []
@@ -206,8 +220,12 @@ class _Flattener:
             if isinstance(obj, dict):
                 items: list[Any] = []
                 for key, value in obj.items():
-                    items.append(self.key(key, path))
-                    items.append(self.node(value, child_path(path, key), depth + 1))
+                    items.append(key if type(key) is str else self.key(key, path))
+                    items.append(
+                        value
+                        if _is_plain_scalar(value)
+                        else self.node(value, child_path(path, key), depth + 1)
+                    )
                 if type(obj) is dict:
                     return ["dict", items]
                 meta = getattr(obj, "_metadata", None)
@@ -216,7 +234,13 @@ class _Flattener:
                 )
                 return ["odict", items, meta_node]
             tag = "list" if type(obj) is list else "tuple"
-            return [tag, [self.node(v, child_path(path, i), depth + 1) for i, v in enumerate(obj)]]
+            return [
+                tag,
+                [
+                    v if _is_plain_scalar(v) else self.node(v, child_path(path, i), depth + 1)
+                    for i, v in enumerate(obj)
+                ],
+            ]
         finally:
             self._active.discard(id(obj))
 
