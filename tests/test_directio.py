@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,16 +18,6 @@ from aptckpt import _accel, _directio
 from aptckpt._directio import BLOCK_SIZE, DirectWriter
 
 SMALL = 4 * BLOCK_SIZE  # a small bounce buffer so that examples cross many buffer boundaries
-
-
-def _direct_supported(where: Path) -> bool:
-    try:
-        fd = os.open(where / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
-    except OSError:
-        return False
-    os.close(fd)
-    os.unlink(where / "probe")
-    return True
 
 
 def _is_direct(fd: int) -> bool:
@@ -63,7 +52,7 @@ def test_write_many_takes_any_buffers(tmp_path, direct):
 
 
 def test_direct_io_is_used_where_the_file_system_takes_it(tmp_path):
-    if not _direct_supported(tmp_path):
+    if not _directio.supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
     with DirectWriter(tmp_path / "f", direct=True) as f:
         assert f.direct and _is_direct(f.fd)
@@ -95,7 +84,7 @@ def test_refused_at_open_falls_back_to_buffered(tmp_path, monkeypatch):
 
 
 def test_refused_at_a_write_goes_on_buffered(tmp_path, monkeypatch):
-    if not _direct_supported(tmp_path):
+    if not _directio.supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
     real_pwrite = os.pwrite
     refused = []
@@ -174,3 +163,11 @@ def test_digests_need_a_closed_writer(tmp_path):
         f.digests()
     f.close()
     assert f.digests() == b""
+
+
+def test_supported_probes_without_leaving_a_file(tmp_path):
+    expected = _directio.supported(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    with DirectWriter(tmp_path / "f", direct=True) as f:
+        assert f.direct == expected
+    assert not _directio.supported(tmp_path / "missing")

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import aptckpt
-from aptckpt import _accel, _atomic
+from aptckpt import _accel, _atomic, _directio
 from aptckpt.backends import torch as torch_backend
 from aptckpt.errors import WriteError
 from aptckpt.manager import CheckpointManager
@@ -153,16 +153,6 @@ def injected(monkeypatch: pytest.MonkeyPatch, faults: Faults) -> Iterator[Faults
         monkeypatch.undo()
 
 
-def _directio_works(where: Path) -> bool:
-    try:
-        fd = os.open(where / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
-    except OSError:
-        return False
-    os.close(fd)
-    os.unlink(where / "probe")
-    return True
-
-
 def check_message(err: WriteError, code: int) -> None:
     """The error says what failed and what to do about it."""
     message = str(err)
@@ -272,7 +262,7 @@ def test_every_storage_call_of_a_save_can_fail(tmp_path, monkeypatch, case):
     assert {"open", "fsync", "rename"} <= set(ops)
     if case == "zstd-raw-buffered":
         assert "pwrite_many" in ops
-    if direct and backend != "delta" and _directio_works(tmp_path):
+    if direct and backend != "delta" and _directio.supported(tmp_path):
         assert {"pwrite", "ftruncate"} <= set(ops)
 
 

@@ -37,7 +37,7 @@ import xxhash
 
 from aptckpt import _accel, _config
 
-__all__ = ["BLOCK_SIZE", "BUFFER_SIZE", "DirectWriter"]
+__all__ = ["BLOCK_SIZE", "BUFFER_SIZE", "DirectWriter", "supported"]
 
 #: Alignment of every direct write's address, offset and length (the largest logical block
 #: size in common use; a multiple of every smaller one).
@@ -51,6 +51,23 @@ _POOL_LIMIT = 2 * (_IN_FLIGHT + 1)
 
 _pool: list[mmap.mmap] = []
 _pool_lock = threading.Lock()
+
+
+def supported(directory: str | os.PathLike[str]) -> bool:
+    """Whether the file system holding ``directory`` accepts ``O_DIRECT`` at open (a probe
+    file is created and removed)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe = Path(directory) / f".aptckpt-direct-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    os.close(fd)
+    return True
 
 
 def _take_buffer(size: int) -> mmap.mmap:

@@ -231,12 +231,43 @@ class ZstdBackend(Backend):
         *,
         verify: bool = True,
     ) -> list[torch.Tensor]:
+        return self._decode(reader, manifest, verify=verify, into=into)
+
+    def read_mapped(
+        self, reader: CheckpointReader, manifest: Manifest, *, verify: bool = True
+    ) -> list[torch.Tensor]:
+        """Raw tensors as copy-on-write maps of the shard files (``_mapped``), the others
+        decoded as :meth:`read` does."""
+        return self._decode(reader, manifest, verify=verify, mapped=True)
+
+    def _decode(
+        self,
+        reader: CheckpointReader,
+        manifest: Manifest,
+        *,
+        verify: bool,
+        into: Sequence[torch.Tensor | None] | None = None,
+        mapped: bool = False,
+    ) -> list[torch.Tensor]:
         where = str(reader.root)
         chunk_size, pipelines, table = self._parse(manifest, where)
         fds, failed = _chunks.open_data_files(reader, manifest.files)
         try:
             if failed:
                 self._refuse(manifest, table, failed, where)
+            maps: dict[int, torch.Tensor] = {}
+            if mapped:
+                maps = _mapped.map_raw_tensors(
+                    manifest,
+                    table,
+                    pipelines,
+                    chunk_size,
+                    fds,
+                    verify=verify,
+                    threads=self._threads,
+                    where=where,
+                )
+                into = [maps.get(i) for i in range(len(manifest.tensors))]
             return _chunks.decode_into(
                 manifest,
                 table,
@@ -247,44 +278,7 @@ class ZstdBackend(Backend):
                 threads=self._threads,
                 where=where,
                 into=into,
-            )
-        finally:
-            for fd in fds:
-                if fd >= 0:
-                    os.close(fd)
-
-    def read_mapped(
-        self, reader: CheckpointReader, manifest: Manifest, *, verify: bool = True
-    ) -> list[torch.Tensor]:
-        """Raw tensors as copy-on-write maps of the shard files (``_mapped``), the others
-        decoded as :meth:`read` does."""
-        where = str(reader.root)
-        chunk_size, pipelines, table = self._parse(manifest, where)
-        fds, failed = _chunks.open_data_files(reader, manifest.files)
-        try:
-            if failed:
-                self._refuse(manifest, table, failed, where)
-            mapped = _mapped.map_raw_tensors(
-                manifest,
-                table,
-                pipelines,
-                chunk_size,
-                fds,
-                verify=verify,
-                threads=self._threads,
-                where=where,
-            )
-            return _chunks.decode_into(
-                manifest,
-                table,
-                pipelines,
-                chunk_size,
-                fds,
-                verify=verify,
-                threads=self._threads,
-                where=where,
-                into=[mapped.get(i) for i in range(len(manifest.tensors))],
-                skip=frozenset(mapped),
+                skip=frozenset(maps),
             )
         finally:
             for fd in fds:
