@@ -65,3 +65,26 @@ def test_save_and_load_resume_collection_even_when_they_fail(tmp_path):
     with pytest.raises(aptckpt.CheckpointNotFoundError):
         aptckpt.load(tmp_path / "missing")
     assert gc.isenabled()
+
+
+def test_a_child_forked_during_another_threads_pause_collects_again():
+    import os
+
+    gc.enable()
+    inside, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with _gc.paused():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    inside.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: the other thread's pause did not come along
+        os._exit(0 if gc.isenabled() else 1)
+    release.set()
+    thread.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -53,6 +53,14 @@ _pool: list[mmap.mmap] = []
 _pool_lock = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    global _pool_lock
+    _pool_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def supported(directory: str | os.PathLike[str]) -> bool:
     """Whether the file system holding ``directory`` accepts ``O_DIRECT`` at open (a probe
     file is created and removed)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,21 @@ R = TypeVar("R")
 _lock = threading.Lock()
 _depth = 0
 _was_enabled = False
+
+
+def _after_fork_in_child() -> None:
+    # Only the forking thread exists in the child (a DataLoader worker forked while a
+    # background save was persisting): the pauses of the other threads are gone, so the
+    # collector is turned back on if it was on before them. A pause of the forking thread
+    # itself then ends with collection already on, which costs time, not correctness.
+    global _lock, _depth
+    _lock = threading.Lock()
+    if _depth and _was_enabled:
+        gc.enable()
+    _depth = 0
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @contextmanager
