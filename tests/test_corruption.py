@@ -56,6 +56,8 @@ from conftest import terminal_line
 CHUNK = 256
 MANIFEST = "manifest.msgpack"
 BACKENDS = ("torch", "zstd", "delta")
+#: Each damaged checkpoint must be refused by every way of loading it.
+LOADS: dict[str, dict[str, Any]] = {"load": {}, "load(mmap=True)": {"mmap": True}}
 
 # ----------------------------------------------------------------- states
 
@@ -150,6 +152,14 @@ def build_zstd(root: Path) -> Target:
             codecs[codec] += 1
     _add_manifest(target, ckpt)
     assert len(names) >= 4 and len(codecs) >= 2, "want several shards, raw and compressed chunks"
+    mappable = [  # all chunks raw (codec 0), end to end in one file: load(mmap=True) maps them
+        rows
+        for rows in doc["payload"]["chunks"]
+        if rows
+        and all(r[3] == 0 and r[0] == rows[0][0] for r in rows)
+        and all(b[1] == a[1] + a[2] for a, b in zip(rows, rows[1:], strict=False))
+    ]
+    assert mappable, "want a tensor that load(mmap=True) maps"
     return target
 
 
@@ -378,23 +388,29 @@ def check_case(target: Target, damage: Damage) -> tuple[bool, list[str]]:
         )
         if damage.appended:
             blamable |= set().union(*(target.hit(rel, ckpt, [(0, 1 << 62)]) for rel in damage.hits))
-        try:
-            aptckpt.load(ckpt)
-        except AptckptError as err:
-            text = str(err)
-            named = getattr(err, "tensor", None)
-            if not _names_file(text, files):
-                failures.append(f"{name}: load error does not name {files}: {text}")
-            if hit and not any(k in text for k in hit):
-                failures.append(f"{name}: load error names none of {sorted(hit)}: {text}")
-            if named is not None and named not in blamable:
-                failures.append(f"{name}: load error blames intact tensor {named!r}: {text}")
-        except Exception as err:  # any other type is the failure
-            failures.append(f"{name}: load raised {type(err).__name__}, not AptckptError: {err}")
-            detected = False
-        else:
-            failures.append(f"{name}: load returned data")
-            detected = False
+        refused = True
+        for how, options in LOADS.items():  # a copying load and a memory-mapped one
+            try:
+                aptckpt.load(ckpt, **options)
+            except AptckptError as err:
+                text = str(err)
+                named = getattr(err, "tensor", None)
+                if not _names_file(text, files):
+                    failures.append(f"{name}: {how} error does not name {files}: {text}")
+                if hit and not any(k in text for k in hit):
+                    failures.append(f"{name}: {how} error names none of {sorted(hit)}: {text}")
+                if named is not None and named not in blamable:
+                    failures.append(f"{name}: {how} error blames intact tensor {named!r}: {text}")
+            except Exception as err:  # any other type is the failure
+                failures.append(
+                    f"{name}: {how} raised {type(err).__name__}, not AptckptError: {err}"
+                )
+                refused = False
+            else:
+                failures.append(f"{name}: {how} returned data")
+                refused = False
+        detected = detected and refused
+        if not refused:
             continue
         code, text = _run_cli(ckpt)
         detected = detected and code != 0
