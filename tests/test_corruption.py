@@ -157,7 +157,7 @@ def build_zstd(root: Path) -> Target:
         for rows in doc["payload"]["chunks"]
         if rows
         and all(r[3] == 0 and r[0] == rows[0][0] for r in rows)
-        and all(b[1] == a[1] + a[2] for a, b in zip(rows, rows[1:], strict=False))
+        and all(b[1] == a[1] + a[2] for a, b in itertools.pairwise(rows))
     ]
     assert mappable, "want a tensor that load(mmap=True) maps"
     return target
