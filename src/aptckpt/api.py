@@ -145,12 +145,15 @@ def _backend(name: str, *, saved_by: str | None = None) -> type[Backend]:
         ) from err
 
 
-def _record(leaf: tree.TensorLeaf) -> mf.TensorRecord:
+def _record(leaf: tree.TensorLeaf, devices: dict[torch.device, str]) -> mf.TensorRecord:
     t = leaf.tensor
+    device = devices.get(t.device)
+    if device is None:
+        device = devices[t.device] = str(t.device)
     return mf.TensorRecord(
         dtype=_dtypes.dtype_name(t.dtype),
-        shape=tuple(int(d) for d in t.shape),
-        device=str(t.device),
+        shape=tuple(t.shape),  # torch.Size holds ints
+        device=device,
         requires_grad=bool(t.requires_grad),
         parameter=leaf.is_parameter,
     )
@@ -273,7 +276,8 @@ def prepare_save(
     impl = _backend(backend)(**options)
     flat = tree.flatten(state)
     manifest_metadata = tree.encode_plain(dict(metadata), root="metadata") if metadata else None
-    records = tuple(_record(leaf) for leaf in flat.tensors)
+    device_names: dict[torch.device, str] = {}
+    records = tuple(_record(leaf, device_names) for leaf in flat.tensors)
     return PendingSave(
         flat, records, manifest_metadata, path, backend, impl, overwrite=overwrite, start=start
     )

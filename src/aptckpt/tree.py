@@ -164,7 +164,8 @@ class _Flattener:
             index = self._by_alias.get(alias) if alias is not None else None
             if index is None:
                 index = len(self.leaves)
-                self.leaves.append(TensorLeaf(t, path, isinstance(t, torch.nn.Parameter)))
+                # _check_tensor admitted only Tensor and Parameter: no isinstance needed
+                self.leaves.append(TensorLeaf(t, path, type(t) is torch.nn.Parameter))
                 if alias is not None:
                     self._by_alias[alias] = index
             self._by_id[id(t)] = index

@@ -102,6 +102,8 @@ def check_common_options(level: object, chunk_size: object, threads: object) -> 
 
 def chunk_spans(nbytes: int, chunk_size: int) -> list[tuple[int, int]]:
     """``(start, stop)`` byte ranges of the chunks of a buffer of ``nbytes``."""
+    if nbytes <= chunk_size:  # most tensors of a large state are one chunk
+        return [(0, nbytes)] if nbytes else []
     return [(s, min(s + chunk_size, nbytes)) for s in range(0, nbytes, chunk_size)]
 
 
@@ -112,6 +114,8 @@ def host_tensor(tensor: torch.Tensor) -> torch.Tensor:
     bytes differ from their values.
     """
     t = tensor.detach()
+    if t.is_cpu and _dtypes.holds_its_values(t):
+        return t  # the common case, without the calls below
     if t.is_conj():
         t = t.resolve_conj()
     if t.is_neg():

@@ -173,9 +173,8 @@ class ZstdBackend(Backend):
             if offset >= opts.shard_size:
                 shards.append([])
                 offset = 0
-            rows[job.tensor].append(
-                _chunks.ChunkRecord(len(shards) - 1, offset, len(job.data), 0, digest).to_row()
-            )
+            # a ChunkRecord row, built directly: this loop runs once per chunk
+            rows[job.tensor].append([len(shards) - 1, offset, len(job.data), 0, digest, None])
             shards[-1].append((job.data, offset))
             offset += len(job.data)
         for index, placed in enumerate(shards):
