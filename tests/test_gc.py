@@ -3,8 +3,10 @@ pauses, and left off when the caller had turned it off."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -37,8 +39,9 @@ def test_a_disabled_collector_stays_disabled():
     assert not gc.isenabled()
 
 
-def test_concurrent_pauses_resume_when_both_end():
-    gc.enable()
+@contextlib.contextmanager
+def _paused_in_another_thread() -> Iterator[None]:
+    """Another thread holds a pause for the duration of the block."""
     inside, release = threading.Event(), threading.Event()
 
     def other() -> None:
@@ -49,11 +52,19 @@ def test_concurrent_pauses_resume_when_both_end():
     thread = threading.Thread(target=other)
     thread.start()
     inside.wait(10)
-    with _gc.paused():
-        pass
-    assert not gc.isenabled()  # the other thread's pause is still going
-    release.set()
-    thread.join()
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_concurrent_pauses_resume_when_both_end():
+    gc.enable()
+    with _paused_in_another_thread():
+        with _gc.paused():
+            pass
+        assert not gc.isenabled()  # the other thread's pause is still going
     assert gc.isenabled()
 
 
@@ -71,20 +82,9 @@ def test_a_child_forked_during_another_threads_pause_collects_again():
     import os
 
     gc.enable()
-    inside, release = threading.Event(), threading.Event()
-
-    def other() -> None:
-        with _gc.paused():
-            inside.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=other)
-    thread.start()
-    inside.wait(10)
-    pid = os.fork()
-    if pid == 0:  # the child: the other thread's pause did not come along
-        os._exit(0 if gc.isenabled() else 1)
-    release.set()
-    thread.join()
+    with _paused_in_another_thread():
+        pid = os.fork()
+        if pid == 0:  # the child: the other thread's pause did not come along
+            os._exit(0 if gc.isenabled() else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
