@@ -15,6 +15,7 @@ from _stats import fmt_bytes, fmt_gbps, fmt_pct, fmt_ratio, fmt_s, median, paire
 
 RAW_READ = "raw read, buffered"
 RAW_READ_DIRECT = "raw read, O_DIRECT"
+RAW_READ_FRESH = "raw read, buffered, into fresh memory"
 TORCH_LOAD = "torch.load(weights_only=True)"
 
 
@@ -50,6 +51,8 @@ def limits_table(results: dict[str, Any], nbytes: int) -> str:
          _load(results, "raw-direct", RAW_READ_DIRECT, "cold")),
         ("read, warm page cache (into pre-touched buffer)",
          _load(results, "raw-buffered", RAW_READ, "warm")),
+        ("read, warm page cache, into fresh memory (torch.empty, 2 threads)",
+         _load(results, "raw-buffered", RAW_READ_FRESH, "warm")),
         ("memcpy into pre-touched buffer (numpy, 1 thread)", _save_s(results, "memcpy")),
     ]  # fmt: skip
     return table(
@@ -91,6 +94,7 @@ def load_table(results: dict[str, Any], nbytes: int) -> str:
     tl_warm = _load(results, "torch.save+fsync", TORCH_LOAD, "warm")
     lim_cold = _cold_limit(results)
     lim_warm = _load(results, "raw-buffered", RAW_READ, "warm")
+    lim_fresh = _load(results, "raw-buffered", RAW_READ_FRESH, "warm")
     rows = []
     for r in results.values():
         if r.group == "limit":
@@ -106,12 +110,13 @@ def load_table(results: dict[str, Any], nbytes: int) -> str:
                 fmt_gbps(nbytes, lr.warm_s),
                 fmt_ratio(paired_ratio(tl_warm, lr.warm_s)),
                 fmt_pct(paired_ratio(lim_warm, lr.warm_s)),
+                fmt_pct(paired_ratio(lim_fresh, lr.warm_s)),
                 lr.ties,
             ])  # fmt: skip
     return table(
         ["load", "cold s, median [min-max]", "cold GB/s", "vs torch.load cold",
          "% of cold read limit", "warm s, median [min-max]", "warm GB/s", "vs torch.load warm",
-         "% of warm read limit", "tied weights"],
+         "% of warm read limit", "% of warm read into fresh memory", "tied weights"],
         rows,
     )  # fmt: skip
 

@@ -223,8 +223,11 @@ class RawIO:
     def read_fresh(self, path: Path, threads: int = 2) -> np.ndarray:
         """read(2) through the page cache into freshly allocated memory, on ``threads`` threads
         (the limit for any loader that returns new tensors: the kernel zeroes and maps every
-        page on first touch, which here costs more than the copy). Returns the buffer."""
-        out = np.empty(self.nbytes, dtype=np.uint8)
+        page on first touch, which here costs more than the copy). The memory comes from
+        ``torch.empty``, as loaded tensors' does (numpy's allocator asks for transparent huge
+        pages, whose first use stalls on memory compaction here: an erratic reference).
+        Returns the buffer."""
+        out = torch.empty(self.nbytes, dtype=torch.uint8).numpy()
         view = memoryview(out)
         fd = os.open(path, os.O_RDONLY)
         try:

@@ -9,13 +9,16 @@ on the same bytes:
   fsync, safetensors ``save_file`` + fsync / ``load_file``, and ``torch.distributed.checkpoint``
   (single process, ``FileSystemWriter(sync_files=True)`` with 1 and 2 threads, load into templates);
 * limits: raw write with fsync (buffered, and O_DIRECT from a reused aligned buffer), raw read
-  (warm; cold buffered and cold O_DIRECT), memcpy into a pre-touched buffer.
+  (warm; cold buffered and cold O_DIRECT; warm into fresh memory), memcpy into a pre-touched
+  buffer.
 
 Method: repetitions are interleaved round-robin across contenders (the starting contender rotates
 each round) and reported as median [min-max]; ratios are medians of per-round ratios. Cold loads
 follow ``fsync`` + ``posix_fadvise(DONTNEED)`` on the checkpoint's files, checked with ``mincore``.
 Every load is verified bit for bit (byte views, NaN-safe) outside the timed region. Loads end by
-touching one byte per page of every tensor, so lazy (mmap) loaders pay for their reads.
+touching one byte per page of every tensor, so lazy (mmap) loaders pay for their reads. Before
+every timed operation the C heap's free pages go back to the OS (``malloc_trim``), so loaders
+allocate fresh memory as a resume in a new process does.
 
 Usage::
 
@@ -346,6 +349,11 @@ def contenders(raw: _sysutil.RawIO, aptckpt: Any, apt_status: dict[str, str]) ->
         lambda loaded, ref: (raw.check_buffer(), "n/a")[1],
         prepare=raw.clear_buffer,
     )
+    raw_read_fresh = Loader(
+        "raw read, buffered, into fresh memory",
+        lambda p, ref: raw.read_fresh(p),
+        lambda loaded, ref: (raw.check_fresh(loaded), "n/a")[1],
+    )
     raw_read_direct = Loader(
         "raw read, O_DIRECT",
         lambda p, ref: raw.read_direct(p),
@@ -355,7 +363,7 @@ def contenders(raw: _sysutil.RawIO, aptckpt: Any, apt_status: dict[str, str]) ->
     )
     out = [
         Saver("raw-buffered", "raw write, buffered + fsync", "limit",
-              lambda obj, p: raw.write_buffered(p), (raw_read,)),
+              lambda obj, p: raw.write_buffered(p), (raw_read, raw_read_fresh)),
         Saver("raw-direct", "raw write, O_DIRECT + fsync", "limit",
               lambda obj, p: raw.write_direct(p), (raw_read_direct,)),
         Saver("memcpy", "memcpy into pre-touched buffer", "limit",
@@ -408,8 +416,11 @@ def _log(msg: str) -> None:
 
 def _settle() -> None:
     # Untimed, before every timed operation: no garbage or dirty pages from the previous
-    # contender should be collected or written back on the next one's clock.
+    # contender should be collected or written back on the next one's clock, and no freed
+    # pages of its reused by the next one's allocations: every loader allocates fresh memory,
+    # as a resume in a new process does.
     gc.collect()
+    _sysutil.trim_heap()
     os.sync()
 
 
