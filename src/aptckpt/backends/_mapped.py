@@ -81,6 +81,8 @@ def map_raw_tensors(
                 flags=mmap.MAP_PRIVATE,
                 prot=mmap.PROT_READ | mmap.PROT_WRITE,
             )
+            if verify:  # every page is about to be hashed: read a cold file ahead in bulk
+                maps[file].madvise(mmap.MADV_WILLNEED)
         mapped = maps[file]
         flat = torch.frombuffer(mapped, dtype=torch.uint8, count=record.nbytes, offset=offset)
         out[index] = flat.view(dtype).view(record.shape)
