@@ -88,3 +88,21 @@ def test_a_child_forked_during_another_threads_pause_collects_again():
             os._exit(0 if gc.isenabled() else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_only_a_save_the_caller_waits_for_pauses_collection(tmp_path, monkeypatch):
+    from aptckpt.backends.zstd import ZstdBackend
+
+    seen = []
+    real_write = ZstdBackend.write
+
+    def write(self, flat, writer):
+        seen.append(gc.isenabled())
+        return real_write(self, flat, writer)
+
+    monkeypatch.setattr(ZstdBackend, "write", write)
+    gc.enable()
+    aptckpt.save({"w": torch.ones(3)}, tmp_path / "sync")
+    aptckpt.save({"w": torch.ones(3)}, tmp_path / "async", blocking=False).wait()
+    assert seen == [False, True]  # the background persist leaves the trainer's GC running
+    assert gc.isenabled()

@@ -3,10 +3,11 @@
 A state of ten thousand tensors makes tens of thousands of long-lived objects (records, chunk
 rows, views) in a burst; each burst of allocations triggers collections that traverse all of
 them again, which cost more than the work itself. Nothing a save or load creates forms cycles
-that must be collected before it returns, so collection is paused for its duration (the way
-``pickle`` users and msgpack's unpacker do it) and resumed after; nested and concurrent pauses
-(a background save beside a load) resume collection when the last one ends, and only if it was
-enabled before the first.
+that must be collected before it returns, so collection is paused while the caller waits for
+one (a load, a verify, a save's flattening and a blocking save's persist; the way ``pickle``
+users and msgpack's unpacker do it) and resumed after. A background persist does not pause it:
+training goes on meanwhile and must collect as it always does. Nested and concurrent pauses
+resume collection when the last one ends, and only if it was enabled before the first.
 """
 
 from __future__ import annotations

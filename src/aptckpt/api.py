@@ -227,7 +227,10 @@ def save(
         state, path, backend=backend, metadata=metadata, overwrite=overwrite, **options
     )
     if blocking:
-        return pending.persist(pending.flat)
+        # The collector is paused while the caller waits anyway; a background persist
+        # leaves it running, so that a long save never changes how the trainer collects.
+        with _gc.paused():
+            return pending.persist(pending.flat)
     return _background.submit(pending.flat, os.fspath(path), pending.persist)
 
 
@@ -246,7 +249,6 @@ class PendingSave:
     overwrite: bool
     start: float
 
-    @_gc.pausing
     def persist(self, snapshot: tree.FlatState) -> SaveInfo:
         return _write(
             snapshot,

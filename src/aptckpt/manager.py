@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import aptckpt.api as api
-from aptckpt import _background, _runlock
+from aptckpt import _background, _gc, _runlock
 from aptckpt._atomic import is_checkpoint, remove_stale_temps, write_error, write_file_atomic
 from aptckpt._background import SaveHandle
 from aptckpt.backends.delta import collect_garbage
@@ -452,7 +452,8 @@ class CheckpointManager:
             return new.path
 
         if blocking:
-            return persist(pending.flat)
+            with _gc.paused():  # as in api.save: only while the caller waits
+                return persist(pending.flat)
         self._in_flight = _background.submit(pending.flat, str(new.path), persist)
         return self._in_flight
 

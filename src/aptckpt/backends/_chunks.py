@@ -358,7 +358,8 @@ def _read_raw(
     if not raw_slots:
         return []
     places = [place for _, place in raw_slots]
-    check = all(p.digest is not None for p in places)
+    check = places[0].digest is not None  # a load verifies every chunk or none
+    assert all((p.digest is not None) == check for p in places)
     found = _accel.read_verify_many(
         [p.fd for p in places],
         [slot.out for slot, _ in raw_slots],
