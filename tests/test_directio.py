@@ -171,3 +171,18 @@ def test_supported_probes_without_leaving_a_file(tmp_path):
     with DirectWriter(tmp_path / "f", direct=True) as f:
         assert f.direct == expected
     assert not _directio.supported(tmp_path / "missing")
+
+
+def test_pooled_buffers_are_private_to_a_forked_child(tmp_path):
+    with DirectWriter(tmp_path / "a", direct=True) as f:
+        f.write(b"a" * (_directio.BUFFER_SIZE + 1))
+    assert _directio._pool
+    pooled = _directio._pool[0]
+    pooled[:6] = b"parent"
+    pid = os.fork()
+    if pid == 0:  # the child: its pool starts empty, and writing its copy changes nothing above
+        pooled[:6] = b"child!"
+        os._exit(0 if not _directio._pool else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert pooled[:6] == b"parent"

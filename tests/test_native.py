@@ -287,10 +287,10 @@ def test_read_verify_many_reads_checks_and_names_short_and_damaged(
     fds, sizes, offsets, digests = _read_layout(tmp_path, seed)
     try:
         files = {fd: os.pread(fd, 1 << 20, 0) for fd in set(fds)}
-        expected_eof = [
+        expected_eof = [  # an empty buffer is never cut short
             i
             for i, (fd, n, o) in enumerate(zip(fds, sizes, offsets, strict=True))
-            if o + n > len(files[fd])
+            if n and o + n > len(files[fd])
         ]
         damaged = sorted({(7 * seed + 3 * k) % len(sizes) for k in range(3)} - set(expected_eof))
         wrong = bytearray(digests)
@@ -311,6 +311,16 @@ def test_read_verify_many_reads_checks_and_names_short_and_damaged(
     finally:
         for fd in set(fds):
             os.close(fd)
+
+
+def test_read_verify_many_never_calls_an_empty_buffer_short(impl: ModuleType, rw_fd: int) -> None:
+    os.pwrite(rw_fd, b"0123456789", 0)
+    out = [bytearray(20), bytearray(0), bytearray(3)]
+    digests = b"".join(impl.xxh3_128(b) for b in (b"x" * 20, b"", b"xyz"))
+    assert impl.read_verify_many([rw_fd] * 3, out, [0, 20, 20], digests) == [
+        (0, "eof"),
+        (2, "eof"),
+    ]
 
 
 def test_read_verify_many_validates_its_arguments(impl: ModuleType, rw_fd: int) -> None:

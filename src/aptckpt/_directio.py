@@ -60,6 +60,9 @@ _pool_lock = threading.Lock()
 def _after_fork_in_child() -> None:
     global _pool_lock
     _pool_lock = threading.Lock()  # another thread may have held it at the fork
+    # The pooled buffers are private mappings, so the child's copies are its own; they are
+    # dropped anyway rather than kept as memory the child may never use.
+    _pool.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -87,7 +90,9 @@ def _take_buffer(size: int) -> mmap.mmap:
         with _pool_lock:
             if _pool:
                 return _pool.pop()
-    return mmap.mmap(-1, size)  # anonymous: page-aligned
+    # Anonymous and page-aligned; private: a forked child must never share the parent's
+    # buffers (Python's default for anonymous maps is MAP_SHARED).
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 def _give_buffer(buffer: mmap.mmap) -> None:

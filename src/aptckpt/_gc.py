@@ -48,18 +48,22 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 @contextmanager
 def paused() -> Iterator[None]:
     global _depth, _was_enabled
-    with _lock:
-        if _depth == 0:
-            _was_enabled = gc.isenabled()
-            gc.disable()
-        _depth += 1
+    entered = False
     try:
+        with _lock:
+            if _depth == 0:
+                _was_enabled = gc.isenabled()
+                gc.disable()
+            _depth += 1
+            entered = True
         yield
     finally:
-        with _lock:
-            _depth -= 1
-            if _depth == 0 and _was_enabled:
-                gc.enable()
+        if entered:
+            with _lock:
+                # max(): a child forked inside this pause started again from zero
+                _depth = max(0, _depth - 1)
+                if _depth == 0 and _was_enabled:
+                    gc.enable()
 
 
 def pausing(fn: Callable[P, R]) -> Callable[P, R]:

@@ -496,7 +496,7 @@ def load(
         path: a checkpoint directory written by :func:`save`.
         map_location: where tensors go. ``None``: the device each was saved on;
             a device (``"cpu"``); a dict from saved to target device names; or a
-            callable taking the saved device name.
+            callable taking the saved device name (called once per saved device).
         verify: check every chunk's digest (default). ``False`` still checks
             sizes and structure, and never unpickles.
         into: existing tensors to fill in place: a nested dict/list of tensors

@@ -303,20 +303,19 @@ def fill_tensors(
             else:
                 raw_slots.append((slot, place))
 
-    def run(batch: list[_Slot[C]]) -> list[IntegrityError]:
+    def run(batch: list[_Slot[C]]) -> list[tuple[int, int, IntegrityError]]:
         found = []
         for slot in batch:
             try:
                 decode(slot.chunk, slot.out)
             except (IntegrityError, EOFError) as err:
                 file, detail = locate(slot.chunk)
-                found.append(
-                    chunk_damage(where, slot.tensor, f"chunk {slot.index}", detail, file, err)
-                )
+                damage = chunk_damage(where, slot.tensor, f"chunk {slot.index}", detail, file, err)
+                found.append((slot.tensor, slot.index, damage))
         return found
 
     # Collect every damaged chunk rather than stopping at the first, so that
-    # verify() reports all of them.
+    # verify() reports all of them, in (tensor, chunk) order.
     problems = _read_raw(raw_slots, locate, threads=threads, where=where)
     batches = _batches(slots)
     problems += [
@@ -325,8 +324,8 @@ def fill_tensors(
         for e in found
     ]
     if problems:
-        problems.sort(key=lambda p: int(p.tensor or 0))
-        raise combined(problems, manifest, where)
+        problems.sort(key=lambda p: p[:2])
+        raise combined([damage for _, _, damage in problems], manifest, where)
     return outs
 
 
@@ -352,9 +351,10 @@ def _read_raw(
     *,
     threads: int,
     where: str,
-) -> list[IntegrityError]:
+) -> list[tuple[int, int, IntegrityError]]:
     """Read raw chunks into their slots and check them, in one parallel call into the core
-    (adjacent chunks of one file share a system call; each is hashed right after its read)."""
+    (adjacent chunks of one file share a system call; each is hashed right after its read).
+    Returns ``(tensor, chunk, damage)`` per damaged chunk."""
     if not raw_slots:
         return []
     places = [place for _, place in raw_slots]
@@ -371,9 +371,10 @@ def _read_raw(
     for index, why in found:
         slot = raw_slots[index][0]
         file, detail = locate(slot.chunk)
-        problems.append(
-            chunk_damage(where, slot.tensor, f"chunk {slot.index}", detail, file, _RAW_DAMAGE[why])
+        damage = chunk_damage(
+            where, slot.tensor, f"chunk {slot.index}", detail, file, _RAW_DAMAGE[why]
         )
+        problems.append((slot.tensor, slot.index, damage))
     return problems
 
 

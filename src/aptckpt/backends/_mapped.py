@@ -12,7 +12,8 @@ returned) or nothing at all (``verify=False``: pages are read when first touched
 The contract is the one ``torch.load(mmap=True)`` and safetensors have: the files must not be
 truncated or rewritten while the tensors live (a process touching a page past a truncated end
 gets SIGBUS). aptckpt never modifies a committed checkpoint; deleting it, or letting retention
-delete it, is safe: the mapping keeps the unlinked file's data.
+delete it, is safe: the mapping keeps the unlinked file's data. Each mapped shard file keeps one
+file descriptor open while any of its tensors lives.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def map_raw_tensors(
     """Map every mappable tensor (see the module docstring); return them by index.
 
     Raises ``IntegrityError`` naming every damaged chunk of a mapped tensor when verifying.
-    The descriptors stay the caller's to close (a mapping outlives its descriptor).
+    The descriptors stay the caller's to close. (CPython's ``mmap`` keeps a duplicate of the
+    descriptor of each mapped file for as long as the mapping, and so any tensor of it, lives:
+    one open descriptor per mapped shard file.)
     """
     raw = {index for index, pipeline in enumerate(pipelines) if pipeline == RAW}
     maps: dict[int, mmap.mmap] = {}
