@@ -98,3 +98,15 @@ def test_mmap_and_into_are_exclusive(tmp_path):
     aptckpt.save({"a": torch.zeros(3)}, tmp_path / "c", codec="none")
     with pytest.raises(ValueError, match="mmap=True or into="):
         aptckpt.load(tmp_path / "c", mmap=True, into={"a": torch.empty(3)})
+
+
+def test_mapped_tensors_hold_no_file_descriptor(tmp_path):
+    import os
+
+    state = {f"t{i}": torch.randn(1000) for i in range(8)}
+    aptckpt.save(state, tmp_path / "c", codec="none", shard_size=8000)  # 4 shard files
+    before = len(os.listdir("/proc/self/fd"))
+    loaded = aptckpt.load(tmp_path / "c", mmap=True)
+    assert all(_is_mapped(t, tmp_path / "c") for t in loaded.values())
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert_state_equal(state, loaded)

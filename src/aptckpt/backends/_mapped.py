@@ -12,13 +12,13 @@ returned) or nothing at all (``verify=False``: pages are read when first touched
 The contract is the one ``torch.load(mmap=True)`` and safetensors have: the files must not be
 truncated or rewritten while the tensors live (a process touching a page past a truncated end
 gets SIGBUS). aptckpt never modifies a committed checkpoint; deleting it, or letting retention
-delete it, is safe: the mapping keeps the unlinked file's data. Each mapped shard file keeps one
-file descriptor open while any of its tensors lives.
+delete it, is safe: the mapping keeps the unlinked file's data.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Sequence
 
 import torch
@@ -62,12 +62,10 @@ def map_raw_tensors(
     """Map every mappable tensor (see the module docstring); return them by index.
 
     Raises ``IntegrityError`` naming every damaged chunk of a mapped tensor when verifying.
-    The descriptors stay the caller's to close. (CPython's ``mmap`` keeps a duplicate of the
-    descriptor of each mapped file for as long as the mapping, and so any tensor of it, lives:
-    one open descriptor per mapped shard file.)
+    The descriptors stay the caller's to close; the mappings keep none open.
     """
     raw = {index for index, pipeline in enumerate(pipelines) if pipeline == RAW}
-    maps: dict[int, mmap.mmap] = {}
+    maps: dict[int, torch.UntypedStorage] = {}
     out: dict[int, torch.Tensor] = {}
     regions: list[tuple[int, memoryview]] = []
     for index, (record, chunks) in enumerate(zip(manifest.tensors, table, strict=True)):
@@ -78,22 +76,33 @@ def map_raw_tensors(
             continue
         file, offset = span
         if file not in maps:
-            maps[file] = mmap.mmap(
-                fds[file],
-                manifest.files[file].size,
-                flags=mmap.MAP_PRIVATE,
-                prot=mmap.PROT_READ | mmap.PROT_WRITE,
-            )
-            if verify:  # every page is about to be hashed: read a cold file ahead in bulk
-                maps[file].madvise(mmap.MADV_WILLNEED)
-        mapped = maps[file]
-        flat = torch.frombuffer(mapped, dtype=torch.uint8, count=record.nbytes, offset=offset)
+            maps[file] = _map_file(fds[file], manifest.files[file].size, verify=verify)
+        flat = torch.empty(0, dtype=torch.uint8).set_(maps[file], offset, (record.nbytes,), (1,))
         out[index] = flat.view(dtype).view(record.shape)
         if verify:
-            regions.append((index, memoryview(mapped)[offset : offset + record.nbytes]))
+            regions.append((index, flat.numpy().data))
     if regions:
         _check(regions, table, chunk_size, manifest, threads=threads, where=where)
     return out
+
+
+def _map_file(fd: int, size: int, *, verify: bool) -> torch.UntypedStorage:
+    """A private, writable (copy-on-write) mapping of the open file ``fd`` as a storage.
+
+    torch maps it through ``/proc/self/fd`` -- the very file already opened and checked, not
+    a path that could have changed since -- and closes its own descriptor at once, so no
+    descriptor stays open per mapped file (Python's ``mmap`` would keep a duplicate for as
+    long as the tensors live). Without ``/proc``, ``mmap`` does it.
+    """
+    if verify:  # every page is about to be hashed: have a cold file read ahead in bulk
+        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+    proc = f"/proc/self/fd/{fd}"
+    if os.path.exists(proc):
+        storage = torch.UntypedStorage.from_file(proc, shared=False, nbytes=size)
+        assert isinstance(storage, torch.UntypedStorage)
+        return storage
+    mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    return torch.frombuffer(mapped, dtype=torch.uint8).untyped_storage()
 
 
 def _check(
