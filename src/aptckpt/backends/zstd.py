@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -160,26 +161,35 @@ class ZstdBackend(Backend):
         return self._payload([p.to_record() for p in pipelines], rows)
 
     def _write_raw(self, jobs: list[_Job], n_tensors: int, writer: CheckpointWriter) -> Any:
-        """Raw chunks: every offset is known up front, so all chunks are hashed in one
-        parallel native call and each shard is written in one go: large direct writes from
-        bounce buffers, or (without ``O_DIRECT``) parallel positional writes straight from
-        tensor memory."""
+        """Raw chunks: every offset is known up front, so all chunks are hashed by one
+        parallel native call that runs *while* the shards are written (large direct writes
+        from bounce buffers, or, without ``O_DIRECT``, parallel positional writes straight
+        from tensor memory); both only read the tensors."""
         opts = self.options
-        digests = _accel.hash_chunks_many([j.data for j in jobs], opts.chunk_size, self._threads)
         rows: list[list[list[Any]]] = [[] for _ in range(n_tensors)]
-        shards: list[list[tuple[memoryview, int]]] = []
+        shards: list[list[memoryview]] = []
         offset = opts.shard_size  # forces a first shard
-        for job, digest in zip(jobs, digests, strict=True):
+        for job in jobs:
             if offset >= opts.shard_size:
                 shards.append([])
                 offset = 0
-            # a ChunkRecord row, built directly: this loop runs once per chunk
-            rows[job.tensor].append([len(shards) - 1, offset, len(job.data), 0, digest, None])
-            shards[-1].append((job.data, offset))
+            # a ChunkRecord row, built directly (this loop runs once per chunk); its digest
+            # is filled in below
+            rows[job.tensor].append([len(shards) - 1, offset, len(job.data), 0, None, None])
+            shards[-1].append(job.data)
             offset += len(job.data)
-        for index, placed in enumerate(shards):
-            with DirectWriter(writer.path(f"shard-{index:05d}.bin")) as file:
-                file.write_many([data for data, _ in placed], self._threads)
+        with ThreadPoolExecutor(1, thread_name_prefix="aptckpt-hash") as pool:
+            hashing = pool.submit(
+                _accel.hash_chunks_many, [j.data for j in jobs], opts.chunk_size, self._threads
+            )
+            for index, buffers in enumerate(shards):
+                with DirectWriter(writer.path(f"shard-{index:05d}.bin")) as file:
+                    file.write_many(buffers, self._threads)
+            digests = hashing.result()
+        chunk_of = iter(row for tensor_rows in rows for row in tensor_rows)
+        # rows are in job order per tensor, and jobs are in tensor order: the same order
+        for digest in digests:
+            next(chunk_of)[4] = digest
         return self._payload([RAW.to_record()], rows)
 
     def _payload(self, codecs: list[Any], rows: list[list[list[Any]]]) -> dict[str, Any]:
