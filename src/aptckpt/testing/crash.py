@@ -125,8 +125,10 @@ def _preload() -> None:
 
 
 #: Phases whose boundaries are also hit exactly: the victim kills itself when it
-#: enters or leaves one of them (short phases that timed kills rarely hit).
-TRAPS = ("save: commit", "index", "retention delete", "garbage collection")
+#: enters or leaves one of them (short phases that timed kills rarely hit; the
+#: staging copy of an asynchronous save takes milliseconds, and only asynchronous
+#: victims reach it: the others are killed by their timer).
+TRAPS = ("save: snapshot", "save: commit", "index", "retention delete", "garbage collection")
 #: Share of victims given such a trap.
 TRAPPED = 0.3
 
