@@ -223,7 +223,8 @@ class RawIO:
     def read_fresh(self, path: Path, threads: int = 2) -> np.ndarray:
         """read(2) through the page cache into freshly allocated memory, on ``threads`` threads
         (the limit for any loader that returns new tensors: the kernel zeroes and maps every
-        page on first touch, which here costs more than the copy). The memory comes from
+        page on first touch, which here costs more than the copy; check it with
+        :meth:`check_buffer`). The memory comes from
         ``torch.empty``, as loaded tensors' does (numpy's allocator asks for transparent huge
         pages, whose first use stalls on memory compaction here: an erratic reference).
         Returns the buffer."""
@@ -248,14 +249,6 @@ class RawIO:
             os.close(fd)
         return out
 
-    def check_fresh(self, out: np.ndarray) -> None:
-        """Raise unless ``out`` (from :meth:`read_fresh`) holds exactly the tensors' bytes."""
-        pos = 0
-        for i, v in enumerate(self.views):
-            if not np.array_equal(out[pos : pos + v.size], v):
-                raise AssertionError(f"fresh read differs from tensor #{i} at byte offset {pos}")
-            pos += v.size
-
     def memcpy(self) -> None:
         """Copy every tensor's bytes into the pre-touched buffer (numpy, one thread)."""
         pos = 0
@@ -263,11 +256,13 @@ class RawIO:
             self._big_np[pos : pos + v.size] = v
             pos += v.size
 
-    def check_buffer(self) -> None:
-        """Raise unless the buffer holds exactly the tensors' bytes (after a read or memcpy)."""
+    def check_buffer(self, out: np.ndarray | None = None) -> None:
+        """Raise unless the buffer (or ``out``, from :meth:`read_fresh`) holds exactly the
+        tensors' bytes (after a read or memcpy)."""
+        buffer = self._big_np if out is None else out
         pos = 0
         for i, v in enumerate(self.views):
-            if not np.array_equal(self._big_np[pos : pos + v.size], v):
+            if not np.array_equal(buffer[pos : pos + v.size], v):
                 raise AssertionError(f"raw buffer differs from tensor #{i} at byte offset {pos}")
             pos += v.size
 

@@ -352,7 +352,7 @@ def contenders(raw: _sysutil.RawIO, aptckpt: Any, apt_status: dict[str, str]) ->
     raw_read_fresh = Loader(
         "raw read, buffered, into fresh memory",
         lambda p, ref: raw.read_fresh(p),
-        lambda loaded, ref: (raw.check_fresh(loaded), "n/a")[1],
+        lambda loaded, ref: (raw.check_buffer(loaded), "n/a")[1],
     )
     raw_read_direct = Loader(
         "raw read, O_DIRECT",

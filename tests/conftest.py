@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -22,6 +23,23 @@ settings.register_profile(
 )
 settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def direct_io_supported(directory: Path) -> bool:
+    """Whether the file system holding ``directory`` accepts ``O_DIRECT`` at open (a probe
+    file is created and removed)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe = directory / f".direct-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    os.close(fd)
+    return True
 
 
 def terminal_line(config: pytest.Config, text: str) -> None:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from aptckpt import _accel, _directio
 from aptckpt._directio import BLOCK_SIZE, DirectWriter
+from conftest import direct_io_supported
 
 SMALL = 4 * BLOCK_SIZE  # a small bounce buffer so that examples cross many buffer boundaries
 
@@ -52,7 +53,7 @@ def test_write_many_takes_any_buffers(tmp_path, direct):
 
 
 def test_direct_io_is_used_where_the_file_system_takes_it(tmp_path):
-    if not _directio.supported(tmp_path):
+    if not direct_io_supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
     with DirectWriter(tmp_path / "f", direct=True) as f:
         assert f.direct and _is_direct(f.fd)
@@ -84,7 +85,7 @@ def test_refused_at_open_falls_back_to_buffered(tmp_path, monkeypatch):
 
 
 def test_refused_at_a_write_goes_on_buffered(tmp_path, monkeypatch):
-    if not _directio.supported(tmp_path):
+    if not direct_io_supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
     real_pwrite = os.pwrite
     refused = []
@@ -166,11 +167,11 @@ def test_digests_need_a_closed_writer(tmp_path):
 
 
 def test_supported_probes_without_leaving_a_file(tmp_path):
-    expected = _directio.supported(tmp_path)
+    expected = direct_io_supported(tmp_path)
     assert list(tmp_path.iterdir()) == []
     with DirectWriter(tmp_path / "f", direct=True) as f:
         assert f.direct == expected
-    assert not _directio.supported(tmp_path / "missing")
+    assert not direct_io_supported(tmp_path / "missing")
 
 
 def test_pooled_buffers_are_private_to_a_forked_child(tmp_path):

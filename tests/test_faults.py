@@ -26,11 +26,12 @@ import pytest
 import torch
 
 import aptckpt
-from aptckpt import _accel, _atomic, _directio
+from aptckpt import _accel, _atomic
 from aptckpt.backends import torch as torch_backend
 from aptckpt.errors import WriteError
 from aptckpt.manager import CheckpointManager
 from aptckpt.testing import assert_state_equal
+from conftest import direct_io_supported
 
 WRITE_ERRORS = (errno.ENOSPC, errno.EIO)
 META_ERRORS = (errno.EACCES, errno.ENOSPC)
@@ -262,7 +263,7 @@ def test_every_storage_call_of_a_save_can_fail(tmp_path, monkeypatch, case):
     assert {"open", "fsync", "rename"} <= set(ops)
     if case == "zstd-raw-buffered":
         assert "pwrite_many" in ops
-    if direct and backend != "delta" and _directio.supported(tmp_path):
+    if direct and backend != "delta" and direct_io_supported(tmp_path):
         assert {"pwrite", "ftruncate"} <= set(ops)
 
 

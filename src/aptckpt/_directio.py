@@ -37,7 +37,7 @@ import xxhash
 
 from aptckpt import _accel, _config
 
-__all__ = ["BLOCK_SIZE", "BUFFER_SIZE", "DirectWriter", "supported"]
+__all__ = ["BLOCK_SIZE", "BUFFER_SIZE", "DirectWriter"]
 
 #: Alignment of every direct write's address, offset and length (the largest logical block
 #: size in common use; a multiple of every smaller one).
@@ -66,23 +66,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def supported(directory: str | os.PathLike[str]) -> bool:
-    """Whether the file system holding ``directory`` accepts ``O_DIRECT`` at open (a probe
-    file is created and removed)."""
-    if not hasattr(os, "O_DIRECT"):
-        return False
-    probe = Path(directory) / f".aptckpt-direct-probe-{os.getpid()}"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return False
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink()
-    os.close(fd)
-    return True
 
 
 def _take_buffer(size: int) -> mmap.mmap:

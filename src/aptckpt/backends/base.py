@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from aptckpt.manifest import Manifest
     from aptckpt.tree import FlatState
 
-__all__ = ["Backend", "BackendOptions", "TensorLayout"]
+__all__ = ["Backend", "BackendOptions", "InPlaceBackend", "TensorLayout"]
 
 
 @dataclass(frozen=True)
@@ -152,3 +152,24 @@ class Backend(ABC):
     def options_record(self) -> Mapping[str, Any]:
         """The options written to the manifest."""
         return self.options.record()
+
+
+class InPlaceBackend(Backend):
+    """A backend that decodes straight into destination tensors: it implements
+    :meth:`read_into`, and :meth:`read` is ``read_into`` with no destination given."""
+
+    def read(
+        self, reader: CheckpointReader, manifest: Manifest, *, verify: bool = True
+    ) -> list[torch.Tensor]:
+        return self.read_into(reader, manifest, [None] * len(manifest.tensors), verify=verify)
+
+    @abstractmethod
+    def read_into(
+        self,
+        reader: CheckpointReader,
+        manifest: Manifest,
+        into: Sequence[torch.Tensor | None],
+        *,
+        verify: bool = True,
+    ) -> list[torch.Tensor]:
+        """See :meth:`Backend.read_into`; ``into[i]`` is None for a fresh tensor."""

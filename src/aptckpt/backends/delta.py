@@ -55,7 +55,7 @@ import torch
 from aptckpt import _accel, _config, _dtypes, objectstore, tree
 from aptckpt._atomic import CheckpointReader, CheckpointWriter
 from aptckpt.backends import _chunks
-from aptckpt.backends.base import Backend, BackendOptions, TensorLayout
+from aptckpt.backends.base import BackendOptions, InPlaceBackend, TensorLayout
 from aptckpt.codecs import RAW, CodecError, Pipeline
 from aptckpt.errors import (
     AptckptError,
@@ -396,7 +396,7 @@ class _Job:
     prev: StoredObject | None  # the same chunk in the base, to xor against
 
 
-class DeltaBackend(Backend):
+class DeltaBackend(InPlaceBackend):
     """Incremental, content-addressed; see the module docstring."""
 
     name: ClassVar[str] = "delta"
@@ -561,11 +561,6 @@ class DeltaBackend(Backend):
         return previous
 
     # ------------------------------------------------------------------- read
-
-    def read(
-        self, reader: CheckpointReader, manifest: Manifest, *, verify: bool = True
-    ) -> list[torch.Tensor]:
-        return self.read_into(reader, manifest, [None] * len(manifest.tensors), verify=verify)
 
     def read_into(
         self,

@@ -38,7 +38,7 @@ from aptckpt import _accel, _config, _dtypes
 from aptckpt._atomic import CheckpointReader, CheckpointWriter
 from aptckpt._directio import DirectWriter
 from aptckpt.backends import _chunks, _mapped
-from aptckpt.backends.base import Backend, BackendOptions, TensorLayout
+from aptckpt.backends.base import BackendOptions, InPlaceBackend, TensorLayout
 from aptckpt.codecs import RAW, Pipeline
 from aptckpt.errors import BackendError, FormatError, IntegrityError
 from aptckpt.manifest import Manifest
@@ -114,7 +114,7 @@ class _ShardWriter:
             file.abort()
 
 
-class ZstdBackend(Backend):
+class ZstdBackend(InPlaceBackend):
     """Compressed, sharded, parallel; see the module docstring."""
 
     name: ClassVar[str] = "zstd"
@@ -226,11 +226,6 @@ class ZstdBackend(Backend):
             manifest, payload.get("chunks"), chunk_size, pipelines, where=where
         )
         return chunk_size, pipelines, table
-
-    def read(
-        self, reader: CheckpointReader, manifest: Manifest, *, verify: bool = True
-    ) -> list[torch.Tensor]:
-        return self.read_into(reader, manifest, [None] * len(manifest.tensors), verify=verify)
 
     def read_into(
         self,
