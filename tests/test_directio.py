@@ -187,3 +187,42 @@ def test_pooled_buffers_are_private_to_a_forked_child(tmp_path):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert pooled[:6] == b"parent"
+
+
+def _boundaries(n: int) -> list[int]:
+    """0, 1, n-1, n, n+1 and a few multiples of ``n`` (k*n-1, k*n, k*n+1)."""
+    sizes = {0, 1, n - 1, n, n + 1}
+    for k in (2, 3, 4, 5):  # past the buffers in flight (_IN_FLIGHT + 1)
+        sizes |= {k * n - 1, k * n, k * n + 1}
+    return sorted(s for s in sizes if s >= 0)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("size", _boundaries(SMALL) + _boundaries(BLOCK_SIZE)[:8])
+def test_every_size_around_a_buffer_or_block_boundary_is_written_exactly(tmp_path, direct, size):
+    data = os.urandom(size)
+    for split in {size, SMALL, BLOCK_SIZE, 1000}:  # one write, buffer-sized, block-sized, odd
+        path = tmp_path / f"f-{split}"
+        with DirectWriter(path, direct=direct, digest_chunk_size=SMALL, buffer_size=SMALL) as f:
+            for start in range(0, size, max(split, 1)):
+                f.write(data[start : start + max(split, 1)])
+        assert path.read_bytes() == data, (size, split)
+        assert f.size == size
+        assert f.digests() == _accel.hash_chunks(data, SMALL)
+
+
+@pytest.mark.parametrize("size", [0, 1, SMALL - 1, SMALL, SMALL + 1, 2 * SMALL, 3 * SMALL])
+def test_write_many_around_the_join_thresholds(tmp_path, monkeypatch, size):
+    # write_many joins buffers below _SMALL_WRITE into runs of about _JOINED_WRITE: shrink
+    # both so that runs end exactly on, just before and just after a bounce buffer.
+    monkeypatch.setattr(_directio, "_SMALL_WRITE", SMALL // 2)
+    monkeypatch.setattr(_directio, "_JOINED_WRITE", SMALL)
+    pieces = [os.urandom(n) for n in (size, SMALL // 2 - 1, SMALL // 2, 1, size, SMALL - 1)]
+    for direct in (True, False):
+        path = tmp_path / f"f-{direct}"
+        options = {"direct": direct, "digest_chunk_size": BLOCK_SIZE, "buffer_size": SMALL}
+        with DirectWriter(path, **options) as f:
+            f.write_many(pieces)
+        expected = b"".join(pieces)
+        assert path.read_bytes() == expected
+        assert f.digests() == _accel.hash_chunks(expected, BLOCK_SIZE)

@@ -247,7 +247,9 @@ class DirectWriter:
         future = self._executor.submit(self._write_out, self._view[:length], self._flushed)
         self._pending.append((future, self._buffer))
         self._flushed += length
-        self._buffer, self._view = None, None
+        # The buffer is gone: nothing is pending in it. (A stale fill made close() believe a
+        # full, already submitted buffer was a tail still to write.)
+        self._buffer, self._view, self._fill = None, None, 0
 
     def _write_out(self, view: memoryview, offset: int) -> None:
         try:
@@ -271,7 +273,8 @@ class DirectWriter:
             if self._hashed:
                 self._end_digest_chunk()
             if self.direct and self._fill:
-                assert self._view is not None
+                if self._view is None:  # never: _submit() empties the fill with the buffer
+                    raise RuntimeError("DirectWriter: a tail without a buffer")
                 padded = -(-self._fill // BLOCK_SIZE) * BLOCK_SIZE
                 self._view[self._fill : padded] = bytes(padded - self._fill)
                 self._submit(padded)
