@@ -311,54 +311,68 @@ class _BaseScratch(threading.local):
 _base_scratch = _BaseScratch()
 
 
+class _Filling:
+    """The chunks one save offers to :class:`_RecentChunks`, and what is left of its budget.
+    Each save has its own: two saves into one store in one process (a background save and a
+    blocking one, two threads) never share or steal each other's."""
+
+    __slots__ = ("budget", "entries")
+
+    def __init__(self, budget: int) -> None:
+        self.entries: dict[bytes, bytearray] = {}
+        self.budget = budget
+
+
 class _RecentChunks:
     """Raw bytes of the chunks the last save into each store wrote, in this process.
 
     The next save deltas a changed chunk against the chunk's previous version;
     taking it from here rather than decoding its xor chain from the store is
     what keeps a delta save cheap late in a keyframe cycle. Bounded by
-    :func:`aptckpt._config.delta_cache_bytes`; entries are checked against their
-    digest before use, so a stale or clobbered entry costs only a decode.
+    :func:`aptckpt._config.delta_cache_bytes`.
+
+    Thread-safe: :meth:`get` copies an entry into the caller's buffer and checks the copy
+    against its digest, so a buffer retired and reused by a concurrent save meanwhile costs
+    only a decode, never a wrong delta base.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stores: dict[str, dict[bytes, bytearray]] = {}
-        self._filling: dict[str, tuple[dict[bytes, bytearray], list[int]]] = {}
         # Buffers of retired generations, reused: fresh memory costs a page fault per
         # 4 KiB, which here is slower than the copy itself.
         self._free: dict[int, list[bytearray]] = {}
 
-    def get(self, store: str, digest: bytes, size: int) -> bytearray | None:
+    def get(self, store: str, digest: bytes, out: memoryview) -> bool:
+        """Copy the chunk ``digest`` of ``store`` into ``out``; False if it is not kept."""
         data = self._stores.get(store, {}).get(digest)
-        if data is None or len(data) != size or _accel.xxh3_128(data) != digest:
-            return None
-        return data
+        if data is None or len(data) != len(out):
+            return False
+        out[:] = data
+        return bool(_accel.xxh3_128(out) == digest)
 
-    def begin(self, store: str) -> None:
-        self._filling[store] = ({}, [_config.delta_cache_bytes()])
+    def begin(self) -> _Filling:
+        return _Filling(_config.delta_cache_bytes())
 
-    def offer(self, store: str, digest: bytes, raw: memoryview) -> None:
-        entries, budget = self._filling[store]
+    def offer(self, filling: _Filling, digest: bytes, raw: memoryview) -> None:
         with self._lock:
-            if budget[0] < len(raw) or digest in entries:
+            if filling.budget < len(raw) or digest in filling.entries:
                 return
-            budget[0] -= len(raw)
+            filling.budget -= len(raw)
             free = self._free.get(len(raw))
             buffer = free.pop() if free else bytearray(len(raw))
+            filling.entries[digest] = buffer
         buffer[:] = raw
-        entries[digest] = buffer
 
-    def commit(self, store: str) -> None:
+    def commit(self, store: str, filling: _Filling) -> None:
         """Make this save's chunks the ones kept; only the last store saved into keeps any."""
-        entries, _ = self._filling.pop(store)
-        for old in self._stores.values():
+        with self._lock:
+            retired, self._stores = self._stores, {store: filling.entries}
+        for old in retired.values():
             self._retire(old)
-        self._stores = {store: entries}
 
-    def abort(self, store: str) -> None:
-        entries, _ = self._filling.pop(store, ({}, []))
-        self._retire(entries)
+    def abort(self, filling: _Filling) -> None:
+        self._retire(filling.entries)
 
     def _retire(self, entries: dict[bytes, bytearray]) -> None:
         """Keep retired buffers for reuse, up to the cache budget (so at most twice
@@ -426,11 +440,10 @@ class DeltaBackend(InPlaceBackend):
         for leaf, host, view, packed in zip(flat.tensors, hosts, views, digests, strict=True):
             planner.add_tensor(leaf.key_path, host.element_size(), view, packed)
         written = 0
-        key = str(store.root)
-        _recent.begin(key)
+        filling = _recent.begin()
         try:
             results = _chunks.ordered_map(
-                lambda job: self._encode(store, job), planner.jobs, threads=self._threads
+                lambda job: self._encode(store, job, filling), planner.jobs, threads=self._threads
             )
             new_objects = []
             for obj, nbytes in results:
@@ -438,9 +451,9 @@ class DeltaBackend(InPlaceBackend):
                 written += nbytes
             store.sync(self._threads * 2)
         except BaseException:
-            _recent.abort(key)
+            _recent.abort(filling)
             raise
-        _recent.commit(key)
+        _recent.commit(str(store.root), filling)
         writer.external_bytes += written
         chunks = planner.resolve(new_objects)
         home = Path(os.path.realpath(store.root.parent))
@@ -505,7 +518,9 @@ class DeltaBackend(InPlaceBackend):
                 return base
         return None
 
-    def _encode(self, store: ObjectStore, job: _Job) -> tuple[StoredObject, int]:
+    def _encode(
+        self, store: ObjectStore, job: _Job, filling: _Filling
+    ) -> tuple[StoredObject, int]:
         """Store one new chunk: as an xor-delta against its previous version when
         that pays for its place in the chain, else whole (compressed or raw)."""
         raw, level = job.data, self.options.level
@@ -542,17 +557,16 @@ class DeltaBackend(InPlaceBackend):
         pipeline, stored, base = best
         name = job.digest if pipeline == RAW else _accel.xxh3_128(stored)
         written = store.put(name, stored)
-        _recent.offer(str(store.root), job.digest, raw)
+        _recent.offer(filling, job.digest, raw)
         return StoredObject(name, len(stored), len(raw), pipeline, job.digest, base), written
 
     @staticmethod
     def _previous_version(store: ObjectStore, prev: StoredObject, size: int) -> Any:
         """The raw bytes ``prev`` decodes to: from memory if the last save left them
         there, else decoded from the store; None if they cannot be read."""
-        cached = _recent.get(str(store.root), prev.digest, size)
-        if cached is not None:
-            return cached
         previous = _base_scratch.get(size)
+        if _recent.get(str(store.root), prev.digest, previous):
+            return previous
         try:
             decode_chain(store, prev, previous, verify=True)
         except (IntegrityError, EOFError, OSError) as err:
