@@ -164,3 +164,18 @@ def test_native_flag_matches_environment():
         assert aptckpt.NATIVE is False and aptckpt.IMPLEMENTATION == "python"
     elif mode == "require":
         assert aptckpt.NATIVE is True
+
+
+@pytest.mark.parametrize("backend", ["zstd", "torch", "delta"])
+@pytest.mark.parametrize("blocking", [True, False])
+def test_conjugate_and_negative_views_beside_their_base_keep_their_values(
+    tmp_path, backend, blocking
+):
+    x = torch.randn(4, dtype=torch.complex64)
+    state = {"x": x, "xc": x.conj(), "xn": torch._neg_view(x), "xcn": x.conj().neg()}
+    handle = aptckpt.save(state, tmp_path / "c", backend=backend, blocking=blocking)
+    if not blocking:
+        handle.wait()
+    loaded = aptckpt.load(tmp_path / "c")
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value.resolve_conj().resolve_neg()), key

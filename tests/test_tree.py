@@ -133,3 +133,9 @@ def test_rebuild_rejects_unreferenced_tensor():
 def test_key_paths_never_raise_on_garbage():
     assert tree.key_paths(["dict", ["a", ["tensor", 0], "b"]], 2) == ["state['a']", "tensor #1"]
     assert tree.key_paths({"x": 1}, 1) == ["tensor #0"]
+
+
+def test_conjugate_and_negative_views_are_not_aliases_of_their_base():
+    x = torch.randn(3, dtype=torch.complex64)
+    flat = tree.flatten({"x": x, "xc": x.conj(), "xn": torch._neg_view(x), "x2": x.detach()})
+    assert len(flat.tensors) == 3  # x and x.detach() are one tensor; the lazy views are not

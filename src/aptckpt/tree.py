@@ -95,9 +95,22 @@ def child_path(path: str, key: Any) -> str:
 
 
 def _alias_key(t: torch.Tensor) -> tuple[Any, ...] | None:
+    """What makes two tensor objects one tensor of the state: the same memory read the same
+    way. The conjugate and negative bits are part of the reading: ``x.conj()`` shares ``x``'s
+    memory and strides but holds other values."""
     if t.numel() == 0:  # empty tensors may share a null data pointer without aliasing
         return None
-    return (type(t), t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride(), t.requires_grad)
+    return (
+        type(t),
+        t.device,
+        t.dtype,
+        t.data_ptr(),
+        tuple(t.shape),
+        t.stride(),
+        t.requires_grad,
+        t.is_conj(),
+        t.is_neg(),
+    )
 
 
 def _refuse(obj: object, path: str, why: str) -> UnsupportedObjectError:
