@@ -37,6 +37,7 @@ from aptckpt.errors import (
     UnknownBackendError,
     UnsupportedFormatVersionError,
     UnsupportedObjectError,
+    UnsupportedPathError,
     WriteError,
 )
 from aptckpt.manager import CheckpointManager, CheckpointRecord, ResumeInfo
@@ -68,6 +69,7 @@ __all__ = [
     "UnknownBackendError",
     "UnsupportedFormatVersionError",
     "UnsupportedObjectError",
+    "UnsupportedPathError",
     "VerifyReport",
     "WriteError",
     "__version__",

@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeAlias, overload
 import torch
 
 from aptckpt import _background, _dtypes, _gc, registry, tree
+from aptckpt._paths import local_path
 from aptckpt import manifest as mf
 from aptckpt._atomic import CheckpointReader, CheckpointWriter, remove_checkpoint, write_error
 from aptckpt._background import SaveHandle
@@ -275,6 +276,7 @@ def prepare_save(
     """Everything of :func:`save` that must happen before the state may change:
     options checked, state flattened, tensor records taken from the originals."""
     start = time.perf_counter()
+    local_path(path)
     impl = _backend(backend)(**options)
     flat = tree.flatten(state)
     manifest_metadata = tree.encode_plain(dict(metadata), root="metadata") if metadata else None
@@ -439,7 +441,7 @@ def _restore(
 
 
 def _open(path: PathLike) -> tuple[CheckpointReader, mf.Manifest, Backend]:
-    reader = CheckpointReader(path)
+    reader = CheckpointReader(local_path(path))
     manifest = reader.read_manifest()
     return reader, manifest, _backend(manifest.backend, saved_by=str(reader.root))()
 
@@ -671,6 +673,7 @@ def convert(
         As :func:`load` for ``src`` and :func:`save` for ``dst``.
     """
     start = time.perf_counter()
+    local_path(dst)
     impl = _backend(backend)(**options)
     reader, manifest, src_impl = _open(src)
     if os.path.realpath(reader.root) == os.path.realpath(dst):
@@ -708,5 +711,5 @@ def delete(path: PathLike) -> None:
     Raises:
         CheckpointNotFoundError: ``path`` is not a committed checkpoint.
     """
-    reader = CheckpointReader(path)
+    reader = CheckpointReader(local_path(path))
     remove_checkpoint(reader.root)

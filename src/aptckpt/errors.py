@@ -27,6 +27,7 @@ __all__ = [
     "UnsafePathError",
     "UnsupportedFormatVersionError",
     "UnsupportedObjectError",
+    "UnsupportedPathError",
     "WriteError",
 ]
 
@@ -109,6 +110,14 @@ class UnsupportedFormatVersionError(FormatError):
             f"(up to {supported}); upgrade aptckpt to load it",
             path=path,
         )
+
+
+class UnsupportedPathError(AptckptError, ValueError):
+    """A path aptckpt cannot use as given: a URL (``s3://...``) where only local paths work."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
 
 
 class UnsafePathError(FormatError):
