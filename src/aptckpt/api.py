@@ -24,10 +24,10 @@ from typing import Any, Literal, TypeAlias, overload
 import torch
 
 from aptckpt import _background, _dtypes, _gc, registry, tree
-from aptckpt._paths import local_path
 from aptckpt import manifest as mf
 from aptckpt._atomic import CheckpointReader, CheckpointWriter, remove_checkpoint, write_error
 from aptckpt._background import SaveHandle
+from aptckpt._paths import local_path
 from aptckpt._version import __version__
 from aptckpt.backends.base import Backend
 from aptckpt.errors import (
