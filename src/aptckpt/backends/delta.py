@@ -518,9 +518,7 @@ class DeltaBackend(InPlaceBackend):
                 return base
         return None
 
-    def _encode(
-        self, store: ObjectStore, job: _Job, filling: _Filling
-    ) -> tuple[StoredObject, int]:
+    def _encode(self, store: ObjectStore, job: _Job, filling: _Filling) -> tuple[StoredObject, int]:
         """Store one new chunk: as an xor-delta against its previous version when
         that pays for its place in the chain, else whole (compressed or raw)."""
         raw, level = job.data, self.options.level
