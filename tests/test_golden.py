@@ -28,12 +28,13 @@ def test_every_current_golden_exists():
 
 @pytest.mark.parametrize("path", CASES, ids=lambda p: f"{p.parent.name}-{p.name}")
 def test_golden_loads_bit_exact(path):
+    version = int(path.parent.name.removeprefix("v"))
     if path.name == "delta":  # a run directory: a chain of checkpoints and their store
-        checkpoints = [(path / name, delta_state(i)) for i, name in enumerate(DELTA_CHAIN)]
+        checkpoints = [(path / name, delta_state(i, version)) for i, name in enumerate(DELTA_CHAIN)]
         codecs = {c for t in aptckpt.inspect(path / DELTA_CHAIN[-1]).tensors for c in t.codecs}
         assert any(c.startswith("xor") for c in codecs)  # the chain really holds deltas
     else:
-        checkpoints = [(path, golden_state())]
+        checkpoints = [(path, golden_state(version))]
     for checkpoint, expected in checkpoints:
         assert_state_equal(expected, aptckpt.load(checkpoint))
         aptckpt.verify(checkpoint)

@@ -11,6 +11,7 @@ from aptckpt._accel import IMPLEMENTATION, NATIVE
 from aptckpt._version import __version__
 from aptckpt.api import (
     CheckpointInfo,
+    IntoResult,
     SaveHandle,
     SaveInfo,
     TensorInfo,
@@ -31,6 +32,7 @@ from aptckpt.errors import (
     DeviceUnavailableError,
     FormatError,
     IntegrityError,
+    IntoMismatchError,
     RunBusyError,
     StoreBusyError,
     StoreNotFoundError,
@@ -59,6 +61,8 @@ __all__ = [
     "FormatError",
     "GarbageReport",
     "IntegrityError",
+    "IntoMismatchError",
+    "IntoResult",
     "ResumeInfo",
     "RunBusyError",
     "SaveHandle",

@@ -27,6 +27,9 @@ DELTA_CHAIN_PENALTY = 0.1
 DEFAULT_DELTA_CACHE_BYTES = 1 << 30
 #: Largest manifest a reader accepts (a manifest of 10 million chunks is ~400 MB).
 MAX_MANIFEST_BYTES = 1 << 30
+#: ``bytes`` and ``str`` values this long or longer (in UTF-8) are stored as data (a uint8
+#: tensor: chunked, compressed, verified), not inline in the manifest.
+MAX_INLINE_BYTES = 64 << 10
 #: Deepest container nesting of a state (the skeleton must stay within msgpack's stack).
 MAX_NESTING = 200
 #: Largest chunk size a writer may choose, and so a reader accepts.

@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeAlias, overload
 
 import torch
 
-from aptckpt import _background, _dtypes, _gc, registry, tree
+from aptckpt import _background, _dtypes, _gc, _into, registry, tree
 from aptckpt import manifest as mf
 from aptckpt._atomic import CheckpointReader, CheckpointWriter, remove_checkpoint, write_error
 from aptckpt._background import SaveHandle
@@ -41,6 +41,7 @@ from aptckpt.errors import (
 
 __all__ = [
     "CheckpointInfo",
+    "IntoResult",
     "SaveHandle",
     "SaveInfo",
     "TensorInfo",
@@ -483,6 +484,48 @@ def _read_tensors(
     return tensors
 
 
+@dataclass(frozen=True)
+class IntoResult:
+    """What :func:`load` returns with ``into=``: the state, and the keys that did not match
+    (always empty with ``strict=True``, which raises instead), as ``load_state_dict``
+    reports them.
+
+    Attributes:
+        state: the whole saved state; its tensors that had a destination are the
+            destination objects themselves.
+        missing_keys: key paths of destinations no saved tensor filled.
+        unexpected_keys: key paths of saved tensors no destination took.
+    """
+
+    state: Any
+    missing_keys: tuple[str, ...]
+    unexpected_keys: tuple[str, ...]
+
+
+@overload
+def load(
+    path: PathLike,
+    *,
+    map_location: MapLocation = ...,
+    verify: bool = ...,
+    into: None = ...,
+    strict: bool = ...,
+    mmap: bool = ...,
+) -> Any: ...
+
+
+@overload
+def load(
+    path: PathLike,
+    *,
+    map_location: MapLocation = ...,
+    verify: bool = ...,
+    into: object,
+    strict: bool = ...,
+    mmap: bool = ...,
+) -> IntoResult: ...
+
+
 @_gc.pausing
 def load(
     path: PathLike,
@@ -490,6 +533,7 @@ def load(
     map_location: MapLocation = None,
     verify: bool = True,
     into: Any = None,
+    strict: bool = True,
     mmap: bool = False,
 ) -> Any:
     """Load the state saved at ``path``, bit for bit.
@@ -501,14 +545,16 @@ def load(
             callable taking the saved device name (called once per saved device).
         verify: check every chunk's digest (default). ``False`` still checks
             sizes and structure, and never unpickles.
-        into: existing tensors to fill in place: a nested dict/list of tensors
-            shaped like the saved state (or part of it), or an ``nn.Module`` whose
-            ``state_dict()`` is the saved state. A saved tensor whose key path
-            matches a destination of the same dtype and shape is written into it
-            -- decoded straight into its memory when it is a contiguous CPU tensor
-            (no second copy), copied otherwise -- and the returned state holds the
-            destination object itself. If the load fails part-way (damage),
-            destinations may hold partial data.
+        into: existing tensors to fill in place, as ``Module.load_state_dict`` fills
+            them: an ``nn.Module`` (its ``state_dict(keep_vars=True)``; compiled and
+            DDP wrappers are unwrapped), or a nesting of dicts/lists of tensors and numpy
+            arrays, matched to the saved ones by key path. Contiguous CPU destinations are
+            decoded into directly (no second copy), others copied into; tied weights are
+            handled either way (see :mod:`aptckpt._into`). ``map_location`` does not apply
+            to them. If the load fails part-way (damage), destinations may hold partial data.
+        strict: with ``into``, refuse (before reading anything) when a saved tensor has
+            no destination or a destination no saved tensor; ``False`` fills what matches
+            and reports the rest in the result.
         mmap: return tensors stored uncompressed (``zstd`` with ``codec="none"``,
             and incompressible chunks) as copy-on-write memory maps of the
             checkpoint's files instead of reading them: nothing is copied or
@@ -518,67 +564,54 @@ def load(
             while the tensors live (aptckpt never does; deleting the checkpoint is
             safe). Tensors mapped to another device are copied there. Not with ``into``.
 
+    Returns:
+        The state; with ``into``, an :class:`IntoResult` holding it and the unmatched keys.
+
     Raises:
         CheckpointNotFoundError: ``path`` is not a committed checkpoint.
         IntegrityError: stored bytes differ from their digests; names file and tensor.
         FormatError: malformed manifest (UnsupportedFormatVersionError if newer).
         DeviceUnavailableError: a saved device is missing; pass ``map_location``.
-        ValueError: a destination in ``into`` has another dtype or shape.
+        IntoMismatchError: (a ValueError) ``into`` does not match the checkpoint: keys
+            (with ``strict``), kinds, dtypes or shapes, or ``meta`` destinations.
     """
     if mmap and into is not None:
         raise ValueError("load() takes mmap=True or into=, not both: into= already reuses memory")
     reader, manifest, impl = _open(path)
     keys = _KeyPaths(manifest)
-    targets = _destinations(into, keys.all(), manifest) if into is not None else None
-    tensors = _read_tensors(reader, manifest, impl, verify=verify, targets=targets, mapped=mmap)
+    plan = _into.plan(into, manifest, strict=strict) if into is not None else None
+    tensors = _read_tensors(
+        reader,
+        manifest,
+        impl,
+        verify=verify,
+        targets=plan.direct if plan is not None else None,
+        mapped=mmap,
+    )
     restored = []
     devices: dict[str, torch.device] = {}  # saved device -> target, resolved once each
     for index, (t, r) in enumerate(zip(tensors, manifest.tensors, strict=True)):
-        target = targets[index] if targets is not None else None
-        if target is None:
-            device = devices.get(r.device)
-            if device is None:
-                device = devices[r.device] = _resolve_device(
-                    r.device, map_location, functools.partial(keys.__getitem__, index)
-                )
-            restored.append(_restore(t, r, device, keys, index))
-            continue
-        if t.data_ptr() != target.data_ptr():  # not decoded in place
-            with torch.no_grad():
-                target.copy_(t)  # a device, strided or view destination: one copy
-        restored.append(target)
-    return tree.rebuild(manifest.skeleton, restored)
-
-
-def _destinations(into: Any, keys: list[str], manifest: mf.Manifest) -> list[torch.Tensor | None]:
-    """The destination tensor of every saved tensor (by key path), checked."""
-    if isinstance(into, torch.nn.Module):
-        into = into.state_dict(keep_vars=True)
-    found: dict[str, torch.Tensor] = {}
-
-    def walk(node: Any, path: str) -> None:
-        if torch.is_tensor(node):
-            found.setdefault(path, node)
-        elif isinstance(node, Mapping):
-            for key, value in node.items():
-                walk(value, tree.child_path(path, key))
-        elif isinstance(node, (list, tuple)):
-            for i, value in enumerate(node):
-                walk(value, tree.child_path(path, i))
-
-    walk(into, "state")
-    out: list[torch.Tensor | None] = []
-    for key, record in zip(keys, manifest.tensors, strict=True):
-        target = found.get(key)
-        if target is not None and (
-            _dtypes.dtype_name(target.dtype) != record.dtype or tuple(target.shape) != record.shape
-        ):
-            raise ValueError(
-                f"into: {key} is {_dtypes.dtype_name(target.dtype)} {tuple(target.shape)}, but "
-                f"the checkpoint holds {record.dtype} {record.shape} there; nothing was read"
+        if plan is not None:
+            direct, copies = plan.direct[index], plan.copies[index]
+            if direct is not None or copies:
+                # In the checkpoint's order, one after the other: several saved tensors
+                # aimed at one destination leave the last one there, never a mix.
+                with torch.no_grad():
+                    for destination in copies:
+                        destination.copy_(t)
+                restored.append(direct if direct is not None else copies[0])
+                continue
+        device = devices.get(r.device)
+        if device is None:
+            device = devices[r.device] = _resolve_device(
+                r.device, map_location, functools.partial(keys.__getitem__, index)
             )
-        out.append(target)
-    return out
+        restored.append(_restore(t, r, device, keys, index))
+    state = tree.rebuild(manifest.skeleton, restored)
+    if plan is None:
+        return state
+    _into.fill_composites(plan, state)
+    return IntoResult(state, plan.missing, plan.unexpected)
 
 
 def inspect(path: PathLike) -> CheckpointInfo:

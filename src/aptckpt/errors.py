@@ -19,6 +19,7 @@ __all__ = [
     "DeviceUnavailableError",
     "FormatError",
     "IntegrityError",
+    "IntoMismatchError",
     "NativeUnavailableError",
     "RunBusyError",
     "StoreBusyError",
@@ -157,6 +158,24 @@ class IntegrityError(AptckptError, ValueError):
             else:
                 message = f"{message} (file '{file}')"
         self.problems = problems or (message,)
+        super().__init__(message)
+
+
+class IntoMismatchError(AptckptError, ValueError):
+    """``load(..., into=...)`` cannot fill the destinations as asked: keys that do not match
+    (with ``strict=True``), or a destination of another kind, dtype or shape. Raised before
+    anything is read, so the destinations are untouched.
+
+    Attributes:
+        missing_keys: destinations no saved tensor fills.
+        unexpected_keys: saved tensors no destination takes.
+    """
+
+    def __init__(
+        self, message: str, *, missing: tuple[str, ...], unexpected: tuple[str, ...]
+    ) -> None:
+        self.missing_keys = missing
+        self.unexpected_keys = unexpected
         super().__init__(message)
 
 

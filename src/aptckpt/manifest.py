@@ -1,4 +1,4 @@
-"""The manifest: the one file that makes a directory a checkpoint (format v1).
+"""The manifest: the one file that makes a directory a checkpoint (format v3).
 
 A checkpoint directory exists as a checkpoint if and only if its
 ``manifest.msgpack`` exists; it is written last. This module owns the
@@ -11,6 +11,9 @@ byte of the file before the digest itself. A reader checks it before it trusts
 anything else in the file, so a flipped bit anywhere in a manifest -- a plain
 value such as the epoch, a dtype, a chunk digest -- is an error, never a
 silently different state. Version 1 manifests (no checksum) stay readable.
+Version 3 adds skeleton nodes (Counter, defaultdict, sets, numpy values, sparse,
+quantized and expanded tensors, large bytes/str stored as data; :mod:`aptckpt.tree`),
+which a version 2 reader would refuse as malformed.
 
 Every value read from a file is checked for type and range before use: a
 malformed or hostile manifest raises :class:`~aptckpt.errors.FormatError`, never
@@ -50,7 +53,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "aptckpt"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.msgpack"
 #: The first version whose manifests must end with a checksum entry.
 CHECKSUM_SINCE = 2

@@ -6,7 +6,7 @@ of every container and plain value, with each tensor replaced by an index into a
 tensor list. ``rebuild`` inverts it. Backends store the skeleton in the manifest
 and only ever see the flat tensor list.
 
-Skeleton encoding (format v1, see docs/format.md):
+Skeleton encoding (format v3, see docs/format.md section 3):
 
 * ``None``, ``bool``, ``int`` in [-2**63, 2**64), ``float``, ``str`` and ``bytes``
   are stored inline as msgpack values;
@@ -15,7 +15,10 @@ Skeleton encoding (format v1, see docs/format.md):
   ``["list", [...]]``, ``["tuple", [...]]``, ``["tensor", index]``,
   ``["int", "<hex>"]`` (an int outside the msgpack range, e.g. ``"-1f"``),
   ``["complex", real, imag]``, ``["dtype", "float32"]``, ``["device", "cuda:0"]``,
-  ``["size", [d0, d1, ...]]``.
+  ``["size", [d0, d1, ...]]``; since v3 also ``["counter", [k0, v0, ...]]``,
+  ``["defaultdict", [k0, v0, ...], factory]``, ``["set", [...]]``, ``["frozenset", [...]]``
+  and the composite nodes of :mod:`aptckpt._composite` (sparse, quantized and expanded
+  tensors, numpy arrays and scalars, large bytes and str stored as data).
 
 Because containers are always tagged arrays, a user's list can never be mistaken
 for a node. Dict keys are nodes too, so int keys (optimizer state) stay ints.
@@ -27,24 +30,28 @@ and loads as one tensor under both keys. Partially overlapping views are stored
 as independent copies.
 
 Refused (``UnsupportedObjectError`` naming the key path): any other type, which
-would need pickle to restore -- sets, numpy arrays, dataclasses, modules --,
-tensor subclasses other than ``nn.Parameter``, sparse / quantized / named / meta
-tensors, unsupported dtypes, reference cycles and nesting deeper than
-``MAX_NESTING``. Subclasses of int, float and str (``numpy.float64``,
-``IntEnum``) are stored as the base type's value.
+would need pickle to restore -- dataclasses, modules, namedtuples, ``defaultdict`` with a
+factory that is not a builtin type --, tensor subclasses other than ``nn.Parameter``,
+named / meta tensors, unsupported dtypes, reference cycles and nesting deeper than
+``MAX_NESTING``. Subclasses of int, float, str and bytes other than numpy's (``IntEnum``,
+``StrEnum``) are stored as the base type's value: their class could only be restored by
+importing it by name, which is what pickle does.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+import numpy as np
 import torch
 
-from aptckpt import _dtypes
-from aptckpt._config import MAX_NESTING
+from aptckpt import _composite, _dtypes
+from aptckpt._composite import COMPOSITE_TAGS
+from aptckpt._config import MAX_INLINE_BYTES, MAX_NESTING
 from aptckpt.errors import FormatError, UnsupportedObjectError
 
 __all__ = [
@@ -56,14 +63,40 @@ __all__ = [
     "flatten",
     "key_paths",
     "rebuild",
+    "tensor_index",
+    "torch_form",
+    "walk",
 ]
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 _MAX_BIG_INT_BITS = 1 << 20
 _SUPPORTED_HINT = (
-    "supported: dict, OrderedDict, list, tuple, None, bool, int, float, complex, str, bytes, "
-    "torch.dtype, torch.device, torch.Size and dense tensors / nn.Parameter"
+    "supported: dict, OrderedDict, Counter, defaultdict (of a builtin factory), list, tuple, "
+    "set, frozenset, None, bool, int, float, complex, str, bytes, torch.dtype, torch.device, "
+    "torch.Size, numpy arrays and scalars, and tensors / nn.Parameter (dense, sparse, "
+    "quantized)"
 )
+#: defaultdict factories stored by name: builtin types, restored without importing anything.
+_FACTORIES: dict[str, Any] = {
+    f.__name__: f
+    for f in (
+        list,
+        dict,
+        set,
+        frozenset,
+        tuple,
+        int,
+        float,
+        complex,
+        str,
+        bytes,
+        bool,
+        collections.Counter,
+        collections.OrderedDict,
+    )
+}
+_DICT_TAGS = ("dict", "odict", "counter", "defaultdict")
+_SET_TAGS = ("set", "frozenset")
 
 
 @dataclass(frozen=True)
@@ -132,14 +165,12 @@ def _check_tensor(t: torch.Tensor, path: str) -> None:
             "tensor subclasses other than nn.Parameter need pickle; "
             "convert it to a plain tensor (e.g. torch.Tensor(x) or x.full_tensor())",
         )
-    if t.layout != torch.strided:
-        raise _refuse(t, path, f"layout {t.layout} is not supported; call .to_dense() first")
-    if t.is_quantized or not _dtypes.is_supported(t.dtype):
+    if not _dtypes.is_supported(t.dtype):
         raise _refuse(
             t,
             path,
-            f"dtype {t.dtype} is not supported (torch.save cannot store it "
-            "either); dequantize or cast it first",
+            f"dtype {t.dtype} is not supported (a placeholder dtype with no stable storage "
+            "format); cast it first",
         )
     if t.device.type == "meta":
         raise _refuse(t, path, "a meta tensor holds no data; materialise it first")
@@ -154,7 +185,7 @@ def _is_plain_scalar(value: Any) -> bool:
     kind = type(value)
     return (
         kind is float
-        or kind is str
+        or (kind is str and len(value) < MAX_INLINE_BYTES // 4)
         or value is None
         or kind is bool
         or (kind is int and _INT_MIN <= value <= _INT_MAX)
@@ -167,9 +198,34 @@ class _Flattener:
         self._by_id: dict[int, int] = {}
         self._by_alias: dict[tuple[Any, ...], int] = {}
         self._active: set[int] = set()  # containers on the current path, for cycle detection
-        self._keepalive: list[torch.Tensor] = []  # ids must stay unique while we walk
+        self._keepalive: list[Any] = []  # ids must stay unique while we walk
+        self._composites: dict[int, list[Any]] = {}  # id -> node of a composite value
 
     def tensor(self, t: torch.Tensor, path: str) -> list[Any]:
+        if type(t) in (torch.Tensor, torch.nn.Parameter) and (
+            t.layout != torch.strided
+            or t.is_quantized
+            or (
+                not t.requires_grad
+                and type(t) is torch.Tensor
+                and t.device.type != "meta"
+                and _composite.is_expanded(t)
+            )
+        ):
+            return self.composite(t, lambda: _composite.encode_tensor(t, path, self.plain_tensor))
+        return self.plain_tensor(t, path)
+
+    def composite(self, obj: Any, encode: Any) -> list[Any]:
+        """The node of a composite value, made once per object: the same sparse tensor or
+        array reached twice stores its parts once."""
+        node = self._composites.get(id(obj))
+        if node is None:
+            node = self._composites[id(obj)] = encode()
+            self._keepalive.append(obj)
+        return node
+
+    def plain_tensor(self, t: torch.Tensor, path: str) -> list[Any]:
+        """The ``["tensor", i]`` node of a dense strided tensor, aliases merged."""
         _check_tensor(t, path)
         index = self._by_id.get(id(t))
         if index is None:
@@ -185,13 +241,17 @@ class _Flattener:
             self._keepalive.append(t)
         return ["tensor", index]
 
-    def node(self, obj: Any, path: str, depth: int) -> Any:
+    def node(self, obj: Any, path: str, depth: int, *, inline: bool = False) -> Any:
         if obj is None or isinstance(obj, bool):
             return obj
-        if isinstance(obj, str):
-            return str(obj)  # a str subclass (StrEnum) is stored as its value
-        if isinstance(obj, bytes):
-            return bytes(obj)
+        if isinstance(obj, np.generic):  # before int/float/str: np.float64 is a float
+            return _composite.numpy_scalar_node(obj, path)
+        if isinstance(obj, (str, bytes)):
+            large = None if inline else _composite.large_plain_node(obj, path, self.plain_tensor)
+            if large is not None:
+                return large
+            # a subclass (StrEnum) is stored as its value
+            return str(obj) if isinstance(obj, str) else bytes(obj)
         if isinstance(obj, int):
             value = int(obj)
             if _INT_MIN <= value <= _INT_MAX:
@@ -213,14 +273,22 @@ class _Flattener:
             return ["device", str(obj)]
         if isinstance(obj, torch.Size):
             return ["size", [int(d) for d in obj]]
-        if type(obj) in (dict, collections.OrderedDict, list, tuple):
+        if type(obj) in _CONTAINERS:
             return self.container(obj, path, depth)
-        if isinstance(obj, (dict, list, tuple)):
+        if isinstance(obj, np.ndarray):
+            return self.composite(
+                obj, lambda: _composite.ndarray_node(obj, path, self.plain_tensor)
+            )
+        if isinstance(obj, (dict, list, tuple, set, frozenset)):
+            hint = (
+                "convert it with x._asdict() or tuple(x)"
+                if isinstance(obj, tuple)
+                else "convert it to a dict, list, tuple or set"
+            )
             raise _refuse(
                 obj,
                 path,
-                "container subclasses (namedtuple, defaultdict, ...) need "
-                "pickle; convert it to a dict, list or tuple",
+                f"container subclasses (namedtuple, dataclass-like dicts, ...) need pickle; {hint}",
             )
         raise _refuse(obj, path, _SUPPORTED_HINT)
 
@@ -240,13 +308,27 @@ class _Flattener:
                         if _is_plain_scalar(value)
                         else self.node(value, child_path(path, key), depth + 1)
                     )
-                if type(obj) is dict:
+                kind = type(obj)
+                if kind is dict:
                     return ["dict", items]
+                if kind is collections.Counter:
+                    return ["counter", items]
+                if kind is collections.defaultdict:
+                    return [
+                        "defaultdict",
+                        items,
+                        self.factory(getattr(obj, "default_factory", None), obj, path),
+                    ]
                 meta = getattr(obj, "_metadata", None)
                 meta_node = (
                     None if meta is None else self.node(meta, path + "._metadata", depth + 1)
                 )
                 return ["odict", items, meta_node]
+            if isinstance(obj, (set, frozenset)):
+                members = [self.key(v, path, what="a set member") for v in obj]
+                # Sets have no order: sorted by encoding, so that equal sets store the same bytes.
+                members.sort(key=lambda n: msgpack.packb(n, use_bin_type=True))
+                return ["set" if type(obj) is set else "frozenset", members]
             tag = "list" if type(obj) is list else "tuple"
             return [
                 tag,
@@ -258,10 +340,39 @@ class _Flattener:
         finally:
             self._active.discard(id(obj))
 
-    def key(self, key: Any, path: str) -> Any:
-        if isinstance(key, (torch.Tensor, dict, list)):
-            raise _refuse(key, f"{path} (a dict key)", "dict keys must be plain values")
-        return self.node(key, f"{path} (key {key!r})", MAX_NESTING - 1)
+    def key(self, key: Any, path: str, *, what: str = "a dict key") -> Any:
+        if isinstance(key, (torch.Tensor, np.ndarray, dict, list, set)):
+            raise _refuse(key, f"{path} ({what})", f"{what} must be a plain value")
+        return self.node(key, f"{path} ({what} {key!r})", MAX_NESTING - 1, inline=True)
+
+    @staticmethod
+    def factory(factory: Any, obj: Any, path: str) -> str | None:
+        """The name a defaultdict's factory is stored by (None: no factory)."""
+        if factory is None:
+            return None
+        name = getattr(factory, "__name__", None)
+        if name is None or _FACTORIES.get(name) is not factory:
+            raise _refuse(
+                obj,
+                path,
+                f"its default_factory {factory!r} is not a builtin type and would need pickle; "
+                f"use one of {', '.join(sorted(_FACTORIES))}, or store dict(x)",
+            )
+        return str(name)
+
+
+_CONTAINERS = frozenset(
+    {
+        dict,
+        collections.OrderedDict,
+        collections.Counter,
+        collections.defaultdict,
+        list,
+        tuple,
+        set,
+        frozenset,
+    }
+)
 
 
 def flatten(state: Any, *, root: str = "state") -> FlatState:
@@ -296,12 +407,16 @@ def _bad(message: str) -> FormatError:
 
 
 class _Make:
-    """A container whose children are being built: assembled once they all are."""
+    """A container whose children are being built: assembled once they all are.
 
-    __slots__ = ("count", "meta", "tag")
+    ``count`` children are on the stack (an OrderedDict's ``_metadata`` node last, when
+    ``meta_child``); ``extra`` is the node's plain parameter (a defaultdict's factory, a
+    composite's meta)."""
 
-    def __init__(self, tag: str, count: int, meta: bool) -> None:
-        self.tag, self.count, self.meta = tag, count, meta
+    __slots__ = ("count", "extra", "meta_child", "tag")
+
+    def __init__(self, tag: str, count: int, meta_child: bool, extra: Any) -> None:
+        self.tag, self.count, self.meta_child, self.extra = tag, count, meta_child, extra
 
 
 class _Builder:
@@ -312,6 +427,9 @@ class _Builder:
     def __init__(self, tensors: Sequence[Any]) -> None:
         self.tensors = tensors
         self.used = [False] * len(tensors)
+        # A composite reached twice (a sparse or expanded tensor under two keys) is one node
+        # built from the same parts: it comes back as one object, as a tensor does.
+        self.composites: dict[tuple[Any, ...], Any] = {}
 
     def build(self, root: Any) -> Any:
         todo: list[tuple[Any, int] | _Make] = [(root, 0)]
@@ -319,7 +437,7 @@ class _Builder:
         while todo:
             task = todo.pop()
             if isinstance(task, _Make):
-                done.append(self.assemble(task, done))
+                done.append(self.assemble(task, done, self.composites))
                 continue
             node, depth = task
             if node is None or isinstance(node, (bool, int, float, str, bytes)):
@@ -327,46 +445,53 @@ class _Builder:
                 continue
             if not isinstance(node, list) or not node or not isinstance(node[0], str):
                 raise _bad(f"unexpected node {type(node).__name__}")
-            tag = node[0]
-            if tag in ("list", "tuple"):
-                if len(node) != 2 or not isinstance(node[1], list):
-                    raise _bad(f"{tag} node needs one list of items")
-                children = node[1]
-                meta = False
-            elif tag in ("dict", "odict"):
-                if len(node) < 2 or not isinstance(node[1], list) or len(node[1]) % 2:
-                    raise _bad(f"{tag!r} node needs a flat [key, value, ...] list")
-                meta = tag == "odict" and len(node) > 2 and node[2] is not None
-                children = [*node[1], node[2]] if meta else node[1]
-            else:
-                done.append(self.leaf(tag, node))
+            make = _container(node)
+            if make is None:
+                done.append(self.leaf(node[0], node))
                 continue
+            children = node[1]
+            if make.meta_child:
+                children = [*children, node[2]]
             if depth >= MAX_NESTING:  # flatten() never nests containers deeper
                 raise _bad(f"containers nested deeper than {MAX_NESTING} levels")
-            todo.append(_Make(tag, len(children), meta))
+            todo.append(make)
             todo.extend((child, depth + 1) for child in reversed(children))
         return done[0]
 
     @staticmethod
-    def assemble(make: _Make, done: list[Any]) -> Any:
+    def assemble(make: _Make, done: list[Any], composites: dict[tuple[Any, ...], Any]) -> Any:
         start = len(done) - make.count
         values = done[start:]
         del done[start:]
-        if make.tag == "list":
+        tag = make.tag
+        if tag == "list":
             return values
-        if make.tag == "tuple":
+        if tag == "tuple":
             return tuple(values)
-        meta = values.pop() if make.meta else None
+        if tag in COMPOSITE_TAGS:
+            key = (tag, *map(id, values), msgpack.packb(make.extra, use_bin_type=True))
+            built = composites.get(key)
+            if built is None:
+                built = composites[key] = _composite.decode(tag, values, make.extra)
+            return built
+        if tag in _SET_TAGS:
+            _check_hashable(values, "set member")
+            members = set(values) if tag == "set" else frozenset(values)
+            if len(members) != len(values):
+                raise _bad(f"{tag} node lists a member twice")
+            return members
+        meta = values.pop() if make.meta_child else None
         pairs = list(zip(values[0::2], values[1::2], strict=True))
-        for key, _ in pairs:
-            try:
-                hash(key)
-            except TypeError as err:
-                raise _bad(f"unhashable dict key {key!r}") from err
-        if make.tag == "dict":
+        _check_hashable([key for key, _ in pairs], "dict key")
+        if tag == "dict":
             return dict(pairs)
+        if tag == "counter":
+            return collections.Counter(dict(pairs))
+        if tag == "defaultdict":
+            factory = None if make.extra is None else _FACTORIES[make.extra]
+            return collections.defaultdict(factory, pairs)
         od = collections.OrderedDict(pairs)
-        if make.meta:
+        if make.meta_child:
             od._metadata = meta  # type: ignore[attr-defined]
         return od
 
@@ -384,6 +509,8 @@ class _Builder:
                 raise _bad(f"bad big int {arg!r}") from err
         if tag == "complex" and len(node) == 3 and all(isinstance(x, float) for x in node[1:]):
             return complex(node[1], node[2])
+        if tag == "numpy":
+            return _composite.decode_numpy_scalar(node)
         if tag == "dtype":
             dtype = _dtypes.dtype_from_name(arg) if isinstance(arg, str) else None
             if dtype is None:
@@ -401,6 +528,42 @@ class _Builder:
         raise _bad(f"unknown or malformed node {tag!r}")
 
 
+def _container(node: list[Any]) -> _Make | None:
+    """How to build a container or composite node (validated), or None for a leaf."""
+    tag = node[0]
+    items = node[1] if len(node) > 1 else None
+    if tag in ("list", "tuple", *_SET_TAGS):
+        if len(node) != 2 or not isinstance(items, list):
+            raise _bad(f"{tag} node needs one list of items")
+        return _Make(tag, len(items), False, None)
+    if tag in _DICT_TAGS:
+        if not isinstance(items, list) or len(items) % 2:
+            raise _bad(f"{tag!r} node needs a flat [key, value, ...] list")
+        extra = node[2] if len(node) > 2 else None
+        if tag == "odict":
+            meta_child = extra is not None
+            return _Make(tag, len(items) + meta_child, meta_child, None)
+        if tag == "defaultdict" and extra is not None and extra not in _FACTORIES:
+            raise _bad(f"defaultdict factory {extra!r} is not one aptckpt stores")
+        return _Make(tag, len(items), False, extra)
+    if tag in COMPOSITE_TAGS:
+        if len(node) != 3 or not isinstance(items, list):
+            raise _bad(f"{tag!r} node needs [tag, [tensor nodes], meta]")
+        for child in items:
+            if not (isinstance(child, list) and len(child) == 2 and child[0] == "tensor"):
+                raise _bad(f"{tag!r} node has a part that is not a tensor node: {child!r}")
+        return _Make(tag, len(items), False, node[2])
+    return None
+
+
+def _check_hashable(values: list[Any], what: str) -> None:
+    for value in values:
+        try:
+            hash(value)
+        except TypeError as err:
+            raise _bad(f"unhashable {what} {value!r}") from err
+
+
 def rebuild(skeleton: Any, tensors: Sequence[Any]) -> Any:
     """Rebuild a state from its skeleton; ``["tensor", i]`` becomes ``tensors[i]``.
 
@@ -415,6 +578,38 @@ def rebuild(skeleton: Any, tensors: Sequence[Any]) -> Any:
     return state
 
 
+def walk(skeleton: Any, *, root: str = "state") -> Iterator[tuple[list[Any], str, bool]]:
+    """Every tagged node of ``skeleton`` in document order: ``(node, key path, inside)``,
+    ``inside`` being true for the tensor parts of a composite node (their paths extend the
+    composite's: ``state['emb'].values``). Never raises: malformed nodes are skipped."""
+    stack: list[tuple[Any, str, bool]] = [(skeleton, root, False)]
+    while stack:
+        node, path, inside = stack.pop()
+        if not isinstance(node, list) or len(node) < 2 or not isinstance(node[0], str):
+            continue
+        yield node, path, inside
+        tag, arg = node[0], node[1]
+        if not isinstance(arg, list):
+            continue
+        if tag in ("list", "tuple"):
+            stack.extend((v, f"{path}[{i}]", False) for i, v in reversed(list(enumerate(arg))))
+        elif tag in _DICT_TAGS:
+            pairs = [(arg[i], arg[i + 1]) for i in range(0, len(arg) - 1, 2)]
+            stack.extend((v, f"{path}[{_key_repr(k)}]", False) for k, v in reversed(pairs))
+        elif tag in COMPOSITE_TAGS and len(node) == 3:
+            stack.extend(
+                (v, path + _composite.component_suffix(tag, node[2], i), True)
+                for i, v in reversed(list(enumerate(arg)))
+            )
+
+
+def tensor_index(node: list[Any], count: int) -> int | None:
+    """The index of a ``["tensor", i]`` node, if it is one with ``i`` in range."""
+    if node[0] == "tensor" and type(node[1]) is int and 0 <= node[1] < count:
+        return int(node[1])
+    return None
+
+
 def key_paths(skeleton: Any, count: int, *, root: str = "state") -> list[str]:
     """The key path where each of ``count`` tensors first appears in ``skeleton``.
 
@@ -422,25 +617,17 @@ def key_paths(skeleton: Any, count: int, *, root: str = "state") -> list[str]:
     """
     paths = [f"tensor #{i}" for i in range(count)]
     seen = [False] * count
-    stack: list[tuple[Any, str]] = [(skeleton, root)]
-    while stack:
-        node, path = stack.pop()
-        if not isinstance(node, list) or len(node) < 2 or not isinstance(node[0], str):
-            continue
-        tag, arg = node[0], node[1]
-        if tag == "tensor" and type(arg) is int and 0 <= arg < count and not seen[arg]:
-            seen[arg] = True
-            paths[arg] = path
-        elif tag in ("list", "tuple") and isinstance(arg, list):
-            stack.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(arg))))
-        elif tag in ("dict", "odict") and isinstance(arg, list):
-            pairs = [(arg[i], arg[i + 1]) for i in range(0, len(arg) - 1, 2)]
-            stack.extend((v, f"{path}[{_key_repr(k)}]") for k, v in reversed(pairs))
+    for node, path, _ in walk(skeleton, root=root):
+        index = tensor_index(node, count)
+        if index is not None and not seen[index]:
+            seen[index] = True
+            paths[index] = path
     return paths
 
 
 def find_plain(skeleton: Any, predicate: Any, *, root: str = "state") -> list[str]:
-    """Key paths of the inline plain values (and dict keys) of ``skeleton`` matching ``predicate``.
+    """Key paths of the inline plain values (and dict keys, set members) of ``skeleton``
+    matching ``predicate``.
 
     Lets a backend refuse values it cannot represent, naming where they are.
     """
@@ -457,14 +644,37 @@ def find_plain(skeleton: Any, predicate: Any, *, root: str = "state") -> list[st
         tag, arg = node[0], node[1]
         if tag in ("list", "tuple"):
             stack.extend((v, f"{path}[{i}]") for i, v in enumerate(arg))
-        elif tag in ("dict", "odict"):
+        elif tag in _SET_TAGS:
+            stack.extend((v, f"{path} (member {_key_repr(v)})") for v in arg)
+        elif tag in _DICT_TAGS:
             for i in range(0, len(arg) - 1, 2):
                 stack.append((arg[i], f"{path} (key {_key_repr(arg[i])})"))
                 stack.append((arg[i + 1], f"{path}[{_key_repr(arg[i])}]"))
     return sorted(found)
 
 
+def torch_form(skeleton: Any) -> Any:
+    """The skeleton of what the ``torch`` backend puts in its file for ``skeleton``: every
+    node ``torch.load(weights_only=True)`` cannot read replaced by one it can
+    (:func:`aptckpt._composite.torch_form`); flattening that file's state gives it back."""
+    node = _composite.torch_form(skeleton)
+    if not isinstance(node, list) or not node or not isinstance(node[0], str):
+        return node
+    tag = node[0]
+    containers = ("list", "tuple", *_SET_TAGS, *_DICT_TAGS, *COMPOSITE_TAGS)
+    if tag not in containers or len(node) < 2 or not isinstance(node[1], list):
+        return node
+    rest = node[2:]
+    if tag == "odict" and rest:  # its _metadata is a node too
+        rest = [torch_form(rest[0]), *rest[1:]]
+    return [tag, [torch_form(child) for child in node[1]], *rest]
+
+
 def _key_repr(node: Any) -> str:
+    """A dict key in a key path, spelled as :func:`child_path` spells the key itself."""
     if isinstance(node, (str, int, float, bytes)) or node is None:
         return repr(node)
-    return "<key>"
+    try:  # a tuple, big int, numpy scalar, ... key: rebuilt (keys never hold tensors)
+        return repr(_Builder(()).build(node))
+    except (FormatError, RecursionError):
+        return "<key>"

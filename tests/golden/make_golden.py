@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import collections
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import aptckpt
@@ -21,7 +23,8 @@ from aptckpt import _dtypes
 HERE = Path(__file__).parent
 
 
-def golden_state() -> dict[str, Any]:
+def golden_state(version: int = aptckpt.FORMAT_VERSION) -> dict[str, Any]:
+    """The state every golden checkpoint of format ``version`` holds."""
     pattern = bytes(range(256)) * 4
     tensors = {}
     for name, dtype in sorted(_dtypes.DTYPES.items()):
@@ -57,23 +60,65 @@ def golden_state() -> dict[str, Any]:
             torch.Size([3, 4]),
         ),
         "empty": torch.empty(0, 4, dtype=torch.float16),
+        **(_v3_values() if version >= 3 else {}),
+    }
+
+
+def _v3_values() -> dict[str, Any]:
+    """What format version 3 added: containers of torch state dicts, numpy values, sparse,
+    quantized and expanded tensors, large bytes and str stored as data."""
+    weight = torch.arange(24, dtype=torch.float32).reshape(6, 4) / 5
+    weight[::2] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates quantized tensors
+        per_tensor = torch.quantize_per_tensor(weight, 0.25, 3, torch.qint8)
+        per_channel = torch.quantize_per_channel(
+            weight,
+            torch.tensor([0.5, 0.25, 0.125, 1.0], dtype=torch.float64),
+            torch.tensor([0, 1, 2, 3]),
+            1,
+            torch.quint8,
+        )
+    return {
+        "v3": {
+            "counter": collections.Counter({30: 1, 80: 2}),
+            "defaultdict": collections.defaultdict(list, {"a": [1]}),
+            "set": {1, "b", (2, 3)},
+            "frozenset": frozenset({b"x", None}),
+            "np_scalars": [
+                np.float64(-0.0),
+                np.int32(-7),
+                np.bool_(True),
+                np.complex64(1j),
+                np.str_("s"),
+                np.uint64(2**64 - 1),
+            ],
+            "ndarray": np.arange(12, dtype=np.int16).reshape(3, 4),
+            "coo": weight.to_sparse(),
+            "csr": weight.to_sparse_csr(),
+            "quantized": per_tensor,
+            "per_channel": per_channel,
+            "expanded": torch.tensor([1.5, -2.0]).expand(1000, 2),
+            "large_bytes": bytes(range(256)) * 256,  # exactly MAX_INLINE_BYTES: stored as data
+            "large_str": "é" * (1 << 15),
+        }
     }
 
 
 GOLDEN = {
-    "zstd": {"chunk_size": 64, "shard_size": 512},
-    "zstd-raw": {"codec": "none", "chunk_size": 64},
+    "zstd": {"chunk_size": 256, "shard_size": 16 << 10},
+    "zstd-raw": {"codec": "none", "chunk_size": 256},
     "torch": {"chunk_size": 256},
-    "delta": {"chunk_size": 64, "keyframe_every": 8},
+    "delta": {"chunk_size": 256, "keyframe_every": 8},
 }
 #: The ``delta`` golden is a run directory: a chain of checkpoints and their store.
 DELTA_CHAIN = ("s0", "s1", "s2")
 
 
-def delta_state(index: int) -> dict[str, Any]:
+def delta_state(index: int, version: int = aptckpt.FORMAT_VERSION) -> dict[str, Any]:
     """The state of checkpoint ``DELTA_CHAIN[index]``: the golden state with the tied
     weight nudged, so later saves hold unchanged chunks and xor-deltas."""
-    state = golden_state()
+    state = golden_state(version)
     state["tied"]["a"].add_(index / 1024)  # "a" and "b" are one tensor
     return state
 

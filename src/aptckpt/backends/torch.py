@@ -30,6 +30,7 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar, cast
 
@@ -87,7 +88,19 @@ class TorchBackend(Backend):
 
     def write(self, flat: FlatState, writer: CheckpointWriter) -> Any:
         _refuse_unloadable(flat)
-        state = tree.rebuild(flat.skeleton, [_save_form(leaf) for leaf in flat.tensors])
+        # The file holds what torch.load(weights_only=True) reads: numpy values and arrays,
+        # large bytes and defaultdicts in their torch-loadable form (the manifest keeps the
+        # exact skeleton, which the load rebuilds).
+        form = tree.torch_form(flat.skeleton)
+        state = tree.rebuild(form, [_save_form(leaf) for leaf in flat.tensors])
+        if form is not flat.skeleton and not _same_skeleton(tree.flatten(state).skeleton, form):
+            raise UnsupportedObjectError(
+                "the torch backend cannot store this state: in the form torch.load reads "
+                "(numpy values as Python values and tensors, frozensets as tuples) two of its "
+                "values become one; use the zstd backend",
+                key_path="state",
+                type_name="builtins.object",
+            )
         # Direct writes, hashed on the way in: the file is not read back.
         with DirectWriter(writer.path(FILE_NAME), digest_chunk_size=self.options.chunk_size) as f:
             try:
@@ -137,7 +150,7 @@ class TorchBackend(Backend):
                 f"'{record.path}' holds objects aptckpt never saves: {err}", path=where
             ) from err
         if len(flat.tensors) != len(manifest.tensors) or not _same_skeleton(
-            flat.skeleton, manifest.skeleton
+            flat.skeleton, tree.torch_form(manifest.skeleton)
         ):
             raise IntegrityError(
                 f"'{record.path}' does not hold the state its manifest describes; the checkpoint "
@@ -260,7 +273,10 @@ def _digest_at(fd: int, offset: int, length: int) -> bytes:
 
 def _load_safely(f: Any, where: str, name: str) -> Any:
     try:
-        return torch.load(f, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's own rebuild of quantized tensors trips its TypedStorage deprecation
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated")
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise FormatError(
             f"'{name}' needs pickle beyond weights_only to load (it may carry code) and was "

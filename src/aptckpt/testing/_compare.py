@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import struct
 from typing import Any
 
+import numpy as np
 import torch
 
 from aptckpt._dtypes import byte_view
@@ -49,6 +51,21 @@ class _Comparer:
                 getattr(actual, "_metadata", None),
             )
             self.compare(meta_e, meta_a, f"{path}._metadata")
+            if isinstance(expected, collections.defaultdict):
+                factory = actual.default_factory
+                if factory is not expected.default_factory:
+                    raise self.fail(path, f"default_factory {factory!r} differs")
+        elif isinstance(expected, np.ndarray):
+            if (actual.dtype, actual.shape) != (expected.dtype, expected.shape):
+                raise self.fail(
+                    path,
+                    f"array {actual.dtype} {actual.shape} != {expected.dtype} {expected.shape}",
+                )
+            if actual.tobytes() != expected.tobytes():
+                raise self.fail(path, "array bytes differ")
+        elif isinstance(expected, np.generic):
+            if actual.dtype != expected.dtype or actual.tobytes() != expected.tobytes():
+                raise self.fail(path, f"numpy scalar {actual!r} != {expected!r} (bitwise)")
         elif isinstance(expected, (list, tuple)):
             if len(expected) != len(actual):
                 raise self.fail(path, f"length {len(actual)} != {len(expected)}")
@@ -66,6 +83,9 @@ class _Comparer:
     def tensor(self, expected: torch.Tensor, actual: Any, path: str) -> None:
         if type(actual) is not type(expected):
             raise self.fail(path, f"type {type(actual).__name__} != {type(expected).__name__}")
+        if expected.layout != torch.strided or expected.is_quantized:
+            self.composite(expected, actual, path)
+            return
         if actual.dtype != expected.dtype or actual.shape != expected.shape:
             raise self.fail(
                 path,
@@ -88,6 +108,48 @@ class _Comparer:
                 path, "aliasing differs (tied tensors came back untied, or the reverse)"
             )
         self.keep += [expected, actual]
+
+    def composite(self, expected: torch.Tensor, actual: torch.Tensor, path: str) -> None:
+        """Sparse and quantized tensors: equal layout, scheme and parameters, and equal parts."""
+        if (actual.layout, actual.dtype, actual.shape, actual.requires_grad) != (
+            expected.layout,
+            expected.dtype,
+            expected.shape,
+            expected.requires_grad,
+        ):
+            raise self.fail(
+                path,
+                f"{actual.layout} {actual.dtype} {tuple(actual.shape)} != "
+                f"{expected.layout} {expected.dtype} {tuple(expected.shape)}",
+            )
+        parts: list[tuple[torch.Tensor, ...]]
+        if expected.is_quantized:
+            scheme = expected.qscheme()
+            if actual.qscheme() != scheme:
+                raise self.fail(path, f"qscheme {actual.qscheme()} != {scheme}")
+            if scheme == torch.per_tensor_affine:
+                params = [(e.q_scale(), e.q_zero_point()) for e in (expected, actual)]
+                if params[0] != params[1]:
+                    raise self.fail(path, f"scale, zero point {params[1]} != {params[0]}")
+                parts = [(e.int_repr(),) for e in (expected, actual)]
+            else:
+                if actual.q_per_channel_axis() != expected.q_per_channel_axis():
+                    raise self.fail(path, "per-channel axis differs")
+                parts = [
+                    (e.int_repr(), e.q_per_channel_scales(), e.q_per_channel_zero_points())
+                    for e in (expected, actual)
+                ]
+        elif expected.layout == torch.sparse_coo:
+            if actual.is_coalesced() != expected.is_coalesced():
+                raise self.fail(path, "coalesced differs")
+            parts = [(e._indices(), e._values()) for e in (expected, actual)]
+        elif expected.layout in (torch.sparse_csr, torch.sparse_bsr):
+            parts = [(e.crow_indices(), e.col_indices(), e.values()) for e in (expected, actual)]
+        else:
+            parts = [(e.ccol_indices(), e.row_indices(), e.values()) for e in (expected, actual)]
+        for i, (e, a) in enumerate(zip(*parts, strict=True)):
+            if (e.dtype, e.shape) != (a.dtype, a.shape) or _tensor_bytes(e) != _tensor_bytes(a):
+                raise self.fail(path, f"part {i} of the {expected.layout} tensor differs")
 
 
 def assert_state_equal(expected: Any, actual: Any, *, check_device: bool = True) -> None:
@@ -117,6 +179,8 @@ def _compare_devices(expected: Any, actual: Any, path: str) -> None:
     elif isinstance(expected, dict):
         for key in expected:
             _compare_devices(expected[key], actual[key], f"{path}[{key!r}]")
+    elif isinstance(expected, (set, frozenset)):
+        return
     elif isinstance(expected, (list, tuple)):
         for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
             _compare_devices(e, a, f"{path}[{i}]")

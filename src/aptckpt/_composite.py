@@ -1,0 +1,438 @@
+"""Values stored as tagged nodes whose parts are dense tensors or plain values (format v3).
+
+:mod:`aptckpt.tree` stores dense strided tensors, plain values and the builtin containers
+itself; this module adds the values that torch and numpy states hold besides them, each
+stored exactly and without pickle:
+
+* sparse tensors (COO, CSR, CSC, BSR, BSC) as their index and value tensors;
+* quantized tensors (per-tensor and per-channel affine) as their integer representation
+  plus their quantization parameters;
+* *expanded* tensors (a dimension of stride 0, ``x.expand(...)``) as the small tensor they
+  view, expanded again on load, instead of materialising every repeated element;
+* numpy arrays as a tensor of the same bytes, numpy scalars (``np.float64``) as their
+  dtype and bytes;
+* large ``bytes`` and ``str`` values (:data:`~aptckpt._config.MAX_INLINE_BYTES` and over) as
+  a ``uint8`` tensor: data files, chunked, compressed and verified like any tensor, instead
+  of an ever larger manifest.
+
+A composite node is ``[tag, [child nodes], meta]`` where the children are ``["tensor", i]``
+nodes and ``meta`` a plain msgpack value; numpy scalars are the leaf ``["numpy", dtype,
+value]``. :func:`decode` checks everything a hostile manifest could get wrong (index
+bounds of sparse tensors included) and raises :class:`~aptckpt.errors.FormatError`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from aptckpt import _dtypes
+from aptckpt._config import MAX_INLINE_BYTES
+from aptckpt.errors import FormatError, UnsupportedObjectError
+
+__all__ = [
+    "COMPOSITE_TAGS",
+    "component_suffix",
+    "decode",
+    "decode_numpy_scalar",
+    "encode_tensor",
+    "is_expanded",
+    "ndarray_node",
+    "numpy_scalar_node",
+    "torch_form",
+]
+
+#: Tags of composite nodes: ``[tag, [children], meta]``.
+COMPOSITE_TAGS = frozenset({"sparse", "quantized", "expand", "ndarray", "bytes", "str"})
+
+#: A component tensor is added to the state's tensor list; returns its ``["tensor", i]`` node.
+AddTensor = Callable[[torch.Tensor, str], list[Any]]
+
+_SPARSE_LAYOUTS = {
+    torch.sparse_coo: "coo",
+    torch.sparse_csr: "csr",
+    torch.sparse_csc: "csc",
+    torch.sparse_bsr: "bsr",
+    torch.sparse_bsc: "bsc",
+}
+_LAYOUT_BY_NAME = {name: layout for layout, name in _SPARSE_LAYOUTS.items()}
+#: The component tensors of each sparse layout, in stored order (their key-path suffixes).
+_SPARSE_PARTS = {
+    "coo": ("indices", "values"),
+    "csr": ("crow_indices", "col_indices", "values"),
+    "csc": ("ccol_indices", "row_indices", "values"),
+    "bsr": ("crow_indices", "col_indices", "values"),
+    "bsc": ("ccol_indices", "row_indices", "values"),
+}
+_QUANTIZED_PARTS = {
+    "per_tensor_affine": ("int_repr",),
+    "per_channel_affine": ("int_repr", "scales", "zero_points"),
+    "per_channel_affine_float_qparams": ("int_repr", "scales", "zero_points"),
+}
+#: Quantized dtype -> the dtype of its integer representation. The sub-byte packed dtypes
+#: (quint4x2, quint2x4) have no constructor from their representation and are refused.
+_QUANTIZED_REPR = {
+    torch.qint8: torch.int8,
+    torch.quint8: torch.uint8,
+    torch.qint32: torch.int32,
+}
+_QDTYPE_BY_NAME = {str(q).removeprefix("torch."): q for q in _QUANTIZED_REPR}
+
+#: numpy scalar and array dtypes stored exactly: every fixed-size numeric dtype that is the
+#: same on every platform (``longdouble`` is not: 80-bit on x86, 128-bit elsewhere).
+_NUMPY_NUMERIC = frozenset(
+    {
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
+    }
+)
+
+
+def _refuse(obj: object, path: str, why: str) -> UnsupportedObjectError:
+    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    return UnsupportedObjectError(
+        f"cannot store {name} at {path}: {why}", key_path=path, type_name=name
+    )
+
+
+def _bad(message: str) -> FormatError:
+    return FormatError(f"malformed state skeleton: {message}")
+
+
+# ------------------------------------------------------------------ saving
+
+
+def is_expanded(t: torch.Tensor) -> bool:
+    """True for a tensor that repeats elements through a zero stride (``x.expand(...)``)."""
+    return t.numel() > 0 and any(
+        stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape, strict=True)
+    )
+
+
+def encode_tensor(t: torch.Tensor, path: str, add: AddTensor) -> list[Any]:
+    """The node of a sparse, quantized or expanded tensor; its parts go through ``add``."""
+    if t.device.type == "meta":
+        raise _refuse(t, path, "a meta tensor holds no data; materialise it first")
+    if t.layout != torch.strided:
+        return _encode_sparse(t, path, add)
+    if t.is_quantized:
+        return _encode_quantized(t, path, add)
+    # An expanded tensor: the tensor it views, with size 1 along every zero-stride dimension.
+    sizes = [1 if stride == 0 else size for stride, size in zip(t.stride(), t.shape, strict=True)]
+    compact = t.as_strided(sizes, t.stride(), t.storage_offset())
+    return ["expand", [add(compact, path)], list(t.shape)]
+
+
+def _encode_sparse(t: torch.Tensor, path: str, add: AddTensor) -> list[Any]:
+    layout = _SPARSE_LAYOUTS.get(t.layout)
+    if layout is None:
+        raise _refuse(t, path, f"layout {t.layout} is not supported; call .to_dense() first")
+    if layout == "coo":
+        parts = [t._indices(), t._values()]  # as stored: an uncoalesced tensor stays so
+    elif layout in ("csr", "bsr"):
+        parts = [t.crow_indices(), t.col_indices(), t.values()]
+    else:
+        parts = [t.ccol_indices(), t.row_indices(), t.values()]
+    names = _SPARSE_PARTS[layout]
+    children = [add(p.detach(), f"{path}.{n}") for p, n in zip(parts, names, strict=True)]
+    meta = {
+        "layout": layout,
+        "shape": list(t.shape),
+        "coalesced": bool(t.is_coalesced()) if layout == "coo" else False,
+        "requires_grad": bool(t.requires_grad),
+        "parameter": type(t) is torch.nn.Parameter,
+    }
+    return ["sparse", children, meta]
+
+
+def _encode_quantized(t: torch.Tensor, path: str, add: AddTensor) -> list[Any]:
+    if t.dtype not in _QUANTIZED_REPR:
+        raise _refuse(
+            t,
+            path,
+            f"quantized dtype {t.dtype} (sub-byte, packed) cannot be rebuilt from its stored "
+            "form; dequantize it first (x.dequantize()) or store x.int_repr() and its scales",
+        )
+    scheme = str(t.qscheme()).removeprefix("torch.")
+    if scheme not in _QUANTIZED_PARTS:
+        raise _refuse(t, path, f"quantization scheme {scheme} is not supported; dequantize it")
+    meta: dict[str, Any] = {"qscheme": scheme, "dtype": str(t.dtype).removeprefix("torch.")}
+    children = [add(t.int_repr(), f"{path}.int_repr")]
+    if scheme == "per_tensor_affine":
+        meta.update(scale=float(t.q_scale()), zero_point=int(t.q_zero_point()))
+    else:
+        children += [
+            add(t.q_per_channel_scales(), f"{path}.scales"),
+            add(t.q_per_channel_zero_points(), f"{path}.zero_points"),
+        ]
+        meta["axis"] = int(t.q_per_channel_axis())
+    return ["quantized", children, meta]
+
+
+def ndarray_node(array: np.ndarray[Any, Any], path: str, add: AddTensor) -> list[Any]:
+    """The node of a numpy array: a tensor of its bytes (C order) and its dtype."""
+    name = array.dtype.name
+    if name not in _NUMPY_NUMERIC:
+        raise _refuse(
+            array,
+            path,
+            f"numpy arrays of dtype {array.dtype} are not supported (only fixed-size numeric "
+            "and bool dtypes); convert it (e.g. arr.tolist() or arr.astype(np.float64))",
+        )
+    if not array.dtype.isnative:
+        raise _refuse(
+            array,
+            path,
+            "a numpy array in non-native byte order; convert it with "
+            "arr.astype(arr.dtype.newbyteorder('='))",
+        )
+    compact = np.ascontiguousarray(array).reshape(array.shape)
+    with warnings.catch_warnings():  # a read-only array: the tensor is only ever read
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        tensor = torch.from_numpy(compact)
+    return ["ndarray", [add(tensor, path)], name]
+
+
+def numpy_scalar_node(value: np.generic, path: str) -> list[Any]:
+    """The leaf node of a numpy scalar: its dtype name and value (bytes for numbers)."""
+    kind, name = value.dtype.kind, value.dtype.name
+    if kind == "U":
+        return ["numpy", "str_", str(value)]
+    if kind == "S":
+        return ["numpy", "bytes_", value.tobytes()]
+    if name not in _NUMPY_NUMERIC:
+        raise _refuse(
+            value,
+            path,
+            f"numpy scalars of dtype {value.dtype} are not supported; convert it to a Python "
+            "value (x.item()) first",
+        )
+    return ["numpy", name, value.tobytes()]
+
+
+def large_plain_node(value: bytes | str, path: str, add: AddTensor) -> list[Any] | None:
+    """A ``bytes`` or ``str`` of :data:`MAX_INLINE_BYTES` or more as a ``uint8`` tensor node;
+    None for a smaller one (stored inline)."""
+    if len(value) < (MAX_INLINE_BYTES if isinstance(value, bytes) else MAX_INLINE_BYTES // 4):
+        return None
+    data = value if isinstance(value, bytes) else value.encode("utf-8")
+    if len(data) < MAX_INLINE_BYTES:
+        return None
+    with warnings.catch_warnings():  # bytes are read-only: the tensor is only ever read
+        warnings.filterwarnings("ignore", "The given buffer is not writable")
+        tensor = torch.frombuffer(data, dtype=torch.uint8)
+    return ["bytes" if isinstance(value, bytes) else "str", [add(tensor, path)], None]
+
+
+def component_suffix(tag: str, meta: Any, index: int) -> str:
+    """How the key path of a composite's ``index``-th component extends the composite's."""
+    if tag == "sparse" and isinstance(meta, dict):
+        names = _SPARSE_PARTS.get(meta.get("layout"), ())  # type: ignore[arg-type]
+    elif tag == "quantized" and isinstance(meta, dict):
+        names = _QUANTIZED_PARTS.get(meta.get("qscheme"), ())  # type: ignore[arg-type]
+    else:
+        return ""
+    return f".{names[index]}" if index < len(names) else f".{index}"
+
+
+# ------------------------------------------------------------------ loading
+
+
+def decode(tag: str, parts: list[Any], meta: Any) -> Any:
+    """The value of a composite node whose children decoded to ``parts``.
+
+    Raises:
+        FormatError: the node is malformed (wrong parts, shapes, dtypes or parameters).
+    """
+    if not all(isinstance(p, torch.Tensor) for p in parts):
+        raise _bad(f"{tag!r} node has a child that is not a tensor")
+    try:
+        if tag in ("sparse", "quantized"):
+            # torch warns that compressed sparse layouts are in beta and that quantized
+            # tensors are deprecated: the user saved one, so loading it is not news.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return (
+                    _decode_sparse(parts, meta)
+                    if tag == "sparse"
+                    else _decode_quantized(parts, meta)
+                )
+        if tag == "expand":
+            return _decode_expand(parts, meta)
+        if tag == "ndarray":
+            return _decode_ndarray(parts, meta)
+        if tag in ("bytes", "str"):
+            return _decode_plain(tag, parts)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        raise _bad(f"{tag!r} node cannot be rebuilt: {err}") from err
+    raise _bad(f"unknown node {tag!r}")
+
+
+def _one(parts: list[Any], tag: str) -> torch.Tensor:
+    if len(parts) != 1:
+        raise _bad(f"{tag!r} node needs exactly one tensor")
+    tensor: torch.Tensor = parts[0]
+    return tensor
+
+
+def _shape(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(type(d) is int and 0 <= d < 2**62 for d in value):
+        raise _bad(f"{what} shape {value!r} is not a list of sizes")
+    return value
+
+
+def _decode_sparse(parts: list[Any], meta: Any) -> torch.Tensor:
+    if not isinstance(meta, dict) or meta.get("layout") not in _SPARSE_PARTS:
+        raise _bad(f"sparse node has no valid layout: {meta!r}")
+    layout = str(meta["layout"])
+    if len(parts) != len(_SPARSE_PARTS[layout]):
+        raise _bad(f"sparse {layout} node needs {len(_SPARSE_PARTS[layout])} tensors")
+    shape = _shape(meta.get("shape"), "sparse")
+    # check_invariants: indices out of bounds in a hostile manifest would otherwise reach
+    # kernels that trust them.
+    if layout == "coo":
+        indices, values = parts
+        result = torch.sparse_coo_tensor(
+            indices,
+            values,
+            shape,
+            is_coalesced=meta.get("coalesced") is True,
+            check_invariants=True,
+        )
+    else:
+        compressed, plain, values = parts
+        result = torch.sparse_compressed_tensor(
+            compressed, plain, values, shape, layout=_LAYOUT_BY_NAME[layout], check_invariants=True
+        )
+    requires_grad = meta.get("requires_grad") is True
+    if meta.get("parameter") is True:
+        return torch.nn.Parameter(result, requires_grad=requires_grad)
+    return result.requires_grad_(requires_grad) if requires_grad else result
+
+
+def _decode_quantized(parts: list[Any], meta: Any) -> torch.Tensor:
+    if not isinstance(meta, dict) or meta.get("qscheme") not in _QUANTIZED_PARTS:
+        raise _bad(f"quantized node has no valid scheme: {meta!r}")
+    scheme = str(meta["qscheme"])
+    qdtype = _QDTYPE_BY_NAME.get(meta.get("dtype"))  # type: ignore[arg-type]
+    if qdtype is None:
+        raise _bad(f"quantized node has an unknown dtype {meta.get('dtype')!r}")
+    if len(parts) != len(_QUANTIZED_PARTS[scheme]):
+        raise _bad(f"quantized {scheme} node needs {len(_QUANTIZED_PARTS[scheme])} tensors")
+    int_repr = parts[0]
+    if int_repr.dtype != _QUANTIZED_REPR[qdtype]:
+        raise _bad(f"quantized {meta['dtype']} stored with representation {int_repr.dtype}")
+    if scheme == "per_tensor_affine":
+        scale, zero_point = meta.get("scale"), meta.get("zero_point")
+        if type(scale) is not float or type(zero_point) is not int:
+            raise _bad("per-tensor quantization needs a float scale and an int zero point")
+        result = torch._make_per_tensor_quantized_tensor(int_repr, scale, zero_point)
+    else:
+        scales, zero_points = parts[1], parts[2]
+        axis = meta.get("axis")
+        if type(axis) is not int or not 0 <= axis < max(1, int_repr.dim()):
+            raise _bad(f"per-channel quantization axis {axis!r} is out of range")
+        channels = int_repr.shape[axis] if int_repr.dim() else 0
+        if scales.shape != (channels,) or zero_points.shape != (channels,):
+            raise _bad("per-channel scales and zero points need one value per channel")
+        result = torch._make_per_channel_quantized_tensor(int_repr, scales, zero_points, axis)
+    if str(result.qscheme()).removeprefix("torch.") != scheme:
+        raise _bad(f"quantized node rebuilds as {result.qscheme()}, recorded {scheme}")
+    return result
+
+
+def _decode_expand(parts: list[Any], meta: Any) -> torch.Tensor:
+    base = _one(parts, "expand")
+    shape = _shape(meta, "expanded")
+    if len(shape) != base.dim() or any(
+        b not in (1, s) for b, s in zip(base.shape, shape, strict=True)
+    ):
+        raise _bad(f"a tensor of shape {tuple(base.shape)} does not expand to {shape}")
+    return base.expand(shape)
+
+
+def _decode_ndarray(parts: list[Any], meta: Any) -> np.ndarray[Any, Any]:
+    tensor = _one(parts, "ndarray")
+    if meta not in _NUMPY_NUMERIC or _numpy_name(tensor.dtype) != meta:
+        raise _bad(f"ndarray of dtype {meta!r} stored as a {tensor.dtype} tensor")
+    array: np.ndarray[Any, Any] = tensor.detach().cpu().numpy()
+    return array
+
+
+def _numpy_name(dtype: torch.dtype) -> str | None:
+    try:
+        return np.dtype(_dtypes.dtype_name(dtype)).name
+    except (TypeError, KeyError):
+        return None
+
+
+def _decode_plain(tag: str, parts: list[Any]) -> bytes | str:
+    tensor = _one(parts, tag)
+    if tensor.dtype != torch.uint8 or tensor.dim() != 1:
+        raise _bad(f"{tag!r} node needs a one-dimensional uint8 tensor")
+    data = tensor.detach().cpu().numpy().tobytes()
+    return data if tag == "bytes" else data.decode("utf-8")
+
+
+def decode_numpy_scalar(node: list[Any]) -> np.generic:
+    """The numpy scalar of a ``["numpy", dtype, value]`` leaf."""
+    if len(node) != 3 or not isinstance(node[1], str):
+        raise _bad(f"malformed numpy scalar {node!r}")
+    name, value = node[1], node[2]
+    if name == "str_" and isinstance(value, str):
+        return np.str_(value)
+    if name == "bytes_" and isinstance(value, bytes):
+        return np.bytes_(value)
+    if name not in _NUMPY_NUMERIC or not isinstance(value, bytes):
+        raise _bad(f"unknown numpy scalar dtype {name!r}")
+    dtype = np.dtype(name)
+    if len(value) != dtype.itemsize:
+        raise _bad(f"numpy {name} scalar of {len(value)} bytes")
+    scalar: np.generic = np.frombuffer(value, dtype=dtype)[0]
+    return scalar
+
+
+# ------------------------------------------------------- the torch backend's form
+
+
+def torch_form(node: Any) -> Any:
+    """The node of what ``torch.load(weights_only=True)`` can read in place of a v3 node
+    (the ``torch`` backend writes this form, and the manifest keeps the exact one):
+    numpy scalars as Python values, arrays and large bytes/str as their tensors, a
+    ``defaultdict`` as a dict, a ``frozenset`` as a tuple. Other nodes are returned as they
+    are (children included: the caller maps them)."""
+    if not isinstance(node, list) or not node or not isinstance(node[0], str):
+        return node
+    tag = node[0]
+    if tag == "numpy" and len(node) == 3:
+        return _plain_of_numpy(decode_numpy_scalar(node))
+    if tag in ("ndarray", "bytes", "str") and len(node) >= 2 and isinstance(node[1], list):
+        return node[1][0] if node[1] else node
+    if tag == "defaultdict" and len(node) >= 2:
+        return ["dict", node[1]]
+    if tag == "frozenset" and len(node) >= 2:
+        return ["tuple", node[1]]  # hashable, so it may still be a set member or a key
+    return node
+
+
+def _plain_of_numpy(value: np.generic) -> Any:
+    plain = value.item()
+    if isinstance(plain, complex):
+        return ["complex", plain.real, plain.imag]
+    return plain
