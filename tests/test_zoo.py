@@ -245,6 +245,20 @@ def test_an_untied_model_loads_a_tied_checkpoint_into_every_destination(
         assert torch.equal(value, saved[key]), f"{key} was not filled"
 
 
+def test_load_into_a_state_dict_fills_the_module_it_came_from(tmp_path, variant, transformers):
+    """``into=model.state_dict()``: its tensors share the parameters' memory (tied ones
+    twice), so the module is filled in place and stays tied."""
+    torch.manual_seed(0)
+    saved = hf_model("gpt2").state_dict()
+    save(saved, tmp_path / "c", variant)
+    torch.manual_seed(1)
+    model = hf_model("gpt2")
+    aptckpt.load(tmp_path / "c", into=model.state_dict())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert_state_equal(saved, model.state_dict())
+    assert_ties_kept(saved, model.state_dict())
+
+
 @pytest.mark.parametrize("change", ["missing", "unexpected"])
 def test_load_into_a_module_is_strict_by_default(tmp_path, transformers, change):
     """As ``load_state_dict``: a key of the module absent from the checkpoint, or a key of
@@ -389,41 +403,43 @@ def refused(state: Any, path: Path, variant: str) -> str | None:
     return None
 
 
-def _draw() -> tuple[Any, ...]:
-    return (torch.rand(3), np.random.random(3).tolist(), random.random())
+def _replay(states: dict[str, Any]) -> tuple[Any, ...]:
+    """Draws from every generator set to ``states``."""
+    torch.set_rng_state(states["torch"])
+    generator = torch.Generator()
+    generator.set_state(states["torch_generator"])
+    bits = np.random.default_rng()
+    bits.bit_generator.state = states["numpy_generator"]
+    random.setstate(states["python"])
+    draws = (torch.rand(3), torch.rand(3, generator=generator), bits.random(3).tolist())
+    draws += (random.random(),)
+    restore_rng(states["bundle"])
+    return (*draws, torch.rand(3), np.random.random(3).tolist(), random.random())
 
 
 def test_rng_states_round_trip_and_replay(tmp_path, variant):
     """torch's global and per-generator states, NumPy's ``Generator`` (a dict holding 128-bit
     ints), Python's ``random`` (a tuple of 625 ints) and ``capture_rng``'s bundle (how
-    aptckpt stores NumPy's legacy state: its keys as a tensor)."""
+    aptckpt stores NumPy's legacy state: its keys as a tensor) load equal and replay the
+    same numbers."""
     torch.manual_seed(3)
     np.random.seed(3)
     random.seed(3)
     generator = torch.Generator().manual_seed(5)
-    bit_generator = np.random.default_rng(7)
     torch.randn(3, generator=generator)
-    bit_generator.random(3)
+    bits = np.random.default_rng(7)
+    bits.random(3)
     state = {
         "torch": torch.get_rng_state(),
         "torch_generator": generator.get_state(),
-        "numpy_generator": bit_generator.bit_generator.state,
+        "numpy_generator": bits.bit_generator.state,
         "python": random.getstate(),
         "bundle": capture_rng(),
     }
-    expected = (_draw(), torch.rand(2, generator=generator), bit_generator.random(2).tolist())
+    assert state["numpy_generator"]["state"]["state"] >= 2**64  # a 128-bit int
     loaded = roundtrip(state, tmp_path / "c", variant)
     assert_state_equal(state, loaded)
-
-    restore_rng(loaded["bundle"])
-    replay_generator = torch.Generator()
-    replay_generator.set_state(loaded["torch_generator"])
-    replay_bits = np.random.default_rng()
-    replay_bits.bit_generator.state = loaded["numpy_generator"]
-    got = (_draw(), torch.rand(2, generator=replay_generator), replay_bits.random(2).tolist())
-    assert_state_equal(expected, got)
-    torch.set_rng_state(loaded["torch"])
-    random.setstate(loaded["python"])
+    assert_state_equal(_replay(state), _replay(loaded))
 
 
 def test_numpy_legacy_rng_state_round_trips_or_is_refused_clearly(tmp_path, variant):
