@@ -9,10 +9,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # torch is pinned (constraints.txt): an unpinned torch pulls several GB of CUDA packages.
+# transformers and accelerate are test extras (the state zoo, tests/test_zoo.py); the
+# constraints keep them from moving torch.
 "${PIP[@]}" install -c constraints.txt \
     "torch==2.13.0" numpy msgpack zstandard xxhash \
     "scikit-build-core>=0.10" "pybind11>=2.12" \
-    pytest hypothesis safetensors ruff mypy
+    pytest hypothesis safetensors transformers accelerate ruff mypy
 # --no-build-isolation reuses the build tools above, and build/ keeps the C++ build
 # incremental between runs.
 "${PIP[@]}" install -c constraints.txt --no-build-isolation --no-deps .
