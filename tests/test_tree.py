@@ -29,7 +29,10 @@ def roundtrip(state):
         ({"opt": {"state": {0: object()}}}, "state['opt']['state'][0]"),
         ({"nt": collections.namedtuple("P", "x")(1)}, "state['nt']"),
         ({"dd": collections.defaultdict(lambda: 0)}, "state['dd']"),
-        ({"q4": torch.quantize_per_tensor(torch.ones(2), 1.0, 0, torch.quint4x2)}, "state['q4']"),
+        (
+            {"q4": torch.quantize_per_tensor(torch.ones(2, 2), 1.0, 0, torch.quint4x2).t()},
+            "state['q4']",
+        ),
         ({"m": torch.empty(2, device="meta")}, "state['m']"),
         ({"int4": torch.empty(2, dtype=torch.int4)}, "state['int4']"),
         ({"fn": len}, "state['fn']"),

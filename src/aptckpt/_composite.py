@@ -73,14 +73,19 @@ _QUANTIZED_PARTS = {
     "per_channel_affine": ("int_repr", "scales", "zero_points"),
     "per_channel_affine_float_qparams": ("int_repr", "scales", "zero_points"),
 }
-#: Quantized dtype -> the dtype of its integer representation. The sub-byte packed dtypes
-#: (quint4x2, quint2x4) have no constructor from their representation and are refused.
+#: Quantized dtype -> the dtype of its integer representation.
 _QUANTIZED_REPR = {
     torch.qint8: torch.int8,
     torch.quint8: torch.uint8,
     torch.qint32: torch.int32,
 }
-_QDTYPE_BY_NAME = {str(q).removeprefix("torch."): q for q in _QUANTIZED_REPR}
+#: Sub-byte quantized dtypes: stored as their packed storage bytes.
+_PACKED = frozenset(
+    getattr(torch, name)
+    for name in ("quint4x2", "quint2x4")
+    if isinstance(getattr(torch, name, None), torch.dtype)
+)
+_QDTYPE_BY_NAME = {str(q).removeprefix("torch."): q for q in (*_QUANTIZED_REPR, *_PACKED)}
 
 #: numpy scalar and array dtypes stored exactly: every fixed-size numeric dtype that is the
 #: same on every platform (``longdouble`` is not: 80-bit on x86, 128-bit elsewhere).
@@ -162,17 +167,12 @@ def _encode_sparse(t: torch.Tensor, path: str, add: AddTensor) -> list[Any]:
 
 
 def _encode_quantized(t: torch.Tensor, path: str, add: AddTensor) -> list[Any]:
-    if t.dtype not in _QUANTIZED_REPR:
-        raise _refuse(
-            t,
-            path,
-            f"quantized dtype {t.dtype} (sub-byte, packed) cannot be rebuilt from its stored "
-            "form; dequantize it first (x.dequantize()) or store x.int_repr() and its scales",
-        )
     scheme = str(t.qscheme()).removeprefix("torch.")
     if scheme not in _QUANTIZED_PARTS:
         raise _refuse(t, path, f"quantization scheme {scheme} is not supported; dequantize it")
     meta: dict[str, Any] = {"qscheme": scheme, "dtype": str(t.dtype).removeprefix("torch.")}
+    if t.dtype in _PACKED:
+        return _encode_packed(t, path, add, meta)
     children = [add(t.int_repr(), f"{path}.int_repr")]
     if scheme == "per_tensor_affine":
         meta.update(scale=float(t.q_scale()), zero_point=int(t.q_zero_point()))
@@ -183,6 +183,21 @@ def _encode_quantized(t: torch.Tensor, path: str, add: AddTensor) -> list[Any]:
         ]
         meta["axis"] = int(t.q_per_channel_axis())
     return ["quantized", children, meta]
+
+
+def _encode_packed(t: torch.Tensor, path: str, add: AddTensor, meta: dict[str, Any]) -> list[Any]:
+    """A sub-byte quantized tensor (quint4x2, quint2x4): several values share a byte, and
+    ``int_repr()`` cannot be turned back into one; its storage bytes are stored instead."""
+    if meta["qscheme"] != "per_tensor_affine" or not t.is_contiguous() or t.storage_offset():
+        raise _refuse(
+            t,
+            path,
+            f"a {t.dtype} tensor is stored only per-tensor quantized, contiguous and at the start "
+            "of its storage; dequantize it first (x.dequantize())",
+        )
+    storage = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+    meta.update(scale=float(t.q_scale()), zero_point=int(t.q_zero_point()), shape=list(t.shape))
+    return ["quantized", [add(storage, f"{path}.packed")], meta]
 
 
 def ndarray_node(array: np.ndarray[Any, Any], path: str, add: AddTensor) -> list[Any]:
@@ -245,7 +260,11 @@ def component_suffix(tag: str, meta: Any, index: int) -> str:
     if tag == "sparse" and isinstance(meta, dict):
         names = _SPARSE_PARTS.get(meta.get("layout"), ())  # type: ignore[arg-type]
     elif tag == "quantized" and isinstance(meta, dict):
-        names = _QUANTIZED_PARTS.get(meta.get("qscheme"), ())  # type: ignore[arg-type]
+        names = (
+            ("packed",)
+            if meta.get("dtype") in ("quint4x2", "quint2x4")
+            else _QUANTIZED_PARTS.get(meta.get("qscheme"), ())  # type: ignore[arg-type]
+        )
     else:
         return ""
     return f".{names[index]}" if index < len(names) else f".{index}"
@@ -333,6 +352,8 @@ def _decode_quantized(parts: list[Any], meta: Any) -> torch.Tensor:
     qdtype = _QDTYPE_BY_NAME.get(meta.get("dtype"))  # type: ignore[arg-type]
     if qdtype is None:
         raise _bad(f"quantized node has an unknown dtype {meta.get('dtype')!r}")
+    if qdtype in _PACKED:
+        return _decode_packed(parts, meta, qdtype)
     if len(parts) != len(_QUANTIZED_PARTS[scheme]):
         raise _bad(f"quantized {scheme} node needs {len(_QUANTIZED_PARTS[scheme])} tensors")
     int_repr = parts[0]
@@ -354,6 +375,25 @@ def _decode_quantized(parts: list[Any], meta: Any) -> torch.Tensor:
         result = torch._make_per_channel_quantized_tensor(int_repr, scales, zero_points, axis)
     if str(result.qscheme()).removeprefix("torch.") != scheme:
         raise _bad(f"quantized node rebuilds as {result.qscheme()}, recorded {scheme}")
+    return result
+
+
+def _decode_packed(parts: list[Any], meta: dict[str, Any], qdtype: torch.dtype) -> torch.Tensor:
+    packed = _one(parts, "quantized")
+    scale, zero_point = meta.get("scale"), meta.get("zero_point")
+    if type(scale) is not float or type(zero_point) is not int:
+        raise _bad("per-tensor quantization needs a float scale and an int zero point")
+    if meta.get("qscheme") != "per_tensor_affine" or packed.dtype != torch.uint8:
+        raise _bad(f"a {meta.get('dtype')} tensor is stored per-tensor, as its uint8 storage")
+    result = torch._empty_affine_quantized(
+        _shape(meta.get("shape"), "quantized"), scale=scale, zero_point=zero_point, dtype=qdtype
+    )
+    storage = torch.empty(0, dtype=torch.uint8).set_(result.untyped_storage())
+    if storage.shape != packed.shape:
+        raise _bad(
+            f"packed {meta['dtype']} storage of {packed.numel()} bytes, not {storage.numel()}"
+        )
+    storage.copy_(packed)
     return result
 
 

@@ -3,9 +3,9 @@
 The semantics are those of ``Module.load_state_dict``, which PyTorch users know:
 
 * Destinations and saved values are matched by key path. ``into`` is a tensor, a numpy
-  array, an ``nn.Module`` (its ``state_dict(keep_vars=True)``; a ``torch.compile``d or
-  ``DistributedDataParallel`` wrapper is unwrapped first) or any nesting of dicts, lists and
-  tuples of those. Plain values in ``into`` are ignored.
+  array, an ``nn.Module`` (its ``state_dict(keep_vars=True)``; for a ``torch.compile``d or
+  ``DistributedDataParallel`` wrapper, the keys match with or without the wrapper's prefix)
+  or any nesting of dicts, lists and tuples of those. Plain values in ``into`` are ignored.
 * ``strict=True`` (the default): a saved tensor with no destination (*unexpected*) or a
   destination with no saved tensor (*missing*) is an error listing both, with a hint when the
   keys differ by a prefix (``module.``, ``_orig_mod.``, or a checkpoint holding the model under
@@ -63,28 +63,40 @@ class IntoPlan:
     unexpected: tuple[str, ...] = ()
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The module whose parameters a wrapper holds: ``torch.compile``'s OptimizedModule keeps
-    it as ``_orig_mod``, DataParallel and DistributedDataParallel as ``module``."""
+def _wrapper_prefix(module: torch.nn.Module) -> str:
+    """The key prefix a wrapper adds to its module's keys: ``torch.compile``'s OptimizedModule
+    holds the model as ``_orig_mod``, DataParallel and DistributedDataParallel as ``module``
+    (nested wrappers add both)."""
+    prefix = ""
     while True:
         inner = getattr(module, "_orig_mod", None)
-        if inner is None and isinstance(
-            module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
-        ):
-            inner = module.module
-        if not isinstance(inner, torch.nn.Module):
-            return module
-        module = inner
+        if isinstance(inner, torch.nn.Module):
+            prefix, module = prefix + "_orig_mod.", inner
+        elif isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            prefix, module = prefix + "module.", module.module
+        else:
+            return prefix
 
 
-def destinations(into: Any) -> dict[str, Any]:
-    """Every destination of ``into`` by key path: tensors and numpy arrays."""
+def destinations(into: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every destination of ``into`` by key path (tensors and numpy arrays), and for those of
+    a wrapped module (compiled, DDP) the path its key has without the wrapper's prefix: a
+    checkpoint of the bare model fills a compiled one, and one of the compiled model too."""
     found: dict[str, Any] = {}
+    bare: dict[str, str] = {}
     stack: list[tuple[Any, str]] = [(into, "state")]
     while stack:
         node, path = stack.pop()
         if isinstance(node, torch.nn.Module):
-            node = _unwrap(node).state_dict(keep_vars=True)
+            prefix = _wrapper_prefix(node)
+            state = node.state_dict(keep_vars=True)
+            if prefix:
+                for key in state:
+                    if isinstance(key, str) and key.startswith(prefix):
+                        bare[tree.child_path(path, key)] = tree.child_path(
+                            path, key.removeprefix(prefix)
+                        )
+            node = state
         if isinstance(node, (torch.Tensor, np.ndarray)):
             found.setdefault(path, node)
         elif isinstance(node, Mapping):
@@ -102,7 +114,7 @@ def destinations(into: Any) -> dict[str, Any]:
                 missing=(),
                 unexpected=(),
             )
-    return found
+    return found, bare
 
 
 @dataclass(frozen=True)
@@ -167,8 +179,14 @@ def plan(into: Any, manifest: mf.Manifest, *, strict: bool) -> IntoPlan:
         IntoMismatchError: (before anything is read) keys that do not match with
             ``strict=True``, kinds, dtypes or shapes that differ, or ``meta`` destinations.
     """
-    dests = destinations(into)
+    found, bare = destinations(into)
     saved = _saved_values(manifest)
+    # A wrapped module's destinations match the saved keys with or without its prefix:
+    # whichever spelling the checkpoint has.
+    dests = {
+        (bare[path] if path not in saved and bare.get(path) in saved else path): dest
+        for path, dest in found.items()
+    }
     missing = tuple(p for p in dests if p not in saved)
     unexpected = tuple(p for p in saved if p not in dests)
     if strict and (missing or unexpected):

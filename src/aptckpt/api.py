@@ -546,10 +546,11 @@ def load(
         verify: check every chunk's digest (default). ``False`` still checks
             sizes and structure, and never unpickles.
         into: existing tensors to fill in place, as ``Module.load_state_dict`` fills
-            them: an ``nn.Module`` (its ``state_dict(keep_vars=True)``; compiled and
-            DDP wrappers are unwrapped), or a nesting of dicts/lists of tensors and numpy
-            arrays, matched to the saved ones by key path. Contiguous CPU destinations are
-            decoded into directly (no second copy), others copied into; tied weights are
+            them: an ``nn.Module`` (its ``state_dict(keep_vars=True)``; the keys of a
+            compiled or DDP wrapper match with or without its prefix), or a nesting of
+            dicts/lists of tensors and numpy arrays, matched to the saved ones by key path.
+            Contiguous CPU destinations are decoded into directly (no second copy), others
+            copied into; tied weights are
             handled either way (see :mod:`aptckpt._into`). ``map_location`` does not apply
             to them. If the load fails part-way (damage), destinations may hold partial data.
         strict: with ``into``, refuse (before reading anything) when a saved tensor has

@@ -95,6 +95,17 @@ _FACTORIES: dict[str, Any] = {
         collections.OrderedDict,
     )
 }
+#: dtypes a ``["dtype", name]`` value may name: every tensor dtype, and the quantized ones
+#: (a quantized module's state dict records its dtype as a value).
+_VALUE_DTYPES: dict[str, torch.dtype] = {
+    **_dtypes.DTYPES,
+    **{
+        name: getattr(torch, name)
+        for name in ("qint8", "quint8", "qint32", "quint4x2", "quint2x4")
+        if isinstance(getattr(torch, name, None), torch.dtype)
+    },
+}
+_VALUE_DTYPE_NAMES = {dtype: name for name, dtype in _VALUE_DTYPES.items()}
 _DICT_TAGS = ("dict", "odict", "counter", "defaultdict")
 _SET_TAGS = ("set", "frozenset")
 
@@ -266,9 +277,10 @@ class _Flattener:
         if isinstance(obj, torch.Tensor):
             return self.tensor(obj, path)
         if isinstance(obj, torch.dtype):
-            if not _dtypes.is_supported(obj):
+            name = _VALUE_DTYPE_NAMES.get(obj)
+            if name is None:
                 raise _refuse(obj, path, f"dtype {obj} has no stable name")
-            return ["dtype", _dtypes.dtype_name(obj)]
+            return ["dtype", name]
         if isinstance(obj, torch.device):
             return ["device", str(obj)]
         if isinstance(obj, torch.Size):
@@ -512,7 +524,7 @@ class _Builder:
         if tag == "numpy":
             return _composite.decode_numpy_scalar(node)
         if tag == "dtype":
-            dtype = _dtypes.dtype_from_name(arg) if isinstance(arg, str) else None
+            dtype = _VALUE_DTYPES.get(arg) if isinstance(arg, str) else None
             if dtype is None:
                 raise _bad(f"unknown dtype {arg!r}")
             return dtype
