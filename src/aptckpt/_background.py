@@ -138,7 +138,7 @@ class _Staging:
         if cuda:
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record()
-        return tree.FlatState(skeleton=flat.skeleton, tensors=tuple(leaves)), event
+        return tree.FlatState(flat.skeleton, tuple(leaves), owned=True), event
 
 
 class _Saver:

@@ -720,7 +720,7 @@ def convert(
         tree.TensorLeaf(t, k, r.parameter)
         for t, k, r in zip(tensors, keys, manifest.tensors, strict=True)
     )
-    flat = tree.FlatState(manifest.skeleton, leaves)
+    flat = tree.FlatState(manifest.skeleton, leaves, owned=True)
     return _write(
         flat,
         manifest.tensors,

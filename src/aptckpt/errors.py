@@ -22,6 +22,7 @@ __all__ = [
     "IntoMismatchError",
     "NativeUnavailableError",
     "RunBusyError",
+    "StateChangedError",
     "StoreBusyError",
     "StoreNotFoundError",
     "UnknownBackendError",
@@ -181,6 +182,19 @@ class IntoMismatchError(AptckptError, ValueError):
 
 class DeviceUnavailableError(AptckptError, RuntimeError):
     """A tensor was saved on a device that this machine lacks."""
+
+
+class StateChangedError(AptckptError, RuntimeError):
+    """A tensor changed while a blocking save was reading it (another thread wrote to it):
+    the bytes written would not be one state. Nothing was committed.
+
+    Attributes:
+        tensors: the key paths of the tensors that changed.
+    """
+
+    def __init__(self, message: str, *, tensors: tuple[str, ...]) -> None:
+        self.tensors = tensors
+        super().__init__(message)
 
 
 class WriteError(AptckptError, OSError):

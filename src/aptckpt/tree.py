@@ -127,10 +127,16 @@ class TensorLeaf:
 
 @dataclass(frozen=True)
 class FlatState:
-    """A flattened state: msgpack-ready skeleton plus its distinct tensors."""
+    """A flattened state: msgpack-ready skeleton plus its distinct tensors.
+
+    ``owned``: the tensors are copies aptckpt made (the snapshot of a background save, a
+    state being converted), which no other thread writes; otherwise they are the caller's,
+    and a blocking save checks that they did not change while it read them.
+    """
 
     skeleton: Any
     tensors: tuple[TensorLeaf, ...]
+    owned: bool = False
 
 
 def child_path(path: str, key: Any) -> str:
@@ -679,7 +685,12 @@ def torch_form(skeleton: Any) -> Any:
     rest = node[2:]
     if tag == "odict" and rest:  # its _metadata is a node too
         rest = [torch_form(rest[0]), *rest[1:]]
-    return [tag, [torch_form(child) for child in node[1]], *rest]
+    children = [torch_form(child) for child in node[1]]
+    if all(a is b for a, b in zip(children, node[1], strict=True)) and all(
+        a is b for a, b in zip(rest, node[2:], strict=True)
+    ):
+        return node  # unchanged: the same object, so callers can tell
+    return [tag, children, *rest]
 
 
 def _key_repr(node: Any) -> str:

@@ -34,7 +34,13 @@ import torch
 from aptckpt import _accel, _dtypes, tree
 from aptckpt._config import MAX_CHUNK_SIZE
 from aptckpt.codecs import RAW, CodecError, Pipeline
-from aptckpt.errors import BackendError, FormatError, IntegrityError, UnsafePathError
+from aptckpt.errors import (
+    BackendError,
+    FormatError,
+    IntegrityError,
+    StateChangedError,
+    UnsafePathError,
+)
 from aptckpt.manifest import FileRecord, Manifest
 
 if TYPE_CHECKING:
@@ -46,6 +52,7 @@ __all__ = [
     "RawPlace",
     "check_chunk_size",
     "check_common_options",
+    "check_unchanged",
     "chunk_count",
     "chunk_damage",
     "chunk_spans",
@@ -121,6 +128,55 @@ def host_tensor(tensor: torch.Tensor) -> torch.Tensor:
     if t.is_neg():
         t = t.resolve_neg()
     return t.to("cpu").contiguous()
+
+
+def check_unchanged(
+    flat: tree.FlatState,
+    hosts: Sequence[torch.Tensor],
+    digests: Sequence[bytes],
+    chunk_size: int,
+    threads: int,
+) -> None:
+    """Refuse a save whose source tensors changed while it read them.
+
+    ``digests[i]`` are the chunk digests of ``hosts[i]`` (the bytes of ``flat.tensors[i]``)
+    recorded *before* any of its bytes were written or encoded; they are what the manifest
+    will say. Once everything is written, the tensors that are the caller's own memory (not
+    copies: those no one else writes) are hashed again: a difference means another thread
+    wrote to them meanwhile (a blocking save racing an optimizer step), and the stored bytes
+    may be a mix of two states or not match their digests. The save then fails before its
+    commit -- cheaper than a snapshot of the whole state, and a clean save pays one hashing
+    pass (the digests themselves overlap the writes).
+
+    Raises:
+        StateChangedError: naming every tensor that changed.
+    """
+    if flat.owned:
+        return
+    mutable = [
+        i
+        for i, (leaf, host) in enumerate(zip(flat.tensors, hosts, strict=True))
+        if host.numel() and host.device.type == "cpu" and host.data_ptr() == leaf.tensor.data_ptr()
+    ]
+    if not mutable:
+        return
+    again = _accel.hash_chunks_many(
+        [_dtypes.byte_view(hosts[i]) for i in mutable], chunk_size, threads
+    )
+    changed = tuple(
+        flat.tensors[i].key_path for i, now in zip(mutable, again, strict=True) if now != digests[i]
+    )
+    if changed:
+        shown = ", ".join(changed[:5]) + (
+            f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        )
+        raise StateChangedError(
+            f"tensor(s) {shown} changed while this blocking save was reading them (another "
+            "thread wrote to them); nothing was committed and earlier checkpoints are intact. "
+            "Save when no other thread writes the state, or pass blocking=False, which copies "
+            "the state first and lets training go on at once",
+            tensors=changed,
+        )
 
 
 def chunk_count(nbytes: int, chunk_size: int) -> int:

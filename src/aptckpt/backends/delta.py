@@ -449,6 +449,9 @@ class DeltaBackend(InPlaceBackend):
             for obj, nbytes in results:
                 new_objects.append(obj)
                 written += nbytes
+            # Before the new objects get their names: an object named by a digest its bytes
+            # do not match would poison every later save that reuses it.
+            _chunks.check_unchanged(flat, hosts, digests, opts.chunk_size, self._threads)
             store.sync(self._threads * 2)
         except BaseException:
             _recent.abort(filling)

@@ -37,12 +37,17 @@ from typing import IO, Any, ClassVar, cast
 import msgpack
 import torch
 
-from aptckpt import _accel, _config, tree
+from aptckpt import _accel, _config, _dtypes, tree
 from aptckpt._atomic import CheckpointReader, CheckpointWriter, open_regular
 from aptckpt._directio import DirectWriter
 from aptckpt.backends import _chunks, _torchfile
 from aptckpt.backends.base import Backend, BackendOptions, TensorLayout
-from aptckpt.errors import FormatError, IntegrityError, UnsupportedObjectError
+from aptckpt.errors import (
+    FormatError,
+    IntegrityError,
+    StateChangedError,
+    UnsupportedObjectError,
+)
 from aptckpt.manifest import Manifest
 from aptckpt.tree import FlatState
 
@@ -101,6 +106,11 @@ class TorchBackend(Backend):
                 key_path="state",
                 type_name="builtins.object",
             )
+        # torch.save reads the tensors' storages while it writes: those the caller may still
+        # write are hashed before and after, so that a save racing another thread fails
+        # instead of committing a mix of two states.
+        storages = _caller_storages(flat)
+        before = _accel.hash_chunks_many([v for _, v in storages], self.options.chunk_size)
         # Direct writes, hashed on the way in: the file is not read back.
         with DirectWriter(writer.path(FILE_NAME), digest_chunk_size=self.options.chunk_size) as f:
             try:
@@ -112,6 +122,18 @@ class TorchBackend(Backend):
                 if isinstance(cause, OSError):
                     raise cause from err
                 raise
+        after = _accel.hash_chunks_many([v for _, v in storages], self.options.chunk_size)
+        changed = tuple(
+            key for (key, _), a, b in zip(storages, before, after, strict=True) if a != b
+        )
+        if changed:
+            raise StateChangedError(
+                f"tensor(s) {', '.join(changed[:5])} changed while this blocking save was "
+                "reading them (another thread wrote to them); nothing was committed and "
+                "earlier checkpoints are intact. Save when no other thread writes the state, "
+                "or pass blocking=False, which copies the state first",
+                tensors=changed,
+            )
         digests = f.digests()
         return {"file": 0, "chunk_size": self.options.chunk_size, "digests": digests}
 
@@ -162,6 +184,23 @@ class TorchBackend(Backend):
 
     def describe(self, manifest: Manifest) -> list[TensorLayout]:
         return [TensorLayout(None, ("torch.save",), 0) for _ in manifest.tensors]
+
+
+def _caller_storages(flat: FlatState) -> list[tuple[str, memoryview]]:
+    """The distinct CPU storages of the caller's tensors (the first key path that uses each,
+    and its bytes); none for a snapshot aptckpt owns."""
+    if flat.owned:
+        return []
+    found: dict[int, tuple[str, memoryview]] = {}
+    for leaf in flat.tensors:
+        t = leaf.tensor
+        if t.device.type != "cpu" or t.is_quantized or t.layout != torch.strided:
+            continue
+        storage = t.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in found:
+            whole = torch.empty(0, dtype=torch.uint8).set_(storage)
+            found[storage.data_ptr()] = (leaf.key_path, _dtypes.byte_view(whole))
+    return list(found.values())
 
 
 def _refuse_unloadable(flat: FlatState) -> None:

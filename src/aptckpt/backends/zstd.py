@@ -47,6 +47,8 @@ from aptckpt.tree import FlatState
 __all__ = ["ZstdBackend", "ZstdOptions"]
 
 _CODECS = ("zstd", "none")
+#: Raw chunks are hashed in groups of about this many bytes, one group ahead of the writes.
+_HASH_GROUP = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -137,11 +139,23 @@ class ZstdBackend(InPlaceBackend):
             for start, stop in _chunks.chunk_spans(len(view), opts.chunk_size)
         ]
         if opts.codec == "none":
-            return self._write_raw(jobs, len(hosts), writer)
+            rows = self._write_raw(jobs, len(hosts), writer)
+            pipelines = [RAW]
+        else:
+            rows, pipelines = self._write_encoded(jobs, len(hosts), writer)
+        digests = [b"".join(row[4] for row in tensor_rows) for tensor_rows in rows]
+        _chunks.check_unchanged(flat, hosts, digests, opts.chunk_size, self._threads)
+        return self._payload([p.to_record() for p in pipelines], rows)
+
+    def _write_encoded(
+        self, jobs: list[_Job], n_tensors: int, writer: CheckpointWriter
+    ) -> tuple[list[list[list[Any]]], list[Pipeline]]:
+        """Chunks hashed, shuffled and compressed on the pool (each chunk's digest taken
+        before it is encoded), appended to shards in order by the caller."""
         pipelines: list[Pipeline] = [RAW]
         codec_index = {RAW: 0}
-        rows: list[list[list[Any]]] = [[] for _ in hosts]
-        shards = _ShardWriter(writer, opts.shard_size)
+        rows: list[list[list[Any]]] = [[] for _ in range(n_tensors)]
+        shards = _ShardWriter(writer, self.options.shard_size)
         try:
             for job, (digest, pipeline, data, stored_digest) in zip(
                 jobs, _chunks.ordered_map(self._encode, jobs, threads=self._threads), strict=True
@@ -158,39 +172,63 @@ class ZstdBackend(InPlaceBackend):
             shards.abort()
             raise
         shards.close()
-        return self._payload([p.to_record() for p in pipelines], rows)
+        return rows, pipelines
 
-    def _write_raw(self, jobs: list[_Job], n_tensors: int, writer: CheckpointWriter) -> Any:
-        """Raw chunks: every offset is known up front, so all chunks are hashed by one
-        parallel native call that runs *while* the shards are written (large direct writes
-        from bounce buffers, or, without ``O_DIRECT``, parallel positional writes straight
-        from tensor memory); both only read the tensors."""
+    def _write_raw(
+        self, jobs: list[_Job], n_tensors: int, writer: CheckpointWriter
+    ) -> list[list[list[Any]]]:
+        """Raw chunks: every offset is known up front. The chunks are cut into groups of
+        about :data:`_HASH_GROUP` bytes; the pool hashes the next group while the caller
+        writes this one (large direct writes from bounce buffers, or, without ``O_DIRECT``,
+        parallel positional writes straight from tensor memory), so every chunk's digest is
+        taken before its bytes are written and the hashing still overlaps the writes."""
         opts = self.options
         rows: list[list[list[Any]]] = [[] for _ in range(n_tensors)]
-        shards: list[list[memoryview]] = []
-        offset = opts.shard_size  # forces a first shard
+        groups: list[tuple[int, list[_Job], list[list[Any]]]] = []  # shard, jobs, their rows
+        shard, offset, size = -1, opts.shard_size, _HASH_GROUP  # forces a first shard, group
         for job in jobs:
             if offset >= opts.shard_size:
-                shards.append([])
-                offset = 0
+                shard, offset, size = shard + 1, 0, _HASH_GROUP
+            if size >= _HASH_GROUP:
+                groups.append((shard, [], []))
+                size = 0
             # a ChunkRecord row, built directly (this loop runs once per chunk); its digest
             # is filled in below
-            rows[job.tensor].append([len(shards) - 1, offset, len(job.data), 0, None, None])
-            shards[-1].append(job.data)
+            row: list[Any] = [shard, offset, len(job.data), 0, None, None]
+            rows[job.tensor].append(row)
+            groups[-1][1].append(job)
+            groups[-1][2].append(row)
             offset += len(job.data)
-        with ThreadPoolExecutor(1, thread_name_prefix="aptckpt-hash") as pool:
-            hashing = pool.submit(
-                _accel.hash_chunks_many, [j.data for j in jobs], opts.chunk_size, self._threads
+            size += len(job.data)
+
+        def digest(group: tuple[int, list[_Job], list[list[Any]]]) -> list[bytes]:
+            found: list[bytes] = _accel.hash_chunks_many(
+                [job.data for job in group[1]], opts.chunk_size, self._threads
             )
-            for index, buffers in enumerate(shards):
-                with DirectWriter(writer.path(f"shard-{index:05d}.bin")) as file:
-                    file.write_many(buffers, self._threads)
-            digests = hashing.result()
-        chunk_of = iter(row for tensor_rows in rows for row in tensor_rows)
-        # rows are in job order per tensor, and jobs are in tensor order: the same order
-        for digest in digests:
-            next(chunk_of)[4] = digest
-        return self._payload([RAW.to_record()], rows)
+            return found
+
+        file: DirectWriter | None = None
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="aptckpt-hash") as pool:
+                hashing = pool.submit(digest, groups[0]) if groups else None
+                for index, group in enumerate(groups):
+                    assert hashing is not None
+                    for row, chunk_digest in zip(group[2], hashing.result(), strict=True):
+                        row[4] = chunk_digest
+                    if index + 1 < len(groups):
+                        hashing = pool.submit(digest, groups[index + 1])
+                    if file is None or group[0] != groups[index - 1][0]:
+                        if file is not None:
+                            file.close()
+                        file = DirectWriter(writer.path(f"shard-{group[0]:05d}.bin"))
+                    file.write_many([job.data for job in group[1]], self._threads)
+            if file is not None:
+                file.close()
+        except BaseException:
+            if file is not None:
+                file.abort()
+            raise
+        return rows
 
     def _payload(self, codecs: list[Any], rows: list[list[list[Any]]]) -> dict[str, Any]:
         return {"chunk_size": self.options.chunk_size, "codecs": codecs, "chunks": rows}
