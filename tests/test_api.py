@@ -179,3 +179,22 @@ def test_conjugate_and_negative_views_beside_their_base_keep_their_values(
     loaded = aptckpt.load(tmp_path / "c")
     for key, value in state.items():
         assert torch.equal(loaded[key], value.resolve_conj().resolve_neg()), key
+
+
+def test_a_save_whose_manifest_no_reader_would_open_is_refused(tmp_path, monkeypatch):
+    from aptckpt import _config
+
+    state = {"losses": list(range(50_000)), "w": torch.ones(3)}
+    aptckpt.save(state, tmp_path / "fits")
+    monkeypatch.setattr(_config, "MAX_MANIFEST_BYTES", 100_000)
+    with pytest.raises(aptckpt.UnsupportedObjectError, match="100000-byte limit") as info:
+        aptckpt.save(state, tmp_path / "c")
+    assert "torch.tensor(values)" in str(info.value)
+    assert not (tmp_path / "c").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["fits"]
+
+
+def test_large_plain_bytes_go_to_data_files_not_the_manifest(tmp_path):
+    blob = os.urandom(3 << 20)  # a tokenizer file, a pickled config: megabytes of bytes
+    aptckpt.save({"blob": blob}, tmp_path / "c")
+    assert (tmp_path / "c" / "manifest.msgpack").stat().st_size < 4096
+    assert aptckpt.load(tmp_path / "c")["blob"] == blob

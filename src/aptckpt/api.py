@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeAlias, overload
 
 import torch
 
-from aptckpt import _background, _dtypes, _gc, _into, registry, tree
+from aptckpt import _background, _config, _dtypes, _gc, _into, registry, tree
 from aptckpt import manifest as mf
 from aptckpt._atomic import CheckpointReader, CheckpointWriter, remove_checkpoint, write_error
 from aptckpt._background import SaveHandle
@@ -37,6 +37,7 @@ from aptckpt.errors import (
     FormatError,
     IntegrityError,
     UnknownBackendError,
+    UnsupportedObjectError,
 )
 
 __all__ = [
@@ -318,6 +319,7 @@ def _write(
                 torch_version=torch.__version__,
             )
             encoded = mf.encode(manifest)
+            _refuse_unreadable_manifest(encoded, writer.final)
             writer.commit(encoded)
         except AptckptError:
             raise  # already says what went wrong (some of them are OSErrors too)
@@ -349,6 +351,23 @@ def _write(
         "saved %s (%s, %d bytes) in %.3fs", info.path, backend, info.stored_bytes, info.seconds
     )
     return info
+
+
+def _refuse_unreadable_manifest(encoded: bytes, final: os.PathLike[str]) -> None:
+    """Never commit a checkpoint that no reader would open: its manifest (the state's
+    structure and plain values, one record per tensor and chunk) must stay within the size
+    every reader accepts."""
+    limit = _config.MAX_MANIFEST_BYTES
+    if len(encoded) > limit:
+        raise UnsupportedObjectError(
+            f"cannot save '{final}': its manifest would be {len(encoded)} bytes, over the "
+            f"{limit}-byte limit every reader enforces (the state's structure and plain "
+            "values are stored there: millions of Python numbers or strings, or millions of "
+            "tiny tensors); store long lists of numbers as tensors (torch.tensor(values)), or "
+            "pass a larger chunk_size. Nothing was committed",
+            key_path="state",
+            type_name="builtins.dict",
+        )
 
 
 # --------------------------------------------------------------------- loading
