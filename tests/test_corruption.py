@@ -208,7 +208,9 @@ def build_delta(root: Path) -> Target:
     gen = torch.Generator().manual_seed(3)
     for step in range(4):
         ckpt = root / f"step-{step}"
-        aptckpt.save(state, ckpt, backend="delta", chunk_size=CHUNK, keyframe_every=3)
+        aptckpt.save(
+            state, ckpt, backend="delta", chunk_size=CHUNK, keyframe_every=3, local_below=0
+        )
         checkpoints.append(ckpt)
         emb = state["model"]["embed.weight"]
         emb += 1e-3 * torch.randn(emb.shape, generator=gen)

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
@@ -61,9 +62,11 @@ __all__ = [
     "file_problem",
     "fill_tensors",
     "host_tensor",
+    "locate_chunk",
     "open_data_files",
     "ordered_map",
     "parse_chunk_table",
+    "refuse_damaged_files",
     "refuse_unreadable",
 ]
 
@@ -192,8 +195,12 @@ def parse_chunk_table(
     pipelines: Sequence[Pipeline],
     *,
     where: str,
+    only: frozenset[int] | None = None,
 ) -> list[list[ChunkRecord]]:
     """Validate the per-tensor chunk rows of a payload against the manifest.
+
+    With ``only``, the rows cover those tensors; every other tensor's entry must be nil
+    (its bytes are elsewhere: a ``delta`` store) and gets no chunks here.
 
     Besides types and ranges: an encoded chunk must carry the digest of its
     stored bytes; a chunk's stored bytes must be able to hold its raw bytes (a
@@ -210,6 +217,11 @@ def parse_chunk_table(
     table: list[list[ChunkRecord]] = []
     end = (0, 0)  # (file, offset) where the previous chunk's stored bytes end
     for index, (record, rows) in enumerate(zip(manifest.tensors, rows_per_tensor, strict=True)):
+        if only is not None and index not in only:
+            if rows is not None:
+                raise FormatError(f"tensor {index} has chunk rows in two places", path=where)
+            table.append([])
+            continue
         nbytes = record.nbytes
         count = chunk_count(nbytes, chunk_size)
         if not isinstance(rows, list) or len(rows) != count:
@@ -570,6 +582,38 @@ def open_data_files(
     return fds, failed
 
 
+def refuse_damaged_files(
+    manifest: Manifest,
+    table: Sequence[Sequence[ChunkRecord]],
+    failed: dict[int, FileProblem],
+    where: str,
+) -> None:
+    """Data files are missing or have the wrong size (``failed``, from
+    :func:`open_data_files`): raise ``IntegrityError`` naming the chunks lost, before anything
+    is allocated; else (bytes appended) the first file's own error."""
+    files = manifest.files
+
+    def problem(chunk: ChunkRecord) -> tuple[str, str] | None:
+        record = files[chunk.file]
+        why = file_problem(record, failed.get(chunk.file), chunk.offset + chunk.length)
+        return None if why is None else (record.path, why)
+
+    refuse_unreadable(manifest, table, problem, partial(locate_chunk, manifest), where=where)
+    index, first = next(iter(failed.items()))
+    raise IntegrityError(
+        f"{first.error}; restore the checkpoint from a copy",
+        path=where,
+        file=files[index].path,
+        problems=tuple(f"{p.error}" for p in failed.values()),
+    ) from first.error
+
+
+def locate_chunk(manifest: Manifest, chunk: ChunkRecord) -> tuple[str, str]:
+    """``(file, where in it)`` of a chunk, for messages."""
+    file = manifest.files[chunk.file].path
+    return file, f"file '{file}', offset {chunk.offset}, {chunk.length} bytes"
+
+
 def file_problem(record: FileRecord, found: FileProblem | None, stop: int) -> str | None:
     """Why the bytes of data file ``record`` up to ``stop`` cannot be read, if they cannot."""
     if found is None:
@@ -613,10 +657,7 @@ def decode_into(
         if verify and _accel.xxh3_128(out) != chunk.digest:
             raise CodecError("digest mismatch: the stored bytes changed after saving")
 
-    def locate(chunk: ChunkRecord) -> tuple[str, str]:
-        file = manifest.files[chunk.file].path
-        return file, f"file '{file}', offset {chunk.offset}, {chunk.length} bytes"
-
+    locate = partial(locate_chunk, manifest)
     raw_codecs = {index for index, pipeline in enumerate(pipelines) if pipeline == RAW}
 
     def stored_raw(chunk: ChunkRecord) -> RawPlace | None:

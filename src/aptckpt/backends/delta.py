@@ -15,7 +15,10 @@ a run share (by default ``aptckpt-store`` next to the checkpoint). A save:
    so chains stay shorter than ``keyframe_every`` and older deltas become
    garbage once the checkpoints before the keyframe are deleted.
 
-The checkpoint directory holds only its manifest. Its payload lists every
+The checkpoint directory holds its manifest and, when the state has tensors
+smaller than ``local_below`` (16 KiB), one shard file holding them raw (as ``zstd`` with
+``codec="none"`` would): an object each would cost a file and an fsync each,
+and deduplicating a few bytes saves nothing. Its payload lists every
 object it reaches, delta bases included, so each manifest stands alone given
 the store, and garbage collection (:func:`collect_garbage`) is reachability
 from the committed manifests: an object reached by no manifest is removed;
@@ -29,7 +32,9 @@ Payload (manifest ``payload``)::
      "base": str | nil,                      # informational: the base, relative to the store's dir
      "codecs": [pipeline, ...],
      "objects": [[name, size, raw_size, codec, digest, base], ...],
-     "chunks": [[object index, ...] per tensor]}
+     "chunks": [[object index, ...] or nil per tensor],
+     "local": {"codecs": [pipeline, ...],   # (format v3) only when some chunks entry is nil:
+               "chunks": [[chunk row, ...] or nil per tensor]}}   # rows as in zstd
 
 An object row: ``name`` is the XXH3-128 of its stored bytes (and its file name),
 ``size`` their length, ``raw_size`` and ``digest`` the length and XXH3-128 of the
@@ -54,6 +59,7 @@ import torch
 
 from aptckpt import _accel, _config, _dtypes, objectstore, tree
 from aptckpt._atomic import CheckpointReader, CheckpointWriter
+from aptckpt._directio import DirectWriter
 from aptckpt.backends import _chunks
 from aptckpt.backends.base import BackendOptions, InPlaceBackend, TensorLayout
 from aptckpt.codecs import RAW, CodecError, Pipeline
@@ -87,6 +93,7 @@ MAX_CHAIN = 256
 _DIGEST = 16
 #: Bytes of a large changed chunk encoded both ways to decide whether a delta may pay.
 _SAMPLE = 256 << 10
+_LOCAL_SHARD = "shard-00000.bin"
 
 
 @dataclass(frozen=True)
@@ -106,17 +113,23 @@ class DeltaOptions(BackendOptions):
         base: the checkpoint to delta against, which must use the same store.
             Default: the newest checkpoint (by manifest time) using the store.
         threads: worker threads (default: ``APTCKPT_THREADS`` or the CPU count).
+        local_below: tensors of fewer bytes are stored raw in the checkpoint's own shard
+            file instead of as objects of the store (an object costs a file and an fsync;
+            a few bytes are not worth deduplicating). 0 stores every tensor as objects.
     """
 
     level: int = _config.DEFAULT_ZSTD_LEVEL
     chunk_size: int = _config.DEFAULT_CHUNK_SIZE
     keyframe_every: int = _config.DEFAULT_KEYFRAME_EVERY
+    local_below: int = 16 << 10
     store: str | os.PathLike[str] | None = field(default=None, metadata={"record": False})
     base: str | os.PathLike[str] | None = field(default=None, metadata={"record": False})
     threads: int | None = field(default=None, metadata={"record": False})
 
     def validate(self) -> None:
         _chunks.check_common_options(self.level, self.chunk_size, self.threads)
+        if type(self.local_below) is not int or self.local_below < 0:
+            raise BackendError(f"local_below {self.local_below!r} must be an int >= 0")
         if type(self.keyframe_every) is not int or not 1 <= self.keyframe_every <= MAX_CHAIN:
             raise BackendError(
                 f"keyframe_every {self.keyframe_every!r} must be an int in 1..{MAX_CHAIN}"
@@ -168,6 +181,11 @@ class DeltaPayload:
     base: str | None
     objects: tuple[StoredObject, ...]
     chunks: tuple[tuple[StoredObject, ...], ...]
+    #: Tensors stored in the checkpoint's own shard file (their ``chunks`` are empty), the
+    #: shard's codecs and its chunk rows (empty for the tensors in the store).
+    local: frozenset[int] = frozenset()
+    local_codecs: tuple[Pipeline, ...] = ()
+    local_rows: tuple[list[_chunks.ChunkRecord], ...] = ()
 
     def store_root(self, checkpoint: Path, where: str) -> Path:
         return objectstore.resolve_location(checkpoint, self.store_up, self.store_name, where=where)
@@ -252,8 +270,26 @@ def parse_payload(manifest: Manifest, where: str) -> DeltaPayload:
     raw_chunks = p.get("chunks")
     if not isinstance(raw_chunks, list) or len(raw_chunks) != len(manifest.tensors):
         raise FormatError("payload has no chunk list for every tensor", path=where)
+    local = frozenset(i for i, refs in enumerate(raw_chunks) if refs is None)
+    local_codecs: list[Pipeline] = []
+    local_rows: list[list[_chunks.ChunkRecord]] = []
+    if local:
+        shard = p.get("local")
+        if not isinstance(shard, dict) or not isinstance(shard.get("codecs"), list):
+            raise FormatError("delta payload stores tensors locally but has no shard", path=where)
+        local_codecs = [Pipeline.from_record(c, where=where) for c in shard["codecs"]]
+        if not local_codecs or any(c.xor for c in local_codecs):
+            raise FormatError(
+                "the local shard of a delta checkpoint has no valid codecs", path=where
+            )
+        local_rows = _chunks.parse_chunk_table(
+            manifest, shard.get("chunks"), chunk_size, local_codecs, where=where, only=local
+        )
     chunks = []
     for t_index, (record, refs) in enumerate(zip(manifest.tensors, raw_chunks, strict=True)):
+        if t_index in local:
+            chunks.append(())
+            continue
         count = _chunks.chunk_count(record.nbytes, chunk_size)
         if not isinstance(refs, list) or len(refs) != count:
             raise FormatError(f"tensor {t_index} needs {count} chunks", path=where)
@@ -270,7 +306,19 @@ def parse_payload(manifest: Manifest, where: str) -> DeltaPayload:
                 )
             row.append(objects[ref])
         chunks.append(tuple(row))
-    return DeltaPayload(chunk_size, up, name, every, since, base, tuple(objects), tuple(chunks))
+    return DeltaPayload(
+        chunk_size,
+        up,
+        name,
+        every,
+        since,
+        base,
+        tuple(objects),
+        tuple(chunks),
+        local,
+        tuple(local_codecs),
+        tuple(local_rows),
+    )
 
 
 # ---------------------------------------------------------------- decoding
@@ -436,9 +484,20 @@ class DeltaBackend(InPlaceBackend):
         hosts = [_chunks.host_tensor(leaf.tensor) for leaf in flat.tensors]
         views = [_dtypes.byte_view(h) for h in hosts]
         digests = _accel.hash_chunks_many(views, opts.chunk_size, self._threads)
+        # Small tensors go to the checkpoint's own shard: an object each would cost a file
+        # and an fsync each (a state of 100,000 small tensors took 28 s), and deduplicating
+        # a few bytes saves nothing.
+        local = [i for i, view in enumerate(views) if 0 < len(view) < opts.local_below]
+        local_rows = self._write_local(
+            writer, [views[i] for i in local], [digests[i] for i in local]
+        )
         planner = _Planner(store, base, keyframe=since == 0, opts=opts)
-        for leaf, host, view, packed in zip(flat.tensors, hosts, views, digests, strict=True):
-            planner.add_tensor(leaf.key_path, host.element_size(), view, packed)
+        small = set(local)
+        in_store = [i for i in range(len(views)) if i not in small]
+        for i in in_store:
+            planner.add_tensor(
+                flat.tensors[i].key_path, hosts[i].element_size(), views[i], digests[i]
+            )
         written = 0
         filling = _recent.begin()
         try:
@@ -458,9 +517,40 @@ class DeltaBackend(InPlaceBackend):
             raise
         _recent.commit(str(store.root), filling)
         writer.external_bytes += written
-        chunks = planner.resolve(new_objects)
+        chunks: list[list[StoredObject] | None] = [None] * len(views)
+        for i, row in zip(in_store, planner.resolve(new_objects), strict=True):
+            chunks[i] = row
+        rows: list[list[list[Any]] | None] = [None] * len(views)
+        for i, tensor_rows in zip(local, local_rows, strict=True):
+            rows[i] = tensor_rows
         home = Path(os.path.realpath(store.root.parent))
-        return self._payload(up, name, since, base.path.relative_to(home) if base else None, chunks)
+        payload = self._payload(
+            up, name, since, base.path.relative_to(home) if base else None, chunks
+        )
+        if local:
+            payload["local"] = {"codecs": [RAW.to_record()], "chunks": rows}
+        return payload
+
+    def _write_local(
+        self, writer: CheckpointWriter, views: list[memoryview], digests: list[bytes]
+    ) -> list[list[list[Any]]]:
+        """Write small tensors raw into the checkpoint's shard; their chunk rows."""
+        if not views:
+            return []
+        size = self.options.chunk_size
+        rows: list[list[list[Any]]] = []
+        buffers: list[memoryview] = []
+        offset = 0
+        for view, packed in zip(views, digests, strict=True):
+            tensor_rows = []
+            for c, (start, stop) in enumerate(_chunks.chunk_spans(len(view), size)):
+                tensor_rows.append([0, offset, stop - start, 0, packed[16 * c : 16 * c + 16], None])
+                buffers.append(view[start:stop])
+                offset += stop - start
+            rows.append(tensor_rows)
+        with DirectWriter(writer.path(_LOCAL_SHARD)) as f:
+            f.write_many(buffers, self._threads)
+        return rows
 
     def _payload(
         self,
@@ -468,7 +558,7 @@ class DeltaBackend(InPlaceBackend):
         name: str,
         since: int,
         base: Path | None,
-        chunks: list[list[StoredObject]],
+        chunks: list[list[StoredObject] | None],
     ) -> dict[str, Any]:
         pipelines: dict[Pipeline, int] = {}
         index: dict[StoredObject, int] = {}
@@ -483,7 +573,7 @@ class DeltaBackend(InPlaceBackend):
             rows.append([obj.name, obj.size, obj.raw_size, codec, obj.digest, base_index])
             return index[obj]
 
-        refs = [[add(obj) for obj in tensor] for tensor in chunks]
+        refs = [None if tensor is None else [add(obj) for obj in tensor] for tensor in chunks]
         return {
             "chunk_size": self.options.chunk_size,
             "store": {"up": up, "name": name},
@@ -603,6 +693,9 @@ class DeltaBackend(InPlaceBackend):
         # breaks, not only for the first one decoded.
         checked = _ObjectCheck(store)
         _chunks.refuse_unreadable(manifest, payload.chunks, checked.problem, locate, where=where)
+        outs = _chunks.new_tensors(manifest, into)
+        if payload.local:
+            self._read_local(reader, manifest, payload, outs, verify=verify)
         return _chunks.fill_tensors(
             manifest,
             payload.chunks,
@@ -611,19 +704,66 @@ class DeltaBackend(InPlaceBackend):
             locate,
             threads=self._threads,
             where=where,
-            into=into,
+            into=outs,
+            skip=payload.local,
         )
+
+    def _read_local(
+        self,
+        reader: CheckpointReader,
+        manifest: Manifest,
+        payload: DeltaPayload,
+        outs: list[torch.Tensor],
+        *,
+        verify: bool,
+    ) -> None:
+        """Decode the small tensors kept in the checkpoint's own shard into ``outs``."""
+        where = str(reader.root)
+        fds, failed = _chunks.open_data_files(reader, manifest.files)
+        try:
+            if failed:
+                _chunks.refuse_damaged_files(manifest, payload.local_rows, failed, where)
+            _chunks.decode_into(
+                manifest,
+                payload.local_rows,
+                payload.local_codecs,
+                payload.chunk_size,
+                fds,
+                verify=verify,
+                threads=self._threads,
+                where=where,
+                into=outs,
+                skip=frozenset(range(len(outs))) - payload.local,
+            )
+        finally:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
 
     def describe(self, manifest: Manifest) -> list[TensorLayout]:
         payload = parse_payload(manifest, "manifest")
-        return [
-            TensorLayout(
-                stored_bytes=sum(o.size for o in chunks),
-                codecs=tuple(sorted({o.pipeline.describe() for o in chunks})),
-                chunks=len(chunks),
+        layouts = []
+        for index, chunks in enumerate(payload.chunks):
+            if index in payload.local:
+                rows = payload.local_rows[index]
+                layouts.append(
+                    TensorLayout(
+                        stored_bytes=sum(r.length for r in rows),
+                        codecs=tuple(
+                            sorted({payload.local_codecs[r.codec].describe() for r in rows})
+                        ),
+                        chunks=len(rows),
+                    )
+                )
+                continue
+            layouts.append(
+                TensorLayout(
+                    stored_bytes=sum(o.size for o in chunks),
+                    codecs=tuple(sorted({o.pipeline.describe() for o in chunks})),
+                    chunks=len(chunks),
+                )
             )
-            for chunks in payload.chunks
-        ]
+        return layouts
 
     def external_bytes(self, manifest: Manifest) -> int:
         payload = parse_payload(manifest, "manifest")

@@ -40,7 +40,7 @@ from aptckpt._directio import DirectWriter
 from aptckpt.backends import _chunks, _mapped
 from aptckpt.backends.base import BackendOptions, InPlaceBackend, TensorLayout
 from aptckpt.codecs import RAW, Pipeline
-from aptckpt.errors import BackendError, FormatError, IntegrityError
+from aptckpt.errors import BackendError, FormatError
 from aptckpt.manifest import Manifest
 from aptckpt.tree import FlatState
 
@@ -296,7 +296,7 @@ class ZstdBackend(InPlaceBackend):
         fds, failed = _chunks.open_data_files(reader, manifest.files)
         try:
             if failed:
-                self._refuse(manifest, table, failed, where)
+                _chunks.refuse_damaged_files(manifest, table, failed, where)
             maps: dict[int, torch.Tensor] = {}
             if mapped:
                 maps = _mapped.map_raw_tensors(
@@ -326,36 +326,6 @@ class ZstdBackend(InPlaceBackend):
             for fd in fds:
                 if fd >= 0:
                     os.close(fd)
-
-    @staticmethod
-    def _refuse(
-        manifest: Manifest,
-        table: list[list[_chunks.ChunkRecord]],
-        failed: dict[int, _chunks.FileProblem],
-        where: str,
-    ) -> None:
-        """Data files are missing or have the wrong size: name the chunks lost, before
-        anything is allocated; else (bytes appended) the first file's own error."""
-        files = manifest.files
-
-        def problem(chunk: _chunks.ChunkRecord) -> tuple[str, str] | None:
-            record = files[chunk.file]
-            found = failed.get(chunk.file)
-            why = _chunks.file_problem(record, found, chunk.offset + chunk.length)
-            return None if why is None else (record.path, why)
-
-        def locate(chunk: _chunks.ChunkRecord) -> tuple[str, str]:
-            file = files[chunk.file].path
-            return file, f"file '{file}', offset {chunk.offset}, {chunk.length} bytes"
-
-        _chunks.refuse_unreadable(manifest, table, problem, locate, where=where)
-        index, first = next(iter(failed.items()))
-        raise IntegrityError(
-            f"{first.error}; restore the checkpoint from a copy",
-            path=where,
-            file=files[index].path,
-            problems=tuple(f"{p.error}" for p in failed.values()),
-        ) from first.error
 
     def describe(self, manifest: Manifest) -> list[TensorLayout]:
         _, pipelines, table = self._parse(manifest, "manifest")
