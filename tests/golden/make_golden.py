@@ -109,7 +109,7 @@ GOLDEN = {
     "zstd": {"chunk_size": 256, "shard_size": 16 << 10},
     "zstd-raw": {"codec": "none", "chunk_size": 256},
     "torch": {"chunk_size": 256},
-    "delta": {"chunk_size": 256, "keyframe_every": 8},
+    "delta": {"chunk_size": 256, "keyframe_every": 8, "local_below": 64},
 }
 #: The ``delta`` golden is a run directory: a chain of checkpoints and their store.
 DELTA_CHAIN = ("s0", "s1", "s2")
