@@ -632,3 +632,89 @@ def test_restore_refuses_malformed_counters(tmp_path):
     with pytest.raises(aptckpt.FormatError, match="malformed 'global_step'"):
         mgr.load_checkpoint(t.model, checkpoint_path=bad)
     assert_state_equal(before, dict(t.model.state_dict()))  # nothing was restored
+
+
+# ------------------------------------------------------------ another user's run
+
+
+def as_nobody(job: Any) -> dict[str, Any]:
+    """Run ``job()`` in a forked child that has dropped to uid/gid 65534 (the modules
+    are already imported: the interpreter's own files may be unreadable to nobody);
+    returns ``{"ok": what it returned (JSON)}`` or ``{"error": its error}``."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            result = {"ok": job()}
+        except BaseException as err:
+            result = {"error": f"{type(err).__name__}: {err}"}
+        os.write(write, json.dumps(result).encode())
+        os._exit(0)
+    os.close(write)
+    try:
+        data = b"".join(iter(lambda: os.read(read, 1 << 16), b""))
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    return dict(json.loads(data))
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_a_run_owned_by_another_user(tmp_path_factory):
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="aptckpt-nobody-"))  # reachable by nobody
+    try:
+        base.chmod(0o755)
+        run = base / "run"
+        t = Trainer()
+        mgr = CheckpointManager(run, keep_last=None)
+        for step in (1, 2):
+            t.step()
+            t.save(mgr, 0, step, tokenizer=Tokenizer())
+        mgr.close()
+        aptckpt.load(mgr.latest().path)  # every backend module imported before the fork
+        best = mgr.best().global_step
+        before = sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*"))
+
+        def read() -> Any:
+            reader = CheckpointManager(run, read_only=True)
+            other = Trainer(seed=4)
+            step = reader.load_checkpoint(other.model, other.optimizer, other.scheduler)[1]
+            return (step, reader.best().global_step, len(reader.checkpoints()))
+
+        assert as_nobody(read) == {"ok": [2, best, 2]}
+
+        def write() -> Any:
+            CheckpointManager(run)
+
+        error = as_nobody(write)["error"]
+        assert error.startswith("WriteError: taking the run lock") and "permissions" in error
+        assert sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+        # The run writable, its checkpoints/ not: the save fails cleanly, nothing changes
+        # but the lock file; a temporary checkpoint (temp/ is created) still works.
+        run.chmod(0o777)
+        (run / "metadata.json").chmod(0o666)
+        (run / ".aptckpt-run.lock").chmod(0o666)
+
+        def save() -> Any:
+            writer = CheckpointManager(run, keep_last=None)
+            refused = ""
+            try:
+                writer.save(3, {"w": torch.ones(1)})
+            except aptckpt.WriteError as err:
+                refused = str(err)
+            writer.save(4, {"w": torch.ones(1)}, temporary=True, batch_index=1)
+            return refused, [[r.global_step, r.sequence] for r in writer.checkpoints()]
+
+        refused, listing = as_nobody(save)["ok"]
+        assert "nothing was written" in refused and "permissions" in refused
+        assert listing == [[1, 1], [2, 2], [4, 4]]
+        for record in CheckpointManager(run, read_only=True).checkpoints():
+            aptckpt.verify(record.path)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -9,12 +9,14 @@ from the checkpoints equals the lost one entry by entry, and no decision of the
 manager (latest, best, retention) depends on the index existing.
 
 The index is a cache and a listing for people and tools. Each entry carries the
-digest of the manifest it was made from (:func:`aptckpt._rundir.manifest_digest`);
-a reader uses an entry only if that digest matches the checkpoint now on disk
-and every field validates, and otherwise decodes the manifest. A checkpoint
-saved again under the same name (a run resumed from an older checkpoint), a
-save killed before the index was replaced, an index edited by hand: each such
-entry is stale, and ignored. Entries of a version-1 index (aptckpt releases
+digest of the manifest it was made from (:func:`aptckpt._rundir.manifest_digest`)
+and a digest over that and the entry's own facts; a reader uses an entry only
+if both match the checkpoint now on disk and the entry, and every field
+validates, and otherwise decodes the manifest. A checkpoint saved again under
+the same name (a run resumed from an older checkpoint), a save killed before
+the index was replaced, an entry edited by hand or damaged: each such entry is
+stale, and ignored. (The digests detect mistakes, not forgery: whoever can
+write the run can also write its checkpoints.) Entries of a version-1 index (aptckpt releases
 whose manifests lacked the best flag) only fill in what their checkpoint's
 manifest lacks, and only where they agree with it on kind, epoch, step, batch
 and sequence.
@@ -32,6 +34,7 @@ later save could overwrite it or retention delete it.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -190,6 +193,19 @@ _ENTRY_CHECKS: dict[str, Callable[[Any], bool]] = {
 # ------------------------------------------------------------------ the index
 
 
+#: The fields of an index entry that describe its checkpoint (besides "path").
+_FACTS = ("path", "kind", *_ENTRY_CHECKS)
+
+
+def _entry_digest(manifest_digest: str, facts: Mapping[str, Any]) -> str:
+    """The digest of an entry: its manifest's digest and its facts, canonically."""
+    text = json.dumps(
+        {k: facts.get(k) for k in _FACTS}, sort_keys=True, allow_nan=True, separators=(",", ":")
+    )
+    data = f"{manifest_digest}\n{text}".encode()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 @dataclass
 class _Index:
     version: int | None = None
@@ -252,7 +268,9 @@ def write_index(
     entries = []
     for record in sorted(records, key=order):
         digest, format_version = sources.get(record.rel_path, (None, FORMAT_VERSION))
-        entries.append({**record.to_json(), "manifest": digest, "format_version": format_version})
+        facts = {**record.to_json(), "format_version": format_version}
+        check = None if digest is None else _entry_digest(digest, facts)
+        entries.append({**facts, "manifest": digest, "digest": check})
     doc = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
@@ -342,6 +360,9 @@ def _from_entry(
             return None
     if item.get("kind") != kind:
         log.warning("index entry of %s has a bad kind; reading its manifest instead", rel)
+        return None
+    if item.get("digest") != _entry_digest(item["manifest"], item):
+        log.warning("index entry of %s was altered; reading its manifest instead", rel)
         return None
     record = CheckpointRecord(
         path=path,
