@@ -440,28 +440,37 @@ def test_retention_with_metrics_that_rank_nothing(tmp_path):
 # ------------------------------------------------------------ sequence numbers
 
 
-def test_latest_is_the_checkpoint_saved_again_when_its_index_write_was_lost(tmp_path, monkeypatch):
-    """Resume from an older checkpoint, save again under a name the abandoned
-    continuation used, die before the index is written: the index still describes the
-    replaced checkpoint, and must not win over its manifest."""
+def test_resumed_run_saving_a_step_again_keeps_the_abandoned_best(tmp_path, monkeypatch):
+    """Resume from an older checkpoint and save at a step the abandoned continuation
+    saved: its checkpoint there (the run's best) is not replaced; and with the index
+    write lost, "latest" is still the new save."""
     run = tmp_path / "run"
-    mgr = CheckpointManager(run, keep_last=None)
-    for step in (10, 20, 30):
-        save_plain(mgr, step, 1.0)
-    save_plain(mgr, 35, 1.0, temporary=True, batch_index=5)
+    mgr = CheckpointManager(run, keep_last=2, keep_best=1)
+    for step, loss in ((10, 1.0), (20, 0.5), (30, 0.7)):
+        save_plain(mgr, step, loss)
+    t = Trainer()
+    resumed = CheckpointManager(run, keep_last=2, keep_best=1)
+    resumed.save(10, {"model": t.model}, metrics={"loss": 1.0})  # the resumed trajectory
 
     def killed(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(CheckpointManager, "_write_index", killed)
     with pytest.raises(KeyboardInterrupt):
-        save_plain(mgr, 20, 0.5)  # resumed from step 10; the same name as the abandoned one
+        save_plain(resumed, 20, 0.9)  # the step the abandoned best was saved at
     monkeypatch.undo()
     reader = CheckpointManager(run, read_only=True)
     latest = reader.latest()
-    assert latest is not None and latest.global_step == 20 and latest.sequence == 5
+    assert latest is not None and latest.path.name == "apt_model_epoch0_step20_seq5"
     assert aptckpt.load(latest.path)["w"].tolist() == [20.0] * 4
-    assert reader.best() is not None and reader.best().global_step == 20
+    assert reader.best() is not None and reader.best().path.name == "apt_model_epoch0_step20"
+    assert aptckpt.load(reader.best().path)["metrics"] == {"loss": 0.5}
+    save_plain(resumed, 30, 0.8)
+    assert [r.path.name for r in resumed.checkpoints()] == [
+        "apt_model_epoch0_step20",  # kept as the best
+        "apt_model_epoch0_step20_seq5",
+        "apt_model_epoch0_step30_seq6",
+    ]
 
 
 def test_latest_after_the_index_write_is_refused(tmp_path, monkeypatch):
@@ -616,10 +625,13 @@ def test_a_checkpoint_the_run_does_not_list_is_never_overwritten(tmp_path):
     mgr = CheckpointManager(run)
     plain = run / "checkpoints" / "apt_model_epoch0_step5"
     aptckpt.save({"w": torch.zeros(1)}, plain)  # not saved by a manager
-    with pytest.raises(aptckpt.CheckpointExistsError, match="does not list"):
-        save_plain(mgr, 5, 1.0)
+    assert save_plain(mgr, 5, 1.0).name == "apt_model_epoch0_step5_seq1"
     assert aptckpt.load(plain)["w"].tolist() == [0.0]
-    assert mgr.checkpoints() == []
+    assert [r.path.name for r in mgr.checkpoints()] == ["apt_model_epoch0_step5_seq1"]
+    (run / "checkpoints" / "apt_model_epoch0_step6_seq2").mkdir()
+    (run / "checkpoints" / "apt_model_epoch0_step6").mkdir()
+    with pytest.raises(aptckpt.CheckpointExistsError, match="never replaces"):
+        save_plain(mgr, 6, 1.0)
 
 
 def test_restore_refuses_malformed_counters(tmp_path):
@@ -632,6 +644,12 @@ def test_restore_refuses_malformed_counters(tmp_path):
     with pytest.raises(aptckpt.FormatError, match="malformed 'global_step'"):
         mgr.load_checkpoint(t.model, checkpoint_path=bad)
     assert_state_equal(before, dict(t.model.state_dict()))  # nothing was restored
+    aptckpt.save({"global_step": 1, "rng": {"python": 5, "numpy": {}}}, tmp_path / "rng")
+    random.seed(7)
+    with pytest.raises(aptckpt.FormatError, match="restore_rng=False"):
+        mgr.restore({}, tmp_path / "rng")
+    assert mgr.restore({}, tmp_path / "rng", restore_rng=False)["global_step"] == 1
+    assert random.random() == random.Random(7).random()  # no generator was touched
 
 
 # ------------------------------------------------------------ another user's run

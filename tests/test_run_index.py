@@ -184,3 +184,23 @@ def test_record_helpers():
         sequence=1, kind="temp", epoch=0, global_step=1, batch_index=2, metrics={}, is_best=False
     )
     assert meta["version"] == _run_index.RUN_VERSION and meta["batch_index"] == 2
+
+
+def test_a_checkpoint_replaced_under_its_name_is_read_from_its_new_manifest(tmp_path, decodes):
+    """The index still describes the checkpoint that was there before (a save killed
+    before the index write, an older release that replaced names, a hand copy)."""
+    run, records = make_run(tmp_path)
+    meta = {"sequence": 9, "kind": "epoch", "epoch": 0, "global_step": 1, "is_best": False}
+    aptckpt.save(
+        {"global_step": 1, "w": torch.zeros(2)},
+        records[0].path,
+        metadata={"aptckpt_run": {**meta, "metrics": {"loss": 7.0}, "batch_index": None}},
+        overwrite=True,
+    )
+    decodes.clear()
+    now = listed(run)
+    assert decodes == [records[0].path.name]
+    assert [r.sequence for r in now] == [2, 3, 4, 9]
+    latest = CheckpointManager(run, read_only=True).latest()
+    assert latest is not None and latest.path == records[0].path
+    assert latest.metrics == {"loss": 7.0} and not latest.is_best

@@ -18,7 +18,9 @@ metrics, best flag). The checkpoints themselves are the truth;
 atomically after every change, used only where it matches the checkpoints, and
 equal to the lost one when rebuilt. "latest" is the committed checkpoint saved
 last (each save records a sequence number in its manifest; never judged by file
-times); a save that never committed is invisible.
+times); a save that never committed is invisible. A save never replaces a
+checkpoint: a run resumed from an older checkpoint that saves a step again saves
+it as ``<name>_seq<sequence>`` (the abandoned checkpoint may be the run's best).
 
 Order of a save: the sequence number is taken and the best flag decided (from
 the checkpoints on disk, :mod:`aptckpt.retention`); the new checkpoint commits
@@ -56,7 +58,7 @@ from typing import Any, Literal, Protocol
 
 import aptckpt.api as api
 from aptckpt import _background, _gc, _run_index, _rundir, _runlock
-from aptckpt._atomic import is_checkpoint, remove_stale_temps, write_error
+from aptckpt._atomic import remove_stale_temps, write_error
 from aptckpt._background import SaveHandle
 from aptckpt._run_index import CheckpointRecord, order
 from aptckpt.api import SaveInfo
@@ -442,8 +444,8 @@ class CheckpointManager:
             rng=capture_rng(),
         )
         kind: Literal["epoch", "temp"] = "temp" if temporary else "epoch"
-        rel = f"{_TEMP if temporary else _REGULAR}/{self.model_name}_epoch{epoch}_step{step}"
-        path = self.run_dir / rel
+        folder = _TEMP if temporary else _REGULAR
+        name = f"{self.model_name}_epoch{epoch}_step{step}"
         # One save of the run at a time in this process, from numbering the checkpoint to
         # pruning after it: two saves numbering from the same listing would share a number.
         lock.slot.acquire()
@@ -452,9 +454,10 @@ class CheckpointManager:
             self.wait()  # a save another thread started on this manager meanwhile: its error
             _rundir.refuse_links(self.run_dir)
             records = self.checkpoints()
-            self._check_target(path, rel, records)
             sequence = max([lock.issued, *(r.sequence for r in records)]) + 1
             lock.issued = sequence
+            rel = self._free_name(folder, name, sequence)
+            path = self.run_dir / rel
             if temporary:
                 best = False  # temporaries are never the best: retention drops them
             elif is_best is None:
@@ -475,7 +478,7 @@ class CheckpointManager:
                 path,
                 backend=self.backend,
                 metadata={_RUN_KEY: run_meta},
-                overwrite=True,
+                overwrite=False,
                 **self._backend_options(records),
             )
 
@@ -500,20 +503,27 @@ class CheckpointManager:
             release()  # nothing is persisting (or it has released already)
             raise
 
-    def _check_target(self, path: Path, rel: str, records: list[CheckpointRecord]) -> None:
-        """Refuse to replace what the run does not list: a save under a listed name
-        replaces that checkpoint (a run resumed from an older one saves again), but
-        a link, or a checkpoint the manager cannot read, is never overwritten."""
-        if _rundir.is_link(path):
+    def _free_name(self, folder: str, name: str, sequence: int) -> str:
+        """``folder/name``, or ``folder/name_seq<sequence>`` if that is taken.
+
+        A save never replaces a checkpoint: a run resumed from an older checkpoint
+        saves again at steps its abandoned continuation saved, and the checkpoint
+        there may be the run's best, kept by retention (or one the run cannot
+        read, or a link). The abandoned ones are pruned like any older checkpoint.
+        """
+        rel = f"{folder}/{name}"
+        if not os.path.lexists(self.run_dir / rel):
+            return rel
+        taken = rel
+        rel = f"{folder}/{name}_seq{sequence}"
+        if os.path.lexists(self.run_dir / rel):
             raise CheckpointExistsError(
-                path, "it is a symbolic link; move it away (saves never write through links)"
+                self.run_dir / rel,
+                f"both it and '{taken}' are taken, and a save never replaces a checkpoint; "
+                "move one of them away",
             )
-        if is_checkpoint(path) and rel not in {r.rel_path for r in records}:
-            raise CheckpointExistsError(
-                path,
-                "a checkpoint is there that this run does not list (damaged, or not saved by a "
-                "CheckpointManager; see the log); refusing to replace it: move it away",
-            )
+        log.info("%s is taken (a resumed run saves that step again): saving as %s", taken, rel)
+        return rel
 
     def _after_commit(self, rel: str) -> None:
         """Index, retention and garbage collection once checkpoint ``rel`` has committed,

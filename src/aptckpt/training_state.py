@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from aptckpt.errors import FormatError
+
 __all__ = ["capture_rng", "restore_rng"]
 
 
@@ -42,14 +44,32 @@ def restore_rng(state: dict[str, Any]) -> None:
     CUDA states are restored when this machine has at least as many devices as
     the one that saved them; otherwise they are skipped (a run moved from a GPU
     machine to a CPU one still resumes, without bit-exactness of GPU streams).
+
+    Raises:
+        FormatError: ``state`` is not what :func:`capture_rng` returns (a
+            checkpoint altered, or saved by something else); no generator is
+            changed then.
     """
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    n = state["numpy"]
-    np.random.set_state(
-        (n["kind"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    torch.set_rng_state(state["torch"].cpu())
-    cuda = state.get("cuda") or []
-    if cuda and torch.cuda.is_available() and torch.cuda.device_count() >= len(cuda):
-        torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
+    try:
+        python = state["python"]
+        python_state = (python[0], tuple(python[1]), python[2])
+        n = state["numpy"]
+        numpy_state = (n["kind"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        torch_state = state["torch"].cpu()
+        cuda = state.get("cuda") or []
+        cuda_states = [t.cpu() for t in cuda]
+        # Checked on throwaway generators first, so that a bad part changes nothing.
+        random.Random().setstate(python_state)
+        np.random.RandomState().set_state(numpy_state)
+        torch.Generator().set_state(torch_state)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        raise FormatError(
+            f"the checkpoint's RNG state is malformed ({type(err).__name__}: {err}); it was "
+            "altered or not saved by a CheckpointManager. Resume without it: "
+            "load_checkpoint(..., restore_rng=False)"
+        ) from err
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(torch_state)
+    if cuda_states and torch.cuda.is_available() and torch.cuda.device_count() >= len(cuda_states):
+        torch.cuda.set_rng_state_all(cuda_states)
