@@ -53,6 +53,7 @@ from aptckpt.errors import (
     UnsupportedFormatVersionError,
 )
 from aptckpt.manifest import FORMAT_VERSION
+from aptckpt.training_state import MAX_COUNT, is_scalar
 
 __all__ = [
     "INDEX_FORMAT",
@@ -76,7 +77,6 @@ INDEX_VERSION = 2
 #: Where a manifest's metadata holds the run's facts, and the version of that record.
 RUN_KEY = "aptckpt_run"
 RUN_VERSION = 1
-MAX_SEQUENCE = 2**63 - 1
 
 Kind = Literal["epoch", "temp"]
 _KIND_OF_FOLDER: dict[str, Kind] = {_rundir.REGULAR: "epoch", _rundir.TEMP: "temp"}
@@ -148,17 +148,12 @@ def run_metadata(
 # ------------------------------------------------------------------ validation
 
 
-def _count(value: Any, limit: int = MAX_SEQUENCE) -> bool:
+def _count(value: Any, limit: int = MAX_COUNT) -> bool:
     return type(value) is int and 0 <= value <= limit
 
 
 def _optional_count(value: Any) -> bool:
     return value is None or _count(value)
-
-
-def is_scalar(value: Any) -> bool:
-    """A metric value the index can hold exactly: None, bool, int, float or str."""
-    return value is None or type(value) in (bool, int, float, str)
 
 
 def _metrics(value: Any, where: str) -> dict[str, Any]:

@@ -24,15 +24,22 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import stat
 from pathlib import Path
 
-from aptckpt._atomic import write_file_atomic
+from aptckpt._atomic import remove_stale_temps, write_file_atomic
 from aptckpt._config import MAX_MANIFEST_BYTES
-from aptckpt.errors import UnsafePathError
+from aptckpt.errors import (
+    AptckptError,
+    CheckpointExistsError,
+    StoreBusyError,
+    StoreNotFoundError,
+    UnsafePathError,
+)
 from aptckpt.manifest import MANIFEST_NAME
-from aptckpt.objectstore import DEFAULT_STORE_NAME
+from aptckpt.objectstore import DEFAULT_STORE_NAME, ObjectStore
 
 __all__ = [
     "FOLDERS",
@@ -43,12 +50,16 @@ __all__ = [
     "TEMP",
     "TOKENIZER",
     "ensure_folder",
+    "free_name",
     "is_link",
     "manifest_digest",
     "read_regular",
     "refuse_links",
+    "remove_debris",
     "write_small_file",
 ]
+
+log = logging.getLogger("aptckpt")
 
 INDEX_NAME = "metadata.json"
 REGULAR, TEMP, TOKENIZER = "checkpoints", "temp", "tokenizer"
@@ -170,3 +181,48 @@ def write_small_file(run_dir: Path, folder: str, name: str, data: bytes) -> bool
         pass  # missing, different, or not a regular file: replaced below
     write_file_atomic(target, data)
     return True
+
+
+def free_name(run_dir: Path, folder: str, name: str, sequence: int) -> str:
+    """``folder/name``, or ``folder/name_seq<sequence>`` if that is taken.
+
+    A save never replaces a checkpoint: a run resumed from an older checkpoint
+    saves again at steps its abandoned continuation saved, and the checkpoint
+    there may be the run's best, kept by retention (or one the run cannot read,
+    or a link). The abandoned ones are pruned like any older checkpoint.
+
+    Raises:
+        CheckpointExistsError: both names are taken.
+    """
+    rel = f"{folder}/{name}"
+    if not os.path.lexists(run_dir / rel):
+        return rel
+    taken, rel = rel, f"{folder}/{name}_seq{sequence}"
+    if os.path.lexists(run_dir / rel):
+        raise CheckpointExistsError(
+            run_dir / rel,
+            f"both it and '{taken}' are taken, and a save never replaces a checkpoint; "
+            "move one of them away",
+        )
+    log.info("%s is taken (a resumed run saves that step again): saving as %s", taken, rel)
+    return rel
+
+
+def remove_debris(run_dir: Path) -> None:
+    """Remove what saves that crashed left behind: hidden temp and trash entries
+    in the run's folders (not behind links), and temp files in its object store.
+    Only under the run lock, so no other process is writing them."""
+    folders = [run_dir] + [run_dir / f for f in (REGULAR, TEMP, TOKENIZER)]
+    removed = sum(len(remove_stale_temps(f, exclusive=True)) for f in folders if not is_link(f))
+    store_dir = run_dir / STORE
+    if store_dir.is_dir() and not is_link(store_dir):
+        try:
+            store = ObjectStore.open(store_dir)
+            with store.lock(exclusive=True, wait=False):
+                removed += store.clear_tmp()
+        except (StoreBusyError, StoreNotFoundError):
+            pass  # another process saves into the store: its temp files are live
+        except (AptckptError, OSError) as err:
+            log.warning("object store temp files not cleaned: %s", err)
+    if removed:
+        log.info("removed %d leftovers of interrupted saves in %s", removed, run_dir)

@@ -47,18 +47,16 @@ nothing. A writing manager refuses a run whose folders are symbolic links
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import re
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import aptckpt.api as api
-from aptckpt import _background, _gc, _run_index, _rundir, _runlock
-from aptckpt._atomic import remove_stale_temps, write_error
+from aptckpt import _background, _gc, _run_index, _rundir, _runlock, training_state
+from aptckpt._atomic import write_error
 from aptckpt._background import SaveHandle
 from aptckpt._run_index import CheckpointRecord, order
 from aptckpt.api import SaveInfo
@@ -66,15 +64,12 @@ from aptckpt.backends.delta import collect_garbage
 from aptckpt.errors import (
     AptckptError,
     BackendError,
-    CheckpointExistsError,
     CheckpointNotFoundError,
     FormatError,
     StoreBusyError,
-    StoreNotFoundError,
 )
-from aptckpt.objectstore import ObjectStore
 from aptckpt.retention import RetentionPolicy
-from aptckpt.training_state import capture_rng
+from aptckpt.training_state import ResumeInfo, capture_rng
 from aptckpt.training_state import restore_rng as restore_rng_states
 from aptckpt.tree import FlatState
 
@@ -96,78 +91,6 @@ class _Stateful(Protocol):
     def state_dict(self) -> Any: ...
 
     def load_state_dict(self, state: Any, /) -> Any: ...
-
-
-@dataclass(frozen=True)
-class ResumeInfo:
-    """What :meth:`CheckpointManager.load_checkpoint` found besides the tensors."""
-
-    path: Path
-    epoch: int
-    global_step: int
-    batch_index: int | None
-    temporary: bool
-    loss_history: list[Any]
-    metrics: dict[str, Any]
-    config: Any
-    tokenizer_files: dict[str, bytes] | None
-    extra: Any
-
-
-def _count(value: Any, what: str) -> int:
-    """``value`` as a non-negative int (numpy and torch integers too; not bools)."""
-    if not isinstance(value, bool):
-        try:
-            number = operator.index(value)
-        except TypeError:
-            pass
-        else:
-            if 0 <= number <= _run_index.MAX_SEQUENCE:
-                return number
-    raise ValueError(f"{what} must be a non-negative int, got {value!r}")
-
-
-def _plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The metrics as plain scalars (0-dim tensors and numpy scalars unwrapped).
-
-    Only scalars: they are stored in the manifest and repeated in the JSON index,
-    which must hold exactly the same values.
-    """
-    out: dict[str, Any] = {}
-    for key, value in (metrics or {}).items():
-        if hasattr(value, "item") and callable(value.item):
-            try:
-                value = value.item()  # a 0-dim tensor or a numpy scalar
-            except (ValueError, RuntimeError) as err:
-                raise ValueError(
-                    f"metric {key!r} holds several values ({err}); a metric is one number: "
-                    "reduce it (e.g. .mean()), or keep the values in extra="
-                ) from err
-        if not _run_index.is_scalar(value):
-            raise ValueError(
-                f"metric {key!r} is a {type(value).__name__}; metrics are numbers, strings, "
-                "bools or None (keep other values in extra= or the saved state)"
-            )
-        out[str(key)] = value
-    return out
-
-
-def _tokenizer_files(tokenizer: Any) -> dict[str, bytes] | None:
-    """The files of a tokenizer: ``.files()``, or a mapping of name -> bytes/str."""
-    if tokenizer is None:
-        return None
-    files = tokenizer.files() if hasattr(tokenizer, "files") else tokenizer
-    if not isinstance(files, Mapping):
-        raise TypeError(
-            "tokenizer must have a files() method returning {name: bytes}, or be such a mapping; "
-            f"got {type(tokenizer).__name__}"
-        )
-    out = {}
-    for name, data in files.items():
-        if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
-            raise ValueError(f"tokenizer file name {name!r} must be a plain file name")
-        out[name] = data.encode() if isinstance(data, str) else bytes(data)
-    return out
 
 
 class _Release:
@@ -263,31 +186,8 @@ class CheckpointManager:
         lock = _runlock.acquire(self.run_dir)
         _rundir.refuse_links(self.run_dir)  # before cleaning up inside those folders
         self._lock = lock
-        self._remove_debris()
+        _rundir.remove_debris(self.run_dir)
         return lock
-
-    def _remove_debris(self) -> None:
-        """Remove what saves that crashed left behind: hidden temp and trash entries
-        in the run's folders, and temp files in its object store. Only under the
-        run lock, so no other process is writing them."""
-        folders = [self.run_dir] + [self.run_dir / f for f in (_REGULAR, _TEMP, _TOKENIZER)]
-        removed = sum(
-            len(remove_stale_temps(f, exclusive=True)) for f in folders if not _rundir.is_link(f)
-        )
-        store_dir = self.run_dir / _rundir.STORE
-        if store_dir.is_dir() and not _rundir.is_link(store_dir):
-            try:
-                store = ObjectStore.open(store_dir)
-                with store.lock(exclusive=True, wait=False):
-                    cleared = store.clear_tmp()
-            except (StoreBusyError, StoreNotFoundError):
-                pass  # another process saves into the store: its temp files are live
-            except (AptckptError, OSError) as err:
-                log.warning("object store temp files not cleaned: %s", err)
-            else:
-                removed += cleared
-        if removed:
-            log.info("removed %d leftovers of interrupted saves in %s", removed, self.run_dir)
 
     def close(self) -> None:
         """Finish the save in flight (raising its error), then release the run lock
@@ -340,7 +240,7 @@ class CheckpointManager:
         ``is_best=None`` decides from ``metrics[best_metric]``. ``blocking=False``:
         see :meth:`save`.
         """
-        files = _tokenizer_files(tokenizer)
+        files = training_state.tokenizer_files(tokenizer)
         objects: dict[str, Any] = {
             "model": model,
             "optimizer": optimizer,
@@ -427,10 +327,11 @@ class CheckpointManager:
         clash = RESERVED & set(state)
         if clash:
             raise ValueError(f"state keys {sorted(clash)} are reserved by CheckpointManager")
-        step = _count(step, "step")
-        epoch = _count(epoch, "epoch")
-        batch_index = None if batch_index is None else _count(batch_index, "batch_index")
-        plain_metrics = _plain_metrics(metrics)
+        step = training_state.count(step, "step")
+        epoch = training_state.count(epoch, "epoch")
+        if batch_index is not None:
+            batch_index = training_state.count(batch_index, "batch_index")
+        plain_metrics = training_state.plain_metrics(metrics)
         lock = self._hold_run()
         content: dict[str, Any] = {
             key: value.state_dict() if hasattr(value, "state_dict") else value
@@ -456,7 +357,7 @@ class CheckpointManager:
             records = self.checkpoints()
             sequence = max([lock.issued, *(r.sequence for r in records)]) + 1
             lock.issued = sequence
-            rel = self._free_name(folder, name, sequence)
+            rel = _rundir.free_name(self.run_dir, folder, name, sequence)
             path = self.run_dir / rel
             if temporary:
                 best = False  # temporaries are never the best: retention drops them
@@ -502,28 +403,6 @@ class CheckpointManager:
         except BaseException:
             release()  # nothing is persisting (or it has released already)
             raise
-
-    def _free_name(self, folder: str, name: str, sequence: int) -> str:
-        """``folder/name``, or ``folder/name_seq<sequence>`` if that is taken.
-
-        A save never replaces a checkpoint: a run resumed from an older checkpoint
-        saves again at steps its abandoned continuation saved, and the checkpoint
-        there may be the run's best, kept by retention (or one the run cannot
-        read, or a link). The abandoned ones are pruned like any older checkpoint.
-        """
-        rel = f"{folder}/{name}"
-        if not os.path.lexists(self.run_dir / rel):
-            return rel
-        taken = rel
-        rel = f"{folder}/{name}_seq{sequence}"
-        if os.path.lexists(self.run_dir / rel):
-            raise CheckpointExistsError(
-                self.run_dir / rel,
-                f"both it and '{taken}' are taken, and a save never replaces a checkpoint; "
-                "move one of them away",
-            )
-        log.info("%s is taken (a resumed run saves that step again): saving as %s", taken, rel)
-        return rel
 
     def _after_commit(self, rel: str) -> None:
         """Index, retention and garbage collection once checkpoint ``rel`` has committed,
@@ -714,7 +593,9 @@ class CheckpointManager:
                 f"'{path}' was not written by a CheckpointManager (no global_step); "
                 "load it with aptckpt.load()"
             )
-        resume = _resume_info(path, state)  # checked before anything is restored
+        temporary = Path(os.path.abspath(path)).parent.name == _TEMP
+        # Checked before anything is restored: a bad checkpoint changes no object.
+        resume = training_state.resume_info(path, state, temporary=temporary)
         for key, obj in objects.items():
             if obj is None:
                 continue
@@ -726,42 +607,3 @@ class CheckpointManager:
             restore_rng_states(state["rng"])
         self.last_loaded = resume
         return state
-
-
-def _resume_info(path: Path, state: dict[str, Any]) -> ResumeInfo:
-    """What a loaded checkpoint's state says besides its tensors, checked: a state
-    altered by hand (or by something else) gives a clear error, not a crash later."""
-
-    def bad(key: str) -> FormatError:
-        return FormatError(
-            f"checkpoint '{path}' has a malformed {key!r} ({state.get(key)!r:.100}); it was "
-            "altered, or not saved by a CheckpointManager; load it with aptckpt.load()",
-            path=str(path),
-        )
-
-    def count(key: str, optional: bool = False) -> Any:
-        value = state.get(key)
-        if (value is None and optional) or (type(value) is int and value >= 0):
-            return value
-        raise bad(key)
-
-    history = state.get("loss_history") or []
-    metrics = state.get("metrics") or {}
-    tokenizer = state.get("tokenizer")
-    if not isinstance(history, list | tuple):
-        raise bad("loss_history")
-    if not isinstance(metrics, dict):
-        raise bad("metrics")
-    where = Path(os.path.abspath(path))
-    return ResumeInfo(
-        path=where,
-        epoch=count("epoch") if "epoch" in state else 0,
-        global_step=count("global_step"),
-        batch_index=count("batch_index", optional=True),
-        temporary=where.parent.name == _TEMP,
-        loss_history=list(history),
-        metrics=dict(metrics),
-        config=state.get("config"),
-        tokenizer_files=dict(tokenizer) if isinstance(tokenizer, dict) else None,
-        extra=state.get("extra"),
-    )
