@@ -351,6 +351,7 @@ class CheckpointManager:
         # pruning after it: two saves numbering from the same listing would share a number.
         lock.slot.acquire()
         release = _Release(lock.slot)
+        handed_off = False  # once persist runs, it releases the slot (on the save thread)
         try:
             self.wait()  # a save another thread started on this manager meanwhile: its error
             _rundir.refuse_links(self.run_dir)
@@ -395,13 +396,16 @@ class CheckpointManager:
 
             if blocking:
                 with _gc.paused():  # as in api.save: only while the caller waits
+                    handed_off = True
                     return persist(pending.flat)
             handle = _background.submit(pending.flat, str(path), persist)
+            handed_off = True
             with self._handle_lock:
                 self._in_flight = handle
             return handle
         except BaseException:
-            release()  # nothing is persisting (or it has released already)
+            if not handed_off:
+                release()  # nothing will persist: the next save of the run may start
             raise
 
     def _after_commit(self, rel: str) -> None:
