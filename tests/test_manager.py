@@ -736,3 +736,36 @@ def test_a_run_owned_by_another_user(tmp_path_factory):
             aptckpt.verify(record.path)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_failed_save_does_not_hold_up_the_next(tmp_path, monkeypatch):
+    """Whatever way a save fails (before writing, or while persisting in the
+    background), the run's save slot is free again: the next save neither hangs nor
+    reuses a sequence number."""
+    import threading
+
+    mgr = CheckpointManager(tmp_path / "run", keep_last=None)
+
+    def within(seconds: float, fn: Any) -> Any:
+        out: list[Any] = []
+        thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+        thread.start()
+        thread.join(seconds)
+        assert not thread.is_alive(), "the next save waited for a failed one"
+        return out[0]
+
+    with pytest.raises(aptckpt.UnsupportedObjectError):
+        mgr.save(1, {"x": object()})
+
+    def broken(self: Any, snapshot: Any) -> Any:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(aptckpt.api.PendingSave, "persist", broken)
+    handle = save_plain(mgr, 2, 1.0, blocking=False)
+    assert isinstance(handle.exception(60), OSError)
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="disk gone"):  # the failed save's error, once
+        save_plain(mgr, 3, 1.0)
+    path = within(60, lambda: save_plain(mgr, 3, 1.0))
+    assert [r.path for r in mgr.checkpoints()] == [path]
+    assert mgr.latest() is not None and mgr.latest().sequence == 3  # 1, 2: the failed saves
