@@ -16,7 +16,7 @@ import torch
 
 import aptckpt
 from aptckpt import _runlock
-from aptckpt.errors import RunBusyError
+from aptckpt.errors import RunBusyError, UnsafePathError
 from aptckpt.manager import CheckpointManager
 
 HOLD = """
@@ -153,3 +153,18 @@ def test_taking_the_run_removes_leftovers_of_crashed_saves(tmp_path):
     CheckpointManager(run)
     assert not any(p.exists() for p in debris + files)
     assert aptckpt.load(reader.latest().path)["w"].tolist() == [1.0, 1.0]
+
+
+def test_the_lock_file_is_never_opened_through_a_link(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, run / ".aptckpt-run.lock")
+    with pytest.raises(UnsafePathError, match=r"run lock .* is a symbolic link"):
+        CheckpointManager(run)
+    assert victim.read_text() == "precious"
+    os.unlink(run / ".aptckpt-run.lock")
+    os.mkfifo(run / ".aptckpt-run.lock")
+    with pytest.raises(UnsafePathError, match="not a regular file"):
+        CheckpointManager(run)

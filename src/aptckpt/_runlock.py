@@ -15,6 +15,15 @@ pid and start time, for messages only.
 
 Managers of one process share the lock (a notebook creating its manager again,
 a test resuming in-process): they are one writer as far as other processes go.
+Within the process they take turns through :attr:`RunLock.slot`, held by one
+save of the run at a time from before it numbers its checkpoint until its
+index and retention are done (released by the background thread for an
+asynchronous save), so two managers of one run never hand out one sequence
+number or prune under each other.
+
+The lock file is opened without following a link and must be a regular file:
+a ``.aptckpt-run.lock`` planted as a link to another file would otherwise have
+that file truncated and overwritten with the holder's pid.
 
 Limits: ``flock`` is advisory -- it excludes other aptckpt writers, not other
 programs -- and on network filesystems it is only as good as the filesystem's
@@ -29,13 +38,14 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import threading
 import weakref
 from pathlib import Path
 from typing import Any
 
 from aptckpt._atomic import write_error
-from aptckpt.errors import RunBusyError
+from aptckpt.errors import RunBusyError, UnsafePathError
 
 __all__ = ["LOCK_NAME", "RunLock", "acquire"]
 
@@ -54,6 +64,12 @@ class RunLock:
     def __init__(self, fd: int, path: Path) -> None:
         self._fd: int | None = fd
         self.path = path
+        #: Held by one save of the run at a time (see the module docstring). A plain
+        #: lock, not an RLock: an asynchronous save's background thread releases it.
+        self.slot = threading.Lock()
+        #: The highest sequence number a save of this process has given a checkpoint
+        #: of the run (committed or not yet).
+        self.issued = 0
 
     @property
     def held(self) -> bool:
@@ -73,11 +89,7 @@ def acquire(run_dir: Path) -> RunLock:
     """Hold ``run_dir`` for writing (creating it if needed), or raise
     :class:`RunBusyError` if another process holds it."""
     with _mutex:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as err:
-            raise write_error(f"taking the run lock of '{run_dir}'", err, path=run_dir) from err
+        fd = _open_lock_file(run_dir)
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         lock = _held.get(key)
@@ -87,10 +99,10 @@ def acquire(run_dir: Path) -> RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
+            holder = _read_holder(fd)
             os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-            holder = _read_holder(run_dir / LOCK_NAME)
             who = f"process {holder['pid']}" if "pid" in holder else "another process"
             since = f" since {holder['since']}" if "since" in holder else ""
             raise RunBusyError(
@@ -107,6 +119,30 @@ def acquire(run_dir: Path) -> RunLock:
         return lock
 
 
+def _open_lock_file(run_dir: Path) -> int:
+    """Open (creating) the lock file: never through a link, and only a regular file."""
+    path = run_dir / LOCK_NAME
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, flags, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnsafePathError(
+                f"the run lock '{path}' is a symbolic link; aptckpt never opens it through a "
+                "link (the file it points at would be overwritten). Remove the link",
+                path=str(path),
+            ) from err
+        raise write_error(f"taking the run lock of '{run_dir}'", err, path=run_dir) from err
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePathError(
+            f"the run lock '{path}' is not a regular file; remove it (aptckpt creates it)",
+            path=str(path),
+        )
+    return fd
+
+
 def _write_holder(fd: int) -> None:
     since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     data = json.dumps({"pid": os.getpid(), "since": since}).encode()
@@ -115,10 +151,10 @@ def _write_holder(fd: int) -> None:
         os.pwrite(fd, data, 0)
 
 
-def _read_holder(path: Path) -> dict[str, Any]:
+def _read_holder(fd: int) -> dict[str, Any]:
     try:
-        doc = json.loads(path.read_bytes()[:4096])
-    except (OSError, ValueError):
+        doc = json.loads(os.pread(fd, 4096, 0))
+    except (OSError, ValueError, RecursionError):
         return {}
     if not isinstance(doc, dict):
         return {}

@@ -527,13 +527,15 @@ class _Run:
         if record is None or record.global_step != report.global_step:
             return  # it failed: the error is raised by the next save or the final wait
         path = os.fspath(record.path)
+        info = manager.last_save_info  # what the save wrote (delta: only the new objects)
+        written = info.stored_bytes if info is not None else record.bytes
         with self._report_lock:
-            self.clock.bytes += record.bytes  # for delta: only the new objects
+            self.clock.bytes += written
             if report.batch_index is not None:
                 self.temps.append(path)
                 self.log(
                     f"  temp checkpoint {path} (epoch {report.epoch + 1}, batch "
-                    f"{report.batch_index}, step {report.global_step}, {fmt_bytes(record.bytes)})"
+                    f"{report.batch_index}, step {report.global_step}, {fmt_bytes(written)})"
                 )
                 return
             self.checkpoints.append(path)
@@ -543,7 +545,7 @@ class _Run:
             self.log(
                 f"epoch {report.epoch + 1}/{self.epochs}: train loss {report.train_loss:.4f}{val}"
                 f"{' (best)' if record.is_best else ''}, checkpoint {path}, "
-                f"{fmt_bytes(record.bytes)} written{background}"
+                f"{fmt_bytes(written)} written{background}"
             )
 
 
