@@ -22,6 +22,7 @@ import torch
 import aptckpt
 from aptckpt import tree
 from aptckpt._atomic import fsync_dir
+from aptckpt.backends.torch import write_torch_file
 from aptckpt.cli._common import UsageError, busy, dtype_str, flatten_state, fmt_size
 
 
@@ -65,7 +66,8 @@ def _write_file(dst: Path, write: Callable[[Path], None], *, overwrite: bool) ->
 
 
 def _export_torch(state: Any, dst: Path, *, overwrite: bool) -> tuple[int, list[str]]:
-    empty = tree.find_plain(tree.flatten(state).skeleton, lambda v: v == b"")
+    flat = tree.flatten(state)
+    empty = tree.find_plain(flat.skeleton, lambda v: v == b"")
     if empty:
         raise UsageError(
             f"cannot export to a torch file: {empty[0]} is empty bytes (b''), which "
@@ -73,8 +75,10 @@ def _export_torch(state: Any, dst: Path, *, overwrite: bool) -> tuple[int, list[
         )
 
     def write(path: Path) -> None:
+        # As the torch backend writes its file: every tensor on a storage of its own, so
+        # the file loads, and Ctrl-C arrives as KeyboardInterrupt, not torch's RuntimeError.
         with open(path, "wb") as f:
-            torch.save(state, f)
+            write_torch_file(flat, f)
 
     return _write_file(dst, write, overwrite=overwrite), []
 

@@ -33,7 +33,7 @@ from aptckpt import _dtypes
 from aptckpt.testing._compare import assert_state_equal
 from aptckpt.testing.strategies import states
 
-__all__ = ["BackendConformance", "special_values_state"]
+__all__ = ["BackendConformance", "special_values_state", "storage_views_state"]
 
 
 def _bits(dtype: torch.dtype, pattern: bytes, count: int) -> torch.Tensor:
@@ -104,6 +104,22 @@ def special_values_state() -> dict[str, Any]:
     }
 
 
+def storage_views_state() -> dict[str, Any]:
+    """Tensors over storages that ``torch.save`` mishandles: a storage that is not a whole
+    number of the tensor's elements (``torch.load`` refuses the file), two dtypes over one
+    storage (``torch.save`` refuses), a bool view of bytes other than 0 and 1."""
+    raw = torch.arange(11, dtype=torch.uint8)
+    return {
+        "five_bytes_as_int16": torch.arange(5, dtype=torch.uint8)[:4].view(torch.int16),
+        "int32": raw[:8].view(torch.int32),
+        "offset_int16": raw[2:10].view(torch.int16),
+        "half_as_float": torch.arange(3, dtype=torch.float16)[:2].view(torch.float32),
+        "bytes": raw,
+        "bools": torch.tensor([0x5A, 1, 0, 7, 9], dtype=torch.uint8)[1:].view(torch.bool),
+        "scalar": raw[4:8].view(torch.float32).reshape(()),
+    }
+
+
 class BackendConformance:
     """Inherit, set ``backend`` (and ``options``), and pytest runs the suite."""
 
@@ -148,6 +164,17 @@ class BackendConformance:
         assert_state_equal(state, loaded)
         opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
         opt2.load_state_dict(loaded["optimizer"])
+
+    def test_views_of_odd_and_shared_storages_roundtrip(self, tmp_path: Path) -> None:
+        state = storage_views_state()
+        assert_state_equal(state, self.roundtrip(state, tmp_path / "ckpt"))
+
+    def test_state_loaded_with_mmap_saves_again(self, tmp_path: Path) -> None:
+        # Tensors mapped from one file share one storage whatever their dtypes.
+        state = {"f": torch.randn(3), "i": torch.arange(5, dtype=torch.int16), "b": torch.ones(5)}
+        aptckpt.save(state, tmp_path / "raw", backend="zstd", codec="none")
+        mapped = aptckpt.load(tmp_path / "raw", mmap=True)
+        assert_state_equal(state, self.roundtrip(mapped, tmp_path / "ckpt"))
 
     def test_metadata_and_inspect(self, tmp_path: Path) -> None:
         state = {"w": torch.ones(3, 2), "n": 4}
