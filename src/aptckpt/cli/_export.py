@@ -23,7 +23,7 @@ import aptckpt
 from aptckpt import tree
 from aptckpt._atomic import fsync_dir
 from aptckpt.backends.torch import write_torch_file
-from aptckpt.cli._common import UsageError, busy, dtype_str, flatten_state, fmt_size
+from aptckpt.cli._common import UsageError, busy, dotted_items, dtype_str, fmt_size
 
 
 def _exists(dst: Path) -> UsageError:
@@ -94,7 +94,7 @@ def _export_safetensors(state: Any, dst: Path, *, overwrite: bool) -> tuple[int,
     notes: list[str] = []
     if isinstance(source, Mapping):
         notes.append("exporting the 'model' entry of the state")
-        items = list(flatten_state(source, dotted_index=True))
+        items = list(dotted_items(source))
     elif isinstance(state, Mapping):
         items = [(k, v) for k, v in state.items() if isinstance(k, str)]
     else:

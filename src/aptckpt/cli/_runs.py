@@ -1,7 +1,8 @@
 """``aptckpt ls`` and ``aptckpt gc``: the run directory of a :class:`aptckpt.CheckpointManager`.
 
 ``ls`` only reads (it creates nothing in the run); ``gc`` goes through
-:func:`aptckpt.collect_garbage` and honours ``--dry-run``.
+:func:`aptckpt.collect_garbage` and honours ``--dry-run``. A run without an object
+store (no delta checkpoints) has nothing to collect: ``gc`` says so and exits 0.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from aptckpt.cli._common import (
     render_pairs,
     render_table,
 )
+from aptckpt.errors import AptckptError, StoreNotFoundError
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -68,8 +70,51 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_store(run: Path, err: StoreNotFoundError) -> str:
+    """Why there is nothing to collect in ``run``, a directory without a store; raises
+    when that is a mistake (no such directory, or delta checkpoints whose store is elsewhere)."""
+    if not run.exists():
+        raise UsageError(f"'{run}' does not exist; pass the run directory of a training run")
+    if not run.is_dir():
+        raise UsageError(f"'{run}' is not a directory; pass the run directory of a training run")
+    for ckpt in find_checkpoints(run):
+        try:
+            backend = aptckpt.inspect(ckpt).backend
+        except (AptckptError, OSError):
+            continue  # verify reports what is wrong with it; it uses no store we could find
+        if backend == "delta":
+            raise UsageError(
+                f"no object store at '{run}', but '{ckpt}' is a delta checkpoint whose "
+                "objects live in a store outside it: run aptckpt gc on the directory above "
+                "that holds its aptckpt-store (the run directory)"
+            ) from err
+    return (
+        f"nothing to collect: '{run}' has no object store (only delta checkpoints keep "
+        "their data in one; the others hold their own files, deleted with them)"
+    )
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
-    report = aptckpt.collect_garbage(args.run_dir, dry_run=args.dry_run, wait=not args.no_wait)
+    try:
+        report = aptckpt.collect_garbage(args.run_dir, dry_run=args.dry_run, wait=not args.no_wait)
+    except StoreNotFoundError as err:
+        note = _no_store(Path(args.run_dir), err)
+        if args.json:
+            print_json(
+                {
+                    "store": None,
+                    "checkpoints": 0,
+                    "kept_objects": 0,
+                    "kept_bytes": 0,
+                    "removed_objects": 0,
+                    "removed_bytes": 0,
+                    "dry_run": args.dry_run,
+                    "note": note,
+                }
+            )
+        else:
+            print(note)
+        return 0
     if args.json:
         print_json(report)
         return 0
