@@ -264,7 +264,7 @@ def test_usage_errors(capsys, ckpt):
     assert capsys.readouterr().out.strip() == f"aptckpt {aptckpt.__version__}"
     assert main(["verify", "--help"]) == 0
     code, _, err = run(capsys, "inspect", ckpt / "shard-00000.bin")
-    assert code == 2 and "it is a file, not a checkpoint directory" in err
+    assert code == 2 and "not a checkpoint directory" in err
 
 
 def test_os_error_is_one_line(capsys, ckpt, tmp_path):
