@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -466,6 +468,32 @@ def test_progress_bars_on_a_terminal(capsys, monkeypatch, tmp_path, ckpt):
     assert out.splitlines()[-1] == "2 checkpoint(s): 2 OK, 0 failed"
 
 
+def test_ctrl_c_under_a_progress_bar_stops_the_work_and_its_temp_file(
+    capsys, monkeypatch, tmp_path, ckpt
+):
+    monkeypatch.setattr(sys, "stderr", FakeTTY())
+    started = []
+
+    def slow_write(flat, f):  # an export that takes a while, as a large one does
+        f.write(b"partial")
+        started.append(threading.current_thread())
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    monkeypatch.setattr("aptckpt.cli._export.write_torch_file", slow_write)
+    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)  # Ctrl-C, as the terminal sends it
+        code = main(["convert", str(ckpt), str(tmp_path / "out.pt"), "--to", "torch-file"])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert code == 130 and "interrupted" in sys.stderr.getvalue()
+    assert started == [threading.main_thread()]  # where the signal lands
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no out.pt, no temporary left
+
+
 # ---------------------------------------------------------------- gc
 
 
@@ -574,6 +602,14 @@ def test_ls_marks_only_the_runs_best(capsys, tmp_path):
     assert [line.split()[4] == "*" for line in out.splitlines()[1:]] == [False, True, False]
     _, out, _ = run(capsys, "ls", "--json", tmp_path)
     assert [d["run_best"] for d in json.loads(out)] == [False, True, False]
+
+
+def test_ls_on_a_run_without_checkpoints_yet_lists_nothing(capsys, tmp_path):
+    aptckpt.CheckpointManager(tmp_path / "run").close()  # opened, never saved
+    code, out, err = run(capsys, "ls", tmp_path / "run")
+    assert code == 0 and out == "" and "has no checkpoints yet" in err
+    code, out, _ = run(capsys, "ls", "--json", tmp_path / "run")
+    assert code == 0 and json.loads(out) == []
 
 
 def test_ls_on_what_is_not_a_run(capsys, tmp_path, ckpt):

@@ -142,28 +142,32 @@ def find_checkpoints(root: Path, unreadable: list[OSError] | None = None) -> lis
 
 def busy(fn: Callable[[], T], desc: str, total: int | None) -> T:
     """Run ``fn`` under a progress bar (terminals only; the API reports no progress
-    of its own, so the bar shows elapsed time until ``fn`` returns)."""
+    of its own, so the bar shows elapsed time until ``fn`` returns).
+
+    ``fn`` runs in the calling thread and a helper thread draws the bar -- not the
+    reverse: Ctrl-C interrupts the main thread, so there it stops the work and runs its
+    cleanup (temporary files). Work left running in a daemon thread would go on after
+    ``main`` returned, leave its temporary file, and abort the interpreter at exit
+    ("terminate called without an active exception") when caught inside torch's C++.
+    """
     with Progress(total, desc, unit="B") as bar:
         if not bar.enabled:
             return fn()
-        out: list[T] = []
-        err: list[BaseException] = []
+        stop = threading.Event()
 
-        def work() -> None:
-            try:
-                out.append(fn())
-            except BaseException as e:  # re-raised in the calling thread
-                err.append(e)
+        def draw() -> None:
+            while not stop.wait(0.1):
+                bar.update(0)
 
-        worker = threading.Thread(target=work, name="aptckpt-cli", daemon=True)
-        worker.start()
-        while worker.is_alive():
-            worker.join(0.1)
-            bar.update(0)
-        if err:
-            raise err[0]
+        drawer = threading.Thread(target=draw, name="aptckpt-progress", daemon=True)
+        drawer.start()
+        try:
+            result = fn()
+        finally:
+            stop.set()
+            drawer.join()
         bar.update(total or 0)
-        return out[0]
+        return result
 
 
 # ------------------------------------------------------------------ state keys

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aptckpt
 from aptckpt._atomic import is_checkpoint
+from aptckpt._runlock import LOCK_NAME
 from aptckpt.cli._common import (
     UsageError,
     find_checkpoints,
@@ -40,8 +41,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
     best_path = best.rel_path if best is not None else None
     indexed = (run / "metadata.json").is_file()
     if not records:
-        if indexed:
-            raise UsageError(f"run directory '{run}' has no checkpoints yet")
+        if indexed or (run / LOCK_NAME).exists():  # a manager opened it: a run, still empty
+            print(f"note: run directory '{run}' has no checkpoints yet", file=sys.stderr)
+            if args.json:
+                print_json([])
+            return 0
         elsewhere = " (checkpoints beneath it: aptckpt verify lists them)"
         raise UsageError(
             f"'{run}' has no metadata.json and no checkpoints/ or temp/ checkpoints: not a run "
