@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -405,6 +406,22 @@ def test_convert_to_torch_file(capsys, tmp_path, ckpt):
     assert code == 2 and "exists; pass --overwrite" in err
     code, _, _ = run(capsys, "convert", ckpt, dst, "--to", "torch-file", "--overwrite")
     assert code == 0 and sorted(os.listdir(tmp_path)) == ["ckpt", "export.pt"]
+
+
+def test_export_never_replaces_a_device_or_fifo(capsys, tmp_path, ckpt):
+    # Special files of our own: were the refusal broken, /dev/null itself would be replaced.
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    specials = [(fifo, stat.S_ISFIFO)]
+    if os.geteuid() == 0:  # a device node (null's numbers) needs root
+        os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        specials.append((tmp_path / "null", stat.S_ISCHR))
+    for dst, _ in specials:
+        for to in ("torch-file", "safetensors"):
+            code, _, err = run(capsys, "convert", ckpt, dst, "--to", to, "--overwrite")
+            assert code == 2 and "is not a regular file" in err
+    assert all(kind(os.lstat(dst).st_mode) for dst, kind in specials)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_convert_to_torch_file_refuses_empty_bytes(capsys, tmp_path):

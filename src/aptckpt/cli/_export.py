@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,7 +35,18 @@ def _write_file(dst: Path, write: Callable[[Path], None], *, overwrite: bool) ->
     """Write ``dst`` atomically with ``write(temp_path)``; returns its size in bytes."""
     if dst.is_dir():
         raise UsageError(f"'{dst}' is a directory; --to writes a single file, name one")
-    if dst.exists() and not overwrite:
+    try:
+        mode = os.lstat(dst).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        # --overwrite renames over the name: a device (/dev/null) or FIFO would be replaced
+        # by a regular file, not written to.
+        raise UsageError(
+            f"'{dst}' is not a regular file (a device, FIFO or socket); --to writes a "
+            "regular file, name one"
+        )
+    if mode is not None and not overwrite:
         raise _exists(dst)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
