@@ -261,6 +261,25 @@ def test_cli_help() -> None:
         assert flag in out
 
 
+def test_cli_ctrl_c_says_how_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aptckpt.apt import __main__ as cli
+
+    def interrupted(*args: object, **kwargs: object) -> TrainResult:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train_model", interrupted)
+    before = torch.get_num_threads()
+    try:
+        code = cli.main(["--checkpoint-dir", str(tmp_path / "run")])
+    finally:
+        torch.set_num_threads(before)
+    err = capsys.readouterr().err
+    assert code == 130 and "--resume-from auto" in err and str(tmp_path / "run") in err
+    assert "Traceback" not in err
+
+
 # ------------------------------------------------------------------ train_model
 
 
