@@ -212,7 +212,7 @@ class TorchBackend(Backend):
     options: TorchOptions
 
     def write(self, flat: FlatState, writer: CheckpointWriter) -> Any:
-        _refuse_unloadable(flat)
+        _refuse_unloadable(flat)  # before the file is created
         # Direct writes, hashed on the way in: the file is not read back. A failed write
         # (disk full) arrives as its OSError, which the caller reports as a WriteError.
         with DirectWriter(writer.path(FILE_NAME), digest_chunk_size=self.options.chunk_size) as f:
