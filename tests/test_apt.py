@@ -10,6 +10,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -260,6 +261,25 @@ def test_cli_help() -> None:
         assert flag in out
 
 
+def test_cli_ctrl_c_says_how_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aptckpt.apt import __main__ as cli
+
+    def interrupted(*args: object, **kwargs: object) -> TrainResult:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train_model", interrupted)
+    before = torch.get_num_threads()
+    try:
+        code = cli.main(["--checkpoint-dir", str(tmp_path / "run")])
+    finally:
+        torch.set_num_threads(before)
+    err = capsys.readouterr().err
+    assert code == 130 and "--resume-from auto" in err and str(tmp_path / "run") in err
+    assert "Traceback" not in err
+
+
 # ------------------------------------------------------------------ train_model
 
 
@@ -273,6 +293,24 @@ def test_synchronous_and_asynchronous_runs_are_bit_identical(tmp_path: Path) -> 
     assert [Path(p).name for p in sync.temp_checkpoints] == [
         Path(p).name for p in async_.temp_checkpoints
     ]
+
+
+def test_asynchronous_reports_keep_lines_whole_and_come_before_the_summary(
+    tmp_path: Path,
+) -> None:
+    written: list[str] = []
+
+    def log(line: str) -> None:  # print(): the line, then its newline, in two writes
+        written.append(line)
+        time.sleep(0.005)  # a window in which an unserialised thread's line gets in
+        written.append("\n")
+
+    tiny_run(tmp_path / "run", log=log, async_checkpoints=True)
+    lines = "".join(written).splitlines()
+    starts = ("training APT", "  temp checkpoint", "epoch ", "blocked on checkpoints")
+    assert all(line.startswith(starts) for line in lines), lines
+    assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["1/2:", "2/2:"]
+    assert lines[-1].startswith("blocked on checkpoints")
 
 
 def test_train_model_tiny_run(tmp_path: Path) -> None:

@@ -7,8 +7,14 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
+import stat
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -163,6 +169,56 @@ def test_verify_reports_unreadable_manifest_as_failure(capsys, tmp_path, ckpt):
     assert code == 1 and out.startswith(f"FAILED   {ckpt}\n    ")
 
 
+def run_unprivileged(argv, cwd):
+    """Run the CLI as user nobody (tests run as root, who reads everything); returns
+    (exit status, stdout, stderr). aptckpt is imported before privileges are dropped:
+    nobody may not read this interpreter's files."""
+    code = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(Path(aptckpt.__file__).parents[1])!r})\n"
+        "from aptckpt.cli import main\n"
+        "import aptckpt.backends.zstd, aptckpt.backends.torch, aptckpt.backends.delta\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        f"sys.exit(main({[str(a) for a in argv]!r}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture
+def shared_tmp():
+    """A directory user nobody can enter (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="aptckpt-cli-"))
+    path.chmod(0o755)
+    yield path
+    for p in path.rglob("*"):
+        if p.is_dir() and not p.is_symlink():
+            p.chmod(0o755)
+    shutil.rmtree(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges to nobody")
+def test_verify_reports_a_directory_it_cannot_list(shared_tmp):
+    run_dir = shared_tmp / "run"
+    for name in ("a", "b", "c"):
+        aptckpt.save(make_state(), run_dir / name)
+    for p in shared_tmp.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    (run_dir / "b").chmod(0)
+    code, out, err = run_unprivileged(["verify", run_dir], shared_tmp)
+    assert code == 1, err
+    lines = out.splitlines()
+    assert [line.split()[:2] for line in lines[:2]] == [["OK", "a"], ["OK", "c"]]
+    assert lines[2] == "FAILED   b" and "Permission denied" in lines[3]
+    assert "were not verified" in lines[3]
+    assert lines[-1] == "3 checkpoint(s): 2 OK, 1 failed"
+    # Named directly: the same FAILED line, not "no checkpoints beneath".
+    code, out, _ = run_unprivileged(["verify", run_dir / "b"], shared_tmp)
+    assert code == 1 and out.startswith("FAILED ") and "Permission denied" in out
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -211,7 +267,7 @@ def test_usage_errors(capsys, ckpt):
     assert capsys.readouterr().out.strip() == f"aptckpt {aptckpt.__version__}"
     assert main(["verify", "--help"]) == 0
     code, _, err = run(capsys, "inspect", ckpt / "shard-00000.bin")
-    assert code == 2 and "it is a file, not a checkpoint directory" in err
+    assert code == 2 and "not a checkpoint directory" in err
 
 
 def test_os_error_is_one_line(capsys, ckpt, tmp_path):
@@ -225,8 +281,11 @@ def test_damage_while_reading_exits_1(capsys, tmp_path, ckpt):
     other = tmp_path / "other"
     aptckpt.save(make_state(), other)
     flip_byte(other / "shard-00000.bin", 0)
-    code, _, err = run(capsys, "diff", ckpt, other)
+    code, _, err = run(capsys, "convert", other, tmp_path / "out.pt", "--to", "torch-file")
     assert code == 1 and "is damaged" in err and "state['model']['w']" in err
+    # diff's 1 means "they differ": damage there is trouble, 2, as in diff(1).
+    code, _, err = run(capsys, "diff", ckpt, other)
+    assert code == 2 and "is damaged" in err and "state['model']['w']" in err
 
 
 # ---------------------------------------------------------------- diff
@@ -242,24 +301,53 @@ def test_diff(capsys, tmp_path):
     aptckpt.save(a, tmp_path / "a")
     aptckpt.save(b, tmp_path / "b")
     code, out, _ = run(capsys, "diff", tmp_path / "a", tmp_path / "b")
-    assert code == 0
+    assert code == 1  # different, as diff(1)
     rows = {line.split()[0]: line for line in out.splitlines()[1:] if line}
-    assert rows["model.w"].split() == ["model.w", "changed", "2/10", "2", "0.6519"]
-    assert rows["step"].split() == ["step", "5", "->", "6"]
-    assert rows["h"].split() == ["h", "dtype", "float32", "->", "float16"]
-    assert rows["s"].split() == ["s", "shape", "(2,)", "->", "(3,)"]
-    assert "only in A" in rows["old"] and "only in B" in rows["new"]
-    assert "model.same" not in rows  # unchanged keys only with --all
+    w = "state['model']['w']"
+    assert rows[w].split() == [w, "changed", "2/10", "2", "0.6519"]
+    assert rows["state['step']"].split() == ["state['step']", "5", "->", "6"]
+    assert rows["state['h']"].split() == ["state['h']", "dtype", "float32", "->", "float16"]
+    assert rows["state['s']"].split() == ["state['s']", "shape", "(2,)", "->", "(3,)"]
+    assert "only in A" in rows["state['old']"] and "only in B" in rows["state['new']"]
+    assert "state['model']['same']" not in rows  # unchanged keys only with --all
     assert out.splitlines()[-1] == ("different: 1 same, 4 changed, 1 only in A, 1 only in B")
-    _, out, _ = run(capsys, "diff", "--all", tmp_path / "a", tmp_path / "b")
-    assert "model.same" in out
+    code, out, _ = run(capsys, "diff", "--all", tmp_path / "a", tmp_path / "b")
+    assert code == 1 and "state['model']['same']" in out
 
-    _, out, _ = run(capsys, "diff", "--json", tmp_path / "a", tmp_path / "b")
+    code, out, _ = run(capsys, "diff", "--json", tmp_path / "a", tmp_path / "b")
+    assert code == 1
     keys = {r["key"]: r for r in json.loads(out)["keys"]}
-    w = keys["model.w"]
-    assert (w["status"], w["differing"], w["numel"], w["max_abs_diff"]) == ("changed", 2, 10, 2.0)
-    assert math.isclose(w["rel_l2"], math.sqrt(4.25 / 10))
-    assert keys["model.same"]["status"] == "same" and keys["step"]["b"] == 6
+    row = keys[w]
+    assert (row["status"], row["differing"], row["numel"], row["max_abs_diff"]) == (
+        "changed",
+        2,
+        10,
+        2.0,
+    )
+    assert math.isclose(row["rel_l2"], math.sqrt(4.25 / 10))
+    assert keys["state['model']['same']"]["status"] == "same" and keys["state['step']"]["b"] == 6
+
+
+def test_diff_and_inspect_spell_keys_alike(capsys, tmp_path, ckpt):
+    _, out, _ = run(capsys, "inspect", "--json", ckpt)
+    inspected = {t["key"] for t in json.loads(out)["tensors"]}
+    _, out, _ = run(capsys, "diff", "--json", ckpt, ckpt)
+    diffed = {r["key"] for r in json.loads(out)["keys"]}
+    assert inspected == {
+        "state['model']['w']",  # and its tied twin, listed once by inspect
+        "state['model']['b']",
+        "state['model']['layers'][0]['k']",
+        "state['opt']['state'][0]['m']",
+    }
+    assert inspected <= diffed and "state['model']['tied']" in diffed
+
+
+def test_diff_keeps_keys_a_dotted_spelling_would_merge(capsys, tmp_path):
+    aptckpt.save({"a.b": 1, "a": {"b": 2}}, tmp_path / "x")
+    aptckpt.save({"a.b": 1, "a": {"b": 3}}, tmp_path / "y")
+    code, out, _ = run(capsys, "diff", tmp_path / "x", tmp_path / "y")
+    assert code == 1
+    assert "state['a']['b']  2 -> 3" in out and "state['a.b']" not in out
 
 
 def test_diff_identical_nested_keys_and_nan(capsys, tmp_path):
@@ -269,12 +357,15 @@ def test_diff_identical_nested_keys_and_nan(capsys, tmp_path):
     aptckpt.save(state, tmp_path / "b", backend="torch")
     code, out, _ = run(capsys, "diff", "--all", tmp_path / "a", tmp_path / "b")
     assert code == 0 and out.splitlines()[-1].startswith("identical: 8 same, 0 changed")
-    assert "opt.state[0].m" in out and "model.layers[0].k" in out
+    assert "state['opt']['state'][0]['m']" in out and "state['model']['layers'][0]['k']" in out
+    code, _, _ = run(capsys, "diff", "--json", tmp_path / "a", tmp_path / "b")
+    assert code == 0
 
     state["model"]["n"] = torch.tensor([1.0, 1.0])
     aptckpt.save(state, tmp_path / "c")
-    _, out, _ = run(capsys, "diff", "--json", tmp_path / "a", tmp_path / "c")
-    n = next(r for r in json.loads(out)["keys"] if r["key"] == "model.n")
+    code, out, _ = run(capsys, "diff", "--json", tmp_path / "a", tmp_path / "c")
+    assert code == 1
+    n = next(r for r in json.loads(out)["keys"] if r["key"] == "state['model']['n']")
     assert n["differing"] == 1 and n["max_abs_diff"] == "nan"  # strict JSON: NaN as a string
 
 
@@ -315,6 +406,22 @@ def test_convert_to_torch_file(capsys, tmp_path, ckpt):
     assert code == 2 and "exists; pass --overwrite" in err
     code, _, _ = run(capsys, "convert", ckpt, dst, "--to", "torch-file", "--overwrite")
     assert code == 0 and sorted(os.listdir(tmp_path)) == ["ckpt", "export.pt"]
+
+
+def test_export_never_replaces_a_device_or_fifo(capsys, tmp_path, ckpt):
+    # Special files of our own: were the refusal broken, /dev/null itself would be replaced.
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    specials = [(fifo, stat.S_ISFIFO)]
+    if os.geteuid() == 0:  # a device node (null's numbers) needs root
+        os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        specials.append((tmp_path / "null", stat.S_ISCHR))
+    for dst, _ in specials:
+        for to in ("torch-file", "safetensors"):
+            code, _, err = run(capsys, "convert", ckpt, dst, "--to", to, "--overwrite")
+            assert code == 2 and "is not a regular file" in err
+    assert all(kind(os.lstat(dst).st_mode) for dst, kind in specials)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_convert_to_torch_file_refuses_empty_bytes(capsys, tmp_path):
@@ -378,6 +485,32 @@ def test_progress_bars_on_a_terminal(capsys, monkeypatch, tmp_path, ckpt):
     assert out.splitlines()[-1] == "2 checkpoint(s): 2 OK, 0 failed"
 
 
+def test_ctrl_c_under_a_progress_bar_stops_the_work_and_its_temp_file(
+    capsys, monkeypatch, tmp_path, ckpt
+):
+    monkeypatch.setattr(sys, "stderr", FakeTTY())
+    started = []
+
+    def slow_write(flat, f):  # an export that takes a while, as a large one does
+        f.write(b"partial")
+        started.append(threading.current_thread())
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    monkeypatch.setattr("aptckpt.cli._export.write_torch_file", slow_write)
+    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)  # Ctrl-C, as the terminal sends it
+        code = main(["convert", str(ckpt), str(tmp_path / "out.pt"), "--to", "torch-file"])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert code == 130 and "interrupted" in sys.stderr.getvalue()
+    assert started == [threading.main_thread()]  # where the signal lands
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no out.pt, no temporary left
+
+
 # ---------------------------------------------------------------- gc
 
 
@@ -411,6 +544,29 @@ def test_gc_dry_run_then_real(capsys, tmp_path):
     doc = json.loads(out)
     assert code == 0 and doc["removed_objects"] == 0 and doc["kept_objects"] >= 1
     assert doc["dry_run"] is False
+
+
+def test_gc_on_a_run_without_a_store_has_nothing_to_collect(capsys, tmp_path, ckpt):
+    run_dir = tmp_path / "run"
+    mgr = aptckpt.CheckpointManager(run_dir)  # zstd: no store
+    mgr.save_checkpoint(Tiny(), None, None, 0, 1, [], {"loss": 1.0})
+    mgr.close()
+    for path in (run_dir, ckpt):
+        code, out, err = run(capsys, "gc", path)
+        assert code == 0 and err == ""
+        assert out.startswith(f"nothing to collect: '{path}' has no object store")
+    code, out, _ = run(capsys, "gc", "--json", "--dry-run", run_dir)
+    doc = json.loads(out)
+    assert code == 0 and doc["store"] is None and doc["removed_objects"] == 0
+    assert doc["dry_run"] is True and doc["note"].startswith("nothing to collect")
+
+
+def test_gc_on_a_delta_checkpoint_points_to_its_run(capsys, tmp_path):
+    aptckpt.save({"w": torch.ones(3)}, tmp_path / "run" / "c1", backend="delta")
+    code, _, err = run(capsys, "gc", tmp_path / "run" / "c1")
+    assert code == 2 and "is a delta checkpoint" in err and "aptckpt-store" in err
+    code, _, err = run(capsys, "gc", tmp_path / "run" / "c1" / "shard.bin")
+    assert code == 2 and "does not exist" in err
 
 
 # ---------------------------------------------------------------- ls
@@ -465,6 +621,14 @@ def test_ls_marks_only_the_runs_best(capsys, tmp_path):
     assert [d["run_best"] for d in json.loads(out)] == [False, True, False]
 
 
+def test_ls_on_a_run_without_checkpoints_yet_lists_nothing(capsys, tmp_path):
+    aptckpt.CheckpointManager(tmp_path / "run").close()  # opened, never saved
+    code, out, err = run(capsys, "ls", tmp_path / "run")
+    assert code == 0 and out == "" and "has no checkpoints yet" in err
+    code, out, _ = run(capsys, "ls", "--json", tmp_path / "run")
+    assert code == 0 and json.loads(out) == []
+
+
 def test_ls_on_what_is_not_a_run(capsys, tmp_path, ckpt):
     code, _, err = run(capsys, "ls", ckpt)
     assert code == 2 and f"use: aptckpt inspect {ckpt}" in err
@@ -489,6 +653,23 @@ def test_python_m_aptckpt_info():
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["version"] == aptckpt.__version__
+
+
+def test_closed_pipe_exits_as_sigpipe_would(tmp_path, ckpt):
+    aptckpt.save(make_state(1), tmp_path / "other")
+    # `aptckpt diff a b | head -0`: the reader is gone before a line is written. Not 1,
+    # which would say "they differ"; no traceback either.
+    with open(tmp_path / "stderr", "wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aptckpt", "diff", "--all", ckpt, tmp_path / "other"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+        )
+        proc.stdout.close()
+        code = proc.wait(timeout=120)
+    err = (tmp_path / "stderr").read_text()
+    assert code == 128 + signal.SIGPIPE, err
+    assert err == ""
 
 
 def test_console_script(tmp_path):

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 import aptckpt
 from aptckpt import _dtypes
+from aptckpt.backends.zstd import ZstdBackend
+from aptckpt.testing import check_backend
 from aptckpt.testing.conformance import BackendConformance
 
 
@@ -79,3 +82,51 @@ def _perturbed(state: Any, step: int) -> Any:
     if isinstance(state, (list, tuple)):
         return type(state)(_perturbed(v, step) for v in state)
     return state
+
+
+# ---------------------------------------------------------------- check_backend
+
+
+class PluginZstd(ZstdBackend):
+    """A plugin as a third party would write it: a class, not yet registered."""
+
+    name = "plugin_zstd"
+
+
+class ZeroingBackend(ZstdBackend):
+    """Broken on purpose: every tensor loads as zeros."""
+
+    name = "zeroing"
+
+    def read_into(self, reader, manifest, into, *, verify=True):
+        tensors = super().read_into(reader, manifest, into, verify=verify)
+        return [t.zero_() if t.numel() else t for t in tensors]
+
+
+def test_check_backend_runs_the_suite_on_a_plugin_class():
+    passed = check_backend(PluginZstd)
+    expected = sorted(n for n in dir(BackendConformance) if n.startswith("test_"))
+    assert list(passed) == expected and "test_special_values_roundtrip" in passed
+    assert "plugin_zstd" not in aptckpt.available_backends()  # registered only meanwhile
+
+
+def test_check_backend_names_every_failing_test():
+    with pytest.raises(AssertionError) as info:
+        check_backend(ZeroingBackend)
+    message = str(info.value)
+    assert message.startswith("backend 'zeroing' failed ")
+    for name in ("test_special_values_roundtrip", "test_optimizer_state_roundtrip"):
+        assert f"\n{name}: AssertionError: " in message
+    assert "test_overwrite_is_explicit" not in message  # holds no tensors: passes
+    assert "zeroing" not in aptckpt.available_backends()
+
+
+def test_check_backend_refuses_what_it_cannot_check():
+    with pytest.raises(aptckpt.UnknownBackendError, match="unknown backend 'nope'"):
+        check_backend("nope")
+
+    class Impostor(ZstdBackend):
+        name = "zstd"
+
+    with pytest.raises(aptckpt.BackendError, match="another class is registered as backend"):
+        check_backend(Impostor)

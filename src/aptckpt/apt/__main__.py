@@ -4,7 +4,8 @@ A thin layer over :func:`aptckpt.apt.train_model`: each flag is one of its
 arguments. Prints one line per epoch (and per temporary checkpoint) on stdout,
 a progress bar on stderr when it is a terminal, and a summary at the end.
 Exit status: 0 on success, 1 when training fails on a checkpoint or argument
-error (the message names it), 2 for bad flags.
+error (the message names it), 2 for bad flags, 130 when interrupted (Ctrl-C; the
+message says how to resume).
 """
 
 from __future__ import annotations
@@ -126,6 +127,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AptckptError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Committed checkpoints are whole, and a save in flight finishes at exit: say how
+        # to go on rather than print a traceback of wherever the loop was.
+        run_dir = args.checkpoint_dir or args.save_path or "./outputs"
+        print(
+            f"interrupted; to continue, run again with the same flags and --resume-from auto "
+            f"(checkpoints in {run_dir})",
+            file=sys.stderr,
+        )
+        return 130
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     print(
         f"done: {result.global_step} steps, final train loss {last}; "

@@ -1,4 +1,4 @@
-"""Helpers of the reference loop: LR schedule, evaluation, timing, formatting.
+"""Helpers of the reference loop: LR schedule, evaluation, timing, formatting, logging.
 
 None of them draws from a global RNG; the bit-identical resume of
 :mod:`aptckpt.apt.train` depends on that.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -16,7 +17,7 @@ from torch.nn import functional as F
 
 from aptckpt.apt.model import APTModel
 
-__all__ = ["Clock", "evaluate", "fmt_bytes", "mean", "warmup_cosine"]
+__all__ = ["Clock", "evaluate", "fmt_bytes", "mean", "one_at_a_time", "warmup_cosine"]
 
 
 def warmup_cosine(warmup: int, total: int, *, floor: float) -> Callable[[int], float]:
@@ -116,3 +117,16 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def one_at_a_time(log: Callable[[str], object]) -> Callable[[str], object]:
+    """``log``, called by one thread at a time: the save thread reports asynchronous saves
+    while the training thread logs, and ``print`` writes a line and its newline as two
+    writes, so two unserialised lines could come out as ``...laterblocked on...``."""
+    lock = threading.Lock()
+
+    def serialised(line: str) -> object:
+        with lock:
+            return log(line)
+
+    return serialised

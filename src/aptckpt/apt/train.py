@@ -52,7 +52,14 @@ import torch
 from torch.nn import functional as F
 
 from aptckpt._progress import Progress
-from aptckpt.apt._support import Clock, evaluate, fmt_bytes, mean, warmup_cosine
+from aptckpt.apt._support import (
+    Clock,
+    evaluate,
+    fmt_bytes,
+    mean,
+    one_at_a_time,
+    warmup_cosine,
+)
 from aptckpt.apt.corpus import corpus_digest, default_corpus
 from aptckpt.apt.data import Batches, split_tokens
 from aptckpt.apt.model import APTConfig, APTModel
@@ -262,6 +269,7 @@ def train_model(
     run.train(manager, temp_checkpoint_freq, progress)
     with run.clock.span("checkpoint"):
         manager.close()  # the last save, if still in flight, finishes (or raises) here
+    run.wait_for_reports()
     wall = time.perf_counter() - started
     run.log(
         f"blocked on checkpoints {run.clock.checkpoint:.3f}s of {wall:.2f}s wall "
@@ -310,8 +318,12 @@ class _Run:
         self.epochs = epochs
         self.blocking = blocking
         self._report_lock = threading.Lock()  # completion reports come from the save thread
+        # Reports of asynchronous saves not yet logged: the summary waits for them, so that
+        # it comes after the last epoch's line rather than racing it.
+        self._unreported = 0
+        self._reported = threading.Condition()
         self.device = device
-        self.log = log
+        self.log = one_at_a_time(log)
         tokens = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
         train_tokens, self.val_tokens = split_tokens(tokens, val_fraction=VAL_FRACTION)
         self.data = Batches(
@@ -519,7 +531,24 @@ class _Run:
             self._committed(manager, report, time.perf_counter())
         else:  # reported once committed, from the save thread
             started = time.perf_counter()
-            saved.add_done_callback(lambda _: self._committed(manager, report, started))
+            with self._reported:
+                self._unreported += 1
+            saved.add_done_callback(lambda _: self._report(manager, report, started))
+
+    def _report(self, manager: CheckpointManager, report: _Report, started: float) -> None:
+        try:
+            self._committed(manager, report, started)
+        finally:
+            with self._reported:
+                self._unreported -= 1
+                self._reported.notify_all()
+
+    def wait_for_reports(self) -> None:
+        """Return once every asynchronous save's report is logged (call after the saves
+        ended: ``manager.close()`` returns as soon as a save's result is set, before the
+        save thread runs its completion callbacks)."""
+        with self._reported:
+            self._reported.wait_for(lambda: self._unreported == 0)
 
     def _committed(self, manager: CheckpointManager, report: _Report, started: float) -> None:
         """Account for and log a save that has committed (not called if it failed)."""

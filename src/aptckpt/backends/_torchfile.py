@@ -11,7 +11,8 @@ small records, then ``<archive>/data/<key>`` for every storage, each member's
 bytes followed by a data descriptor (the local header leaves the sizes 0).
 Storage keys are numbered as the pickler first meets them, and the state the
 ``torch`` backend saves holds one tensor object per distinct tensor, in skeleton
-order, so the n-th persistent id of the pickle is tensor n's storage.
+order, each on a storage of its own, so the n-th persistent id of the pickle is
+tensor n's storage.
 
 Anything unexpected gives up (``None``): the message then names the file only.
 """

@@ -33,7 +33,8 @@ calls.
 The class is an ABC with default methods so the interface can grow without
 breaking plugins. A backend's module, registry key and entry point share one
 name; plugins register through the entry-point group ``aptckpt.backends`` and
-should pass :func:`aptckpt.testing.check_backend`.
+should pass :func:`aptckpt.testing.check_backend` (the tests of
+:class:`aptckpt.testing.conformance.BackendConformance`).
 """
 
 from __future__ import annotations

@@ -14,11 +14,28 @@ code, and one that every other backend stores identically. The one value it
 must refuse is empty ``bytes``: pickle protocol 2 (the only one ``weights_only``
 reads) spells ``b""`` as a call that ``weights_only`` rejects.
 
+Each tensor is written alone on a storage it covers exactly; any other tensor is
+written as a compact copy. ``torch.save`` writes a tensor's whole storage, and
+records its length in elements of the tensor's dtype, rounded down: a tensor that
+views a storage whose size is not a whole number of its elements (``uint8`` bytes
+viewed as ``int16``) gives a file that ``torch.load`` refuses, with or without
+``weights_only``; two tensors of different dtypes on one storage (a state loaded
+with ``mmap=True``) are refused by ``torch.save`` itself; and a small view of a
+large storage would write all of it. Copies also make tensors that share memory
+in the saved state load independent, as with every other backend.
+
+Interruptions: an exception raised while writing (``KeyboardInterrupt``, a full
+disk) reaches the caller as itself, not as the ``RuntimeError`` that torch's zip
+writer raises when it then cannot finish the file.
+
 Integrity: the payload holds the XXH3-128 digests of the file's chunks; they
 are checked before ``torch.load`` sees a byte. aptckpt always loads with
 ``weights_only=True``, so a file carrying a code-running pickle is refused
 whether or not digests are verified. After loading, the state is flattened
-again and its skeleton must equal the manifest's.
+again and its skeleton must equal the manifest's. When ``torch.load`` fails on a
+file whose digests match, the file is as it was written -- torch cannot read it
+(another torch version, or a file an older aptckpt wrote for a tensor like the
+above) -- and the error says so (``FormatError``), not that it is damaged.
 
 Payload::
 
@@ -31,8 +48,9 @@ import mmap
 import os
 import pickle
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, Any, ClassVar, cast
+from typing import IO, Any, ClassVar, Protocol, cast
 
 import msgpack
 import torch
@@ -51,7 +69,7 @@ from aptckpt.errors import (
 from aptckpt.manifest import Manifest
 from aptckpt.tree import FlatState
 
-__all__ = ["TorchBackend", "TorchOptions"]
+__all__ = ["TorchBackend", "TorchOptions", "write_torch_file"]
 
 FILE_NAME = "state.pt"
 
@@ -77,11 +95,132 @@ def _file_digests(fd: int, size: int, chunk_size: int) -> bytes:
         return _accel.hash_chunks(view, chunk_size)  # type: ignore[no-any-return]
 
 
-def _save_form(leaf: tree.TensorLeaf) -> torch.Tensor:
-    t = leaf.tensor.detach().to("cpu")
-    if leaf.is_parameter:
-        return torch.nn.Parameter(t, requires_grad=leaf.tensor.requires_grad)
-    return t.requires_grad_(leaf.tensor.requires_grad)
+def _span(t: torch.Tensor) -> int:
+    """Elements of its storage that ``t`` reaches, from its offset on."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+
+
+def _alone(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor on a storage of its own that it covers exactly; a compact copy where not.
+
+    Why: see the module docstring. Sharing is told by the storage's data pointer, which
+    is what ``torch.save`` compares for its different-dtypes check (two storage objects
+    over one mapping count as one).
+    """
+    out: list[torch.Tensor] = []
+    taken: set[int] = set()
+    for t in tensors:
+        storage = t.untyped_storage()
+        nbytes = storage.nbytes()
+        exact = t.storage_offset() == 0 and _span(t) * t.element_size() == nbytes
+        if not exact or (nbytes and storage.data_ptr() in taken):
+            t = _copy_bits(t)
+        elif nbytes:
+            taken.add(storage.data_ptr())
+        out.append(t)
+    return out
+
+
+#: Integer dtypes by item size: copying through them copies bits, not values.
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _copy_bits(t: torch.Tensor) -> torch.Tensor:
+    """A compact copy of ``t`` with the same bytes (a value copy would make every nonzero
+    byte of a bool tensor 1)."""
+    bits = _BITS.get(t.element_size())
+    if bits is None or t.is_conj() or t.is_neg():  # 16-byte complex; lazy bits are values
+        return t.clone(memory_format=torch.contiguous_format)
+    return t.view(bits).clone(memory_format=torch.contiguous_format).view(t.dtype)
+
+
+def _saved_state(flat: FlatState) -> Any:
+    """The object given to ``torch.save``: the state rebuilt from CPU tensors, each alone."""
+    cpu = _alone([leaf.tensor.detach().to("cpu") for leaf in flat.tensors])
+    saved: list[torch.Tensor] = []
+    for leaf, t in zip(flat.tensors, cpu, strict=True):
+        if leaf.is_parameter:
+            saved.append(torch.nn.Parameter(t, requires_grad=leaf.tensor.requires_grad))
+        else:
+            saved.append(t.requires_grad_(leaf.tensor.requires_grad))
+    # The file holds what torch.load(weights_only=True) reads: numpy values and arrays,
+    # large bytes and defaultdicts in their torch-loadable form (the manifest keeps the exact
+    # skeleton, which the load rebuilds).
+    form = tree.torch_form(flat.skeleton)
+    state = tree.rebuild(form, saved)
+    if form is not flat.skeleton and not _same_skeleton(tree.flatten(state).skeleton, form):
+        raise UnsupportedObjectError(
+            "the torch backend cannot store this state: in the form torch.load reads (numpy "
+            "values as Python values and tensors, frozensets as tuples) two of its values "
+            "become one; use the zstd backend",
+            key_path="state",
+            type_name="builtins.object",
+        )
+    return state
+
+
+class _Writable(Protocol):
+    def write(self, data: Any, /) -> Any: ...
+    def flush(self) -> Any: ...
+
+
+class _Sink:
+    """Passes ``torch.save``'s writes on and remembers the first exception one raised."""
+
+    def __init__(self, f: _Writable) -> None:
+        self._f = f
+        self.error: BaseException | None = None
+
+    def write(self, data: Any) -> Any:
+        if self.error is not None:  # the file is already incomplete: write nothing more
+            raise RuntimeError("an earlier write to this file failed")
+        try:
+            return self._f.write(data)
+        except BaseException as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _interruption(err: BaseException) -> BaseException | None:
+    """A ``KeyboardInterrupt`` or ``SystemExit`` that ``err`` was raised while handling."""
+    seen: set[int] = set()
+    cause = err.__context__
+    while cause is not None and id(cause) not in seen:
+        if not isinstance(cause, Exception):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__context__
+    return None
+
+
+def write_torch_file(flat: FlatState, f: _Writable) -> None:
+    """``torch.save`` the state of ``flat`` to ``f`` in the form the ``torch`` backend writes.
+
+    Every tensor goes to the CPU, alone on a storage it covers exactly (see the module
+    docstring), so the file loads with ``torch.load(path, weights_only=True)``. Also used
+    by ``aptckpt convert --to torch-file``.
+
+    Raises:
+        UnsupportedObjectError: the state holds empty bytes (``b""``).
+        BaseException: whatever ``f.write`` raised (``OSError``, ``KeyboardInterrupt``),
+            as itself: torch's zip writer, unable to finish the file afterwards, raises a
+            ``RuntimeError`` that would hide it.
+    """
+    _refuse_unloadable(flat)
+    sink = _Sink(f)
+    try:
+        torch.save(_saved_state(flat), cast(IO[bytes], sink))  # it needs write() and flush()
+    except BaseException as err:
+        original = sink.error if sink.error is not None else _interruption(err)
+        if original is None or original is err:
+            raise
+        # torch's follow-on error ("unexpected pos ...") says nothing the original does not.
+        raise original from None
 
 
 class TorchBackend(Backend):
@@ -92,36 +231,16 @@ class TorchBackend(Backend):
     options: TorchOptions
 
     def write(self, flat: FlatState, writer: CheckpointWriter) -> Any:
-        _refuse_unloadable(flat)
-        # The file holds what torch.load(weights_only=True) reads: numpy values and arrays,
-        # large bytes and defaultdicts in their torch-loadable form (the manifest keeps the
-        # exact skeleton, which the load rebuilds).
-        form = tree.torch_form(flat.skeleton)
-        state = tree.rebuild(form, [_save_form(leaf) for leaf in flat.tensors])
-        if form is not flat.skeleton and not _same_skeleton(tree.flatten(state).skeleton, form):
-            raise UnsupportedObjectError(
-                "the torch backend cannot store this state: in the form torch.load reads "
-                "(numpy values as Python values and tensors, frozensets as tuples) two of its "
-                "values become one; use the zstd backend",
-                key_path="state",
-                type_name="builtins.object",
-            )
+        _refuse_unloadable(flat)  # before the file is created
         # torch.save reads the tensors' storages while it writes: those the caller may still
         # write are hashed before and after, so that a save racing another thread fails
         # instead of committing a mix of two states.
         storages = _caller_storages(flat)
         before = _accel.hash_chunks_many([v for _, v in storages], self.options.chunk_size)
-        # Direct writes, hashed on the way in: the file is not read back.
+        # Direct writes, hashed on the way in: the file is not read back. A failed write
+        # (disk full) arrives as its OSError, which the caller reports as a WriteError.
         with DirectWriter(writer.path(FILE_NAME), digest_chunk_size=self.options.chunk_size) as f:
-            try:
-                torch.save(state, cast(IO[bytes], f))  # it needs write() and flush() only
-            except RuntimeError as err:
-                # torch's zip writer turns a failed write (disk full) into a RuntimeError;
-                # give the caller the OSError underneath, which it reports as a WriteError.
-                cause = err.__cause__ or err.__context__
-                if isinstance(cause, OSError):
-                    raise cause from err
-                raise
+            write_torch_file(flat, f)
         after = _accel.hash_chunks_many([v for _, v in storages], self.options.chunk_size)
         changed = tuple(
             key for (key, _), a, b in zip(storages, before, after, strict=True) if a != b
@@ -162,7 +281,14 @@ class TorchBackend(Backend):
             if verify and _file_digests(fd, size, chunk_size) != digests:
                 raise _Damage(reader, manifest, chunk_size, digests).error(None)
             with os.fdopen(os.dup(fd), "rb") as f:
-                state = _load_safely(f, where, record.path)
+                try:
+                    state = _load_safely(f, where, record.path)
+                except _Unreadable as err:
+                    # Damage, or a file torch cannot read as written: the digests tell.
+                    if not verify and _file_digests(fd, size, chunk_size) != digests:
+                        damage = _Damage(reader, manifest, chunk_size, digests).error(None)
+                        raise damage from err.__cause__
+                    raise err.intact(manifest) from err.__cause__
         finally:
             os.close(fd)
         try:
@@ -310,6 +436,41 @@ def _digest_at(fd: int, offset: int, length: int) -> bytes:
     return _accel.xxh3_128(os.pread(fd, length, offset))  # type: ignore[no-any-return]
 
 
+class _Unreadable(Exception):
+    """``torch.load`` failed; whether the file is damaged is not known yet."""
+
+    def __init__(self, message: str, where: str, name: str, *, pickle_refused: bool) -> None:
+        super().__init__(message)
+        self.where, self.name, self.pickle_refused = where, name, pickle_refused
+
+    def intact(self, manifest: Manifest) -> FormatError:
+        """The error for a file whose bytes are those written at save time."""
+        if self.pickle_refused:
+            return FormatError(
+                f"'{self.name}' needs pickle beyond weights_only to load (it may carry code) "
+                "and was refused; aptckpt never loads such files",
+                path=self.where,
+            )
+        writer, this = manifest.torch_version, torch.__version__
+        if writer != this:
+            why = (
+                f"torch {this} cannot read what torch {writer} wrote: load it with torch "
+                f"{writer}, then save the state again"
+            )
+        else:
+            why = (
+                f"torch {this} cannot read it, although this same version wrote it: torch.save "
+                "writes such a file for a tensor viewing a storage that is not a whole number "
+                "of its elements, which older aptckpt versions passed on; save the state again "
+                "from its source (this version writes a compact copy of such tensors)"
+            )
+        return FormatError(
+            f"torch.load cannot read '{self.name}' ({self}). The file is not damaged -- every "
+            f"chunk matches the digests recorded when it was saved -- but {why}",
+            path=self.where,
+        )
+
+
 def _load_safely(f: Any, where: str, name: str) -> Any:
     try:
         with warnings.catch_warnings():
@@ -317,12 +478,6 @@ def _load_safely(f: Any, where: str, name: str) -> Any:
             warnings.filterwarnings("ignore", "TypedStorage is deprecated")
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise FormatError(
-            f"'{name}' needs pickle beyond weights_only to load (it may carry code) and was "
-            "refused; aptckpt never loads such files",
-            path=where,
-        ) from err
+        raise _Unreadable(str(err), where, name, pickle_refused=True) from err
     except Exception as err:  # torch raises RuntimeError, EOFError, zipfile errors, ...
-        raise IntegrityError(
-            f"'{name}' cannot be read by torch.load ({err})", path=where, file=name
-        ) from err
+        raise _Unreadable(str(err), where, name, pickle_refused=False) from err

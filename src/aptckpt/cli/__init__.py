@@ -7,7 +7,9 @@ machine-readable output for info, ls, inspect, verify, diff and gc.
 Exit codes: 0 success; 1 damage (a checkpoint failed verification, or
 :class:`~aptckpt.errors.IntegrityError` while reading one); 2 usage and every
 other error, reported as one line naming the problem and the fix -- never a
-traceback for an :class:`~aptckpt.errors.AptckptError` or an ``OSError``.
+traceback for an :class:`~aptckpt.errors.AptckptError` or an ``OSError``;
+130 interrupted (Ctrl-C). ``diff`` follows diff(1) instead: 0 identical, 1
+different, 2 any error, damage included.
 
 This module holds the parser and :func:`main`, which maps errors to exit codes;
 each subcommand lives in a private module (``_info``: info, inspect; ``_verify``;
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="aptckpt",
         description="Inspect, verify, compare and convert aptckpt checkpoints.",
-        epilog="exit status: 0 success, 1 a damaged checkpoint, 2 usage or any other error",
+        epilog="exit status: 0 success, 1 a damaged checkpoint (diff: the checkpoints "
+        "differ), 2 usage or any other error (diff: damage too)",
     )
     p.add_argument("--version", action="version", version=f"aptckpt {aptckpt.__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
@@ -69,7 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         "verify", cmd_verify, "check every digest of a checkpoint or of all under a directory"
     )
     c.add_argument("path", metavar="CKPT|RUN_DIR")
-    c = command("diff", cmd_diff, "show which tensors and values differ between two checkpoints")
+    c = command(
+        "diff",
+        cmd_diff,
+        "show which tensors and values differ between two checkpoints "
+        "(exit 0 identical, 1 different, 2 error)",
+    )
     c.add_argument("a", metavar="A")
     c.add_argument("b", metavar="B")
     c.add_argument("--all", action="store_true", help="list unchanged keys too")
@@ -129,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except IntegrityError as err:
         problems = err.problems if len(err.problems) > 1 else (str(err),)
-        return _fail(name, "; ".join(problems), 1)
+        # diff's 1 means "they differ", so damage there is trouble, as in diff(1).
+        return _fail(name, "; ".join(problems), 2 if name == "diff" else 1)
     except CheckpointNotFoundError as err:
         return _fail(name, f"{err}{_hint(err)}")
     except CheckpointExistsError as err:
@@ -139,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `aptckpt ls run | head`: stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return 1
+        # As if killed by SIGPIPE (what `diff a b | head` gives): not 1, which for diff
+        # means "they differ", nor 2, since nothing went wrong.
+        return 128 + signal.SIGPIPE
     except OSError as err:
         return _fail(name, f"{os_message(err)}; check the path and its permissions")
     except KeyboardInterrupt:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from aptckpt import objectstore
+from aptckpt import objectstore, tree
 from aptckpt._atomic import is_checkpoint, is_temporary
 from aptckpt._progress import Progress
 
@@ -113,12 +113,18 @@ def display_path(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path != root and root in path.parents else str(path)
 
 
-def find_checkpoints(root: Path) -> list[Path]:
-    """Committed checkpoints at or beneath ``root``; temp dirs and stores are skipped."""
+def find_checkpoints(root: Path, unreadable: list[OSError] | None = None) -> list[Path]:
+    """Committed checkpoints at or beneath ``root``; temp dirs and stores are skipped.
+
+    Directories that cannot be listed (permission denied) are appended to ``unreadable``
+    when it is given: a checkpoint may hide in each, so a caller that promises to check
+    everything must say so rather than skip them.
+    """
     if is_checkpoint(root):
         return [root]
     found = []
-    for directory, subdirs, _ in os.walk(root):
+    onerror = unreadable.append if unreadable is not None else None
+    for directory, subdirs, _ in os.walk(root, onerror=onerror):
         here = Path(directory)
         keep = []
         for name in subdirs:
@@ -136,51 +142,70 @@ def find_checkpoints(root: Path) -> list[Path]:
 
 def busy(fn: Callable[[], T], desc: str, total: int | None) -> T:
     """Run ``fn`` under a progress bar (terminals only; the API reports no progress
-    of its own, so the bar shows elapsed time until ``fn`` returns)."""
+    of its own, so the bar shows elapsed time until ``fn`` returns).
+
+    ``fn`` runs in the calling thread and a helper thread draws the bar -- not the
+    reverse: Ctrl-C interrupts the main thread, so there it stops the work and runs its
+    cleanup (temporary files). Work left running in a daemon thread would go on after
+    ``main`` returned, leave its temporary file, and abort the interpreter at exit
+    ("terminate called without an active exception") when caught inside torch's C++.
+    """
     with Progress(total, desc, unit="B") as bar:
         if not bar.enabled:
             return fn()
-        out: list[T] = []
-        err: list[BaseException] = []
+        stop = threading.Event()
 
-        def work() -> None:
-            try:
-                out.append(fn())
-            except BaseException as e:  # re-raised in the calling thread
-                err.append(e)
+        def draw() -> None:
+            while not stop.wait(0.1):
+                bar.update(0)
 
-        worker = threading.Thread(target=work, name="aptckpt-cli", daemon=True)
-        worker.start()
-        while worker.is_alive():
-            worker.join(0.1)
-            bar.update(0)
-        if err:
-            raise err[0]
+        drawer = threading.Thread(target=draw, name="aptckpt-progress", daemon=True)
+        drawer.start()
+        try:
+            result = fn()
+        finally:
+            stop.set()
+            drawer.join()
         bar.update(total or 0)
-        return out[0]
+        return result
 
 
 # ------------------------------------------------------------------ state keys
 
 
-def flatten_state(
-    obj: Any, prefix: str = "", *, dotted_index: bool = False
-) -> Iterator[tuple[str, Any]]:
-    """(key, leaf) pairs: dict keys joined with dots, list indices and non-str keys in [].
+def key_path_items(obj: Any, path: str = "state") -> Iterator[tuple[str, Any]]:
+    """(key path, leaf) pairs, spelled as :func:`aptckpt.inspect` and error messages spell
+    them: ``state['model']['w']``, ``state['layers'][0]``, ``state[0]`` (an int key).
 
-    With ``dotted_index`` list indices are joined with dots too (``layers.0.weight``),
-    the naming of ``state_dict`` keys that safetensors files use.
+    Non-empty dicts, lists and tuples are walked; everything else (a tensor, a plain
+    value, an empty container, a ``torch.Size``) is a leaf.
+    """
+    if isinstance(obj, Mapping) and obj:
+        for k, v in obj.items():
+            yield from key_path_items(v, tree.child_path(path, k))
+    elif isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size) and obj:
+        for i, v in enumerate(obj):
+            yield from key_path_items(v, f"{path}[{i}]")
+    else:
+        yield path, obj
+
+
+def dotted_items(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(name, leaf) pairs named as ``state_dict`` keys and safetensors files name them:
+    dict keys and list indices joined with dots (``layers.0.weight``), other keys in [].
+
+    For export only: two keys can spell alike (``{"a.b": x, "a": {"b": y}}``); what a
+    user reads spells key paths with :func:`key_path_items`.
     """
     if prefix == "" and isinstance(obj, (Mapping, list, tuple)) and not obj:
         return  # an empty state has no keys
     if isinstance(obj, Mapping) and obj:
         for k, v in obj.items():
             sub = (f"{prefix}.{k}" if prefix else k) if isinstance(k, str) else f"{prefix}[{k!r}]"
-            yield from flatten_state(v, sub, dotted_index=dotted_index)
+            yield from dotted_items(v, sub)
     elif isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size) and obj:
         for i, v in enumerate(obj):
-            sub = (f"{prefix}.{i}" if prefix else str(i)) if dotted_index else f"{prefix}[{i}]"
-            yield from flatten_state(v, sub, dotted_index=dotted_index)
+            yield from dotted_items(v, f"{prefix}.{i}" if prefix else str(i))
     else:
         yield prefix, obj
 

@@ -1,6 +1,10 @@
 """``aptckpt diff``: which tensors and values differ between two checkpoints.
 
-Both states are loaded on the CPU and flattened to dotted keys. Tensors are compared
+Exit status as diff(1): 0 the states are identical, 1 they differ, 2 trouble (a
+checkpoint is missing, unreadable or damaged).
+
+Both states are loaded on the CPU and flattened to key paths spelled as
+``aptckpt inspect`` and error messages spell them (``state['model']['w']``). Tensors are compared
 bitwise first (exact for every dtype); changed float and complex tensors also get the
 max absolute difference and the relative L2 change, computed in float64 slices of
 :data:`_DIFF_SLICE` elements so the extra memory stays bounded.
@@ -17,9 +21,9 @@ import torch
 import aptckpt
 from aptckpt.cli._common import (
     dtype_str,
-    flatten_state,
     fmt_num,
     fmt_value,
+    key_path_items,
     print_json,
     render_table,
 )
@@ -32,9 +36,9 @@ _STATUSES = ("same", "changed", "only in A", "only in B")
 
 def _flat_dict(state: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, value in flatten_state(state):
+    for key, value in key_path_items(state):
         name, n = key, 1
-        while name in out:  # {"a.b": x, "a": {"b": y}} flatten alike; keep both
+        while name in out:  # keys with one repr (two NaN keys) spell alike; keep both
             n += 1
             name = f"{key} ({n})"
         out[name] = value
@@ -117,9 +121,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
     ]
     rows += [_only(key, "B") for key in state_b if key not in state_a]
     counts = {s: sum(r["status"] == s for r in rows) for s in _STATUSES}
+    identical = counts["same"] == len(rows)
+    code = 0 if identical else 1
     if args.json:
         print_json({"a": str(args.a), "b": str(args.b), "summary": counts, "keys": rows})
-        return 0
+        return code
     shown = [r for r in rows if args.all or r["status"] != "same"]
     if shown:
         table = [
@@ -135,6 +141,6 @@ def cmd_diff(args: argparse.Namespace) -> int:
         header = ("key", "change", "differing", "max abs diff", "rel L2")
         print(render_table(header, table, (2, 3, 4)))
         print()
-    verdict = "identical" if counts["same"] == len(rows) else "different"
+    verdict = "identical" if identical else "different"
     print(f"{verdict}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    return 0
+    return code

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,7 +23,8 @@ import torch
 import aptckpt
 from aptckpt import tree
 from aptckpt._atomic import fsync_dir
-from aptckpt.cli._common import UsageError, busy, dtype_str, flatten_state, fmt_size
+from aptckpt.backends.torch import write_torch_file
+from aptckpt.cli._common import UsageError, busy, dotted_items, dtype_str, fmt_size
 
 
 def _exists(dst: Path) -> UsageError:
@@ -33,7 +35,18 @@ def _write_file(dst: Path, write: Callable[[Path], None], *, overwrite: bool) ->
     """Write ``dst`` atomically with ``write(temp_path)``; returns its size in bytes."""
     if dst.is_dir():
         raise UsageError(f"'{dst}' is a directory; --to writes a single file, name one")
-    if dst.exists() and not overwrite:
+    try:
+        mode = os.lstat(dst).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        # --overwrite renames over the name: a device (/dev/null) or FIFO would be replaced
+        # by a regular file, not written to.
+        raise UsageError(
+            f"'{dst}' is not a regular file (a device, FIFO or socket); --to writes a "
+            "regular file, name one"
+        )
+    if mode is not None and not overwrite:
         raise _exists(dst)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
@@ -65,7 +78,8 @@ def _write_file(dst: Path, write: Callable[[Path], None], *, overwrite: bool) ->
 
 
 def _export_torch(state: Any, dst: Path, *, overwrite: bool) -> tuple[int, list[str]]:
-    empty = tree.find_plain(tree.flatten(state).skeleton, lambda v: v == b"")
+    flat = tree.flatten(state)
+    empty = tree.find_plain(flat.skeleton, lambda v: v == b"")
     if empty:
         raise UsageError(
             f"cannot export to a torch file: {empty[0]} is empty bytes (b''), which "
@@ -73,8 +87,10 @@ def _export_torch(state: Any, dst: Path, *, overwrite: bool) -> tuple[int, list[
         )
 
     def write(path: Path) -> None:
+        # As the torch backend writes its file: every tensor on a storage of its own, so
+        # the file loads, and Ctrl-C arrives as KeyboardInterrupt, not torch's RuntimeError.
         with open(path, "wb") as f:
-            torch.save(state, f)
+            write_torch_file(flat, f)
 
     return _write_file(dst, write, overwrite=overwrite), []
 
@@ -90,7 +106,7 @@ def _export_safetensors(state: Any, dst: Path, *, overwrite: bool) -> tuple[int,
     notes: list[str] = []
     if isinstance(source, Mapping):
         notes.append("exporting the 'model' entry of the state")
-        items = list(flatten_state(source, dotted_index=True))
+        items = list(dotted_items(source))
     elif isinstance(state, Mapping):
         items = [(k, v) for k, v in state.items() if isinstance(k, str)]
     else:

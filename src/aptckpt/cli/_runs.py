@@ -1,7 +1,8 @@
 """``aptckpt ls`` and ``aptckpt gc``: the run directory of a :class:`aptckpt.CheckpointManager`.
 
 ``ls`` only reads (it creates nothing in the run); ``gc`` goes through
-:func:`aptckpt.collect_garbage` and honours ``--dry-run``.
+:func:`aptckpt.collect_garbage` and honours ``--dry-run``. A run without an object
+store (no delta checkpoints) has nothing to collect: ``gc`` says so and exits 0.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import aptckpt
 from aptckpt._atomic import is_checkpoint
+from aptckpt._runlock import LOCK_NAME
 from aptckpt.cli._common import (
     UsageError,
     find_checkpoints,
@@ -22,6 +24,7 @@ from aptckpt.cli._common import (
     render_pairs,
     render_table,
 )
+from aptckpt.errors import AptckptError, StoreNotFoundError
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -38,8 +41,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
     best_path = best.rel_path if best is not None else None
     indexed = (run / "metadata.json").is_file()
     if not records:
-        if indexed:
-            raise UsageError(f"run directory '{run}' has no checkpoints yet")
+        if indexed or (run / LOCK_NAME).exists():  # a manager opened it: a run, still empty
+            print(f"note: run directory '{run}' has no checkpoints yet", file=sys.stderr)
+            if args.json:
+                print_json([])
+            return 0
         elsewhere = " (checkpoints beneath it: aptckpt verify lists them)"
         raise UsageError(
             f"'{run}' has no metadata.json and no checkpoints/ or temp/ checkpoints: not a run "
@@ -68,8 +74,51 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_store(run: Path, err: StoreNotFoundError) -> str:
+    """Why there is nothing to collect in ``run``, a directory without a store; raises
+    when that is a mistake (no such directory, or delta checkpoints whose store is elsewhere)."""
+    if not run.exists():
+        raise UsageError(f"'{run}' does not exist; pass the run directory of a training run")
+    if not run.is_dir():
+        raise UsageError(f"'{run}' is not a directory; pass the run directory of a training run")
+    for ckpt in find_checkpoints(run):
+        try:
+            backend = aptckpt.inspect(ckpt).backend
+        except (AptckptError, OSError):
+            continue  # verify reports what is wrong with it; it uses no store we could find
+        if backend == "delta":
+            raise UsageError(
+                f"no object store at '{run}', but '{ckpt}' is a delta checkpoint whose "
+                "objects live in a store outside it: run aptckpt gc on the directory above "
+                "that holds its aptckpt-store (the run directory)"
+            ) from err
+    return (
+        f"nothing to collect: '{run}' has no object store (only delta checkpoints keep "
+        "their data in one; the others hold their own files, deleted with them)"
+    )
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
-    report = aptckpt.collect_garbage(args.run_dir, dry_run=args.dry_run, wait=not args.no_wait)
+    try:
+        report = aptckpt.collect_garbage(args.run_dir, dry_run=args.dry_run, wait=not args.no_wait)
+    except StoreNotFoundError as err:
+        note = _no_store(Path(args.run_dir), err)
+        if args.json:
+            print_json(
+                {
+                    "store": None,
+                    "checkpoints": 0,
+                    "kept_objects": 0,
+                    "kept_bytes": 0,
+                    "removed_objects": 0,
+                    "removed_bytes": 0,
+                    "dry_run": args.dry_run,
+                    "note": note,
+                }
+            )
+        else:
+            print(note)
+        return 0
     if args.json:
         print_json(report)
         return 0

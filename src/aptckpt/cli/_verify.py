@@ -4,6 +4,9 @@ One line per checkpoint (``OK``, ``DAMAGED`` or ``FAILED``), then a summary; exi
 status 1 when any checkpoint failed. A failure is reported and verification goes on
 with the next checkpoint, so one damaged directory does not hide the others.
 
+A directory that cannot be listed (permission denied) is reported ``FAILED``: a
+checkpoint may be inside, and "all OK" must mean every checkpoint was checked.
+
 A directory that holds the data files of a built-in backend (``shard-NNNNN.bin``,
 ``state.pt``) but no manifest is reported ``DAMAGED`` too: a save never leaves one
 under a visible name (it writes into a hidden temporary directory and renames it
@@ -73,17 +76,26 @@ def _orphan_problem(path: Path) -> str:
     )
 
 
-def _check(path: Path, name: str, width: int, *, orphan: bool) -> tuple[dict[str, Any], str]:
+def _check(
+    path: Path, name: str, width: int, *, orphan: bool, unlisted: OSError | None
+) -> tuple[dict[str, Any], str]:
     """Verify one checkpoint: its JSON result and its line of text."""
+    result: dict[str, Any] = {"path": os.path.abspath(path), "ok": False}
+    if unlisted is not None:
+        problem = (
+            f"cannot list this directory ({os_message(unlisted)}), so the checkpoints in it "
+            "were not verified; check its permissions"
+        )
+        result.update(error=problem, problems=[problem])
+        return result, f"FAILED   {name}\n    {problem}"
     if orphan:
         problem = _orphan_problem(path)
-        result: dict[str, Any] = {"path": os.path.abspath(path), "ok": False}
         result.update(error=problem, problems=[problem])
         return result, f"DAMAGED  {name}\n    {problem}"
     try:
         report = aptckpt.verify(path)
     except (AptckptError, OSError) as err:
-        result = {"path": os.path.abspath(path), "ok": False, **_problem(err)}
+        result.update(_problem(err))
         line = f"{'DAMAGED' if isinstance(err, IntegrityError) else 'FAILED':<7}  {name}"
         return result, line + "".join(f"\n    {p}" for p in result["problems"])
     rate = report.raw_bytes / report.seconds if report.seconds > 0 else 0.0
@@ -100,19 +112,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
     root = Path(args.path)
     if not root.is_dir():
         aptckpt.verify(root)  # raises the library's own "no checkpoint" message
-    found = find_checkpoints(root)
+    errors: list[OSError] = []
+    found = find_checkpoints(root, errors)
     orphans = _orphans(root, found)
-    if not found and not orphans:
+    unlisted = {Path(e.filename): e for e in errors if e.filename is not None}
+    if not found and not orphans and not unlisted:
         raise UsageError(
             f"no checkpoints at or beneath '{root}' (no directory there holds a "
             "manifest.msgpack); pass a checkpoint or a run directory"
         )
-    paths = [*found, *orphans]
+    paths = [*found, *orphans, *sorted(unlisted)]
     width = max(len(display_path(p, root)) for p in paths)
     results: list[dict[str, Any]] = []
     with Progress(len(paths), "verify", enabled=None if len(paths) > 1 else False) as bar:
         for path in paths:
-            result, line = _check(path, display_path(path, root), width, orphan=path in orphans)
+            result, line = _check(
+                path,
+                display_path(path, root),
+                width,
+                orphan=path in orphans,
+                unlisted=unlisted.get(path),
+            )
             results.append(result)
             if not args.json:
                 if bar.enabled:

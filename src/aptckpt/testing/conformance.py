@@ -10,16 +10,23 @@ Usage, in a pytest module of the plugin::
 
 pytest collects the inherited ``test_*`` methods. They need ``hypothesis`` and
 pytest's ``tmp_path``; hypothesis settings come from the active profile.
+
+Without a pytest module, :func:`check_backend` runs the same tests in one call
+(``aptckpt.testing.check_backend(MyBackend)``) and raises ``AssertionError``
+naming every test that failed.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import inspect
 import math
 import os
 import re
 import struct
 import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,11 +36,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aptckpt
-from aptckpt import _dtypes
+from aptckpt import _dtypes, registry
+from aptckpt.backends.base import Backend
+from aptckpt.errors import BackendError
 from aptckpt.testing._compare import assert_state_equal
 from aptckpt.testing.strategies import states
 
-__all__ = ["BackendConformance", "special_values_state"]
+__all__ = [
+    "BackendConformance",
+    "check_backend",
+    "special_values_state",
+    "storage_views_state",
+]
 
 
 def _bits(dtype: torch.dtype, pattern: bytes, count: int) -> torch.Tensor:
@@ -104,6 +118,22 @@ def special_values_state() -> dict[str, Any]:
     }
 
 
+def storage_views_state() -> dict[str, Any]:
+    """Tensors over storages that ``torch.save`` mishandles: a storage that is not a whole
+    number of the tensor's elements (``torch.load`` refuses the file), two dtypes over one
+    storage (``torch.save`` refuses), a bool view of bytes other than 0 and 1."""
+    raw = torch.arange(11, dtype=torch.uint8)
+    return {
+        "five_bytes_as_int16": torch.arange(5, dtype=torch.uint8)[:4].view(torch.int16),
+        "int32": raw[:8].view(torch.int32),
+        "offset_int16": raw[2:10].view(torch.int16),
+        "half_as_float": torch.arange(3, dtype=torch.float16)[:2].view(torch.float32),
+        "bytes": raw,
+        "bools": torch.tensor([0x5A, 1, 0, 7, 9], dtype=torch.uint8)[1:].view(torch.bool),
+        "scalar": raw[4:8].view(torch.float32).reshape(()),
+    }
+
+
 class BackendConformance:
     """Inherit, set ``backend`` (and ``options``), and pytest runs the suite."""
 
@@ -148,6 +178,17 @@ class BackendConformance:
         assert_state_equal(state, loaded)
         opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
         opt2.load_state_dict(loaded["optimizer"])
+
+    def test_views_of_odd_and_shared_storages_roundtrip(self, tmp_path: Path) -> None:
+        state = storage_views_state()
+        assert_state_equal(state, self.roundtrip(state, tmp_path / "ckpt"))
+
+    def test_state_loaded_with_mmap_saves_again(self, tmp_path: Path) -> None:
+        # Tensors mapped from one file share one storage whatever their dtypes.
+        state = {"f": torch.randn(3), "i": torch.arange(5, dtype=torch.int16), "b": torch.ones(5)}
+        aptckpt.save(state, tmp_path / "raw", backend="zstd", codec="none")
+        mapped = aptckpt.load(tmp_path / "raw", mmap=True)
+        assert_state_equal(state, self.roundtrip(mapped, tmp_path / "ckpt"))
 
     def test_metadata_and_inspect(self, tmp_path: Path) -> None:
         state = {"w": torch.ones(3, 2), "n": 4}
@@ -221,3 +262,84 @@ class BackendConformance:
             state = data.draw(states(empty_bytes=False))
         with tempfile.TemporaryDirectory() as tmp:
             assert_state_equal(state, self.roundtrip(state, Path(tmp) / "ckpt"))
+
+
+@contextlib.contextmanager
+def _registered(backend: str | type[Backend]) -> Iterator[str]:
+    """The registry name of ``backend``; a class not registered yet is, for the block."""
+    if isinstance(backend, str):
+        registry.get_backend(backend)  # an unknown name fails here, listing the known ones
+        yield backend
+        return
+    name = getattr(backend, "name", None)
+    if not isinstance(name, str):
+        raise BackendError(f"{backend!r} has no string 'name' class attribute")
+    if name in registry.available_backends():
+        if registry.get_backend(name) is not backend:
+            raise BackendError(
+                f"another class is registered as backend {name!r}; pass the name to check "
+                "that one, or unregister it first"
+            )
+        yield name
+        return
+    registry.register_backend(backend)
+    try:
+        yield name
+    finally:
+        registry.unregister_backend(name)
+
+
+def check_backend(
+    backend: str | type[Backend],
+    *,
+    options: Mapping[str, Any] | None = None,
+    stores_empty_bytes: bool = True,
+) -> tuple[str, ...]:
+    """Run every test of :class:`BackendConformance` against ``backend``.
+
+    Args:
+        backend: a registered backend's name, or a backend class (registered under its
+            ``name`` for the duration of the check if it is not yet).
+        options: backend options every save passes.
+        stores_empty_bytes: see :attr:`BackendConformance.stores_empty_bytes`.
+
+    Returns:
+        The names of the tests that ran and passed (all but any that skipped themselves).
+
+    Raises:
+        AssertionError: one or more tests failed; the message names each with its error.
+        BackendError: ``backend`` is a class without a name, or another class holds it.
+        UnknownBackendError: ``backend`` is a name nobody registered.
+    """
+    with _registered(backend) as name:
+        suite = type(
+            "CheckBackend",
+            (BackendConformance,),
+            {
+                "backend": name,
+                "options": dict(options or {}),
+                "stores_empty_bytes": stores_empty_bytes,
+            },
+        )()
+        names = sorted(n for n in dir(BackendConformance) if n.startswith("test_"))
+        passed, failures = [], []
+        for test_name in names:
+            test = getattr(suite, test_name)
+            try:
+                with tempfile.TemporaryDirectory(prefix="aptckpt-check-") as tmp:
+                    wants_tmp = "tmp_path" in inspect.signature(test).parameters
+                    test(Path(tmp)) if wants_tmp else test()
+            except pytest.skip.Exception:
+                continue
+            # Every failure is reported, not only the first; pytest.raises and pytest.fail
+            # raise pytest's Failed, which is no Exception.
+            except (Exception, pytest.fail.Exception) as err:
+                failures.append(f"{test_name}: {type(err).__name__}: {err}")
+            else:
+                passed.append(test_name)
+    if failures:
+        raise AssertionError(
+            f"backend {name!r} failed {len(failures)} of {len(names)} conformance tests:\n"
+            + "\n".join(failures)
+        )
+    return tuple(passed)

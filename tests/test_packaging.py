@@ -1,0 +1,53 @@
+"""Packaging: type checkers see aptckpt's signatures (py.typed is shipped)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import aptckpt
+
+SRC = Path(aptckpt.__file__).parents[1]
+
+
+def test_users_type_checker_sees_typed_signatures(tmp_path):
+    pytest.importorskip("mypy")
+    (tmp_path / "user.py").write_text(
+        "import aptckpt\n\naptckpt.save({'w': 1}, 42)\nreveal_type(aptckpt.load)\n"
+    )
+    # torch is skipped: analysing it takes minutes, and only aptckpt's own types matter here.
+    (tmp_path / "mypy.ini").write_text("[mypy]\n[mypy-torch.*]\nfollow_imports = skip\n")
+    # PEP 561: a package found on the path counts as typed only with a py.typed marker;
+    # without one mypy says "missing library stubs or py.typed marker" and sees Any.
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file=mypy.ini", "--cache-dir=.cache", "user.py"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout
+    assert "py.typed" not in out, out
+    assert 'user.py:3: error: No overload variant of "save" matches' in out, out
+    assert 'Revealed type is "def (path: str | os.PathLike[str]' in out, out
+
+
+@pytest.mark.slow
+def test_wheel_ships_py_typed(tmp_path):
+    root = Path(__file__).parents[1]
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps"]
+    subprocess.run(
+        [*pip, "-w", tmp_path, root],
+        check=True,
+        capture_output=True,
+        timeout=1800,
+    )
+    (wheel,) = tmp_path.glob("aptckpt-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "aptckpt/py.typed" in names and "aptckpt/_foreign.py" in names
