@@ -106,7 +106,7 @@ def test_inspect(capsys, ckpt):
 
 
 def test_inspect_delta_shows_store_bytes(capsys, tmp_path):
-    aptckpt.save(make_state(), tmp_path / "run" / "c1", backend="delta")
+    aptckpt.save(make_state(), tmp_path / "run" / "c1", backend="delta", local_below=0)
     code, out, _ = run(capsys, "inspect", tmp_path / "run" / "c1")
     assert code == 0 and "backend         delta" in out
     assert "store bytes" in out and "files           0 (0 B)" in out
@@ -516,8 +516,13 @@ def test_ctrl_c_under_a_progress_bar_stops_the_work_and_its_temp_file(
 
 def test_gc_dry_run_then_real(capsys, tmp_path):
     run_dir = tmp_path / "run"
-    aptckpt.save({"a": torch.ones(1000), "b": torch.randn(1000)}, run_dir / "c1", backend="delta")
-    aptckpt.save({"a": torch.ones(1000)}, run_dir / "c2", backend="delta")
+    aptckpt.save(
+        {"a": torch.ones(1000), "b": torch.randn(1000)},
+        run_dir / "c1",
+        backend="delta",
+        local_below=0,
+    )
+    aptckpt.save({"a": torch.ones(1000)}, run_dir / "c2", backend="delta", local_below=0)
     aptckpt.delete(run_dir / "c1")
     store = run_dir / "aptckpt-store"
     files_before = sorted(p for p in store.rglob("*") if p.is_file())
