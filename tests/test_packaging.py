@@ -18,7 +18,8 @@ SRC = Path(aptckpt.__file__).parents[1]
 def test_users_type_checker_sees_typed_signatures(tmp_path):
     pytest.importorskip("mypy")
     (tmp_path / "user.py").write_text(
-        "import aptckpt\n\naptckpt.save({'w': 1}, 42)\nreveal_type(aptckpt.load)\n"
+        "import aptckpt\n\naptckpt.save({'w': 1}, 42)\nreveal_type(aptckpt.inspect)\n"
+        "reveal_type(aptckpt.load('c', into={}))\n"
     )
     # torch is skipped: analysing it takes minutes, and only aptckpt's own types matter here.
     (tmp_path / "mypy.ini").write_text("[mypy]\n[mypy-torch.*]\nfollow_imports = skip\n")
@@ -35,7 +36,11 @@ def test_users_type_checker_sees_typed_signatures(tmp_path):
     out = proc.stdout
     assert "py.typed" not in out, out
     assert 'user.py:3: error: No overload variant of "save" matches' in out, out
-    assert 'Revealed type is "def (path: str | os.PathLike[str]' in out, out
+    assert (
+        'Revealed type is "def (path: str | os.PathLike[str]) -> aptckpt.api.CheckpointInfo"'
+        in (out)
+    ), out
+    assert 'Revealed type is "aptckpt.api.IntoResult"' in out, out
 
 
 @pytest.mark.slow
