@@ -226,3 +226,22 @@ def test_write_many_around_the_join_thresholds(tmp_path, monkeypatch, size):
         expected = b"".join(pieces)
         assert path.read_bytes() == expected
         assert f.digests() == _accel.hash_chunks(expected, BLOCK_SIZE)
+
+
+def test_an_interrupt_while_closing_leaves_no_descriptor(tmp_path, monkeypatch):
+    import concurrent.futures
+
+    shutdown = concurrent.futures.ThreadPoolExecutor.shutdown
+
+    def interrupted(self: Any, *args: Any, **kwargs: Any) -> None:
+        shutdown(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "shutdown", interrupted)
+    writer = DirectWriter(tmp_path / "f", direct=True, buffer_size=SMALL)
+    writer.write(os.urandom(3 * SMALL))  # buffers handed to the write thread
+    with pytest.raises(KeyboardInterrupt):
+        writer.close()
+    monkeypatch.undo()
+    assert set(os.listdir("/proc/self/fd")) == before

@@ -297,17 +297,21 @@ class DirectWriter:
             raise first
 
     def _release(self) -> None:
-        self._drain(raise_errors=False)
-        if self._buffer is not None:
-            self._view = None
-            _give_buffer(self._buffer)
-            self._buffer = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        try:
+            self._drain(raise_errors=False)
+            if self._buffer is not None:
+                self._view = None
+                _give_buffer(self._buffer)
+                self._buffer = None
+            if self._executor is not None:
+                executor, self._executor = self._executor, None
+                executor.shutdown(wait=True)
+        finally:
+            # Even when interrupted (Ctrl-C while waiting for the writes): a descriptor
+            # left open would outlive the save.
+            if self.fd >= 0:
+                fd, self.fd = self.fd, -1
+                os.close(fd)
 
     def abort(self) -> None:
         """Wait for the writes in flight and close the file, raising nothing (the caller is
