@@ -41,3 +41,11 @@ def test_file_urls_name_the_local_path_to_use():
 @pytest.mark.parametrize("path", ["runs/a", "/abs/s3:/x", "C://x", "a:b", "./s3://x", "s3:/x"])
 def test_local_paths_with_colons_are_accepted(path):
     assert local_path(path) == path
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_manager_refuses_a_url_run_directory(tmp_path, monkeypatch, read_only):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(aptckpt.UnsupportedPathError, match="run directories"):
+        aptckpt.CheckpointManager("s3://bucket/runs/a", read_only=read_only)
+    assert list(tmp_path.iterdir()) == []

@@ -20,7 +20,7 @@ __all__ = ["local_path"]
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]+://")
 
 
-def local_path(path: str | os.PathLike[str], *, what: str = "checkpoint") -> str:
+def local_path(path: str | os.PathLike[str], *, what: str = "checkpoints") -> str:
     """``path`` as a string, refusing URLs.
 
     Raises:
@@ -38,7 +38,7 @@ def local_path(path: str | os.PathLike[str], *, what: str = "checkpoint") -> str
         "directory to object storage with your storage tools"
     )
     raise UnsupportedPathError(
-        f"'{text}' is a {scheme}:// URL, but this aptckpt stores {what}s on local paths only "
+        f"'{text}' is a {scheme}:// URL, but this aptckpt keeps {what} on local paths only "
         f"(a URL would be taken as a relative directory named '{scheme}:'); {hint}",
         path=text,
     )

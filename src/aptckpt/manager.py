@@ -58,6 +58,7 @@ import aptckpt.api as api
 from aptckpt import _background, _gc, _run_index, _rundir, _runlock, training_state
 from aptckpt._atomic import write_error
 from aptckpt._background import SaveHandle
+from aptckpt._paths import local_path
 from aptckpt._run_index import CheckpointRecord, order
 from aptckpt.api import SaveInfo
 from aptckpt.backends.delta import collect_garbage
@@ -145,7 +146,7 @@ class CheckpointManager:
         RetentionPolicy(keep_last, keep_best, best_metric, best_mode)  # checks the arguments
         if not isinstance(model_name, str) or not _PLAIN_NAME.fullmatch(model_name):
             raise ValueError(f"model_name {model_name!r} must be a plain file-name prefix")
-        self.run_dir = Path(os.path.abspath(run_dir))
+        self.run_dir = Path(os.path.abspath(local_path(run_dir, what="run directories")))
         self.backend = backend
         self.model_name = model_name
         self.keep_last, self.keep_best = keep_last, keep_best
