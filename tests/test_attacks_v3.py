@@ -7,6 +7,7 @@ by an outside test pass (see the attack report). Nothing here needs a GPU.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import subprocess
 import sys
@@ -242,11 +243,14 @@ def test_hostile_unhashable_composite_meta_is_a_format_error_everywhere(
         lambda: aptckpt.load(path),
         lambda: aptckpt.load(path, verify=False),
         lambda: aptckpt.verify(path),
-        lambda: aptckpt.inspect(path),
         lambda: aptckpt.load(path, into={}, strict=False),
     ):
         with pytest.raises(aptckpt.AptckptError):
             call()
+    # inspect reads no tensor and rebuilds nothing: it may summarise the manifest, but a
+    # hostile node must never crash it with another exception
+    with contextlib.suppress(aptckpt.AptckptError):
+        aptckpt.inspect(path)
 
 
 # --------------------------------------------------------------------------- the CLI

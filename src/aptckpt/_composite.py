@@ -228,7 +228,12 @@ def numpy_scalar_node(value: np.generic, path: str) -> list[Any]:
     """The leaf node of a numpy scalar: its dtype name and value (bytes for numbers)."""
     kind, name = value.dtype.kind, value.dtype.name
     if kind == "U":
-        return ["numpy", "str_", str(value)]
+        text = str(value)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise _refuse(value, path, "the string holds a lone surrogate (no UTF-8 form)") from err
+        return ["numpy", "str_", text]
     if kind == "S":
         return ["numpy", "bytes_", value.tobytes()]
     if name not in _NUMPY_NUMERIC:
@@ -257,13 +262,14 @@ def large_plain_node(value: bytes | str, path: str, add: AddTensor) -> list[Any]
 
 def component_suffix(tag: str, meta: Any, index: int) -> str:
     """How the key path of a composite's ``index``-th component extends the composite's."""
-    if tag == "sparse" and isinstance(meta, dict):
-        names = _SPARSE_PARTS.get(meta.get("layout"), ())  # type: ignore[arg-type]
-    elif tag == "quantized" and isinstance(meta, dict):
+    if not isinstance(meta, dict):
+        return ""
+    layout, scheme, dtype = (meta.get(k) for k in ("layout", "qscheme", "dtype"))
+    if tag == "sparse" and isinstance(layout, str):
+        names = _SPARSE_PARTS.get(layout, ())
+    elif tag == "quantized" and isinstance(scheme, str):
         names = (
-            ("packed",)
-            if meta.get("dtype") in ("quint4x2", "quint2x4")
-            else _QUANTIZED_PARTS.get(meta.get("qscheme"), ())  # type: ignore[arg-type]
+            ("packed",) if dtype in ("quint4x2", "quint2x4") else _QUANTIZED_PARTS.get(scheme, ())
         )
     else:
         return ""
@@ -468,6 +474,11 @@ def torch_form(node: Any) -> Any:
         return ["dict", node[1]]
     if tag == "frozenset" and len(node) >= 2:
         return ["tuple", node[1]]  # hashable, so it may still be a set member or a key
+    if tag == "sparse" and len(node) == 3 and isinstance(node[2], dict):
+        meta = node[2]
+        if meta.get("requires_grad") is True and meta.get("parameter") is not True:
+            # torch.load drops requires_grad of a plain sparse tensor: the file says False
+            return ["sparse", node[1], {**meta, "requires_grad": False}]
     return node
 
 

@@ -24,7 +24,7 @@ every other one is filled by one ``copy_`` after the read.
 
 from __future__ import annotations
 
-import itertools
+import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aptckpt import _dtypes, tree
+from aptckpt import _composite, _dtypes, tree
 from aptckpt import manifest as mf
 from aptckpt._composite import COMPOSITE_TAGS
 from aptckpt.errors import IntoMismatchError
@@ -141,6 +141,26 @@ def _saved_values(manifest: mf.Manifest) -> dict[str, _Saved]:
     return found
 
 
+def _unwritable(dest: Any) -> str | None:
+    """Why ``dest`` cannot be filled in place, if it cannot."""
+    if isinstance(dest, np.ndarray):
+        return None if dest.flags.writeable else "is a read-only numpy array"
+    if dest.device.type == "meta":
+        return (
+            "is a meta tensor, which has no memory to fill: materialise the module first "
+            "(module.to_empty(device='cpu')), or load without into= and call "
+            "load_state_dict(state, assign=True)"
+        )
+    if dest.is_inference() and not torch.is_inference_mode_enabled():
+        return (
+            "is an inference tensor (made under torch.inference_mode()), which cannot be "
+            "written outside it: create the model outside inference mode"
+        )
+    if _composite.is_expanded(dest):
+        return "repeats its elements through a zero stride (an expanded view): pass a real tensor"
+    return None
+
+
 def _describe(dest: Any) -> tuple[str, str, tuple[int, ...]]:
     if isinstance(dest, np.ndarray):
         return "array", dest.dtype.name, tuple(dest.shape)
@@ -198,12 +218,9 @@ def plan(into: Any, manifest: mf.Manifest, *, strict: bool) -> IntoPlan:
         value = saved.get(path)
         if value is None:
             continue
-        if isinstance(dest, torch.Tensor) and dest.device.type == "meta":
-            problems.append(
-                f"{path} is a meta tensor, which has no memory to fill: materialise the module "
-                "first (module.to_empty(device='cpu')), or load without into= and call "
-                "load_state_dict(state, assign=True)"
-            )
+        unwritable = _unwritable(dest)
+        if unwritable is not None:
+            problems.append(f"{path} {unwritable}")
             continue
         want = _expected(value, manifest)
         have = _describe(dest)
@@ -276,9 +293,19 @@ def _overlapping(dests: list[Any]) -> set[int]:
         spans.append((dest.untyped_storage().data_ptr(), start, stop, id(dest)))
     spans.sort()
     overlapping: set[int] = set()
-    for (s1, _, stop1, i1), (s2, start2, _, i2) in itertools.pairwise(spans):
-        if s1 == s2 and start2 < stop1:
-            overlapping |= {i1, i2}
+    # A sweep over each storage's spans by start: every span still open when the next one
+    # starts overlaps it (not only the neighbour: a long span covers many later ones).
+    open_spans: list[tuple[int, int]] = []  # heap of (stop, id)
+    current = None
+    for storage, start, stop, ident in spans:
+        if storage != current:
+            current, open_spans = storage, []
+        while open_spans and open_spans[0][0] <= start:
+            heapq.heappop(open_spans)
+        if open_spans:
+            overlapping.add(ident)
+            overlapping.update(i for _, i in open_spans)
+        heapq.heappush(open_spans, (stop, ident))
     return overlapping
 
 

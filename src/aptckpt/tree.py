@@ -202,21 +202,41 @@ def _is_plain_scalar(value: Any) -> bool:
     kind = type(value)
     return (
         kind is float
-        or (kind is str and len(value) < MAX_INLINE_BYTES // 4)
+        or (kind is str and len(value) < MAX_INLINE_BYTES // 4 and value.isascii())
         or value is None
         or kind is bool
         or (kind is int and _INT_MIN <= value <= _INT_MAX)
     )
 
 
+def _check_text(text: str, path: str) -> None:
+    """Refuse a str that has no UTF-8 form (a lone surrogate, from a bad decode): msgpack,
+    and so every manifest, stores text as UTF-8."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _refuse(
+            text,
+            path,
+            f"the string holds {text[err.start : err.end]!r} at position {err.start}, a lone "
+            "surrogate with no UTF-8 form; store it as bytes (s.encode('utf-8', "
+            "'surrogatepass')) or fix the decode that produced it",
+        ) from err
+
+
 class _Flattener:
-    def __init__(self) -> None:
+    def __init__(self, *, inline: bool = False) -> None:
+        #: Keep large bytes and str in the skeleton (user metadata: no tensors there).
+        self.inline = inline
         self.leaves: list[TensorLeaf] = []
         self._by_id: dict[int, int] = {}
         self._by_alias: dict[tuple[Any, ...], int] = {}
         self._active: set[int] = set()  # containers on the current path, for cycle detection
         self._keepalive: list[Any] = []  # ids must stay unique while we walk
         self._composites: dict[int, list[Any]] = {}  # id -> node of a composite value
+        self._in_key = 0  # > 0 while a dict key or set member is flattened
 
     def tensor(self, t: torch.Tensor, path: str) -> list[Any]:
         if type(t) in (torch.Tensor, torch.nn.Parameter) and (
@@ -243,6 +263,8 @@ class _Flattener:
 
     def plain_tensor(self, t: torch.Tensor, path: str) -> list[Any]:
         """The ``["tensor", i]`` node of a dense strided tensor, aliases merged."""
+        if self._in_key:
+            raise _refuse(t, path, "dict keys and set members must be plain values")
         _check_tensor(t, path)
         index = self._by_id.get(id(t))
         if index is None:
@@ -264,7 +286,13 @@ class _Flattener:
         if isinstance(obj, np.generic):  # before int/float/str: np.float64 is a float
             return _composite.numpy_scalar_node(obj, path)
         if isinstance(obj, (str, bytes)):
-            large = None if inline else _composite.large_plain_node(obj, path, self.plain_tensor)
+            if isinstance(obj, str):
+                _check_text(obj, path)
+            large = (
+                None
+                if (inline or self.inline)
+                else _composite.large_plain_node(obj, path, self.plain_tensor)
+            )
             if large is not None:
                 return large
             # a subclass (StrEnum) is stored as its value
@@ -293,9 +321,16 @@ class _Flattener:
             return ["size", [int(d) for d in obj]]
         if type(obj) in _CONTAINERS:
             return self.container(obj, path, depth)
-        if isinstance(obj, np.ndarray):
+        if type(obj) is np.ndarray:
             return self.composite(
                 obj, lambda: _composite.ndarray_node(obj, path, self.plain_tensor)
+            )
+        if isinstance(obj, np.ndarray):  # a masked array would lose its mask, a matrix its type
+            raise _refuse(
+                obj,
+                path,
+                "numpy array subclasses (masked arrays, matrices) would lose what makes them "
+                "one; store np.asarray(x) (and a masked array's x.mask) instead",
             )
         if isinstance(obj, (dict, list, tuple, set, frozenset)):
             hint = (
@@ -320,7 +355,11 @@ class _Flattener:
             if isinstance(obj, dict):
                 items: list[Any] = []
                 for key, value in obj.items():
-                    items.append(key if type(key) is str else self.key(key, path))
+                    items.append(
+                        key
+                        if type(key) is str and key.isascii()
+                        else self.key(key, path, depth + 1)
+                    )
                     items.append(
                         value
                         if _is_plain_scalar(value)
@@ -343,7 +382,7 @@ class _Flattener:
                 )
                 return ["odict", items, meta_node]
             if isinstance(obj, (set, frozenset)):
-                members = [self.key(v, path, what="a set member") for v in obj]
+                members = [self.key(v, path, depth + 1, what="a set member") for v in obj]
                 # Sets have no order: sorted by encoding, so that equal sets store the same bytes.
                 members.sort(key=lambda n: msgpack.packb(n, use_bin_type=True))
                 return ["set" if type(obj) is set else "frozenset", members]
@@ -358,10 +397,16 @@ class _Flattener:
         finally:
             self._active.discard(id(obj))
 
-    def key(self, key: Any, path: str, *, what: str = "a dict key") -> Any:
+    def key(self, key: Any, path: str, depth: int, *, what: str = "a dict key") -> Any:
+        """The node of a dict key or set member: a plain value (tuples of them included),
+        never a tensor -- its index would depend on hash order, and so would the bytes."""
         if isinstance(key, (torch.Tensor, np.ndarray, dict, list, set)):
             raise _refuse(key, f"{path} ({what})", f"{what} must be a plain value")
-        return self.node(key, f"{path} ({what} {key!r})", MAX_NESTING - 1, inline=True)
+        self._in_key += 1
+        try:
+            return self.node(key, f"{path} ({what} {key!r})", depth, inline=True)
+        finally:
+            self._in_key -= 1
 
     @staticmethod
     def factory(factory: Any, obj: Any, path: str) -> str | None:
@@ -406,15 +451,19 @@ def flatten(state: Any, *, root: str = "state") -> FlatState:
 
 
 def encode_plain(value: Any, *, root: str = "metadata") -> Any:
-    """Encode a tensor-free value (user metadata) as a skeleton."""
-    flat = flatten(value, root=root)
-    if flat.tensors:
+    """Encode a tensor-free value (user metadata) as a skeleton: plain values only, large
+    bytes and str included (they stay in the manifest)."""
+    flattener = _Flattener(inline=True)
+    skeleton = flattener.node(value, root, 0)
+    if flattener.leaves:
+        leaf = flattener.leaves[0]
         raise UnsupportedObjectError(
-            f"{flat.tensors[0].key_path} is a tensor; metadata holds plain values only",
-            key_path=flat.tensors[0].key_path,
-            type_name="torch.Tensor",
+            f"{leaf.key_path} holds a tensor or array ({type(leaf.tensor).__name__}); metadata "
+            "holds plain values only -- put tensors in the state",
+            key_path=leaf.key_path,
+            type_name=type(leaf.tensor).__name__,
         )
-    return flat.skeleton
+    return skeleton
 
 
 # ---------------------------------------------------------------- rebuilding
@@ -561,7 +610,11 @@ def _container(node: list[Any]) -> _Make | None:
         if tag == "odict":
             meta_child = extra is not None
             return _Make(tag, len(items) + meta_child, meta_child, None)
-        if tag == "defaultdict" and extra is not None and extra not in _FACTORIES:
+        if (
+            tag == "defaultdict"
+            and extra is not None
+            and (not isinstance(extra, str) or extra not in _FACTORIES)
+        ):
             raise _bad(f"defaultdict factory {extra!r} is not one aptckpt stores")
         return _Make(tag, len(items), False, extra)
     if tag in COMPOSITE_TAGS:
@@ -668,6 +721,8 @@ def find_plain(skeleton: Any, predicate: Any, *, root: str = "state") -> list[st
             for i in range(0, len(arg) - 1, 2):
                 stack.append((arg[i], f"{path} (key {_key_repr(arg[i])})"))
                 stack.append((arg[i + 1], f"{path}[{_key_repr(arg[i])}]"))
+            if tag == "odict" and len(node) > 2 and node[2] is not None:
+                stack.append((node[2], f"{path}._metadata"))
     return sorted(found)
 
 
@@ -699,5 +754,5 @@ def _key_repr(node: Any) -> str:
         return repr(node)
     try:  # a tuple, big int, numpy scalar, ... key: rebuilt (keys never hold tensors)
         return repr(_Builder(()).build(node))
-    except (FormatError, RecursionError):
+    except Exception:  # a hostile key of any shape: only a message needs its spelling
         return "<key>"

@@ -332,7 +332,7 @@ def _caller_storages(flat: FlatState) -> list[tuple[str, memoryview]]:
 def _refuse_unloadable(flat: FlatState) -> None:
     # weights_only reads pickle protocol 2 only, which spells b"" as a call of the
     # global `bytes` -- a global that weights_only refuses. Non-empty bytes are fine.
-    paths = tree.find_plain(flat.skeleton, lambda v: v == b"")
+    paths = tree.find_plain(tree.torch_form(flat.skeleton), lambda v: v == b"")
     if paths:
         raise UnsupportedObjectError(
             f"cannot store empty bytes (b'') at {paths[0]} with the torch backend: "
