@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -49,8 +49,15 @@ __all__ = [
 #: Tags of composite nodes: ``[tag, [children], meta]``.
 COMPOSITE_TAGS = frozenset({"sparse", "quantized", "expand", "ndarray", "bytes", "str"})
 
-#: A component tensor is added to the state's tensor list; returns its ``["tensor", i]`` node.
-AddTensor = Callable[[torch.Tensor, str], list[Any]]
+
+class AddTensor(Protocol):
+    """Adds a component tensor to the state's tensor list; returns its ``["tensor", i]``
+    node. ``refresh`` makes a tensor that is a copy again from the caller's object."""
+
+    def __call__(
+        self, t: torch.Tensor, path: str, refresh: Callable[[], torch.Tensor] | None = None
+    ) -> list[Any]: ...
+
 
 _SPARSE_LAYOUTS = {
     torch.sparse_coo: "coo",
@@ -173,13 +180,13 @@ def _encode_quantized(t: torch.Tensor, path: str, add: AddTensor) -> list[Any]:
     meta: dict[str, Any] = {"qscheme": scheme, "dtype": str(t.dtype).removeprefix("torch.")}
     if t.dtype in _PACKED:
         return _encode_packed(t, path, add, meta)
-    children = [add(t.int_repr(), f"{path}.int_repr")]
+    children = [add(t.int_repr(), f"{path}.int_repr", t.int_repr)]
     if scheme == "per_tensor_affine":
         meta.update(scale=float(t.q_scale()), zero_point=int(t.q_zero_point()))
     else:
         children += [
-            add(t.q_per_channel_scales(), f"{path}.scales"),
-            add(t.q_per_channel_zero_points(), f"{path}.zero_points"),
+            add(t.q_per_channel_scales(), f"{path}.scales", t.q_per_channel_scales),
+            add(t.q_per_channel_zero_points(), f"{path}.zero_points", t.q_per_channel_zero_points),
         ]
         meta["axis"] = int(t.q_per_channel_axis())
     return ["quantized", children, meta]
@@ -217,11 +224,17 @@ def ndarray_node(array: np.ndarray[Any, Any], path: str, add: AddTensor) -> list
             "a numpy array in non-native byte order; convert it with "
             "arr.astype(arr.dtype.newbyteorder('='))",
         )
-    compact = np.ascontiguousarray(array).reshape(array.shape)
-    with warnings.catch_warnings():  # a read-only array: the tensor is only ever read
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        tensor = torch.from_numpy(compact)
-    return ["ndarray", [add(tensor, path)], name]
+
+    def as_tensor() -> torch.Tensor:
+        compact = np.ascontiguousarray(array).reshape(array.shape)
+        with warnings.catch_warnings():  # a read-only array: the tensor is only ever read
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            return torch.from_numpy(compact)
+
+    tensor = as_tensor()
+    # A C-contiguous array is viewed, not copied: a later check reads the array itself.
+    copied = tensor.numel() > 0 and tensor.data_ptr() != array.__array_interface__["data"][0]
+    return ["ndarray", [add(tensor, path, as_tensor if copied else None)], name]
 
 
 def numpy_scalar_node(value: np.generic, path: str) -> list[Any]:

@@ -41,7 +41,7 @@ importing it by name, which is what pickle does.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,11 +118,15 @@ class TensorLeaf:
         tensor: the tensor as found in the state (any device, any strides).
         key_path: where it was first found, e.g. ``state['model']['w']``.
         is_parameter: it is an ``nn.Parameter``.
+        refresh: for a tensor aptckpt made from the caller's object (a numpy array copied to
+            C order, a quantized tensor's integer representation), makes it again from that
+            object as it is now: a blocking save checks that nothing changed meanwhile.
     """
 
     tensor: torch.Tensor
     key_path: str
     is_parameter: bool
+    refresh: Callable[[], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -261,7 +265,9 @@ class _Flattener:
             self._keepalive.append(obj)
         return node
 
-    def plain_tensor(self, t: torch.Tensor, path: str) -> list[Any]:
+    def plain_tensor(
+        self, t: torch.Tensor, path: str, refresh: Callable[[], torch.Tensor] | None = None
+    ) -> list[Any]:
         """The ``["tensor", i]`` node of a dense strided tensor, aliases merged."""
         if self._in_key:
             raise _refuse(t, path, "dict keys and set members must be plain values")
@@ -273,7 +279,7 @@ class _Flattener:
             if index is None:
                 index = len(self.leaves)
                 # _check_tensor admitted only Tensor and Parameter: no isinstance needed
-                self.leaves.append(TensorLeaf(t, path, type(t) is torch.nn.Parameter))
+                self.leaves.append(TensorLeaf(t, path, type(t) is torch.nn.Parameter, refresh))
                 if alias is not None:
                     self._by_alias[alias] = index
             self._by_id[id(t)] = index

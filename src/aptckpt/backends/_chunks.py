@@ -68,6 +68,7 @@ __all__ = [
     "parse_chunk_table",
     "refuse_damaged_files",
     "refuse_unreadable",
+    "state_changed",
 ]
 
 DIGEST_SIZE = 16
@@ -144,42 +145,62 @@ def check_unchanged(
 
     ``digests[i]`` are the chunk digests of ``hosts[i]`` (the bytes of ``flat.tensors[i]``)
     recorded *before* any of its bytes were written or encoded; they are what the manifest
-    will say. Once everything is written, the tensors that are the caller's own memory (not
-    copies: those no one else writes) are hashed again: a difference means another thread
-    wrote to them meanwhile (a blocking save racing an optimizer step), and the stored bytes
-    may be a mix of two states or not match their digests. The save then fails before its
-    commit -- cheaper than a snapshot of the whole state, and a clean save pays one hashing
-    pass (the digests themselves overlap the writes).
+    will say. Once everything is written, the caller's objects behind the tensors are read
+    again -- a tensor that is the caller's memory is hashed as it is, one that was copied (a
+    strided view, a numpy array in another order, a quantized tensor's representation) is
+    copied again -- and must give the same digests. A difference means another thread wrote
+    to them meanwhile (a blocking save racing an optimizer step): the stored bytes may be a
+    mix of two states or not match their digests, so the save fails before its commit --
+    cheaper than a snapshot of the whole state, and a clean save pays one more hashing pass
+    (the digests themselves overlap the writes). Tensors on other devices are copied to the
+    host once, at the start; they are not read again.
 
     Raises:
         StateChangedError: naming every tensor that changed.
     """
     if flat.owned:
         return
-    mutable = [
-        i
-        for i, (leaf, host) in enumerate(zip(flat.tensors, hosts, strict=True))
-        if host.numel() and host.device.type == "cpu" and host.data_ptr() == leaf.tensor.data_ptr()
-    ]
-    if not mutable:
+    indexes, views = [], []
+    for i, (leaf, host) in enumerate(zip(flat.tensors, hosts, strict=True)):
+        live = _live(leaf, host)
+        if live is not None:
+            indexes.append(i)
+            views.append(_dtypes.byte_view(live))
+    if not indexes:
         return
-    again = _accel.hash_chunks_many(
-        [_dtypes.byte_view(hosts[i]) for i in mutable], chunk_size, threads
-    )
+    again = _accel.hash_chunks_many(views, chunk_size, threads)
     changed = tuple(
-        flat.tensors[i].key_path for i, now in zip(mutable, again, strict=True) if now != digests[i]
+        flat.tensors[i].key_path for i, now in zip(indexes, again, strict=True) if now != digests[i]
     )
     if changed:
-        shown = ", ".join(changed[:5]) + (
-            f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-        )
-        raise StateChangedError(
-            f"tensor(s) {shown} changed while this blocking save was reading them (another "
-            "thread wrote to them); nothing was committed and earlier checkpoints are intact. "
-            "Save when no other thread writes the state, or pass blocking=False, which copies "
-            "the state first and lets training go on at once",
-            tensors=changed,
-        )
+        raise state_changed(changed)
+
+
+def _live(leaf: tree.TensorLeaf, host: torch.Tensor) -> torch.Tensor | None:
+    """The bytes behind ``leaf`` as the caller's objects hold them now (contiguous, CPU), or
+    None when no one else can change them."""
+    t = leaf.tensor
+    if t.numel() == 0:
+        return None
+    if leaf.refresh is not None:
+        return host_tensor(leaf.refresh())
+    if t.device.type != "cpu":
+        return None
+    if host.data_ptr() == t.data_ptr():
+        return host
+    return host_tensor(t)  # a strided or lazy view was copied: copy it again
+
+
+def state_changed(changed: tuple[str, ...]) -> StateChangedError:
+    """The error of a blocking save whose tensors ``changed`` (key paths) while it ran."""
+    shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    return StateChangedError(
+        f"tensor(s) {shown} changed while this blocking save was reading them (another thread "
+        "wrote to them); nothing was committed and earlier checkpoints are intact. Save when "
+        "no other thread writes the state, or pass blocking=False, which copies the state "
+        "first and lets training go on at once",
+        tensors=changed,
+    )
 
 
 def chunk_count(nbytes: int, chunk_size: int) -> int:

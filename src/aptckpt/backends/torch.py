@@ -44,11 +44,12 @@ Payload::
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import pickle
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar, Protocol, cast
 
@@ -60,12 +61,7 @@ from aptckpt._atomic import CheckpointReader, CheckpointWriter, open_regular
 from aptckpt._directio import DirectWriter
 from aptckpt.backends import _chunks, _torchfile
 from aptckpt.backends.base import Backend, BackendOptions, TensorLayout
-from aptckpt.errors import (
-    FormatError,
-    IntegrityError,
-    StateChangedError,
-    UnsupportedObjectError,
-)
+from aptckpt.errors import FormatError, IntegrityError, UnsupportedObjectError
 from aptckpt.manifest import Manifest
 from aptckpt.tree import FlatState
 
@@ -235,24 +231,18 @@ class TorchBackend(Backend):
         # torch.save reads the tensors' storages while it writes: those the caller may still
         # write are hashed before and after, so that a save racing another thread fails
         # instead of committing a mix of two states.
-        storages = _caller_storages(flat)
-        before = _accel.hash_chunks_many([v for _, v in storages], self.options.chunk_size)
+        sources = _caller_sources(flat)
+        before = _accel.hash_chunks_many([now for _, now, _ in sources], self.options.chunk_size)
         # Direct writes, hashed on the way in: the file is not read back. A failed write
         # (disk full) arrives as its OSError, which the caller reports as a WriteError.
         with DirectWriter(writer.path(FILE_NAME), digest_chunk_size=self.options.chunk_size) as f:
             write_torch_file(flat, f)
-        after = _accel.hash_chunks_many([v for _, v in storages], self.options.chunk_size)
+        after = _accel.hash_chunks_many([live() for _, _, live in sources], self.options.chunk_size)
         changed = tuple(
-            key for (key, _), a, b in zip(storages, before, after, strict=True) if a != b
+            key for (key, _, _), a, b in zip(sources, before, after, strict=True) if a != b
         )
         if changed:
-            raise StateChangedError(
-                f"tensor(s) {', '.join(changed[:5])} changed while this blocking save was "
-                "reading them (another thread wrote to them); nothing was committed and "
-                "earlier checkpoints are intact. Save when no other thread writes the state, "
-                "or pass blocking=False, which copies the state first",
-                tensors=changed,
-            )
+            raise _chunks.state_changed(changed)
         digests = f.digests()
         return {"file": 0, "chunk_size": self.options.chunk_size, "digests": digests}
 
@@ -312,21 +302,37 @@ class TorchBackend(Backend):
         return [TensorLayout(None, ("torch.save",), 0) for _ in manifest.tensors]
 
 
-def _caller_storages(flat: FlatState) -> list[tuple[str, memoryview]]:
-    """The distinct CPU storages of the caller's tensors (the first key path that uses each,
-    and its bytes); none for a snapshot aptckpt owns."""
+def _caller_sources(
+    flat: FlatState,
+) -> list[tuple[str, memoryview, Callable[[], memoryview]]]:
+    """What a blocking save reads of the caller's objects: ``(key path, the bytes saved, a
+    function giving those bytes as the caller's objects hold them now)`` for every distinct
+    CPU storage of the caller's tensors (``torch.save`` writes whole storages), and for every
+    tensor aptckpt copied from the caller's object (a numpy array in another order, a
+    quantized representation). None for a snapshot aptckpt owns."""
     if flat.owned:
         return []
-    found: dict[int, tuple[str, memoryview]] = {}
+    found: dict[int, tuple[str, memoryview, Callable[[], memoryview]]] = {}
+    copies = []
     for leaf in flat.tensors:
         t = leaf.tensor
-        if t.device.type != "cpu" or t.is_quantized or t.layout != torch.strided:
-            continue
-        storage = t.untyped_storage()
-        if storage.nbytes() and storage.data_ptr() not in found:
-            whole = torch.empty(0, dtype=torch.uint8).set_(storage)
-            found[storage.data_ptr()] = (leaf.key_path, _dtypes.byte_view(whole))
-    return list(found.values())
+        if leaf.refresh is not None:
+            live = functools.partial(_fresh_bytes, leaf.refresh)
+            copies.append((leaf.key_path, _dtypes.byte_view(_chunks.host_tensor(t)), live))
+        elif t.device.type == "cpu":
+            storage = t.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in found:
+                view = _dtypes.byte_view(torch.empty(0, dtype=torch.uint8).set_(storage))
+                found[storage.data_ptr()] = (leaf.key_path, view, functools.partial(_same, view))
+    return [*found.values(), *copies]
+
+
+def _fresh_bytes(refresh: Callable[[], torch.Tensor]) -> memoryview:
+    return _dtypes.byte_view(_chunks.host_tensor(refresh()))
+
+
+def _same(view: memoryview) -> memoryview:
+    return view
 
 
 def _refuse_unloadable(flat: FlatState) -> None:
