@@ -214,3 +214,23 @@ def test_loaded_arrays_and_tensors_are_writable(tmp_path):
     loaded = aptckpt.load(tmp_path / "c")
     loaded["a"][0] = 9
     loaded["t"][0] = 9
+
+
+@pytest.mark.parametrize(("backend", "options"), BACKENDS, ids=IDS)
+def test_four_bit_embedding_tables_and_broadcast_arrays(tmp_path, backend, options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        weight = torch.randn(10, 8)
+        table = torch.quantize_per_channel(  # a 4-bit EmbeddingBag's weight
+            weight, torch.rand(10) + 0.1, torch.rand(10) * 3, 0, torch.quint4x2
+        )
+        packed = torch.quantize_per_tensor(weight, 0.5, 3, torch.quint2x4)
+    state = {
+        "table": table,
+        "packed": packed,
+        "broadcast": np.broadcast_to(np.arange(3.0), (1 << 20, 3)),  # 24 MiB if materialised
+    }
+    loaded = _round_trip(tmp_path, state, backend, options)
+    assert torch.equal(loaded["table"].dequantize(), table.dequantize())
+    assert loaded["broadcast"].strides[0] == 0
+    assert aptckpt.inspect(tmp_path / "c").raw_bytes < 1 << 10

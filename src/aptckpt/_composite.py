@@ -23,6 +23,7 @@ bounds of sparse tensors included) and raises :class:`~aptckpt.errors.FormatErro
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ import torch
 
 from aptckpt import _dtypes
 from aptckpt._config import MAX_INLINE_BYTES
-from aptckpt.errors import FormatError, UnsupportedObjectError
+from aptckpt.errors import DeviceUnavailableError, FormatError, UnsupportedObjectError
 
 __all__ = [
     "COMPOSITE_TAGS",
@@ -93,6 +94,13 @@ _PACKED = frozenset(
     if isinstance(getattr(torch, name, None), torch.dtype)
 )
 _QDTYPE_BY_NAME = {str(q).removeprefix("torch."): q for q in (*_QUANTIZED_REPR, *_PACKED)}
+#: The zero points each quantized dtype can hold.
+_ZERO_POINTS = {
+    torch.qint8: (-128, 127),
+    torch.quint8: (0, 255),
+    torch.qint32: (-(2**31), 2**31 - 1),
+    **{q: (0, 15 if "4" in str(q) else 3) for q in _PACKED},
+}
 
 #: numpy scalar and array dtypes stored exactly: every fixed-size numeric dtype that is the
 #: same on every platform (``longdouble`` is not: 80-bit on x86, 128-bit elsewhere).
@@ -193,18 +201,28 @@ def _encode_quantized(t: torch.Tensor, path: str, add: AddTensor) -> list[Any]:
 
 
 def _encode_packed(t: torch.Tensor, path: str, add: AddTensor, meta: dict[str, Any]) -> list[Any]:
-    """A sub-byte quantized tensor (quint4x2, quint2x4): several values share a byte, and
-    ``int_repr()`` cannot be turned back into one; its storage bytes are stored instead."""
-    if meta["qscheme"] != "per_tensor_affine" or not t.is_contiguous() or t.storage_offset():
+    """A sub-byte quantized tensor (quint4x2, quint2x4: 4-bit embedding tables): several
+    values share a byte, and ``int_repr()`` cannot be turned back into one; its storage
+    bytes are stored instead (and its per-channel parameters, if any)."""
+    if not t.is_contiguous() or t.storage_offset():
         raise _refuse(
             t,
             path,
-            f"a {t.dtype} tensor is stored only per-tensor quantized, contiguous and at the start "
-            "of its storage; dequantize it first (x.dequantize())",
+            f"a {t.dtype} tensor is stored only when contiguous and at the start of its "
+            "storage; store x.clone() (or x.dequantize())",
         )
     storage = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
-    meta.update(scale=float(t.q_scale()), zero_point=int(t.q_zero_point()), shape=list(t.shape))
-    return ["quantized", [add(storage, f"{path}.packed")], meta]
+    children = [add(storage, f"{path}.packed")]
+    meta["shape"] = list(t.shape)
+    if meta["qscheme"] == "per_tensor_affine":
+        meta.update(scale=float(t.q_scale()), zero_point=int(t.q_zero_point()))
+    else:
+        children += [
+            add(t.q_per_channel_scales(), f"{path}.scales", t.q_per_channel_scales),
+            add(t.q_per_channel_zero_points(), f"{path}.zero_points", t.q_per_channel_zero_points),
+        ]
+        meta["axis"] = int(t.q_per_channel_axis())
+    return ["quantized", children, meta]
 
 
 def ndarray_node(array: np.ndarray[Any, Any], path: str, add: AddTensor) -> list[Any]:
@@ -225,16 +243,28 @@ def ndarray_node(array: np.ndarray[Any, Any], path: str, add: AddTensor) -> list
             "arr.astype(arr.dtype.newbyteorder('='))",
         )
 
+    # A broadcast array (zero strides: np.broadcast_to) is stored as the array it repeats,
+    # as an expanded tensor is.
+    broadcast = array.size > 0 and any(
+        stride == 0 and size > 1 for stride, size in zip(array.strides, array.shape, strict=True)
+    )
+    source = (
+        array[tuple(slice(0, 1) if s == 0 else slice(None) for s in array.strides)]
+        if broadcast
+        else array
+    )
+
     def as_tensor() -> torch.Tensor:
-        compact = np.ascontiguousarray(array).reshape(array.shape)
+        compact = np.ascontiguousarray(source).reshape(source.shape)
         with warnings.catch_warnings():  # a read-only array: the tensor is only ever read
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             return torch.from_numpy(compact)
 
     tensor = as_tensor()
     # A C-contiguous array is viewed, not copied: a later check reads the array itself.
-    copied = tensor.numel() > 0 and tensor.data_ptr() != array.__array_interface__["data"][0]
-    return ["ndarray", [add(tensor, path, as_tensor if copied else None)], name]
+    copied = tensor.numel() > 0 and tensor.data_ptr() != source.__array_interface__["data"][0]
+    meta: Any = [name, list(array.shape)] if broadcast else name
+    return ["ndarray", [add(tensor, path, as_tensor if copied else None)], meta]
 
 
 def numpy_scalar_node(value: np.generic, path: str) -> list[Any]:
@@ -281,9 +311,9 @@ def component_suffix(tag: str, meta: Any, index: int) -> str:
     if tag == "sparse" and isinstance(layout, str):
         names = _SPARSE_PARTS.get(layout, ())
     elif tag == "quantized" and isinstance(scheme, str):
-        names = (
-            ("packed",) if dtype in ("quint4x2", "quint2x4") else _QUANTIZED_PARTS.get(scheme, ())
-        )
+        names = _QUANTIZED_PARTS.get(scheme, ())
+        if dtype in ("quint4x2", "quint2x4"):
+            names = ("packed", *names[1:])
     else:
         return ""
     return f".{names[index]}" if index < len(names) else f".{index}"
@@ -317,7 +347,13 @@ def decode(tag: str, parts: list[Any], meta: Any) -> Any:
             return _decode_ndarray(parts, meta)
         if tag in ("bytes", "str"):
             return _decode_plain(tag, parts)
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as err:
+        devices = {p.device.type for p in parts} - {"cpu"}
+        if devices:  # a healthy node that this device cannot hold (sparse or quantized on meta)
+            raise DeviceUnavailableError(
+                f"a {tag} tensor cannot be made on {', '.join(sorted(devices))} ({err}); "
+                "load it with map_location='cpu'"
+            ) from err
         raise _bad(f"{tag!r} node cannot be rebuilt: {err}") from err
     raise _bad(f"unknown node {tag!r}")
 
@@ -371,48 +407,61 @@ def _decode_quantized(parts: list[Any], meta: Any) -> torch.Tensor:
     qdtype = _QDTYPE_BY_NAME.get(meta.get("dtype"))  # type: ignore[arg-type]
     if qdtype is None:
         raise _bad(f"quantized node has an unknown dtype {meta.get('dtype')!r}")
-    if qdtype in _PACKED:
-        return _decode_packed(parts, meta, qdtype)
+    packed = qdtype in _PACKED
     if len(parts) != len(_QUANTIZED_PARTS[scheme]):
         raise _bad(f"quantized {scheme} node needs {len(_QUANTIZED_PARTS[scheme])} tensors")
-    int_repr = parts[0]
-    if int_repr.dtype != _QUANTIZED_REPR[qdtype]:
-        raise _bad(f"quantized {meta['dtype']} stored with representation {int_repr.dtype}")
+    first = parts[0]
+    if first.dtype != (torch.uint8 if packed else _QUANTIZED_REPR[qdtype]):
+        raise _bad(f"quantized {meta['dtype']} stored with representation {first.dtype}")
+    low, high = _ZERO_POINTS[qdtype]
     if scheme == "per_tensor_affine":
         scale, zero_point = meta.get("scale"), meta.get("zero_point")
-        if type(scale) is not float or type(zero_point) is not int:
-            raise _bad("per-tensor quantization needs a float scale and an int zero point")
-        result = torch._make_per_tensor_quantized_tensor(int_repr, scale, zero_point)
+        if not (type(scale) is float and math.isfinite(scale) and scale > 0):
+            raise _bad(f"quantization scale {scale!r} is not a positive finite float")
+        if not (type(zero_point) is int and low <= zero_point <= high):
+            raise _bad(f"zero point {zero_point!r} is outside {low}..{high}")
+        if not packed:
+            result = torch._make_per_tensor_quantized_tensor(first, scale, zero_point)
+        else:
+            result = torch._empty_affine_quantized(
+                _shape(meta.get("shape"), "quantized"),
+                scale=scale,
+                zero_point=zero_point,
+                dtype=qdtype,
+            )
     else:
         scales, zero_points = parts[1], parts[2]
+        shape = _shape(meta.get("shape"), "quantized") if packed else list(first.shape)
         axis = meta.get("axis")
-        if type(axis) is not int or not 0 <= axis < max(1, int_repr.dim()):
+        if type(axis) is not int or not 0 <= axis < max(1, len(shape)):
             raise _bad(f"per-channel quantization axis {axis!r} is out of range")
-        channels = int_repr.shape[axis] if int_repr.dim() else 0
+        channels = shape[axis] if shape else 0
         if scales.shape != (channels,) or zero_points.shape != (channels,):
             raise _bad("per-channel scales and zero points need one value per channel")
-        result = torch._make_per_channel_quantized_tensor(int_repr, scales, zero_points, axis)
+        if not bool(torch.isfinite(scales).all()) or not bool((scales > 0).all()):
+            raise _bad("per-channel scales must be positive and finite")
+        if zero_points.is_floating_point():
+            if not bool(torch.isfinite(zero_points).all()):
+                raise _bad("per-channel zero points must be finite")
+        elif zero_points.numel() and not (
+            low <= int(zero_points.min()) and int(zero_points.max()) <= high
+        ):
+            raise _bad(f"per-channel zero points are outside {low}..{high}")
+        if not packed:
+            result = torch._make_per_channel_quantized_tensor(first, scales, zero_points, axis)
+        else:
+            result = torch._empty_per_channel_affine_quantized(
+                shape, scales=scales, zero_points=zero_points, axis=axis, dtype=qdtype
+            )
+    if packed:
+        storage = torch.empty(0, dtype=torch.uint8).set_(result.untyped_storage())
+        if storage.shape != first.shape:
+            raise _bad(
+                f"packed {meta['dtype']} storage of {first.numel()} bytes, not {storage.numel()}"
+            )
+        storage.copy_(first)
     if str(result.qscheme()).removeprefix("torch.") != scheme:
         raise _bad(f"quantized node rebuilds as {result.qscheme()}, recorded {scheme}")
-    return result
-
-
-def _decode_packed(parts: list[Any], meta: dict[str, Any], qdtype: torch.dtype) -> torch.Tensor:
-    packed = _one(parts, "quantized")
-    scale, zero_point = meta.get("scale"), meta.get("zero_point")
-    if type(scale) is not float or type(zero_point) is not int:
-        raise _bad("per-tensor quantization needs a float scale and an int zero point")
-    if meta.get("qscheme") != "per_tensor_affine" or packed.dtype != torch.uint8:
-        raise _bad(f"a {meta.get('dtype')} tensor is stored per-tensor, as its uint8 storage")
-    result = torch._empty_affine_quantized(
-        _shape(meta.get("shape"), "quantized"), scale=scale, zero_point=zero_point, dtype=qdtype
-    )
-    storage = torch.empty(0, dtype=torch.uint8).set_(result.untyped_storage())
-    if storage.shape != packed.shape:
-        raise _bad(
-            f"packed {meta['dtype']} storage of {packed.numel()} bytes, not {storage.numel()}"
-        )
-    storage.copy_(packed)
     return result
 
 
@@ -428,10 +477,18 @@ def _decode_expand(parts: list[Any], meta: Any) -> torch.Tensor:
 
 def _decode_ndarray(parts: list[Any], meta: Any) -> np.ndarray[Any, Any]:
     tensor = _one(parts, "ndarray")
-    if meta not in _NUMPY_NUMERIC or _numpy_name(tensor.dtype) != meta:
-        raise _bad(f"ndarray of dtype {meta!r} stored as a {tensor.dtype} tensor")
+    name, shape = (meta[0], meta[1]) if isinstance(meta, list) and len(meta) == 2 else (meta, None)
+    if not isinstance(name, str) or name not in _NUMPY_NUMERIC or _numpy_name(tensor.dtype) != name:
+        raise _bad(f"ndarray of dtype {name!r} stored as a {tensor.dtype} tensor")
     array: np.ndarray[Any, Any] = tensor.detach().cpu().numpy()
-    return array
+    if shape is None:
+        return array
+    shape = _shape(shape, "broadcast array")
+    if len(shape) != array.ndim or any(
+        a not in (1, s) for a, s in zip(array.shape, shape, strict=True)
+    ):
+        raise _bad(f"an array of shape {array.shape} does not broadcast to {shape}")
+    return np.broadcast_to(array, shape)
 
 
 def _numpy_name(dtype: torch.dtype) -> str | None:

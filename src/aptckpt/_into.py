@@ -185,6 +185,8 @@ def _expected(saved: _Saved, manifest: mf.Manifest) -> tuple[str, str, tuple[int
     if first is None:
         return None
     if node[0] == "ndarray":
+        if isinstance(node[2], list) and len(node[2]) == 2:  # broadcast: [dtype, shape]
+            return "array", str(node[2][0]), tuple(node[2][1])
         return "array", str(node[2]), first.shape
     if node[0] == "expand" and isinstance(node[2], list):
         return "tensor", first.dtype, tuple(node[2])

@@ -610,6 +610,8 @@ def load(
     )
     restored = []
     devices: dict[str, torch.device] = {}  # saved device -> target, resolved once each
+    # numpy arrays and large bytes/str are host values: their tensors stay on the CPU
+    on_host = tree.host_parts(manifest.skeleton, len(tensors)) if map_location else frozenset()
     for index, (t, r) in enumerate(zip(tensors, manifest.tensors, strict=True)):
         if plan is not None:
             direct, copies = plan.direct[index], plan.copies[index]
@@ -621,6 +623,9 @@ def load(
                         destination.copy_(t)
                 restored.append(direct if direct is not None else copies[0])
                 continue
+        if index in on_host:
+            restored.append(t)
+            continue
         device = devices.get(r.device)
         if device is None:
             device = devices[r.device] = _resolve_device(

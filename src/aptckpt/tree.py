@@ -61,6 +61,7 @@ __all__ = [
     "encode_plain",
     "find_plain",
     "flatten",
+    "host_parts",
     "key_paths",
     "rebuild",
     "tensor_index",
@@ -685,6 +686,22 @@ def tensor_index(node: list[Any], count: int) -> int | None:
     if node[0] == "tensor" and type(node[1]) is int and 0 <= node[1] < count:
         return int(node[1])
     return None
+
+
+def host_parts(skeleton: Any, count: int) -> frozenset[int]:
+    """The tensors that hold host values -- numpy arrays, large bytes and str -- which no
+    ``map_location`` moves."""
+    found: set[int] = set()
+    for node, _, _ in walk(skeleton):
+        if node[0] in ("ndarray", "bytes", "str") and isinstance(node[1], list):
+            found.update(
+                i
+                for part in node[1]
+                if isinstance(part, list) and part
+                for i in (tensor_index(part, count),)
+                if i is not None
+            )
+    return frozenset(found)
 
 
 def key_paths(skeleton: Any, count: int, *, root: str = "state") -> list[str]:
