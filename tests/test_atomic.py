@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import aptckpt
-from aptckpt import _atomic
+from aptckpt import _atomic, _temps
 from aptckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -43,8 +44,9 @@ def test_crash_before_manifest_leaves_no_checkpoint_and_next_save_cleans(tmp_pat
     )
     proc = subprocess.run([sys.executable, "-c", code], check=False)
     assert proc.returncode == 9
-    leftovers = os.listdir(tmp_path)
-    assert len(leftovers) == 1 and leftovers[0].startswith(".c.tmp-")
+    leftovers = sorted(os.listdir(tmp_path))  # the temp directory and its owner's lock file
+    assert len(leftovers) == 2 and leftovers[0].startswith(".c.lock-")
+    assert leftovers[1].startswith(".c.tmp-")
     with pytest.raises(CheckpointNotFoundError):
         aptckpt.load(tmp_path / "c")
     aptckpt.save({"w": torch.ones(2)}, tmp_path / "c")  # removes the dead process's temp dir
@@ -130,7 +132,9 @@ def test_interrupted_delete_leaves_no_visible_directory(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["d"]
 
 
-def test_stale_temps_of_dead_or_same_pid_owners_go_live_ones_stay(tmp_path):
+def test_entries_of_older_versions_go_when_old_and_unowned_here_or_under_the_run_lock(tmp_path):
+    """Entries named by pid (older versions) carry no lock: a pid alive elsewhere proves
+    nothing, so only age (or the run lock: ``exclusive``) makes them stale."""
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         names = {
@@ -138,6 +142,7 @@ def test_stale_temps_of_dead_or_same_pid_owners_go_live_ones_stay(tmp_path):
             "same_pid": f".b.trash-{os.getpid()}-00000002",
             "live": f".c.tmp-{live.pid}-00000003",
             "file": ".metadata.json.tmp-4194999-00000004",
+            "dead_recent": ".d.tmp-4194998-00000005",
         }
         for key, name in names.items():
             if key == "file":
@@ -145,10 +150,17 @@ def test_stale_temps_of_dead_or_same_pid_owners_go_live_ones_stay(tmp_path):
             else:
                 (tmp_path / name).mkdir()
         (tmp_path / "visible").mkdir()
+        assert _atomic.remove_stale_temps(tmp_path) == []  # all of them recent
+        old = time.time() - _temps.LEGACY_GRACE_S - 60
+        for key in ("dead", "same_pid", "live", "file"):
+            os.utime(tmp_path / names[key], (old, old))
         removed = _atomic.remove_stale_temps(tmp_path)
         assert sorted(removed) == sorted([names["dead"], names["same_pid"], names["file"]])
-        assert sorted(os.listdir(tmp_path)) == sorted([names["live"], "visible"])
-        assert _atomic.remove_stale_temps(tmp_path, exclusive=True) == [names["live"]]
+        assert sorted(os.listdir(tmp_path)) == sorted(
+            [names["live"], names["dead_recent"], "visible"]
+        )
+        removed = _atomic.remove_stale_temps(tmp_path, exclusive=True)
+        assert sorted(removed) == sorted([names["live"], names["dead_recent"]])
     finally:
         live.kill()
         live.wait()

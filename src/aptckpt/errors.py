@@ -8,22 +8,26 @@ value and the fix; attributes carry the same facts for programs.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
 __all__ = [
     "AptckptError",
     "BackendError",
+    "CheckpointDeletedError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "DeviceUnavailableError",
     "FormatError",
     "IntegrityError",
+    "InvalidNameError",
     "NativeUnavailableError",
     "RunBusyError",
     "StoreBusyError",
     "StoreNotFoundError",
     "UnknownBackendError",
+    "UnreadableError",
     "UnsafePathError",
     "UnsupportedFormatVersionError",
     "UnsupportedObjectError",
@@ -77,6 +81,21 @@ class CheckpointNotFoundError(AptckptError, FileNotFoundError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class CheckpointDeletedError(CheckpointNotFoundError):
+    """A checkpoint was deleted (by retention, ``delete`` or another process) while
+    it was being loaded; nothing wrong was returned. Load another one, or retry."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str = "") -> None:
+        self.path = os.fspath(path)
+        why = f" ({reason})" if reason else ""
+        # Not CheckpointNotFoundError's "no checkpoint at" wording: there was one.
+        FileNotFoundError.__init__(
+            self,
+            f"checkpoint '{self.path}' was deleted while loading{why}; nothing was returned. "
+            "Load another checkpoint (e.g. the run's latest again) or retry",
+        )
 
 
 class CheckpointExistsError(AptckptError, FileExistsError):
@@ -149,6 +168,31 @@ class IntegrityError(AptckptError, ValueError):
                 message = f"{message} (file '{file}')"
         self.problems = problems or (message,)
         super().__init__(message)
+
+
+class InvalidNameError(AptckptError, ValueError):
+    """A checkpoint path that cannot be saved to: a name too long for the file
+    system, or one of the names aptckpt gives its hidden temporary entries."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class UnreadableError(AptckptError, PermissionError):
+    """A checkpoint, store or directory that this user may not read.
+
+    Attributes:
+        path: what could not be read.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
+        self.errno = errno.EACCES
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class DeviceUnavailableError(AptckptError, RuntimeError):
