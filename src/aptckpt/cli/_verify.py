@@ -135,8 +135,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not root.is_dir():
         aptckpt.verify(root)  # raises the library's own "no checkpoint" message
     found = find_checkpoints(root)
-    orphans = _orphans(root, found)
     unreadable = {} if found == [root] else _unreadable(root)
+    orphans = [p for p in _orphans(root, found) if p not in unreadable]
     if not found and not orphans and not unreadable:
         raise UsageError(
             f"no checkpoints at or beneath '{root}' (no directory there holds a "
