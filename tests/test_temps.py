@@ -262,3 +262,8 @@ def test_an_existing_checkpoint_blocks_a_plain_save_after_cleanup(tmp_path):
     with pytest.raises(CheckpointExistsError):
         aptckpt.save({"v": 2}, tmp_path / "c")
     assert os.listdir(tmp_path) == ["c"]
+
+
+def test_a_path_without_a_name_is_refused(tmp_path):
+    with pytest.raises(InvalidNameError, match="names no directory"):
+        aptckpt.save({"v": 1}, "/")

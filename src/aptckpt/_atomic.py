@@ -43,6 +43,7 @@ from aptckpt._temps import (
     Owner,
     is_temporary,
     remove_stale_temps,
+    settle_old,
     temp_sibling,
 )
 from aptckpt.errors import (
@@ -375,19 +376,9 @@ class CheckpointWriter:
         self._replaced = self._old
 
     def _settle_old(self) -> bool:
-        """Put this save's ``old`` entry back under the final name if that is free, or
-        remove it if the name holds a checkpoint; True if no ``old`` entry is left."""
-        if not os.path.lexists(self._old):
-            return True
-        if is_checkpoint(self.final):
-            shutil.rmtree(self._old, ignore_errors=True)
-        else:
-            try:
-                os.rename(self._old, self.final)
-                _fsync_path(self.final.parent, directory=True)
-            except OSError as err:
-                log.warning("could not restore '%s' to '%s': %s", self._old, self.final, err)
-        return not os.path.lexists(self._old)
+        """Put this save's ``old`` entry back under the final name unless that holds a
+        checkpoint (then remove it); True if no ``old`` entry is left."""
+        return settle_old(self._old, self.final)
 
     def abort(self) -> None:
         """Remove everything written so far; the target is untouched."""

@@ -71,6 +71,7 @@ __all__ = [
     "is_temporary",
     "recover",
     "remove_stale_temps",
+    "settle_old",
     "stem_of",
     "temp_sibling",
 ]
@@ -280,9 +281,12 @@ def _final_name(stem: str, recorded: str | None) -> str | None:
     return stem
 
 
-def _settle_old(old: Path, final: Path | None) -> bool:
-    """Restore the displaced checkpoint ``old`` to ``final`` if that name is free, or
-    remove it if ``final`` holds a checkpoint again; True if ``old`` is gone."""
+def settle_old(old: Path, final: Path | None) -> bool:
+    """Restore the displaced checkpoint ``old`` to ``final`` unless that name holds a
+    checkpoint again, in which case ``old`` is removed; True if ``old`` is gone.
+    ``final`` None: the name is unknown, ``old`` is kept (and reported)."""
+    if not os.path.lexists(old):
+        return True
     if final is None:
         log.warning(
             "'%s' holds a checkpoint an interrupted save was replacing, but its name is "
@@ -337,7 +341,7 @@ def _settle(parent: Path, stem: str, token: str) -> tuple[list[str], bool]:
                 continue
             if kind == "old":
                 final = _final_name(stem, recorded)
-                gone = _settle_old(path, parent / final if final is not None else None)
+                gone = settle_old(path, parent / final if final is not None else None)
             else:
                 log.info("removing stale temporary %s", path)
                 gone = _remove(path)

@@ -437,7 +437,13 @@ def find_checkpoints(
                 raise _unreadable_directory(directory, err) from err
             continue
         for entry in entries:
-            if not entry.is_dir(follow_symlinks=False) or is_temporary(entry.name):
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)  # a stat where d_type is unknown
+            except PermissionError as err:
+                if strict:
+                    raise _unreadable_directory(directory, err) from err
+                continue
+            if not is_dir or is_temporary(entry.name):
                 continue
             path = Path(entry.path)
             if skip is not None and path == skip:
