@@ -454,6 +454,54 @@ def test_gc_on_a_read_only_file_system_raises_write_error_and_keeps_checkpoints(
         aptckpt.verify(tmp_path / f"s{i}")
 
 
+_ON_READ_ONLY_MOUNT = """
+set -e
+mount --bind "$1" "$2"
+mount -o remount,bind,ro "$2"
+"$3" -c '
+import sys, aptckpt
+from aptckpt.errors import WriteError
+print("dry", aptckpt.collect_garbage(sys.argv[1], dry_run=True).removed_objects)
+try:
+    aptckpt.collect_garbage(sys.argv[1])
+except WriteError as err:
+    print("refused", err.errno, err)
+aptckpt.load(sys.argv[1] + "/s1")
+print("loaded")
+' "$2"
+"""
+
+
+def _can_mount() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "true"], check=False, capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs unshare -m (root)")
+def test_gc_on_a_real_read_only_mount(tmp_path):
+    run, mount = tmp_path / "run", tmp_path / "mnt"
+    mount.mkdir()
+    for i in range(2):
+        save({"w": torch.randn(2000) + i}, run / f"s{i}")
+    aptckpt.delete(run / "s0")
+    before = object_names(run)
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", _ON_READ_ONLY_MOUNT, "sh", run, mount, sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] != "dry 0" and lines[0].startswith("dry ")
+    assert lines[1].startswith(f"refused {errno.EROFS} ") and "mounted read-only" in lines[1]
+    assert lines[2] == "loaded"  # a load takes the store lock read-only
+    assert object_names(run) == before
+
+
 @pytest.mark.parametrize(
     "where",
     [
