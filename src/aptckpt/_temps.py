@@ -37,7 +37,8 @@ name holds a checkpoint again.
 **Entries of older versions** (``.<name>.tmp-<pid>-<hex>``, ``.<name>.trash-<pid>-<hex>``)
 carry no lock. They are removed by the run's writer (``exclusive``, under the run lock),
 or when their pid is not alive here and they have not changed for :data:`LEGACY_GRACE_S`
-seconds (a pid alive elsewhere proves nothing; age is the only evidence left).
+seconds (a pid not alive here may be alive in another namespace or on another host;
+age is the only evidence left).
 
 Limits: ``flock`` is advisory, and on network file systems it is as good as their lock
 support. Where a file system has no locks at all (``ENOLCK``), entries cannot be judged
