@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
 
 import aptckpt
-from aptckpt import _atomic
+from aptckpt import _atomic, _temps
 from aptckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     IntegrityError,
     UnsafePathError,
+    WriteError,
 )
 
 
@@ -43,8 +47,9 @@ def test_crash_before_manifest_leaves_no_checkpoint_and_next_save_cleans(tmp_pat
     )
     proc = subprocess.run([sys.executable, "-c", code], check=False)
     assert proc.returncode == 9
-    leftovers = os.listdir(tmp_path)
-    assert len(leftovers) == 1 and leftovers[0].startswith(".c.tmp-")
+    leftovers = sorted(os.listdir(tmp_path))  # the temp directory and its owner's lock file
+    assert len(leftovers) == 2 and leftovers[0].startswith(".c.lock-")
+    assert leftovers[1].startswith(".c.tmp-")
     with pytest.raises(CheckpointNotFoundError):
         aptckpt.load(tmp_path / "c")
     aptckpt.save({"w": torch.ones(2)}, tmp_path / "c")  # removes the dead process's temp dir
@@ -130,7 +135,9 @@ def test_interrupted_delete_leaves_no_visible_directory(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["d"]
 
 
-def test_stale_temps_of_dead_or_same_pid_owners_go_live_ones_stay(tmp_path):
+def test_entries_of_older_versions_go_when_old_and_unowned_here_or_under_the_run_lock(tmp_path):
+    """Entries named by pid (older versions) carry no lock: a pid alive elsewhere proves
+    nothing, so only age (or the run lock: ``exclusive``) makes them stale."""
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         names = {
@@ -138,6 +145,7 @@ def test_stale_temps_of_dead_or_same_pid_owners_go_live_ones_stay(tmp_path):
             "same_pid": f".b.trash-{os.getpid()}-00000002",
             "live": f".c.tmp-{live.pid}-00000003",
             "file": ".metadata.json.tmp-4194999-00000004",
+            "dead_recent": ".d.tmp-4194998-00000005",
         }
         for key, name in names.items():
             if key == "file":
@@ -145,10 +153,17 @@ def test_stale_temps_of_dead_or_same_pid_owners_go_live_ones_stay(tmp_path):
             else:
                 (tmp_path / name).mkdir()
         (tmp_path / "visible").mkdir()
+        assert _atomic.remove_stale_temps(tmp_path) == []  # all of them recent
+        old = time.time() - _temps.LEGACY_GRACE_S - 60
+        for key in ("dead", "same_pid", "live", "file"):
+            os.utime(tmp_path / names[key], (old, old))
         removed = _atomic.remove_stale_temps(tmp_path)
         assert sorted(removed) == sorted([names["dead"], names["same_pid"], names["file"]])
-        assert sorted(os.listdir(tmp_path)) == sorted([names["live"], "visible"])
-        assert _atomic.remove_stale_temps(tmp_path, exclusive=True) == [names["live"]]
+        assert sorted(os.listdir(tmp_path)) == sorted(
+            [names["live"], names["dead_recent"], "visible"]
+        )
+        removed = _atomic.remove_stale_temps(tmp_path, exclusive=True)
+        assert sorted(removed) == sorted([names["live"], names["dead_recent"]])
     finally:
         live.kill()
         live.wait()
@@ -175,4 +190,131 @@ def test_a_rival_committing_between_check_and_rename(tmp_path, monkeypatch, over
         with pytest.raises(CheckpointExistsError):
             aptckpt.save({"v": torch.ones(2)}, tmp_path / "c")
         assert torch.equal(aptckpt.load(tmp_path / "c")["v"], torch.zeros(2))  # the rival's
+    assert os.listdir(tmp_path) == ["c"]
+
+
+# ------------------------------------------- replacing without RENAME_EXCHANGE
+
+#: Saves argv[1] with overwrite=True on the two-rename path and dies right after the
+#: rename named by argv[2] ("first": the old checkpoint is out of the way, the new one
+#: not yet in; "second": the new one is in, the old one not yet removed).
+_DIES_BETWEEN_RENAMES = """
+import os, sys, torch, aptckpt
+from aptckpt import _atomic
+_atomic._exchange = lambda a, b: False
+real = os.rename
+def rename(src, dst, *args, **kwargs):
+    real(src, dst, *args, **kwargs)
+    first = ".old-" in os.fspath(dst)
+    if first == (sys.argv[2] == "first"):
+        os._exit(9)
+_atomic.os.rename = rename
+aptckpt.save({"v": torch.full((64,), 2.0)}, sys.argv[1], overwrite=True)
+"""
+
+
+def die_between_renames(path, when):
+    proc = subprocess.run(
+        [sys.executable, "-c", _DIES_BETWEEN_RENAMES, str(path), when], check=False
+    )
+    assert proc.returncode == 9
+
+
+@pytest.mark.parametrize("recovery", ["load", "save_elsewhere", "save_again", "manager_cleanup"])
+def test_a_replacement_killed_between_its_renames_keeps_the_old_checkpoint(tmp_path, recovery):
+    old = {"v": torch.full((64,), 1.0)}
+    aptckpt.save(old, tmp_path / "c")
+    die_between_renames(tmp_path / "c", "first")
+    assert not (tmp_path / "c").exists()
+    assert any(".c.old-" in n for n in os.listdir(tmp_path))  # the old one, out of its name
+    if recovery == "load":
+        assert torch.equal(aptckpt.load(tmp_path / "c")["v"], old["v"])
+    elif recovery == "save_elsewhere":
+        aptckpt.save({"v": 0}, tmp_path / "d")  # its cleanup puts 'c' back, then removes debris
+        assert torch.equal(aptckpt.load(tmp_path / "c")["v"], old["v"])
+        (tmp_path / "d").rename(tmp_path.parent / f"{tmp_path.name}-d")
+    elif recovery == "save_again":
+        with pytest.raises(CheckpointExistsError):  # 'c' is back, so a plain save is refused
+            aptckpt.save({"v": 3}, tmp_path / "c")
+        aptckpt.save({"v": 3}, tmp_path / "c", overwrite=True)
+        assert aptckpt.load(tmp_path / "c") == {"v": 3}
+    else:
+        _atomic.remove_stale_temps(tmp_path, exclusive=True)  # a manager taking the run
+        assert torch.equal(aptckpt.load(tmp_path / "c")["v"], old["v"])
+    assert os.listdir(tmp_path) == ["c"]
+
+
+def test_a_replacement_killed_after_its_renames_leaves_the_new_checkpoint(tmp_path):
+    aptckpt.save({"v": torch.full((64,), 1.0)}, tmp_path / "c")
+    die_between_renames(tmp_path / "c", "second")
+    assert torch.equal(aptckpt.load(tmp_path / "c")["v"], torch.full((64,), 2.0))
+    assert _atomic.remove_stale_temps(tmp_path)  # the old one and the lock file go
+    assert os.listdir(tmp_path) == ["c"]
+
+
+def test_a_failed_second_rename_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    aptckpt.save({"v": 1}, tmp_path / "c")
+    monkeypatch.setattr(_atomic, "_exchange", lambda a, b: False)
+    real = os.rename
+
+    def rename(src, dst, *args, **kwargs):
+        if os.fspath(dst) == str(tmp_path / "c") and ".tmp-" in os.fspath(src):
+            raise OSError(errno.EIO, "I/O error", str(dst))
+        real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(_atomic.os, "rename", rename)
+    with pytest.raises(WriteError, match="I/O error"):
+        aptckpt.save({"v": 2}, tmp_path / "c", overwrite=True)
+    monkeypatch.undo()
+    assert aptckpt.load(tmp_path / "c") == {"v": 1}
+    assert os.listdir(tmp_path) == ["c"]
+
+
+def test_a_load_waits_for_a_replacement_between_its_renames(tmp_path, monkeypatch):
+    aptckpt.save({"v": 1}, tmp_path / "c")
+    monkeypatch.setattr(_atomic, "_exchange", lambda a, b: False)
+    real = os.rename
+    between = threading.Event()
+    loaded = []
+
+    def slow_rename(src, dst, *args, **kwargs):
+        real(src, dst, *args, **kwargs)
+        if ".old-" in os.fspath(dst):
+            between.set()
+            time.sleep(0.3)  # the name is empty meanwhile
+
+    def load_meanwhile():
+        between.wait(10)
+        loaded.append(aptckpt.load(tmp_path / "c"))
+
+    monkeypatch.setattr(_atomic.os, "rename", slow_rename)
+    reader = threading.Thread(target=load_meanwhile)
+    reader.start()
+    aptckpt.save({"v": 2}, tmp_path / "c", overwrite=True)
+    reader.join()
+    assert loaded == [{"v": 2}]  # waited for the new one, rather than "does not exist"
+    assert os.listdir(tmp_path) == ["c"]
+
+
+def test_rival_replacements_without_exchange_leave_one_whole_checkpoint(tmp_path, monkeypatch):
+    aptckpt.save({"v": -1}, tmp_path / "c")
+    monkeypatch.setattr(_atomic, "_exchange", lambda a, b: False)
+    errors = []
+
+    def replace(value):
+        try:
+            for _ in range(10):
+                aptckpt.save({"v": value}, tmp_path / "c", overwrite=True)
+        except CheckpointExistsError:
+            pass  # "other saves kept committing there": allowed, the name stays whole
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=replace, args=(v,)) for v in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert aptckpt.load(tmp_path / "c")["v"] in range(3)
     assert os.listdir(tmp_path) == ["c"]

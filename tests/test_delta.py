@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -26,11 +27,13 @@ from aptckpt.errors import (
     IntegrityError,
     StoreBusyError,
     StoreNotFoundError,
+    UnreadableError,
     UnsafePathError,
     WriteError,
 )
 from aptckpt.objectstore import ObjectStore
 from aptckpt.testing import assert_state_equal
+from privileges import NOBODY, needs_root, reachable_tmp, run_as_nobody
 
 CHUNK = 4096
 
@@ -378,6 +381,169 @@ def test_gc_refuses_when_a_manifest_is_unreadable(tmp_path):
     with pytest.raises(FormatError, match=r"removed nothing.*Repair or delete"):
         aptckpt.collect_garbage(tmp_path)
     assert object_names(tmp_path) == before
+
+
+def test_gc_refuses_a_directory_it_cannot_list(tmp_path, monkeypatch):
+    """A checkpoint in a directory GC cannot read may reach any object: nothing goes."""
+    save({"w": torch.ones(5)}, tmp_path / "a")
+    save({"w": torch.zeros(5)}, tmp_path / "hidden" / "b", store=tmp_path / "aptckpt-store")
+    aptckpt.delete(tmp_path / "a")
+    before = object_names(tmp_path)
+    real = os.scandir
+
+    def scandir(path: Any) -> Any:
+        if os.fspath(path) == str(tmp_path / "hidden"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(UnreadableError, match=r"cannot read directory '.*hidden'.*removed"):
+        aptckpt.collect_garbage(tmp_path)
+    monkeypatch.undo()
+    assert object_names(tmp_path) == before
+    aptckpt.verify(tmp_path / "hidden" / "b")
+    assert aptckpt.collect_garbage(tmp_path).removed_objects > 0  # readable again: collected
+
+
+_GC_AS_NOBODY = """
+from aptckpt.errors import UnreadableError
+try:
+    aptckpt.collect_garbage(sys.argv[1])
+except UnreadableError as err:
+    print("refused:", err)
+except BaseException as err:
+    print("WRONG", type(err).__name__, err)
+else:
+    print("COLLECTED")
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("hidden", ["directory", "searchable_only", "manifest"])
+def test_gc_by_a_user_who_cannot_read_part_of_the_run_removes_nothing(hidden):
+    with reachable_tmp() as run:
+        save({"w": torch.ones(5)}, run / "a")
+        save({"w": torch.zeros(5)}, run / "private" / "b", store=run / "aptckpt-store")
+        aptckpt.delete(run / "a")
+        os.chown(run / "aptckpt-store", NOBODY, NOBODY)  # nobody could remove objects
+        for directory, _, files in os.walk(run / "aptckpt-store"):
+            os.chown(directory, NOBODY, NOBODY)
+            for name in files:
+                os.chown(os.path.join(directory, name), NOBODY, NOBODY)
+        before = object_names(run)
+        if hidden == "directory":
+            (run / "private").chmod(0o700)
+        elif hidden == "searchable_only":
+            (run / "private" / "b").chmod(0o744)  # listable, not searchable
+        else:
+            (run / "private" / "b" / mf.MANIFEST_NAME).chmod(0o600)
+        proc = run_as_nobody(_GC_AS_NOBODY, run)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("refused:"), proc.stdout
+        assert "nothing was removed" in proc.stdout and "private" in proc.stdout
+        assert object_names(run) == before
+        aptckpt.verify(run / "private" / "b")
+
+
+def test_gc_on_a_read_only_file_system_raises_write_error_and_keeps_checkpoints(
+    tmp_path, monkeypatch
+):
+    state = training_state()
+    for i in range(4):
+        save(state, tmp_path / f"s{i}", keyframe_every=2)
+        step(state)
+    for i in range(2):
+        aptckpt.delete(tmp_path / f"s{i}")
+    before = object_names(tmp_path)
+    real_open = os.open
+
+    def read_only_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def read_only_unlink(self: Path, missing_ok: bool = False) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    monkeypatch.setattr(Path, "unlink", read_only_unlink)
+    dry = aptckpt.collect_garbage(tmp_path, dry_run=True)  # the lock, taken read-only
+    assert dry.removed_objects > 0
+    with pytest.raises(WriteError, match=r"Read-only file system.*mounted read-only") as info:
+        aptckpt.collect_garbage(tmp_path)
+    assert info.value.errno == errno.EROFS
+    monkeypatch.undo()
+    assert object_names(tmp_path) == before
+    for i in range(2, 4):
+        aptckpt.verify(tmp_path / f"s{i}")
+
+
+_ON_READ_ONLY_MOUNT = """
+set -e
+mount --bind "$1" "$2"
+mount -o remount,bind,ro "$2"
+"$3" -c '
+import sys, aptckpt
+from aptckpt.errors import WriteError
+print("dry", aptckpt.collect_garbage(sys.argv[1], dry_run=True).removed_objects)
+try:
+    aptckpt.collect_garbage(sys.argv[1])
+except WriteError as err:
+    print("refused", err.errno, err)
+aptckpt.load(sys.argv[1] + "/s1")
+print("loaded")
+' "$2"
+"""
+
+
+def _can_mount() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "true"], check=False, capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs unshare -m (root)")
+def test_gc_on_a_real_read_only_mount(tmp_path):
+    run, mount = tmp_path / "run", tmp_path / "mnt"
+    mount.mkdir()
+    for i in range(2):
+        save({"w": torch.randn(2000) + i}, run / f"s{i}")
+    aptckpt.delete(run / "s0")
+    before = object_names(run)
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", _ON_READ_ONLY_MOUNT, "sh", run, mount, sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] != "dry 0" and lines[0].startswith("dry ")
+    assert lines[1].startswith(f"refused {errno.EROFS} ") and "mounted read-only" in lines[1]
+    assert lines[2] == "loaded"  # a load takes the store lock read-only
+    assert object_names(run) == before
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "aptckpt-store/c",
+        "aptckpt-store/objects/c",
+        "other-store/c",
+        ".x.tmp-0123456789abcdef/c",
+        ".y.trash-12-ab/sub/c",
+    ],
+)
+def test_delta_checkpoints_where_gc_would_not_look_are_refused(tmp_path, where):
+    save({"w": torch.ones(5)}, tmp_path / "first")
+    ObjectStore.create(tmp_path / "other-store")
+    before = object_names(tmp_path)
+    with pytest.raises(UnsafePathError, match="garbage collection"):
+        save({"w": torch.zeros(5)}, tmp_path / where, store=tmp_path / "aptckpt-store")
+    assert object_names(tmp_path) == before
+    assert not (tmp_path / where).exists()
 
 
 def test_gc_waits_for_or_refuses_a_save_in_flight(tmp_path):

@@ -15,6 +15,7 @@ from aptckpt.errors import (
     FormatError,
     IntegrityError,
     StoreBusyError,
+    UnreadableError,
     UnsafePathError,
 )
 from aptckpt.objectstore import ObjectStore
@@ -155,6 +156,44 @@ def test_exclusive_lock_waits_for_the_save(tmp_path):
     assert order == ["save done", "gc"]
 
 
+def test_a_read_only_user_still_holds_the_lock_that_keeps_gc_out(tmp_path, monkeypatch):
+    """Loads hold the store lock shared; a user who may not write the lock file (or a
+    read-only mount) takes it through a read-only descriptor."""
+    store = ObjectStore.create(tmp_path / "s")
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with store.reading():
+        monkeypatch.undo()
+        with pytest.raises(StoreBusyError, match="a load"), store.lock(exclusive=True, wait=False):
+            pass
+    with store.lock(exclusive=True, wait=False):
+        pass  # released
+
+
+def test_a_load_without_any_access_to_the_lock_file_goes_on(tmp_path, monkeypatch):
+    store = ObjectStore.create(tmp_path / "s")
+    name = put(store, b"data")
+    (tmp_path / "s" / "LOCK").unlink()
+    monkeypatch.setattr(os, "open", _refusing(os.open, "LOCK"))
+    with store.reading():
+        assert store.read(name, 4) == b"data"
+
+
+def _refusing(real, name):
+    def open_(path, flags, *args, **kwargs):
+        if os.path.basename(os.fspath(path)) == name:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path, flags, *args, **kwargs)
+
+    return open_
+
+
 def test_unsynced_objects_stay_in_tmp_until_cleared(tmp_path):
     store = ObjectStore.create(tmp_path / "s")
     store.put(_accel.xxh3_128(b"y"), b"y")  # a save that died before sync()
@@ -208,6 +247,24 @@ def test_find_checkpoints_skips_temps_store_and_links(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "a")
     found = objectstore.find_checkpoints(tmp_path, skip=tmp_path / "aptckpt-store")
     assert sorted(p.relative_to(tmp_path).as_posix() for p in found) == ["a/b/c2", "a/c1"]
+
+
+def test_find_checkpoints_strict_names_a_directory_it_cannot_read(tmp_path, monkeypatch):
+    (tmp_path / "a" / "c1").mkdir(parents=True)
+    (tmp_path / "a" / "c1" / "manifest.msgpack").write_bytes(b"")
+    (tmp_path / "b").mkdir()
+    real = os.scandir
+
+    def scandir(path):
+        if os.fspath(path) == str(tmp_path / "b"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert [p.name for p in objectstore.find_checkpoints(tmp_path)] == ["c1"]  # skipped
+    with pytest.raises(UnreadableError, match=r"cannot read directory '.*/b'") as info:
+        list(objectstore.find_checkpoints(tmp_path, strict=True))
+    assert info.value.path == str(tmp_path / "b")
 
 
 def test_store_appears_complete_or_not_at_all(tmp_path, monkeypatch):

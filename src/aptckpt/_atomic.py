@@ -1,23 +1,25 @@
 """The local commit protocol: a checkpoint appears whole or not at all.
 
-Writing: every file goes into a sibling temp directory
-``.<name>.tmp-<pid>-<random>``; once the backend is done, every data file is
-fsynced, then the manifest is written and fsynced, then the temp directory,
-then it is renamed onto the final name and the parent directory is fsynced.
-A crash at any instant leaves either the old state or the new one, plus at
-worst a hidden temp directory, which the next save into the same parent removes
-once its owner process is gone (see :func:`remove_stale_temps`).
+Writing: every file goes into a sibling temp directory ``.<name>.tmp-<token>``;
+once the backend is done, every data file is fsynced, then the manifest is
+written and fsynced, then the temp directory, then it is renamed onto the final
+name and the parent directory is fsynced. A crash at any instant leaves either
+the old state or the new one, plus at worst hidden entries, which the next save
+into the same parent removes once their owner is gone -- judged by a lock the
+owner holds, never by a pid (:mod:`aptckpt._temps`).
 
 Deleting renames the checkpoint to a hidden trash name first, so a crash
 part-way through leaves hidden debris, never a visible half-deleted checkpoint.
 
 Replacing an existing checkpoint (``overwrite=True``) swaps the two directories
 with ``renameat2(RENAME_EXCHANGE)`` where the kernel offers it, so the name
-never disappears; elsewhere it falls back to two renames, with a moment in
-which the old checkpoint exists only under a hidden trash name.
+never disappears. Elsewhere it falls back to two renames: the old checkpoint
+moves to a hidden ``old`` name, then the new one takes the name. A crash between
+the two leaves the old one under the ``old`` name, and the next save in that
+folder or the next load of that name renames it back: the name ends with the
+old checkpoint or the new one, never neither.
 
-Reading: files are opened with ``O_NOFOLLOW``, must be regular files inside the
-checkpoint root, and must have the size the manifest records.
+Reading: :mod:`aptckpt._reader` (re-exported here).
 """
 
 from __future__ import annotations
@@ -27,33 +29,36 @@ import ctypes
 import errno
 import logging
 import os
-import re
-import secrets
 import shutil
-import stat
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
 from aptckpt import manifest as mf
-from aptckpt._config import MAX_MANIFEST_BYTES
 from aptckpt._config import threads as default_threads
+from aptckpt._reader import CheckpointReader, open_regular
+from aptckpt._temps import (
+    NAME_MAX,
+    Owner,
+    is_temporary,
+    remove_stale_temps,
+    settle_old,
+    temp_sibling,
+)
 from aptckpt.errors import (
     CheckpointExistsError,
-    CheckpointNotFoundError,
-    FormatError,
-    IntegrityError,
-    UnsafePathError,
+    InvalidNameError,
     WriteError,
 )
 
 __all__ = [
     "CheckpointReader",
     "CheckpointWriter",
+    "check_name",
     "is_checkpoint",
     "is_temporary",
+    "open_regular",
     "remove_checkpoint",
     "remove_stale_temps",
     "temp_sibling",
@@ -66,36 +71,42 @@ T = TypeVar("T")
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
-
-
-#: Names of the temp and trash entries of saves and small-file writes:
-#: ``.<name>.tmp-<pid>-<hex>`` and ``.<name>.trash-<pid>-<hex>``.
-_TEMP_NAME = re.compile(r"\..+\.(?:tmp|trash)-(?P<pid>[0-9]+)-[0-9a-f]+")
-
-#: Temp and trash paths that a save or delete of *this* process is using right now.
-_ACTIVE: set[str] = set()
-
-
-@contextlib.contextmanager
-def temp_sibling(path: Path, kind: str = "tmp") -> Iterator[Path]:
-    """A hidden sibling name of ``path`` for a temp (``kind="tmp"``) or trash entry,
-    protected from :func:`remove_stale_temps` of this process while in use."""
-    sibling = path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
-    _ACTIVE.add(str(sibling))
-    try:
-        yield sibling
-    finally:
-        _ACTIVE.discard(str(sibling))
-
-
-def is_temporary(name: str) -> bool:
-    """True for the name of a save's temp or trash directory (never a checkpoint)."""
-    return _TEMP_NAME.fullmatch(name) is not None
+#: Opens a directory only to look names up in it (no read permission needed).
+_O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
 
 
 def is_checkpoint(path: str | os.PathLike[str]) -> bool:
     """True if ``path`` is a committed checkpoint directory (its manifest exists)."""
     return os.path.isfile(os.path.join(path, mf.MANIFEST_NAME))
+
+
+def check_name(final: Path) -> None:
+    """Refuse a checkpoint path whose name no save could commit or keep.
+
+    Raises:
+        InvalidNameError: the name is empty, longer than the file system takes,
+            or one aptckpt gives its hidden entries (cleanup would remove it).
+    """
+    name = final.name
+    if not name:
+        raise InvalidNameError(f"'{final}' names no directory; pass a checkpoint path")
+    try:
+        limit = os.pathconf(final.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = NAME_MAX
+    size = len(os.fsencode(name))
+    if size > limit:
+        raise InvalidNameError(
+            f"checkpoint name '{name[:40]}...' is {size} bytes; this file system takes names "
+            f"of at most {limit}: choose a shorter name",
+            path=str(final),
+        )
+    if is_temporary(name):
+        raise InvalidNameError(
+            f"'{name}' is a name aptckpt gives the hidden entries of saves in progress, which "
+            "cleanup removes; choose another name",
+            path=str(final),
+        )
 
 
 def _remedy(code: int | None) -> str:
@@ -184,46 +195,6 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _owner_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temps(parent: Path, *, exclusive: bool = False) -> list[str]:
-    """Delete the temp and trash entries in ``parent`` that no save is using.
-
-    An entry is stale when no save or delete of this process is using it and
-    either the process named in it is gone, or it names this process's pid (a
-    previous process that had the same pid: containers restart with the same
-    pids), or ``exclusive`` is true -- the caller holds the run lock, so no
-    other process writes there. Returns the names removed.
-    """
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return []
-    removed = []
-    for entry in entries:
-        match = _TEMP_NAME.fullmatch(entry.name)
-        if match is None or entry.path in _ACTIVE:
-            continue
-        pid = int(match["pid"])
-        if exclusive or pid == os.getpid() or not _owner_alive(pid):
-            log.info("removing stale temporary %s", entry.path)
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-            removed.append(entry.name)
-    return removed
-
-
 class CheckpointWriter:
     """Collects the files of one checkpoint in a temp directory, then commits them.
 
@@ -234,7 +205,7 @@ class CheckpointWriter:
     def __init__(self, final: str | os.PathLike[str], *, overwrite: bool = False) -> None:
         self.final = Path(os.path.abspath(final))
         self.overwrite = overwrite
-        self._check_target()
+        check_name(self.final)
         parent = self.final.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -244,15 +215,24 @@ class CheckpointWriter:
                 err,
                 path=parent,
             ) from err
+        # First: it may put back a checkpoint an interrupted replacement left under an
+        # ``old`` name -- this one's included, which the target check must then see.
         remove_stale_temps(parent)
-        token = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self.root = parent / f".{self.final.name}.tmp-{token}"
-        self._trash = parent / f".{self.final.name}.trash-{token}"
-        _ACTIVE.update((str(self.root), str(self._trash)))
+        self._check_target()
+        try:
+            self._owner = Owner(self.final)
+        except OSError as err:
+            raise write_error(
+                f"saving checkpoint '{self.final}' (nothing was written)", err, path=self.final
+            ) from err
+        self.root = self._owner.entry("tmp")
+        self._old = self._owner.entry("old")
+        #: Where the checkpoint this save replaced is, once it is out of the way.
+        self._replaced: Path | None = None
         try:
             self.root.mkdir()
         except OSError as err:
-            _ACTIVE.difference_update((str(self.root), str(self._trash)))
+            self._owner.release()
             raise write_error(
                 f"saving checkpoint '{self.final}' (nothing was written)", err, path=self.final
             ) from err
@@ -297,8 +277,13 @@ class CheckpointWriter:
             if not self._committed:
                 self.abort()
         finally:
-            _ACTIVE.difference_update((str(self.root), str(self._trash)))
-            self._held.close()
+            try:
+                # An old checkpoint still out of its name (a failure between the two
+                # renames, and putting it back failed too) keeps the lock file, which
+                # records the name for the cleanup that restores it.
+                self._owner.release(keep_lock_file=not self._settle_old())
+            finally:
+                self._held.close()
 
     def hold(self, resource: contextlib.AbstractContextManager[T]) -> T:
         """Enter ``resource`` (a lock) and keep it until the save commits or aborts."""
@@ -354,7 +339,8 @@ class CheckpointWriter:
         try:
             _fsync_path(self.final.parent, directory=True)
         finally:
-            shutil.rmtree(self._trash, ignore_errors=True)  # the replaced checkpoint, if any
+            if self._replaced is not None:  # only once the new name is durable
+                shutil.rmtree(self._replaced, ignore_errors=True)
 
     def _move_into_place(self) -> bool:
         """Rename the temp directory onto the final name; False if another save
@@ -364,10 +350,9 @@ class CheckpointWriter:
                 # onto nothing or an empty directory; refused onto a rival's checkpoint
                 os.rename(self.root, self.final)
             elif _exchange(self.root, self.final):
-                os.rename(self.root, self._trash)
+                self._replaced = self.root  # the temp name now holds the old checkpoint
             else:
-                os.rename(self.final, self._trash)
-                os.rename(self.root, self.final)
+                self._replace_by_two_renames()
         except OSError as err:
             if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 return False  # a rival committed first
@@ -376,116 +361,25 @@ class CheckpointWriter:
             raise
         return True
 
+    def _replace_by_two_renames(self) -> None:
+        """Without RENAME_EXCHANGE: the old checkpoint to the ``old`` name, the new one
+        to the final name. The ``old`` entry is what a crash in between leaves; cleanup
+        and loads put it back (:mod:`aptckpt._temps`)."""
+        self._settle_old()  # what an earlier attempt left
+        os.rename(self.final, self._old)
+        try:
+            os.rename(self.root, self.final)
+        except BaseException:
+            with contextlib.suppress(OSError):  # refused if a rival took the name meanwhile
+                os.rename(self._old, self.final)
+            raise
+        self._replaced = self._old
+
+    def _settle_old(self) -> bool:
+        """Put this save's ``old`` entry back under the final name unless that holds a
+        checkpoint (then remove it); True if no ``old`` entry is left."""
+        return settle_old(self._old, self.final)
+
     def abort(self) -> None:
         """Remove everything written so far; the target is untouched."""
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-class CheckpointReader:
-    """Safe access to the files of a committed checkpoint."""
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(os.path.abspath(root))
-        if not self.root.exists():
-            raise CheckpointNotFoundError(root, "the path does not exist")
-        if not self.root.is_dir():
-            raise CheckpointNotFoundError(
-                root,
-                "it is a file, not a checkpoint directory (a plain torch.save file "
-                "loads with torch.load(path, weights_only=True))",
-            )
-        self.manifest_path = self.root / mf.MANIFEST_NAME
-        if not self.manifest_path.is_file():
-            raise CheckpointNotFoundError(
-                root,
-                f"it has no {mf.MANIFEST_NAME}: not an aptckpt checkpoint, or a save that "
-                "never committed",
-            )
-
-    def read_manifest(self) -> mf.Manifest:
-        fd = self._open_fd(self.manifest_path, mf.MANIFEST_NAME)
-        try:
-            size = os.fstat(fd).st_size
-            if size > MAX_MANIFEST_BYTES:
-                raise FormatError(
-                    f"manifest is {size} bytes, over the limit", path=str(self.manifest_path)
-                )
-            data = _read_exact(fd, size)
-        finally:
-            os.close(fd)
-        return mf.decode(data, where=str(self.manifest_path))
-
-    def _open_fd(self, path: Path, name: str) -> int:
-        return open_regular(path, name, self.root)
-
-    def open(self, record: mf.FileRecord) -> int:
-        """Open a data file read-only, after checking it is safe and has its recorded size."""
-        parent = (self.root / record.path).parent
-        if os.path.realpath(parent) != os.path.join(
-            os.path.realpath(self.root), os.path.dirname(record.path)
-        ).rstrip("/"):
-            raise UnsafePathError(
-                f"'{record.path}' leaves the checkpoint through a link", path=str(self.root)
-            )
-        fd = self._open_fd(self.root / record.path, record.path)
-        size = os.fstat(fd).st_size
-        if size != record.size:
-            os.close(fd)
-            what = "truncated" if size < record.size else "longer than recorded"
-            raise IntegrityError(
-                f"data file '{record.path}' of checkpoint '{self.root}' is {what} "
-                f"({size} bytes, manifest says {record.size}); the checkpoint is damaged",
-                path=str(self.root),
-                file=record.path,
-            )
-        return fd
-
-    @contextlib.contextmanager
-    def open_all(self, records: tuple[mf.FileRecord, ...]) -> Iterator[list[int]]:
-        """Open every data file (checked as in :meth:`open`); close them on exit."""
-        fds: list[int] = []
-        try:
-            for record in records:
-                fds.append(self.open(record))
-            yield fds
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-
-def open_regular(path: Path, name: str, root: Path) -> int:
-    """Open ``path`` read-only; it must be a regular file, not a symbolic link.
-
-    ``name`` (the path as a manifest spells it) and ``root`` (the checkpoint or
-    store it belongs to) only serve the error messages.
-    """
-    try:
-        # O_NONBLOCK: opening a FIFO planted in place of a file must not block; it is
-        # refused below as not a regular file. (No effect on reads of regular files.)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError as err:
-        raise IntegrityError(
-            f"data file '{name}' is missing from '{root}'", path=str(root), file=name
-        ) from err
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise UnsafePathError(
-                f"'{name}' is a symbolic link; checkpoints never contain links", path=str(root)
-            ) from err
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UnsafePathError(f"'{name}' is not a regular file", path=str(root))
-    return fd
-
-
-def _read_exact(fd: int, size: int) -> bytes:
-    chunks = []
-    remaining = size
-    while remaining:
-        chunk = os.read(fd, remaining)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)

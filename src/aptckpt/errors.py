@@ -8,24 +8,28 @@ value and the fix; attributes carry the same facts for programs.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
 __all__ = [
     "AptckptError",
     "BackendError",
+    "CheckpointDeletedError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "DeviceUnavailableError",
     "FormatError",
     "IntegrityError",
     "IntoMismatchError",
+    "InvalidNameError",
     "NativeUnavailableError",
     "RunBusyError",
     "StateChangedError",
     "StoreBusyError",
     "StoreNotFoundError",
     "UnknownBackendError",
+    "UnreadableError",
     "UnsafePathError",
     "UnsupportedFormatVersionError",
     "UnsupportedObjectError",
@@ -80,6 +84,21 @@ class CheckpointNotFoundError(AptckptError, FileNotFoundError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class CheckpointDeletedError(CheckpointNotFoundError):
+    """A checkpoint was deleted (by retention, ``delete`` or another process) while
+    it was being loaded; nothing wrong was returned. Load another one, or retry."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str = "") -> None:
+        self.path = os.fspath(path)
+        why = f" ({reason})" if reason else ""
+        # Not CheckpointNotFoundError's "no checkpoint at" wording: there was one.
+        FileNotFoundError.__init__(
+            self,
+            f"checkpoint '{self.path}' was deleted while loading{why}; nothing was returned. "
+            "Load another checkpoint (e.g. the run's latest again) or retry",
+        )
 
 
 class CheckpointExistsError(AptckptError, FileExistsError):
@@ -178,6 +197,31 @@ class IntoMismatchError(AptckptError, ValueError):
         self.missing_keys = missing
         self.unexpected_keys = unexpected
         super().__init__(message)
+
+
+class InvalidNameError(AptckptError, ValueError):
+    """A checkpoint path that cannot be saved to: a name too long for the file
+    system, or one of the names aptckpt gives its hidden temporary entries."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class UnreadableError(AptckptError, PermissionError):
+    """A checkpoint, store or directory that this user may not read.
+
+    Attributes:
+        path: what could not be read.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
+        self.errno = errno.EACCES
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class DeviceUnavailableError(AptckptError, RuntimeError):

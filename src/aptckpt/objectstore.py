@@ -26,17 +26,24 @@ objects it adds (ext4, xfs and btrfs index large directories).
 Concurrency: a save holds the store's lock *shared* from before it decides
 which objects already exist until its manifest is committed; garbage collection
 holds it *exclusive*. So collection never removes an object a save in flight is
-counting on. Loads take no lock: they only read objects reached from committed
-manifests, which collection never removes.
+counting on, and the files in ``tmp/`` (whose names carry no owner) are only
+removed under the exclusive lock, when no save can own one. A load holds the
+lock shared too while it reads objects (:meth:`ObjectStore.reading`; ``flock``
+works on a read-only descriptor, so read-only users take it as well): a
+checkpoint deleted while it loads keeps its objects until the load is done --
+collection waits for it, or, when asked not to wait, is postponed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import logging
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,14 +53,19 @@ import msgpack
 from aptckpt._atomic import (
     fsync_dir,
     fsync_file,
-    is_checkpoint,
     is_temporary,
     open_regular,
     temp_sibling,
     write_file_atomic,
 )
-from aptckpt.errors import FormatError, IntegrityError, StoreBusyError, UnsafePathError
-from aptckpt.manifest import check_relative_path
+from aptckpt.errors import (
+    FormatError,
+    IntegrityError,
+    StoreBusyError,
+    UnreadableError,
+    UnsafePathError,
+)
+from aptckpt.manifest import MANIFEST_NAME, check_relative_path
 
 __all__ = [
     "DEFAULT_STORE_NAME",
@@ -64,6 +76,8 @@ __all__ = [
     "location_of",
     "resolve_location",
 ]
+
+log = logging.getLogger("aptckpt")
 
 DEFAULT_STORE_NAME = "aptckpt-store"
 STORE_FORMAT = "aptckpt-store"
@@ -199,14 +213,14 @@ class ObjectStore:
     @contextlib.contextmanager
     def lock(self, *, exclusive: bool, wait: bool = True) -> Iterator[None]:
         """Hold the store lock: shared for saves, exclusive for garbage collection."""
-        fd = os.open(self.root / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = self._open_lock()
         try:
             mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             try:
                 fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError as err:
                 raise StoreBusyError(
-                    f"object store '{self.root}' is in use by a save or a collection in "
+                    f"object store '{self.root}' is in use by a save, a load or a collection in "
                     "progress; try again when it finishes",
                     path=str(self.root),
                 ) from err
@@ -216,6 +230,38 @@ class ObjectStore:
                 self.discard_pending()  # a save that commits has synced everything
             finally:
                 os.close(fd)  # releases the lock
+
+    def _open_lock(self) -> int:
+        path = self.root / _LOCK
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            # A user who may only read the store, or a read-only mount: flock works on a
+            # read-only descriptor too.
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the store lock shared while a load reads objects, so that garbage
+        collection cannot remove them meanwhile (it waits, or is postponed).
+
+        Where the lock file cannot be opened at all (a store copied without it onto
+        a read-only medium, a user who may not read it), the load goes on without:
+        nothing else can collect there either, unless the owner of the store does.
+        """
+        try:
+            fd = self._open_lock()
+        except OSError as err:
+            log.debug("reading store %s without its lock: %s", self.root, err)
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
 
     # ---------------------------------------------------------------- objects
 
@@ -334,6 +380,12 @@ class ObjectStore:
             entries = sorted(os.scandir(self.objects), key=lambda e: e.name)
         except FileNotFoundError:
             return
+        except PermissionError as err:
+            raise UnreadableError(
+                f"cannot list the objects of store '{self.root}': {err.strerror}; run as a user "
+                "allowed to read the whole run directory, or fix its permissions",
+                path=str(self.objects),
+            ) from err
         for entry in entries:
             try:
                 name = bytes.fromhex(entry.name)
@@ -352,7 +404,7 @@ class ObjectStore:
             return 0
         for entry in entries:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
+                os.unlink(entry.path)  # other errors (a read-only store): the caller's to say
                 removed += 1
         return removed
 
@@ -363,29 +415,55 @@ def _unlink_temps(pending: list[tuple[Path, Path]]) -> None:
             os.unlink(tmp)
 
 
-def find_checkpoints(home: Path, *, skip: Path | None = None) -> Iterator[Path]:
+def find_checkpoints(
+    home: Path, *, skip: Path | None = None, strict: bool = False
+) -> Iterator[Path]:
     """Committed checkpoint directories beneath ``home`` (at most ``MAX_STORE_DEPTH`` deep).
 
     Symbolic links, the directory ``skip`` (the store) and the temp and trash
-    directories of saves are not entered.
+    directories of saves are not entered. A directory this user may not list or
+    search is skipped, or with ``strict`` raises :class:`UnreadableError` naming it
+    (garbage collection must not assume that nothing in it reaches the store).
     """
     pending = [(home, 0)]
     while pending:
         directory, depth = pending.pop()
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except PermissionError as err:
+            if strict:
+                raise _unreadable_directory(directory, err) from err
             continue
         for entry in entries:
-            if not entry.is_dir(follow_symlinks=False) or is_temporary(entry.name):
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)  # a stat where d_type is unknown
+            except PermissionError as err:
+                if strict:
+                    raise _unreadable_directory(directory, err) from err
+                continue
+            if not is_dir or is_temporary(entry.name):
                 continue
             path = Path(entry.path)
             if skip is not None and path == skip:
                 continue
-            if is_checkpoint(path):
+            try:
+                found = stat.S_ISREG(os.stat(path / MANIFEST_NAME).st_mode)
+            except PermissionError as err:  # a directory that cannot be searched
+                if strict:
+                    raise _unreadable_directory(path, err) from err
+                found = False
+            except OSError:
+                found = False
+            if found:
                 yield path
             if depth + 1 < MAX_STORE_DEPTH:
                 pending.append((path, depth + 1))
+
+
+def _unreadable_directory(path: Path, err: OSError) -> UnreadableError:
+    return UnreadableError(f"cannot read directory '{path}': {err.strerror or err}", path=str(path))
 
 
 def location_of(store_root: Path, checkpoint: Path) -> tuple[int, str]:
@@ -414,6 +492,7 @@ def location_of(store_root: Path, checkpoint: Path) -> tuple[int, str]:
             path=str(checkpoint),
         )
     check_relative_path(name)
+    _check_visible(home, rel, checkpoint, home / name)
     up = len(rel.parts) + 1
     if up > MAX_STORE_DEPTH:
         raise UnsafePathError(
@@ -422,6 +501,30 @@ def location_of(store_root: Path, checkpoint: Path) -> tuple[int, str]:
             path=str(checkpoint),
         )
     return up, name
+
+
+def _check_visible(home: Path, rel: Path, checkpoint: Path, store: Path) -> None:
+    """Refuse a checkpoint that garbage collection would not find beneath ``home``: its
+    walk skips the store, other stores and hidden temporary names, so the objects of a
+    checkpoint saved there would look unreachable and be removed."""
+    for part in (*rel.parts, checkpoint.name):
+        if is_temporary(part):
+            raise UnsafePathError(
+                f"'{part}' in '{checkpoint}' is a name aptckpt gives the hidden entries of "
+                "saves in progress; garbage collection does not look inside them, so it would "
+                "remove this checkpoint's objects. Choose another name",
+                path=str(checkpoint),
+            )
+    inside = home
+    for part in (*rel.parts, checkpoint.name):
+        inside = inside / part
+        if inside == store or is_store(inside):
+            raise UnsafePathError(
+                f"'{checkpoint}' is inside the object store '{inside}', where garbage "
+                "collection does not look for checkpoints (it would remove this one's "
+                "objects); save it next to the store instead",
+                path=str(checkpoint),
+            )
 
 
 def resolve_location(checkpoint: Path, up: object, name: object, *, where: str) -> Path:

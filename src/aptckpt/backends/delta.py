@@ -46,6 +46,7 @@ place -- on a thread pool, every chunk in parallel.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -70,7 +71,9 @@ from aptckpt.errors import (
     FormatError,
     IntegrityError,
     StoreNotFoundError,
+    UnreadableError,
     UnsafePathError,
+    WriteError,
 )
 from aptckpt.manifest import Manifest, TensorRecord, check_relative_path
 from aptckpt.objectstore import ObjectStore
@@ -691,22 +694,27 @@ class DeltaBackend(InPlaceBackend):
         # allocated: the sizes are what justify the allocation (a hostile manifest
         # may claim a terabyte), and a lost object is reported for every chunk it
         # breaks, not only for the first one decoded.
-        checked = _ObjectCheck(store)
-        _chunks.refuse_unreadable(manifest, payload.chunks, checked.problem, locate, where=where)
-        outs = _chunks.new_tensors(manifest, into)
-        if payload.local:
-            self._read_local(reader, manifest, payload, outs, verify=verify)
-        return _chunks.fill_tensors(
-            manifest,
-            payload.chunks,
-            payload.chunk_size,
-            decode,
-            locate,
-            threads=self._threads,
-            where=where,
-            into=outs,
-            skip=payload.local,
-        )
+        # The store lock, shared: garbage collection cannot remove the objects of this
+        # checkpoint while it loads, even if it is deleted meanwhile.
+        with store.reading():
+            checked = _ObjectCheck(store, reader)
+            _chunks.refuse_unreadable(
+                manifest, payload.chunks, checked.problem, locate, where=where
+            )
+            outs = _chunks.new_tensors(manifest, into)
+            if payload.local:
+                self._read_local(reader, manifest, payload, outs, verify=verify)
+            return _chunks.fill_tensors(
+                manifest,
+                payload.chunks,
+                payload.chunk_size,
+                decode,
+                locate,
+                threads=self._threads,
+                where=where,
+                into=outs,
+                skip=payload.local,
+            )
 
     def _read_local(
         self,
@@ -771,10 +779,16 @@ class DeltaBackend(InPlaceBackend):
 
 
 class _ObjectCheck:
-    """Whether the objects of a chain are in the store with their recorded sizes."""
+    """Whether the objects of a chain are in the store with their recorded sizes.
 
-    def __init__(self, store: ObjectStore) -> None:
+    An object missing because the checkpoint being read (``reader``) was deleted and
+    collected before the load took the store lock is :class:`CheckpointDeletedError`,
+    not damage.
+    """
+
+    def __init__(self, store: ObjectStore, reader: CheckpointReader | None = None) -> None:
         self.store = store
+        self.reader = reader
         self.found: dict[bytes, str | None] = {}
         if store.objects.is_symlink():
             raise UnsafePathError(
@@ -797,10 +811,18 @@ class _ObjectCheck:
         try:
             st = os.lstat(self.store.path(obj.name))
         except FileNotFoundError:
+            if self.reader is not None:
+                self.reader.check_present(label)
             return (
                 f"object '{label}' is missing from the store (removed by hand, or the run was "
                 "copied without it)"
             )
+        except PermissionError as err:
+            raise UnreadableError(
+                f"cannot read object '{label}': {err.strerror}; load as a user allowed to read "
+                "the run's object store, or fix its permissions",
+                path=str(self.store.root),
+            ) from err
         if not stat.S_ISREG(st.st_mode):
             what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
             raise UnsafePathError(
@@ -926,6 +948,16 @@ class GarbageReport:
 def find_store(path: str | os.PathLike[str]) -> ObjectStore:
     """The store at ``path``, or in ``path/aptckpt-store`` (a run directory)."""
     for candidate in (Path(path), Path(path) / objectstore.DEFAULT_STORE_NAME):
+        try:
+            os.stat(candidate / "STORE")
+        except PermissionError as err:
+            raise UnreadableError(
+                f"cannot read '{candidate}': {err.strerror}; run as a user allowed to read the "
+                "run directory and its object store",
+                path=str(candidate),
+            ) from err
+        except OSError:
+            continue
         if objectstore.is_store(candidate):
             return ObjectStore.open(candidate)
     inside = Path(path) / objectstore.DEFAULT_STORE_NAME
@@ -942,14 +974,20 @@ def collect_garbage(
     """Remove the objects of a store that no committed delta checkpoint reaches.
 
     The checkpoints using the store are found beneath the store's directory.
-    Holds the store's lock exclusively, so no save is in flight meanwhile.
+    Holds the store's lock exclusively, so no save is in flight meanwhile and no
+    load is reading objects (loads hold it shared: a checkpoint deleted while it
+    loads keeps its objects until the load is done).
 
     Raises:
         StoreNotFoundError: ``path`` is not a store or a directory holding one.
-        StoreBusyError: ``wait=False`` and a save holds the store.
+        StoreBusyError: ``wait=False`` and a save or a load holds the store.
         FormatError: a checkpoint's manifest cannot be read; nothing is removed,
             since the objects that checkpoint reaches are unknown.
+        UnreadableError: this user may not read a directory beneath the store's
+            directory, a manifest, or the store; nothing is removed, for the same reason.
         UnsafePathError: the store or its ``objects/`` is a symbolic link.
+        WriteError: an object could not be removed (a read-only file system,
+            permissions); those removed before were unreachable, nothing else changed.
     """
     store = find_store(path)
     for link in (store.root, store.objects):
@@ -964,42 +1002,87 @@ def collect_garbage(
                 "run directory that really holds the store",
                 path=str(link),
             )
-    reachable: set[bytes] = set()
-    checkpoints = 0
-    with store.lock(exclusive=True, wait=wait):
-        for ckpt in objectstore.find_checkpoints(store.root.parent, skip=store.root):
-            where = str(ckpt)
-            try:
-                manifest = CheckpointReader(ckpt).read_manifest()
-                if manifest.backend != DeltaBackend.name:
-                    continue
-                payload = parse_payload(manifest, where)
-                root = payload.store_root(ckpt, where)
-            except CheckpointNotFoundError:
-                continue  # deleted while we looked
-            except (FormatError, IntegrityError) as err:
-                raise FormatError(
-                    f"cannot read checkpoint '{ckpt}' ({err}); garbage collection removed "
-                    "nothing, since it cannot tell which objects that checkpoint reaches. "
-                    "Repair or delete it, then collect again",
-                    path=where,
-                ) from err
-            if os.path.realpath(root) != os.path.realpath(store.root):
-                continue
-            checkpoints += 1
-            reachable.update(o.name for o in payload.objects)
-        kept = kept_bytes = removed = removed_bytes = 0
-        for name, file, size in list(store.names()):
-            if name in reachable:
-                kept, kept_bytes = kept + 1, kept_bytes + size
-                continue
-            if not dry_run:
-                file.unlink(missing_ok=True)
-            removed, removed_bytes = removed + 1, removed_bytes + size
-        if not dry_run:
-            store.clear_tmp()
-    report = GarbageReport(
-        str(store.root), checkpoints, kept, kept_bytes, removed, removed_bytes, dry_run
-    )
+    try:
+        lock = store.lock(exclusive=True, wait=wait)
+        with lock:
+            reachable, checkpoints = _reachable(store)
+            report = _remove_unreachable(store, reachable, checkpoints, dry_run=dry_run)
+    except UnreadableError as err:
+        home = store.root.parent
+        raise UnreadableError(
+            f"refusing to collect garbage in '{store.root}': {err}. A checkpoint there may "
+            "reach objects of the store, so none is known unreachable and nothing was removed; "
+            f"run it as a user who can read all of '{home}', or fix the permissions",
+            path=err.path,
+        ) from err
+    except OSError as err:
+        if isinstance(err, AptckptError):
+            raise
+        raise _gc_write_error(store, err) from err
     log.info("collected garbage in %s: %s", store.root, report)
     return report
+
+
+def _reachable(store: ObjectStore) -> tuple[set[bytes], int]:
+    """The objects every committed delta checkpoint using ``store`` reaches, and how
+    many checkpoints those are."""
+    reachable: set[bytes] = set()
+    checkpoints = 0
+    for ckpt in objectstore.find_checkpoints(store.root.parent, skip=store.root, strict=True):
+        where = str(ckpt)
+        try:
+            with CheckpointReader(ckpt) as reader:
+                manifest = reader.read_manifest()
+            if manifest.backend != DeltaBackend.name:
+                continue
+            payload = parse_payload(manifest, where)
+            root = payload.store_root(ckpt, where)
+        except CheckpointNotFoundError:
+            continue  # deleted while we looked
+        except (FormatError, IntegrityError) as err:
+            raise FormatError(
+                f"cannot read checkpoint '{ckpt}' ({err}); garbage collection removed "
+                "nothing, since it cannot tell which objects that checkpoint reaches. "
+                "Repair or delete it, then collect again",
+                path=where,
+            ) from err
+        if os.path.realpath(root) != os.path.realpath(store.root):
+            continue
+        checkpoints += 1
+        reachable.update(o.name for o in payload.objects)
+    return reachable, checkpoints
+
+
+def _remove_unreachable(
+    store: ObjectStore, reachable: set[bytes], checkpoints: int, *, dry_run: bool
+) -> GarbageReport:
+    kept = kept_bytes = removed = removed_bytes = 0
+    for name, file, size in list(store.names()):
+        if name in reachable:
+            kept, kept_bytes = kept + 1, kept_bytes + size
+            continue
+        if not dry_run:
+            file.unlink(missing_ok=True)
+        removed, removed_bytes = removed + 1, removed_bytes + size
+    if not dry_run:
+        store.clear_tmp()
+    return GarbageReport(
+        str(store.root), checkpoints, kept, kept_bytes, removed, removed_bytes, dry_run
+    )
+
+
+def _gc_write_error(store: ObjectStore, err: OSError) -> WriteError:
+    where = f" ('{err.filename}')" if err.filename else ""
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        remedy = (
+            "check the permissions of the store (or whether its file system is mounted "
+            "read-only), then collect again"
+        )
+    else:
+        remedy = "fix the cause, then collect again"
+    return WriteError(
+        f"collecting garbage in '{store.root}' failed: {err.strerror or err}{where}; the objects "
+        f"removed before were unreachable and every checkpoint is intact; {remedy}",
+        path=str(store.root),
+        errno_=err.errno,
+    )

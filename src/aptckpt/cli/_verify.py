@@ -11,6 +11,10 @@ A directory that holds the data files of a built-in backend (``shard-NNNNN.bin``
 ``state.pt``) but no manifest is reported ``DAMAGED`` too: a save never leaves one
 under a visible name (it writes into a hidden temporary directory and renames it
 once the manifest is in), so its manifest was lost.
+
+A directory beneath the one given that this user may not list or search is
+reported ``FAILED`` as well: the checkpoints in it were not verified, and
+``verify`` must not say otherwise by exiting 0.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 import aptckpt
 from aptckpt import objectstore
+from aptckpt._atomic import is_temporary
 from aptckpt._progress import Progress
 from aptckpt.cli._common import (
     UsageError,
@@ -76,18 +81,38 @@ def _orphan_problem(path: Path) -> str:
     )
 
 
-def _check(
-    path: Path, name: str, width: int, *, orphan: bool, unlisted: OSError | None
-) -> tuple[dict[str, Any], str]:
+def _unreadable(root: Path) -> dict[Path, str]:
+    """Directories at or beneath ``root`` that cannot be listed or searched, with why:
+    checkpoints in them are not found, so they cannot be said to be verified. Walked
+    as the checkpoints are found (links, hidden temporaries and stores not entered)."""
+    problems: dict[Path, str] = {}
+    pending = [root]
+    while pending:
+        here = pending.pop()
+        try:
+            entries = list(os.scandir(here))
+            os.stat(here / MANIFEST_NAME)  # searching, which listing does not need
+        except FileNotFoundError:
+            pass
+        except PermissionError as err:
+            problems[here] = (
+                f"cannot read directory '{here}': {err.strerror}; the checkpoints in it were "
+                "not verified (run verify as a user allowed to read it, or fix its permissions)"
+            )
+            continue
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False) or is_temporary(entry.name):
+                continue
+            if not objectstore.is_store(entry.path):
+                pending.append(Path(entry.path))
+    return problems
+
+
+def _check(path: Path, name: str, width: int, *, orphan: bool) -> tuple[dict[str, Any], str]:
     """Verify one checkpoint: its JSON result and its line of text."""
     result: dict[str, Any] = {"path": os.path.abspath(path), "ok": False}
-    if unlisted is not None:
-        problem = (
-            f"cannot list this directory ({os_message(unlisted)}), so the checkpoints in it "
-            "were not verified; check its permissions"
-        )
-        result.update(error=problem, problems=[problem])
-        return result, f"FAILED   {name}\n    {problem}"
     if orphan:
         problem = _orphan_problem(path)
         result.update(error=problem, problems=[problem])
@@ -112,27 +137,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
     root = Path(args.path)
     if not root.is_dir():
         aptckpt.verify(root)  # raises the library's own "no checkpoint" message
-    errors: list[OSError] = []
-    found = find_checkpoints(root, errors)
-    orphans = _orphans(root, found)
-    unlisted = {Path(e.filename): e for e in errors if e.filename is not None}
-    if not found and not orphans and not unlisted:
+    found = find_checkpoints(root)
+    unreadable = {} if found == [root] else _unreadable(root)
+    orphans = [p for p in _orphans(root, found) if p not in unreadable]
+    if not found and not orphans and not unreadable:
         raise UsageError(
             f"no checkpoints at or beneath '{root}' (no directory there holds a "
             "manifest.msgpack); pass a checkpoint or a run directory"
         )
-    paths = [*found, *orphans, *sorted(unlisted)]
+    paths = [*found, *orphans, *unreadable]
     width = max(len(display_path(p, root)) for p in paths)
     results: list[dict[str, Any]] = []
     with Progress(len(paths), "verify", enabled=None if len(paths) > 1 else False) as bar:
         for path in paths:
-            result, line = _check(
-                path,
-                display_path(path, root),
-                width,
-                orphan=path in orphans,
-                unlisted=unlisted.get(path),
-            )
+            if path in unreadable:
+                problem = unreadable[path]
+                result = {"path": os.path.abspath(path), "ok": False}
+                result.update(error=problem, problems=[problem])
+                line = f"FAILED   {display_path(path, root)}\n    {problem}"
+            else:
+                name = display_path(path, root)
+                result, line = _check(path, name, width, orphan=path in orphans)
             results.append(result)
             if not args.json:
                 if bar.enabled:

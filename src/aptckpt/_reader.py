@@ -1,0 +1,270 @@
+"""Reading a committed checkpoint safely, even while it is being deleted.
+
+:class:`CheckpointReader` holds the checkpoint's directory open from the start
+and opens every file relative to it, following no link on the way (a file that
+is a link, or not a regular file, is refused), and checks the sizes the manifest
+records. Holding the directory is what makes a deletion during a load harmless
+or, at worst, clear: deleting renames the checkpoint away first (see
+:mod:`aptckpt._atomic`), so files the load opens afterwards still come from the
+same checkpoint while they last; a file gone because the checkpoint was deleted
+is a :class:`CheckpointDeletedError`, not damage. A file this user may not read
+is an :class:`UnreadableError`, never a bare ``PermissionError``.
+
+A missing checkpoint whose replacement was interrupted between its two renames
+(no ``RENAME_EXCHANGE``) is first put back from its hidden ``old`` name
+(:func:`aptckpt._temps.recover`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from aptckpt import manifest as mf
+from aptckpt._config import MAX_MANIFEST_BYTES
+from aptckpt._temps import pending, recover
+from aptckpt.errors import (
+    CheckpointDeletedError,
+    CheckpointNotFoundError,
+    FormatError,
+    IntegrityError,
+    UnreadableError,
+    UnsafePathError,
+)
+
+__all__ = ["CheckpointReader", "open_regular"]
+
+#: Opens a directory only to look names up in it (no read permission needed).
+_O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
+
+
+class CheckpointReader:
+    """Safe access to the files of a committed checkpoint.
+
+    The checkpoint's directory stays open from construction to :meth:`close` (or
+    garbage collection), and every file is opened relative to it: a checkpoint
+    renamed away for deletion mid-load is still read whole while its files last,
+    and a file gone because it was deleted is told apart from damage.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.manifest_path = self.root / mf.MANIFEST_NAME
+        self._fd: int | None = None
+        fd = self._open_root(root)
+        self._fd = fd
+        st = os.fstat(fd)
+        self._identity = (st.st_dev, st.st_ino)
+        try:
+            is_file = stat.S_ISREG(os.stat(mf.MANIFEST_NAME, dir_fd=fd).st_mode)
+        except PermissionError as err:
+            raise _unreadable(self.root, err) from err
+        except OSError:
+            is_file = False
+        if not is_file:
+            raise CheckpointNotFoundError(
+                root,
+                f"it has no {mf.MANIFEST_NAME}: not an aptckpt checkpoint, or a save that "
+                "never committed",
+            )
+
+    def _open_root(self, given: str | os.PathLike[str]) -> int:
+        for attempt in range(2):
+            try:
+                return os.open(self.root, _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if attempt == 0 and recover(self.root):
+                    continue  # an interrupted replacement left it under its old name
+                found = pending(self.root)
+                if found.get("trash"):
+                    raise CheckpointDeletedError(self.root, "it is being deleted") from None
+                hint = ""
+                if found.get("old"):
+                    hint = (
+                        f"; an interrupted replacement left it as '{found['old'][0]}', which "
+                        "the next save in that folder (or a user allowed to write there) "
+                        "renames back"
+                    )
+                raise CheckpointNotFoundError(given, f"the path does not exist{hint}") from None
+            except NotADirectoryError:
+                if not os.path.exists(self.root):
+                    raise CheckpointNotFoundError(given, "the path does not exist") from None
+                raise CheckpointNotFoundError(
+                    given,
+                    "it is a file, not a checkpoint directory (a plain torch.save file "
+                    "loads with torch.load(path, weights_only=True))",
+                ) from None
+            except PermissionError as err:
+                raise _unreadable(self.root, err) from err
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Close the checkpoint directory (files already open stay usable)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def deleted(self) -> bool:
+        """True if the checkpoint's path no longer leads to the directory being read."""
+        try:
+            st = os.stat(self.root)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self._identity
+
+    def check_present(self, missing: str) -> None:
+        """Raise :class:`CheckpointDeletedError` if ``missing`` (a file, an object) is
+        gone because the checkpoint was deleted; return if it was not."""
+        if self.deleted():
+            raise CheckpointDeletedError(self.root, f"'{missing}' was already removed")
+
+    def read_manifest(self) -> mf.Manifest:
+        fd = self._open_member(mf.MANIFEST_NAME)
+        try:
+            size = os.fstat(fd).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise FormatError(
+                    f"manifest is {size} bytes, over the limit", path=str(self.manifest_path)
+                )
+            data = _read_exact(fd, size)
+        finally:
+            os.close(fd)
+        return mf.decode(data, where=str(self.manifest_path))
+
+    def _open_member(self, name: str) -> int:
+        """Open the regular file ``name`` (a validated manifest path) beneath the root,
+        following no link on the way."""
+        if self._fd is None:
+            raise ValueError(f"the reader of '{self.root}' is closed")
+        parts = name.split("/")
+        where = self._fd
+        opened: list[int] = []
+        try:
+            for part in parts[:-1]:
+                try:
+                    where = os.open(
+                        part, _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=where
+                    )
+                except OSError as err:
+                    if err.errno in (errno.ELOOP, errno.ENOTDIR):  # a link, or not a directory
+                        raise UnsafePathError(
+                            f"'{name}' leaves the checkpoint through a link", path=str(self.root)
+                        ) from err
+                    raise
+                opened.append(where)
+            return _open_file(parts[-1], where, name, self.root)
+        except IntegrityError:
+            self.check_present(name)
+            raise
+        except FileNotFoundError as err:
+            self.check_present(name)
+            raise IntegrityError(
+                f"data file '{name}' is missing from '{self.root}'", path=str(self.root), file=name
+            ) from err
+        except PermissionError as err:
+            raise _unreadable(self.root, err, name) from err
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    def open(self, record: mf.FileRecord) -> int:
+        """Open a data file read-only, after checking it is safe and has its recorded size."""
+        fd = self._open_member(record.path)
+        size = os.fstat(fd).st_size
+        if size != record.size:
+            os.close(fd)
+            what = "truncated" if size < record.size else "longer than recorded"
+            raise IntegrityError(
+                f"data file '{record.path}' of checkpoint '{self.root}' is {what} "
+                f"({size} bytes, manifest says {record.size}); the checkpoint is damaged",
+                path=str(self.root),
+                file=record.path,
+            )
+        return fd
+
+    @contextlib.contextmanager
+    def open_all(self, records: tuple[mf.FileRecord, ...]) -> Iterator[list[int]]:
+        """Open every data file (checked as in :meth:`open`); close them on exit."""
+        fds: list[int] = []
+        try:
+            for record in records:
+                fds.append(self.open(record))
+            yield fds
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _unreadable(path: Path, err: OSError, member: str | None = None) -> UnreadableError:
+    what = f"'{member}' of '{path}'" if member else f"'{path}'"
+    return UnreadableError(
+        f"cannot read {what}: {err.strerror or err}; load it as a user allowed to read the "
+        "checkpoint (and its run's object store), or fix its permissions",
+        path=str(path),
+    )
+
+
+def _open_file(name: str, dir_fd: int | None, label: str, root: Path) -> int:
+    """Open ``name`` (relative to ``dir_fd``) read-only: a regular file, not a link."""
+    try:
+        # O_NONBLOCK: opening a FIFO planted in place of a file must not block; it is
+        # refused below as not a regular file. (No effect on reads of regular files.)
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd
+        )
+    except FileNotFoundError as err:
+        raise IntegrityError(
+            f"data file '{label}' is missing from '{root}'", path=str(root), file=label
+        ) from err
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnsafePathError(
+                f"'{label}' is a symbolic link; checkpoints never contain links", path=str(root)
+            ) from err
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePathError(f"'{label}' is not a regular file", path=str(root))
+    return fd
+
+
+def open_regular(path: Path, name: str, root: Path) -> int:
+    """Open ``path`` read-only; it must be a regular file, not a symbolic link.
+
+    ``name`` (the path as a manifest spells it) and ``root`` (the checkpoint or
+    store it belongs to) only serve the error messages.
+
+    Raises:
+        IntegrityError: the file is missing.
+        UnsafePathError: it is a link or not a regular file.
+        UnreadableError: this user may not read it.
+    """
+    try:
+        return _open_file(os.fspath(path), None, name, root)
+    except PermissionError as err:
+        raise _unreadable(root, err, name) from err
+
+
+def _read_exact(fd: int, size: int) -> bytes:
+    chunks = []
+    remaining = size
+    while remaining:
+        chunk = os.read(fd, remaining)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
