@@ -26,6 +26,7 @@ from pathlib import Path
 
 from aptckpt import manifest as mf
 from aptckpt._config import MAX_MANIFEST_BYTES
+from aptckpt._foreign import describe_foreign_file
 from aptckpt._temps import pending, recover
 from aptckpt.errors import (
     CheckpointDeletedError,
@@ -95,8 +96,7 @@ class CheckpointReader:
                     raise CheckpointNotFoundError(given, "the path does not exist") from None
                 raise CheckpointNotFoundError(
                     given,
-                    "it is a file, not a checkpoint directory (a plain torch.save file "
-                    "loads with torch.load(path, weights_only=True))",
+                    describe_foreign_file(self.root) or "it is a file, not a checkpoint directory",
                 ) from None
             except PermissionError as err:
                 raise _unreadable(self.root, err) from err
