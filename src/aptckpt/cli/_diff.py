@@ -16,6 +16,7 @@ import argparse
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 import aptckpt
@@ -87,10 +88,71 @@ def _float_change(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     return {"max_abs_diff": max_abs, "rel_l2": rel}
 
 
+def _parts(value: Any) -> tuple[Any, list[tuple[str, torch.Tensor]]] | None:
+    """A value that is not a dense tensor but is made of them -- a numpy array, a sparse or
+    quantized tensor -- as ``(what must be equal, [(part name, dense tensor), ...])``;
+    None for anything else. (Comparing such values directly crashes torch or numpy.)"""
+    if isinstance(value, np.ndarray):
+        dense = torch.from_numpy(np.ascontiguousarray(value).reshape(value.shape))
+        return ("array", value.dtype.str, value.shape), [("", dense)]
+    if not isinstance(value, torch.Tensor):
+        return None
+    if value.is_quantized:
+        scheme = value.qscheme()
+        if scheme == torch.per_tensor_affine:
+            params: Any = (value.q_scale(), value.q_zero_point())
+            parts = [(".int_repr", value.int_repr())]
+        else:
+            params = value.q_per_channel_axis()
+            parts = [
+                (".int_repr", value.int_repr()),
+                (".scales", value.q_per_channel_scales()),
+                (".zero_points", value.q_per_channel_zero_points()),
+            ]
+        return ("quantized", str(value.dtype), str(scheme), params), parts
+    meta: tuple[Any, ...]
+    if value.layout == torch.sparse_coo:
+        meta = ("sparse", str(value.layout), tuple(value.shape), value.is_coalesced())
+        return meta, [(".indices", value._indices()), (".values", value._values())]
+    if value.layout in (torch.sparse_csr, torch.sparse_bsr):
+        meta = ("sparse", str(value.layout), tuple(value.shape))
+        names = (".crow_indices", ".col_indices", ".values")
+        return meta, list(
+            zip(names, (value.crow_indices(), value.col_indices(), value.values()), strict=True)
+        )
+    if value.layout in (torch.sparse_csc, torch.sparse_bsc):
+        meta = ("sparse", str(value.layout), tuple(value.shape))
+        names = (".ccol_indices", ".row_indices", ".values")
+        return meta, list(
+            zip(names, (value.ccol_indices(), value.row_indices(), value.values()), strict=True)
+        )
+    return None
+
+
+def _compare_composites(key: str, a: Any, b: Any) -> dict[str, Any]:
+    pa, pb = _parts(a), _parts(b)
+    if pa is None or pb is None or pa[0] != pb[0] or len(pa[1]) != len(pb[1]):
+        what = [p[0][0] if p is not None else type(v).__name__ for p, v in ((pa, a), (pb, b))]
+        detail = f"{what[0]} -> {what[1]}" if what[0] != what[1] else f"{what[0]} layout changed"
+        return {"key": key, "status": "changed", "detail": detail}
+    rows = [
+        _compare_tensors(key + name, x, y) for (name, x), (_, y) in zip(pa[1], pb[1], strict=True)
+    ]
+    changed = [r for r in rows if r["status"] != "same"]
+    if not changed:
+        return {"key": key, "status": "same", "detail": "same"}
+    detail = ", ".join(f"{r['key'][len(key) :] or 'values'}: {r['detail']}" for r in changed)
+    return {"key": key, "status": "changed", "detail": detail}
+
+
 def _compare_values(key: str, a: Any, b: Any) -> dict[str, Any]:
     def same() -> bool:
         if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
             return True
+        if isinstance(a, np.generic) or isinstance(b, np.generic):  # bitwise: NaN equals NaN
+            return type(a) is type(b) and bytes(np.asarray(a).tobytes()) == bytes(
+                np.asarray(b).tobytes()
+            )
         return type(a) is type(b) and bool(a == b)
 
     if same():
@@ -103,6 +165,8 @@ def _compare_values(key: str, a: Any, b: Any) -> dict[str, Any]:
 
 
 def _compare(key: str, a: Any, b: Any) -> dict[str, Any]:
+    if _parts(a) is not None or _parts(b) is not None:
+        return _compare_composites(key, a, b)
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return _compare_tensors(key, a, b)
     return _compare_values(key, a, b)

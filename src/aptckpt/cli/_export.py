@@ -122,6 +122,12 @@ def _export_safetensors(state: Any, dst: Path, *, overwrite: bool) -> tuple[int,
             raise UsageError(
                 f"two tensors flatten to the name '{key}'; safetensors needs unique names"
             )
+        if value.layout != torch.strided or value.is_quantized:
+            kind = "quantized" if value.is_quantized else f"sparse ({value.layout})"
+            raise UsageError(
+                f"'{key}' is a {kind} tensor, which safetensors cannot store; "
+                "--to torch-file keeps it (or keep the aptckpt checkpoint)"
+            )
         t = value.detach()
         storage = t.untyped_storage()
         ident = (storage.data_ptr(), storage.nbytes())
