@@ -30,6 +30,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -245,9 +246,13 @@ class CheckpointWriter:
 
     def _check_target(self) -> None:
         final = self.final
-        if not os.path.lexists(final):
+        # Rival saves of the same name rename it away and back at any moment: a name that
+        # vanishes between two looks is a name with nothing there.
+        try:
+            mode = os.lstat(final).st_mode
+        except FileNotFoundError:
             return
-        if final.is_dir() and not final.is_symlink():
+        if stat.S_ISDIR(mode):
             if is_checkpoint(final):
                 if not self.overwrite:
                     raise CheckpointExistsError(
@@ -256,8 +261,15 @@ class CheckpointWriter:
                         "pass overwrite=True to replace it or choose another path",
                     )
                 return
-            if not any(final.iterdir()):
-                return  # an empty directory the user made for us
+            try:
+                with os.scandir(final) as entries:
+                    if next(entries, None) is None:
+                        return  # an empty directory the user made for us
+            except FileNotFoundError:
+                return
+            if is_checkpoint(final):  # a rival's checkpoint arrived meanwhile
+                self._check_target()
+                return
         raise CheckpointExistsError(
             final,
             "the path exists and is not an aptckpt checkpoint; refusing to replace it "
@@ -356,8 +368,10 @@ class CheckpointWriter:
         except OSError as err:
             if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 return False  # a rival committed first
-            if err.errno == errno.ENOENT and not os.path.lexists(self.final):
-                return False  # a rival's exchange or delete moved it in between
+            if err.errno == errno.ENOENT and os.path.lexists(self.root):
+                # the final name vanished under us (ours is still there): a rival's exchange,
+                # replacement or delete moved it in between; try again
+                return False
             raise
         return True
 
