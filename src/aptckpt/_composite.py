@@ -187,34 +187,21 @@ def _encode_quantized(t: torch.Tensor, path: str, add: AddTensor) -> list[Any]:
         raise _refuse(t, path, f"quantization scheme {scheme} is not supported; dequantize it")
     meta: dict[str, Any] = {"qscheme": scheme, "dtype": str(t.dtype).removeprefix("torch.")}
     if t.dtype in _PACKED:
-        return _encode_packed(t, path, add, meta)
-    children = [add(t.int_repr(), f"{path}.int_repr", t.int_repr)]
-    if scheme == "per_tensor_affine":
-        meta.update(scale=float(t.q_scale()), zero_point=int(t.q_zero_point()))
+        # A sub-byte dtype (quint4x2, quint2x4: 4-bit embedding tables): several values share
+        # a byte, and int_repr() cannot be turned back into one: its storage bytes are stored.
+        if not t.is_contiguous() or t.storage_offset():
+            raise _refuse(
+                t,
+                path,
+                f"a {t.dtype} tensor is stored only when contiguous and at the start of its "
+                "storage; store x.clone() (or x.dequantize())",
+            )
+        storage = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+        children = [add(storage, f"{path}.packed")]
+        meta["shape"] = list(t.shape)
     else:
-        children += [
-            add(t.q_per_channel_scales(), f"{path}.scales", t.q_per_channel_scales),
-            add(t.q_per_channel_zero_points(), f"{path}.zero_points", t.q_per_channel_zero_points),
-        ]
-        meta["axis"] = int(t.q_per_channel_axis())
-    return ["quantized", children, meta]
-
-
-def _encode_packed(t: torch.Tensor, path: str, add: AddTensor, meta: dict[str, Any]) -> list[Any]:
-    """A sub-byte quantized tensor (quint4x2, quint2x4: 4-bit embedding tables): several
-    values share a byte, and ``int_repr()`` cannot be turned back into one; its storage
-    bytes are stored instead (and its per-channel parameters, if any)."""
-    if not t.is_contiguous() or t.storage_offset():
-        raise _refuse(
-            t,
-            path,
-            f"a {t.dtype} tensor is stored only when contiguous and at the start of its "
-            "storage; store x.clone() (or x.dequantize())",
-        )
-    storage = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
-    children = [add(storage, f"{path}.packed")]
-    meta["shape"] = list(t.shape)
-    if meta["qscheme"] == "per_tensor_affine":
+        children = [add(t.int_repr(), f"{path}.int_repr", t.int_repr)]
+    if scheme == "per_tensor_affine":
         meta.update(scale=float(t.q_scale()), zero_point=int(t.q_zero_point()))
     else:
         children += [
