@@ -869,3 +869,12 @@ def test_damage_in_the_local_shard_is_found_and_named(tmp_path):
     shard.unlink()
     with pytest.raises(aptckpt.IntegrityError, match="missing"):
         aptckpt.verify(tmp_path / "s0")
+
+
+def test_a_base_that_kept_a_tensor_in_its_shard_is_no_delta_base_for_it(tmp_path):
+    # The same key stored locally in the base (under its local_below) and as objects now.
+    state = {"w": torch.zeros(2048)}  # 8 KiB
+    save(state, tmp_path / "a", local_below=16 << 10)
+    state["w"][0] = 1
+    save(state, tmp_path / "b", local_below=0, base=tmp_path / "a")
+    assert_state_equal(state, aptckpt.load(tmp_path / "b"))

@@ -227,3 +227,11 @@ def test_unreadable_file_gives_none(tmp_path):
         assert proc.stdout.strip() == "None"
     finally:
         shutil.rmtree(shared)
+
+
+def test_a_safetensors_like_file_with_deeply_nested_json_is_described_or_not(tmp_path):
+    header = b'{"a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(aptckpt.CheckpointNotFoundError):
+        aptckpt.load(path)

@@ -140,9 +140,9 @@ def _bad(message: str) -> FormatError:
 
 def is_expanded(t: torch.Tensor) -> bool:
     """True for a tensor that repeats elements through a zero stride (``x.expand(...)``)."""
-    return t.numel() > 0 and any(
-        stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape, strict=True)
-    )
+    if t.layout != torch.strided or t.numel() == 0:  # sparse layouts have no strides
+        return False
+    return any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape, strict=True))
 
 
 def encode_tensor(t: torch.Tensor, path: str, add: AddTensor) -> list[Any]:
@@ -334,6 +334,8 @@ def decode(tag: str, parts: list[Any], meta: Any) -> Any:
             return _decode_ndarray(parts, meta)
         if tag in ("bytes", "str"):
             return _decode_plain(tag, parts)
+    except FormatError:
+        raise  # already says what is malformed
     except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as err:
         devices = {p.device.type for p in parts} - {"cpu"}
         if devices:  # a healthy node that this device cannot hold (sparse or quantized on meta)

@@ -164,7 +164,7 @@ def _safetensors(fd: int, head: bytes, size: int) -> str | None:
     if length <= _MAX_HEADER:
         try:
             header = json.loads(os.pread(fd, length, 8))
-        except ValueError:  # not JSON after all (UnicodeDecodeError is a ValueError)
+        except (ValueError, RecursionError):  # not JSON after all, or nested past the stack
             return None
         if not isinstance(header, dict):
             return None

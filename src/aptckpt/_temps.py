@@ -136,8 +136,8 @@ def _try_flock(fd: int) -> bool | None:
     except OSError as err:
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             return False
-        if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            return None
+        if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+            return None  # no locks here (EBADF: NFS wants a writable descriptor we lack)
         raise
     return True
 
@@ -314,9 +314,16 @@ def settle_old(old: Path, final: Path | None) -> bool:
 def _settle(parent: Path, stem: str, token: str) -> tuple[list[str], bool]:
     """Clean up after the owner of ``token`` if it is gone: ``(names removed, busy)``."""
     lock_path = _entry(parent, stem, "lock", token)
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        fd: int | None = os.open(lock_path, flags)
+        # Read-write where allowed: on NFS, flock is emulated with fcntl locks, and an
+        # exclusive one needs a descriptor open for writing (EBADF otherwise).
+        try:
+            fd: int | None = os.open(lock_path, flags | os.O_RDWR)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+                raise
+            fd = os.open(lock_path, flags | os.O_RDONLY)
     except FileNotFoundError:
         # No lock file: its owner is done (it removes the lock file last); what is left
         # was abandoned after a failed removal, or by hand.

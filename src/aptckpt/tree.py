@@ -295,10 +295,9 @@ class _Flattener:
         if isinstance(obj, (str, bytes)):
             if isinstance(obj, str):
                 _check_text(obj, path)
+            keep_inline = inline or self.inline or self._in_key > 0  # keys hold no tensors
             large = (
-                None
-                if (inline or self.inline)
-                else _composite.large_plain_node(obj, path, self.plain_tensor)
+                None if keep_inline else _composite.large_plain_node(obj, path, self.plain_tensor)
             )
             if large is not None:
                 return large

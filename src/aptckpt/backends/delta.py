@@ -921,7 +921,13 @@ class _Planner:
         if self.base.payload.chunk_size != self.opts.chunk_size:
             return None
         found = self.base.by_key.get(key)
-        if found is None or found[0].nbytes != nbytes:
+        # A tensor the base kept in its own shard (under its local_below) has no objects
+        # to delta against.
+        if (
+            found is None
+            or found[0].nbytes != nbytes
+            or len(found[1]) != _chunks.chunk_count(nbytes, self.opts.chunk_size)
+        ):
             return None
         return found[1]
 
