@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("aptckpt")
+_CPU = torch.device("cpu")
 
 PathLike: TypeAlias = "str | os.PathLike[str]"
 DeviceLike: TypeAlias = "str | torch.device"
@@ -611,7 +612,8 @@ def load(
     restored = []
     devices: dict[str, torch.device] = {}  # saved device -> target, resolved once each
     # numpy arrays and large bytes/str are host values: their tensors stay on the CPU
-    on_host = tree.host_parts(manifest.skeleton, len(tensors)) if map_location else frozenset()
+    moving = map_location is not None and map_location not in ("cpu", _CPU)
+    on_host = tree.host_parts(manifest.skeleton, len(tensors)) if moving else frozenset()
     for index, (t, r) in enumerate(zip(tensors, manifest.tensors, strict=True)):
         if plan is not None:
             direct, copies = plan.direct[index], plan.copies[index]
