@@ -38,7 +38,7 @@ from aptckpt.errors import (
     StoreNotFoundError,
     UnsafePathError,
 )
-from aptckpt.manifest import MANIFEST_NAME
+from aptckpt.manifest import CHECKSUM_TAIL, MANIFEST_NAME
 from aptckpt.objectstore import DEFAULT_STORE_NAME, ObjectStore
 
 __all__ = [
@@ -147,15 +147,31 @@ def read_regular(path: Path, limit: int) -> bytes:
 
 
 def manifest_digest(checkpoint: Path) -> str | None:
-    """A fingerprint of the checkpoint's manifest: the BLAKE2b-128 of its bytes.
+    """A fingerprint of the checkpoint's manifest.
 
     The index stores it with each entry, so a later reader can tell, without
     decoding the manifest, that the entry was made from exactly this manifest (a
-    checkpoint saved again under the same name has another one). The bytes are
-    hashed, not interpreted; None when the manifest cannot be read safely.
+    checkpoint saved again under the same name has another one). A manifest of format
+    version 2 or later ends with the XXH3-128 of all its other bytes: its size and those
+    16 bytes identify it, read without reading the rest (listing a run of many large
+    manifests stays cheap). Older manifests are hashed whole (BLAKE2b-128). None when the
+    manifest cannot be read safely.
     """
+    path = checkpoint / MANIFEST_NAME
     try:
-        data = read_regular(checkpoint / MANIFEST_NAME, MAX_MANIFEST_BYTES)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST_BYTES:
+                return None
+            tail = os.pread(
+                fd, len(CHECKSUM_TAIL) + 16, max(0, st.st_size - len(CHECKSUM_TAIL) - 16)
+            )
+        finally:
+            os.close(fd)
+        if len(tail) == len(CHECKSUM_TAIL) + 16 and tail.startswith(CHECKSUM_TAIL):
+            return f"{st.st_size:x}-{tail[-16:].hex()}"
+        data = read_regular(path, MAX_MANIFEST_BYTES)
     except OSError:
         return None
     return hashlib.blake2b(data, digest_size=16).hexdigest()

@@ -40,6 +40,7 @@ from aptckpt.errors import (
 )
 
 __all__ = [
+    "CHECKSUM_TAIL",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
@@ -61,6 +62,8 @@ CHECKSUM_SINCE = 2
 _DIGEST_SIZE = 16
 #: msgpack of the last entry's key and its bin header: fixstr "checksum", bin8 of 16 bytes.
 _CHECKSUM_TAIL = b"\xa8checksum\xc4\x10"
+#: The bytes before the 16-byte digest that end every manifest of version 2 or later.
+CHECKSUM_TAIL = _CHECKSUM_TAIL
 
 _COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _MAX_DIMS = 64
