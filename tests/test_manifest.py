@@ -123,3 +123,31 @@ def test_version_1_manifests_without_checksum_still_decode():
 
 def test_safe_paths_accepted():
     assert mf.check_relative_path("objects/ab/cdef.bin") == "objects/ab/cdef.bin"
+
+
+def test_a_checkpoint_is_written_with_the_lowest_format_version_that_reads_it(tmp_path):
+    import collections
+
+    import numpy as np
+    import torch
+
+    import aptckpt
+
+    plain = {"w": torch.ones(3), "step": 3, "od": collections.OrderedDict(a=1)}
+    cases = {
+        "plain": (plain, {}, 2),
+        "counter": ({**plain, "m": collections.Counter([1])}, {}, 3),
+        "numpy": ({**plain, "x": np.float64(1)}, {}, 3),
+        "sparse": ({**plain, "s": torch.eye(2).to_sparse()}, {}, 3),
+        "metadata": (plain, {"metadata": {"s": {1}}}, 3),
+        "delta-local": (plain, {"backend": "delta"}, 3),
+        "delta-store": (plain, {"backend": "delta", "local_below": 0}, 2),
+    }
+    for name, (state, options, version) in cases.items():
+        aptckpt.save(state, tmp_path / name, **options)
+        assert aptckpt.inspect(tmp_path / name).format_version == version, name
+        if name != "delta-local":
+            converted = tmp_path / f"{name}-converted"
+            aptckpt.convert(tmp_path / name, converted)
+            assert aptckpt.inspect(converted).format_version == version, name
+    assert torch.equal(aptckpt.load(tmp_path / "plain")["w"], plain["w"])

@@ -252,6 +252,8 @@ class PendingSave:
     impl: Backend
     overwrite: bool
     start: float
+    #: The lowest format version that reads the state's skeleton and metadata.
+    format_version: int = 2
 
     def persist(self, snapshot: tree.FlatState) -> SaveInfo:
         return _write(
@@ -263,6 +265,7 @@ class PendingSave:
             self.impl,
             overwrite=self.overwrite,
             start=self.start,
+            format_version=self.format_version,
         )
 
 
@@ -282,11 +285,21 @@ def prepare_save(
     local_path(path)
     impl = _backend(backend)(**options)
     flat = tree.flatten(state)
-    manifest_metadata = tree.encode_plain(dict(metadata), root="metadata") if metadata else None
+    manifest_metadata, metadata_version = (
+        tree.encode_plain_versioned(dict(metadata), root="metadata") if metadata else (None, 2)
+    )
     device_names: dict[torch.device, str] = {}
     records = tuple(_record(leaf, device_names) for leaf in flat.tensors)
     return PendingSave(
-        flat, records, manifest_metadata, path, backend, impl, overwrite=overwrite, start=start
+        flat,
+        records,
+        manifest_metadata,
+        path,
+        backend,
+        impl,
+        overwrite=overwrite,
+        start=start,
+        format_version=max(flat.format_version, metadata_version),
     )
 
 
@@ -300,8 +313,13 @@ def _write(
     *,
     overwrite: bool,
     start: float,
+    format_version: int,
 ) -> SaveInfo:
-    """Write a flattened state with ``impl`` and commit it: the part of a save after flattening."""
+    """Write a flattened state with ``impl`` and commit it: the part of a save after flattening.
+
+    The manifest gets the lowest format version whose readers read it (the skeleton's and
+    metadata's ``format_version``, and the backend's for its payload), so that a state
+    using nothing newer stays readable by older aptckpt releases."""
     with CheckpointWriter(path, overwrite=overwrite) as writer:
         try:
             payload = impl.write(flat, writer)
@@ -318,6 +336,7 @@ def _write(
                 created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 library_version=__version__,
                 torch_version=torch.__version__,
+                format_version=max(format_version, impl.format_version(payload)),
             )
             encoded = mf.encode(manifest)
             _refuse_unreadable_manifest(encoded, writer.final)
@@ -747,6 +766,9 @@ def convert(
         for t, k, r in zip(tensors, keys, manifest.tensors, strict=True)
     )
     flat = tree.FlatState(manifest.skeleton, leaves, owned=True)
+    version = max(
+        tree.skeleton_version(manifest.skeleton), tree.skeleton_version(manifest.metadata)
+    )
     return _write(
         flat,
         manifest.tensors,
@@ -754,6 +776,7 @@ def convert(
         dst,
         backend,
         impl,
+        format_version=version,
         overwrite=overwrite,
         start=start,
     )

@@ -59,11 +59,13 @@ __all__ = [
     "TensorLeaf",
     "child_path",
     "encode_plain",
+    "encode_plain_versioned",
     "find_plain",
     "flatten",
     "host_parts",
     "key_paths",
     "rebuild",
+    "skeleton_version",
     "tensor_index",
     "torch_form",
     "walk",
@@ -142,6 +144,9 @@ class FlatState:
     skeleton: Any
     tensors: tuple[TensorLeaf, ...]
     owned: bool = False
+    #: The lowest format version whose readers read this skeleton: 3 if it uses a node
+    #: that version 3 added, else 2.
+    format_version: int = 2
 
 
 def child_path(path: str, key: Any) -> str:
@@ -242,6 +247,7 @@ class _Flattener:
         self._keepalive: list[Any] = []  # ids must stay unique while we walk
         self._composites: dict[int, list[Any]] = {}  # id -> node of a composite value
         self._in_key = 0  # > 0 while a dict key or set member is flattened
+        self.format_version = 2  # raised to 3 by any node that version added
 
     def tensor(self, t: torch.Tensor, path: str) -> list[Any]:
         if type(t) in (torch.Tensor, torch.nn.Parameter) and (
@@ -264,6 +270,7 @@ class _Flattener:
         if node is None:
             node = self._composites[id(obj)] = encode()
             self._keepalive.append(obj)
+        self.format_version = 3
         return node
 
     def plain_tensor(
@@ -291,6 +298,7 @@ class _Flattener:
         if obj is None or isinstance(obj, bool):
             return obj
         if isinstance(obj, np.generic):  # before int/float/str: np.float64 is a float
+            self.format_version = 3
             return _composite.numpy_scalar_node(obj, path)
         if isinstance(obj, (str, bytes)):
             if isinstance(obj, str):
@@ -300,6 +308,7 @@ class _Flattener:
                 None if keep_inline else _composite.large_plain_node(obj, path, self.plain_tensor)
             )
             if large is not None:
+                self.format_version = 3
                 return large
             # a subclass (StrEnum) is stored as its value
             return str(obj) if isinstance(obj, str) else bytes(obj)
@@ -320,6 +329,8 @@ class _Flattener:
             name = _VALUE_DTYPE_NAMES.get(obj)
             if name is None:
                 raise _refuse(obj, path, f"dtype {obj} has no stable name")
+            if name not in _dtypes.DTYPES:  # a quantized dtype: named since version 3
+                self.format_version = 3
             return ["dtype", name]
         if isinstance(obj, torch.device):
             return ["device", str(obj)]
@@ -374,6 +385,8 @@ class _Flattener:
                 kind = type(obj)
                 if kind is dict:
                     return ["dict", items]
+                if kind is not collections.OrderedDict:
+                    self.format_version = 3
                 if kind is collections.Counter:
                     return ["counter", items]
                 if kind is collections.defaultdict:
@@ -388,6 +401,7 @@ class _Flattener:
                 )
                 return ["odict", items, meta_node]
             if isinstance(obj, (set, frozenset)):
+                self.format_version = 3
                 members = [self.key(v, path, depth + 1, what="a set member") for v in obj]
                 # Sets have no order: sorted by encoding, so that equal sets store the same bytes.
                 members.sort(key=lambda n: msgpack.packb(n, use_bin_type=True))
@@ -453,12 +467,17 @@ def flatten(state: Any, *, root: str = "state") -> FlatState:
     """
     flattener = _Flattener()
     skeleton = flattener.node(state, root, 0)
-    return FlatState(skeleton, tuple(flattener.leaves))
+    return FlatState(skeleton, tuple(flattener.leaves), format_version=flattener.format_version)
 
 
 def encode_plain(value: Any, *, root: str = "metadata") -> Any:
     """Encode a tensor-free value (user metadata) as a skeleton: plain values only, large
     bytes and str included (they stay in the manifest)."""
+    return encode_plain_versioned(value, root=root)[0]
+
+
+def encode_plain_versioned(value: Any, *, root: str = "metadata") -> tuple[Any, int]:
+    """:func:`encode_plain`, and the lowest format version that reads it."""
     flattener = _Flattener(inline=True)
     skeleton = flattener.node(value, root, 0)
     if flattener.leaves:
@@ -469,7 +488,30 @@ def encode_plain(value: Any, *, root: str = "metadata") -> Any:
             key_path=leaf.key_path,
             type_name=type(leaf.tensor).__name__,
         )
-    return skeleton
+    return skeleton, flattener.format_version
+
+
+#: Skeleton tags that format version 3 added.
+V3_TAGS = frozenset({"counter", "defaultdict", "set", "frozenset", "numpy", *COMPOSITE_TAGS})
+
+
+def skeleton_version(skeleton: Any) -> int:
+    """The lowest format version that reads ``skeleton`` (a skeleton read back from a
+    manifest, which records no such thing): 3 if it uses a node version 3 added."""
+    stack = [skeleton]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, list) or not node or not isinstance(node[0], str):
+            continue
+        tag = node[0]
+        if tag in V3_TAGS or (tag == "dtype" and len(node) == 2 and node[1] not in _dtypes.DTYPES):
+            return 3
+        if tag in ("list", "tuple", "dict", "odict") and len(node) > 1:
+            if isinstance(node[1], list):
+                stack.extend(node[1])
+            if tag == "odict" and len(node) > 2:
+                stack.append(node[2])  # its _metadata
+    return 2
 
 
 # ---------------------------------------------------------------- rebuilding

@@ -154,6 +154,12 @@ class Backend(ABC):
         """The options written to the manifest."""
         return self.options.record()
 
+    def format_version(self, payload: Any) -> int:
+        """The lowest manifest format version whose readers read ``payload`` (which
+        :meth:`write` returned). A checkpoint is written with the lowest version its
+        skeleton and payload need, so older readers read what they can."""
+        return 2
+
 
 class InPlaceBackend(Backend):
     """A backend that decodes straight into destination tensors: it implements
