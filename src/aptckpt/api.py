@@ -481,9 +481,14 @@ def _restore(
 
 
 def _open(path: PathLike) -> tuple[CheckpointReader, mf.Manifest, Backend]:
+    """The checkpoint's reader (closed when the caller drops it), manifest and backend."""
     reader = CheckpointReader(local_path(path))
-    manifest = reader.read_manifest()
-    return reader, manifest, _backend(manifest.backend, saved_by=str(reader.root))()
+    try:
+        manifest = reader.read_manifest()
+        return reader, manifest, _backend(manifest.backend, saved_by=str(reader.root))()
+    except BaseException:
+        reader.close()  # not left to the traceback's lifetime
+        raise
 
 
 def _read_tensors(
