@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import stat
 import sys
 from collections.abc import Callable, Mapping
@@ -23,6 +22,7 @@ import torch
 import aptckpt
 from aptckpt import tree
 from aptckpt._atomic import fsync_dir
+from aptckpt._temps import temp_sibling
 from aptckpt.backends.torch import write_torch_file
 from aptckpt.cli._common import UsageError, busy, dotted_items, dtype_str, fmt_size
 
@@ -48,7 +48,15 @@ def _write_file(dst: Path, write: Callable[[Path], None], *, overwrite: bool) ->
         )
     if mode is not None and not overwrite:
         raise _exists(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    # A hidden temp entry protected like a save's (a lock its owner holds): cleanup of the
+    # folder by another process never removes it while this export runs.
+    with temp_sibling(dst) as tmp:
+        _write_temp(tmp, dst, write, overwrite=overwrite)
+    fsync_dir(dst.parent)
+    return dst.stat().st_size
+
+
+def _write_temp(tmp: Path, dst: Path, write: Callable[[Path], None], *, overwrite: bool) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         mode = os.fstat(fd).st_mode  # the umask's, which writers that make 0600 temp files lose
@@ -73,8 +81,6 @@ def _write_file(dst: Path, write: Callable[[Path], None], *, overwrite: bool) ->
                 os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(dst.parent)
-    return dst.stat().st_size
 
 
 def _export_torch(state: Any, dst: Path, *, overwrite: bool) -> tuple[int, list[str]]:
