@@ -351,3 +351,121 @@ def test_resuming_with_another_model_shape_is_refused_before_loading(tmp_path):
     argv += ["--no-progress", "--sync-checkpoints", "--temp-checkpoint-freq", "0"]
     argv += ["--checkpoint-dir", str(tmp_path), "--resume-from", "auto"]
     assert main(argv) == 1
+
+
+# ------------------------------------------------------------------ §6: links inside the store
+
+
+@pytest.mark.parametrize("attack", ["writer", "gc"])
+def test_a_store_tmp_folder_that_is_a_link_is_never_emptied(tmp_path, attack):
+    """Now: with ``<run>/aptckpt-store/tmp`` a symbolic link to a directory outside the
+    run, creating a writing manager (its cleanup on taking the run) and every garbage
+    collection (``aptckpt gc``, the manager's retention) delete every file in the
+    linked directory -- files that were never aptckpt's. Promised (§6): nothing a
+    manager or GC writes or deletes goes through a link out of the run (refuse, naming
+    the link)."""
+    run = tmp_path / "run"
+    with CheckpointManager(run, backend="delta") as mgr:
+        mgr.save(1, state(1))
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    store_tmp = run / "aptckpt-store" / "tmp"
+    store_tmp.rmdir()
+    store_tmp.symlink_to(precious)
+    with contextlib.suppress(aptckpt.errors.UnsafePathError):
+        if attack == "writer":
+            CheckpointManager(run, backend="delta").close()  # cleans up on taking the run
+        else:
+            aptckpt.collect_garbage(run)  # aptckpt gc, or the manager's retention
+    assert (precious / "thesis.tex").exists(), "a file outside the run was deleted"
+
+
+def test_a_delta_save_refuses_a_store_whose_objects_folder_is_a_link(tmp_path):
+    """Now: with ``<run>/aptckpt-store/objects`` a link to another run's objects, a
+    manager's ``delta`` save writes its objects into the other run's store and commits
+    a checkpoint that every load refuses (``UnsafePathError``: "stores never contain
+    links"); the other run's garbage collection then deletes those objects, so the
+    committed checkpoint is gone for good. Promised (§6): nothing a manager writes
+    goes through a link; a refused save writes nothing."""
+    other = tmp_path / "other"
+    with CheckpointManager(other, backend="delta") as mgr:
+        mgr.save(1, {"x": torch.randn(300_000)})
+    other_objects = other / "aptckpt-store" / "objects"
+    before = sorted(os.listdir(other_objects))
+    run = tmp_path / "run"
+    with CheckpointManager(run, backend="delta") as mgr:
+        mgr.save(1, state(1))
+    objects = run / "aptckpt-store" / "objects"
+    for entry in objects.iterdir():
+        entry.unlink()
+    objects.rmdir()
+    objects.symlink_to(other_objects)
+    mgr = CheckpointManager(run, backend="delta")
+    try:
+        path = mgr.save(2, {"y": torch.randn(300_000)})
+    except aptckpt.errors.UnsafePathError:
+        assert sorted(os.listdir(other_objects)) == before
+        return
+    finally:
+        mgr.close()
+    try:
+        aptckpt.load(path)
+    except aptckpt.errors.UnsafePathError as err:
+        pytest.fail(f"the save committed a checkpoint no load accepts: {err}")
+
+
+# ------------------------------------------------------------------ aptckpt verify on a live run
+
+
+def test_verify_of_a_live_run_never_calls_a_new_checkpoint_damaged(tmp_path, monkeypatch, capsys):
+    """Now: ``aptckpt verify RUN`` lists the checkpoints, then walks the run again for
+    directories with data files but no manifest; a checkpoint the trainer commits in
+    between is not in the first list and is reported ``DAMAGED`` ("its manifest was
+    deleted ... restore the checkpoint from a copy"), exit 1. Promised (§3): damage is
+    never claimed for what is not damage."""
+    from aptckpt.cli import _verify, main
+
+    run = tmp_path / "run"
+    mgr = CheckpointManager(run, keep_last=None)
+    mgr.save(1, state(1))
+    real = _verify.find_checkpoints
+
+    def find_then_train(root, *args, **kwargs):
+        found = real(root, *args, **kwargs)
+        mgr.save(2, state(2))  # the trainer commits meanwhile
+        return found
+
+    monkeypatch.setattr(_verify, "find_checkpoints", find_then_train)
+    code = main(["verify", str(run)])
+    out = capsys.readouterr().out
+    assert "DAMAGED" not in out, out
+    assert code == 0, out
+
+
+def test_verify_of_a_live_run_does_not_fail_for_a_checkpoint_retention_deleted(
+    tmp_path, monkeypatch, capsys
+):
+    """Now: a checkpoint the trainer's retention deletes after ``aptckpt verify RUN``
+    listed it is reported ``FAILED`` ("the path does not exist") and verify exits 1: a
+    monitoring job alarms on every healthy run that prunes while it is verified.
+    Promised (§6): any number of readers beside the writer; a checkpoint deleted while
+    it is read is "deleted", not a failure of the run."""
+    from aptckpt.cli import _verify, main
+
+    run = tmp_path / "run"
+    mgr = CheckpointManager(run, keep_last=None)
+    mgr.save(1, state(1))
+    mgr.save(2, state(2))
+    real = _verify.find_checkpoints
+
+    def find_then_prune(root, *args, **kwargs):
+        found = real(root, *args, **kwargs)
+        aptckpt.delete(run / "checkpoints" / "apt_model_epoch0_step1")  # retention, meanwhile
+        return found
+
+    monkeypatch.setattr(_verify, "find_checkpoints", find_then_prune)
+    code = main(["verify", str(run)])
+    out = capsys.readouterr().out
+    assert "FAILED" not in out and "DAMAGED" not in out, out
+    assert code == 0, out
