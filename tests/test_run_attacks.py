@@ -415,6 +415,28 @@ def test_a_delta_save_refuses_a_store_whose_objects_folder_is_a_link(tmp_path):
         pytest.fail(f"the save committed a checkpoint no load accepts: {err}")
 
 
+def test_a_store_lock_that_is_a_link_creates_nothing_outside_the_run(tmp_path):
+    """Now: the store's ``LOCK`` is opened with ``O_CREAT`` following links, so a
+    ``<run>/aptckpt-store/LOCK`` planted as a link to a missing path makes every
+    ``delta`` save create that file outside the run (run as root: any path, e.g.
+    ``/etc/nologin``). The run's own lock is opened with ``O_NOFOLLOW`` for exactly
+    this reason. Promised (§6): nothing a manager writes goes through a link."""
+    run = tmp_path / "run"
+    with CheckpointManager(run, backend="delta") as mgr:
+        mgr.save(1, state(1))
+    outside = tmp_path / "outside" / "created-by-aptckpt"
+    outside.parent.mkdir()
+    lock = run / "aptckpt-store" / "LOCK"
+    lock.unlink()
+    lock.symlink_to(outside)
+    with (
+        contextlib.suppress(aptckpt.errors.UnsafePathError),
+        CheckpointManager(run, backend="delta") as mgr,
+    ):
+        mgr.save(2, state(2))
+    assert not outside.exists(), "a save created a file outside the run through the store's LOCK"
+
+
 # ------------------------------------------------------------------ aptckpt verify on a live run
 
 
