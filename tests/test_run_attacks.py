@@ -224,6 +224,21 @@ def test_a_resumed_run_with_a_long_model_name_can_save_a_step_again(tmp_path):
     assert aptckpt.load(again)["w"][0].item() == 7.0
 
 
+def test_a_tokenizer_file_name_too_long_is_refused_before_anything_commits(tmp_path):
+    """Now: a tokenizer file named with 256 bytes passes the name check, the checkpoint
+    commits, and then writing ``tokenizer/`` fails with ``WriteError`` ("File name too
+    long ... fix the cause") -- on every save of the run. Promised (house rules, like
+    ``InvalidNameError`` for checkpoint names): a name the file system cannot take is
+    refused before anything is written."""
+    run = tmp_path / "run"
+    mgr = CheckpointManager(run)
+    with pytest.raises((ValueError, AptckptError)):
+        mgr.save_checkpoint(
+            torch.nn.Linear(2, 2), None, None, 0, 1, [], {"loss": 1.0}, tokenizer={"x" * 256: b"v"}
+        )
+    assert mgr.checkpoints() == [], "the save committed before refusing the tokenizer's name"
+
+
 # ------------------------------------------------------------------ §1: replacing
 
 
