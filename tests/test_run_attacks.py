@@ -99,9 +99,13 @@ def test_close_during_the_hand_off_of_a_background_save_keeps_the_run_locked(tmp
     mgr = CheckpointManager(run)
     real_submit = _background.submit
 
+    closer: list[threading.Thread] = []
+
     def submit(*args, **kwargs):
         handle = real_submit(*args, **kwargs)
-        mgr.close()  # the other thread's close lands exactly here
+        closer.append(threading.Thread(target=mgr.close))  # another thread's close ...
+        closer[0].start()
+        closer[0].join(2)  # ... lands exactly here (a fixed close may wait for the save)
         return handle
 
     monkeypatch.setattr(_background, "submit", submit)
@@ -113,6 +117,7 @@ def test_close_during_the_hand_off_of_a_background_save_keeps_the_run_locked(tmp
         finally:
             gate.set()
             handle.wait()
+            closer[0].join()
 
 
 def test_a_forked_child_using_the_manager_does_not_hang_on_the_parents_save(tmp_path, monkeypatch):
