@@ -253,7 +253,7 @@ from aptckpt import _atomic
 _atomic._exchange = lambda a, b: False  # a file system without RENAME_EXCHANGE
 real = shutil.rmtree
 def rmtree(path, *args, **kwargs):
-    if ".old-" in os.fspath(path):  # the replaced checkpoint, once the new one holds the name
+    if ".old-" in os.fspath(path) or ".trash-" in os.fspath(path):  # the replaced one, removed
         os.unlink(os.path.join(path, sorted(os.listdir(path))[0]))  # part of it is gone
         os._exit(9)
     return real(path, *args, **kwargs)

@@ -352,7 +352,7 @@ class CheckpointWriter:
             _fsync_path(self.final.parent, directory=True)
         finally:
             if self._replaced is not None:  # only once the new name is durable
-                shutil.rmtree(self._replaced, ignore_errors=True)
+                self._remove_replaced(self._replaced)
 
     def _move_into_place(self) -> bool:
         """Rename the temp directory onto the final name; False if another save
@@ -388,6 +388,20 @@ class CheckpointWriter:
                 os.rename(self._old, self.final)
             raise
         self._replaced = self._old
+
+    def _remove_replaced(self, replaced: Path) -> None:
+        """Remove the checkpoint this save replaced. An ``old`` entry is first renamed to
+        this save's ``trash`` name: one killed half-way through removing it must never be
+        taken for a displaced checkpoint and put back (trash is only ever removed)."""
+        target = replaced
+        if replaced == self._old:
+            trash = self._owner.entry("trash")
+            try:
+                os.rename(replaced, trash)
+                target = trash
+            except OSError as err:
+                log.warning("could not move the replaced checkpoint %s aside: %s", replaced, err)
+        shutil.rmtree(target, ignore_errors=True)
 
     def _settle_old(self) -> bool:
         """Put this save's ``old`` entry back under the final name unless that holds a

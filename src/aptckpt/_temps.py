@@ -275,6 +275,8 @@ def _remove(path: Path) -> bool:
 
 def _final_name(stem: str, recorded: str | None) -> str | None:
     """The name an ``old`` entry with ``stem`` was displaced from, if it can be known."""
+    if recorded is not None and "\0" in recorded:
+        recorded = None  # no file name holds a NUL byte: a planted or damaged lock file
     if recorded is not None and stem_of(recorded) == stem and "/" not in recorded:
         return recorded if recorded not in (".", "..") else None
     if _TRUNCATED.fullmatch(stem) or stem in (".", ".."):

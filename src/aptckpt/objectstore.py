@@ -130,7 +130,21 @@ class ObjectStore:
             )
         store = cls(path)
         store._check_marker()
+        store._check_links()
         return store
+
+    def _check_links(self) -> None:
+        """Refuse a store whose parts lead elsewhere: its directory, ``objects/``, ``tmp/``
+        or ``LOCK`` as a symbolic link (a save would write into, and a collection empty,
+        whatever they point to -- another run's store, a user's files)."""
+        for part in (self.root, self.objects, self._tmp, self.root / _LOCK):
+            if part.is_symlink():
+                raise UnsafePathError(
+                    f"'{part}' is a symbolic link (to '{os.path.realpath(part)}'); an object "
+                    "store never contains links, and nothing was read or written through it. "
+                    "Replace the link by a real directory (or file), or use another store",
+                    path=str(self.root),
+                )
 
     @classmethod
     def create(cls, root: str | os.PathLike[str]) -> ObjectStore:
@@ -143,6 +157,7 @@ class ObjectStore:
         if is_store(path):
             store = cls(path)
             store._check_marker()
+            store._check_links()
             store.objects.mkdir(exist_ok=True)
             store._tmp.mkdir(exist_ok=True)
             return store
@@ -234,13 +249,19 @@ class ObjectStore:
     def _open_lock(self) -> int:
         path = self.root / _LOCK
         try:
-            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # O_NOFOLLOW: a LOCK planted as a link would create its target outside the run
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise UnsafePathError(
+                    f"'{path}' is a symbolic link; an object store never contains links",
+                    path=str(self.root),
+                ) from err
             if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
             # A user who may only read the store, or a read-only mount: flock works on a
             # read-only descriptor too.
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -398,6 +419,12 @@ class ObjectStore:
     def clear_tmp(self) -> int:
         """Remove every file in ``tmp/``; only safe under the exclusive lock."""
         removed = 0
+        if self._tmp.is_symlink():  # never empty what a planted link points to
+            raise UnsafePathError(
+                f"'{self._tmp}' is a symbolic link; an object store never contains links and "
+                "nothing was removed through it",
+                path=str(self.root),
+            )
         try:
             entries = list(os.scandir(self._tmp))
         except FileNotFoundError:  # a store copied by a tool that drops empty directories
