@@ -70,10 +70,41 @@ class RunLock:
         #: The highest sequence number a save of this process has given a checkpoint
         #: of the run (committed or not yet).
         self.issued = 0
+        # Who uses the lock: every open manager of the run in this process, and every
+        # background save in flight. The last to leave releases it -- explicitly, not
+        # when the object happens to be collected (a kept traceback would delay that).
+        self._users = 0
+        self._users_lock = threading.Lock()
 
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+    def enter(self) -> None:
+        """Count a user (a manager, a save in flight) of the lock."""
+        with self._users_lock:
+            self._users += 1
+
+    def leave(self) -> None:
+        """Uncount a user; the last one releases the lock."""
+        with self._users_lock:
+            self._users -= 1
+            last = self._users <= 0
+        if last:
+            self.release()
+
+    def still_at(self, run_dir: Path) -> bool:
+        """Whether ``run_dir`` still holds the lock file this lock was taken on (the run
+        was not moved or replaced since)."""
+        fd = self._fd
+        if fd is None:
+            return False
+        try:
+            here = os.stat(run_dir / LOCK_NAME, follow_symlinks=False)
+            held = os.fstat(fd)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
 
     def release(self) -> None:
         fd, self._fd = self._fd, None

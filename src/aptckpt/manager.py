@@ -67,6 +67,7 @@ from aptckpt.errors import (
     BackendError,
     CheckpointNotFoundError,
     FormatError,
+    RunBusyError,
     StoreBusyError,
 )
 from aptckpt.retention import RetentionPolicy
@@ -162,6 +163,8 @@ class CheckpointManager:
         self._lock: _runlock.RunLock | None = None
         self._in_flight: SaveHandle[Path] | None = None
         self._handle_lock = threading.Lock()  # threads of one manager share _in_flight
+        self._handle_pid = os.getpid()  # the process whose thread saves _in_flight
+        self._handle_lock_pid = os.getpid()
         if not read_only:
             self._hold_run()
 
@@ -183,9 +186,21 @@ class CheckpointManager:
             )
         lock = self._lock
         if lock is not None and lock.held:
+            if not lock.still_at(self.run_dir):
+                raise RunBusyError(
+                    f"the run directory '{self.run_dir}' was moved or replaced since this "
+                    "manager took it; its saves would start a second run there. Create a new "
+                    "CheckpointManager at the run's new path",
+                    path=str(self.run_dir),
+                )
             return lock
         lock = _runlock.acquire(self.run_dir)
-        _rundir.refuse_links(self.run_dir)  # before cleaning up inside those folders
+        lock.enter()
+        try:
+            _rundir.refuse_links(self.run_dir)  # before cleaning up inside those folders
+        except BaseException:
+            lock.leave()
+            raise
         self._lock = lock
         _rundir.remove_debris(self.run_dir)
         return lock
@@ -197,7 +212,8 @@ class CheckpointManager:
             self.wait()
         finally:
             lock, self._lock = self._lock, None
-            del lock  # released when the last manager of this process lets go
+            if lock is not None:
+                lock.leave()  # released when the last manager and save of the run let go
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -306,10 +322,19 @@ class CheckpointManager:
         Raises:
             The background save's error, once, if it failed.
         """
-        with self._handle_lock:
+        with self._handles():
             handle, self._in_flight = self._in_flight, None
-        if handle is not None:
+        if handle is not None and self._handle_pid == os.getpid():
             handle.wait()
+        elif handle is not None:  # a forked child: the save is its parent's, on its thread
+            log.warning("not waiting for %s: it is being saved by the parent process", handle.path)
+
+    def _handles(self) -> threading.Lock:
+        """The lock guarding ``_in_flight``; a forked child gets a new one (another thread
+        may have held the parent's at the fork)."""
+        if self._handle_lock_pid != os.getpid():
+            self._handle_lock, self._handle_lock_pid = threading.Lock(), os.getpid()
+        return self._handle_lock
 
     def _save(
         self,
@@ -395,14 +420,25 @@ class CheckpointManager:
                     release()
                 return path
 
+            def persist_then_leave(snapshot: FlatState) -> Path:
+                try:
+                    return persist(snapshot)
+                finally:
+                    lock.leave()
+
             if blocking:
                 with _gc.paused():  # as in api.save: only while the caller waits
                     handed_off = True
                     return persist(pending.flat)
-            handle = _background.submit(pending.flat, str(path), persist)
+            lock.enter()  # the run stays locked until this save is done, whoever closes
+            try:
+                handle = _background.submit(pending.flat, str(path), persist_then_leave)
+            except BaseException:
+                lock.leave()
+                raise
             handed_off = True
-            with self._handle_lock:
-                self._in_flight = handle
+            with self._handles():
+                self._in_flight, self._handle_pid = handle, os.getpid()
             return handle
         except BaseException:
             if not handed_off:
