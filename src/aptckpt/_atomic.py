@@ -120,13 +120,19 @@ def _remedy(code: int | None) -> str:
         )
     if code == errno.EIO:
         return "the device reported an I/O error: check the disk and its logs before saving again"
+    if code in (errno.EISDIR, errno.ENOTEMPTY, errno.ENOTDIR, errno.EEXIST):
+        return "something else is in the way at that path: move it away, then save again"
     return "fix the cause, then save again"
 
 
 def write_error(action: str, err: OSError, *, path: str | os.PathLike[str]) -> WriteError:
     """A :class:`WriteError` for an ``OSError`` met while ``action`` (e.g. "saving
     checkpoint 'x'"), naming the file that failed and what to do about it."""
-    where = f" ('{err.filename}')" if err.filename else ""
+    # A rename that failed because of what is at its destination names the destination
+    # (the source is a hidden temp entry the user never made).
+    in_the_way = err.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.ENOTDIR, errno.EEXIST)
+    name = err.filename2 if in_the_way and err.filename2 else err.filename
+    where = f" ('{name}')" if name else ""
     reason = err.strerror or str(err)
     return WriteError(
         f"{action} failed: {reason}{where}; {_remedy(err.errno)}",

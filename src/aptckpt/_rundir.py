@@ -213,7 +213,11 @@ def free_name(run_dir: Path, folder: str, name: str, sequence: int) -> str:
     rel = f"{folder}/{name}"
     if not os.path.lexists(run_dir / rel):
         return rel
-    taken, rel = rel, f"{folder}/{name}_seq{sequence}"
+    suffix = f"_seq{sequence}"
+    # the name the manager made must fit a file name too (a long model_name)
+    room = 255 - len(suffix.encode())
+    base = name.encode()[:room].decode(errors="ignore")
+    taken, rel = rel, f"{folder}/{base}{suffix}"
     if os.path.lexists(run_dir / rel):
         raise CheckpointExistsError(
             run_dir / rel,

@@ -383,6 +383,15 @@ class CheckpointManager:
             _rundir.refuse_links(self.run_dir)
             records = self.checkpoints()
             sequence = max([lock.issued, *(r.sequence for r in records)]) + 1
+            if sequence > training_state.MAX_COUNT:
+                newest = max(records, key=lambda r: r.sequence)
+                raise FormatError(
+                    f"checkpoint '{newest.rel_path}' claims sequence number {newest.sequence}, "
+                    "the largest a run may use: a later save could not be numbered after it. "
+                    "It was not written by this run's saves (copied in, or edited); move it "
+                    "out of the run",
+                    path=str(newest.path),
+                )
             lock.issued = sequence
             rel = _rundir.free_name(self.run_dir, folder, name, sequence)
             path = self.run_dir / rel

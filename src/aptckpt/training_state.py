@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aptckpt.errors import FormatError
+from aptckpt.errors import FormatError, InvalidNameError
 
 __all__ = [
     "ResumeInfo",
@@ -42,6 +42,8 @@ __all__ = [
 
 #: The largest counter (step, epoch, batch, sequence number) a run records: int64.
 MAX_COUNT = 2**63 - 1
+#: The longest file name (bytes) of the file systems aptckpt runs on.
+_NAME_MAX = 255
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -123,6 +125,11 @@ def tokenizer_files(tokenizer: Any) -> dict[str, bytes] | None:
     for name, data in files.items():
         if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
             raise ValueError(f"tokenizer file name {name!r} must be a plain file name")
+        if len(os.fsencode(name)) > _NAME_MAX:
+            raise InvalidNameError(
+                f"tokenizer file name {name[:40]!r}... is {len(os.fsencode(name))} bytes, more "
+                f"than a file name may have ({_NAME_MAX}); rename it. Nothing was saved"
+            )
         out[name] = data.encode() if isinstance(data, str) else bytes(data)
     return out
 
