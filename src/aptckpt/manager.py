@@ -50,7 +50,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -607,19 +607,22 @@ class CheckpointManager:
         scaler: _Stateful | None = None,
         map_location: Any = "cpu",
         restore_rng: bool = True,
+        check: Callable[[ResumeInfo], None] | None = None,
     ) -> tuple[int, int, list[Any], dict[str, Any]]:
         """Restore a checkpoint into the given objects.
 
         Returns ``(epoch, global_step, loss_history, metrics)``; the rest
         (batch index, temporary or not, config, tokenizer files) is in
         :attr:`last_loaded`. RNG states are restored too unless
-        ``restore_rng=False``.
+        ``restore_rng=False``. ``check`` (see :meth:`restore`) may refuse the
+        checkpoint before any object is changed.
         """
         state = self.restore(
             {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler},
             checkpoint_path,
             map_location=map_location,
             restore_rng=restore_rng,
+            check=check,
         )
         assert self.last_loaded is not None
         info = self.last_loaded
@@ -632,9 +635,14 @@ class CheckpointManager:
         *,
         map_location: Any = "cpu",
         restore_rng: bool = True,
+        check: Callable[[ResumeInfo], None] | None = None,
     ) -> dict[str, Any]:
         """Load a checkpoint's state into every object of ``objects`` that has
-        ``load_state_dict`` (``None`` values are skipped); return the whole state."""
+        ``load_state_dict`` (``None`` values are skipped); return the whole state.
+
+        ``check(info)``, if given, sees what the checkpoint says (its config, epoch, ...)
+        before any object is restored, and may raise to refuse it: a run resumed with
+        other settings fails before the model is half loaded."""
         self.wait()
         path = self.resolve(checkpoint_path)
         state = api.load(path, map_location=map_location)
@@ -646,6 +654,8 @@ class CheckpointManager:
         temporary = Path(os.path.abspath(path)).parent.name == _TEMP
         # Checked before anything is restored: a bad checkpoint changes no object.
         resume = training_state.resume_info(path, state, temporary=temporary)
+        if check is not None:
+            check(resume)
         for key, obj in objects.items():
             if obj is None:
                 continue

@@ -389,6 +389,7 @@ class _Run:
                 self.scheduler,
                 checkpoint_path=target,
                 map_location=self.device,
+                check=self._check_resumable,  # before the model is touched
             )
         except CheckpointNotFoundError:
             if resume_from != "auto":
@@ -398,7 +399,6 @@ class _Run:
         info = manager.last_loaded
         if info is None:  # load_checkpoint always sets it
             raise RuntimeError("CheckpointManager.load_checkpoint did not set last_loaded")
-        self._check_resumable(info)
         self.losses = list(history)
         if info.batch_index is None:
             self.start_epoch = epoch + 1
