@@ -27,7 +27,7 @@ from typing import Any
 
 import aptckpt
 from aptckpt import objectstore
-from aptckpt._atomic import is_temporary
+from aptckpt._atomic import is_checkpoint, is_temporary
 from aptckpt._progress import Progress
 from aptckpt.cli._common import (
     UsageError,
@@ -38,7 +38,12 @@ from aptckpt.cli._common import (
     os_message,
     print_json,
 )
-from aptckpt.errors import AptckptError, IntegrityError
+from aptckpt.errors import (
+    AptckptError,
+    CheckpointDeletedError,
+    CheckpointNotFoundError,
+    IntegrityError,
+)
 from aptckpt.manifest import MANIFEST_NAME
 
 
@@ -66,7 +71,11 @@ def _orphans(root: Path, found: list[Path]) -> list[Path]:
             for d in subdirs
             if not (d.startswith(".") or here / d in skip or objectstore.is_store(here / d))
         ]
-        if here not in skip and any(_DATA_FILE.fullmatch(f) for f in files):
+        if (
+            here not in skip
+            and MANIFEST_NAME not in files  # one committed since the listing is no orphan
+            and any(_DATA_FILE.fullmatch(f) for f in files)
+        ):
             orphans.append(here)
     return orphans
 
@@ -113,12 +122,19 @@ def _unreadable(root: Path) -> dict[Path, str]:
 def _check(path: Path, name: str, width: int, *, orphan: bool) -> tuple[dict[str, Any], str]:
     """Verify one checkpoint: its JSON result and its line of text."""
     result: dict[str, Any] = {"path": os.path.abspath(path), "ok": False}
-    if orphan:
+    if orphan and not is_checkpoint(path):  # (committed since it was found: verified below)
+        if not path.exists():
+            return _gone(path, name)
         problem = _orphan_problem(path)
         result.update(error=problem, problems=[problem])
         return result, f"DAMAGED  {name}\n    {problem}"
     try:
         report = aptckpt.verify(path)
+    except CheckpointNotFoundError as err:
+        if isinstance(err, CheckpointDeletedError) or not os.path.lexists(path):
+            return _gone(path, name)  # a live run's retention deleted it meanwhile
+        result.update(_problem(err))
+        return result, f"FAILED   {name}" + "".join(f"\n    {p}" for p in result["problems"])
     except (AptckptError, OSError) as err:
         result.update(_problem(err))
         line = f"{'DAMAGED' if isinstance(err, IntegrityError) else 'FAILED':<7}  {name}"
@@ -131,6 +147,13 @@ def _check(path: Path, name: str, width: int, *, orphan: bool) -> tuple[dict[str
         f"{fmt_size(rate):>9}/s"
     )
     return {"ok": True, **jsonable(report)}, line
+
+
+def _gone(path: Path, name: str) -> tuple[dict[str, Any], str]:
+    """A checkpoint deleted since the run was listed (a live run's retention): nothing
+    is wrong with it, and there is nothing left to verify."""
+    result = {"path": os.path.abspath(path), "ok": True, "deleted": True}
+    return result, f"GONE     {name}  (deleted while verifying: nothing to check)"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
