@@ -141,8 +141,9 @@ class ObjectStore:
             if part.is_symlink():
                 raise UnsafePathError(
                     f"'{part}' is a symbolic link (to '{os.path.realpath(part)}'); an object "
-                    "store never contains links, and nothing was read or written through it. "
-                    "Replace the link by a real directory (or file), or use another store",
+                    "store never contains links, and nothing was read, written or removed "
+                    "through it. Replace the link by a real directory (or file), or use "
+                    "another store",
                     path=str(self.root),
                 )
 
