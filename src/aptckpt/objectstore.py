@@ -141,7 +141,7 @@ class ObjectStore:
             if part.is_symlink():
                 raise UnsafePathError(
                     f"'{part}' is a symbolic link (to '{os.path.realpath(part)}'); an object "
-                    "store never contains links, and nothing was read, written or removed "
+                    "store never contains links, and nothing was removed, read or written "
                     "through it. Replace the link by a real directory (or file), or use "
                     "another store",
                     path=str(self.root),
