@@ -286,7 +286,7 @@ def prepare_save(
     impl = _backend(backend)(**options)
     flat = tree.flatten(state)
     manifest_metadata, metadata_version = (
-        tree.encode_plain_versioned(dict(metadata), root="metadata") if metadata else (None, 2)
+        tree.encode_plain(dict(metadata), root="metadata") if metadata else (None, 2)
     )
     device_names: dict[torch.device, str] = {}
     records = tuple(_record(leaf, device_names) for leaf in flat.tensors)

@@ -59,7 +59,6 @@ __all__ = [
     "TensorLeaf",
     "child_path",
     "encode_plain",
-    "encode_plain_versioned",
     "find_plain",
     "flatten",
     "host_parts",
@@ -470,14 +469,10 @@ def flatten(state: Any, *, root: str = "state") -> FlatState:
     return FlatState(skeleton, tuple(flattener.leaves), format_version=flattener.format_version)
 
 
-def encode_plain(value: Any, *, root: str = "metadata") -> Any:
-    """Encode a tensor-free value (user metadata) as a skeleton: plain values only, large
-    bytes and str included (they stay in the manifest)."""
-    return encode_plain_versioned(value, root=root)[0]
-
-
-def encode_plain_versioned(value: Any, *, root: str = "metadata") -> tuple[Any, int]:
-    """:func:`encode_plain`, and the lowest format version that reads it."""
+def encode_plain(value: Any, *, root: str = "metadata") -> tuple[Any, int]:
+    """Encode a tensor-free value (user metadata) as a skeleton -- plain values only, large
+    bytes and str included (they stay in the manifest) -- and the lowest format version
+    that reads it."""
     flattener = _Flattener(inline=True)
     skeleton = flattener.node(value, root, 0)
     if flattener.leaves:

@@ -547,7 +547,8 @@ class DeltaBackend(InPlaceBackend):
         for view, packed in zip(views, digests, strict=True):
             tensor_rows = []
             for c, (start, stop) in enumerate(_chunks.chunk_spans(len(view), size)):
-                tensor_rows.append([0, offset, stop - start, 0, packed[16 * c : 16 * c + 16], None])
+                digest = packed[_DIGEST * c : _DIGEST * (c + 1)]
+                tensor_rows.append([0, offset, stop - start, 0, digest, None])
                 buffers.append(view[start:stop])
                 offset += stop - start
             rows.append(tensor_rows)
