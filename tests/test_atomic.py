@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import aptckpt
-from aptckpt import _atomic, _temps
 from aptckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -21,6 +20,7 @@ from aptckpt.errors import (
     UnsafePathError,
     WriteError,
 )
+from aptckpt.storage.local import _atomic, _temps
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
@@ -41,7 +41,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
 def test_crash_before_manifest_leaves_no_checkpoint_and_next_save_cleans(tmp_path):
     code = (
         "import os, aptckpt, torch\n"
-        "import aptckpt._atomic as a\n"
+        "import aptckpt.storage.local._atomic as a\n"
         "a.CheckpointWriter.commit = lambda self, m: os._exit(9)\n"
         f"aptckpt.save({{'w': torch.ones(1000)}}, {str(tmp_path / 'c')!r})\n"
     )
@@ -200,7 +200,7 @@ def test_a_rival_committing_between_check_and_rename(tmp_path, monkeypatch, over
 #: not yet in; "second": the new one is in, the old one not yet removed).
 _DIES_BETWEEN_RENAMES = """
 import os, sys, torch, aptckpt
-from aptckpt import _atomic
+from aptckpt.storage.local import _atomic
 _atomic._exchange = lambda a, b: False
 real = os.rename
 def rename(src, dst, *args, **kwargs):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import aptckpt
-from aptckpt import _directio
+from aptckpt.storage.local import _directio
 from aptckpt.testing import assert_state_equal
 
 MIB = 1 << 20

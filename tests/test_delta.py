@@ -567,7 +567,7 @@ def test_delete_removes_the_manifest_first(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "rmtree", crash)
     with pytest.raises(OSError, match="power cut"):
         aptckpt.delete(tmp_path / "a")
-    assert not aptckpt._atomic.is_checkpoint(tmp_path / "a")
+    assert not aptckpt.storage.local._atomic.is_checkpoint(tmp_path / "a")
     with pytest.raises(aptckpt.CheckpointNotFoundError):
         aptckpt.load(tmp_path / "a")
 

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aptckpt import _accel, _directio
-from aptckpt._directio import BLOCK_SIZE, DirectWriter
+from aptckpt import _accel
+from aptckpt.storage.local import _directio
+from aptckpt.storage.local._directio import BLOCK_SIZE, DirectWriter
 from conftest import direct_io_supported
 
 SMALL = 4 * BLOCK_SIZE  # a small bounce buffer so that examples cross many buffer boundaries

@@ -26,10 +26,11 @@ import pytest
 import torch
 
 import aptckpt
-from aptckpt import _accel, _atomic
+from aptckpt import _accel
 from aptckpt.backends import torch as torch_backend
 from aptckpt.errors import WriteError
 from aptckpt.manager import CheckpointManager
+from aptckpt.storage.local import _atomic
 from aptckpt.testing import assert_state_equal
 from conftest import direct_io_supported
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import aptckpt
-from aptckpt import _reader
 from aptckpt.errors import (
     CheckpointDeletedError,
     CheckpointNotFoundError,
     StoreBusyError,
 )
 from aptckpt.objectstore import ObjectStore
+from aptckpt.storage.local import _reader
 from aptckpt.testing import assert_state_equal
 from privileges import needs_root, reachable_tmp, run_as_nobody
 
@@ -90,7 +90,7 @@ def test_a_load_in_progress_keeps_its_objects_from_garbage_collection(tmp_path, 
 def test_a_checkpoint_being_deleted_is_reported_deleted(tmp_path, monkeypatch):
     aptckpt.save(state(0), tmp_path / "c")
     seen: list[BaseException] = []
-    real_rmtree = aptckpt._atomic.shutil.rmtree
+    real_rmtree = aptckpt.storage.local._atomic.shutil.rmtree
 
     def rmtree_racing_a_load(path: Any, *args: Any, **kwargs: Any) -> None:
         with pytest.raises(CheckpointDeletedError, match="being deleted") as info:
@@ -98,7 +98,7 @@ def test_a_checkpoint_being_deleted_is_reported_deleted(tmp_path, monkeypatch):
         seen.append(info.value)
         real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(aptckpt._atomic.shutil, "rmtree", rmtree_racing_a_load)
+    monkeypatch.setattr(aptckpt.storage.local._atomic.shutil, "rmtree", rmtree_racing_a_load)
     aptckpt.delete(tmp_path / "c")
     assert len(seen) == 1
     with pytest.raises(CheckpointNotFoundError, match="does not exist"):

@@ -24,11 +24,12 @@ import pytest
 import torch
 
 import aptckpt
-from aptckpt import _background, _run_index, _temps
+from aptckpt import _background, _run_index
 from aptckpt import manager as manager_module
 from aptckpt._runlock import LOCK_NAME
 from aptckpt.errors import AptckptError
 from aptckpt.manager import CheckpointManager
+from aptckpt.storage.local import _temps
 from aptckpt.training_state import MAX_COUNT
 
 
@@ -249,7 +250,7 @@ def test_a_tokenizer_file_name_too_long_is_refused_before_anything_commits(tmp_p
 
 _DIES_REMOVING_THE_OLD = """
 import os, shutil, sys, torch, aptckpt
-from aptckpt import _atomic
+from aptckpt.storage.local import _atomic
 _atomic._exchange = lambda a, b: False  # a file system without RENAME_EXCHANGE
 real = shutil.rmtree
 def rmtree(path, *args, **kwargs):

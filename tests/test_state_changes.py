@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import aptckpt
-from aptckpt import _directio
 from aptckpt.codecs import Pipeline
 from aptckpt.objectstore import ObjectStore
+from aptckpt.storage.local import _directio
 
 CASES = [
     ("zstd", {"codec": "none"}),

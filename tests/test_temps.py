@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import aptckpt
-from aptckpt import _atomic, _temps
 from aptckpt.errors import CheckpointExistsError, InvalidNameError
+from aptckpt.storage.local import _atomic, _temps
 
 #: Holds an owner with a temp directory beside argv[1] until its stdin closes; prints the
 #: entry's name, then (with argv[2] == "fork") forks a child that outlives it.
@@ -23,7 +23,7 @@ _HOLDER = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from aptckpt import _temps
+    from aptckpt.storage.local import _temps
     owner = _temps.Owner(Path(sys.argv[1]))
     owner.entry("tmp").mkdir()
     if sys.argv[2] == "fork":

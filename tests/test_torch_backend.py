@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import aptckpt
-from aptckpt import _directio
 from aptckpt.backends import torch as torch_backend
 from aptckpt.errors import FormatError, IntegrityError
+from aptckpt.storage.local import _directio
 from aptckpt.testing import assert_state_equal
 from aptckpt.testing.conformance import storage_views_state
 

@@ -45,7 +45,6 @@ from typing import Any, Literal
 
 import aptckpt.api as api
 from aptckpt import _rundir
-from aptckpt._atomic import is_checkpoint, write_file_atomic
 from aptckpt.errors import (
     AptckptError,
     CheckpointNotFoundError,
@@ -53,6 +52,7 @@ from aptckpt.errors import (
     UnsupportedFormatVersionError,
 )
 from aptckpt.manifest import FORMAT_VERSION
+from aptckpt.storage.local._atomic import is_checkpoint, write_file_atomic
 from aptckpt.training_state import MAX_COUNT, is_scalar
 
 __all__ = [

@@ -29,7 +29,6 @@ import os
 import stat
 from pathlib import Path
 
-from aptckpt._atomic import remove_stale_temps, write_file_atomic
 from aptckpt._config import MAX_MANIFEST_BYTES
 from aptckpt.errors import (
     AptckptError,
@@ -40,6 +39,7 @@ from aptckpt.errors import (
 )
 from aptckpt.manifest import CHECKSUM_TAIL, MANIFEST_NAME
 from aptckpt.objectstore import DEFAULT_STORE_NAME, ObjectStore
+from aptckpt.storage.local._atomic import remove_stale_temps, write_file_atomic
 
 __all__ = [
     "FOLDERS",

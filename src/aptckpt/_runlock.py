@@ -44,8 +44,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from aptckpt._atomic import write_error
 from aptckpt.errors import RunBusyError, UnsafePathError
+from aptckpt.storage.local._atomic import write_error
 
 __all__ = ["LOCK_NAME", "RunLock", "acquire"]
 

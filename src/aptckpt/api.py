@@ -3,7 +3,7 @@
 What happens here, identically for every backend: the state is flattened
 (refusing what cannot be stored, with its key path), the backend writes the
 tensors, every file is made durable, the manifest is written last and the
-checkpoint renamed into place (:mod:`aptckpt._atomic`). Loading reads and
+checkpoint renamed into place (:mod:`aptckpt.storage.local._atomic`). Loading reads and
 validates the manifest, lets the backend read (and verify) the tensors, then
 restores devices, ``nn.Parameter`` and ``requires_grad`` and rebuilds the state,
 with aliased tensors coming back as one object.
@@ -25,7 +25,6 @@ import torch
 
 from aptckpt import _background, _config, _dtypes, _gc, _into, registry, tree
 from aptckpt import manifest as mf
-from aptckpt._atomic import CheckpointReader, CheckpointWriter, remove_checkpoint, write_error
 from aptckpt._background import SaveHandle
 from aptckpt._paths import local_path
 from aptckpt._version import __version__
@@ -38,6 +37,12 @@ from aptckpt.errors import (
     IntegrityError,
     UnknownBackendError,
     UnsupportedObjectError,
+)
+from aptckpt.storage.local._atomic import (
+    CheckpointReader,
+    CheckpointWriter,
+    remove_checkpoint,
+    write_error,
 )
 
 __all__ = [

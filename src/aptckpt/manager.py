@@ -56,7 +56,6 @@ from typing import Any, Literal, Protocol
 
 import aptckpt.api as api
 from aptckpt import _background, _gc, _run_index, _rundir, _runlock, training_state
-from aptckpt._atomic import write_error
 from aptckpt._background import SaveHandle
 from aptckpt._paths import local_path
 from aptckpt._run_index import CheckpointRecord, order
@@ -71,6 +70,7 @@ from aptckpt.errors import (
     StoreBusyError,
 )
 from aptckpt.retention import RetentionPolicy
+from aptckpt.storage.local._atomic import write_error
 from aptckpt.training_state import ResumeInfo, capture_rng
 from aptckpt.training_state import restore_rng as restore_rng_states
 from aptckpt.tree import FlatState

@@ -50,14 +50,6 @@ from pathlib import Path
 
 import msgpack
 
-from aptckpt._atomic import (
-    fsync_dir,
-    fsync_file,
-    is_temporary,
-    open_regular,
-    temp_sibling,
-    write_file_atomic,
-)
 from aptckpt.errors import (
     FormatError,
     IntegrityError,
@@ -66,6 +58,14 @@ from aptckpt.errors import (
     UnsafePathError,
 )
 from aptckpt.manifest import MANIFEST_NAME, check_relative_path
+from aptckpt.storage.local._atomic import (
+    fsync_dir,
+    fsync_file,
+    is_temporary,
+    open_regular,
+    temp_sibling,
+    write_file_atomic,
+)
 
 __all__ = [
     "DEFAULT_STORE_NAME",

@@ -20,8 +20,6 @@ tensors in parallel.
 
 from __future__ import annotations
 
-import os
-import stat
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,16 +38,17 @@ from aptckpt.errors import (
     FormatError,
     IntegrityError,
     StateChangedError,
-    UnsafePathError,
 )
 from aptckpt.manifest import FileRecord, Manifest
+from aptckpt.storage.base import FileProblem, RawRead
 
 if TYPE_CHECKING:
-    from aptckpt._atomic import CheckpointReader
+    from aptckpt.storage.base import DataFiles
 
 __all__ = [
     "DIGEST_MISMATCH",
     "ChunkRecord",
+    "FileProblem",
     "RawPlace",
     "check_chunk_size",
     "check_common_options",
@@ -63,7 +62,6 @@ __all__ = [
     "fill_tensors",
     "host_tensor",
     "locate_chunk",
-    "open_data_files",
     "ordered_map",
     "parse_chunk_table",
     "refuse_damaged_files",
@@ -359,6 +357,7 @@ def fill_tensors(
     where: str,
     into: Sequence[torch.Tensor | None] | None = None,
     stored_raw: Callable[[C], RawPlace | None] | None = None,
+    files: DataFiles | None = None,
     skip: frozenset[int] = frozenset(),
 ) -> list[torch.Tensor]:
     """Fill fresh tensors (or ``into``'s, see :func:`new_tensors`) chunk by chunk, in
@@ -370,10 +369,10 @@ def fill_tensors(
     messages: the file it lives in and where in it.
 
     ``stored_raw(chunk)``, when given, says where a chunk stored as its raw bytes
-    lies (:class:`RawPlace`); all such chunks are read straight into their
-    destinations, and checked, by one call into the core (:func:`_read_raw`)
-    instead of one ``decode`` each. Tensors whose index is in ``skip`` are taken
-    from ``into`` as they are (already filled: memory-mapped).
+    lies (:class:`RawPlace`, in ``files``); all such chunks are read straight into
+    their destinations, and checked, by one call into the storage (locally, into the
+    core: :func:`_read_raw`) instead of one ``decode`` each. Tensors whose index is in
+    ``skip`` are taken from ``into`` as they are (already filled: memory-mapped).
     """
     outs = new_tensors(manifest, into)
     slots = []
@@ -405,7 +404,7 @@ def fill_tensors(
 
     # Collect every damaged chunk rather than stopping at the first, so that
     # verify() reports all of them, in (tensor, chunk) order.
-    problems = _read_raw(raw_slots, locate, threads=threads, where=where)
+    problems = _read_raw(raw_slots, files, locate, threads=threads, where=where)
     batches = _batches(slots)
     problems += [
         e
@@ -420,10 +419,10 @@ def fill_tensors(
 
 @dataclass(frozen=True)
 class RawPlace:
-    """Where a chunk stored as its raw bytes lies: an open file, an offset, and the digest
-    to check it against (None: not checked)."""
+    """Where a chunk stored as its raw bytes lies: a data file (its index), an offset, and
+    the digest to check it against (None: not checked)."""
 
-    fd: int
+    file: int
     offset: int
     digest: bytes | None
 
@@ -436,25 +435,23 @@ _RAW_DAMAGE = {"eof": "the file ends before the chunk does", "digest": DIGEST_MI
 
 def _read_raw(
     raw_slots: list[tuple[_Slot[C], RawPlace]],
+    files: DataFiles | None,
     locate: Callable[[C], tuple[str, str]],
     *,
     threads: int,
     where: str,
 ) -> list[tuple[int, int, IntegrityError]]:
-    """Read raw chunks into their slots and check them, in one parallel call into the core
-    (adjacent chunks of one file share a system call; each is hashed right after its read).
-    Returns ``(tensor, chunk, damage)`` per damaged chunk."""
+    """Read raw chunks into their slots and check them, in one parallel call into the
+    storage (locally the core: adjacent chunks of one file share a system call; each is
+    hashed right after its read). Returns ``(tensor, chunk, damage)`` per damaged chunk."""
     if not raw_slots:
         return []
+    assert files is not None, "stored_raw() needs the data files"
     places = [place for _, place in raw_slots]
     check = places[0].digest is not None  # a load verifies every chunk or none
     assert all((p.digest is not None) == check for p in places)
-    found = _accel.read_verify_many(
-        [p.fd for p in places],
-        [slot.out for slot, _ in raw_slots],
-        [p.offset for p in places],
-        b"".join(p.digest or b"" for p in places) if check else None,
-        threads,
+    found = files.read_verify(
+        [RawRead(p.file, p.offset, slot.out, p.digest) for slot, p in raw_slots], threads
     )
     problems = []
     for index, why in found:
@@ -555,54 +552,6 @@ def combined(problems: list[IntegrityError], manifest: Manifest, where: str) -> 
     )
 
 
-@dataclass(frozen=True)
-class FileProblem:
-    """A data file that cannot be used: missing (``size`` None) or of the wrong size."""
-
-    size: int | None
-    error: IntegrityError
-
-
-def open_data_files(
-    reader: CheckpointReader, records: Sequence[FileRecord]
-) -> tuple[list[int], dict[int, FileProblem]]:
-    """Open every data file, checked as :meth:`CheckpointReader.open` does.
-
-    Returns one descriptor per file (-1 where it failed) and, per failed file
-    index, what is wrong, so that the chunks it holds can be named. A link or a
-    file that is not a regular one raises ``UnsafePathError`` at once; it is
-    refused before ``open`` so that a FIFO cannot block the reader. The caller
-    closes the descriptors.
-    """
-    fds: list[int] = []
-    failed: dict[int, FileProblem] = {}
-    try:
-        for index, record in enumerate(records):
-            path = reader.root / record.path
-            try:
-                mode = os.lstat(path).st_mode
-            except FileNotFoundError:
-                mode = None
-            if mode is not None and not stat.S_ISREG(mode):
-                what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
-                raise UnsafePathError(
-                    f"data file '{record.path}' is {what}; checkpoints hold regular files only",
-                    path=str(reader.root),
-                )
-            try:
-                fds.append(reader.open(record))
-            except IntegrityError as err:
-                fds.append(-1)
-                size = None if mode is None else os.lstat(path).st_size
-                failed[index] = FileProblem(size, err)
-    except BaseException:
-        for fd in fds:
-            if fd >= 0:
-                os.close(fd)
-        raise
-    return fds, failed
-
-
 def refuse_damaged_files(
     manifest: Manifest,
     table: Sequence[Sequence[ChunkRecord]],
@@ -610,8 +559,9 @@ def refuse_damaged_files(
     where: str,
 ) -> None:
     """Data files are missing or have the wrong size (``failed``, from
-    :func:`open_data_files`): raise ``IntegrityError`` naming the chunks lost, before anything
-    is allocated; else (bytes appended) the first file's own error."""
+    :meth:`~aptckpt.storage.base.CheckpointReader.open_files`): raise ``IntegrityError``
+    naming the chunks lost, before anything is allocated; else (bytes appended) the first
+    file's own error."""
     files = manifest.files
 
     def problem(chunk: ChunkRecord) -> tuple[str, str] | None:
@@ -654,7 +604,7 @@ def decode_into(
     table: Sequence[Sequence[ChunkRecord]],
     pipelines: Sequence[Pipeline],
     chunk_size: int,
-    fds: Sequence[int],
+    files: DataFiles,
     *,
     verify: bool,
     threads: int,
@@ -667,11 +617,10 @@ def decode_into(
 
     def decode(chunk: ChunkRecord, out: memoryview) -> None:
         pipeline = pipelines[chunk.codec]
-        fd = fds[chunk.file]
         if pipeline.xor:
             raise CodecError("xor-delta chunks need a base; this backend stores none")
-        # Raw chunks never get here: stored_raw() sends them to the core in one call.
-        stored = os.pread(fd, chunk.length, chunk.offset)
+        # Raw chunks never get here: stored_raw() sends them to the storage in one call.
+        stored = files.read(chunk.file, chunk.offset, chunk.length)
         if verify and _accel.xxh3_128(stored) != chunk.stored_digest:
             raise CodecError("stored-bytes digest mismatch: the file changed after saving")
         pipeline.decode(stored, out)
@@ -684,7 +633,7 @@ def decode_into(
     def stored_raw(chunk: ChunkRecord) -> RawPlace | None:
         if chunk.codec not in raw_codecs:
             return None
-        return RawPlace(fds[chunk.file], chunk.offset, chunk.digest if verify else None)
+        return RawPlace(chunk.file, chunk.offset, chunk.digest if verify else None)
 
     return fill_tensors(
         manifest,
@@ -696,6 +645,7 @@ def decode_into(
         where=where,
         into=into,
         stored_raw=stored_raw,
+        files=files,
         skip=skip,
     )
 

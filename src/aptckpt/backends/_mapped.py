@@ -17,9 +17,8 @@ delete it, is safe: the mapping keeps the unlinked file's data.
 
 from __future__ import annotations
 
-import mmap
-import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +26,9 @@ from aptckpt import _accel, _dtypes
 from aptckpt.backends import _chunks
 from aptckpt.codecs import RAW, Pipeline
 from aptckpt.manifest import Manifest
+
+if TYPE_CHECKING:
+    from aptckpt.storage.base import DataFiles
 
 __all__ = ["map_raw_tensors"]
 
@@ -53,16 +55,17 @@ def map_raw_tensors(
     table: Sequence[Sequence[_chunks.ChunkRecord]],
     pipelines: Sequence[Pipeline],
     chunk_size: int,
-    fds: Sequence[int],
+    files: DataFiles,
     *,
     verify: bool,
     threads: int,
     where: str,
 ) -> dict[int, torch.Tensor]:
-    """Map every mappable tensor (see the module docstring); return them by index.
+    """Map every mappable tensor (see the module docstring); return them by index (none
+    where the storage cannot map files: object stores).
 
     Raises ``IntegrityError`` naming every damaged chunk of a mapped tensor when verifying.
-    The descriptors stay the caller's to close; the mappings keep none open.
+    The files stay the caller's to close; the mappings keep none open.
     """
     raw = {index for index, pipeline in enumerate(pipelines) if pipeline == RAW}
     maps: dict[int, torch.UntypedStorage] = {}
@@ -76,7 +79,10 @@ def map_raw_tensors(
             continue
         file, offset = span
         if file not in maps:
-            maps[file] = _map_file(fds[file], manifest.files[file].size, verify=verify)
+            mapped = files.map_file(file, manifest.files[file].size, verify=verify)
+            if mapped is None:
+                return {}
+            maps[file] = mapped
         flat = torch.empty(0, dtype=torch.uint8).set_(maps[file], offset, (record.nbytes,), (1,))
         out[index] = flat.view(dtype).view(record.shape)
         if verify:
@@ -84,25 +90,6 @@ def map_raw_tensors(
     if regions:
         _check(regions, table, chunk_size, manifest, threads=threads, where=where)
     return out
-
-
-def _map_file(fd: int, size: int, *, verify: bool) -> torch.UntypedStorage:
-    """A private, writable (copy-on-write) mapping of the open file ``fd`` as a storage.
-
-    torch maps it through ``/proc/self/fd`` -- the very file already opened and checked, not
-    a path that could have changed since -- and closes its own descriptor at once, so no
-    descriptor stays open per mapped file (Python's ``mmap`` would keep a duplicate for as
-    long as the tensors live). Without ``/proc``, ``mmap`` does it.
-    """
-    if verify:  # every page is about to be hashed: have a cold file read ahead in bulk
-        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
-    proc = f"/proc/self/fd/{fd}"
-    if os.path.exists(proc):
-        storage = torch.UntypedStorage.from_file(proc, shared=False, nbytes=size)
-        assert isinstance(storage, torch.UntypedStorage)
-        return storage
-    mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    return torch.frombuffer(mapped, dtype=torch.uint8).untyped_storage()
 
 
 def _check(

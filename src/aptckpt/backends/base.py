@@ -10,7 +10,7 @@ Call order, driven by :mod:`aptckpt.api`:
 Saving
     1. ``Backend(**options)`` once per save; bad options raise ``BackendError``.
     2. :meth:`Backend.write` once, with the flattened state and a
-       ``CheckpointWriter`` whose :meth:`~aptckpt._atomic.CheckpointWriter.path`
+       ``CheckpointWriter`` whose :meth:`~aptckpt.storage.local._atomic.CheckpointWriter.path`
        hands out file names inside the (temporary) checkpoint directory. It
        returns the backend's *payload*: msgpack-ready data stored in the manifest.
        A backend that keeps data outside the checkpoint (the ``delta`` object
@@ -50,8 +50,8 @@ from aptckpt.errors import BackendError
 if TYPE_CHECKING:
     import torch
 
-    from aptckpt._atomic import CheckpointReader, CheckpointWriter
     from aptckpt.manifest import Manifest
+    from aptckpt.storage.base import CheckpointReader, CheckpointWriter
     from aptckpt.tree import FlatState
 
 __all__ = ["Backend", "BackendOptions", "InPlaceBackend", "TensorLayout"]

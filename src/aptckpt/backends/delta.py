@@ -59,8 +59,6 @@ from typing import Any, ClassVar
 import torch
 
 from aptckpt import _accel, _config, _dtypes, objectstore, tree
-from aptckpt._atomic import CheckpointReader, CheckpointWriter
-from aptckpt._directio import DirectWriter
 from aptckpt.backends import _chunks
 from aptckpt.backends.base import BackendOptions, InPlaceBackend, TensorLayout
 from aptckpt.codecs import RAW, CodecError, Pipeline
@@ -77,6 +75,7 @@ from aptckpt.errors import (
 )
 from aptckpt.manifest import Manifest, TensorRecord, check_relative_path
 from aptckpt.objectstore import ObjectStore
+from aptckpt.storage.local._atomic import CheckpointReader, CheckpointWriter
 from aptckpt.tree import FlatState
 
 __all__ = [
@@ -552,7 +551,7 @@ class DeltaBackend(InPlaceBackend):
                 buffers.append(view[start:stop])
                 offset += stop - start
             rows.append(tensor_rows)
-        with DirectWriter(writer.path(_LOCAL_SHARD)) as f:
+        with writer.open(_LOCAL_SHARD) as f:
             f.write_many(buffers, self._threads)
         return rows
 
@@ -727,27 +726,22 @@ class DeltaBackend(InPlaceBackend):
         verify: bool,
     ) -> None:
         """Decode the small tensors kept in the checkpoint's own shard into ``outs``."""
-        where = str(reader.root)
-        fds, failed = _chunks.open_data_files(reader, manifest.files)
-        try:
-            if failed:
-                _chunks.refuse_damaged_files(manifest, payload.local_rows, failed, where)
+        where = reader.location
+        with reader.open_files(manifest.files) as files:
+            if files.failed:
+                _chunks.refuse_damaged_files(manifest, payload.local_rows, files.failed, where)
             _chunks.decode_into(
                 manifest,
                 payload.local_rows,
                 payload.local_codecs,
                 payload.chunk_size,
-                fds,
+                files,
                 verify=verify,
                 threads=self._threads,
                 where=where,
                 into=outs,
                 skip=frozenset(range(len(outs))) - payload.local,
             )
-        finally:
-            for fd in fds:
-                if fd >= 0:
-                    os.close(fd)
 
     def format_version(self, payload: Any) -> int:
         # the local shard's table came with format version 3

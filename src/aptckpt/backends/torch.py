@@ -45,8 +45,7 @@ Payload::
 from __future__ import annotations
 
 import functools
-import mmap
-import os
+import io
 import pickle
 import warnings
 from collections.abc import Callable, Sequence
@@ -57,12 +56,11 @@ import msgpack
 import torch
 
 from aptckpt import _accel, _config, _dtypes, tree
-from aptckpt._atomic import CheckpointReader, CheckpointWriter, open_regular
-from aptckpt._directio import DirectWriter
 from aptckpt.backends import _chunks, _torchfile
 from aptckpt.backends.base import Backend, BackendOptions, TensorLayout
 from aptckpt.errors import FormatError, IntegrityError, UnsupportedObjectError
 from aptckpt.manifest import Manifest
+from aptckpt.storage.base import CheckpointReader, CheckpointWriter, DataFiles
 from aptckpt.tree import FlatState
 
 __all__ = ["TorchBackend", "TorchOptions", "write_torch_file"]
@@ -81,14 +79,21 @@ class TorchOptions(BackendOptions):
     chunk_size: int = _config.DEFAULT_CHUNK_SIZE
 
 
-def _file_digests(fd: int, size: int, chunk_size: int) -> bytes:
+def _contents(files: DataFiles, size: int) -> Any:
+    """The first ``size`` bytes of the data file as a buffer: a read-ahead memory map
+    where the storage has one (nothing copied), else the bytes read."""
     if size == 0:
         return b""
-    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as view:
-        # Every page is about to be read: start reading all of them now (a cold file is
-        # read ahead in large requests instead of page fault by page fault).
-        view.madvise(mmap.MADV_WILLNEED)
-        return _accel.hash_chunks(view, chunk_size)  # type: ignore[no-any-return]
+    mapped = files.map_file(0, size, verify=True)
+    if mapped is None:
+        return files.read(0, 0, size)
+    return torch.empty(0, dtype=torch.uint8).set_(mapped).numpy().data
+
+
+def _file_digests(contents: Any, chunk_size: int) -> bytes:
+    if not len(contents):
+        return b""
+    return _accel.hash_chunks(contents, chunk_size)  # type: ignore[no-any-return]
 
 
 def _span(t: torch.Tensor) -> int:
@@ -235,7 +240,7 @@ class TorchBackend(Backend):
         before = _accel.hash_chunks_many([now for _, now, _ in sources], self.options.chunk_size)
         # Direct writes, hashed on the way in: the file is not read back. A failed write
         # (disk full) arrives as its OSError, which the caller reports as a WriteError.
-        with DirectWriter(writer.path(FILE_NAME), digest_chunk_size=self.options.chunk_size) as f:
+        with writer.open(FILE_NAME, digest_chunk_size=self.options.chunk_size) as f:
             write_torch_file(flat, f)
         after = _accel.hash_chunks_many([live() for _, _, live in sources], self.options.chunk_size)
         changed = tuple(
@@ -261,26 +266,26 @@ class TorchBackend(Backend):
     def read(
         self, reader: CheckpointReader, manifest: Manifest, *, verify: bool = True
     ) -> list[torch.Tensor]:
-        where = str(reader.root)
+        where = reader.location
         size, chunk_size, digests = self._parse(manifest, where)
         record = manifest.files[0]
-        (fd,), failed = _chunks.open_data_files(reader, manifest.files)
-        if failed:
-            raise _Damage(reader, manifest, chunk_size, digests).error(failed[0])
-        try:
-            if verify and _file_digests(fd, size, chunk_size) != digests:
-                raise _Damage(reader, manifest, chunk_size, digests).error(None)
-            with os.fdopen(os.dup(fd), "rb") as f:
+        with reader.open_files(manifest.files) as files:
+            damage = _Damage(where, files, manifest, chunk_size, digests)
+            if files.failed:
+                raise damage.error(files.failed[0])
+            local = reader.storage.local
+            contents = _contents(files, size) if verify or not local else b""
+            if verify and _file_digests(contents, chunk_size) != digests:
+                raise damage.error(None)
+            # Locally torch reads the file itself; elsewhere the bytes already read.
+            with files.stream(0) if local else io.BytesIO(contents) as f:
                 try:
                     state = _load_safely(f, where, record.path)
                 except _Unreadable as err:
                     # Damage, or a file torch cannot read as written: the digests tell.
-                    if not verify and _file_digests(fd, size, chunk_size) != digests:
-                        damage = _Damage(reader, manifest, chunk_size, digests).error(None)
-                        raise damage from err.__cause__
+                    if not verify and _file_digests(_contents(files, size), chunk_size) != digests:
+                        raise damage.error(None) from err.__cause__
                     raise err.intact(manifest) from err.__cause__
-        finally:
-            os.close(fd)
         try:
             flat = tree.flatten(state)
         except Exception as err:
@@ -361,10 +366,10 @@ class _Damage:
     """Names what a damaged ``state.pt`` loses: the file, the chunks, the tensors."""
 
     def __init__(
-        self, reader: CheckpointReader, manifest: Manifest, chunk_size: int, digests: bytes
+        self, where: str, files: DataFiles, manifest: Manifest, chunk_size: int, digests: bytes
     ) -> None:
-        self.where = str(reader.root)
-        self.reader, self.manifest = reader, manifest
+        self.where = where
+        self.files, self.manifest = files, manifest
         self.record = manifest.files[0]
         self.chunk_size, self.digests = chunk_size, digests
 
@@ -403,43 +408,37 @@ class _Damage:
     def _locate(self, nbytes: list[int]) -> tuple[str, list[int] | None]:
         """Hash what is left of the file; which chunks differ, and which tensors they hold."""
         file, recorded, cs = self.record.path, self.record.size, self.chunk_size
-        fd = open_regular(self.reader.root / file, file, self.reader.root)
-        try:
-            size = os.fstat(fd).st_size
-            complete = min(size, recorded) // cs
-            found = _file_digests(fd, complete * cs, cs)
-            good = [
-                found[16 * i : 16 * i + 16] == self.digests[16 * i : 16 * i + 16]
-                for i in range(complete)
-            ]
-            bad = [(i * cs, (i + 1) * cs) for i, ok in enumerate(good) if not ok]
-            if size < recorded:
-                bad.append((size, recorded))
-                what = f"data file '{file}' is truncated to {size} bytes (manifest says {recorded})"
-            else:
-                if size % cs:  # the last, shorter chunk
-                    good.append(_digest_at(fd, complete * cs, size % cs) == self.digests[-16:])
-                    if not good[-1]:
-                        bad.append((complete * cs, size))
-                what = (
-                    f"'{file}' differs from its digests in {len(bad)} chunk(s) of {cs} bytes "
-                    f"(first at offset {bad[0][0] if bad else '?'})"
-                )
-            verified = min(size, len(good) * cs)
+        size = self.files.size(0)
+        contents = _contents(self.files, size)
+        complete = min(size, recorded) // cs
+        found = _file_digests(memoryview(contents)[: complete * cs], cs)
+        good = [
+            found[16 * i : 16 * i + 16] == self.digests[16 * i : 16 * i + 16]
+            for i in range(complete)
+        ]
+        bad = [(i * cs, (i + 1) * cs) for i, ok in enumerate(good) if not ok]
+        if size < recorded:
+            bad.append((size, recorded))
+            what = f"data file '{file}' is truncated to {size} bytes (manifest says {recorded})"
+        else:
+            if size % cs:  # the last, shorter chunk
+                tail = memoryview(contents)[complete * cs : size]
+                good.append(_accel.xxh3_128(tail) == self.digests[-16:])
+                if not good[-1]:
+                    bad.append((complete * cs, size))
+            what = (
+                f"'{file}' differs from its digests in {len(bad)} chunk(s) of {cs} bytes "
+                f"(first at offset {bad[0][0] if bad else '?'})"
+            )
+        verified = min(size, len(good) * cs)
 
-            def intact(start: int, stop: int) -> bool:
-                return stop <= verified and all(good[start // cs : -(-stop // cs)])
+        def intact(start: int, stop: int) -> bool:
+            return stop <= verified and all(good[start // cs : -(-stop // cs)])
 
-            if size == 0:
-                return what, [i for i, n in enumerate(nbytes) if n]
-            with mmap.mmap(fd, size, prot=mmap.PROT_READ) as data:
-                return what, _torchfile.damaged_tensors(data, bad, intact, nbytes)
-        finally:
-            os.close(fd)
-
-
-def _digest_at(fd: int, offset: int, length: int) -> bytes:
-    return _accel.xxh3_128(os.pread(fd, length, offset))  # type: ignore[no-any-return]
+        if size == 0:
+            return what, [i for i, n in enumerate(nbytes) if n]
+        # the zip parser searches (find/rfind): bytes, on this rare path
+        return what, _torchfile.damaged_tensors(bytes(contents), bad, intact, nbytes)
 
 
 class _Unreadable(Exception):

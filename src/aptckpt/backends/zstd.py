@@ -26,7 +26,6 @@ and verifies chunks in parallel straight into the destination tensors.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,13 +34,12 @@ from typing import Any, ClassVar
 import torch
 
 from aptckpt import _accel, _config, _dtypes
-from aptckpt._atomic import CheckpointReader, CheckpointWriter
-from aptckpt._directio import DirectWriter
 from aptckpt.backends import _chunks, _mapped
 from aptckpt.backends.base import BackendOptions, InPlaceBackend, TensorLayout
 from aptckpt.codecs import RAW, Pipeline
 from aptckpt.errors import BackendError, FormatError
 from aptckpt.manifest import Manifest
+from aptckpt.storage.base import CheckpointReader, CheckpointWriter, Sink
 from aptckpt.tree import FlatState
 
 __all__ = ["ZstdBackend", "ZstdOptions"]
@@ -89,7 +87,7 @@ class _ShardWriter:
 
     def __init__(self, writer: CheckpointWriter, shard_size: int) -> None:
         self.writer, self.shard_size = writer, shard_size
-        self.file: DirectWriter | None = None
+        self.file: Sink | None = None
         self.index = -1
 
     def append(self, data: Any) -> tuple[int, int]:
@@ -103,7 +101,7 @@ class _ShardWriter:
     def _next_shard(self) -> None:
         self.close()
         self.index += 1
-        self.file = DirectWriter(self.writer.path(f"shard-{self.index:05d}.bin"))
+        self.file = self.writer.open(f"shard-{self.index:05d}.bin")
 
     def close(self) -> None:
         if self.file is not None:
@@ -207,7 +205,7 @@ class ZstdBackend(InPlaceBackend):
             )
             return found
 
-        file: DirectWriter | None = None
+        file: Sink | None = None
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="aptckpt-hash") as pool:
                 hashing = pool.submit(digest, groups[0]) if groups else None
@@ -220,7 +218,7 @@ class ZstdBackend(InPlaceBackend):
                     if file is None or group[0] != groups[index - 1][0]:
                         if file is not None:
                             file.close()
-                        file = DirectWriter(writer.path(f"shard-{group[0]:05d}.bin"))
+                        file = writer.open(f"shard-{group[0]:05d}.bin")
                     file.write_many([job.data for job in group[1]], self._threads)
             if file is not None:
                 file.close()
@@ -291,12 +289,11 @@ class ZstdBackend(InPlaceBackend):
         into: Sequence[torch.Tensor | None] | None = None,
         mapped: bool = False,
     ) -> list[torch.Tensor]:
-        where = str(reader.root)
+        where = reader.location
         chunk_size, pipelines, table = self._parse(manifest, where)
-        fds, failed = _chunks.open_data_files(reader, manifest.files)
-        try:
-            if failed:
-                _chunks.refuse_damaged_files(manifest, table, failed, where)
+        with reader.open_files(manifest.files) as files:
+            if files.failed:
+                _chunks.refuse_damaged_files(manifest, table, files.failed, where)
             maps: dict[int, torch.Tensor] = {}
             if mapped:
                 maps = _mapped.map_raw_tensors(
@@ -304,28 +301,25 @@ class ZstdBackend(InPlaceBackend):
                     table,
                     pipelines,
                     chunk_size,
-                    fds,
+                    files,
                     verify=verify,
                     threads=self._threads,
                     where=where,
                 )
-                into = [maps.get(i) for i in range(len(manifest.tensors))]
+                if maps:
+                    into = [maps.get(i) for i in range(len(manifest.tensors))]
             return _chunks.decode_into(
                 manifest,
                 table,
                 pipelines,
                 chunk_size,
-                fds,
+                files,
                 verify=verify,
                 threads=self._threads,
                 where=where,
                 into=into,
                 skip=frozenset(maps),
             )
-        finally:
-            for fd in fds:
-                if fd >= 0:
-                    os.close(fd)
 
     def describe(self, manifest: Manifest) -> list[TensorLayout]:
         _, pipelines, table = self._parse(manifest, "manifest")

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 import torch
 
 from aptckpt import objectstore, tree
-from aptckpt._atomic import is_checkpoint, is_temporary
 from aptckpt._progress import Progress
+from aptckpt.storage.local._atomic import is_checkpoint, is_temporary
 
 T = TypeVar("T")
 

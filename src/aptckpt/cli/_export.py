@@ -21,10 +21,10 @@ import torch
 
 import aptckpt
 from aptckpt import tree
-from aptckpt._atomic import fsync_dir
-from aptckpt._temps import temp_sibling
 from aptckpt.backends.torch import write_torch_file
 from aptckpt.cli._common import UsageError, busy, dotted_items, dtype_str, fmt_size
+from aptckpt.storage.local._atomic import fsync_dir
+from aptckpt.storage.local._temps import temp_sibling
 
 
 def _exists(dst: Path) -> UsageError:

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import aptckpt
-from aptckpt._atomic import is_checkpoint
 from aptckpt._runlock import LOCK_NAME
 from aptckpt.cli._common import (
     UsageError,
@@ -25,6 +24,7 @@ from aptckpt.cli._common import (
     render_table,
 )
 from aptckpt.errors import AptckptError, StoreNotFoundError
+from aptckpt.storage.local._atomic import is_checkpoint
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -27,7 +27,6 @@ from typing import Any
 
 import aptckpt
 from aptckpt import objectstore
-from aptckpt._atomic import is_checkpoint, is_temporary
 from aptckpt._progress import Progress
 from aptckpt.cli._common import (
     UsageError,
@@ -45,6 +44,7 @@ from aptckpt.errors import (
     IntegrityError,
 )
 from aptckpt.manifest import MANIFEST_NAME
+from aptckpt.storage.local._atomic import is_checkpoint, is_temporary
 
 
 def _problem(err: BaseException) -> dict[str, Any]:

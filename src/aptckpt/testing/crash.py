@@ -55,12 +55,12 @@ import torch
 
 import aptckpt
 from aptckpt import _background, api
-from aptckpt._atomic import CheckpointWriter, is_checkpoint, is_temporary
 from aptckpt.apt import train_model
 from aptckpt.apt.model import APTConfig
 from aptckpt.apt.train import _Run
 from aptckpt.manager import CheckpointManager
 from aptckpt.objectstore import DEFAULT_STORE_NAME
+from aptckpt.storage.local._atomic import CheckpointWriter, is_checkpoint, is_temporary
 from aptckpt.testing._compare import assert_state_equal
 
 __all__ = ["EpisodeReport", "check_run", "run_episode"]

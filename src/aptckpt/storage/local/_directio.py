@@ -13,7 +13,7 @@ Where the file system refuses ``O_DIRECT`` (tmpfs, some network file systems: ``
 open or at the first write) the writer goes on with plain buffered writes of the caller's
 bytes, without the copy. ``APTCKPT_DIRECT_IO=0`` asks for that everywhere.
 
-The caller still fsyncs the file (:meth:`aptckpt._atomic.CheckpointWriter.sync_files`):
+The caller still fsyncs the file (:meth:`~aptckpt.storage.base.CheckpointWriter.sync_files`):
 ``O_DIRECT`` makes neither the file's size nor its allocation durable, nor does it flush the
 device's cache.
 """
@@ -36,6 +36,7 @@ from typing import Any
 import xxhash
 
 from aptckpt import _accel, _config
+from aptckpt.storage.base import Sink
 
 __all__ = ["BLOCK_SIZE", "BUFFER_SIZE", "DirectWriter"]
 
@@ -98,7 +99,7 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-class DirectWriter:
+class DirectWriter(Sink):
     """A new file filled front to back by :meth:`write`; see the module docstring.
 
     Not thread-safe: one caller writes. Use as a context manager, or call :meth:`close`

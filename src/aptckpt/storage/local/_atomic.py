@@ -6,7 +6,7 @@ written and fsynced, then the temp directory, then it is renamed onto the final
 name and the parent directory is fsynced. A crash at any instant leaves either
 the old state or the new one, plus at worst hidden entries, which the next save
 into the same parent removes once their owner is gone -- judged by a lock the
-owner holds, never by a pid (:mod:`aptckpt._temps`).
+owner holds, never by a pid (:mod:`aptckpt.storage.local._temps`).
 
 Deleting renames the checkpoint to a hidden trash name first, so a crash
 part-way through leaves hidden debris, never a visible half-deleted checkpoint.
@@ -19,7 +19,7 @@ the two leaves the old one under the ``old`` name, and the next save in that
 folder or the next load of that name renames it back: the name ends with the
 old checkpoint or the new one, never neither.
 
-Reading: :mod:`aptckpt._reader` (re-exported here).
+Reading: :mod:`aptckpt.storage.local._reader` (re-exported here).
 """
 
 from __future__ import annotations
@@ -33,24 +33,25 @@ import shutil
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
 from typing import TypeVar
 
 from aptckpt import manifest as mf
 from aptckpt._config import threads as default_threads
-from aptckpt._reader import CheckpointReader, open_regular
-from aptckpt._temps import (
+from aptckpt.errors import (
+    CheckpointExistsError,
+    InvalidNameError,
+    WriteError,
+)
+from aptckpt.storage import base
+from aptckpt.storage.local._directio import DirectWriter
+from aptckpt.storage.local._reader import CheckpointReader, open_regular
+from aptckpt.storage.local._temps import (
     NAME_MAX,
     Owner,
     is_temporary,
     remove_stale_temps,
     settle_old,
     temp_sibling,
-)
-from aptckpt.errors import (
-    CheckpointExistsError,
-    InvalidNameError,
-    WriteError,
 )
 
 __all__ = [
@@ -202,7 +203,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-class CheckpointWriter:
+class CheckpointWriter(base.CheckpointWriter):
     """Collects the files of one checkpoint in a temp directory, then commits them.
 
     Use as a context manager: leaving it without :meth:`commit` (an exception)
@@ -210,7 +211,12 @@ class CheckpointWriter:
     """
 
     def __init__(self, final: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        from aptckpt.storage.local import LOCAL
+
+        super().__init__()
+        self.storage = LOCAL
         self.final = Path(os.path.abspath(final))
+        self.path = str(self.final)
         self.overwrite = overwrite
         check_name(self.final)
         parent = self.final.parent
@@ -245,10 +251,6 @@ class CheckpointWriter:
             ) from err
         self._files: list[str] = []
         self._committed = False
-        self._held = contextlib.ExitStack()
-        #: Bytes a backend wrote outside the checkpoint directory for this save
-        #: (new objects in a shared store); counted in ``SaveInfo.stored_bytes``.
-        self.external_bytes = 0
 
     def _check_target(self) -> None:
         final = self.final
@@ -282,30 +284,14 @@ class CheckpointWriter:
             "(move it away or choose another path)",
         )
 
-    def __enter__(self) -> CheckpointWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _finish(self) -> None:
         try:
-            if not self._committed:
-                self.abort()
+            # An old checkpoint still out of its name (a failure between the two
+            # renames, and putting it back failed too) keeps the lock file, which
+            # records the name for the cleanup that restores it.
+            self._owner.release(keep_lock_file=not self._settle_old())
         finally:
-            try:
-                # An old checkpoint still out of its name (a failure between the two
-                # renames, and putting it back failed too) keeps the lock file, which
-                # records the name for the cleanup that restores it.
-                self._owner.release(keep_lock_file=not self._settle_old())
-            finally:
-                self._held.close()
-
-    def hold(self, resource: contextlib.AbstractContextManager[T]) -> T:
-        """Enter ``resource`` (a lock) and keep it until the save commits or aborts."""
-        return self._held.enter_context(resource)
+            super()._finish()
 
     @property
     def committed(self) -> bool:
@@ -317,7 +303,12 @@ class CheckpointWriter:
         """Relative paths of the files created so far, in creation order."""
         return list(self._files)
 
-    def path(self, name: str) -> Path:
+    def open(self, name: str, *, digest_chunk_size: int = 0) -> DirectWriter:
+        """Start data file ``name``: written with ``O_DIRECT`` where the file system
+        takes it (:mod:`aptckpt.storage.local._directio`)."""
+        return DirectWriter(self.reserve(name), digest_chunk_size=digest_chunk_size or None)
+
+    def reserve(self, name: str) -> Path:
         """Reserve the data file ``name`` (relative, validated) and return its temp path."""
         mf.check_relative_path(name)
         if name == mf.MANIFEST_NAME or name in self._files:
@@ -384,7 +375,7 @@ class CheckpointWriter:
     def _replace_by_two_renames(self) -> None:
         """Without RENAME_EXCHANGE: the old checkpoint to the ``old`` name, the new one
         to the final name. The ``old`` entry is what a crash in between leaves; cleanup
-        and loads put it back (:mod:`aptckpt._temps`)."""
+        and loads put it back (:mod:`aptckpt.storage.local._temps`)."""
         self._settle_old()  # what an earlier attempt left
         os.rename(self.final, self._old)
         try:

@@ -5,14 +5,14 @@ and opens every file relative to it, following no link on the way (a file that
 is a link, or not a regular file, is refused), and checks the sizes the manifest
 records. Holding the directory is what makes a deletion during a load harmless
 or, at worst, clear: deleting renames the checkpoint away first (see
-:mod:`aptckpt._atomic`), so files the load opens afterwards still come from the
+:mod:`aptckpt.storage.local._atomic`), so files the load opens afterwards still come from the
 same checkpoint while they last; a file gone because the checkpoint was deleted
 is a :class:`CheckpointDeletedError`, not damage. A file this user may not read
 is an :class:`UnreadableError`, never a bare ``PermissionError``.
 
 A missing checkpoint whose replacement was interrupted between its two renames
 (no ``RENAME_EXCHANGE``) is first put back from its hidden ``old`` name
-(:func:`aptckpt._temps.recover`).
+(:func:`aptckpt.storage.local._temps.recover`).
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
+from aptckpt import _accel
 from aptckpt import manifest as mf
 from aptckpt._config import MAX_MANIFEST_BYTES
 from aptckpt._foreign import describe_foreign_file
-from aptckpt._temps import pending, recover
 from aptckpt.errors import (
     CheckpointDeletedError,
     CheckpointNotFoundError,
@@ -36,14 +37,19 @@ from aptckpt.errors import (
     UnreadableError,
     UnsafePathError,
 )
+from aptckpt.storage import base
+from aptckpt.storage.local._temps import pending, recover
 
-__all__ = ["CheckpointReader", "open_regular"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["CheckpointReader", "LocalDataFiles", "open_regular"]
 
 #: Opens a directory only to look names up in it (no read permission needed).
 _O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
 
 
-class CheckpointReader:
+class CheckpointReader(base.CheckpointReader):
     """Safe access to the files of a committed checkpoint.
 
     The checkpoint's directory stays open from construction to :meth:`close` (or
@@ -53,7 +59,11 @@ class CheckpointReader:
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
+        from aptckpt.storage.local import LOCAL
+
+        self.storage = LOCAL
         self.root = Path(os.path.abspath(root))
+        self.path = str(self.root)
         self.manifest_path = self.root / mf.MANIFEST_NAME
         self._fd: int | None = None
         fd = self._open_root(root)
@@ -186,14 +196,55 @@ class CheckpointReader:
         size = os.fstat(fd).st_size
         if size != record.size:
             os.close(fd)
-            what = "truncated" if size < record.size else "longer than recorded"
-            raise IntegrityError(
-                f"data file '{record.path}' of checkpoint '{self.root}' is {what} "
-                f"({size} bytes, manifest says {record.size}); the checkpoint is damaged",
-                path=str(self.root),
-                file=record.path,
-            )
+            raise self._wrong_size(record, size)
         return fd
+
+    def _wrong_size(self, record: mf.FileRecord, size: int) -> IntegrityError:
+        what = "truncated" if size < record.size else "longer than recorded"
+        return IntegrityError(
+            f"data file '{record.path}' of checkpoint '{self.root}' is {what} "
+            f"({size} bytes, manifest says {record.size}); the checkpoint is damaged",
+            path=str(self.root),
+            file=record.path,
+        )
+
+    def open_files(self, records: Sequence[mf.FileRecord]) -> LocalDataFiles:
+        """Open every data file, checked as :meth:`open` does; a file that cannot be used
+        is recorded in ``failed`` (-1 as its descriptor if it is missing; one of the wrong
+        size stays open, so the damage can be located). A link or a file that is not a
+        regular one raises ``UnsafePathError`` at once; it is refused before ``open`` so
+        that a FIFO cannot block the reader."""
+        fds: list[int] = []
+        failed: dict[int, base.FileProblem] = {}
+        try:
+            for index, record in enumerate(records):
+                path = self.root / record.path
+                try:
+                    mode: int | None = os.lstat(path).st_mode
+                except FileNotFoundError:
+                    mode = None
+                if mode is not None and not stat.S_ISREG(mode):
+                    what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+                    raise UnsafePathError(
+                        f"data file '{record.path}' is {what}; checkpoints hold regular files only",
+                        path=str(self.root),
+                    )
+                try:
+                    fd = self._open_member(record.path)
+                except IntegrityError as err:  # missing
+                    fds.append(-1)
+                    failed[index] = base.FileProblem(None, err)
+                    continue
+                fds.append(fd)  # kept open when of the wrong size: damage is located in it
+                size = os.fstat(fd).st_size
+                if size != record.size:
+                    failed[index] = base.FileProblem(size, self._wrong_size(record, size))
+        except BaseException:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        return LocalDataFiles(fds, failed)
 
     @contextlib.contextmanager
     def open_all(self, records: tuple[mf.FileRecord, ...]) -> Iterator[list[int]]:
@@ -205,6 +256,67 @@ class CheckpointReader:
             yield fds
         finally:
             for fd in fds:
+                os.close(fd)
+
+
+class LocalDataFiles(base.DataFiles):
+    """Open descriptors of a checkpoint's data files: positional reads, the core's
+    parallel verified reads, memory maps."""
+
+    def __init__(self, fds: list[int], failed: dict[int, base.FileProblem]) -> None:
+        self.fds = fds
+        self.failed = failed
+
+    def read(self, file: int, offset: int, length: int) -> bytes:
+        return os.pread(self.fds[file], length, offset)
+
+    def read_verify(self, reads: Sequence[base.RawRead], threads: int) -> list[tuple[int, str]]:
+        if not reads:
+            return []
+        check = reads[0].digest is not None
+        found: list[tuple[int, str]] = _accel.read_verify_many(
+            [self.fds[r.file] for r in reads],
+            [r.out for r in reads],
+            [r.offset for r in reads],
+            b"".join(r.digest or b"" for r in reads) if check else None,
+            threads,
+        )
+        return found
+
+    def stream(self, file: int) -> BinaryIO:
+        return os.fdopen(os.dup(self.fds[file]), "rb")
+
+    def size(self, file: int) -> int:
+        return os.fstat(self.fds[file]).st_size
+
+    def map_file(self, file: int, size: int, *, verify: bool) -> torch.UntypedStorage:
+        """A private, writable (copy-on-write) mapping of the open file as a storage.
+
+        torch maps it through ``/proc/self/fd`` -- the very file already opened and
+        checked, not a path that could have changed since -- and closes its own
+        descriptor at once, so no descriptor stays open per mapped file (Python's
+        ``mmap`` would keep a duplicate for as long as the tensors live). Without
+        ``/proc``, ``mmap`` does it.
+        """
+        import mmap
+
+        import torch
+
+        fd = self.fds[file]
+        if verify:  # every page is about to be hashed: have a cold file read ahead in bulk
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+        proc = f"/proc/self/fd/{fd}"
+        if os.path.exists(proc):
+            storage = torch.UntypedStorage.from_file(proc, shared=False, nbytes=size)
+            assert isinstance(storage, torch.UntypedStorage)
+            return storage
+        mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        return torch.frombuffer(mapped, dtype=torch.uint8).untyped_storage()
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            if fd >= 0:
                 os.close(fd)
 
 
