@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -47,6 +48,7 @@ __all__ = [
     "DataFiles",
     "Entry",
     "FileProblem",
+    "Lease",
     "RawRead",
     "Sink",
     "Storage",
@@ -102,6 +104,9 @@ class Sink(ABC):
         """Append each buffer in order (in parallel where the storage can)."""
         for buffer in buffers:
             self.write(buffer)
+
+    def flush(self) -> None:  # noqa: B027 -- sinks hand data on as they see fit
+        """Nothing to do: a sink hands its bytes on as it sees fit (file-object protocol)."""
 
     @abstractmethod
     def digests(self) -> bytes:
@@ -406,3 +411,37 @@ class Storage(ABC):
     @abstractmethod
     def makedirs(self, path: str) -> None:
         """Create folder ``path`` and its parents (nothing on object stores)."""
+
+    # ----------------------------------------------------------------- locks
+
+    #: True where :meth:`lock` excludes other processes (``flock``); object stores have
+    #: no such locks, and what relies on them (garbage collection) uses an age rule there.
+    has_locks: bool = False
+
+    def lock(
+        self, path: str, *, exclusive: bool, wait: bool = True
+    ) -> AbstractContextManager[None]:
+        """An advisory lock named by file ``path``, shared or exclusive, held while the
+        context is. Where :attr:`has_locks` is False it excludes nothing (a no-op);
+        ``wait=False`` raises ``BlockingIOError`` instead of waiting for a holder."""
+        return contextlib.nullcontext()
+
+    def lease(self, path: str, *, owner: Mapping[str, Any], ttl: float) -> Lease:
+        """Take the lease object ``path`` (a run lock that works on object stores): created
+        only if absent or expired (older than ``ttl`` seconds since its holder last
+        renewed it); raises ``FileExistsError`` (whose ``filename`` holds what the file
+        says of its holder) if another holder has it."""
+        raise NotImplementedError(f"{type(self).__name__} has no leases")
+
+
+class Lease(ABC):
+    """A held lease (:meth:`Storage.lease`): renew it well within its ttl, release it when
+    done. A holder that dies stops renewing; the lease expires and may be taken."""
+
+    @abstractmethod
+    def renew(self) -> None:
+        """Extend the lease; raises ``FileExistsError`` if it was lost to another holder."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Give the lease up (remove it, if it is still ours)."""
