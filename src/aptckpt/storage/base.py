@@ -326,6 +326,10 @@ class Storage(ABC):
     def name(path: str) -> str:
         return path.rstrip("/").rpartition("/")[2]
 
+    def same_checkpoint(self, path: str, other: Storage, other_path: str) -> bool:
+        """True if ``other_path`` in ``other`` names the same checkpoint as ``path`` here."""
+        return other.scheme == self.scheme and other.display(other_path) == self.display(path)
+
     # ----------------------------------------------------------- checkpoints
 
     @abstractmethod

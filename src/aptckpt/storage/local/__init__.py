@@ -40,6 +40,9 @@ class LocalStorage(base.Storage):
     def display(self, path: str) -> str:
         return path
 
+    def same_checkpoint(self, path: str, other: base.Storage, other_path: str) -> bool:
+        return other.local and os.path.realpath(path) == os.path.realpath(other_path)
+
     # ----------------------------------------------------------- checkpoints
 
     def create_checkpoint(self, path: str, *, overwrite: bool = False) -> CheckpointWriter:
