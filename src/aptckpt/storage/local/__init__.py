@@ -59,8 +59,8 @@ class LocalStorage(base.Storage):
             root = reader.root
         _atomic.remove_checkpoint(root)
 
-    def remove_debris(self, folder: str) -> int:
-        return len(_temps.remove_stale_temps(Path(folder)))
+    def remove_debris(self, folder: str, *, exclusive: bool = False) -> int:
+        return len(_temps.remove_stale_temps(Path(folder), exclusive=exclusive))
 
     # ----------------------------------------------------------------- files
 
@@ -139,6 +139,12 @@ class LocalStorage(base.Storage):
             return None
         return base.Entry(os.path.basename(path), _kind(st.st_mode), st.st_size, st.st_mtime)
 
+    def link_target(self, path: str) -> str | None:
+        try:
+            return os.readlink(path)
+        except OSError:
+            return None
+
     def list(self, folder: str) -> list[base.Entry]:
         try:
             with os.scandir(folder) as found:
@@ -168,11 +174,13 @@ class LocalStorage(base.Storage):
         os.makedirs(path, exist_ok=True)
 
 
-def _kind(mode: int) -> Literal["file", "dir", "other"]:
+def _kind(mode: int) -> Literal["file", "dir", "link", "other"]:
     if stat.S_ISREG(mode):
         return "file"
     if stat.S_ISDIR(mode):
         return "dir"
+    if stat.S_ISLNK(mode):
+        return "link"
     return "other"
 
 
