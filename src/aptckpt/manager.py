@@ -74,7 +74,7 @@ from aptckpt.errors import (
     StoreBusyError,
 )
 from aptckpt.retention import RetentionPolicy
-from aptckpt.storage import StorageOptions, is_url
+from aptckpt.storage import LOCAL, StorageOptions, is_url
 from aptckpt.storage.local._atomic import write_error
 from aptckpt.training_state import ResumeInfo, capture_rng
 from aptckpt.training_state import restore_rng as restore_rng_states
@@ -606,11 +606,10 @@ class CheckpointManager:
         if is_url(checkpoint_path):
             return os.fspath(checkpoint_path)
         path = Path(checkpoint_path)
-        if not self._run.storage.local:
-            return path if path.is_absolute() or path.exists() else self._run.display(str(path))
-        inside = Path(self._run.root) / path
-        if not path.exists() and not path.is_absolute() and inside.exists():
-            path = inside
+        if path.is_absolute() or LOCAL.info(os.path.abspath(path)) is not None:
+            return path  # a local checkpoint the caller names, wherever the run lives
+        if self._run.exists(path.as_posix()):
+            return self._run.user_path(path.as_posix())
         return path
 
     # ------------------------------------------------------------ loading
