@@ -123,9 +123,12 @@ def _local(path: str | os.PathLike[str], storage: Storage | None) -> tuple[Stora
 
 def is_store(path: str | os.PathLike[str], storage: Storage | None = None) -> bool:
     """True if ``path`` (local, unless ``storage`` says) is an object store: it holds a
-    ``STORE`` marker."""
+    ``STORE`` marker. False where that cannot be told (a folder this user may not read)."""
     storage, root = _local(path, storage)
-    entry = storage.info(storage.join(root, _MARKER))
+    try:
+        entry = storage.info(storage.join(root, _MARKER))
+    except OSError:  # a directory this user may not search: not one we can use
+        return False
     return entry is not None and entry.kind == "file"
 
 

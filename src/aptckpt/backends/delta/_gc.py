@@ -54,14 +54,14 @@ def find_store(path: str | os.PathLike[str], storage: Storage | None = None) -> 
     text = os.path.abspath(path) if storage.local else os.fspath(path)
     for candidate in (text, storage.join(text, objectstore.DEFAULT_STORE_NAME)):
         try:
-            found = objectstore.is_store(candidate, storage)
+            storage.info(storage.join(candidate, "STORE"))  # this user may read it?
         except PermissionError as err:
             raise UnreadableError(
                 f"cannot read '{storage.display(candidate)}': {err.strerror}; run as a user "
                 "allowed to read the run directory and its object store",
                 path=storage.display(candidate),
             ) from err
-        if found:
+        if objectstore.is_store(candidate, storage):
             return ObjectStore.open(candidate, storage=storage)
     shown = storage.display(text)
     inside = storage.display(storage.join(text, objectstore.DEFAULT_STORE_NAME))
