@@ -217,9 +217,7 @@ def test_location_round_trip(tmp_path, depth):
     store = tmp_path / "aptckpt-store"
     up, name = objectstore.location_of(store, checkpoint)
     assert (up, name) == (depth + 1, "aptckpt-store")
-    assert objectstore.resolve_location(checkpoint, up, name, where="w") == os.path.realpath(
-        store
-    )
+    assert objectstore.resolve_location(checkpoint, up, name, where="w") == os.path.realpath(store)
 
 
 @pytest.mark.parametrize(

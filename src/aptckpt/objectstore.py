@@ -66,6 +66,7 @@ from collections.abc import Iterator
 
 import msgpack
 
+from aptckpt import _config
 from aptckpt.errors import (
     FormatError,
     IntegrityError,
@@ -102,17 +103,12 @@ MAX_STORE_DEPTH = 16
 #: New objects held in memory before they are handed to the storage in one batch: large
 #: enough that a local batch shares its directory fsync, small enough to bound memory.
 _BATCH_BYTES = 64 << 20
-_DEFAULT_GRACE_S = 3600.0
 
 
 def grace_seconds() -> float:
     """The age rule's grace (``APTCKPT_REMOTE_GRACE_S``, default 3600 s); see the module
     docstring."""
-    env = os.environ.get("APTCKPT_REMOTE_GRACE_S", "").strip()
-    try:
-        return max(0.0, float(env)) if env else _DEFAULT_GRACE_S
-    except ValueError:
-        return _DEFAULT_GRACE_S
+    return _config.remote_grace_s()
 
 
 def _local(path: str | os.PathLike[str], storage: Storage | None) -> tuple[Storage, str]:
