@@ -214,7 +214,11 @@ class ObjectStore:
         store = cls(storage, path)
         if not is_store(path, storage):
             entry = storage.info(path)
-            if entry is not None and (entry.kind != "dir" or storage.list(path)):
+            # Hidden temporaries are a rival creator's marker being written (it writes
+            # nothing else before the marker): the create below settles who wins.
+            if entry is not None and (
+                entry.kind != "dir" or any(not is_temporary(e.name) for e in storage.list(path))
+            ):
                 raise FormatError(
                     f"'{store.location}' exists and is not an aptckpt object store; pass "
                     "store= another directory for delta checkpoints (or move that one away)",
