@@ -190,7 +190,7 @@ class ObjectStore:
             return  # object stores have no links
         for part in (self.root, self.objects, self._tmp, self._lock_path):
             entry = self.storage.info(part)
-            if entry is not None and entry.kind == "other":
+            if entry is not None and entry.kind in ("link", "other"):
                 raise UnsafePathError(
                     f"'{part}' is a symbolic link (to '{self.storage.canonical(part)}'); an "
                     "object store never contains links, and nothing was removed, read or "
@@ -388,7 +388,7 @@ class ObjectStore:
         label = self.label(name)
         if self.storage.local:
             entry = self.storage.info(self.objects)
-            if entry is not None and entry.kind == "other":
+            if entry is not None and entry.kind in ("link", "other"):
                 raise UnsafePathError(
                     f"'{label}' is reached through a symbolic link; stores never contain links",
                     path=self.location,
@@ -455,7 +455,10 @@ class ObjectStore:
         """Remove every file in ``tmp/`` (left by older versions' saves); only safe under
         the exclusive lock."""
         entry = self.storage.info(self._tmp)
-        if entry is not None and entry.kind == "other":  # never empty what a link points to
+        if entry is not None and entry.kind in (
+            "link",
+            "other",
+        ):  # never empty what a link points to
             raise UnsafePathError(
                 f"'{self._tmp}' is a symbolic link; an object store never contains links and "
                 "nothing was removed through it",

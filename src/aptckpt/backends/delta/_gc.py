@@ -111,7 +111,7 @@ def collect_garbage(
             # directory -- another run's, if a hostile run directory links to its store --
             # and collecting would delete what they reach.
             entry = storage.info(link)
-            if entry is not None and entry.kind == "other":
+            if entry is not None and entry.kind in ("link", "other"):
                 raise UnsafePathError(
                     f"refusing to collect garbage: '{link}' is a symbolic link to "
                     f"'{storage.canonical(link)}', so the checkpoints using its objects may "

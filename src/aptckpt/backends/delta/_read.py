@@ -66,7 +66,7 @@ class _ObjectCheck:
         self._lock = threading.Lock()
         if store.storage.local:
             entry = store.storage.info(store.objects)
-            if entry is not None and entry.kind == "other":
+            if entry is not None and entry.kind in ("link", "other"):
                 raise UnsafePathError(
                     f"'{store.objects}' is a symbolic link; stores never contain links",
                     path=store.root,
