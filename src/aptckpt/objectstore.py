@@ -9,7 +9,9 @@ prefix such as ``s3://bucket/run/aptckpt-store``)::
       LOCK                  (local only) flock target: saves and loads hold it shared,
                             garbage collection exclusive
       objects/3fa1c0...     one file per object, named by the XXH3-128 of its bytes (32 hex)
-      tmp/                  (local only, kept empty) where aptckpt before 0.4 staged objects
+      tmp/                  (local only) where saves stage objects before renaming them
+                            into objects/; cleared by garbage collection and by the
+                            run's next writer
 
 An object is the stored bytes of one chunk. Its name is the digest of exactly
 those bytes, so an object is immutable and self-verifying: two writers of one
@@ -372,7 +374,12 @@ class ObjectStore:
             pending, self._pending, self._pending_bytes = self._pending, [], 0
         if pending:
             # Those written before a failure are unreferenced objects: GC's job.
-            self.storage.put_files(pending, threads=threads)
+            # Locally, temporaries go to tmp/ (cleared under the exclusive lock): one
+            # rename per object, no lock file per object.
+            staging = self._tmp if self.storage.local else None
+            if staging is not None:
+                self.storage.makedirs(staging)
+            self.storage.put_files(pending, threads=threads, staging=staging)
 
     def discard_pending(self) -> None:
         """Drop the objects :meth:`put` but never written (a failed save)."""
@@ -452,13 +459,10 @@ class ObjectStore:
             yield name, path, entry.size
 
     def clear_tmp(self) -> int:
-        """Remove every file in ``tmp/`` (left by older versions' saves); only safe under
-        the exclusive lock."""
+        """Remove every file in ``tmp/`` (left by saves that died); only safe under the
+        exclusive lock."""
         entry = self.storage.info(self._tmp)
-        if entry is not None and entry.kind in (
-            "link",
-            "other",
-        ):  # never empty what a link points to
+        if entry is not None and entry.kind in ("link", "other"):  # never empty its target
             raise UnsafePathError(
                 f"'{self._tmp}' is a symbolic link; an object store never contains links and "
                 "nothing was removed through it",

@@ -390,9 +390,16 @@ class Storage(ABC):
         where the store can: ``O_EXCL``, ``If-None-Match``); False if something is."""
 
     @abstractmethod
-    def put_files(self, items: Sequence[tuple[str, Any]], *, threads: int = 4) -> None:
+    def put_files(
+        self, items: Sequence[tuple[str, Any]], *, threads: int = 4, staging: str | None = None
+    ) -> None:
         """Write each ``(path, buffer)`` whole or not at all, in parallel; durable when
-        this returns. An existing file is replaced (content-addressed objects)."""
+        this returns. An existing file is replaced (content-addressed objects).
+
+        ``staging``: a folder of the caller's on the same storage where temporaries may go
+        (locally: written there, then renamed into place, sparing a lock per file); the
+        caller removes what a writer that died left there. Stores that write whole objects
+        need none and ignore it."""
 
     @abstractmethod
     def info(self, path: str) -> Entry | None:

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import secrets
 import shutil
 import stat
 from collections.abc import Iterator, Sequence
@@ -120,13 +121,23 @@ class LocalStorage(base.Storage):
         _atomic.fsync_dir(target.parent)
         return True
 
-    def put_files(self, items: Sequence[tuple[str, Any]], *, threads: int = 4) -> None:
+    def put_files(
+        self, items: Sequence[tuple[str, Any]], *, threads: int = 4, staging: str | None = None
+    ) -> None:
         if not items:
             return
 
         def put(item: tuple[str, Any]) -> None:
             path, data = item
             target = Path(path)
+            if staging is not None:  # the caller owns the folder and its cleanup
+                tmp = Path(staging) / f"{target.name}.{secrets.token_hex(8)}"
+                try:
+                    _write_durably(tmp, data)
+                    os.replace(tmp, target)
+                finally:
+                    tmp.unlink(missing_ok=True)
+                return
             with _temps.temp_sibling(target) as tmp:
                 try:
                     _write_durably(tmp, data)

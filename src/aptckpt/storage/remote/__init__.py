@@ -381,7 +381,9 @@ class FsspecStorage(base.Storage):
         except Exception as err:
             raise self.write_error(f"creating '{self.display(path)}'", path, err) from err
 
-    def put_files(self, items: Sequence[tuple[str, Any]], *, threads: int = 4) -> None:
+    def put_files(
+        self, items: Sequence[tuple[str, Any]], *, threads: int = 4, staging: str | None = None
+    ) -> None:
         if not items:
             return
         workers = max(1, min(threads, len(items)))
