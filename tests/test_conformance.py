@@ -60,12 +60,10 @@ class TestDeltaOverPreviousVersion(BackendConformance):
     backend = "delta"
     options = {"chunk_size": 64, "keyframe_every": 4}
 
-    def roundtrip(self, state: Any, path: Path, **kwargs: Any) -> Any:
+    def roundtrip(self, state: Any, path: str | Path, **kwargs: Any) -> Any:
+        parent = str(path).rstrip("/").rpartition("/")[0]
         for step in range(3):
-            previous = _perturbed(state, step)
-            aptckpt.save(
-                previous, path.parent / f"prev-{step}", backend=self.backend, **self.options
-            )
+            self.save(_perturbed(state, step), f"{parent}/prev-{step}")
         return super().roundtrip(state, path, **kwargs)
 
 

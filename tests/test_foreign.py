@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import aptckpt
-from aptckpt._foreign import describe_foreign_file
+from aptckpt.storage.local._foreign import describe_foreign_file
 
 
 def safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
@@ -211,7 +211,7 @@ def test_unreadable_file_gives_none(tmp_path):
         shared.chmod(0o755)
         path = write(shared / "secret.safetensors", safetensors_bytes({}))
         path.chmod(0o600)
-        module = Path(aptckpt.__file__).parent / "_foreign.py"  # alone: no torch import
+        module = Path(aptckpt.__file__).parent / "storage" / "local" / "_foreign.py"  # no torch
         code = (
             "import importlib.util, os\n"
             f"spec = importlib.util.spec_from_file_location('_foreign', {str(module)!r})\n"

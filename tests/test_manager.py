@@ -481,10 +481,16 @@ def test_latest_after_the_index_write_is_refused(tmp_path, monkeypatch):
     for step in (10, 20):
         save_plain(mgr, step, 1.0)
 
-    def refused(path: Path, data: bytes) -> None:
-        raise PermissionError(1, "Operation not permitted", str(path))
+    from aptckpt.storage.local import LocalStorage
 
-    monkeypatch.setattr("aptckpt._run_index.write_file_atomic", refused)
+    write_file = LocalStorage.write_file
+
+    def refused(self, path: str, data: bytes) -> None:  # a fault at the storage seam
+        if path.endswith("metadata.json"):
+            raise PermissionError(1, "Operation not permitted", path)
+        write_file(self, path, data)
+
+    monkeypatch.setattr(LocalStorage, "write_file", refused)
     with pytest.raises(aptckpt.WriteError, match="was committed") as info:
         save_plain(mgr, 15, 1.0)
     assert "permissions" in str(info.value)

@@ -47,9 +47,9 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     real = aptckpt.api.inspect
 
-    def counting(path: Any) -> Any:
+    def counting(path: Any, **kwargs: Any) -> Any:
         calls.append(Path(path).name)
-        return real(path)
+        return real(path, **kwargs)
 
     monkeypatch.setattr(aptckpt.api, "inspect", counting)
     return calls

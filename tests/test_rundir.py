@@ -125,22 +125,24 @@ def run_with_timeout(fn: Any, seconds: float = 20) -> Any:
     return value
 
 
-def test_read_regular_refuses_what_is_not_a_small_regular_file(tmp_path):
+def test_run_reads_refuse_what_is_not_a_small_regular_file(tmp_path):
+    run = _rundir.Run.at(tmp_path, None)
     os.mkfifo(tmp_path / "fifo")
     os.symlink("/dev/zero", tmp_path / "zero")
     (tmp_path / "big").write_bytes(b"x" * 11)
     for name in ("fifo", "zero", "big"):
         with pytest.raises(OSError):  # noqa: PT011 - the errno is what differs
-            run_with_timeout(lambda name=name: _rundir.read_regular(tmp_path / name, 10))
-    assert _rundir.read_regular(tmp_path / "big", 11) == b"x" * 11
+            run_with_timeout(lambda name=name: run.read(name, limit=10))
+    assert run.read("big", limit=11) == b"x" * 11
     with pytest.raises(FileNotFoundError):
-        _rundir.read_regular(tmp_path / "missing", 10)
+        run.read("missing", limit=10)
 
 
 def test_ensure_folder_creates_and_refuses_links(tmp_path):
-    assert _rundir.ensure_folder(tmp_path, "tokenizer").is_dir()
+    run = _rundir.Run.at(tmp_path, None)
+    assert Path(_rundir.ensure_folder(run, "tokenizer")).is_dir()
     os.symlink(tmp_path / "tokenizer", tmp_path / "linked")
-    with pytest.raises(UnsafePathError):
-        _rundir.ensure_folder(tmp_path, "linked")
-    assert _rundir.write_small_file(tmp_path, "tokenizer", "a", b"1")
-    assert not _rundir.write_small_file(tmp_path, "tokenizer", "a", b"1")  # same bytes
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        _rundir.ensure_folder(run, "linked")
+    assert _rundir.write_small_file(run, "tokenizer", "a", b"1")
+    assert not _rundir.write_small_file(run, "tokenizer", "a", b"1")  # same bytes

@@ -37,7 +37,6 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,7 +51,6 @@ from aptckpt.errors import (
     UnsupportedFormatVersionError,
 )
 from aptckpt.manifest import FORMAT_VERSION
-from aptckpt.storage.local._atomic import is_checkpoint, write_file_atomic
 from aptckpt.training_state import MAX_COUNT, is_scalar
 
 __all__ = [
@@ -97,7 +95,8 @@ class CheckpointRecord:
     it abandoned, whatever their global steps.
     """
 
-    path: Path
+    #: The checkpoint: a ``Path`` in a local run, a URL string (``s3://...``) in a remote one.
+    path: Path | str
     rel_path: str
     kind: Kind
     epoch: int
@@ -208,10 +207,10 @@ class _Index:
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _read_index(run_dir: Path) -> _Index:
-    path = run_dir / _rundir.INDEX_NAME
+def _read_index(run: _rundir.Run) -> _Index:
+    path = run.display(_rundir.INDEX_NAME)
     try:
-        data = _rundir.read_regular(path, _rundir.MAX_INDEX_BYTES)
+        data = run.read(_rundir.INDEX_NAME, limit=_rundir.MAX_INDEX_BYTES)
     except FileNotFoundError:
         return _Index()
     except OSError as err:
@@ -250,7 +249,7 @@ def _read_index(run_dir: Path) -> _Index:
 
 
 def write_index(
-    run_dir: Path,
+    run: _rundir.Run,
     records: list[CheckpointRecord],
     sources: Mapping[str, tuple[str | None, int]],
     run_info: Mapping[str, Any],
@@ -275,7 +274,7 @@ def write_index(
         "checkpoints": entries,
     }
     text = json.dumps(doc, indent=2, allow_nan=True)  # NaN metrics are facts too
-    write_file_atomic(run_dir / _rundir.INDEX_NAME, text.encode("utf-8") + b"\n")
+    run.storage.write_file(run.path(_rundir.INDEX_NAME), text.encode("utf-8") + b"\n")
 
 
 # ------------------------------------------------------------------ listing
@@ -292,36 +291,33 @@ class Listing:
     created_at: str | None
 
 
-def scan(run_dir: Path) -> Listing:
+def scan(run: _rundir.Run) -> Listing:
     """Every committed checkpoint of the run (see the module docstring).
 
     Raises:
         UnsupportedFormatVersionError, UnknownBackendError: a checkpoint of the run
             needs a newer aptckpt (or a backend plugin that is not installed).
     """
-    index = _read_index(run_dir)
+    index = _read_index(run)
     records, sources = [], {}
     for folder, kind in _KIND_OF_FOLDER.items():
-        directory = run_dir / folder
         try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
+            entries = run.storage.list(run.path(folder))
         except OSError as err:
-            log.warning("cannot list %s: %s", directory, err)
+            log.warning("cannot list %s: %s", run.display(folder), err)
             continue
         for entry in entries:
             if entry.name.startswith("."):
                 continue  # a save's temp or a delete's trash: never a checkpoint
-            path = Path(entry.path)
-            if entry.is_symlink():
-                if is_checkpoint(path):
+            rel = f"{folder}/{entry.name}"
+            path = run.user_path(rel)
+            if entry.kind == "link":
+                if run.storage.is_checkpoint(run.path(rel)):
                     log.warning("skipping %s: a symbolic link, not a checkpoint of this run", path)
                 continue
-            if not (entry.is_dir(follow_symlinks=False) and is_checkpoint(path)):
+            if not (entry.kind == "dir" and run.storage.is_checkpoint(run.path(rel))):
                 continue
-            rel = f"{folder}/{entry.name}"
-            digest = _rundir.manifest_digest(path)
+            digest = _rundir.manifest_digest(run, rel)
             item = index.entries.get(rel)
             found = None
             if (
@@ -333,7 +329,7 @@ def scan(run_dir: Path) -> Listing:
                 found = _from_entry(path, rel, kind, item)
             if found is None:
                 legacy = item if index.version == 1 else None
-                found = _from_manifest(path, rel, kind, legacy)
+                found = _from_manifest(run, path, rel, kind, legacy)
             if found is not None:
                 records.append(found[0])
                 sources[rel] = (digest, found[1])
@@ -341,7 +337,7 @@ def scan(run_dir: Path) -> Listing:
 
 
 def _from_entry(
-    path: Path, rel: str, kind: Kind, item: dict[str, Any]
+    path: Path | str, rel: str, kind: Kind, item: dict[str, Any]
 ) -> tuple[CheckpointRecord, int] | None:
     """The record an index entry describes, if every field is valid."""
     for name, check in _ENTRY_CHECKS.items():
@@ -376,7 +372,7 @@ def _from_entry(
     return record, item["format_version"]
 
 
-def _refuse(err: AptckptError, path: Path, fix: str) -> AptckptError:
+def _refuse(err: AptckptError, path: Path | str, fix: str) -> AptckptError:
     """``err`` with a message that names the checkpoint and says why the run stops."""
     err.args = (
         f"checkpoint '{path}' of this run cannot be read by this aptckpt: {err}. The manager "
@@ -387,11 +383,11 @@ def _refuse(err: AptckptError, path: Path, fix: str) -> AptckptError:
 
 
 def _from_manifest(
-    path: Path, rel: str, kind: Kind, legacy: dict[str, Any] | None
+    run: _rundir.Run, path: Path | str, rel: str, kind: Kind, legacy: dict[str, Any] | None
 ) -> tuple[CheckpointRecord, int] | None:
     """The record of a checkpoint, from its manifest (None: not one of the run's)."""
     try:
-        info = api.inspect(path)
+        info = api.inspect(run.display(rel), storage_options=run.options)
     except CheckpointNotFoundError:
         return None  # deleted while we listed
     except UnsupportedFormatVersionError as err:

@@ -1,19 +1,23 @@
 """The layout of a run directory, and the rules that keep the manager's file access inside it.
 
-A run directory is prepared by whoever starts the run, and later copied, moved
-and shared, so its entries are not trusted. What the manager writes -- the run
-lock, ``metadata.json``, ``checkpoints/``, ``temp/``, ``tokenizer/``, the
+A run lives in a storage (:mod:`aptckpt.storage`): a local directory, or a prefix of
+an object store (``s3://bucket/runs/a``). :class:`Run` holds the storage and the
+run's root, and every file access of the manager goes through it.
+
+A local run directory is prepared by whoever starts the run, and later copied,
+moved and shared, so its entries are not trusted. What the manager writes -- the
+run lock, ``metadata.json``, ``checkpoints/``, ``temp/``, ``tokenizer/``, the
 ``delta`` store -- never goes through a symbolic link: a link there could point
 at another project's files, which a save would overwrite and retention or
 cleanup would delete. A writing manager refuses a run whose folders are links
 (:func:`refuse_links`, naming the link); files directly in the run are replaced
 by ``rename``, which replaces a link rather than following it. The run directory
-*itself* may be a link: the user chose that path.
+*itself* may be a link: the user chose that path. (Object stores have no links.)
 
-Reads of the manager's own small files (:func:`read_regular`) open with
-``O_NOFOLLOW | O_NONBLOCK``, accept only regular files and cap the size, so a
-FIFO, a device or a link to ``/dev/zero`` planted as ``metadata.json`` cannot
-hang or exhaust the reader.
+Reads of the manager's own small files (:meth:`Run.read`) go through
+:meth:`~aptckpt.storage.base.Storage.read_file`, which accepts only regular files,
+follows no link and caps the size, so a FIFO, a device or a link to ``/dev/zero``
+planted as ``metadata.json`` cannot hang or exhaust the reader.
 
 Limits: the checks run before each write, by path; a link swapped in *between*
 the check and the write (a concurrent attacker with write access to the run) is
@@ -22,11 +26,10 @@ not excluded. Writers other than aptckpt are not excluded either.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
-import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 from aptckpt._config import MAX_MANIFEST_BYTES
@@ -39,7 +42,8 @@ from aptckpt.errors import (
 )
 from aptckpt.manifest import CHECKSUM_TAIL, MANIFEST_NAME
 from aptckpt.objectstore import DEFAULT_STORE_NAME, ObjectStore
-from aptckpt.storage.local._atomic import remove_stale_temps, write_file_atomic
+from aptckpt.storage import StorageOptions, resolve
+from aptckpt.storage.base import Storage
 
 __all__ = [
     "FOLDERS",
@@ -49,11 +53,10 @@ __all__ = [
     "STORE",
     "TEMP",
     "TOKENIZER",
+    "Run",
     "ensure_folder",
     "free_name",
-    "is_link",
     "manifest_digest",
-    "read_regular",
     "refuse_links",
     "remove_debris",
     "write_small_file",
@@ -71,114 +74,115 @@ FOLDERS = (REGULAR, TEMP, TOKENIZER, STORE)
 MAX_INDEX_BYTES = 64 << 20
 
 
-def is_link(path: Path) -> bool:
-    """True if ``path`` is a symbolic link (dangling or not)."""
-    try:
-        return stat.S_ISLNK(os.lstat(path).st_mode)
-    except OSError:
-        return False
+@dataclass(frozen=True)
+class Run:
+    """Where a run lives: its storage, its root there, and the options that reach it
+    again (passed on to :mod:`aptckpt.api`; never shown)."""
+
+    storage: Storage
+    root: str
+    options: StorageOptions | None = None
+
+    @classmethod
+    def at(cls, run_dir: str | os.PathLike[str], options: StorageOptions | None) -> Run:
+        storage, root = resolve(run_dir, options)
+        return cls(storage, root, options if not storage.local else None)
+
+    def path(self, *names: str) -> str:
+        """The storage path of ``names`` (relative, "/"-separated) inside the run."""
+        return self.storage.join(self.root, *names) if names else self.root
+
+    def display(self, *names: str) -> str:
+        """``names`` inside the run as users name it: a local path, or a URL."""
+        return self.storage.display(self.path(*names))
+
+    def user_path(self, *names: str) -> Path | str:
+        """What the manager returns for ``names``: a ``Path`` locally, a URL string on
+        object storage (``pathlib`` would turn ``s3://`` into ``s3:/``)."""
+        return Path(self.path(*names)) if self.storage.local else self.display(*names)
+
+    def is_link(self, *names: str) -> bool:
+        """True if ``names`` is a symbolic link (dangling or not)."""
+        entry = self.storage.info(self.path(*names))
+        return entry is not None and entry.kind == "link"
+
+    def exists(self, *names: str) -> bool:
+        """True if anything (a link included, not followed) is at ``names``."""
+        return self.storage.info(self.path(*names)) is not None
+
+    def is_folder(self, *names: str) -> bool:
+        entry = self.storage.info(self.path(*names))
+        return entry is not None and entry.kind == "dir"
+
+    def read(self, *names: str, limit: int) -> bytes:
+        """A small file of the run (see :meth:`Storage.read_file`)."""
+        return self.storage.read_file(self.path(*names), limit=limit)
 
 
-def _link_error(run_dir: Path, name: str) -> UnsafePathError:
-    link = run_dir / name
-    try:
-        target = f" (to '{os.readlink(link)}')"
-    except OSError:
-        target = ""
+def _link_error(run: Run, name: str) -> UnsafePathError:
+    link = run.display(name)
+    target = run.storage.link_target(run.path(name))
+    to = f" (to '{target}')" if target is not None else ""
     return UnsafePathError(
-        f"'{link}' is a symbolic link{target}; CheckpointManager never writes through a "
-        "link inside a run directory, since the files it points at would be overwritten or "
-        "deleted. Replace it with a real directory (to keep the run on another disk, point "
-        "the run directory itself there)",
-        path=str(link),
+        f"'{link}' is a symbolic link{to}; CheckpointManager never writes through a link inside "
+        "a run directory, since the files it points at would be overwritten or deleted. "
+        "Replace it with a real directory (to keep the run on another disk, point the run "
+        "directory itself there)",
+        path=link,
     )
 
 
-def refuse_links(run_dir: Path, names: tuple[str, ...] = FOLDERS) -> None:
-    """Raise :class:`UnsafePathError` naming the first of ``run_dir/<name>`` that is a link."""
+def refuse_links(run: Run, names: tuple[str, ...] = FOLDERS) -> None:
+    """Raise :class:`UnsafePathError` naming the first of ``run/<name>`` that is a link."""
+    if not run.storage.local:
+        return  # object stores have no links
     for name in names:
-        if is_link(run_dir / name):
-            raise _link_error(run_dir, name)
+        if run.is_link(name):
+            raise _link_error(run, name)
 
 
-def ensure_folder(run_dir: Path, name: str) -> Path:
-    """``run_dir/name`` as a real directory, created if missing.
+def ensure_folder(run: Run, name: str) -> str:
+    """``run/name`` as a real directory (created if missing; nothing to create on object
+    stores); returns its storage path.
 
     Raises:
         UnsafePathError: it is a symbolic link.
         OSError: it cannot be created (or exists and is not a directory).
     """
-    path = run_dir / name
-    refuse_links(run_dir, (name,))
-    path.mkdir(parents=True, exist_ok=True)
-    refuse_links(run_dir, (name,))  # a link that appeared while we made it
-    return path
+    refuse_links(run, (name,))
+    run.storage.makedirs(run.path(name))
+    refuse_links(run, (name,))  # a link that appeared while we made it
+    return run.path(name)
 
 
-def read_regular(path: Path, limit: int) -> bytes:
-    """The bytes of the regular file ``path``, read without following a link and
-    without blocking on a FIFO.
-
-    Raises:
-        FileNotFoundError: it does not exist.
-        OSError: it is a link (``ELOOP``), not a regular file, larger than
-            ``limit`` bytes (``EFBIG``), or unreadable.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        if st.st_size > limit:
-            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
-        chunks, left = [], limit + 1  # +1: a file that grows past the limit is refused too
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > limit:
-        raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
-    return data
-
-
-def manifest_digest(checkpoint: Path) -> str | None:
-    """A fingerprint of the checkpoint's manifest.
+def manifest_digest(run: Run, rel: str) -> str | None:
+    """A fingerprint of the manifest of checkpoint ``rel``.
 
     The index stores it with each entry, so a later reader can tell, without
     decoding the manifest, that the entry was made from exactly this manifest (a
     checkpoint saved again under the same name has another one). A manifest of format
     version 2 or later ends with the XXH3-128 of all its other bytes: its size and those
     16 bytes identify it, read without reading the rest (listing a run of many large
-    manifests stays cheap). Older manifests are hashed whole (BLAKE2b-128). None when the
-    manifest cannot be read safely.
+    manifests stays cheap, one ranged read each on object stores). Older manifests are
+    hashed whole (BLAKE2b-128). None when the manifest cannot be read safely.
     """
-    path = checkpoint / MANIFEST_NAME
+    path = run.path(rel, MANIFEST_NAME)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST_BYTES:
-                return None
-            tail = os.pread(
-                fd, len(CHECKSUM_TAIL) + 16, max(0, st.st_size - len(CHECKSUM_TAIL) - 16)
-            )
-        finally:
-            os.close(fd)
-        if len(tail) == len(CHECKSUM_TAIL) + 16 and tail.startswith(CHECKSUM_TAIL):
-            return f"{st.st_size:x}-{tail[-16:].hex()}"
-        data = read_regular(path, MAX_MANIFEST_BYTES)
+        entry = run.storage.info(path)
+        if entry is None or entry.kind != "file" or entry.size > MAX_MANIFEST_BYTES:
+            return None
+        tail_size = len(CHECKSUM_TAIL) + 16
+        tail = run.storage.read_range(path, max(0, entry.size - tail_size), tail_size)
+        if len(tail) == tail_size and tail.startswith(CHECKSUM_TAIL):
+            return f"{entry.size:x}-{tail[-16:].hex()}"
+        data = run.storage.read_file(path, limit=MAX_MANIFEST_BYTES)
     except OSError:
         return None
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def write_small_file(run_dir: Path, folder: str, name: str, data: bytes) -> bool:
-    """Replace ``run_dir/folder/name`` with ``data`` atomically, unless it already
+def write_small_file(run: Run, folder: str, name: str, data: bytes) -> bool:
+    """Replace ``run/folder/name`` with ``data`` atomically, unless it already
     holds exactly those bytes; True if it was written.
 
     ``folder`` must be a real directory (created if missing); an existing
@@ -188,18 +192,17 @@ def write_small_file(run_dir: Path, folder: str, name: str, data: bytes) -> bool
         UnsafePathError: ``folder`` is a symbolic link.
         OSError: the write failed.
     """
-    directory = ensure_folder(run_dir, folder)
-    target = directory / name
+    target = run.storage.join(ensure_folder(run, folder), name)
     try:
-        if read_regular(target, len(data)) == data:
+        if run.storage.read_file(target, limit=len(data)) == data:
             return False
     except OSError:
         pass  # missing, different, or not a regular file: replaced below
-    write_file_atomic(target, data)
+    run.storage.write_file(target, data)
     return True
 
 
-def free_name(run_dir: Path, folder: str, name: str, sequence: int) -> str:
+def free_name(run: Run, folder: str, name: str, sequence: int) -> str:
     """``folder/name``, or ``folder/name_seq<sequence>`` if that is taken.
 
     A save never replaces a checkpoint: a run resumed from an older checkpoint
@@ -211,16 +214,16 @@ def free_name(run_dir: Path, folder: str, name: str, sequence: int) -> str:
         CheckpointExistsError: both names are taken.
     """
     rel = f"{folder}/{name}"
-    if not os.path.lexists(run_dir / rel):
+    if not run.exists(rel):
         return rel
     suffix = f"_seq{sequence}"
     # the name the manager made must fit a file name too (a long model_name)
     room = 255 - len(suffix.encode())
     base = name.encode()[:room].decode(errors="ignore")
     taken, rel = rel, f"{folder}/{base}{suffix}"
-    if os.path.lexists(run_dir / rel):
+    if run.exists(rel):
         raise CheckpointExistsError(
-            run_dir / rel,
+            run.display(rel),
             f"both it and '{taken}' are taken, and a save never replaces a checkpoint; "
             "move one of them away",
         )
@@ -228,16 +231,20 @@ def free_name(run_dir: Path, folder: str, name: str, sequence: int) -> str:
     return rel
 
 
-def remove_debris(run_dir: Path) -> None:
-    """Remove what saves that crashed left behind: hidden temp and trash entries
-    in the run's folders (not behind links), and temp files in its object store.
-    Only under the run lock, so no other process is writing them."""
-    folders = [run_dir] + [run_dir / f for f in (REGULAR, TEMP, TOKENIZER)]
-    removed = sum(len(remove_stale_temps(f, exclusive=True)) for f in folders if not is_link(f))
-    store_dir = run_dir / STORE
-    if store_dir.is_dir() and not is_link(store_dir):
+def remove_debris(run: Run) -> None:
+    """Remove what saves that crashed left behind: hidden temp and trash entries (on
+    object stores: data of saves that never committed, once older than the grace age)
+    in the run's folders (not behind links), and temp files in its object store. Only
+    under the run lock, so no other process is writing them."""
+    folders = [(), (REGULAR,), (TEMP,), (TOKENIZER,)]
+    removed = sum(
+        run.storage.remove_debris(run.path(*f), exclusive=True)
+        for f in folders
+        if not run.is_link(*f)
+    )
+    if run.storage.local and run.is_folder(STORE) and not run.is_link(STORE):
         try:
-            store = ObjectStore.open(store_dir)
+            store = ObjectStore.open(Path(run.path(STORE)))
             with store.lock(exclusive=True, wait=False):
                 removed += store.clear_tmp()
         except (StoreBusyError, StoreNotFoundError):
@@ -245,4 +252,4 @@ def remove_debris(run_dir: Path) -> None:
         except (AptckptError, OSError) as err:
             log.warning("object store temp files not cleaned: %s", err)
     if removed:
-        log.info("removed %d leftovers of interrupted saves in %s", removed, run_dir)
+        log.info("removed %d leftovers of interrupted saves in %s", removed, run.display())

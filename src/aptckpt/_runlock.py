@@ -1,204 +1,190 @@
-"""The run lock: one process at a time writes into a run directory.
+"""The run lock: one process at a time writes into a run, on any storage.
 
-A writing :class:`~aptckpt.manager.CheckpointManager` takes an exclusive
-``flock`` on ``<run>/.aptckpt-run.lock`` when it is created and keeps it until
-it is closed or collected. A second process trying the same gets
-:class:`~aptckpt.errors.RunBusyError` at once -- before it trains, not at its
-first save -- naming the process that holds the run.
+A writing :class:`~aptckpt.manager.CheckpointManager` holds its run's lock from
+its creation until it is closed. Where the run lives decides what the lock is:
 
-A lock a crashed owner cannot leave stuck: the kernel drops a ``flock`` when
-the last descriptor of it closes, which a killed process's exit does. The
-descriptor is closed in forked children (DataLoader workers), so a child that
-outlives its parent does not keep the run locked. The lock file stays in the
-run (removing it would race with a process opening it); it carries the owner's
-pid and start time, for messages only.
+- **local** (:mod:`aptckpt.storage.local._runlock`): an exclusive ``flock`` on
+  ``<run>/.aptckpt-run.lock``, dropped by the kernel the moment its holder dies.
+- **object storage**: a *lease* -- the object ``<run>/.aptckpt-run.lock``, created
+  only if absent (a conditional create), holding the holder's host, pid and the
+  time it expires. The holder renews it from a background thread every
+  :data:`LEASE_TTL` / 4 seconds. A second writer gets
+  :class:`~aptckpt.errors.RunBusyError` naming the holder while the lease is live;
+  a holder that died stops renewing, and its lease may be taken over once it is
+  older than :data:`LEASE_TTL` (``APTCKPT_LEASE_TTL_S``, default 120 s). A holder
+  whose renewal fails (it was paused past the ttl and another writer took the run)
+  learns it at its next save, which raises instead of writing into a run it no
+  longer owns. What a lease cannot exclude: two writers racing within one renewal
+  of an expiry on a store without conditional writes (the create falls back to a
+  check, then a put); the storage says which it has.
 
-Managers of one process share the lock (a notebook creating its manager again,
-a test resuming in-process): they are one writer as far as other processes go.
-Within the process they take turns through :attr:`RunLock.slot`, held by one
-save of the run at a time from before it numbers its checkpoint until its
-index and retention are done (released by the background thread for an
-asynchronous save), so two managers of one run never hand out one sequence
-number or prune under each other.
-
-The lock file is opened without following a link and must be a regular file:
-a ``.aptckpt-run.lock`` planted as a link to another file would otherwise have
-that file truncated and overwritten with the holder's pid.
-
-Limits: ``flock`` is advisory -- it excludes other aptckpt writers, not other
-programs -- and on network filesystems it is only as good as the filesystem's
-lock support (Linux NFS clients map it to NFS byte-range locks).
+Managers of one process share the lock (one writer as far as other processes go)
+and take turns through :attr:`RunLock.slot`, held by one save of the run at a time
+from numbering its checkpoint until its index and retention are done.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import errno
-import fcntl
-import json
+import logging
 import os
-import stat
+import socket
 import threading
-import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from aptckpt.errors import RunBusyError, UnsafePathError
-from aptckpt.storage.local._atomic import write_error
+from aptckpt._rundir import Run
+from aptckpt.errors import RunBusyError
+from aptckpt.storage.base import Lease
+from aptckpt.storage.local._runlock import LOCK_NAME
+from aptckpt.storage.local._runlock import acquire as acquire_local
 
-__all__ = ["LOCK_NAME", "RunLock", "acquire"]
+__all__ = ["LEASE_TTL", "LOCK_NAME", "LeaseRunLock", "RunLock", "acquire"]
 
-LOCK_NAME = ".aptckpt-run.lock"
+log = logging.getLogger("aptckpt")
 
-#: The locks this process holds, by (device, inode) of the lock file: a run directory
-#: moved or reached through another path is still the same run.
-_held: weakref.WeakValueDictionary[tuple[int, int], RunLock] = weakref.WeakValueDictionary()
+#: Seconds a run's lease on object storage lives without renewal.
+LEASE_TTL = float(os.environ.get("APTCKPT_LEASE_TTL_S", "120"))
+
+
+class RunLock(Protocol):
+    """What the manager needs of a run lock, local or leased."""
+
+    slot: threading.Lock
+    issued: int
+
+    @property
+    def held(self) -> bool: ...
+
+    def enter(self) -> None: ...
+
+    def leave(self) -> None: ...
+
+    def still_at(self, root: str) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+def acquire(run: Run) -> RunLock:
+    """Hold ``run`` for writing, or raise :class:`RunBusyError` if another process does."""
+    if run.storage.local:
+        return acquire_local(Path(run.root))
+    return _acquire_lease(run)
+
+
+_leases: dict[str, LeaseRunLock] = {}
 _mutex = threading.Lock()
 
 
-class RunLock:
-    """An exclusive hold on one run directory; released by :meth:`release`,
-    garbage collection, or the end of the process."""
+class LeaseRunLock:
+    """A run lock on object storage: a lease object kept alive by a renewing thread."""
 
-    def __init__(self, fd: int, path: Path) -> None:
-        self._fd: int | None = fd
-        self.path = path
-        #: Held by one save of the run at a time (see the module docstring). A plain
-        #: lock, not an RLock: an asynchronous save's background thread releases it.
+    def __init__(self, run: Run, lease: Lease, ttl: float) -> None:
+        self.where = run.display()
         self.slot = threading.Lock()
-        #: The highest sequence number a save of this process has given a checkpoint
-        #: of the run (committed or not yet).
         self.issued = 0
-        # Who uses the lock: every open manager of the run in this process, and every
-        # background save in flight. The last to leave releases it -- explicitly, not
-        # when the object happens to be collected (a kept traceback would delay that).
+        self._lease: Lease | None = lease
+        self._lost: BaseException | None = None
         self._users = 0
         self._users_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pid = os.getpid()
+        self._thread = threading.Thread(
+            target=self._renew_loop, args=(ttl / 4,), name="aptckpt-lease", daemon=True
+        )
+        self._thread.start()
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._lease is not None and self._pid == os.getpid()
 
     def enter(self) -> None:
-        """Count a user (a manager, a save in flight) of the lock."""
         with self._users_lock:
             self._users += 1
 
     def leave(self) -> None:
-        """Uncount a user; the last one releases the lock."""
         with self._users_lock:
             self._users -= 1
             last = self._users <= 0
         if last:
             self.release()
 
-    def still_at(self, run_dir: Path) -> bool:
-        """Whether ``run_dir`` still holds the lock file this lock was taken on (the run
-        was not moved or replaced since)."""
-        fd = self._fd
-        if fd is None:
-            return False
-        try:
-            here = os.stat(run_dir / LOCK_NAME, follow_symlinks=False)
-            held = os.fstat(fd)
-        except OSError:
-            return False
-        return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+    def still_at(self, root: str) -> bool:
+        """False once the lease was lost to another writer (see the module docstring)."""
+        return self.held and self._lost is None
+
+    def _renew_loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            lease = self._lease
+            if lease is None:
+                return
+            try:
+                lease.renew()
+            except FileExistsError as err:
+                self._lost = err
+                log.error("lost the run lease of %s to another writer: %s", self.where, err)
+                return
+            except Exception as err:  # transient: the next renewal tries again
+                log.warning("renewing the run lease of %s failed: %s", self.where, err)
 
     def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)  # drops the flock
+        self._stop.set()
+        with _mutex:
+            lease, self._lease = self._lease, None
+            if _leases.get(self.where) is self:
+                del _leases[self.where]
+        if lease is not None and self._lost is None and self._pid == os.getpid():
+            try:
+                lease.release()
+            except Exception as err:  # it expires on its own
+                log.warning("releasing the run lease of %s failed: %s", self.where, err)
 
-    def __del__(self) -> None:
-        self.release()
 
-
-def acquire(run_dir: Path) -> RunLock:
-    """Hold ``run_dir`` for writing (creating it if needed), or raise
-    :class:`RunBusyError` if another process holds it."""
+def _acquire_lease(run: Run) -> LeaseRunLock:
+    where = run.display()
     with _mutex:
-        fd = _open_lock_file(run_dir)
-        st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino)
-        lock = _held.get(key)
-        if lock is not None and lock.held:
-            os.close(fd)
-            return lock
+        held = _leases.get(where)
+        if held is not None and held.held and held._lost is None:
+            return held
+        since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        owner: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "since": since}
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = _read_holder(fd)
-            os.close(fd)
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            who = f"process {holder['pid']}" if "pid" in holder else "another process"
-            since = f" since {holder['since']}" if "since" in holder else ""
+            lease = run.storage.lease(run.path(LOCK_NAME), owner=owner, ttl=LEASE_TTL)
+        except FileExistsError as err:
+            holder = _holder(err)
+            who = (
+                f"process {holder['pid']} on {holder.get('host', '?')}"
+                if "pid" in holder
+                else "another process"
+            )
             raise RunBusyError(
-                f"run directory '{run_dir}' is being written by {who}{since}; two trainers "
-                "saving into one run would interleave their checkpoints. Stop the other one "
-                "(a killed process releases the run at once), or use another run directory. "
+                f"run '{where}' is being written by {who} (its lease "
+                f"'{run.display(LOCK_NAME)}' is live; a dead holder's lease expires "
+                f"{LEASE_TTL:.0f} s after its last renewal); two trainers saving into one run "
+                "would interleave their checkpoints. Stop the other one, or use another run. "
                 "Reading its checkpoints needs no lock: CheckpointManager(..., read_only=True).",
-                path=str(run_dir),
+                path=where,
                 holder=holder,
             ) from err
-        _write_holder(fd)
-        lock = RunLock(fd, run_dir / LOCK_NAME)
-        _held[key] = lock
+        lock = LeaseRunLock(run, lease, LEASE_TTL)
+        _leases[where] = lock
         return lock
 
 
-def _open_lock_file(run_dir: Path) -> int:
-    """Open (creating) the lock file: never through a link, and only a regular file."""
-    path = run_dir / LOCK_NAME
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, flags, 0o644)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise UnsafePathError(
-                f"the run lock '{path}' is a symbolic link; aptckpt never opens it through a "
-                "link (the file it points at would be overwritten). Remove the link",
-                path=str(path),
-            ) from err
-        raise write_error(f"taking the run lock of '{run_dir}'", err, path=run_dir) from err
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UnsafePathError(
-            f"the run lock '{path}' is not a regular file; remove it (aptckpt creates it)",
-            path=str(path),
-        )
-    return fd
-
-
-def _write_holder(fd: int) -> None:
-    since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    data = json.dumps({"pid": os.getpid(), "since": since}).encode()
-    with contextlib.suppress(OSError):  # informational only
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
-
-
-def _read_holder(fd: int) -> dict[str, Any]:
-    try:
-        doc = json.loads(os.pread(fd, 4096, 0))
-    except (OSError, ValueError, RecursionError):
-        return {}
-    if not isinstance(doc, dict):
-        return {}
-    return {k: doc[k] for k in ("pid", "since") if isinstance(doc.get(k), int | str)}
+def _holder(err: FileExistsError) -> dict[str, Any]:
+    found = err.filename
+    if isinstance(found, dict):
+        return {
+            k: found[k] for k in ("pid", "host", "since") if isinstance(found.get(k), int | str)
+        }
+    return {}
 
 
 def _after_fork_in_child() -> None:
-    """Close the child's copies of the lock descriptors (the parent's keep the locks)."""
+    """A forked child holds no lease: its parent does (and keeps renewing it)."""
     global _mutex
-    _mutex = threading.Lock()  # another thread may have held it at the fork
-    for lock in list(_held.values()):
-        lock.release()
-    _held.clear()
+    _mutex = threading.Lock()
+    _leases.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -3,7 +3,8 @@
 What happens here, identically for every backend: the state is flattened
 (refusing what cannot be stored, with its key path), the backend writes the
 tensors, every file is made durable, the manifest is written last and the
-checkpoint renamed into place (:mod:`aptckpt.storage.local._atomic`). Loading reads and
+checkpoint committed by the storage it lives in (:mod:`aptckpt.storage`: renamed into
+place locally, created last and conditionally on object stores). Loading reads and
 validates the manifest, lets the backend read (and verify) the tensors, then
 restores devices, ``nn.Parameter`` and ``requires_grad`` and rebuilds the state,
 with aliased tensors coming back as one object.
@@ -26,7 +27,6 @@ import torch
 from aptckpt import _background, _config, _dtypes, _gc, _into, registry, tree
 from aptckpt import manifest as mf
 from aptckpt._background import SaveHandle
-from aptckpt._paths import local_path
 from aptckpt._version import __version__
 from aptckpt.backends.base import Backend
 from aptckpt.errors import (
@@ -38,12 +38,9 @@ from aptckpt.errors import (
     UnknownBackendError,
     UnsupportedObjectError,
 )
-from aptckpt.storage.local._atomic import (
-    CheckpointReader,
-    CheckpointWriter,
-    remove_checkpoint,
-    write_error,
-)
+from aptckpt.storage import StorageOptions, is_url, resolve
+from aptckpt.storage.base import CheckpointReader, Storage
+from aptckpt.storage.local._atomic import write_error
 
 __all__ = [
     "CheckpointInfo",
@@ -177,6 +174,7 @@ def save(
     metadata: Mapping[str, Any] | None = ...,
     overwrite: bool = ...,
     blocking: Literal[True] = ...,
+    storage_options: StorageOptions | None = ...,
     **options: Any,
 ) -> SaveInfo: ...
 
@@ -190,6 +188,7 @@ def save(
     metadata: Mapping[str, Any] | None = ...,
     overwrite: bool = ...,
     blocking: Literal[False],
+    storage_options: StorageOptions | None = ...,
     **options: Any,
 ) -> SaveHandle[SaveInfo]: ...
 
@@ -202,15 +201,17 @@ def save(
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     blocking: bool = True,
+    storage_options: StorageOptions | None = None,
     **options: Any,
 ) -> SaveInfo | SaveHandle[SaveInfo]:
-    """Save ``state`` as a checkpoint directory at ``path``, atomically.
+    """Save ``state`` as a checkpoint at ``path``, atomically.
 
     Args:
         state: any nesting of dict / OrderedDict / list / tuple holding tensors,
             ``nn.Parameter`` and plain values (None, bool, int, float, complex,
             str, bytes, torch.dtype / device / Size).
-        path: the checkpoint directory to create.
+        path: the checkpoint directory to create: a local path, or a URL fsspec
+            knows (``s3://bucket/runs/a/step-500``, ``gs://``, ``az://``, ``memory://``).
         backend: a registered backend name (:func:`available_backends`).
         metadata: plain values stored in the manifest, shown by :func:`inspect`.
         overwrite: replace an existing checkpoint at ``path`` (atomically).
@@ -219,6 +220,9 @@ def save(
             background: the caller may change the state at once. At most one
             background save is in flight; the next waits for it. See
             :class:`SaveHandle`.
+        storage_options: for a URL, the options of its fsspec file system (credentials,
+            ``endpoint_url``, ``client_kwargs``, ...), over the environment's defaults
+            (``AWS_*``). Never written anywhere, never shown in a message.
         **options: backend options, e.g. ``level=3`` or ``codec="none"`` for ``zstd``.
 
     Returns:
@@ -233,14 +237,20 @@ def save(
         (With ``blocking=False`` the errors of the persisting part come from ``wait()``.)
     """
     pending = prepare_save(
-        state, path, backend=backend, metadata=metadata, overwrite=overwrite, **options
+        state,
+        path,
+        backend=backend,
+        metadata=metadata,
+        overwrite=overwrite,
+        storage_options=storage_options,
+        **options,
     )
     if blocking:
         # The collector is paused while the caller waits anyway; a background persist
         # leaves it running, so that a long save never changes how the trainer collects.
         with _gc.paused():
             return pending.persist(pending.flat)
-    return _background.submit(pending.flat, os.fspath(path), pending.persist)
+    return _background.submit(pending.flat, pending.location, pending.persist)
 
 
 @dataclass(frozen=True)
@@ -252,7 +262,9 @@ class PendingSave:
     flat: tree.FlatState
     records: tuple[mf.TensorRecord, ...]
     metadata: Any
-    path: PathLike
+    #: Where it goes: the storage, and the checkpoint's path in it.
+    storage: Storage
+    path: str
     backend: str
     impl: Backend
     overwrite: bool
@@ -260,11 +272,17 @@ class PendingSave:
     #: The lowest format version that reads the state's skeleton and metadata.
     format_version: int = 2
 
+    @property
+    def location(self) -> str:
+        """The checkpoint as users name it (a path, or a URL without credentials)."""
+        return self.storage.display(self.path)
+
     def persist(self, snapshot: tree.FlatState) -> SaveInfo:
         return _write(
             snapshot,
             self.records,
             self.metadata,
+            self.storage,
             self.path,
             self.backend,
             self.impl,
@@ -282,12 +300,14 @@ def prepare_save(
     backend: str = "zstd",
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    storage_options: StorageOptions | None = None,
     **options: Any,
 ) -> PendingSave:
     """Everything of :func:`save` that must happen before the state may change:
-    options checked, state flattened, tensor records taken from the originals."""
+    options checked, storage resolved, state flattened, tensor records taken from the
+    originals."""
     start = time.perf_counter()
-    local_path(path)
+    storage, where = resolve(path, storage_options)
     impl = _backend(backend)(**options)
     flat = tree.flatten(state)
     manifest_metadata, metadata_version = (
@@ -299,7 +319,8 @@ def prepare_save(
         flat,
         records,
         manifest_metadata,
-        path,
+        storage,
+        where,
         backend,
         impl,
         overwrite=overwrite,
@@ -312,7 +333,8 @@ def _write(
     flat: tree.FlatState,
     records: tuple[mf.TensorRecord, ...],
     metadata: Any,
-    path: PathLike,
+    storage: Storage,
+    path: str,
     backend: str,
     impl: Backend,
     *,
@@ -325,7 +347,7 @@ def _write(
     The manifest gets the lowest format version whose readers read it (the skeleton's and
     metadata's ``format_version``, and the backend's for its payload), so that a state
     using nothing newer stays readable by older aptckpt releases."""
-    with CheckpointWriter(path, overwrite=overwrite) as writer:
+    with storage.create_checkpoint(path, overwrite=overwrite) as writer:
         try:
             payload = impl.write(flat, writer)
             writer.sync_files()
@@ -344,26 +366,26 @@ def _write(
                 format_version=max(format_version, impl.format_version(payload)),
             )
             encoded = mf.encode(manifest)
-            _refuse_unreadable_manifest(encoded, writer.final)
+            _refuse_unreadable_manifest(encoded, writer.location)
             writer.commit(encoded)
         except AptckptError:
             raise  # already says what went wrong (some of them are OSErrors too)
         except OSError as err:
             if writer.committed:  # only the final directory fsync failed
                 raise write_error(
-                    f"checkpoint '{writer.final}' was committed, but making its directory entry "
+                    f"checkpoint '{writer.location}' was committed, but making its directory entry "
                     "durable",
                     err,
-                    path=writer.final,
+                    path=writer.location,
                 ) from err
             raise write_error(
-                f"saving checkpoint '{writer.final}' (nothing was committed; earlier checkpoints "
-                "are intact)",
+                f"saving checkpoint '{writer.location}' (nothing was committed; earlier "
+                "checkpoints are intact)",
                 err,
-                path=writer.final,
+                path=writer.location,
             ) from err
     info = SaveInfo(
-        path=str(writer.final),
+        path=writer.location,
         backend=backend,
         tensors=len(records),
         raw_bytes=sum(r.nbytes for r in records),
@@ -378,7 +400,7 @@ def _write(
     return info
 
 
-def _refuse_unreadable_manifest(encoded: bytes, final: os.PathLike[str]) -> None:
+def _refuse_unreadable_manifest(encoded: bytes, final: str) -> None:
     """Never commit a checkpoint that no reader would open: its manifest (the state's
     structure and plain values, one record per tensor and chunk) must stay within the size
     every reader accepts."""
@@ -485,12 +507,15 @@ def _restore(
     return tensor
 
 
-def _open(path: PathLike) -> tuple[CheckpointReader, mf.Manifest, Backend]:
+def _open(
+    path: PathLike, storage_options: StorageOptions | None
+) -> tuple[CheckpointReader, mf.Manifest, Backend]:
     """The checkpoint's reader (closed when the caller drops it), manifest and backend."""
-    reader = CheckpointReader(local_path(path))
+    storage, where = resolve(path, storage_options)
+    reader = storage.open_checkpoint(where)
     try:
         manifest = reader.read_manifest()
-        return reader, manifest, _backend(manifest.backend, saved_by=str(reader.root))()
+        return reader, manifest, _backend(manifest.backend, saved_by=reader.location)()
     except BaseException:
         reader.close()  # not left to the traceback's lifetime
         raise
@@ -521,14 +546,14 @@ def _read_tensors(
         raise FormatError(
             f"backend {manifest.backend!r} returned {len(tensors)} tensors for "
             f"{len(manifest.tensors)} records",
-            path=str(reader.root),
+            path=reader.location,
         )
     for i, (t, r) in enumerate(zip(tensors, manifest.tensors, strict=True)):
         if _dtypes.dtype_name(t.dtype) != r.dtype or tuple(t.shape) != r.shape:
             raise FormatError(
                 f"tensor {i}: backend returned {t.dtype} {tuple(t.shape)}, "
                 f"manifest says {r.dtype} {r.shape}",
-                path=str(reader.root),
+                path=reader.location,
             )
     return tensors
 
@@ -560,6 +585,7 @@ def load(
     into: None = ...,
     strict: bool = ...,
     mmap: bool = ...,
+    storage_options: StorageOptions | None = ...,
 ) -> Any: ...
 
 
@@ -572,6 +598,7 @@ def load(
     into: object,
     strict: bool = ...,
     mmap: bool = ...,
+    storage_options: StorageOptions | None = ...,
 ) -> IntoResult: ...
 
 
@@ -584,11 +611,12 @@ def load(
     into: Any = None,
     strict: bool = True,
     mmap: bool = False,
+    storage_options: StorageOptions | None = None,
 ) -> Any:
     """Load the state saved at ``path``, bit for bit.
 
     Args:
-        path: a checkpoint directory written by :func:`save`.
+        path: a checkpoint written by :func:`save`: a local directory or a URL.
         map_location: where tensors go. ``None``: the device each was saved on;
             a device (``"cpu"``); a dict from saved to target device names; or a
             callable taking the saved device name (called once per saved device).
@@ -613,6 +641,8 @@ def load(
             ``torch.load(mmap=True)``, the files must not be truncated or rewritten
             while the tensors live (aptckpt never does; deleting the checkpoint is
             safe). Tensors mapped to another device are copied there. Not with ``into``.
+            From object storage nothing can be mapped: tensors are read.
+        storage_options: for a URL, as for :func:`save`.
 
     Returns:
         The state; with ``into``, an :class:`IntoResult` holding it and the unmatched keys.
@@ -627,7 +657,7 @@ def load(
     """
     if mmap and into is not None:
         raise ValueError("load() takes mmap=True or into=, not both: into= already reuses memory")
-    reader, manifest, impl = _open(path)
+    reader, manifest, impl = _open(path, storage_options)
     keys = _KeyPaths(manifest)
     plan = _into.plan(into, manifest, strict=strict) if into is not None else None
     tensors = _read_tensors(
@@ -670,9 +700,10 @@ def load(
     return IntoResult(state, plan.missing, plan.unexpected)
 
 
-def inspect(path: PathLike) -> CheckpointInfo:
-    """Summarise a checkpoint from its manifest, without reading tensor data."""
-    reader, manifest, impl = _open(path)
+def inspect(path: PathLike, *, storage_options: StorageOptions | None = None) -> CheckpointInfo:
+    """Summarise a checkpoint from its manifest, without reading tensor data
+    (``storage_options`` for a URL, as for :func:`save`)."""
+    reader, manifest, impl = _open(path, storage_options)
     layouts = impl.describe(manifest)
     store_bytes = impl.external_bytes(manifest)
     keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
@@ -691,7 +722,7 @@ def inspect(path: PathLike) -> CheckpointInfo:
         for k, r, lay in zip(keys, manifest.tensors, layouts, strict=True)
     )
     return CheckpointInfo(
-        path=str(reader.root),
+        path=reader.location,
         backend=manifest.backend,
         options=dict(manifest.options),
         format_version=manifest.format_version,
@@ -708,8 +739,9 @@ def inspect(path: PathLike) -> CheckpointInfo:
 
 
 @_gc.pausing
-def verify(path: PathLike) -> VerifyReport:
-    """Check every digest, size and structural rule of a checkpoint.
+def verify(path: PathLike, *, storage_options: StorageOptions | None = None) -> VerifyReport:
+    """Check every digest, size and structural rule of a checkpoint
+    (``storage_options`` for a URL, as for :func:`save`).
 
     Returns:
         A report when the checkpoint is intact.
@@ -720,14 +752,14 @@ def verify(path: PathLike) -> VerifyReport:
         FormatError, CheckpointNotFoundError: as for :func:`load`.
     """
     start = time.perf_counter()
-    reader, manifest, impl = _open(path)
+    reader, manifest, impl = _open(path, storage_options)
     tensors = _read_tensors(reader, manifest, impl, verify=True)
     try:
         tree.rebuild(manifest.skeleton, tensors)
     except FormatError as err:
-        raise IntegrityError(str(err), path=str(reader.root)) from err
+        raise IntegrityError(str(err), path=reader.location) from err
     return VerifyReport(
-        path=str(reader.root),
+        path=reader.location,
         backend=manifest.backend,
         tensors=len(tensors),
         raw_bytes=sum(r.nbytes for r in manifest.tensors),
@@ -743,9 +775,12 @@ def convert(
     backend: str = "zstd",
     overwrite: bool = False,
     verify: bool = True,
+    storage_options: StorageOptions | None = None,
+    dst_storage_options: StorageOptions | None = None,
     **options: Any,
 ) -> SaveInfo:
-    """Rewrite the checkpoint ``src`` as ``dst`` with another backend.
+    """Rewrite the checkpoint ``src`` as ``dst`` with another backend, or copy it between
+    local disk and object storage (either may be a URL).
 
     Tensors keep their recorded devices, ``nn.Parameter`` and ``requires_grad``
     flags, aliasing and metadata; nothing is moved to a device. The main use:
@@ -757,17 +792,24 @@ def convert(
         dst: the new checkpoint directory.
         backend, overwrite, **options: as for :func:`save`.
         verify: check every digest of ``src`` while reading it (default).
+        storage_options: for whichever of ``src`` and ``dst`` is a URL (both, if both
+            are, unless ``dst_storage_options`` is given).
+        dst_storage_options: for ``dst`` when it needs other options than ``src``.
 
     Raises:
         As :func:`load` for ``src`` and :func:`save` for ``dst``.
     """
     start = time.perf_counter()
-    local_path(dst)
+    src_options = storage_options if is_url(src) else None
+    if dst_storage_options is None:
+        dst_storage_options = storage_options if is_url(dst) else None
+    dst_storage, dst_path = resolve(dst, dst_storage_options)
     impl = _backend(backend)(**options)
-    reader, manifest, src_impl = _open(src)
-    if os.path.realpath(reader.root) == os.path.realpath(dst):
+    reader, manifest, src_impl = _open(src, src_options)
+    if reader.storage.same_checkpoint(reader.path, dst_storage, dst_path):
         raise CheckpointExistsError(
-            dst, "it is the checkpoint being converted; choose another path"
+            dst_storage.display(dst_path),
+            "it is the checkpoint being converted; choose another path",
         )
     tensors = _read_tensors(reader, manifest, src_impl, verify=verify)
     keys = tree.key_paths(manifest.skeleton, len(tensors))
@@ -783,7 +825,8 @@ def convert(
         flat,
         manifest.tensors,
         manifest.metadata,
-        dst,
+        dst_storage,
+        dst_path,
         backend,
         impl,
         format_version=version,
@@ -792,17 +835,18 @@ def convert(
     )
 
 
-def delete(path: PathLike) -> None:
-    """Delete the checkpoint at ``path``.
+def delete(path: PathLike, *, storage_options: StorageOptions | None = None) -> None:
+    """Delete the checkpoint at ``path`` (``storage_options`` for a URL, as for :func:`save`).
 
-    The directory is first renamed to a hidden trash name (durably), so a crash
-    part-way leaves hidden debris that the next save there removes, never a
-    visible directory with some files missing.
+    Locally the directory is first renamed to a hidden trash name (durably), so a
+    crash part-way leaves hidden debris that the next save there removes, never a
+    visible directory with some files missing. On object storage the manifest goes
+    first (the name is gone at once), then the data objects.
     Objects a ``delta`` checkpoint reached stay in the store until
     :func:`collect_garbage`; other checkpoints never depend on this directory.
 
     Raises:
         CheckpointNotFoundError: ``path`` is not a committed checkpoint.
     """
-    reader = CheckpointReader(local_path(path))
-    remove_checkpoint(reader.root)
+    storage, where = resolve(path, storage_options)
+    storage.delete_checkpoint(where)

@@ -32,10 +32,15 @@ collected. A crash at any point leaves an index that lists only complete
 checkpoints, and at worst dropped checkpoints still on disk, which the next
 save deletes.
 
+The run may live on object storage: ``CheckpointManager("s3://bucket/runs/a",
+storage_options={...})`` keeps the same layout under that prefix, and every path it
+returns (records, :meth:`CheckpointManager.latest`, saves) is then a URL string.
+
 One writer per run: a manager that writes holds the run lock
-(:mod:`aptckpt._runlock`) from its creation until :meth:`CheckpointManager.close`,
-so a second trainer on the same run directory fails at once with
-:class:`~aptckpt.errors.RunBusyError`; a killed owner releases it at once. When
+(:mod:`aptckpt._runlock`: a ``flock`` locally, a renewed lease object on object
+storage) from its creation until :meth:`CheckpointManager.close`, so a second
+trainer on the same run fails at once with :class:`~aptckpt.errors.RunBusyError`;
+a killed owner releases it at once (locally) or when its lease expires. When
 it takes the lock it removes what crashed saves left behind (hidden temp and
 trash entries, store temp files). Managers of one run in one process (threads,
 a notebook that re-creates its manager while a save is in flight) save one at a
@@ -57,7 +62,6 @@ from typing import Any, Literal, Protocol
 import aptckpt.api as api
 from aptckpt import _background, _gc, _run_index, _rundir, _runlock, training_state
 from aptckpt._background import SaveHandle
-from aptckpt._paths import local_path
 from aptckpt._run_index import CheckpointRecord, order
 from aptckpt.api import SaveInfo
 from aptckpt.backends.delta import collect_garbage
@@ -70,6 +74,7 @@ from aptckpt.errors import (
     StoreBusyError,
 )
 from aptckpt.retention import RetentionPolicy
+from aptckpt.storage import LOCAL, StorageOptions, is_url
 from aptckpt.storage.local._atomic import write_error
 from aptckpt.training_state import ResumeInfo, capture_rng
 from aptckpt.training_state import restore_rng as restore_rng_states
@@ -123,6 +128,9 @@ class CheckpointManager:
             (None or 0: never).
         backend_options: options passed to the backend on every save.
         read_only: only read the run (list, resolve, load): take no lock, write nothing.
+        storage_options: for a ``run_dir`` URL (``s3://bucket/runs/a``), the options of
+            its fsspec file system (credentials, ``endpoint_url``, ...), as for
+            :func:`aptckpt.save`; never written into the run.
 
     Raises:
         RunBusyError: (writing managers) another process is writing into ``run_dir``.
@@ -143,11 +151,14 @@ class CheckpointManager:
         temp_every: int | None = None,
         backend_options: Mapping[str, Any] | None = None,
         read_only: bool = False,
+        storage_options: StorageOptions | None = None,
     ) -> None:
         RetentionPolicy(keep_last, keep_best, best_metric, best_mode)  # checks the arguments
         if not isinstance(model_name, str) or not _PLAIN_NAME.fullmatch(model_name):
             raise ValueError(f"model_name {model_name!r} must be a plain file-name prefix")
-        self.run_dir = Path(os.path.abspath(local_path(run_dir, what="run directories")))
+        self._run = _rundir.Run.at(run_dir, storage_options)
+        #: The run: a ``Path`` for a local run, a URL string for one on object storage.
+        self.run_dir: Path | str = self._run.user_path()
         self.backend = backend
         self.model_name = model_name
         self.keep_last, self.keep_best = keep_last, keep_best
@@ -161,7 +172,7 @@ class CheckpointManager:
         self.last_save_info: SaveInfo | None = None
         self.read_only = read_only
         self._lock: _runlock.RunLock | None = None
-        self._in_flight: SaveHandle[Path] | None = None
+        self._in_flight: SaveHandle[Path | str] | None = None
         self._handle_lock = threading.Lock()  # threads of one manager share _in_flight
         self._handle_pid = os.getpid()  # the process whose thread saves _in_flight
         self._handle_lock_pid = os.getpid()
@@ -186,23 +197,24 @@ class CheckpointManager:
             )
         lock = self._lock
         if lock is not None and lock.held:
-            if not lock.still_at(self.run_dir):
+            if not lock.still_at(self._run.root):
                 raise RunBusyError(
                     f"the run directory '{self.run_dir}' was moved or replaced since this "
-                    "manager took it; its saves would start a second run there. Create a new "
-                    "CheckpointManager at the run's new path",
+                    "manager took it (or, on object storage, its lease lapsed and another "
+                    "writer took the run); its saves would start a second run there. Create "
+                    "a new CheckpointManager at the run's path",
                     path=str(self.run_dir),
                 )
             return lock
-        lock = _runlock.acquire(self.run_dir)
+        lock = _runlock.acquire(self._run)
         lock.enter()
         try:
-            _rundir.refuse_links(self.run_dir)  # before cleaning up inside those folders
+            _rundir.refuse_links(self._run)  # before cleaning up inside those folders
         except BaseException:
             lock.leave()
             raise
         self._lock = lock
-        _rundir.remove_debris(self.run_dir)
+        _rundir.remove_debris(self._run)
         return lock
 
     def close(self) -> None:
@@ -380,7 +392,7 @@ class CheckpointManager:
         handed_off = False  # once persist runs, it releases the slot (on the save thread)
         try:
             self.wait()  # a save another thread started on this manager meanwhile: its error
-            _rundir.refuse_links(self.run_dir)
+            _rundir.refuse_links(self._run)
             records = self.checkpoints()
             sequence = max([lock.issued, *(r.sequence for r in records)]) + 1
             if sequence > training_state.MAX_COUNT:
@@ -393,8 +405,8 @@ class CheckpointManager:
                     path=str(newest.path),
                 )
             lock.issued = sequence
-            rel = _rundir.free_name(self.run_dir, folder, name, sequence)
-            path = self.run_dir / rel
+            rel = _rundir.free_name(self._run, folder, name, sequence)
+            path = self._run.user_path(rel)
             if temporary:
                 best = False  # temporaries are never the best: retention drops them
             elif is_best is None:
@@ -416,10 +428,11 @@ class CheckpointManager:
                 backend=self.backend,
                 metadata={_RUN_KEY: run_meta},
                 overwrite=False,
+                storage_options=self._run.options,
                 **self._backend_options(records),
             )
 
-            def persist(snapshot: FlatState) -> Path:
+            def persist(snapshot: FlatState) -> Path | str:
                 try:
                     self.last_save_info = pending.persist(snapshot)
                     self._after_commit(rel)
@@ -429,7 +442,7 @@ class CheckpointManager:
                     release()
                 return path
 
-            def persist_then_leave(snapshot: FlatState) -> Path:
+            def persist_then_leave(snapshot: FlatState) -> Path | str:
                 try:
                     return persist(snapshot)
                 finally:
@@ -458,13 +471,13 @@ class CheckpointManager:
         """Index, retention and garbage collection once checkpoint ``rel`` has committed,
         all from the checkpoints on disk (a save of another manager of the run may
         have committed since this one was prepared)."""
-        listing = _run_index.scan(self.run_dir)
+        listing = _run_index.scan(self._run)
         record = next((r for r in listing.records if r.rel_path == rel), None)
         if record is None:
             raise FormatError(
                 f"checkpoint '{rel}' was committed but cannot be listed (see the log); the index "
                 "was not updated and nothing was pruned",
-                path=str(self.run_dir / rel),
+                path=self._run.display(rel),
             )
         kept, dropped = self.retention.split(listing.records, record)
         self.last_saved = record
@@ -475,7 +488,7 @@ class CheckpointManager:
                 f"checkpoint '{rel}' was committed, but updating {INDEX_NAME} (the run is listed "
                 "from the checkpoints themselves meanwhile; nothing was pruned)",
                 err,
-                path=self.run_dir,
+                path=self._run.display(),
             ) from err
         for old in dropped:
             self._delete(old)
@@ -483,22 +496,22 @@ class CheckpointManager:
             self._collect_garbage()  # deleted checkpoints may leave delta objects unreached
         log.info("checkpoint %s committed (%d bytes)", rel, record.bytes)
 
-    def _write_tokenizer_after_commit(self, files: dict[str, bytes], path: Path) -> None:
+    def _write_tokenizer_after_commit(self, files: dict[str, bytes], path: Path | str) -> None:
         try:
             for name, data in files.items():
-                _rundir.write_small_file(self.run_dir, _TOKENIZER, name, data)
+                _rundir.write_small_file(self._run, _TOKENIZER, name, data)
         except OSError as err:
             raise write_error(
                 f"checkpoint '{path}' was committed (with the tokenizer inside), but "
                 f"writing the run's {_TOKENIZER}/ files",
                 err,
-                path=self.run_dir,
+                path=self._run.display(),
             ) from err
 
     def _backend_options(self, records: list[CheckpointRecord]) -> dict[str, Any]:
         options = dict(self.backend_options)
         if self.backend == "delta":
-            options.setdefault("store", self.run_dir / _rundir.STORE)
+            options.setdefault("store", self._run.user_path(_rundir.STORE))
             latest = self._newest(r for r in records if r.backend == "delta")
             if latest is not None:
                 options.setdefault("base", latest.path)
@@ -508,7 +521,7 @@ class CheckpointManager:
         """Delete a checkpoint retention dropped. A failure is logged, not raised: the
         new checkpoint is safe, and the next save tries again."""
         try:
-            api.delete(record.path)
+            api.delete(record.path, storage_options=self._run.options)
         except CheckpointNotFoundError:
             return  # already gone
         except OSError as err:
@@ -521,11 +534,10 @@ class CheckpointManager:
         log.info("deleted checkpoint %s (retention)", record.rel_path)
 
     def _collect_garbage(self) -> None:
-        store = self.run_dir / _rundir.STORE
-        if not store.is_dir() or _rundir.is_link(store):
-            return
+        if not self._run.is_folder(_rundir.STORE):
+            return  # none yet (or a link, never followed)
         try:
-            collect_garbage(self.run_dir, wait=False)
+            collect_garbage(self.run_dir, wait=False, storage_options=self._run.options)
         except StoreBusyError:
             log.info("object store busy; garbage collection postponed to the next save")
         except (AptckptError, OSError) as err:
@@ -543,7 +555,7 @@ class CheckpointManager:
             UnsupportedFormatVersionError, UnknownBackendError: a checkpoint of the
                 run needs a newer aptckpt (it is never skipped, overwritten or pruned).
         """
-        return _run_index.scan(self.run_dir).records
+        return _run_index.scan(self._run).records
 
     def _write_index(self, records: list[CheckpointRecord], listing: _run_index.Listing) -> None:
         run_info = {
@@ -552,7 +564,7 @@ class CheckpointManager:
             "best_metric": self.best_metric,
             "best_mode": self.best_mode,
         }
-        _run_index.write_index(self.run_dir, records, listing.sources, run_info, listing.created_at)
+        _run_index.write_index(self._run, records, listing.sources, run_info, listing.created_at)
 
     # ------------------------------------------------------------ queries
 
@@ -573,10 +585,11 @@ class CheckpointManager:
         flagged = [r for r in self.checkpoints() if r.kind == "epoch" and r.is_best]
         return flagged[-1] if flagged else None
 
-    def resolve(self, checkpoint_path: str | os.PathLike[str] | None = None) -> Path:
-        """The checkpoint named by ``None``/``"latest"``, ``"best"`` or a path.
+    def resolve(self, checkpoint_path: str | os.PathLike[str] | None = None) -> Path | str:
+        """The checkpoint named by ``None``/``"latest"``, ``"best"``, a path or a URL.
 
-        A relative path is tried as given, then inside the run directory.
+        A relative path is tried as given, then inside the run directory (for a run on
+        object storage: inside the run).
         """
         if checkpoint_path is None or checkpoint_path in ("latest", "auto"):
             record = self.latest()
@@ -590,9 +603,13 @@ class CheckpointManager:
                     self.run_dir, f"no regular checkpoint has the metric {self.best_metric!r}"
                 )
             return record.path
+        if is_url(checkpoint_path):
+            return os.fspath(checkpoint_path)
         path = Path(checkpoint_path)
-        if not path.exists() and not path.is_absolute() and (self.run_dir / path).exists():
-            path = self.run_dir / path
+        if path.is_absolute() or LOCAL.info(os.path.abspath(path)) is not None:
+            return path  # a local checkpoint the caller names, wherever the run lives
+        if self._run.exists(path.as_posix()):
+            return self._run.user_path(path.as_posix())
         return path
 
     # ------------------------------------------------------------ loading
@@ -645,13 +662,14 @@ class CheckpointManager:
         other settings fails before the model is half loaded."""
         self.wait()
         path = self.resolve(checkpoint_path)
-        state = api.load(path, map_location=map_location)
+        options = self._run.options if is_url(path) else None
+        state = api.load(path, map_location=map_location, storage_options=options)
         if not isinstance(state, dict) or "global_step" not in state:
             raise BackendError(
                 f"'{path}' was not written by a CheckpointManager (no global_step); "
                 "load it with aptckpt.load()"
             )
-        temporary = Path(os.path.abspath(path)).parent.name == _TEMP
+        temporary = _folder_name(path) == _TEMP
         # Checked before anything is restored: a bad checkpoint changes no object.
         resume = training_state.resume_info(path, state, temporary=temporary)
         if check is not None:
@@ -667,3 +685,10 @@ class CheckpointManager:
             restore_rng_states(state["rng"])
         self.last_loaded = resume
         return state
+
+
+def _folder_name(path: Path | str) -> str:
+    """The name of the folder holding checkpoint ``path`` (a local path or a URL)."""
+    if is_url(path):
+        return os.fspath(path).rstrip("/").rsplit("/", 2)[-2]
+    return Path(os.path.abspath(path)).parent.name

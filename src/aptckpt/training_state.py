@@ -134,7 +134,7 @@ def tokenizer_files(tokenizer: Any) -> dict[str, bytes] | None:
     return out
 
 
-def resume_info(path: Path, state: dict[str, Any], *, temporary: bool) -> ResumeInfo:
+def resume_info(path: Path | str, state: dict[str, Any], *, temporary: bool) -> ResumeInfo:
     """What a loaded checkpoint's state says besides its tensors, checked: a state
     altered by hand (or saved by something else) gives a clear error, not a crash
     once half of it is restored.

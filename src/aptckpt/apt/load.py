@@ -73,7 +73,7 @@ def _resolve(path: Path) -> Path:
         record = manager.best() or manager.latest()
         if record is None:
             raise CheckpointNotFoundError(path, "the run directory holds no checkpoint")
-        return record.path
+        return Path(record.path)  # a local run: its records are paths
     raise CheckpointNotFoundError(
         path, f"neither a checkpoint (no {MANIFEST_NAME}) nor a run directory"
     )

@@ -43,7 +43,7 @@ import random
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,6 +167,7 @@ def train_model(
     corpus: str | None = None,
     device: str | torch.device = "cpu",
     async_checkpoints: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train the APT model, checkpointing into ``checkpoint_dir``; resumable bit for bit.
 
@@ -201,6 +202,8 @@ def train_model(
             waits only for the copy of the state into host staging buffers (and
             for the previous save, if it is still running). ``False`` saves
             synchronously. Either way the run is bit-identical.
+        storage_options: for a ``checkpoint_dir`` URL (``s3://bucket/runs/apt``), the
+            options of its fsspec file system (see :func:`aptckpt.save`).
 
     Returns:
         A :class:`TrainResult`.
@@ -257,7 +260,11 @@ def train_model(
         blocking=not async_checkpoints,
     )
     manager = CheckpointManager(
-        checkpoint_dir, backend=backend, model_name=MODEL_NAME, keep_last=keep_last
+        checkpoint_dir,
+        backend=backend,
+        model_name=MODEL_NAME,
+        keep_last=keep_last,
+        storage_options=storage_options,
     )
     run.resume(manager, resume_from, checkpoint_dir)
     if run.resumed_from is None:

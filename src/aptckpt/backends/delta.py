@@ -51,7 +51,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -71,10 +71,12 @@ from aptckpt.errors import (
     StoreNotFoundError,
     UnreadableError,
     UnsafePathError,
+    UnsupportedPathError,
     WriteError,
 )
 from aptckpt.manifest import Manifest, TensorRecord, check_relative_path
 from aptckpt.objectstore import ObjectStore
+from aptckpt.storage import resolve
 from aptckpt.storage.local._atomic import CheckpointReader, CheckpointWriter
 from aptckpt.tree import FlatState
 
@@ -974,7 +976,11 @@ def find_store(path: str | os.PathLike[str]) -> ObjectStore:
 
 
 def collect_garbage(
-    path: str | os.PathLike[str], *, dry_run: bool = False, wait: bool = True
+    path: str | os.PathLike[str],
+    *,
+    dry_run: bool = False,
+    wait: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> GarbageReport:
     """Remove the objects of a store that no committed delta checkpoint reaches.
 
@@ -994,6 +1000,10 @@ def collect_garbage(
         WriteError: an object could not be removed (a read-only file system,
             permissions); those removed before were unreachable, nothing else changed.
     """
+    if storage_options is not None or not resolve(path)[0].local:
+        raise UnsupportedPathError(
+            f"collect_garbage of '{path}': object stores are not collected yet", path=str(path)
+        )
     store = find_store(path)
     for link in (store.root, store.objects):
         # Through a link, the checkpoints using those objects may live beneath another

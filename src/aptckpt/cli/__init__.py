@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aptckpt
-from aptckpt.cli._common import UsageError, os_message
+from aptckpt.cli._common import UsageError, os_message, parse_storage_options
 from aptckpt.cli._diff import cmd_diff
 from aptckpt.cli._export import cmd_convert
 from aptckpt.cli._info import cmd_info, cmd_inspect
@@ -40,6 +40,7 @@ from aptckpt.errors import (
     CheckpointNotFoundError,
     IntegrityError,
 )
+from aptckpt.storage import is_url
 
 __all__ = ["main"]
 
@@ -60,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=doc, description=doc)
         c.set_defaults(func=func)
+        c.add_argument(
+            "--storage-option",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="an option of the fsspec file system of s3://, gs://, ... paths, e.g. "
+            "endpoint_url=http://127.0.0.1:9000 (repeatable; over the AWS_* environment)",
+        )
         if js:
             c.add_argument("--json", action="store_true", help="machine-readable output")
         return c
@@ -112,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _hint(err: CheckpointNotFoundError) -> str:
+    if is_url(err.path):
+        return ""
     path = Path(err.path)
     if (path / "metadata.json").is_file():
         return f"; it is a run directory: list its checkpoints with aptckpt ls {path}"
@@ -134,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     name = args.command
     try:
+        args.storage_options = parse_storage_options(args.storage_option)
         code: int = args.func(args)
         return code
     except IntegrityError as err:

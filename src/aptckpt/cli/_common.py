@@ -30,6 +30,42 @@ class UsageError(Exception):
     """A problem with the command line itself (exit 2); the message names the fix."""
 
 
+# ------------------------------------------------------------------ storage
+
+
+def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any] | None:
+    """``--storage-option KEY=VALUE`` pairs as fsspec options. A value is read as JSON
+    where it is JSON (``anon=true``, ``max_concurrency=8``), else kept as a string; a
+    dotted key nests (``client_kwargs.region_name=eu-west-1``). None without pairs."""
+    if not pairs:
+        return None
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--storage-option takes KEY=VALUE, not {pair.split('=')[0]!r}")
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text
+        *parents, leaf = key.split(".")
+        here = options
+        for name in parents:
+            nested = here.setdefault(name, {})
+            if not isinstance(nested, dict):
+                raise UsageError(f"--storage-option {key}: {name} was given a value already")
+            here = nested
+        here[leaf] = value
+    return options
+
+
+def options_for(args: Any, path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The storage options of the command line for ``path`` (None for a local path)."""
+    from aptckpt.storage import is_url
+
+    return args.storage_options if is_url(path) else None
+
+
 # ------------------------------------------------------------------ text
 
 

@@ -25,6 +25,7 @@ from aptckpt.cli._common import (
     fmt_num,
     fmt_value,
     key_path_items,
+    options_for,
     print_json,
     render_table,
 )
@@ -178,7 +179,10 @@ def _only(key: str, side: str) -> dict[str, Any]:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    state_a, state_b = (_flat_dict(aptckpt.load(p, map_location="cpu")) for p in (args.a, args.b))
+    state_a, state_b = (
+        _flat_dict(aptckpt.load(p, map_location="cpu", storage_options=options_for(args, p)))
+        for p in (args.a, args.b)
+    )
     rows = [
         _compare(key, a, state_b[key]) if key in state_b else _only(key, "A")
         for key, a in state_a.items()

@@ -22,7 +22,15 @@ import torch
 import aptckpt
 from aptckpt import tree
 from aptckpt.backends.torch import write_torch_file
-from aptckpt.cli._common import UsageError, busy, dotted_items, dtype_str, fmt_size
+from aptckpt.cli._common import (
+    UsageError,
+    busy,
+    dotted_items,
+    dtype_str,
+    fmt_size,
+    options_for,
+)
+from aptckpt.storage import is_url
 from aptckpt.storage.local._atomic import fsync_dir
 from aptckpt.storage.local._temps import temp_sibling
 
@@ -174,15 +182,19 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    dst = Path(args.dst)
     options = dict(_option(o) for o in args.option)
     if args.level is not None:
         options["level"] = args.level
-    raw = aptckpt.inspect(args.src).raw_bytes
+    raw = aptckpt.inspect(args.src, storage_options=options_for(args, args.src)).raw_bytes
     if args.to == "checkpoint":
         info = busy(
             lambda: aptckpt.convert(
-                args.src, dst, backend=args.backend or "zstd", overwrite=args.overwrite, **options
+                args.src,
+                args.dst,
+                backend=args.backend or "zstd",
+                overwrite=args.overwrite,
+                storage_options=args.storage_options,
+                **options,
             ),
             "convert",
             raw,
@@ -198,10 +210,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--backend, --level and --option apply to checkpoints, not --to {args.to}"
         )
+    if is_url(args.dst):
+        raise UsageError(f"--to {args.to} writes a local file; DST must be a local path")
+    dst = Path(args.dst)
     export = _export_torch if args.to == "torch-file" else _export_safetensors
 
     def run() -> tuple[int, list[str]]:
-        return export(aptckpt.load(args.src, map_location="cpu"), dst, overwrite=args.overwrite)
+        state = aptckpt.load(
+            args.src, map_location="cpu", storage_options=options_for(args, args.src)
+        )
+        return export(state, dst, overwrite=args.overwrite)
 
     size, notes = busy(run, "export", raw)
     for note in notes:

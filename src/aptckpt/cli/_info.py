@@ -15,7 +15,14 @@ import torch
 
 import aptckpt
 from aptckpt import _accel, _config
-from aptckpt.cli._common import fmt_size, fmt_value, print_json, render_pairs, render_table
+from aptckpt.cli._common import (
+    fmt_size,
+    fmt_value,
+    options_for,
+    print_json,
+    render_pairs,
+    render_table,
+)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -52,7 +59,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    info = aptckpt.inspect(args.checkpoint)
+    info = aptckpt.inspect(args.checkpoint, storage_options=options_for(args, args.checkpoint))
     if args.json:
         print_json(info)
         return 0

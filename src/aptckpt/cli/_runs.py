@@ -19,15 +19,19 @@ from aptckpt.cli._common import (
     fmt_size,
     fmt_value,
     jsonable,
+    options_for,
     print_json,
     render_pairs,
     render_table,
 )
 from aptckpt.errors import AptckptError, StoreNotFoundError
+from aptckpt.storage import is_url, resolve
 from aptckpt.storage.local._atomic import is_checkpoint
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    if is_url(args.run_dir):
+        return _ls_remote(args)
     run = Path(args.run_dir)
     if not run.is_dir():
         why = "is not a directory" if run.exists() else "does not exist"
@@ -53,6 +57,33 @@ def cmd_ls(args: argparse.Namespace) -> int:
         )
     if not indexed:
         print(f"note: '{run}' has no metadata.json; listed from the checkpoints", file=sys.stderr)
+    return _print_records(args, records, best_path)
+
+
+def _ls_remote(args: argparse.Namespace) -> int:
+    """``ls`` of a run on object storage: what the manager lists, read only."""
+    storage, root = resolve(args.run_dir, args.storage_options)
+    where = storage.display(root)
+    if storage.is_checkpoint(root):
+        raise UsageError(
+            f"'{where}' is a single checkpoint, not a run; use: aptckpt inspect {where}"
+        )
+    manager = aptckpt.CheckpointManager(where, read_only=True, storage_options=args.storage_options)
+    records = manager.checkpoints()
+    best = manager.best()
+    if not records:
+        if storage.info(storage.join(root, "metadata.json")) is None:
+            raise UsageError(
+                f"'{where}' holds no metadata.json and no checkpoints: not a run of "
+                "aptckpt.CheckpointManager (check the URL and --storage-option)"
+            )
+        print(f"note: run '{where}' has no checkpoints yet", file=sys.stderr)
+    return _print_records(args, records, best.rel_path if best is not None else None)
+
+
+def _print_records(
+    args: argparse.Namespace, records: list[aptckpt.CheckpointRecord], best_path: str | None
+) -> int:
     if args.json:
         print_json([{**jsonable(r), "run_best": r.rel_path == best_path} for r in records])
         return 0
@@ -100,8 +131,15 @@ def _no_store(run: Path, err: StoreNotFoundError) -> str:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     try:
-        report = aptckpt.collect_garbage(args.run_dir, dry_run=args.dry_run, wait=not args.no_wait)
+        report = aptckpt.collect_garbage(
+            args.run_dir,
+            dry_run=args.dry_run,
+            wait=not args.no_wait,
+            storage_options=options_for(args, args.run_dir),
+        )
     except StoreNotFoundError as err:
+        if is_url(args.run_dir):
+            raise
         note = _no_store(Path(args.run_dir), err)
         if args.json:
             print_json(

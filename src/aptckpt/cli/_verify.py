@@ -44,6 +44,7 @@ from aptckpt.errors import (
     IntegrityError,
 )
 from aptckpt.manifest import MANIFEST_NAME
+from aptckpt.storage import is_url, resolve
 from aptckpt.storage.local._atomic import is_checkpoint, is_temporary
 
 
@@ -156,7 +157,49 @@ def _gone(path: Path, name: str) -> tuple[dict[str, Any], str]:
     return result, f"GONE     {name}  (deleted while verifying: nothing to check)"
 
 
+def _verify_remote(args: argparse.Namespace) -> int:
+    """``verify`` of a URL: the checkpoint there, or every checkpoint beneath it."""
+    storage, root = resolve(args.path, args.storage_options)
+    if storage.is_checkpoint(root):
+        paths = [root]
+    else:
+        paths = sorted(
+            storage.join(root, rel.rpartition("/")[0])
+            for rel, entry in storage.walk(root)
+            if rel.rpartition("/")[2] == MANIFEST_NAME and "/" in rel
+        )
+        if not paths:
+            raise UsageError(
+                f"no checkpoints at or beneath '{storage.display(root)}' (no prefix there holds "
+                "a manifest.msgpack); pass a checkpoint or a run"
+            )
+    results: list[dict[str, Any]] = []
+    for path in paths:
+        url = storage.display(path)
+        result: dict[str, Any] = {"path": url, "ok": False}
+        try:
+            report = aptckpt.verify(url, storage_options=args.storage_options)
+        except (AptckptError, OSError) as err:
+            problems = list(getattr(err, "problems", ())) or [str(err)]
+            result.update(error=str(err), problems=problems)
+            line = f"FAILED   {url}\n" + "\n".join(f"    {p}" for p in problems)
+        else:
+            result.update(ok=True, tensors=report.tensors, stored_bytes=report.stored_bytes)
+            line = f"OK       {url}  ({report.tensors} tensors, {fmt_size(report.stored_bytes)})"
+        results.append(result)
+        if not args.json:
+            print(line, flush=True)
+    bad = sum(not r["ok"] for r in results)
+    if args.json:
+        print_json(results)
+    elif len(results) > 1 or bad:
+        print(f"{len(results)} checkpoint(s): {len(results) - bad} OK, {bad} failed")
+    return 1 if bad else 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    if is_url(args.path):
+        return _verify_remote(args)
     root = Path(args.path)
     if not root.is_dir():
         aptckpt.verify(root)  # raises the library's own "no checkpoint" message

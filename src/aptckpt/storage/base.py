@@ -62,8 +62,9 @@ class Entry:
     """One name in a folder of a storage."""
 
     name: str
-    #: ``"file"``, ``"dir"`` or ``"other"`` (a link, a FIFO, a device: local only).
-    kind: Literal["file", "dir", "other"]
+    #: ``"file"``, ``"dir"``, ``"link"`` (a symbolic link, not followed) or ``"other"`` (a
+    #: FIFO, a device); object stores have files and folders only.
+    kind: Literal["file", "dir", "link", "other"]
     size: int
     #: Last modification, seconds since the epoch (0.0 where the store gives none).
     mtime: float
@@ -326,6 +327,10 @@ class Storage(ABC):
     def name(path: str) -> str:
         return path.rstrip("/").rpartition("/")[2]
 
+    def same_checkpoint(self, path: str, other: Storage, other_path: str) -> bool:
+        """True if ``other_path`` in ``other`` names the same checkpoint as ``path`` here."""
+        return other.scheme == self.scheme and other.display(other_path) == self.display(path)
+
     # ----------------------------------------------------------- checkpoints
 
     @abstractmethod
@@ -351,9 +356,10 @@ class Storage(ABC):
         """Remove the checkpoint at ``path`` so that it is never seen half-deleted."""
 
     @abstractmethod
-    def remove_debris(self, folder: str) -> int:
+    def remove_debris(self, folder: str, *, exclusive: bool = False) -> int:
         """Remove what saves that died left in ``folder`` (never a save still in
-        flight); return how many entries went."""
+        flight); return how many entries went. ``exclusive``: the caller holds the run
+        (its run lock), so nothing else of aptckpt writes there."""
 
     # ----------------------------------------------------------------- files
 
@@ -386,6 +392,10 @@ class Storage(ABC):
     @abstractmethod
     def info(self, path: str) -> Entry | None:
         """What is at ``path`` (not following a link), or None."""
+
+    def link_target(self, path: str) -> str | None:
+        """Where the symbolic link ``path`` points (for messages); None if it is none."""
+        return None
 
     @abstractmethod
     def list(self, folder: str) -> list[Entry]:

@@ -11,6 +11,11 @@ Usage, in a pytest module of the plugin::
 pytest collects the inherited ``test_*`` methods. They need ``hypothesis`` and
 pytest's ``tmp_path``; hypothesis settings come from the active profile.
 
+The suite saves under ``tmp_path`` unless :attr:`BackendConformance.root` names a URL
+prefix (``memory://suite``; for ``s3://`` set it and
+:attr:`BackendConformance.storage_options` from a fixture): every test then runs
+against that object store, reading files back through the storage layer.
+
 Without a pytest module, :func:`check_backend` runs the same tests in one call
 (``aptckpt.testing.check_backend(MyBackend)``) and raises ``AssertionError``
 naming every test that failed.
@@ -22,7 +27,6 @@ import collections
 import contextlib
 import inspect
 import math
-import os
 import re
 import struct
 import tempfile
@@ -39,6 +43,7 @@ import aptckpt
 from aptckpt import _dtypes, registry
 from aptckpt.backends.base import Backend
 from aptckpt.errors import BackendError
+from aptckpt.storage import is_url, resolve
 from aptckpt.testing._compare import assert_state_equal
 from aptckpt.testing.strategies import states
 
@@ -142,26 +147,59 @@ class BackendConformance:
     #: False for a backend that must refuse ``b""`` (the ``torch`` backend: its
     #: files must load with ``torch.load(weights_only=True)``, which rejects it).
     stores_empty_bytes: ClassVar[bool] = True
+    #: Where checkpoints go: None for pytest's ``tmp_path``, or a URL prefix (each test
+    #: saves beneath ``<root>/<tmp_path's name>/``).
+    root: str | None = None
+    #: Options of the file system of :attr:`root` (credentials, endpoint).
+    storage_options: Mapping[str, Any] | None = None
 
-    def roundtrip(self, state: Any, path: Path, **kwargs: Any) -> Any:
-        aptckpt.save(state, path, backend=self.backend, **self.options, **kwargs)
-        return aptckpt.load(path)
+    def where(self, tmp_path: Path, name: str) -> str:
+        """The path (or URL) of checkpoint ``name`` of the test whose ``tmp_path`` it is."""
+        if self.root is None:
+            return str(tmp_path / name)
+        return f"{self.root.rstrip('/')}/{tmp_path.name}/{name}"
+
+    def _opts(self, path: str) -> Mapping[str, Any] | None:
+        return self.storage_options if is_url(path) else None
+
+    def save(self, state: Any, path: str, **kwargs: Any) -> aptckpt.SaveInfo:
+        options = {**self.options, **kwargs}
+        return aptckpt.save(
+            state, path, backend=self.backend, storage_options=self._opts(path), **options
+        )
+
+    def load(self, path: str, **kwargs: Any) -> Any:
+        return aptckpt.load(path, storage_options=self._opts(path), **kwargs)
+
+    def names(self, folder: str) -> list[str]:
+        """The names in ``folder`` (a path or URL), through the storage layer."""
+        storage, where = resolve(folder, self._opts(folder))
+        return [entry.name for entry in storage.list(where)]
+
+    def read_bytes(self, path: str) -> bytes:
+        storage, where = resolve(path, self._opts(path))
+        return storage.read_file(where, limit=1 << 40)
+
+    def roundtrip(self, state: Any, path: str | Path, **kwargs: Any) -> Any:
+        self.save(state, str(path), **kwargs)
+        return self.load(str(path))
 
     def test_special_values_roundtrip(self, tmp_path: Path) -> None:
         state = special_values_state()
-        assert_state_equal(state, self.roundtrip(state, tmp_path / "ckpt"))
+        assert_state_equal(state, self.roundtrip(state, self.where(tmp_path, "ckpt")))
 
     def test_load_without_verify(self, tmp_path: Path) -> None:
         state = special_values_state()
-        aptckpt.save(state, tmp_path / "ckpt", backend=self.backend, **self.options)
-        assert_state_equal(state, aptckpt.load(tmp_path / "ckpt", verify=False))
+        path = self.where(tmp_path, "ckpt")
+        self.save(state, path)
+        assert_state_equal(state, self.load(path, verify=False))
 
     def test_tied_state_dict_loads_tied(self, tmp_path: Path) -> None:
         emb = torch.nn.Embedding(10, 4)
         head = torch.nn.Linear(4, 10, bias=False)
         head.weight = emb.weight
         model = torch.nn.ModuleDict({"emb": emb, "head": head})
-        loaded = self.roundtrip(model.state_dict(), tmp_path / "ckpt")
+        loaded = self.roundtrip(model.state_dict(), self.where(tmp_path, "ckpt"))
         assert loaded["emb.weight"] is loaded["head.weight"]
         fresh_emb = torch.nn.Embedding(10, 4)
         fresh = torch.nn.ModuleDict({"emb": fresh_emb, "head": torch.nn.Linear(4, 10, bias=False)})
@@ -174,77 +212,87 @@ class BackendConformance:
         model(torch.randn(5, 4)).sum().backward()
         opt.step()
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 1}
-        loaded = self.roundtrip(state, tmp_path / "ckpt")
+        loaded = self.roundtrip(state, self.where(tmp_path, "ckpt"))
         assert_state_equal(state, loaded)
         opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
         opt2.load_state_dict(loaded["optimizer"])
 
     def test_views_of_odd_and_shared_storages_roundtrip(self, tmp_path: Path) -> None:
         state = storage_views_state()
-        assert_state_equal(state, self.roundtrip(state, tmp_path / "ckpt"))
+        assert_state_equal(state, self.roundtrip(state, self.where(tmp_path, "ckpt")))
 
     def test_state_loaded_with_mmap_saves_again(self, tmp_path: Path) -> None:
         # Tensors mapped from one file share one storage whatever their dtypes.
         state = {"f": torch.randn(3), "i": torch.arange(5, dtype=torch.int16), "b": torch.ones(5)}
         aptckpt.save(state, tmp_path / "raw", backend="zstd", codec="none")
         mapped = aptckpt.load(tmp_path / "raw", mmap=True)
-        assert_state_equal(state, self.roundtrip(mapped, tmp_path / "ckpt"))
+        assert_state_equal(state, self.roundtrip(mapped, self.where(tmp_path, "ckpt")))
 
     def test_metadata_and_inspect(self, tmp_path: Path) -> None:
         state = {"w": torch.ones(3, 2), "n": 4}
-        aptckpt.save(
-            state, tmp_path / "c", backend=self.backend, metadata={"epoch": 3}, **self.options
-        )
-        info = aptckpt.inspect(tmp_path / "c")
+        path = self.where(tmp_path, "c")
+        self.save(state, path, metadata={"epoch": 3})
+        info = aptckpt.inspect(path, storage_options=self._opts(path))
         assert info.backend == self.backend
         assert info.metadata == {"epoch": 3}
         assert [(t.key, t.dtype, t.shape) for t in info.tensors] == [
             ("state['w']", "float32", (3, 2))
         ]
-        local = sum(os.path.getsize(tmp_path / "c" / f.path) for f in info.files)
+        local = sum(len(self.read_bytes(f"{path}/{f.path}")) for f in info.files)
+        assert [f.size for f in info.files] == [
+            len(self.read_bytes(f"{path}/{f.path}")) for f in info.files
+        ]
         assert info.stored_bytes == local + info.store_bytes
-        aptckpt.verify(tmp_path / "c")
+        assert info.path == path
+        aptckpt.verify(path, storage_options=self._opts(path))
 
     def test_unsupported_object_refused_and_nothing_written(self, tmp_path: Path) -> None:
         class Opaque:
             pass
 
         with pytest.raises(aptckpt.UnsupportedObjectError, match=re.escape("state['a']['b'][1]")):
-            aptckpt.save(
-                {"a": {"b": [1, Opaque()]}}, tmp_path / "c", backend=self.backend, **self.options
-            )
-        assert not os.path.exists(tmp_path / "c")
-        assert os.listdir(tmp_path) == []
+            self.save({"a": {"b": [1, Opaque()]}}, self.where(tmp_path, "c"))
+        assert self.names(self.where(tmp_path, "")) == []
 
     def test_empty_bytes_stored_or_refused_by_key_path(self, tmp_path: Path) -> None:
         state = {"blobs": [b"x", b""]}
+        path = self.where(tmp_path, "c")
         if self.stores_empty_bytes:
-            assert_state_equal(state, self.roundtrip(state, tmp_path / "c"))
+            assert_state_equal(state, self.roundtrip(state, path))
         else:
             with pytest.raises(aptckpt.UnsupportedObjectError, match=re.escape("['blobs'][1]")):
-                aptckpt.save(state, tmp_path / "c", backend=self.backend, **self.options)
-            assert not os.path.exists(tmp_path / "c")
+                self.save(state, path)
+            assert self.names(self.where(tmp_path, "")) == []
 
     def test_overwrite_is_explicit(self, tmp_path: Path) -> None:
-        path = tmp_path / "c"
-        aptckpt.save({"v": 1}, path, backend=self.backend, **self.options)
+        path = self.where(tmp_path, "c")
+        self.save({"v": 1}, path)
         with pytest.raises(aptckpt.CheckpointExistsError, match="overwrite=True"):
-            aptckpt.save({"v": 2}, path, backend=self.backend, **self.options)
-        assert aptckpt.load(path) == {"v": 1}
-        aptckpt.save({"v": 2}, path, backend=self.backend, overwrite=True, **self.options)
-        assert aptckpt.load(path) == {"v": 2}
-        # No temp or trash directory is left behind (a shared store may sit beside it).
-        assert "c" in os.listdir(tmp_path)
-        assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+            self.save({"v": 2}, path)
+        assert self.load(path) == {"v": 1}
+        before = self.names(path)
+        self.save({"v": 2}, path, overwrite=True)
+        assert self.load(path) == {"v": 2}
+        # No temp or trash directory is left behind (a shared store may sit beside it),
+        # and nothing of the replaced checkpoint stays inside it.
+        parent = self.where(tmp_path, "")
+        assert "c" in self.names(parent)
+        assert not [n for n in self.names(parent) if n.startswith(".")]
+        assert len(self.names(path)) == len(before)
 
     def test_deterministic_data_files(self, tmp_path: Path) -> None:
         state = special_values_state()
-        for name in ("a", "b"):
-            aptckpt.save(state, tmp_path / name, backend=self.backend, **self.options)
-        files = aptckpt.inspect(tmp_path / "a").files
-        assert files == aptckpt.inspect(tmp_path / "b").files
-        for f in files:
-            assert (tmp_path / "a" / f.path).read_bytes() == (tmp_path / "b" / f.path).read_bytes()
+        a, b = self.where(tmp_path, "a"), self.where(tmp_path, "b")
+        for path in (a, b):
+            self.save(state, path)
+        files_a = aptckpt.inspect(a, storage_options=self._opts(a)).files
+        files_b = aptckpt.inspect(b, storage_options=self._opts(b)).files
+        # Object stores put each save's data under a prefix of its own: equal past it.
+        assert [(_unprefixed(f.path), f.size) for f in files_a] == [
+            (_unprefixed(f.path), f.size) for f in files_b
+        ]
+        for fa, fb in zip(files_a, files_b, strict=True):
+            assert self.read_bytes(f"{a}/{fa.path}") == self.read_bytes(f"{b}/{fb.path}")
 
     @settings(
         suppress_health_check=[
@@ -261,7 +309,15 @@ class BackendConformance:
         if not self.stores_empty_bytes:
             state = data.draw(states(empty_bytes=False))
         with tempfile.TemporaryDirectory() as tmp:
-            assert_state_equal(state, self.roundtrip(state, Path(tmp) / "ckpt"))
+            assert_state_equal(state, self.roundtrip(state, self.where(Path(tmp), "ckpt")))
+
+
+#: The per-save data prefix of checkpoints on object stores (docs/storage.md).
+_DATA_PREFIX = re.compile(r"data-\d+-[0-9a-f]{16}/")
+
+
+def _unprefixed(path: str) -> str:
+    return _DATA_PREFIX.sub("", path, count=1)
 
 
 @contextlib.contextmanager

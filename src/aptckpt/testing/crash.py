@@ -25,7 +25,16 @@ trains on), odd seeds synchronously. After each kill a fresh process checks:
 At the end the interrupted run's final checkpoint must equal the uninterrupted
 one's bit for bit (model, optimizer, scheduler, loss history, metrics, RNG).
 
-Run it: ``python -m aptckpt.testing.crash --backend delta --kills 50``; it
+With ``--s3`` the killed run lives in a bucket of an S3 API server (moto's, started
+on 127.0.0.1 by the driver as a separate process, stopped at the end): the same
+checks, through the storage layer, with two differences the protocol defines. A
+save killed mid-upload leaves data objects under its own prefix with no manifest:
+never listed, never loaded, removed by the restart (the harness sets the grace
+age ``APTCKPT_REMOTE_GRACE_S`` to 0: only one writer runs). The dead victim's run
+lease stays until it expires (the harness sets ``APTCKPT_LEASE_TTL_S`` to 1 s):
+the checker's writer waits for that, as a real restart would.
+
+Run it: ``python -m aptckpt.testing.crash --backend delta --kills 50 [--s3]``; it
 prints a JSON report and exits 1 on any failure. The driver process imports
 torch but runs no tensor operation, so forking it is safe; every child uses one
 torch thread (the same floating-point reductions in every run).
@@ -42,6 +51,8 @@ import os
 import random
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,8 +69,10 @@ from aptckpt import _background, api
 from aptckpt.apt import train_model
 from aptckpt.apt.model import APTConfig
 from aptckpt.apt.train import _Run
+from aptckpt.errors import RunBusyError
 from aptckpt.manager import CheckpointManager
 from aptckpt.objectstore import DEFAULT_STORE_NAME
+from aptckpt.storage import resolve
 from aptckpt.storage.local._atomic import CheckpointWriter, is_checkpoint, is_temporary
 from aptckpt.testing._compare import assert_state_equal
 
@@ -80,6 +93,9 @@ TRAINING: dict[str, Any] = dict(
     progress=False,
 )
 _FOLDERS = ("checkpoints", "temp")
+#: storage_options of the S3 server of ``--s3`` runs (fake credentials), else None.
+_S3: dict[str, Any] | None = None
+_BUCKET = "aptckpt-crash"
 #: Share of kills timed from the fork rather than from the start of training, so that
 #: startup and the resume load are killed too.
 EARLY_KILLS = 0.2
@@ -166,13 +182,17 @@ def _instrument(phase: mmap.mmap, trap: tuple[str, int, bool] | None) -> None:
     track(_background._Staging, "snapshot", "save: snapshot")
     track(api.PendingSave, "persist", "save: data")  # on the save thread when asynchronous
     track(CheckpointWriter, "commit", "save: commit")
+    if _S3 is not None:
+        from aptckpt.storage.remote._writer import RemoteCheckpointWriter
+
+        track(RemoteCheckpointWriter, "commit", "save: commit")
     track(CheckpointManager, "_write_index", "index")
     track(CheckpointManager, "_delete", "retention delete")
     track(CheckpointManager, "_collect_garbage", "garbage collection")
 
 
 def _train(
-    run_dir: Path,
+    run_dir: Path | str,
     backend: str,
     resume: bool,
     asynchronous: bool,
@@ -186,6 +206,7 @@ def _train(
         backend=backend,
         resume_from="auto" if resume else None,
         async_checkpoints=asynchronous,
+        storage_options=_S3 if isinstance(run_dir, str) else None,
         **TRAINING,
     )
 
@@ -235,8 +256,10 @@ def _debris(run_dir: Path) -> list[str]:
     return found
 
 
-def check_run(run_dir: Path, backend: str) -> dict[str, Any]:
+def check_run(run_dir: Path | str, backend: str) -> dict[str, Any]:
     """Check a run directory after a crash (items 1-5 of the module docstring)."""
+    if isinstance(run_dir, str):
+        return check_remote_run(run_dir, backend)
     failures: list[str] = []
     complete: dict[str, int] = {}  # rel path -> sequence
     for folder in _FOLDERS:
@@ -295,6 +318,96 @@ def check_run(run_dir: Path, backend: str) -> dict[str, Any]:
     return {"failures": failures, "debris": len(debris)}
 
 
+def _remote_debris(storage: Any, root: str) -> list[str]:
+    """Data of saves that never committed: checkpoint folders without a manifest, and
+    data prefixes no manifest names."""
+    found = []
+    for folder in _FOLDERS:
+        for entry in storage.list(storage.join(root, folder)):
+            ckpt = storage.join(root, folder, entry.name)
+            named: set[str] = set()
+            if storage.is_checkpoint(ckpt):
+                with storage.open_checkpoint(ckpt) as reader:
+                    named = {f.path.split("/", 1)[0] for f in reader.read_manifest().files}
+            found += [
+                f"{folder}/{entry.name}/{child.name}"
+                for child in storage.list(ckpt)
+                if child.kind == "dir" and child.name not in named
+            ]
+    return found
+
+
+def check_remote_run(url: str, backend: str) -> dict[str, Any]:
+    """:func:`check_run` for a run on object storage, through the storage layer."""
+    failures: list[str] = []
+    storage, root = resolve(url, _S3)
+    complete: dict[str, int] = {}
+    for folder in _FOLDERS:
+        for entry in storage.list(storage.join(root, folder)):
+            rel = f"{folder}/{entry.name}"
+            where = storage.join(root, rel)
+            if not storage.is_checkpoint(where):
+                leftovers = [c.name for c in storage.list(where)]
+                if any(not n.startswith("data-") for n in leftovers):
+                    failures.append(f"{rel} has no manifest but holds {leftovers}")
+                continue
+            try:
+                state = aptckpt.load(f"{url}/{rel}", storage_options=_S3)
+                info = aptckpt.inspect(f"{url}/{rel}", storage_options=_S3)
+            except aptckpt.AptckptError as err:
+                failures.append(f"{rel} is visible as complete but broken: {err}")
+                continue
+            if not isinstance(state, dict) or "model" not in state:
+                failures.append(f"{rel} loaded something other than a training state")
+            complete[rel] = int(info.metadata["aptckpt_run"]["sequence"])
+    try:
+        index = storage.read_file(storage.join(root, "metadata.json"), limit=1 << 26)
+    except FileNotFoundError:
+        index = None
+    if index is not None:
+        try:
+            listed = [e["path"] for e in json.loads(index)["checkpoints"]]
+        except (ValueError, KeyError, TypeError) as err:
+            failures.append(f"metadata.json is unreadable: {err}")
+            listed = []
+        failures += [
+            f"metadata.json lists {rel}, which is not a complete checkpoint"
+            for rel in listed
+            if rel not in complete
+        ]
+    latest = CheckpointManager(url, read_only=True, storage_options=_S3).latest()
+    if complete:
+        newest = max(complete, key=complete.__getitem__)
+        if latest is None or latest.rel_path != newest:
+            got = latest.rel_path if latest else None
+            failures.append(f"latest resolves to {got}, not the last complete save {newest}")
+    elif latest is not None:
+        failures.append(f"latest resolves to {latest.rel_path} but no checkpoint is complete")
+    debris = _remote_debris(storage, root)
+    deadline = time.monotonic() + 30
+    while True:  # the dead victim's lease expires after its ttl: a restart waits that long
+        try:
+            CheckpointManager(url, backend=backend, storage_options=_S3).close()
+            break
+        except RunBusyError as err:
+            if time.monotonic() > deadline:
+                failures.append(f"a new writer cannot take the run: {err}")
+                break
+            time.sleep(0.2)
+        except aptckpt.AptckptError as err:
+            failures.append(f"a new writer cannot take the run: {err}")
+            break
+    left = _remote_debris(storage, root)
+    if left:
+        failures.append(f"leftovers survive a restart: {left}")
+    if storage.info(storage.join(root, DEFAULT_STORE_NAME)) is not None:
+        try:
+            aptckpt.collect_garbage(url, dry_run=True, storage_options=_S3)
+        except aptckpt.AptckptError as err:
+            failures.append(f"garbage collection cannot read the run: {err}")
+    return {"failures": failures, "debris": len(debris)}
+
+
 def run_episode(
     backend: str, kills: int, *, seed: int = 0, workdir: Path | None = None
 ) -> EpisodeReport:
@@ -305,9 +418,12 @@ def run_episode(
     report = EpisodeReport(backend=backend, seed=seed)
     rng = random.Random(seed)
     root = workdir or Path(tempfile.mkdtemp(prefix="aptckpt-crash-"))
-    reference, victim = root / "reference", root / "run"
+    reference = root / "reference"
+    victim: Path | str = root / "run"
     for path in (reference, victim):
         shutil.rmtree(path, ignore_errors=True)
+    if _S3 is not None:  # a fresh prefix of the bucket per episode
+        victim = f"s3://{_BUCKET}/{root.name}-{seed}/run"
 
     began = time.perf_counter()
     # Even seeds save in the background (the loop's default), odd seeds synchronously;
@@ -373,16 +489,19 @@ def run_episode(
     return report
 
 
-def _compare(reference: Path, victim: Path) -> str:
+def _compare(reference: Path, victim: Path | str) -> str:
     expected = CheckpointManager(reference, read_only=True).latest()
-    actual = CheckpointManager(victim, read_only=True).latest()
+    options = _S3 if isinstance(victim, str) else None
+    actual = CheckpointManager(victim, read_only=True, storage_options=options).latest()
     if expected is None or actual is None:
         return "a run has no final checkpoint"
     if (expected.kind, expected.global_step) != (actual.kind, actual.global_step):
         got, want = (actual.kind, actual.global_step), (expected.kind, expected.global_step)
         return f"ended at {got}, not {want}"
     try:
-        assert_state_equal(aptckpt.load(expected.path), aptckpt.load(actual.path))
+        assert_state_equal(
+            aptckpt.load(expected.path), aptckpt.load(actual.path, storage_options=options)
+        )
     except AssertionError as err:
         return str(err)
     return ""
@@ -402,8 +521,65 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", type=Path, default=None, help="keep the run directories here")
+    parser.add_argument(
+        "--s3",
+        action="store_true",
+        help="kill runs saving into a bucket of a local S3 API server (needs moto[server], s3fs)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    server = _start_s3() if args.s3 else None
+    try:
+        return _main(args)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def _start_s3() -> subprocess.Popen[bytes]:
+    """An S3 API server (moto) on a free loopback port, in a process of its own (the
+    driver forks its victims: it must run no server threads), and its bucket."""
+    global _S3
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("the moto S3 server did not start") from None
+            time.sleep(0.1)
+    _S3 = {
+        "key": "crash-key",
+        "secret": "crash-secret",
+        "endpoint_url": f"http://127.0.0.1:{port}",
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+    os.environ["APTCKPT_REMOTE_GRACE_S"] = "0"  # one writer: every orphan is a dead save's
+    os.environ["APTCKPT_LEASE_TTL_S"] = "1"  # a dead victim's lease lapses in a second
+
+    def make_bucket() -> None:
+        import s3fs
+
+        s3fs.S3FileSystem(**_S3, skip_instance_cache=True).mkdir(_BUCKET)
+
+    if _wait(_in_child(make_bucket)) != 0:  # s3fs only in children: no loop thread here
+        server.kill()
+        raise RuntimeError("could not create the crash bucket")
+    return server
+
+
+def _main(args: argparse.Namespace) -> int:
     reports: list[EpisodeReport] = []
     while len(reports) < args.episodes or (
         sum(r.kills for r in reports) < args.min_kills and len(reports) < 10 * args.episodes + 10
@@ -418,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             break
     totals = {
         "backend": args.backend,
+        "storage": "s3" if args.s3 else "local",
         "implementation": aptckpt.IMPLEMENTATION,
         "episodes": len(reports),
         "asynchronous_episodes": sum(r.asynchronous for r in reports),

@@ -40,6 +40,9 @@ class LocalStorage(base.Storage):
     def display(self, path: str) -> str:
         return path
 
+    def same_checkpoint(self, path: str, other: base.Storage, other_path: str) -> bool:
+        return other.local and os.path.realpath(path) == os.path.realpath(other_path)
+
     # ----------------------------------------------------------- checkpoints
 
     def create_checkpoint(self, path: str, *, overwrite: bool = False) -> CheckpointWriter:
@@ -56,8 +59,8 @@ class LocalStorage(base.Storage):
             root = reader.root
         _atomic.remove_checkpoint(root)
 
-    def remove_debris(self, folder: str) -> int:
-        return len(_temps.remove_stale_temps(Path(folder)))
+    def remove_debris(self, folder: str, *, exclusive: bool = False) -> int:
+        return len(_temps.remove_stale_temps(Path(folder), exclusive=exclusive))
 
     # ----------------------------------------------------------------- files
 
@@ -136,6 +139,12 @@ class LocalStorage(base.Storage):
             return None
         return base.Entry(os.path.basename(path), _kind(st.st_mode), st.st_size, st.st_mtime)
 
+    def link_target(self, path: str) -> str | None:
+        try:
+            return os.readlink(path)
+        except OSError:
+            return None
+
     def list(self, folder: str) -> list[base.Entry]:
         try:
             with os.scandir(folder) as found:
@@ -165,11 +174,13 @@ class LocalStorage(base.Storage):
         os.makedirs(path, exist_ok=True)
 
 
-def _kind(mode: int) -> Literal["file", "dir", "other"]:
+def _kind(mode: int) -> Literal["file", "dir", "link", "other"]:
     if stat.S_ISREG(mode):
         return "file"
     if stat.S_ISDIR(mode):
         return "dir"
+    if stat.S_ISLNK(mode):
+        return "link"
     return "other"
 
 

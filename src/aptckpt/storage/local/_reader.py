@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, BinaryIO
 from aptckpt import _accel
 from aptckpt import manifest as mf
 from aptckpt._config import MAX_MANIFEST_BYTES
-from aptckpt._foreign import describe_foreign_file
 from aptckpt.errors import (
     CheckpointDeletedError,
     CheckpointNotFoundError,
@@ -38,6 +37,7 @@ from aptckpt.errors import (
     UnsafePathError,
 )
 from aptckpt.storage import base
+from aptckpt.storage.local._foreign import describe_foreign_file
 from aptckpt.storage.local._temps import pending, recover
 
 if TYPE_CHECKING:
