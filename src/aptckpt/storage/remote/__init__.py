@@ -284,7 +284,10 @@ class FsspecStorage(base.Storage):
                 f"deleting checkpoint '{self.display(path)}'", path, err
             ) from err
 
-    def remove_debris(self, folder: str) -> int:
+    def remove_debris(self, folder: str, *, exclusive: bool = False) -> int:
+        """Remove unreferenced data prefixes older than the grace age. ``exclusive`` (the
+        caller holds the run's lease) changes nothing here: a holder that paused past its
+        ttl may still have a save in flight, whose data only the age rule protects."""
         grace = _config.remote_grace_s()
         now = time.time()
         removed = self._sweep(folder, grace, now)
@@ -501,12 +504,10 @@ class RemoteLease(base.Lease):
             return False  # released meanwhile
         data, tag = found
         doc = self._parse(data)
-        if doc is not None:
-            expired = time.time() > float(doc["expires"])
-        else:  # unreadable: judged by the object's age
-            entry = store.head(self.path)
-            expired = entry is not None and time.time() - mtime_of(entry) > self.ttl
-        if not expired:
+        # Not a lease at all (every lease written here says when it expires: a PUT is whole,
+        # so this is no half-written one) -- a local run's lock file copied along with the
+        # run -- holds nothing: it is replaced like an expired lease.
+        if doc is not None and time.time() <= float(doc["expires"]):
             raise self._held(doc)
         return store.replace_if(self.path, self._document(), tag)
 
