@@ -263,8 +263,8 @@ def test_racing_saves_one_commits(where: tuple[str, dict[str, Any]]) -> None:
 
 
 def test_uncommitted_save_is_never_a_checkpoint(where: tuple[str, dict[str, Any]]) -> None:
-    storage, path = tuned(*where)
-    folder = storage.parent(path)
+    storage, folder = tuned(*where)
+    path = storage.join(folder, "ck")
     with storage.create_checkpoint(path) as writer:
         with writer.open("a") as sink:
             sink.write(b"x" * (3 * PART))
@@ -282,8 +282,8 @@ def test_uncommitted_save_is_never_a_checkpoint(where: tuple[str, dict[str, Any]
 def test_debris_grace_rule(
     where: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    storage, path = tuned(*where)
-    folder = storage.parent(path)
+    storage, folder = tuned(*where)
+    path = storage.join(folder, "ck")
     save(storage, path, {"a": b"kept"})
     stale = storage.join(path, "data-1000000000000-00000000000000aa")
     storage.write_file(storage.join(stale, "x"), b"died")
