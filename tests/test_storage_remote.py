@@ -313,12 +313,12 @@ def test_debris_grace_rule(
 def test_lease_take_renew_expire_takeover(where: tuple[str, dict[str, Any]]) -> None:
     storage, folder = tuned(*where)
     path = storage.join(folder, "LEASE")
-    first = storage.lease(path, owner={"host": "a", "pid": 1}, ttl=0.3)
+    first = storage.lease(path, owner={"host": "a", "pid": 1}, ttl=1.0)
     with pytest.raises(FileExistsError) as held:
-        storage.lease(path, owner={"host": "b", "pid": 2}, ttl=0.3)
+        storage.lease(path, owner={"host": "b", "pid": 2}, ttl=1.0)
     assert '"host": "a"' in held.value.filename
     first.renew()
-    time.sleep(0.4)  # first stops renewing: expired
+    time.sleep(1.1)  # first stops renewing: expired
     second = storage.lease(path, owner={"host": "b", "pid": 2}, ttl=30)
     with pytest.raises(FileExistsError, match="lost"):
         first.renew()
