@@ -45,6 +45,7 @@ manifest.
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -92,6 +93,17 @@ _PACKAGES = {
 
 _cache: dict[tuple[str, Any], FsspecStorage] = {}
 _cache_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _cache_lock
+    _cache_lock = threading.Lock()  # another thread may have held it at the fork
+    # A file system's connections and event loop belong to the parent: the child makes
+    # its own on its first use of a URL.
+    _cache.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _freeze(value: Any) -> Any:
@@ -291,21 +303,41 @@ class FsspecStorage(base.Storage):
         ttl may still have a save in flight, whose data only the age rule protects."""
         grace = _config.remote_grace_s()
         now = time.time()
-        removed = self._sweep(folder, grace, now)
-        for entry in self.store.ls(folder):
-            if entry.get("type") == "directory" and not TOKEN.fullmatch(self.name(entry["name"])):
-                removed += self._sweep(self.strip(entry["name"]), grace, now)
+        try:
+            uploads = self.store.uploads(folder)  # one listing for every folder below
+            removed = self._sweep(folder, grace, now, uploads)
+            base_ = self.strip(folder) + "/"
+            below = {
+                self.strip(e["name"]) for e in self.store.ls(folder) if e.get("type") == "directory"
+            }
+            # a checkpoint folder holding nothing but an unfinished upload lists as nothing
+            below |= {base_ + p[len(base_) :].split("/", 1)[0] for p, _, _ in uploads}
+            for sub in sorted(below):
+                if sub.startswith(base_) and not TOKEN.fullmatch(self.name(sub)):
+                    removed += self._sweep(sub, grace, now, uploads)
+        except AptckptError:
+            raise
+        except Exception as err:
+            action = f"removing debris in '{self.display(folder)}'"
+            raise self.write_error(action, folder, err) from err
         return removed
 
-    def _sweep(self, folder: str, grace: float, now: float) -> int:
+    def _sweep(
+        self, folder: str, grace: float, now: float, uploads: list[tuple[str, str, float]]
+    ) -> int:
         """Remove the unreferenced token prefixes of checkpoint folder ``folder`` whose
         newest object is older than ``grace``; how many went."""
         entries = self.store.ls(folder)
-        tokens = [
+        tokens = {
             self.strip(e["name"])
             for e in entries
             if e.get("type") == "directory" and TOKEN.fullmatch(self.name(e["name"]))
-        ]
+        }
+        base_ = self.strip(folder) + "/"
+        for upload_path, _, _ in uploads:  # a prefix with only an unfinished upload
+            head = upload_path[len(base_) :].split("/", 1)[0]
+            if upload_path.startswith(base_) and TOKEN.fullmatch(head):
+                tokens.add(base_ + head)
         if not tokens:
             return 0
         protected: set[str] = set()
@@ -316,9 +348,8 @@ class FsspecStorage(base.Storage):
                 if named is None:
                     return 0  # an unreadable manifest may name anything: keep it all
                 protected = {rel.split("/", 1)[0] for rel in named}
-        uploads = self.store.uploads(folder)
         removed = 0
-        for prefix in tokens:
+        for prefix in sorted(tokens):
             token = self.name(prefix)
             if token in protected:
                 continue
@@ -458,8 +489,6 @@ def _with_defaults(scheme: str, opts: dict[str, Any]) -> dict[str, Any]:
     """``storage_options`` completed with what aptckpt needs of the file system: for S3,
     the endpoint of ``AWS_ENDPOINT_URL(_S3)`` unless the options name one, and
     botocore's own retries off (ours are the policy)."""
-    import os
-
     if scheme in ("s3", "s3a"):
         client = dict(opts.get("client_kwargs") or {})
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
