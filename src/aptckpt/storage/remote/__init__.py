@@ -45,13 +45,12 @@ manifest.
 from __future__ import annotations
 
 import errno
-import json
-import secrets
+import os
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from aptckpt import _config
 from aptckpt import manifest as mf
@@ -76,6 +75,9 @@ from aptckpt.storage.remote._writer import (
     write_error,
 )
 
+if TYPE_CHECKING:
+    from aptckpt.storage.remote._lease import RemoteLease
+
 __all__ = ["FsspecStorage", "RetryPolicy"]
 
 #: What to install for a scheme whose fsspec package is missing.
@@ -91,6 +93,17 @@ _PACKAGES = {
 
 _cache: dict[tuple[str, Any], FsspecStorage] = {}
 _cache_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _cache_lock
+    _cache_lock = threading.Lock()  # another thread may have held it at the fork
+    # A file system's connections and event loop belong to the parent: the child makes
+    # its own on its first use of a URL.
+    _cache.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _freeze(value: Any) -> Any:
@@ -284,24 +297,47 @@ class FsspecStorage(base.Storage):
                 f"deleting checkpoint '{self.display(path)}'", path, err
             ) from err
 
-    def remove_debris(self, folder: str) -> int:
+    def remove_debris(self, folder: str, *, exclusive: bool = False) -> int:
+        """Remove unreferenced data prefixes older than the grace age. ``exclusive`` (the
+        caller holds the run's lease) changes nothing here: a holder that paused past its
+        ttl may still have a save in flight, whose data only the age rule protects."""
         grace = _config.remote_grace_s()
         now = time.time()
-        removed = self._sweep(folder, grace, now)
-        for entry in self.store.ls(folder):
-            if entry.get("type") == "directory" and not TOKEN.fullmatch(self.name(entry["name"])):
-                removed += self._sweep(self.strip(entry["name"]), grace, now)
+        try:
+            uploads = self.store.uploads(folder)  # one listing for every folder below
+            removed = self._sweep(folder, grace, now, uploads)
+            base_ = self.strip(folder) + "/"
+            below = {
+                self.strip(e["name"]) for e in self.store.ls(folder) if e.get("type") == "directory"
+            }
+            # a checkpoint folder holding nothing but an unfinished upload lists as nothing
+            below |= {base_ + p[len(base_) :].split("/", 1)[0] for p, _, _ in uploads}
+            for sub in sorted(below):
+                if sub.startswith(base_) and not TOKEN.fullmatch(self.name(sub)):
+                    removed += self._sweep(sub, grace, now, uploads)
+        except AptckptError:
+            raise
+        except Exception as err:
+            action = f"removing debris in '{self.display(folder)}'"
+            raise self.write_error(action, folder, err) from err
         return removed
 
-    def _sweep(self, folder: str, grace: float, now: float) -> int:
+    def _sweep(
+        self, folder: str, grace: float, now: float, uploads: list[tuple[str, str, float]]
+    ) -> int:
         """Remove the unreferenced token prefixes of checkpoint folder ``folder`` whose
         newest object is older than ``grace``; how many went."""
         entries = self.store.ls(folder)
-        tokens = [
+        tokens = {
             self.strip(e["name"])
             for e in entries
             if e.get("type") == "directory" and TOKEN.fullmatch(self.name(e["name"]))
-        ]
+        }
+        base_ = self.strip(folder) + "/"
+        for upload_path, _, _ in uploads:  # a prefix with only an unfinished upload
+            head = upload_path[len(base_) :].split("/", 1)[0]
+            if upload_path.startswith(base_) and TOKEN.fullmatch(head):
+                tokens.add(base_ + head)
         if not tokens:
             return 0
         protected: set[str] = set()
@@ -312,9 +348,8 @@ class FsspecStorage(base.Storage):
                 if named is None:
                     return 0  # an unreadable manifest may name anything: keep it all
                 protected = {rel.split("/", 1)[0] for rel in named}
-        uploads = self.store.uploads(folder)
         removed = 0
-        for prefix in tokens:
+        for prefix in sorted(tokens):
             token = self.name(prefix)
             if token in protected:
                 continue
@@ -441,6 +476,8 @@ class FsspecStorage(base.Storage):
     # ----------------------------------------------------------------- lease
 
     def lease(self, path: str, *, owner: Mapping[str, Any], ttl: float) -> RemoteLease:
+        from aptckpt.storage.remote._lease import RemoteLease
+
         lease = RemoteLease(self, path, owner, ttl)
         for _attempt in range(5):
             if lease.try_take():
@@ -450,99 +487,10 @@ class FsspecStorage(base.Storage):
         )
 
 
-class RemoteLease(base.Lease):
-    """A lease object holding its holder's owner record, a nonce and its expiry.
-
-    Taken by a conditional create; an expired one is replaced by a conditional replace
-    of exactly the object that was read (``If-Match`` on S3), so two takers never both
-    win. Expiry is judged by the holder's own clock (``expires``, written at each
-    renewal): keep clocks in sync to within a small part of the ttl.
-    """
-
-    def __init__(self, storage: FsspecStorage, path: str, owner: Mapping[str, Any], ttl: float):
-        self.storage, self.path, self.ttl = storage, path, float(ttl)
-        self.owner = dict(owner)
-        self.nonce = secrets.token_hex(16)
-        self.url = storage.display(path)
-
-    def _document(self) -> bytes:
-        doc = {
-            "owner": self.owner,
-            "nonce": self.nonce,
-            "ttl": self.ttl,
-            "expires": time.time() + self.ttl,
-        }
-        return json.dumps(doc, sort_keys=True).encode()
-
-    @staticmethod
-    def _parse(data: bytes) -> dict[str, Any] | None:
-        try:
-            doc = json.loads(data)
-        except ValueError:
-            return None
-        if not isinstance(doc, dict) or not isinstance(doc.get("expires"), (int, float)):
-            return None
-        return doc
-
-    def _held(self, doc: dict[str, Any] | None) -> FileExistsError:
-        owner = json.dumps((doc or {}).get("owner", {}), sort_keys=True, default=str)
-        return FileExistsError(
-            errno.EEXIST,
-            f"lease '{self.url}' is held by another owner until it expires or is released",
-            owner,
-        )
-
-    def try_take(self) -> bool:
-        """Take the lease if it is free or expired; False if it changed meanwhile (try
-        again); ``FileExistsError`` if someone holds it."""
-        store = self.storage.store
-        if self.storage.create_file(self.path, self._document()):
-            return True
-        found = store.tagged(self.path)
-        if found is None:
-            return False  # released meanwhile
-        data, tag = found
-        doc = self._parse(data)
-        if doc is not None:
-            expired = time.time() > float(doc["expires"])
-        else:  # unreadable: judged by the object's age
-            entry = store.head(self.path)
-            expired = entry is not None and time.time() - mtime_of(entry) > self.ttl
-        if not expired:
-            raise self._held(doc)
-        return store.replace_if(self.path, self._document(), tag)
-
-    def _ours(self) -> tuple[bytes, Any]:
-        found = self.storage.store.tagged(self.path)
-        doc = self._parse(found[0]) if found is not None else None
-        if found is None or doc is None or doc.get("nonce") != self.nonce:
-            raise FileExistsError(
-                errno.EEXIST,
-                f"lease '{self.url}' was lost: it expired and another owner took it",
-                json.dumps((doc or {}).get("owner", {}), sort_keys=True, default=str),
-            )
-        return found
-
-    def renew(self) -> None:
-        _, tag = self._ours()
-        if not self.storage.store.replace_if(self.path, self._document(), tag):
-            self._ours()  # names who took it
-            raise self._held(None)
-
-    def release(self) -> None:
-        try:
-            _, tag = self._ours()
-        except FileExistsError:
-            return  # not ours any more: nothing to give up
-        self.storage.store.delete_if(self.path, tag)
-
-
 def _with_defaults(scheme: str, opts: dict[str, Any]) -> dict[str, Any]:
     """``storage_options`` completed with what aptckpt needs of the file system: for S3,
     the endpoint of ``AWS_ENDPOINT_URL(_S3)`` unless the options name one, and
     botocore's own retries off (ours are the policy)."""
-    import os
-
     if scheme in ("s3", "s3a"):
         client = dict(opts.get("client_kwargs") or {})
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

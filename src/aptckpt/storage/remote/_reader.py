@@ -13,6 +13,7 @@ deleted or replaced), :class:`~aptckpt.errors.CheckpointDeletedError`.
 
 from __future__ import annotations
 
+import errno
 import io
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +61,7 @@ class RemoteCheckpointReader(base.CheckpointReader):
         except FileNotFoundError as err:
             raise CheckpointDeletedError(self.location, "its manifest was removed") from err
         except OSError as err:
-            if err.errno == 27:  # EFBIG
+            if err.errno == errno.EFBIG:
                 raise FormatError("manifest is over the size limit", path=where) from err
             raise
         self._manifest_bytes = data

@@ -118,6 +118,8 @@ class MultipartSink(_SinkBase):
             if self._upload is None:
                 self._upload = self.store.upload_start(self.path)
                 self._pool = ThreadPoolExecutor(self._in_flight, thread_name_prefix="aptckpt-up")
+            while self._parts and self._parts[0].done():  # a failed part stops the file early
+                self._etags.append(self._parts.popleft().result())
             while len(self._parts) >= self._in_flight:  # bounded memory: wait for the oldest
                 self._etags.append(self._parts.popleft().result())
             assert self._pool is not None
