@@ -52,7 +52,9 @@ def test_resume_from_object_storage_is_bit_identical(remote, backend):
         straight.step()
 
     first = Trainer()
-    with CheckpointManager(url, backend=backend, keep_last=2, storage_options=options) as mgr:
+    with CheckpointManager(
+        url, backend=backend, keep_last=2, keep_best=0, storage_options=options
+    ) as mgr:
         for step in range(1, 6):
             first.step()
             path = first.save(mgr, 0, step, tokenizer=Tokenizer())
@@ -63,7 +65,9 @@ def test_resume_from_object_storage_is_bit_identical(remote, backend):
         assert isinstance(mgr.run_dir, str) and mgr.run_dir == url
 
     resumed = Trainer(seed=1)  # other weights and RNG streams until restored
-    with CheckpointManager(url, backend=backend, keep_last=2, storage_options=options) as mgr:
+    with CheckpointManager(
+        url, backend=backend, keep_last=2, keep_best=0, storage_options=options
+    ) as mgr:
         epoch, step, losses, _metrics = mgr.load_checkpoint(
             resumed.model, resumed.optimizer, resumed.scheduler, scaler=resumed.scaler
         )
@@ -73,7 +77,7 @@ def test_resume_from_object_storage_is_bit_identical(remote, backend):
             resumed.step()
     assert_state_equal(resumed.state(), straight.state())
     doc = _index(url, options)
-    assert [e["global_step"] for e in doc["checkpoints"]] == [4, 5]  # keep_last=2 (+ best)
+    assert [e["global_step"] for e in doc["checkpoints"]] == [4, 5]  # keep_last=2, keep_best=0
     fs = _fs(url, options)
     names = {p.rsplit("/", 1)[-1] for p in fs.ls(url + "/checkpoints", detail=False)}
     assert names == {"apt_model_epoch0_step4", "apt_model_epoch0_step5"}  # pruned for real
@@ -113,7 +117,7 @@ def test_a_second_writer_gets_run_busy_and_a_released_run_is_taken(remote):
     # managers share the run (as locally): check the lease object instead.
     fs = _fs(url, options)
     holder = json.loads(fs.cat(url + "/.aptckpt-run.lock"))
-    assert holder["owner"]["pid"] == os.getpid() if "owner" in holder else True
+    assert holder["owner"]["pid"] == os.getpid()
     first.close()
     assert not fs.exists(url + "/.aptckpt-run.lock")  # released on close
     with CheckpointManager(url, storage_options=options) as again:
@@ -184,3 +188,29 @@ def test_cli_lists_verifies_and_inspects_urls(s3_url, s3_options, capsys):
     assert cli(["inspect", url + "/nope", *opts]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and s3_options["secret"] not in err
+
+
+def test_another_process_gets_run_busy_naming_the_holder(s3_url, s3_options):
+    """The lease excludes a second process while the first holds the run, and a released
+    run is taken at once."""
+    import subprocess
+    import sys
+
+    url = s3_url + "/run"
+    code = (
+        "import json, sys, aptckpt\n"
+        "try:\n"
+        "    aptckpt.CheckpointManager(sys.argv[1], storage_options=json.loads(sys.argv[2]))\n"
+        "except aptckpt.RunBusyError as err:\n"
+        "    print('BUSY', err); sys.exit(3)\n"
+        "print('TOOK')\n"
+    )
+    args = [sys.executable, "-c", code, url, json.dumps(s3_options)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with CheckpointManager(url, storage_options=s3_options):
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 3, proc.stderr[-2000:]
+        assert f"process {os.getpid()}" in proc.stdout
+        assert s3_options["secret"] not in proc.stdout + proc.stderr
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and "TOOK" in proc.stdout, proc.stderr[-2000:]

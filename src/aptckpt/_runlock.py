@@ -26,6 +26,7 @@ from numbering its checkpoint until its index and retention are done.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import socket
@@ -172,7 +173,13 @@ def _acquire_lease(run: Run) -> LeaseRunLock:
 
 
 def _holder(err: FileExistsError) -> dict[str, Any]:
+    """What the lease says of its holder (the storage puts it, as JSON, in ``filename``)."""
     found = err.filename
+    if isinstance(found, str):
+        try:
+            found = json.loads(found)
+        except ValueError:
+            return {}
     if isinstance(found, dict):
         return {
             k: found[k] for k in ("pid", "host", "since") if isinstance(found.get(k), int | str)
