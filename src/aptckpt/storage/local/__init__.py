@@ -127,17 +127,14 @@ class LocalStorage(base.Storage):
         if not items:
             return
 
+        workers = max(1, min(threads, len(items)))
+        if staging is not None:
+            _put_staged(items, Path(staging), workers)
+            return
+
         def put(item: tuple[str, Any]) -> None:
             path, data = item
             target = Path(path)
-            if staging is not None:  # the caller owns the folder and its cleanup
-                tmp = Path(staging) / f"{target.name}.{secrets.token_hex(8)}"
-                try:
-                    _write_durably(tmp, data)
-                    os.replace(tmp, target)
-                finally:
-                    tmp.unlink(missing_ok=True)
-                return
             with _temps.temp_sibling(target) as tmp:
                 try:
                     _write_durably(tmp, data)
@@ -145,7 +142,6 @@ class LocalStorage(base.Storage):
                 finally:
                     tmp.unlink(missing_ok=True)
 
-        workers = max(1, min(threads, len(items)))
         with ThreadPoolExecutor(workers, thread_name_prefix="aptckpt-put") as pool:
             list(pool.map(put, items))
         for folder in sorted({os.path.dirname(path) for path, _ in items}):
@@ -233,6 +229,33 @@ def _kind(mode: int) -> Literal["file", "dir", "link", "other"]:
     if stat.S_ISLNK(mode):
         return "link"
     return "other"
+
+
+def _put_staged(items: Sequence[tuple[str, Any]], staging: Path, workers: int) -> None:
+    """``put_files`` through the caller's staging folder: every temporary written, then all
+    synced in parallel (the kernel writes them back together), then each renamed into
+    place and each target folder synced once. A failure removes the temporaries left."""
+    staged: list[tuple[Path, Path]] = []
+
+    def write(item: tuple[str, Any]) -> Path:
+        path, data = item
+        tmp = staging / f"{os.path.basename(path)}.{secrets.token_hex(8)}"
+        with open(tmp, "xb") as f:
+            staged.append((tmp, Path(path)))  # list.append is atomic
+            f.write(data)
+        return tmp
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="aptckpt-put") as pool:
+            list(pool.map(write, items))
+            list(pool.map(_atomic.fsync_file, [tmp for tmp, _ in staged]))
+        for tmp, target in staged:
+            os.replace(tmp, target)  # the same bytes if another writer got there first
+        for folder in sorted({target.parent for _, target in staged}):
+            _atomic.fsync_dir(folder)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
 
 
 def _write_durably(path: Path, data: Any) -> None:
