@@ -40,12 +40,22 @@ from aptckpt.storage.base import Lease
 from aptckpt.storage.local._runlock import LOCK_NAME
 from aptckpt.storage.local._runlock import acquire as acquire_local
 
-__all__ = ["LEASE_TTL", "LOCK_NAME", "LeaseRunLock", "RunLock", "acquire"]
+__all__ = ["LEASE_TTL", "LOCK_NAME", "LeaseRunLock", "RunLock", "acquire", "lease_ttl"]
 
 log = logging.getLogger("aptckpt")
 
-#: Seconds a run's lease on object storage lives without renewal.
-LEASE_TTL = float(os.environ.get("APTCKPT_LEASE_TTL_S", "120"))
+#: Seconds a run's lease on object storage lives without renewal (default; the
+#: environment's ``APTCKPT_LEASE_TTL_S``, read at each acquire, wins).
+LEASE_TTL = 120.0
+
+
+def lease_ttl() -> float:
+    """The lease ttl in force: ``APTCKPT_LEASE_TTL_S`` or :data:`LEASE_TTL`."""
+    try:
+        ttl = float(os.environ.get("APTCKPT_LEASE_TTL_S", LEASE_TTL))
+    except ValueError:
+        return LEASE_TTL
+    return ttl if ttl > 0 else LEASE_TTL
 
 
 class RunLock(Protocol):
@@ -149,8 +159,9 @@ def _acquire_lease(run: Run) -> LeaseRunLock:
             return held
         since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         owner: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "since": since}
+        ttl = lease_ttl()
         try:
-            lease = run.storage.lease(run.path(LOCK_NAME), owner=owner, ttl=LEASE_TTL)
+            lease = run.storage.lease(run.path(LOCK_NAME), owner=owner, ttl=ttl)
         except FileExistsError as err:
             holder = _holder(err)
             who = (
@@ -161,13 +172,13 @@ def _acquire_lease(run: Run) -> LeaseRunLock:
             raise RunBusyError(
                 f"run '{where}' is being written by {who} (its lease "
                 f"'{run.display(LOCK_NAME)}' is live; a dead holder's lease expires "
-                f"{LEASE_TTL:.0f} s after its last renewal); two trainers saving into one run "
+                f"{ttl:g} s after its last renewal); two trainers saving into one run "
                 "would interleave their checkpoints. Stop the other one, or use another run. "
                 "Reading its checkpoints needs no lock: CheckpointManager(..., read_only=True).",
                 path=where,
                 holder=holder,
             ) from err
-        lock = LeaseRunLock(run, lease, LEASE_TTL)
+        lock = LeaseRunLock(run, lease, ttl)
         _leases[where] = lock
         return lock
 

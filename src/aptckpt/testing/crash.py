@@ -571,7 +571,7 @@ def _start_s3() -> subprocess.Popen[bytes]:
     def make_bucket() -> None:
         import s3fs
 
-        s3fs.S3FileSystem(**_S3, skip_instance_cache=True).mkdir(_BUCKET)
+        s3fs.S3FileSystem(**_S3, skip_instance_cache=True).call_s3("create_bucket", Bucket=_BUCKET)
 
     if _wait(_in_child(make_bucket)) != 0:  # s3fs only in children: no loop thread here
         server.kill()
