@@ -26,7 +26,7 @@ bytes: a view of a live tensor is copied first, so an object always holds what
 its name says) and hands them to :meth:`Storage.put_files` in batches;
 :meth:`ObjectStore.sync` writes what is left, before the manifest that needs
 them is committed. ``put_files`` writes each object whole or not at all and
-durably (locally: hidden sibling, fsync, rename, one directory fsync per batch;
+durably (locally: staged in ``tmp/``, all fsynced, renamed, one directory fsync;
 object stores: one PUT per object), so a name in ``objects/`` always holds
 complete bytes and a crash leaves at worst unreferenced objects. An object
 already in the store with the right size is not written again (but see the age
