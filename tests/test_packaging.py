@@ -37,8 +37,8 @@ def test_users_type_checker_sees_typed_signatures(tmp_path):
     assert "py.typed" not in out, out
     assert 'user.py:3: error: No overload variant of "save" matches' in out, out
     assert (
-        'Revealed type is "def (path: str | os.PathLike[str]) -> aptckpt.api.CheckpointInfo"'
-        in (out)
+        'Revealed type is "def (path: str | os.PathLike[str], *, storage_options: '
+        'typing.Mapping[str, Any] | None =) -> aptckpt.api.CheckpointInfo"' in out
     ), out
     assert 'Revealed type is "aptckpt.api.IntoResult"' in out, out
 
