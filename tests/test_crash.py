@@ -11,6 +11,7 @@ The default run kills a few dozen times; ``-m slow`` hundreds.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -71,10 +72,15 @@ def test_hundreds_of_random_kills_lose_nothing(backend):
 @pytest.mark.parametrize(
     "backend", ["zstd", *(pytest.param(b, marks=pytest.mark.slow) for b in ("torch", "delta"))]
 )
+@pytest.mark.skipif(
+    os.environ.get("APTCKPT_NATIVE") == "disable",
+    reason="the commit protocol under kills does not depend on the core; the pure-Python "
+    "run's budget goes to the code that does (the local torture runs in both)",
+)
 def test_random_kills_lose_nothing_on_s3(backend):
     """The same on a bucket of a local S3 API server: kills mid-upload leave nothing
     visible, the restart waits out the dead writer's lease and removes its data. (One
     backend by default: each kill costs a lease expiry; ``-m slow`` runs all three.)"""
     pytest.importorskip("moto.server")
     pytest.importorskip("s3fs")
-    torture(backend, kills=5, episodes=1, seed=BACKENDS.index(backend), min_kills=5, s3=True)
+    torture(backend, kills=4, episodes=1, seed=BACKENDS.index(backend), min_kills=4, s3=True)
