@@ -19,6 +19,7 @@ from aptckpt.errors import (
     CheckpointNotFoundError,
     FormatError,
     IntegrityError,
+    InvalidNameError,
 )
 from aptckpt.storage import RawRead
 from conftest import S3_SECRET
@@ -230,3 +231,110 @@ def test_damaged_manifest_on_s3_is_a_format_error(
         with pytest.raises((FormatError, IntegrityError)) as caught:
             fn(url, storage_options=s3_options)
         assert "ck" in str(caught.value)
+
+
+# ------------------------------------------------------------------ hostile names
+
+
+HOSTILE = ["with space", "uni-é中", "pct%20x", "%", "q?x", "hash#x", "dbl//x", "trail/"]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_checkpoint_names_round_trip_on_s3(
+    s3_url: str, s3_options: dict[str, Any], name: str
+) -> None:
+    """Names with spaces, unicode, %, ?, #, // and a trailing slash save, list, load,
+    verify and delete as themselves; nothing lands outside the checkpoint's prefix."""
+    state = {"w": torch.arange(10.0)}
+    url = f"{s3_url}/run/{name}"
+    info = aptckpt.save(state, url, storage_options=s3_options)
+    assert torch.equal(aptckpt.load(url, storage_options=s3_options)["w"], state["w"])
+    aptckpt.verify(info.path, storage_options=s3_options)
+    storage, path = FsspecStorage.for_url(url, s3_options)
+    objects = storage.fs.find(s3_url)
+    assert objects and all(o.startswith(path + "/") for o in objects), objects
+    aptckpt.delete(url, storage_options=s3_options)
+    assert storage.fs.find(s3_url) == []
+
+
+def test_version_id_in_a_url_never_writes_another_object(
+    s3_url: str, s3_options: dict[str, Any]
+) -> None:
+    """s3fs reads '?versionId=' in a path as an object version and drops it from the key:
+    a save to '<run>/ck?versionId=1' must not write (or clobber) the object '<run>/ck'."""
+    storage, path = FsspecStorage.for_url(s3_url, s3_options)
+    storage.fs.pipe_file(f"{path}/run/ck", b"precious user data")
+    url = f"{s3_url}/run/ck?versionId=1"
+    with pytest.raises(AptckptError):
+        aptckpt.save({"w": torch.arange(4.0)}, url, storage_options=s3_options, overwrite=True)
+    assert storage.fs.cat_file(f"{path}/run/ck") == b"precious user data"
+    # the storage itself refuses such a checkpoint path too (a run joined with a name)
+    with pytest.raises(InvalidNameError):
+        storage.create_checkpoint(f"{path}/run/ck?versionId=2", overwrite=True)
+    assert storage.fs.cat_file(f"{path}/run/ck") == b"precious user data"
+
+
+def test_checkpoint_at_a_prefix_holding_unrelated_objects(
+    s3_url: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Saving, overwriting, deleting and sweeping debris at a prefix that already holds
+    a user's objects (some named like aptckpt's own) leaves every one of them alone."""
+    monkeypatch.setenv("APTCKPT_REMOTE_GRACE_S", "0")
+    storage, path = FsspecStorage.for_url(s3_url, s3_options)
+    fs = storage.fs
+    mine = {
+        f"{path}/ck/notes.txt": b"n",
+        f"{path}/ck/data/x.bin": b"d",
+        f"{path}/ck/data-1/x.bin": b"d1",  # not a token (too short)
+        f"{path}/ck/sub/manifest.msgpack": b"not a manifest",
+    }
+    for key, data in mine.items():
+        fs.pipe_file(key, data)
+    url = f"{s3_url}/ck"
+    aptckpt.save({"w": torch.arange(4.0)}, url, storage_options=s3_options)
+    aptckpt.save({"w": torch.arange(5.0)}, url, storage_options=s3_options, overwrite=True)
+    storage.remove_debris(path, exclusive=True)
+    storage.remove_debris(f"{path}/ck", exclusive=True)
+    assert aptckpt.load(url, storage_options=s3_options)["w"].numel() == 5
+    aptckpt.delete(url, storage_options=s3_options)
+    for key, data in mine.items():
+        assert fs.cat_file(key) == data
+
+
+def test_bucket_root_checkpoint_round_trip(s3_url: str, s3_options: dict[str, Any]) -> None:
+    """A checkpoint at the root of a bucket saves, loads, refuses a second save, deletes."""
+    bucket = s3_url.removeprefix("s3://").split("/")[0]
+    url = f"s3://{bucket}"
+    aptckpt.save({"w": torch.arange(3.0)}, url, storage_options=s3_options)
+    assert aptckpt.load(f"{url}/", storage_options=s3_options)["w"].numel() == 3
+    with pytest.raises(CheckpointExistsError):
+        aptckpt.save({"w": torch.arange(3.0)}, f"{url}/", storage_options=s3_options)
+    aptckpt.delete(url, storage_options=s3_options)
+    with pytest.raises(CheckpointNotFoundError):
+        aptckpt.load(url, storage_options=s3_options)
+
+
+def test_non_checkpoint_named_like_a_checkpoint_in_a_run(
+    s3_url: str, s3_options: dict[str, Any]
+) -> None:
+    """A run on s3 whose checkpoints/ holds an object and a folder named like the
+    manager's checkpoints (no manifest): the manager lists neither, saves past them, and
+    its retention never deletes them."""
+    storage, path = FsspecStorage.for_url(s3_url, s3_options)
+    fs = storage.fs
+    alien = {
+        f"{path}/checkpoints/apt_model_epoch0_step1": b"a file, not a checkpoint",
+        f"{path}/checkpoints/apt_model_epoch0_step2/readme": b"a folder without manifest",
+    }
+    for key, data in alien.items():
+        fs.pipe_file(key, data)
+    mgr = aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep_last=1, keep_best=0)
+    try:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": torch.arange(float(step))})
+        records = mgr.checkpoints()
+        assert [r.global_step for r in records] == [3]
+    finally:
+        mgr.close()
+    for key, data in alien.items():
+        assert fs.cat_file(key) == data

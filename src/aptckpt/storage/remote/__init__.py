@@ -91,6 +91,14 @@ _PACKAGES = {
     "abfss": "adlfs",
 }
 
+#: s3fs reads this in a path as an object version and drops it from the key: a path
+#: holding it would read and write another object than the one it names.
+_VERSION_ID = "?versionId="
+_VERSION_ID_SAID = (
+    "'{url}' holds '?versionId=', which s3fs takes for an object version (the key would "
+    "end before it, naming another object); aptckpt paths cannot hold it: choose another name"
+)
+
 _cache: dict[tuple[str, Any], FsspecStorage] = {}
 _cache_lock = threading.Lock()
 
@@ -197,6 +205,8 @@ class FsspecStorage(base.Storage):
         path = klass._strip_protocol(url).rstrip("/")
         if not path.strip("/"):
             raise UnsupportedPathError(f"'{url}' names no folder in the store", path=url)
+        if storage.store.s3 and _VERSION_ID in path:
+            raise UnsupportedPathError(_VERSION_ID_SAID.format(url=url), path=url)
         return storage, path
 
     # ----------------------------------------------------------------- paths
@@ -214,6 +224,9 @@ class FsspecStorage(base.Storage):
         name = self.name(path)
         if not name:
             raise InvalidNameError(f"'{self.display(path)}' names no checkpoint")
+        if self.store.s3 and _VERSION_ID in path:
+            url = self.display(path)
+            raise InvalidNameError(_VERSION_ID_SAID.format(url=url), path=url)
         if TOKEN.fullmatch(name) or name == mf.MANIFEST_NAME:
             raise InvalidNameError(
                 f"'{name}' is a name aptckpt gives the data of saves, which cleanup removes; "
