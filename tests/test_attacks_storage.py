@@ -338,3 +338,128 @@ def test_non_checkpoint_named_like_a_checkpoint_in_a_run(
         mgr.close()
     for key, data in alien.items():
         assert fs.cat_file(key) == data
+
+
+# ------------------------------------------------------------------- credentials
+
+
+def _no_secret(secret: str, *texts: object) -> None:
+    for text in texts:
+        assert secret not in str(text), text
+
+
+def _log_text(caplog: pytest.LogCaptureFixture) -> str:
+    out = []
+    for record in caplog.records:
+        out.append(record.getMessage())
+        if record.exc_info:
+            out.append(logging.Formatter().formatException(record.exc_info))
+    return "\n".join(out)
+
+
+def _quick(url: str, options: dict[str, Any]) -> None:
+    """Retries of the cached storage of ``url`` made fast (a failing endpoint retries)."""
+    shared, _ = FsspecStorage.for_url(url, options)
+    shared.retry = FAST
+    shared.store.policy = FAST
+
+
+def test_secrets_never_shown_for_a_dead_endpoint(
+    s3_options: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An endpoint nothing listens on (a connection refused deep in botocore, retried):
+    the error names the URL, and neither it, its repr, its notes nor any log record at
+    DEBUG holds the secret."""
+    caplog.set_level(logging.DEBUG)
+    opts = dict(s3_options, endpoint_url="http://127.0.0.1:1")
+    url = "s3://some-bucket/run/ck"
+    _quick(url, opts)
+    for action in (
+        lambda: aptckpt.save({"w": torch.arange(3.0)}, url, storage_options=opts),
+        lambda: aptckpt.load(url, storage_options=opts),
+        lambda: aptckpt.inspect(url, storage_options=opts),
+        lambda: aptckpt.delete(url, storage_options=opts),
+    ):
+        with pytest.raises(AptckptError) as caught:
+            action()
+        err = caught.value
+        assert "some-bucket/run/ck" in str(err)
+        _no_secret(S3_SECRET, str(err), repr(err), getattr(err, "__notes__", ""))
+    _no_secret(S3_SECRET, _log_text(caplog))
+
+
+def test_secrets_never_shown_for_a_missing_bucket(
+    s3_options: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = "s3://no-such-bucket-aptckpt/run/ck"
+    _quick(url, s3_options)
+    with pytest.raises(AptckptError) as caught:
+        aptckpt.save({"w": torch.arange(3.0)}, url, storage_options=s3_options)
+    assert "no-such-bucket-aptckpt" in str(caught.value)
+    _no_secret(S3_SECRET, str(caught.value), repr(caught.value))
+    with pytest.raises(CheckpointNotFoundError) as missing:
+        aptckpt.load(url, storage_options=s3_options)
+    assert "bucket" in str(missing.value)
+    _no_secret(S3_SECRET, str(missing.value), _log_text(caplog))
+
+
+class _Echo403:
+    """A file system whose writes fail with a 403 that echoes the request's credentials
+    (as a misconfigured proxy or a verbose SDK message may)."""
+
+    def __init__(self, fs: Any, secret: str) -> None:
+        self._fs, self._secret = fs, secret
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fs, name)
+
+    def _deny(self, *args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(
+            f"Access Denied for key=fake-key-id secret={self._secret} "
+            f"url=http://fake-key-id:{self._secret}@host/bucket"
+        )
+
+    pipe_file = call_s3 = _deny
+
+
+def test_secrets_scrubbed_from_a_403_that_echoes_them(
+    s3_url: str, s3_options: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    shared, path = FsspecStorage.for_url(s3_url, s3_options)
+    storage = FsspecStorage(
+        _Echo403(shared.fs, S3_SECRET), "s3", options=s3_options, part_size=PART, retry=FAST
+    )
+    with pytest.raises(AptckptError) as caught, storage.create_checkpoint(f"{path}/ck") as w:
+        with w.open("f") as sink:
+            sink.write(b"x" * 10)
+        w.commit(fake_manifest(w.sizes()))
+    err = caught.value
+    assert "403" in str(err) or "credentials" in str(err)
+    _no_secret(S3_SECRET, str(err), repr(err), _log_text(caplog))
+
+
+def test_secrets_absent_from_everything_a_remote_run_writes_or_returns(
+    s3_url: str, s3_options: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A manager on s3: no object of the run (manifests, metadata.json, lease), no
+    SaveInfo, CheckpointRecord, the manager's repr or its attributes' reprs (which a
+    crash reporter capturing locals shows) holds the secret or the key id."""
+    caplog.set_level(logging.DEBUG)
+    mgr = aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep_best=0)
+    try:
+        mgr.save(1, {"w": torch.arange(4.0)}, metrics={"loss": 1.0})
+        handle = mgr.save(2, {"w": torch.arange(4.0)}, blocking=False)
+        mgr.wait()
+        shown = [repr(mgr), repr(handle), repr(mgr.last_save_info)]
+        shown += [repr(v) for v in vars(mgr).values()]
+        shown += [repr(r) for r in mgr.checkpoints()]
+        storage, path = FsspecStorage.for_url(s3_url, s3_options)
+        blobs = [storage.fs.cat_file(p) for p in storage.fs.find(path)]
+    finally:
+        mgr.close()
+    for blob in blobs:
+        assert S3_SECRET.encode() not in blob
+        assert b"fake-key-id" not in blob
+    _no_secret(S3_SECRET, *shown, _log_text(caplog))
