@@ -463,3 +463,315 @@ def test_secrets_absent_from_everything_a_remote_run_writes_or_returns(
         assert S3_SECRET.encode() not in blob
         assert b"fake-key-id" not in blob
     _no_secret(S3_SECRET, *shown, _log_text(caplog))
+
+
+# ------------------------------------------------------------------- concurrency
+
+
+def _run_threads(targets: list[Any]) -> list[BaseException | None]:
+    barrier = threading.Barrier(len(targets))
+    outcome: list[BaseException | None] = [None] * len(targets)
+
+    def go(i: int) -> None:
+        barrier.wait()
+        try:
+            targets[i]()
+        except BaseException as err:  # noqa: BLE001 - reported to the test
+            outcome[i] = err
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(targets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return outcome
+
+
+def test_threads_saving_different_checkpoints_under_one_prefix(
+    s3_url: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small_parts(monkeypatch, s3_url, s3_options)
+    states = {f"ck{i}": {"w": torch.full((700,), float(i))} for i in range(6)}
+    outcome = _run_threads(
+        [
+            (lambda n=n, s=s: aptckpt.save(s, f"{s3_url}/{n}", storage_options=s3_options))
+            for n, s in states.items()
+        ]
+    )
+    assert outcome == [None] * len(states)
+    for n, s in states.items():
+        assert torch.equal(aptckpt.load(f"{s3_url}/{n}", storage_options=s3_options)["w"], s["w"])
+
+
+@pytest.mark.parametrize("rounds", [3])
+def test_racing_overwrites_leave_one_whole_checkpoint_and_no_debris(
+    where: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, rounds: int
+) -> None:
+    """Two threads overwrite one name at once: the result is exactly one of the two
+    (loadable, verified), and after the debris sweep (grace 0) only its data is left."""
+    url, options = where
+    small_parts(monkeypatch, url, options)
+    monkeypatch.setenv("APTCKPT_REMOTE_GRACE_S", "0")
+    ck = f"{url}/ck"
+    aptckpt.save({"w": torch.zeros(900)}, ck, storage_options=options)
+    storage, path = FsspecStorage.for_url(ck, options)
+    for r in range(rounds):
+        a, b = torch.full((900,), 1.0 + r), torch.full((900,), -1.0 - r)
+        outcome = _run_threads(
+            [
+                lambda t=t: aptckpt.save(
+                    {"w": t}, ck, storage_options=options, overwrite=True, codec="none"
+                )
+                for t in (a, b)
+            ]
+        )
+        assert outcome == [None, None]
+        aptckpt.verify(ck, storage_options=options)
+        got = aptckpt.load(ck, storage_options=options)["w"]
+        assert torch.equal(got, a) or torch.equal(got, b)
+        storage.remove_debris(storage.parent(path), exclusive=True)
+        named = {
+            f"{path}/{f.path}" for f in aptckpt.inspect(ck, storage_options=options).files
+        }
+        left = {storage.strip(p) for p in storage.fs.find(path)}
+        assert left == named | {f"{path}/{mf.MANIFEST_NAME}"}
+
+
+def test_manager_background_saves_in_a_loop_then_close(
+    s3_url: str, s3_options: dict[str, Any]
+) -> None:
+    """Non-blocking saves on s3 in a loop (each waits for the last), close() at once:
+    every checkpoint kept by retention is whole, the lease is released."""
+    mgr = aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep_last=3, keep_best=0)
+    state = {"w": torch.zeros(2000)}
+    for step in range(1, 9):
+        state["w"].fill_(float(step))
+        mgr.save(step, state, blocking=False)
+    mgr.close()
+    reader = aptckpt.CheckpointManager(s3_url, storage_options=s3_options, read_only=True)
+    records = reader.checkpoints()
+    assert [r.global_step for r in records] == [6, 7, 8]
+    for r in records:
+        got = aptckpt.load(r.path, storage_options=s3_options)
+        assert torch.equal(got["w"], torch.full((2000,), float(r.global_step)))
+    storage, path = FsspecStorage.for_url(s3_url, s3_options)
+    assert not storage.fs.exists(f"{path}/.aptckpt-run.lock")
+    # and a new writer takes the run at once
+    aptckpt.CheckpointManager(s3_url, storage_options=s3_options).close()
+
+
+@pytest.mark.slow  # two interpreters importing torch: ~12 s
+def test_two_processes_race_for_one_run(s3_url: str, s3_options: dict[str, Any]) -> None:
+    """Two processes create a manager on one s3 run at the same instant: exactly one
+    takes it, the other gets RunBusyError."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    url = s3_url + "/run"
+    start = time.time() + 4.0
+    code = (
+        "import json, sys, time, aptckpt\n"
+        "time.sleep(max(0.0, float(sys.argv[3]) - time.time()))\n"
+        "try:\n"
+        "    m = aptckpt.CheckpointManager(sys.argv[1], storage_options=json.loads(sys.argv[2]))\n"
+        "except aptckpt.RunBusyError:\n"
+        "    print('BUSY'); sys.exit(3)\n"
+        "print('TOOK'); sys.stdout.flush(); time.sleep(2); m.close()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-c", code, url, json.dumps(s3_options), str(start)]
+    procs = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=60) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 3], outs
+
+
+# ------------------------------------------------------------------ faults at the seam
+
+
+class Faulty:
+    """A file system whose methods go through ``hook(name, real, args, kwargs)``."""
+
+    def __init__(self, fs: Any, hook: Any) -> None:
+        self._fs, self._hook = fs, hook
+        self.lock = threading.Lock()
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._fs, name)
+        if not callable(attr) or name.startswith("_") or name in ("split_path",):
+            return attr
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            return self._hook(name, attr, args, kwargs)
+
+        return wrapped
+
+
+def _api_on(monkeypatch: pytest.MonkeyPatch, url: str, options: dict[str, Any], hook: Any) -> Faulty:
+    """Make the storage the API uses for ``url`` go through a Faulty file system."""
+    shared = small_parts(monkeypatch, url, options)
+    faulty = Faulty(shared.fs, hook)
+    monkeypatch.setattr(shared, "fs", faulty)
+    monkeypatch.setattr(shared.store, "fs", faulty)
+    return faulty
+
+
+_IO = {"pipe_file", "cat_file", "info", "ls", "find", "call_s3", "rm", "rm_file", "exists"}
+
+
+def test_every_third_request_dropped_save_load_verify_still_work(
+    where: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection dropped on every 3rd request (any kind): saves, overwrites, loads,
+    verifies and deletes all succeed through the retries, with the right bytes."""
+    url, options = where
+    count = [0]
+    lock = threading.Lock()
+
+    def hook(name: str, real: Any, args: Any, kwargs: Any) -> Any:
+        if name in _IO:
+            with lock:
+                count[0] += 1
+                drop = count[0] % 3 == 0
+            if drop:
+                raise ConnectionResetError(104, "Connection reset by peer")
+        return real(*args, **kwargs)
+
+    _api_on(monkeypatch, url, options, hook)
+    state = _state(SIZES)
+    ck = f"{url}/ck"
+    aptckpt.save(state, ck, storage_options=options, codec="none", chunk_size=PART)
+    aptckpt.save(state, ck, storage_options=options, overwrite=True, chunk_size=PART)
+    got = aptckpt.load(ck, storage_options=options)
+    assert all(torch.equal(got[k], state[k]) for k in state)
+    aptckpt.verify(ck, storage_options=options)
+    aptckpt.delete(ck, storage_options=options)
+    with pytest.raises(CheckpointNotFoundError):
+        aptckpt.load(ck, storage_options=options)
+    assert count[0] > 10
+
+
+def test_manifest_create_succeeds_then_its_answer_is_lost(
+    where: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest's conditional create reaches the store, then the connection drops:
+    the retry finds the manifest there (412). The save must count as committed (it is
+    ours), not as a lost race that removes the data the manifest names."""
+    url, options = where
+    fired = [False]
+
+    def hook(name: str, real: Any, args: Any, kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        if name == "pipe_file" and str(args[0]).endswith(mf.MANIFEST_NAME) and not fired[0]:
+            fired[0] = True
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return result
+
+    _api_on(monkeypatch, url, options, hook)
+    ck = f"{url}/ck"
+    state = {"w": torch.arange(700.0)}
+    aptckpt.save(state, ck, storage_options=options)
+    assert fired[0]
+    assert torch.equal(aptckpt.load(ck, storage_options=options)["w"], state["w"])
+    aptckpt.verify(ck, storage_options=options)
+
+
+def test_manifest_written_then_the_store_goes_away_is_not_told_as_nothing_committed(
+    where: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest's create reaches the store, then every request fails until the save
+    gives up: the checkpoint *is* committed (it loads later), so the error must not say
+    'Nothing was committed', and its data must not be removed."""
+    url, options = where
+    down = [False]
+
+    def hook(name: str, real: Any, args: Any, kwargs: Any) -> Any:
+        if down[0] and name in _IO:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        result = real(*args, **kwargs)
+        if name == "pipe_file" and str(args[0]).endswith(mf.MANIFEST_NAME):
+            down[0] = True
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return result
+
+    _api_on(monkeypatch, url, options, hook)
+    ck = f"{url}/ck"
+    state = {"w": torch.arange(700.0)}
+    with pytest.raises(AptckptError) as caught:
+        aptckpt.save(state, ck, storage_options=options)
+    down[0] = False
+    # the truth: it was committed, whole
+    assert torch.equal(aptckpt.load(ck, storage_options=options)["w"], state["w"])
+    assert "Nothing was committed" not in str(caught.value), str(caught.value)
+
+
+def test_short_reads_are_never_wrong_tensors(
+    where: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that answers ranged reads with fewer bytes than asked (no error): the
+    load fails (retries or an error), it never returns tensors with missing bytes."""
+    url, options = where
+    ck = f"{url}/ck"
+    state = {"w": torch.arange(2000.0)}
+    aptckpt.save(state, ck, storage_options=options, codec="none", chunk_size=PART)
+    short = [True]
+
+    def hook(name: str, real: Any, args: Any, kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        if short[0] and name == "cat_file" and "/data-" in str(args[0]) and len(result) > 8:
+            return result[:-8]
+        return result
+
+    _api_on(monkeypatch, url, options, hook)
+    for verify in (True, False):
+        try:
+            got = aptckpt.load(ck, storage_options=options, verify=verify)
+        except AptckptError as err:
+            assert "ck" in str(err)
+        else:
+            assert torch.equal(got["w"], state["w"])
+
+
+@pytest.mark.parametrize("what", ["delete", "overwrite"])
+def test_checkpoint_deleted_or_replaced_while_a_load_reads_it(
+    where: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    """Another writer deletes / overwrites the checkpoint after the load read its
+    manifest, before its data reads: CheckpointDeletedError, never a mix."""
+    from aptckpt.errors import CheckpointDeletedError
+
+    url, options = where
+    ck = f"{url}/ck"
+    state = {"w": torch.arange(3000.0)}
+    aptckpt.save(state, ck, storage_options=options, codec="none", chunk_size=PART)
+    shared, _ = FsspecStorage.for_url(url, options)
+    real_fs = shared.fs
+    other, path = tuned(url, options, fs=real_fs)
+    fired = [False]
+    lock = threading.Lock()
+
+    def hook(name: str, real: Any, args: Any, kwargs: Any) -> Any:
+        if name == "cat_file" and "/data-" in str(args[0]):
+            with lock:
+                if not fired[0]:
+                    fired[0] = True
+                    if what == "delete":
+                        other.delete_checkpoint(f"{path}/ck")
+                    else:
+                        w = other.create_checkpoint(f"{path}/ck", overwrite=True)
+                        with w.open("x") as sink:
+                            sink.write(b"new")
+                        w.commit(fake_manifest(w.sizes()))
+        return real(*args, **kwargs)
+
+    _api_on(monkeypatch, url, options, hook)
+    with pytest.raises(CheckpointDeletedError) as caught:
+        aptckpt.load(ck, storage_options=options)
+    assert "ck" in str(caught.value)

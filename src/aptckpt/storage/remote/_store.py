@@ -114,17 +114,17 @@ class Store:
         A retried create that finds its own bytes there (its first try succeeded, the
         answer was lost) counts as created."""
         data = _as_bytes(data)
-        if self.memory:
-            with _MEMORY_LOCK:
-                if self.fs.exists(path):
-                    return False
-                self.fs.pipe_file(path, data)
-            return True
         tries = 0
 
         def create_once() -> None:
             nonlocal tries
             tries += 1
+            if self.memory:  # exact: the store lives in this process
+                with _MEMORY_LOCK:
+                    if self.fs.exists(path):
+                        raise FileExistsError(path)
+                    self.fs.pipe_file(path, data)
+                return
             try:
                 self.fs.pipe_file(path, data, mode="create")
             except TypeError:  # a file system whose pipe_file takes no mode: check, then write
