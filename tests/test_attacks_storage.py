@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -775,3 +776,38 @@ def test_checkpoint_deleted_or_replaced_while_a_load_reads_it(
     with pytest.raises(CheckpointDeletedError) as caught:
         aptckpt.load(ck, storage_options=options)
     assert "ck" in str(caught.value)
+
+
+# ------------------------------------------------------------------------- leases
+
+
+def test_close_releases_the_lease_even_when_a_renewal_lands_during_the_release(
+    s3_url: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() reads the lease's tag, then deletes it if unchanged. A renewal by the
+    background thread landing between the two (a slow store) changes the tag: the
+    delete is refused and the lease stays live for a whole ttl after a clean close, so
+    the next trainer gets RunBusyError. close() must stop renewing before it releases."""
+    from aptckpt import _runlock
+    from aptckpt.storage.remote._store import Store
+
+    monkeypatch.setattr(_runlock, "LEASE_TTL", 0.4)  # renewals every 0.1 s
+    real_tagged = Store.tagged
+    closing = threading.Event()
+
+    def slow_tagged(self: Store, path: str) -> Any:
+        found = real_tagged(self, path)
+        if closing.is_set() and path.endswith(".aptckpt-run.lock"):
+            if threading.current_thread() is threading.main_thread():
+                time.sleep(0.35)  # the answer is slow to come back
+        return found
+
+    monkeypatch.setattr(Store, "tagged", slow_tagged)
+    mgr = aptckpt.CheckpointManager(s3_url, storage_options=s3_options)
+    time.sleep(0.15)
+    closing.set()
+    mgr.close()
+    closing.clear()
+    storage, path = FsspecStorage.for_url(s3_url, s3_options)
+    time.sleep(0.05)
+    assert not storage.fs.exists(f"{path}/.aptckpt-run.lock")

@@ -90,6 +90,7 @@ class LeaseRunLock:
         self._users_lock = threading.Lock()
         self._stop = threading.Event()
         self._pid = os.getpid()
+        self._ttl = ttl
         self._thread = threading.Thread(
             target=self._renew_loop, args=(ttl / 4,), name="aptckpt-lease", daemon=True
         )
@@ -130,6 +131,11 @@ class LeaseRunLock:
 
     def release(self) -> None:
         self._stop.set()
+        if self._thread is not threading.current_thread() and self._pid == os.getpid():
+            # A renewal landing between the release's read of the lease and its delete
+            # would change the lease's tag: the delete would be refused and the lease
+            # would stay live for a whole ttl after a clean close.
+            self._thread.join(timeout=self._ttl)  # a renewal stuck retrying: go on
         with _mutex:
             lease, self._lease = self._lease, None
             if _leases.get(self.where) is self:
