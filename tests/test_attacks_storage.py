@@ -4,6 +4,7 @@ property it attacks."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -811,3 +812,45 @@ def test_close_releases_the_lease_even_when_a_renewal_lands_during_the_release(
     storage, path = FsspecStorage.for_url(s3_url, s3_options)
     time.sleep(0.05)
     assert not storage.fs.exists(f"{path}/.aptckpt-run.lock")
+
+
+def test_a_holder_whose_lease_lapsed_unnoticed_does_not_save(
+    s3_url: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The renewing thread hangs on a dead connection for longer than the ttl; the
+    lease expires and another writer takes the run. The holder's next save must not
+    write into the run (RunBusyError): nothing told it the lease was lost, but nothing
+    renewed it within its ttl either."""
+    from aptckpt import _runlock
+    from aptckpt.errors import RunBusyError
+    from aptckpt.storage.remote._store import Store
+
+    monkeypatch.setattr(_runlock, "LEASE_TTL", 0.6)  # renewals every 0.15 s
+    hang = threading.Event()
+    freed = threading.Event()
+    real_tagged = Store.tagged
+
+    def hung_tagged(self: Store, path: str) -> Any:
+        if hang.is_set() and threading.current_thread().name == "aptckpt-lease":
+            freed.wait(10)  # a connection that never answers
+        return real_tagged(self, path)
+
+    monkeypatch.setattr(Store, "tagged", hung_tagged)
+    mgr = aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep_best=0)
+    other = None
+    try:
+        mgr.save(1, {"w": torch.arange(3.0)})
+        hang.set()
+        time.sleep(1.0)  # past the ttl: the lease expired on the store
+        storage, path = FsspecStorage.for_url(s3_url, s3_options)
+        other = storage.lease(f"{path}/.aptckpt-run.lock", owner={"pid": 1, "host": "x"}, ttl=60)
+        with pytest.raises(RunBusyError):
+            mgr.save(2, {"w": torch.arange(3.0)})
+        assert not storage.fs.exists(f"{path}/checkpoints/apt_model_epoch0_step2")
+    finally:
+        freed.set()
+        hang.clear()
+        with contextlib.suppress(Exception):
+            mgr.close()
+        if other is not None:
+            other.release()

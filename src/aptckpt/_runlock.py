@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,8 +81,13 @@ _mutex = threading.Lock()
 class LeaseRunLock:
     """A run lock on object storage: a lease object kept alive by a renewing thread."""
 
-    def __init__(self, run: Run, lease: Lease, ttl: float) -> None:
+    def __init__(self, run: Run, lease: Lease, ttl: float, *, taken: float | None = None) -> None:
         self.where = run.display()
+        #: When (monotonic) the last renewal that succeeded started: the lease is surely
+        #: ours until a ttl after it, and only then.
+        self._renewed = time.monotonic() if taken is None else taken
+        #: One renewal at a time (the thread's, or a save's that finds the lease old).
+        self._renewing = threading.Lock()
         self.slot = threading.Lock()
         self.issued = 0
         self._lease: Lease | None = lease
@@ -112,22 +118,44 @@ class LeaseRunLock:
             self.release()
 
     def still_at(self, root: str) -> bool:
-        """False once the lease was lost to another writer (see the module docstring)."""
-        return self.held and self._lost is None
+        """False once the lease was lost to another writer, or once no renewal succeeded
+        for most of a ttl (the renewals failed or hung: the lease may have lapsed and been
+        taken without this holder hearing of it). A lease past half its ttl is renewed
+        here first, unless a renewal is under way already."""
+        if not self.held or self._lost is not None:
+            return False
+        if time.monotonic() - self._renewed > self._ttl / 2 and self._renewing.acquire(
+            blocking=False
+        ):
+            try:
+                self._renew_once()
+            finally:
+                self._renewing.release()
+        return self._lost is None and time.monotonic() - self._renewed < self._ttl * 0.9
+
+    def _renew_once(self) -> bool:
+        """Renew the lease (the caller holds ``_renewing``); False once it is lost."""
+        lease = self._lease
+        if lease is None or self._lost is not None:
+            return False
+        started = time.monotonic()
+        try:
+            lease.renew()
+        except FileExistsError as err:
+            self._lost = err
+            log.error("lost the run lease of %s to another writer: %s", self.where, err)
+            return False
+        except Exception as err:  # transient: the next renewal tries again
+            log.warning("renewing the run lease of %s failed: %s", self.where, err)
+            return True
+        self._renewed = started
+        return True
 
     def _renew_loop(self, every: float) -> None:
         while not self._stop.wait(every):
-            lease = self._lease
-            if lease is None:
-                return
-            try:
-                lease.renew()
-            except FileExistsError as err:
-                self._lost = err
-                log.error("lost the run lease of %s to another writer: %s", self.where, err)
-                return
-            except Exception as err:  # transient: the next renewal tries again
-                log.warning("renewing the run lease of %s failed: %s", self.where, err)
+            with self._renewing:
+                if not self._renew_once():
+                    return
 
     def release(self) -> None:
         self._stop.set()
@@ -155,6 +183,7 @@ def _acquire_lease(run: Run) -> LeaseRunLock:
             return held
         since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         owner: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "since": since}
+        taken = time.monotonic()  # the lease's expiry is at least a ttl after this
         try:
             lease = run.storage.lease(run.path(LOCK_NAME), owner=owner, ttl=LEASE_TTL)
         except FileExistsError as err:
@@ -173,7 +202,7 @@ def _acquire_lease(run: Run) -> LeaseRunLock:
                 path=where,
                 holder=holder,
             ) from err
-        lock = LeaseRunLock(run, lease, LEASE_TTL)
+        lock = LeaseRunLock(run, lease, LEASE_TTL, taken=taken)
         _leases[where] = lock
         return lock
 
