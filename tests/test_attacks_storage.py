@@ -854,3 +854,29 @@ def test_a_holder_whose_lease_lapsed_unnoticed_does_not_save(
             mgr.close()
         if other is not None:
             other.release()
+
+
+# --------------------------------------------------------------------- URL forms
+
+
+def test_an_upper_case_scheme_names_the_same_place(
+    s3_url: str, s3_options: dict[str, Any]
+) -> None:
+    """'S3://bucket/key' is 's3://bucket/key' (schemes are case-insensitive, and the
+    storage is picked case-insensitively): it must not save under a key or bucket that
+    starts with 'S3:'."""
+    upper = "S3" + s3_url[2:]
+    aptckpt.save({"w": torch.arange(3.0)}, f"{upper}/ck", storage_options=s3_options)
+    assert aptckpt.load(f"{s3_url}/ck", storage_options=s3_options)["w"].numel() == 3
+    info = aptckpt.inspect(f"{upper}/ck", storage_options=s3_options)
+    assert info.path == f"{s3_url}/ck"
+
+
+def test_credentials_in_a_url_are_refused_not_scrubbed_into_the_path(memory_url: str) -> None:
+    """'memory://user:pw@x/ck' must not save at the path '***@x/ck' (where any other
+    user:password would land too); the error never shows the password."""
+    url = memory_url.replace("memory://", "memory://user:hunter2pw@") + "/ck"
+    with pytest.raises(AptckptError) as caught:
+        aptckpt.save({"w": torch.arange(3.0)}, url)
+    assert "hunter2pw" not in str(caught.value)
+    assert "storage_options" in str(caught.value)

@@ -173,7 +173,15 @@ class FsspecStorage(base.Storage):
                 are refused by the file system.
         """
         scheme = url.partition("://")[0].lower()
+        target = scheme + url[len(scheme) :]  # schemes are case-insensitive: S3:// is s3://
         url = scrubber({})(url)  # a user:password@ in the URL is never shown
+        userinfo, at, _ = target.partition("://")[2].split("/", 1)[0].rpartition("@")
+        if at and ":" in userinfo:
+            raise UnsupportedPathError(
+                f"'{url}' holds credentials (user:password@); pass them in storage_options "
+                "instead (they are never shown or written there)",
+                path=url,
+            )
         install = _PACKAGES.get(scheme, "fsspec")
         try:
             import fsspec  # type: ignore[import-untyped]
@@ -202,7 +210,7 @@ class FsspecStorage(base.Storage):
             if storage is None:
                 storage = cls(_make_fs(klass, scheme, opts, url), scheme, options=opts)
                 _cache[key] = storage
-        path = klass._strip_protocol(url).rstrip("/")
+        path = klass._strip_protocol(target).rstrip("/")
         if not path.strip("/"):
             raise UnsupportedPathError(f"'{url}' names no folder in the store", path=url)
         if storage.store.s3 and _VERSION_ID in path:
