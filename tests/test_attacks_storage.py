@@ -880,3 +880,47 @@ def test_credentials_in_a_url_are_refused_not_scrubbed_into_the_path(memory_url:
         aptckpt.save({"w": torch.arange(3.0)}, url)
     assert "hunter2pw" not in str(caught.value)
     assert "storage_options" in str(caught.value)
+
+
+# ------------------------------------------------------------ hostile run contents
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [b"\xff\xfe not json", b'{"version": 1, "checkpoints": "nope"}', b"[]", b"null", "prefix"],
+)
+def test_hostile_metadata_json_in_an_s3_run(
+    s3_url: str, s3_options: dict[str, Any], planted: bytes | str
+) -> None:
+    """metadata.json replaced by garbage, JSON of the wrong shape, or a 'folder' (objects
+    under metadata.json/): the manager rebuilds its index from the manifests and saves."""
+    storage, path = FsspecStorage.for_url(s3_url, s3_options)
+    with aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep_best=0) as mgr:
+        mgr.save(1, {"w": torch.arange(3.0)})
+    if planted == "prefix":
+        storage.fs.rm_file(f"{path}/metadata.json")
+        storage.fs.pipe_file(f"{path}/metadata.json/x", b"{}")
+    else:
+        assert isinstance(planted, bytes)
+        storage.fs.pipe_file(f"{path}/metadata.json", planted)
+    with aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep_best=0) as mgr:
+        assert [r.global_step for r in mgr.checkpoints()] == [1]
+        mgr.save(2, {"w": torch.arange(4.0)})
+        assert [r.global_step for r in mgr.checkpoints()] == [1, 2]
+        latest = mgr.latest()
+        assert latest is not None
+        assert aptckpt.load(latest.path, storage_options=s3_options)["w"].numel() == 4
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cli/_common.parse_storage_options quotes the whole pair back when it has no '='",
+)
+def test_cli_storage_option_typo_never_echoes_a_secret(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--storage-option <secret>` (the KEY= forgotten) is a usage error that must not
+    print the value back (terminals and CI logs keep it)."""
+    from aptckpt.cli._common import UsageError, parse_storage_options
+
+    with pytest.raises(UsageError) as caught:
+        parse_storage_options(["wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"])
+    assert "wJalrXUtnFEMI" not in str(caught.value)
