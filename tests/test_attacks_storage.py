@@ -932,3 +932,56 @@ def test_cli_storage_option_typo_never_echoes_a_secret(capsys: pytest.CaptureFix
     with pytest.raises(UsageError) as caught:
         parse_storage_options(["wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"])
     assert "wJalrXUtnFEMI" not in str(caught.value)
+
+
+def test_lease_renewal_failures_are_logged_without_secrets(
+    s3_url: str,
+    s3_options: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A renewal (and the release) failing with an error that echoes the credentials: the
+    warnings the lease thread logs are scrubbed like every other message."""
+    from aptckpt import _runlock
+
+    caplog.set_level(logging.DEBUG, logger="aptckpt")
+    monkeypatch.setattr(_runlock, "LEASE_TTL", 0.4)  # renewals every 0.1 s
+    shared, _ = FsspecStorage.for_url(s3_url, s3_options)
+    deny = threading.Event()
+
+    def hook(name: str, real: Any, args: Any, kwargs: Any) -> Any:
+        if deny.is_set() and name == "call_s3" and args[0] in ("put_object", "delete_object"):
+            raise PermissionError(f"Access Denied (secret={S3_SECRET})")
+        return real(*args, **kwargs)
+
+    faulty = Faulty(shared.fs, hook)
+    monkeypatch.setattr(shared.store, "fs", faulty)
+    mgr = aptckpt.CheckpointManager(s3_url, storage_options=s3_options)
+    deny.set()
+    time.sleep(0.3)
+    mgr.close()
+    deny.clear()
+    text = _log_text(caplog)
+    assert "renewing the run lease" in text
+    _no_secret(S3_SECRET, text)
+
+
+def test_a_store_error_while_taking_a_lease_is_an_aptckpt_error_without_secrets(
+    s3_url: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's lease object exists (a dead holder's) and reading it is denied with a
+    message echoing the credentials: CheckpointManager() raises an AptckptError naming
+    the lease's URL, scrubbed -- not the file system's raw exception."""
+    shared, path = FsspecStorage.for_url(s3_url, s3_options)
+    shared.fs.pipe_file(f"{path}/.aptckpt-run.lock", b'{"expires": 0}')
+
+    def hook(name: str, real: Any, args: Any, kwargs: Any) -> Any:
+        if name in ("cat_file", "info") and str(args[0]).endswith(".aptckpt-run.lock"):
+            raise PermissionError(f"Access Denied (secret={S3_SECRET})")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shared.store, "fs", Faulty(shared.fs, hook))
+    with pytest.raises(AptckptError) as caught:
+        aptckpt.CheckpointManager(s3_url, storage_options=s3_options)
+    assert ".aptckpt-run.lock" in str(caught.value)
+    _no_secret(S3_SECRET, str(caught.value), repr(caught.value))

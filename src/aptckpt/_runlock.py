@@ -83,6 +83,8 @@ class LeaseRunLock:
 
     def __init__(self, run: Run, lease: Lease, ttl: float, *, taken: float | None = None) -> None:
         self.where = run.display()
+        #: Removes the storage's secrets from what its errors say (they are logged).
+        self._scrub = getattr(run.storage, "scrub", str)
         #: When (monotonic) the last renewal that succeeded started: the lease is surely
         #: ours until a ttl after it, and only then.
         self._renewed = time.monotonic() if taken is None else taken
@@ -143,10 +145,14 @@ class LeaseRunLock:
             lease.renew()
         except FileExistsError as err:
             self._lost = err
-            log.error("lost the run lease of %s to another writer: %s", self.where, err)
+            log.error(
+                "lost the run lease of %s to another writer: %s", self.where, self._scrub(str(err))
+            )
             return False
         except Exception as err:  # transient: the next renewal tries again
-            log.warning("renewing the run lease of %s failed: %s", self.where, err)
+            log.warning(
+                "renewing the run lease of %s failed: %s", self.where, self._scrub(str(err))
+            )
             return True
         self._renewed = started
         return True
@@ -172,7 +178,9 @@ class LeaseRunLock:
             try:
                 lease.release()
             except Exception as err:  # it expires on its own
-                log.warning("releasing the run lease of %s failed: %s", self.where, err)
+                log.warning(
+                    "releasing the run lease of %s failed: %s", self.where, self._scrub(str(err))
+                )
 
 
 def _acquire_lease(run: Run) -> LeaseRunLock:

@@ -501,7 +501,15 @@ class FsspecStorage(base.Storage):
 
         lease = RemoteLease(self, path, owner, ttl)
         for _attempt in range(5):
-            if lease.try_take():
+            try:
+                taken = lease.try_take()
+            except (FileExistsError, AptckptError):
+                raise
+            except Exception as err:
+                raise self.write_error(
+                    f"taking the lease '{self.display(path)}'", path, err
+                ) from err
+            if taken:
                 return lease
         raise FileExistsError(
             errno.EEXIST, f"lease '{self.display(path)}' keeps changing hands; try again", "{}"
