@@ -985,3 +985,35 @@ def test_a_store_error_while_taking_a_lease_is_an_aptckpt_error_without_secrets(
         aptckpt.CheckpointManager(s3_url, storage_options=s3_options)
     assert ".aptckpt-run.lock" in str(caught.value)
     _no_secret(S3_SECRET, str(caught.value), repr(caught.value))
+
+
+def test_a_manager_made_before_a_fork_reads_in_the_child(
+    s3_url: str, s3_options: dict[str, Any]
+) -> None:
+    """A read-only manager of an s3 run made in the parent (a data-loader or evaluation
+    worker forked from the trainer): in the child it lists and loads, instead of the
+    file system's 'This class is not fork-safe'."""
+    import os
+
+    with aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep_best=0) as mgr:
+        mgr.save(1, {"w": torch.arange(3.0)})
+    reader = aptckpt.CheckpointManager(s3_url, storage_options=s3_options, read_only=True)
+    assert [r.global_step for r in reader.checkpoints()] == [1]  # used in the parent first
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        try:
+            steps = [r.global_step for r in reader.checkpoints()]
+            latest = reader.latest()
+            assert latest is not None
+            w = aptckpt.load(latest.path, storage_options=s3_options)["w"]
+            said = f"ok {steps} {w.tolist()}"
+        except BaseException as err:
+            said = f"{type(err).__name__}: {err}"
+        os.write(write_end, said.encode()[:4000])
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        said = pipe.read().decode()
+    assert said == "ok [1] [0.0, 1.0, 2.0]", said

@@ -45,6 +45,7 @@ manifest.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import threading
 import time
@@ -151,12 +152,20 @@ class FsspecStorage(base.Storage):
     ) -> None:
         if part_size <= 0:
             raise ValueError(f"part_size must be positive, not {part_size}")
-        self.fs = fs
         self.scheme = protocol
         self.part_size, self.in_flight = part_size, in_flight
         self.retry = retry or RetryPolicy()
         self.scrub = scrubber(dict(options or {}))
         self.store = Store(fs, protocol, self.retry)
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec file system (the store's: made anew in a forked child)."""
+        return self.store.fs
+
+    @fs.setter
+    def fs(self, fs: Any) -> None:
+        self.store.fs = fs
 
     def __repr__(self) -> str:  # never the options: they may hold credentials
         return f"FsspecStorage('{self.scheme}://')"
@@ -209,6 +218,8 @@ class FsspecStorage(base.Storage):
             storage = _cache.get(key)
             if storage is None:
                 storage = cls(_make_fs(klass, scheme, opts, url), scheme, options=opts)
+                # a storage held across a fork (by a manager made before it) works there
+                storage.store.remake = functools.partial(_make_fs, klass, scheme, opts, url)
                 _cache[key] = storage
         path = klass._strip_protocol(target).rstrip("/")
         if not path.strip("/"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -61,11 +62,27 @@ class Store:
     """An fsspec file system with retries, conditional writes and (S3) multipart uploads."""
 
     def __init__(self, fs: Any, protocol: str, policy: RetryPolicy) -> None:
-        self.fs = fs
+        self._fs = fs
+        self._pid = os.getpid()
+        #: Makes the file system anew in a forked child, whose parent's one (its event
+        #: loop, its connections) is not usable there; None: the tests' own file systems.
+        self.remake: Callable[[], Any] | None = None
         self.protocol = protocol
         self.policy = policy
         self.s3 = protocol in ("s3", "s3a") and hasattr(fs, "call_s3")
         self.memory = protocol == "memory"
+
+    @property
+    def fs(self) -> Any:
+        """The file system (made anew on first use in a forked child, see ``remake``)."""
+        if self._pid != os.getpid() and self.remake is not None:
+            self._fs = self.remake()
+            self._pid = os.getpid()
+        return self._fs
+
+    @fs.setter
+    def fs(self, fs: Any) -> None:
+        self._fs = fs
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return call(self.policy, what, fn, *args, **kwargs)
