@@ -1017,3 +1017,40 @@ def test_a_manager_made_before_a_fork_reads_in_the_child(
     with os.fdopen(read_end, "rb") as pipe:
         said = pipe.read().decode()
     assert said == "ok [1] [0.0, 1.0, 2.0]", said
+
+
+@pytest.mark.parametrize("fail_at", ["part", "complete"])
+def test_a_multipart_upload_failing_for_good_leaves_no_upload_or_object(
+    s3_url: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch, fail_at: str
+) -> None:
+    """A permanent error on the 3rd part (others in flight) or on completing the upload:
+    the save raises, no object of it is visible and no incomplete upload is left to be
+    billed."""
+    from aptckpt.errors import WriteError
+    from test_storage_remote import client_error
+
+    count = [0]
+    lock = threading.Lock()
+
+    def hook(name: str, real: Any, args: Any, kwargs: Any) -> Any:
+        if name == "call_s3":
+            op = args[0]
+            with lock:
+                count[0] += op == "upload_part"
+                third = count[0] == 3 and op == "upload_part"
+            if (fail_at == "part" and third) or (
+                fail_at == "complete" and op == "complete_multipart_upload"
+            ):
+                raise client_error(403, "AccessDenied", "denied", "UploadPart")
+        return real(*args, **kwargs)
+
+    faulty = _api_on(monkeypatch, s3_url, s3_options, hook)
+    with pytest.raises(WriteError):
+        aptckpt.save(
+            {"w": torch.zeros(3000)}, f"{s3_url}/ck", storage_options=s3_options, codec="none"
+        )
+    assert count[0] >= 3 if fail_at == "part" else count[0] >= 1  # the fault was met
+    bucket = s3_url.removeprefix("s3://").split("/")[0]
+    real = faulty._fs
+    assert real.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
+    assert real.find(s3_url) == []
