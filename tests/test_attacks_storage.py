@@ -1054,3 +1054,41 @@ def test_a_multipart_upload_failing_for_good_leaves_no_upload_or_object(
     real = faulty._fs
     assert real.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
     assert real.find(s3_url) == []
+
+
+def test_the_debris_sweep_never_takes_a_long_multipart_upload_still_in_flight(
+    s3_url: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One big data file uploading for longer than the grace age (each part arriving in
+    time): a sweep meanwhile (another process's gc) must not abort it -- 'a save in
+    flight keeps finishing objects, so it is never taken'; here the save keeps
+    finishing *parts*."""
+    # moto stamps parts to the second: the grace leaves room for that
+    monkeypatch.setenv("APTCKPT_REMOTE_GRACE_S", "1.5")
+
+    def hook(name: str, real: Any, args: Any, kwargs: Any) -> Any:
+        if name == "call_s3" and args[0] == "upload_part":
+            time.sleep(0.2)  # a slow link: each part takes a while
+        return real(*args, **kwargs)
+
+    _api_on(monkeypatch, s3_url, s3_options, hook)
+    shared, path = FsspecStorage.for_url(s3_url, s3_options)
+    monkeypatch.setattr(shared, "in_flight", 1)
+    sweeper, _ = tuned(s3_url, s3_options, fs=shared.fs._fs)
+    stop = threading.Event()
+    swept: list[int] = []
+
+    def sweep() -> None:
+        while not stop.wait(0.2):
+            swept.append(sweeper.remove_debris(path))
+
+    thread = threading.Thread(target=sweep)
+    thread.start()
+    try:
+        state = {"w": torch.arange(3072.0)}  # 12 KiB: 12 parts, ~2.4 s
+        aptckpt.save(state, f"{s3_url}/ck", storage_options=s3_options, codec="none")
+    finally:
+        stop.set()
+        thread.join()
+    assert torch.equal(aptckpt.load(f"{s3_url}/ck", storage_options=s3_options)["w"], state["w"])
+    assert swept

@@ -395,6 +395,8 @@ class FsspecStorage(base.Storage):
             newest = max([newest, *(mtime_of(d) for d in objects.values()), *(u[2] for u in mine)])
             if now - newest <= grace:
                 continue
+            if any(now - self.store.upload_newest(p, u, when) <= grace for p, u, when in mine):
+                continue  # one big file still uploading: it keeps finishing parts
             for path, upload, _ in mine:
                 self.store.upload_abort(path, upload)
             self.store.remove(sorted(objects))

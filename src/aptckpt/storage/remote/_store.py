@@ -295,6 +295,27 @@ class Store:
         with contextlib.suppress(Exception):  # the caller is failing already
             self._s3("abort upload", "abort_multipart_upload", path, UploadId=upload)
 
+    def upload_newest(self, path: str, upload: str, initiated: float) -> float:
+        """When the incomplete upload ``upload`` of ``path`` last made progress: its newest
+        part (a big file keeps adding parts long after the upload began). An upload gone
+        meanwhile (completed: its object is new) or unreadable counts as active now."""
+        import time
+
+        newest = initiated
+        marker: dict[str, Any] = {}
+        try:
+            while True:
+                page = self._s3("list parts", "list_parts", path, UploadId=upload, **marker)
+                for part in page.get("Parts", ()):
+                    when = part.get("LastModified")
+                    if isinstance(when, datetime.datetime):
+                        newest = max(newest, when.timestamp())
+                if not page.get("IsTruncated"):
+                    return newest
+                marker = {"PartNumberMarker": page.get("NextPartNumberMarker", 0)}
+        except Exception:  # only ever keeps data longer
+            return time.time()
+
     def uploads(self, folder: str) -> list[tuple[str, str, float]]:
         """Incomplete multipart uploads below ``folder``: ``(path, upload id, initiated)``."""
         if not self.s3:
