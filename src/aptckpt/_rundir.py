@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aptckpt._config import MAX_MANIFEST_BYTES
@@ -81,7 +81,8 @@ class Run:
 
     storage: Storage
     root: str
-    options: StorageOptions | None = None
+    #: Never in the repr: it may hold credentials (a crash reporter shows locals' reprs).
+    options: StorageOptions | None = field(default=None, repr=False)
 
     @classmethod
     def at(cls, run_dir: str | os.PathLike[str], options: StorageOptions | None) -> Run:

@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -90,8 +91,15 @@ _mutex = threading.Lock()
 class LeaseRunLock:
     """A run lock on object storage: a lease object kept alive by a renewing thread."""
 
-    def __init__(self, run: Run, lease: Lease, ttl: float) -> None:
+    def __init__(self, run: Run, lease: Lease, ttl: float, *, taken: float | None = None) -> None:
         self.where = run.display()
+        #: Removes the storage's secrets from what its errors say (they are logged).
+        self._scrub = getattr(run.storage, "scrub", str)
+        #: When (monotonic) the last renewal that succeeded started: the lease is surely
+        #: ours until a ttl after it, and only then.
+        self._renewed = time.monotonic() if taken is None else taken
+        #: One renewal at a time (the thread's, or a save's that finds the lease old).
+        self._renewing = threading.Lock()
         self.slot = threading.Lock()
         self.issued = 0
         self._lease: Lease | None = lease
@@ -100,6 +108,7 @@ class LeaseRunLock:
         self._users_lock = threading.Lock()
         self._stop = threading.Event()
         self._pid = os.getpid()
+        self._ttl = ttl
         self._thread = threading.Thread(
             target=self._renew_loop, args=(ttl / 4,), name="aptckpt-lease", daemon=True
         )
@@ -121,25 +130,56 @@ class LeaseRunLock:
             self.release()
 
     def still_at(self, root: str) -> bool:
-        """False once the lease was lost to another writer (see the module docstring)."""
-        return self.held and self._lost is None
+        """False once the lease was lost to another writer, or once no renewal succeeded
+        for most of a ttl (the renewals failed or hung: the lease may have lapsed and been
+        taken without this holder hearing of it). A lease past half its ttl is renewed
+        here first, unless a renewal is under way already."""
+        if not self.held or self._lost is not None:
+            return False
+        if time.monotonic() - self._renewed > self._ttl / 2 and self._renewing.acquire(
+            blocking=False
+        ):
+            try:
+                self._renew_once()
+            finally:
+                self._renewing.release()
+        return self._lost is None and time.monotonic() - self._renewed < self._ttl * 0.9
+
+    def _renew_once(self) -> bool:
+        """Renew the lease (the caller holds ``_renewing``); False once it is lost."""
+        lease = self._lease
+        if lease is None or self._lost is not None:
+            return False
+        started = time.monotonic()
+        try:
+            lease.renew()
+        except FileExistsError as err:
+            self._lost = err
+            log.error(
+                "lost the run lease of %s to another writer: %s", self.where, self._scrub(str(err))
+            )
+            return False
+        except Exception as err:  # transient: the next renewal tries again
+            log.warning(
+                "renewing the run lease of %s failed: %s", self.where, self._scrub(str(err))
+            )
+            return True
+        self._renewed = started
+        return True
 
     def _renew_loop(self, every: float) -> None:
         while not self._stop.wait(every):
-            lease = self._lease
-            if lease is None:
-                return
-            try:
-                lease.renew()
-            except FileExistsError as err:
-                self._lost = err
-                log.error("lost the run lease of %s to another writer: %s", self.where, err)
-                return
-            except Exception as err:  # transient: the next renewal tries again
-                log.warning("renewing the run lease of %s failed: %s", self.where, err)
+            with self._renewing:
+                if not self._renew_once():
+                    return
 
     def release(self) -> None:
         self._stop.set()
+        if self._thread is not threading.current_thread() and self._pid == os.getpid():
+            # A renewal landing between the release's read of the lease and its delete
+            # would change the lease's tag: the delete would be refused and the lease
+            # would stay live for a whole ttl after a clean close.
+            self._thread.join(timeout=self._ttl)  # a renewal stuck retrying: go on
         with _mutex:
             lease, self._lease = self._lease, None
             if _leases.get(self.where) is self:
@@ -148,7 +188,9 @@ class LeaseRunLock:
             try:
                 lease.release()
             except Exception as err:  # it expires on its own
-                log.warning("releasing the run lease of %s failed: %s", self.where, err)
+                log.warning(
+                    "releasing the run lease of %s failed: %s", self.where, self._scrub(str(err))
+                )
 
 
 def _acquire_lease(run: Run) -> LeaseRunLock:
@@ -160,6 +202,7 @@ def _acquire_lease(run: Run) -> LeaseRunLock:
         since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         owner: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "since": since}
         ttl = lease_ttl()
+        taken = time.monotonic()  # the lease's expiry is at least a ttl after this
         try:
             lease = run.storage.lease(run.path(LOCK_NAME), owner=owner, ttl=ttl)
         except FileExistsError as err:
@@ -178,7 +221,7 @@ def _acquire_lease(run: Run) -> LeaseRunLock:
                 path=where,
                 holder=holder,
             ) from err
-        lock = LeaseRunLock(run, lease, ttl)
+        lock = LeaseRunLock(run, lease, ttl, taken=taken)
         _leases[where] = lock
         return lock
 

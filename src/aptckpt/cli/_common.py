@@ -43,7 +43,11 @@ def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any] | None:
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key:
-            raise UsageError(f"--storage-option takes KEY=VALUE, not {pair.split('=')[0]!r}")
+            # The value is never echoed: a forgotten "KEY=" would print a secret.
+            raise UsageError(
+                "--storage-option takes KEY=VALUE; one was given without a key and '=' "
+                "(its value is not shown: it may be a secret)"
+            )
         try:
             value: Any = json.loads(text)
         except ValueError:

@@ -45,6 +45,7 @@ manifest.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import threading
 import time
@@ -90,6 +91,14 @@ _PACKAGES = {
     "abfs": "adlfs",
     "abfss": "adlfs",
 }
+
+#: s3fs reads this in a path as an object version and drops it from the key: a path
+#: holding it would read and write another object than the one it names.
+_VERSION_ID = "?versionId="
+_VERSION_ID_SAID = (
+    "'{url}' holds '?versionId=', which s3fs takes for an object version (the key would "
+    "end before it, naming another object); aptckpt paths cannot hold it: choose another name"
+)
 
 _cache: dict[tuple[str, Any], FsspecStorage] = {}
 _cache_lock = threading.Lock()
@@ -143,12 +152,20 @@ class FsspecStorage(base.Storage):
     ) -> None:
         if part_size <= 0:
             raise ValueError(f"part_size must be positive, not {part_size}")
-        self.fs = fs
         self.scheme = protocol
         self.part_size, self.in_flight = part_size, in_flight
         self.retry = retry or RetryPolicy()
         self.scrub = scrubber(dict(options or {}))
         self.store = Store(fs, protocol, self.retry)
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec file system (the store's: made anew in a forked child)."""
+        return self.store.fs
+
+    @fs.setter
+    def fs(self, fs: Any) -> None:
+        self.store.fs = fs
 
     def __repr__(self) -> str:  # never the options: they may hold credentials
         return f"FsspecStorage('{self.scheme}://')"
@@ -165,7 +182,15 @@ class FsspecStorage(base.Storage):
                 are refused by the file system.
         """
         scheme = url.partition("://")[0].lower()
+        target = scheme + url[len(scheme) :]  # schemes are case-insensitive: S3:// is s3://
         url = scrubber({})(url)  # a user:password@ in the URL is never shown
+        userinfo, at, _ = target.partition("://")[2].split("/", 1)[0].rpartition("@")
+        if at and ":" in userinfo:
+            raise UnsupportedPathError(
+                f"'{url}' holds credentials (user:password@); pass them in storage_options "
+                "instead (they are never shown or written there)",
+                path=url,
+            )
         install = _PACKAGES.get(scheme, "fsspec")
         try:
             import fsspec  # type: ignore[import-untyped]
@@ -193,10 +218,14 @@ class FsspecStorage(base.Storage):
             storage = _cache.get(key)
             if storage is None:
                 storage = cls(_make_fs(klass, scheme, opts, url), scheme, options=opts)
+                # a storage held across a fork (by a manager made before it) works there
+                storage.store.remake = functools.partial(_make_fs, klass, scheme, opts, url)
                 _cache[key] = storage
-        path = klass._strip_protocol(url).rstrip("/")
+        path = klass._strip_protocol(target).rstrip("/")
         if not path.strip("/"):
             raise UnsupportedPathError(f"'{url}' names no folder in the store", path=url)
+        if storage.store.s3 and _VERSION_ID in path:
+            raise UnsupportedPathError(_VERSION_ID_SAID.format(url=url), path=url)
         return storage, path
 
     # ----------------------------------------------------------------- paths
@@ -214,6 +243,9 @@ class FsspecStorage(base.Storage):
         name = self.name(path)
         if not name:
             raise InvalidNameError(f"'{self.display(path)}' names no checkpoint")
+        if self.store.s3 and _VERSION_ID in path:
+            url = self.display(path)
+            raise InvalidNameError(_VERSION_ID_SAID.format(url=url), path=url)
         if TOKEN.fullmatch(name) or name == mf.MANIFEST_NAME:
             raise InvalidNameError(
                 f"'{name}' is a name aptckpt gives the data of saves, which cleanup removes; "
@@ -363,6 +395,8 @@ class FsspecStorage(base.Storage):
             newest = max([newest, *(mtime_of(d) for d in objects.values()), *(u[2] for u in mine)])
             if now - newest <= grace:
                 continue
+            if any(now - self.store.upload_newest(p, u, when) <= grace for p, u, when in mine):
+                continue  # one big file still uploading: it keeps finishing parts
             for path, upload, _ in mine:
                 self.store.upload_abort(path, upload)
             self.store.remove(sorted(objects))
@@ -480,7 +514,15 @@ class FsspecStorage(base.Storage):
 
         lease = RemoteLease(self, path, owner, ttl)
         for _attempt in range(5):
-            if lease.try_take():
+            try:
+                taken = lease.try_take()
+            except (FileExistsError, AptckptError):
+                raise
+            except Exception as err:
+                raise self.write_error(
+                    f"taking the lease '{self.display(path)}'", path, err
+                ) from err
+            if taken:
                 return lease
         raise FileExistsError(
             errno.EEXIST, f"lease '{self.display(path)}' keeps changing hands; try again", "{}"

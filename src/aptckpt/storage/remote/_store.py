@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -61,11 +62,27 @@ class Store:
     """An fsspec file system with retries, conditional writes and (S3) multipart uploads."""
 
     def __init__(self, fs: Any, protocol: str, policy: RetryPolicy) -> None:
-        self.fs = fs
+        self._fs = fs
+        self._pid = os.getpid()
+        #: Makes the file system anew in a forked child, whose parent's one (its event
+        #: loop, its connections) is not usable there; None: the tests' own file systems.
+        self.remake: Callable[[], Any] | None = None
         self.protocol = protocol
         self.policy = policy
         self.s3 = protocol in ("s3", "s3a") and hasattr(fs, "call_s3")
         self.memory = protocol == "memory"
+
+    @property
+    def fs(self) -> Any:
+        """The file system (made anew on first use in a forked child, see ``remake``)."""
+        if self._pid != os.getpid() and self.remake is not None:
+            self._fs = self.remake()
+            self._pid = os.getpid()
+        return self._fs
+
+    @fs.setter
+    def fs(self, fs: Any) -> None:
+        self._fs = fs
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return call(self.policy, what, fn, *args, **kwargs)
@@ -114,17 +131,17 @@ class Store:
         A retried create that finds its own bytes there (its first try succeeded, the
         answer was lost) counts as created."""
         data = _as_bytes(data)
-        if self.memory:
-            with _MEMORY_LOCK:
-                if self.fs.exists(path):
-                    return False
-                self.fs.pipe_file(path, data)
-            return True
         tries = 0
 
         def create_once() -> None:
             nonlocal tries
             tries += 1
+            if self.memory:  # exact: the store lives in this process
+                with _MEMORY_LOCK:
+                    if self.fs.exists(path):
+                        raise FileExistsError(path)
+                    self.fs.pipe_file(path, data)
+                return
             try:
                 self.fs.pipe_file(path, data, mode="create")
             except TypeError:  # a file system whose pipe_file takes no mode: check, then write
@@ -277,6 +294,27 @@ class Store:
     def upload_abort(self, path: str, upload: str) -> None:
         with contextlib.suppress(Exception):  # the caller is failing already
             self._s3("abort upload", "abort_multipart_upload", path, UploadId=upload)
+
+    def upload_newest(self, path: str, upload: str, initiated: float) -> float:
+        """When the incomplete upload ``upload`` of ``path`` last made progress: its newest
+        part (a big file keeps adding parts long after the upload began). An upload gone
+        meanwhile (completed: its object is new) or unreadable counts as active now."""
+        import time
+
+        newest = initiated
+        marker: dict[str, Any] = {}
+        try:
+            while True:
+                page = self._s3("list parts", "list_parts", path, UploadId=upload, **marker)
+                for part in page.get("Parts", ()):
+                    when = part.get("LastModified")
+                    if isinstance(when, datetime.datetime):
+                        newest = max(newest, when.timestamp())
+                if not page.get("IsTruncated"):
+                    return newest
+                marker = {"PartNumberMarker": page.get("NextPartNumberMarker", 0)}
+        except Exception:  # only ever keeps data longer
+            return time.time()
 
     def uploads(self, folder: str) -> list[tuple[str, str, float]]:
         """Incomplete multipart uploads below ``folder``: ``(path, upload id, initiated)``."""

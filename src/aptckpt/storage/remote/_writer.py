@@ -26,6 +26,7 @@ from aptckpt import manifest as mf
 from aptckpt.errors import AptckptError, CheckpointExistsError, WriteError
 from aptckpt.storage import base
 from aptckpt.storage._digests import ChunkDigester
+from aptckpt.storage.remote._retry import describe
 
 if TYPE_CHECKING:
     from aptckpt.storage.remote import FsspecStorage
@@ -325,7 +326,7 @@ class RemoteCheckpointWriter(base.CheckpointWriter):
             self._settle_uncertain(manifest_bytes)
             if self._committed:
                 return
-            raise self._failed(self._manifest, err) from err
+            raise self._manifest_failed(err) from err
         if not created:
             self.abort()
             raise CheckpointExistsError(
@@ -334,6 +335,25 @@ class RemoteCheckpointWriter(base.CheckpointWriter):
                 "kept); pass overwrite=True to replace it or choose another path",
             )
         self._committed = True
+
+    def _manifest_failed(self, err: BaseException) -> AptckptError:
+        """The error of a manifest write that failed: when not even reading the manifest
+        back told whether it was written, the error says so (the checkpoint may be
+        committed, whole) instead of claiming that nothing was."""
+        if not self._uncertain or isinstance(err, AptckptError):
+            return self._failed(self._manifest, err)
+        url = self.storage.display(self._manifest)
+        said, _, code = describe(err, self.storage.scrub)
+        return WriteError(
+            f"saving checkpoint '{self.location}' may or may not have committed: writing "
+            f"its manifest failed ({said}; '{url}') and reading it back failed too, so "
+            "whether the write reached the store is unknown. Its data was kept: once the "
+            "store answers, load or inspect the checkpoint to see which (a save that did not "
+            "commit leaves only data that cleanup removes later); earlier checkpoints are "
+            "intact",
+            path=self.location,
+            errno_=code,
+        )
 
     def _settle_uncertain(self, manifest_bytes: bytes) -> None:
         """After a failed manifest write: committed if the manifest holds our bytes, else
@@ -355,7 +375,7 @@ class RemoteCheckpointWriter(base.CheckpointWriter):
         except Exception as err:
             self._settle_uncertain(manifest_bytes)
             if not self._committed:
-                raise self._failed(self._manifest, err) from err
+                raise self._manifest_failed(err) from err
         self._committed = True
         if old is not None:
             self._remove_replaced(old[0])
