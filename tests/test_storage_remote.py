@@ -555,3 +555,16 @@ def test_credentials_never_in_manifests_or_messages(
     with pytest.raises(CheckpointExistsError) as exists:
         storage.create_checkpoint(path)
     assert S3_SECRET not in str(exists.value) and S3_SECRET not in repr(storage)
+
+
+def test_rotating_credentials_do_not_pile_up_storages(memory_url):
+    """One storage per distinct options, kept least-recently-used: STS tokens rotated
+    through storage_options every hour must not grow the process without bound."""
+    from aptckpt.storage.remote import _CACHE_SIZE, _cache
+
+    first, _ = resolve(memory_url, {"token": "t-0"})
+    assert resolve(memory_url, {"token": "t-0"})[0] is first  # reused while recent
+    for i in range(1, 3 * _CACHE_SIZE):
+        resolve(memory_url, {"token": f"t-{i}"})
+    assert len(_cache) <= _CACHE_SIZE
+    assert resolve(memory_url, {"token": "t-0"})[0] is not first  # evicted, made anew

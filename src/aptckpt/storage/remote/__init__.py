@@ -100,6 +100,9 @@ _VERSION_ID_SAID = (
     "end before it, naming another object); aptckpt paths cannot hold it: choose another name"
 )
 
+#: Storages kept for reuse, by scheme and options; the least recently used go first (a
+#: storage still held by a manager or a save keeps working).
+_CACHE_SIZE = 16
 _cache: dict[tuple[str, Any], FsspecStorage] = {}
 _cache_lock = threading.Lock()
 
@@ -215,12 +218,14 @@ class FsspecStorage(base.Storage):
         opts = _with_defaults(scheme, dict(options or {}))
         key = (scheme, _freeze(opts))
         with _cache_lock:
-            storage = _cache.get(key)
+            storage = _cache.pop(key, None)
             if storage is None:
                 storage = cls(_make_fs(klass, scheme, opts, url), scheme, options=opts)
                 # a storage held across a fork (by a manager made before it) works there
                 storage.store.remake = functools.partial(_make_fs, klass, scheme, opts, url)
-                _cache[key] = storage
+            _cache[key] = storage  # most recently used last
+            while len(_cache) > _CACHE_SIZE:  # rotating credentials must not pile up
+                del _cache[next(iter(_cache))]
         path = klass._strip_protocol(target).rstrip("/")
         if not path.strip("/"):
             raise UnsupportedPathError(f"'{url}' names no folder in the store", path=url)
