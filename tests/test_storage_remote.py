@@ -5,8 +5,10 @@ reads, and failures injected at the seam between the storage and the file system
 from __future__ import annotations
 
 import errno
+import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -568,3 +570,46 @@ def test_rotating_credentials_do_not_pile_up_storages(memory_url):
         resolve(memory_url, {"token": f"t-{i}"})
     assert len(_cache) <= _CACHE_SIZE
     assert resolve(memory_url, {"token": "t-0"})[0] is not first  # evicted, made anew
+
+
+def test_small_reads_go_through_windows_fetched_ahead(where: tuple[str, dict[str, Any]]) -> None:
+    """Compressed chunks are read one by one: they must cost a GET per window (a part's
+    size), not one each, whatever their sizes and alignment, from several threads."""
+    storage, path = tuned(*where)
+    data = bytes(random.Random(7).randbytes(10 * PART + 37))
+    save(storage, path, {"d": data})
+    token = next(r for r in objects(storage, path) if r.endswith("/d")).split("/")[0]
+    record = mf.FileRecord(f"{token}/d", len(data))
+    gets: list[tuple[int, int]] = []
+    cat = storage.store.cat
+
+    def counting(p: str, start: int, end: int) -> bytes:
+        gets.append((start, end))
+        return cat(p, start, end)
+
+    storage.store.cat = counting  # type: ignore[method-assign]
+    pieces = [(o, min(n, len(data) - o)) for o, n in _pieces(len(data))]
+    with storage.open_checkpoint(path) as reader, reader.open_files([record]) as files:
+        for offset, length in pieces:  # every size from 1 byte to half a part, every phase
+            assert files.read(0, offset, length) == data[offset : offset + length]
+        assert len(gets) <= 11 + 2  # each window once (plus the read-ahead past the end)
+        assert files.read(0, PART - 3, 7) == data[PART - 3 : PART + 4]  # across a window
+
+        def many(seed: int) -> None:
+            rng = random.Random(seed)
+            for _ in range(200):
+                offset = rng.randrange(len(data))
+                length = rng.randrange(1, PART // 2 - 1)
+                assert files.read(0, offset, length) == data[offset : offset + length]
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(many, range(4)))
+
+
+def _pieces(total: int) -> list[tuple[int, int]]:
+    out, offset, size = [], 0, 1
+    while offset < total:
+        out.append((offset, size))
+        offset += size
+        size = min(PART // 2 - 1, size * 3 // 2 + 1) if size < PART // 2 - 1 else 1
+    return out

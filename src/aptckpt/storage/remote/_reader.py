@@ -4,7 +4,10 @@ The manifest names every data object (``<token>/<name>``), so a load needs no li
 of the checkpoint; the sizes of its objects come from one listing per folder they
 live in. Reads are ranged GETs, retried; :meth:`RemoteDataFiles.read_verify` joins
 reads adjacent in one object into requests of up to a part's size and runs them on a
-thread pool, hashing each chunk right after it arrived.
+thread pool, hashing each chunk right after it arrived. Small reads one at a time (the
+compressed chunks a backend decodes) go through aligned *windows* of a part's size,
+each fetched once while the next ones are fetched ahead: a shard of a thousand
+compressed chunks costs a few large GETs in flight, not a thousand small ones.
 
 A data object that disappears mid-load is told apart from damage the way the local
 reader does: if the manifest is gone or is no longer the one read (the checkpoint was
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import errno
 import io
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from aptckpt import _accel, _config
@@ -113,6 +118,9 @@ class RemoteDataFiles(base.DataFiles):
         self.reader, self.storage = reader, reader.storage
         self.records, self.paths, self.sizes = records, paths, sizes
         self.failed = {}
+        self._windows: OrderedDict[tuple[int, int], Future[bytes]] = OrderedDict()
+        self._windows_lock = threading.Lock()
+        self._fetcher: ThreadPoolExecutor | None = None
         for index, size in enumerate(sizes):
             record = records[index]
             if size is None or size != record.size:
@@ -159,7 +167,34 @@ class RemoteDataFiles(base.DataFiles):
             ) from err
 
     def read(self, file: int, offset: int, length: int) -> bytes:
-        return self._get(file, offset, offset + length)
+        window = self.storage.part_size
+        if length <= 0 or length >= window // 2:
+            return self._get(file, offset, offset + length)
+        first, last = offset // window, (offset + length - 1) // window
+        parts = [self._window(file, k).result() for k in range(first, last + 1)]
+        for k in range(last + 1, last + 1 + _AHEAD):  # the next ones, while this decodes
+            if k * window < self.size(file):
+                self._window(file, k)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        start = offset - first * window
+        return bytes(memoryview(data)[start : start + length])
+
+    def _window(self, file: int, k: int) -> Future[bytes]:
+        """The fetch of window ``k`` of object ``file`` (started if not yet)."""
+        key = (file, k)
+        with self._windows_lock:
+            found = self._windows.get(key)
+            if found is not None:
+                self._windows.move_to_end(key)
+                return found
+            if self._fetcher is None:
+                self._fetcher = ThreadPoolExecutor(_AHEAD + 1, thread_name_prefix="aptckpt-window")
+            window = self.storage.part_size
+            found = self._fetcher.submit(self._get, file, k * window, (k + 1) * window)
+            self._windows[key] = found
+            while len(self._windows) > _KEPT_WINDOWS:  # bounded memory: oldest go first
+                self._windows.popitem(last=False)
+            return found
 
     def read_verify(self, reads: Sequence[base.RawRead], threads: int) -> list[tuple[int, str]]:
         if not reads:
@@ -214,7 +249,17 @@ class RemoteDataFiles(base.DataFiles):
         return self.sizes[file] or 0
 
     def close(self) -> None:
-        pass
+        with self._windows_lock:
+            fetcher, self._fetcher = self._fetcher, None
+            self._windows.clear()
+        if fetcher is not None:
+            fetcher.shutdown(wait=True, cancel_futures=True)
+
+
+#: Windows fetched ahead of the one a small read needs, and windows kept at most (a part
+#: each: 16 MiB by default, so at most ~100 MiB of a load's memory).
+_AHEAD = 2
+_KEPT_WINDOWS = 6
 
 
 class _RangeReader(io.RawIOBase):
