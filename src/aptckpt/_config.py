@@ -67,3 +67,29 @@ def delta_cache_bytes() -> int:
         return max(0, int(env)) if env else DEFAULT_DELTA_CACHE_BYTES
     except ValueError:
         return DEFAULT_DELTA_CACHE_BYTES
+
+
+#: Object stores: bytes per uploaded part of a data file (S3 takes parts of 5 MiB and up,
+#: 10,000 parts at most: 16 MiB parts reach 160 GB per file).
+REMOTE_PART_SIZE = 16 << 20
+#: Object stores: parts of one data file uploading at once (memory: one more part, filling).
+REMOTE_PARTS_IN_FLIGHT = 4
+#: Object stores: tries of one request that failed transiently (5xx, throttling, a dropped
+#: connection, a timeout) before the error is raised; waits double from
+#: REMOTE_RETRY_WAIT seconds up to REMOTE_RETRY_WAIT_MAX, with jitter.
+REMOTE_TRIES = 6
+REMOTE_RETRY_WAIT = 0.2
+REMOTE_RETRY_WAIT_MAX = 10.0
+#: Object stores: what a save that died left (data without a manifest naming it) is removed
+#: once its newest object is this old (``APTCKPT_REMOTE_GRACE_S``): no save in flight
+#: goes that long without finishing an object.
+DEFAULT_REMOTE_GRACE_S = 3600.0
+
+
+def remote_grace_s() -> float:
+    """Seconds after which unreferenced data on an object store counts as debris."""
+    env = os.environ.get("APTCKPT_REMOTE_GRACE_S", "").strip()
+    try:
+        return max(0.0, float(env)) if env else DEFAULT_REMOTE_GRACE_S
+    except ValueError:
+        return DEFAULT_REMOTE_GRACE_S

@@ -26,6 +26,7 @@ __all__ = [
     "NativeUnavailableError",
     "RunBusyError",
     "StateChangedError",
+    "StorageError",
     "StoreBusyError",
     "StoreNotFoundError",
     "UnknownBackendError",
@@ -219,6 +220,23 @@ class UnreadableError(AptckptError, PermissionError):
         self.path = path
         super().__init__(message)
         self.errno = errno.EACCES
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class StorageError(AptckptError, OSError):
+    """A request to a remote store failed for good while reading: the store refused it, or
+    kept failing after every retry. The message names the URL (never credentials).
+
+    Attributes:
+        path: the URL the request was for.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, errno_: int | None = None) -> None:
+        self.path = path
+        super().__init__(message)
+        self.errno = errno_
 
     def __str__(self) -> str:
         return str(self.args[0])

@@ -33,9 +33,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import xxhash
-
 from aptckpt import _accel, _config
+from aptckpt.storage._digests import ChunkDigester
 from aptckpt.storage.base import Sink
 
 __all__ = ["BLOCK_SIZE", "BUFFER_SIZE", "DirectWriter"]
@@ -124,9 +123,8 @@ class DirectWriter(Sink):
         # XXH3-128 of every digest_chunk_size bytes of the file, computed on the way in
         # (a file written with O_DIRECT is not in the page cache to be hashed afterwards).
         self._digest_chunk = digest_chunk_size
-        self._hasher = xxhash.xxh3_128()
-        self._hashed = 0  # bytes of the current digest chunk fed to the hasher
-        self._digests: list[bytes] = []
+        self._digester = ChunkDigester(digest_chunk_size) if digest_chunk_size else None
+        self._digests = b""
         want_direct = _config.direct_io() if direct is None else direct
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         self.direct = False
@@ -158,8 +156,8 @@ class DirectWriter(Sink):
         """Append ``data`` (any C-contiguous buffer); returns its length in bytes."""
         view = memoryview(data).cast("B")
         n = len(view)
-        if self._digest_chunk:
-            self._hash(view)
+        if self._digester is not None:
+            self._digester.update(view)
         if not self.direct:
             _write_all(self.fd, view)
         else:
@@ -176,26 +174,11 @@ class DirectWriter(Sink):
         self.size += n
         return n
 
-    def _hash(self, view: memoryview) -> None:
-        assert self._digest_chunk
-        while view:
-            part = view[: self._digest_chunk - self._hashed]
-            self._hasher.update(part)
-            self._hashed += len(part)
-            view = view[len(part) :]
-            if self._hashed == self._digest_chunk:
-                self._end_digest_chunk()
-
-    def _end_digest_chunk(self) -> None:
-        self._digests.append(self._hasher.digest())
-        self._hasher.reset()
-        self._hashed = 0
-
     def digests(self) -> bytes:
         """The concatenated digests of the file's chunks (after :meth:`close`)."""
         if not self._closed or not self._digest_chunk:
             raise RuntimeError("digests() needs digest_chunk_size and a closed writer")
-        return b"".join(self._digests)
+        return self._digests
 
     def write_many(self, buffers: Sequence[Any], threads: int = 0) -> None:
         """Append each buffer in turn. Without ``O_DIRECT`` the buffers go to the file straight
@@ -271,8 +254,8 @@ class DirectWriter(Sink):
             return
         self._closed = True
         try:
-            if self._hashed:
-                self._end_digest_chunk()
+            if self._digester is not None:
+                self._digests = self._digester.finish()
             if self.direct and self._fill:
                 if self._view is None:  # never: _submit() empties the fill with the buffer
                     raise RuntimeError("DirectWriter: a tail without a buffer")
