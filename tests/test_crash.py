@@ -46,7 +46,8 @@ def torture(
     assert report["kills"] >= min_kills
     assert report["checks"] == report["kills"]
     print(
-        f"\n{backend} ({report['storage']}): {report['kills']} kills survived, phases {report['kill_phases']}, "
+        f"\n{backend} ({report['storage']}): {report['kills']} kills survived, "
+        f"phases {report['kill_phases']}, "
         f"{report['kills_mid_save']} left a save's temp files, "
         f"{report['asynchronous_episodes']}/{report['episodes']} episodes with background saves "
         f"({report['seconds']} s)"

@@ -680,7 +680,7 @@ def test_damaged_object_names_object_and_tensor(tmp_path):
     save(state, tmp_path / "s1")
     parsed = delta.parse_payload(aptckpt_manifest(tmp_path / "s0"), "t")
     trained = parsed.chunks[1][0]  # tensor 1 is 'trained', its first chunk
-    path = ObjectStore.open(tmp_path / "aptckpt-store").path(trained.name)
+    path = Path(ObjectStore.open(tmp_path / "aptckpt-store").path(trained.name))
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 1
     path.write_bytes(bytes(data))
@@ -696,7 +696,7 @@ def test_damaged_object_names_object_and_tensor(tmp_path):
 def test_missing_object_is_reported(tmp_path):
     save(training_state(), tmp_path / "s0")
     parsed = delta.parse_payload(aptckpt_manifest(tmp_path / "s0"), "t")
-    ObjectStore.open(tmp_path / "aptckpt-store").path(parsed.chunks[0][0].name).unlink()
+    Path(ObjectStore.open(tmp_path / "aptckpt-store").path(parsed.chunks[0][0].name)).unlink()
     with pytest.raises(IntegrityError, match="missing from the store"):
         aptckpt.load(tmp_path / "s0")
 

@@ -19,6 +19,7 @@ from aptckpt.errors import (
     UnsafePathError,
 )
 from aptckpt.objectstore import ObjectStore
+from aptckpt.storage import LocalStorage
 
 
 def put(store: ObjectStore, data: bytes) -> bytes:
@@ -71,12 +72,12 @@ def test_put_is_content_addressed_idempotent_and_named_at_sync(tmp_path):
     data = os.urandom(1000)
     name = _accel.xxh3_128(data)
     assert store.put(name, data) == 1000
-    assert not store.path(name).exists()  # named only once durable
-    assert len(os.listdir(tmp_path / "s" / "tmp")) == 1
+    assert not Path(store.path(name)).exists()  # written (whole, durably) at sync at the latest
     store.sync()
-    assert store.path(name).name == name.hex()
-    assert store.path(name).read_bytes() == data
+    assert Path(store.path(name)).name == name.hex()
+    assert Path(store.path(name)).read_bytes() == data
     assert os.listdir(tmp_path / "s" / "tmp") == []
+    assert [n for n in os.listdir(tmp_path / "s" / "objects")] == [name.hex()]  # no debris
     assert store.put(name, data) == 0  # present: nothing written
     store.sync()
     assert [(n, s) for n, _, s in store.names()] == [(name, 1000)]
@@ -87,7 +88,7 @@ def test_read_checks_size_and_presence(tmp_path):
     name = put(store, b"abcdef")
     with pytest.raises(IntegrityError, match="is 6 bytes, manifest says 7"):
         store.read(name, 7)
-    store.path(name).unlink()
+    Path(store.path(name)).unlink()
     with pytest.raises(IntegrityError, match="missing from the store"):
         store.read(name, 6)
     out = bytearray(6)
@@ -100,7 +101,7 @@ def test_links_are_refused(tmp_path):
     outside = tmp_path / "secret"
     outside.write_bytes(b"secret")
     name = _accel.xxh3_128(b"secret")
-    store.path(name).symlink_to(outside)
+    Path(store.path(name)).symlink_to(outside)
     with pytest.raises(UnsafePathError, match="symbolic link"):
         store.read(name, 6)
     # the objects directory itself a link
@@ -109,7 +110,7 @@ def test_links_are_refused(tmp_path):
     elsewhere.mkdir()
     (elsewhere / other.hex()).write_bytes(b"other")
     shutil.rmtree(store.objects)
-    store.objects.symlink_to(elsewhere)
+    Path(store.objects).symlink_to(elsewhere)
     with pytest.raises(UnsafePathError, match="symbolic link"):
         store.read(other, 5)
 
@@ -117,9 +118,10 @@ def test_links_are_refused(tmp_path):
 def test_names_skip_foreign_files(tmp_path):
     store = ObjectStore.create(tmp_path / "s")
     name = put(store, b"x")
-    (store.objects / "zz").mkdir()
-    (store.objects / "not-hex").write_bytes(b"")
-    (store.objects / "README").write_text("hi")
+    objects = Path(store.objects)
+    (objects / "zz").mkdir()
+    (objects / "not-hex").write_bytes(b"")
+    (objects / "README").write_text("hi")
     assert [n for n, _, _ in store.names()] == [name]
 
 
@@ -194,10 +196,13 @@ def _refusing(real, name):
     return open_
 
 
-def test_unsynced_objects_stay_in_tmp_until_cleared(tmp_path):
+def test_unsynced_objects_are_never_named_and_old_temps_are_cleared(tmp_path):
     store = ObjectStore.create(tmp_path / "s")
-    store.put(_accel.xxh3_128(b"y"), b"y")  # a save that died before sync()
+    with store.lock(exclusive=False):
+        store.put(_accel.xxh3_128(b"y"), b"y")  # a save that died before sync()
+    store.sync()  # nothing left to write: the lock's end dropped it
     assert list(store.names()) == []
+    (tmp_path / "s" / "tmp" / "abc.123-0badf00d").write_bytes(b"y")  # an older version's
     assert store.clear_tmp() == 1
     assert os.listdir(tmp_path / "s" / "tmp") == []
 
@@ -212,9 +217,7 @@ def test_location_round_trip(tmp_path, depth):
     store = tmp_path / "aptckpt-store"
     up, name = objectstore.location_of(store, checkpoint)
     assert (up, name) == (depth + 1, "aptckpt-store")
-    assert objectstore.resolve_location(checkpoint, up, name, where="w") == Path(
-        os.path.realpath(store)
-    )
+    assert objectstore.resolve_location(checkpoint, up, name, where="w") == os.path.realpath(store)
 
 
 @pytest.mark.parametrize(
@@ -246,7 +249,7 @@ def test_find_checkpoints_skips_temps_store_and_links(tmp_path):
         (tmp_path / rel / "manifest.msgpack").write_bytes(b"")
     (tmp_path / "link").symlink_to(tmp_path / "a")
     found = objectstore.find_checkpoints(tmp_path, skip=tmp_path / "aptckpt-store")
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in found) == ["a/b/c2", "a/c1"]
+    assert sorted(Path(p).relative_to(tmp_path).as_posix() for p in found) == ["a/b/c2", "a/c1"]
 
 
 def test_find_checkpoints_strict_names_a_directory_it_cannot_read(tmp_path, monkeypatch):
@@ -261,7 +264,7 @@ def test_find_checkpoints_strict_names_a_directory_it_cannot_read(tmp_path, monk
         return real(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    assert [p.name for p in objectstore.find_checkpoints(tmp_path)] == ["c1"]  # skipped
+    assert [Path(p).name for p in objectstore.find_checkpoints(tmp_path)] == ["c1"]  # skipped
     with pytest.raises(UnreadableError, match=r"cannot read directory '.*/b'") as info:
         list(objectstore.find_checkpoints(tmp_path, strict=True))
     assert info.value.path == str(tmp_path / "b")
@@ -271,12 +274,14 @@ def test_store_appears_complete_or_not_at_all(tmp_path, monkeypatch):
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # dies before the marker is written
 
-    monkeypatch.setattr(objectstore, "write_file_atomic", killed)
+    monkeypatch.setattr(LocalStorage, "create_file", killed)
     with pytest.raises(KeyboardInterrupt):
         ObjectStore.create(tmp_path / "aptckpt-store")
     monkeypatch.undo()
-    assert os.listdir(tmp_path) == []  # no marker-less store that would block the next save
-    (tmp_path / "aptckpt-store").mkdir()  # an empty directory made for it is used
+    # no marker-less store with contents that would block the next save: the marker comes
+    # first, into an empty directory, which the next save uses
+    assert os.listdir(tmp_path / "aptckpt-store") == []
+    assert not objectstore.is_store(tmp_path / "aptckpt-store")
     store = ObjectStore.create(tmp_path / "aptckpt-store")
     assert objectstore.is_store(store.root)
     assert ObjectStore.create(tmp_path / "aptckpt-store").root == store.root

@@ -242,9 +242,9 @@ def remove_debris(run: Run) -> None:
         for f in folders
         if not run.is_link(*f)
     )
-    if run.storage.local and run.is_folder(STORE) and not run.is_link(STORE):
+    if run.is_folder(STORE) and not run.is_link(STORE):
         try:
-            store = ObjectStore.open(Path(run.path(STORE)))
+            store = ObjectStore.open(run.path(STORE), storage=run.storage)
             with store.lock(exclusive=True, wait=False):
                 removed += store.clear_tmp()
         except (StoreBusyError, StoreNotFoundError):

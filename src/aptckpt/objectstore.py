@@ -1,55 +1,72 @@
 """The content-addressed object store shared by the ``delta`` checkpoints of a run.
 
-Layout (a directory inside the run directory, by default ``aptckpt-store``)::
+Layout (a folder of a :class:`~aptckpt.storage.base.Storage`, by default
+``aptckpt-store`` next to the checkpoints; a local directory or an object-store
+prefix such as ``s3://bucket/run/aptckpt-store``)::
 
     aptckpt-store/
       STORE                 marker: msgpack {"format": "aptckpt-store", "version": 1}
-      LOCK                  flock target: saves hold it shared, garbage collection exclusive
+      LOCK                  (local only) flock target: saves and loads hold it shared,
+                            garbage collection exclusive
       objects/3fa1c0...     one file per object, named by the XXH3-128 of its bytes (32 hex)
-      tmp/                  objects being written (renamed into objects/ once durable)
+      tmp/                  (local only, kept empty) where aptckpt before 0.4 staged objects
 
 An object is the stored bytes of one chunk. Its name is the digest of exactly
-those bytes, so a file in ``objects/`` is immutable and self-verifying: two
-writers of one name write the same bytes, and ``fsck`` needs no manifest. What
-the bytes mean (codec, the object it is an xor-delta against) is recorded in the
-manifests that reach it, never in the object.
+those bytes, so an object is immutable and self-verifying: two writers of one
+name write the same bytes, and ``fsck`` needs no manifest. What the bytes mean
+(codec, the object it is an xor-delta against) is recorded in the manifests that
+reach it, never in the object. The store talks to its storage only through the
+storage interface (``put_files``, ``read_range``, ``list``, ``info``,
+``remove_file``, ``lock``): no ``os``, ``open`` or paths of its own.
 
-Durability: :meth:`ObjectStore.put` writes an object to ``tmp/``;
-:meth:`ObjectStore.sync` fsyncs every pending object (in parallel, so the
-filesystem journal commits them together), renames each to its name and fsyncs
-``objects/`` once, before the manifest that needs them is written. So a name in
-``objects/`` always holds complete bytes, and a crash leaves at worst
-unreferenced objects and files in ``tmp/``, which garbage collection removes.
-``objects/`` is one flat directory: one directory fsync per save, however many
-objects it adds (ext4, xfs and btrfs index large directories).
+Durability: :meth:`ObjectStore.put` keeps a new object's bytes in memory (owned
+bytes: a view of a live tensor is copied first, so an object always holds what
+its name says) and hands them to :meth:`Storage.put_files` in batches;
+:meth:`ObjectStore.sync` writes what is left, before the manifest that needs
+them is committed. ``put_files`` writes each object whole or not at all and
+durably (locally: hidden sibling, fsync, rename, one directory fsync per batch;
+object stores: one PUT per object), so a name in ``objects/`` always holds
+complete bytes and a crash leaves at worst unreferenced objects. An object
+already in the store with the right size is not written again (but see the age
+rule below).
 
-Concurrency: a save holds the store's lock *shared* from before it decides
-which objects already exist until its manifest is committed; garbage collection
-holds it *exclusive*. So collection never removes an object a save in flight is
-counting on, and the files in ``tmp/`` (whose names carry no owner) are only
-removed under the exclusive lock, when no save can own one. A load holds the
-lock shared too while it reads objects (:meth:`ObjectStore.reading`; ``flock``
-works on a read-only descriptor, so read-only users take it as well): a
-checkpoint deleted while it loads keeps its objects until the load is done --
-collection waits for it, or, when asked not to wait, is postponed.
+Concurrency where the storage has locks (local file systems): a save holds the
+store's lock *shared* from before it decides which objects already exist until
+its manifest is committed; garbage collection holds it *exclusive*. So collection
+never removes an object a save in flight is counting on. A load holds the lock
+shared too while it reads objects (:meth:`ObjectStore.reading`; ``flock`` works
+on a read-only descriptor, so read-only users take it as well): a checkpoint
+deleted while it loads keeps its objects until the load is done -- collection
+waits for it, or, when asked not to wait, is postponed.
+
+Object stores (``s3://``, ``memory://``) have no such locks. There the **age
+rule** replaces them: garbage collection removes an object that no committed
+manifest reaches only once it is older than the grace age
+(``APTCKPT_REMOTE_GRACE_S`` seconds, default 3600, the knob the remote storage
+uses for the debris of dead saves), because a save in flight may have written it
+and not yet committed the manifest that reaches it. A save that finds an
+unreferenced object already there reuses it only while it is younger than half
+the grace age, and otherwise writes it again (refreshing its age), so a save
+that finishes within half the grace age never commits a manifest reaching an
+object collection may take meanwhile. An object whose store gives no time is
+never collected. What the rule does not cover: deleting the checkpoint a save in
+flight deltas against *and* collecting garbage before that save commits (the
+manager never does; it deletes old checkpoints after the new one is committed).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
-import secrets
-import shutil
-import stat
+import threading
+import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import msgpack
 
+from aptckpt import _config
 from aptckpt.errors import (
     FormatError,
     IntegrityError,
@@ -58,20 +75,15 @@ from aptckpt.errors import (
     UnsafePathError,
 )
 from aptckpt.manifest import MANIFEST_NAME, check_relative_path
-from aptckpt.storage.local._atomic import (
-    fsync_dir,
-    fsync_file,
-    is_temporary,
-    open_regular,
-    temp_sibling,
-    write_file_atomic,
-)
+from aptckpt.storage import LOCAL, Entry, Storage
+from aptckpt.storage.local._temps import is_temporary
 
 __all__ = [
     "DEFAULT_STORE_NAME",
     "MAX_STORE_DEPTH",
     "ObjectStore",
     "find_checkpoints",
+    "grace_seconds",
     "is_store",
     "location_of",
     "resolve_location",
@@ -88,11 +100,32 @@ _NAME_BYTES = 16
 _MAX_MARKER_BYTES = 4096
 #: How far below its store's directory a checkpoint may be.
 MAX_STORE_DEPTH = 16
+#: New objects held in memory before they are handed to the storage in one batch: large
+#: enough that a local batch shares its directory fsync, small enough to bound memory.
+_BATCH_BYTES = 64 << 20
 
 
-def is_store(path: str | os.PathLike[str]) -> bool:
-    """True if ``path`` is an object store (it holds a ``STORE`` marker)."""
-    return os.path.isfile(os.path.join(path, _MARKER))
+def grace_seconds() -> float:
+    """The age rule's grace (``APTCKPT_REMOTE_GRACE_S``, default 3600 s); see the module
+    docstring."""
+    return _config.remote_grace_s()
+
+
+def _local(path: str | os.PathLike[str], storage: Storage | None) -> tuple[Storage, str]:
+    if storage is None or storage.local:
+        return storage or LOCAL, os.path.abspath(path)
+    return storage, os.fspath(path)
+
+
+def is_store(path: str | os.PathLike[str], storage: Storage | None = None) -> bool:
+    """True if ``path`` (local, unless ``storage`` says) is an object store: it holds a
+    ``STORE`` marker. False where that cannot be told (a folder this user may not read)."""
+    storage, root = _local(path, storage)
+    try:
+        entry = storage.info(storage.join(root, _MARKER))
+    except OSError:  # a directory this user may not search: not one we can use
+        return False
+    return entry is not None and entry.kind == "file"
 
 
 def _hex_name(name: bytes) -> str:
@@ -102,167 +135,162 @@ def _hex_name(name: bytes) -> str:
 
 
 class ObjectStore:
-    """One object store directory; see the module docstring.
+    """One object store in ``storage`` at ``root``; see the module docstring.
 
-    Thread-safe for :meth:`put`, :meth:`read_into` and :meth:`exists` from many
-    threads at once.
+    Thread-safe for :meth:`put`, :meth:`read`, :meth:`read_into` and :meth:`exists`
+    from many threads at once.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, storage: Storage, root: str) -> None:
+        self.storage = storage
         self.root = root
-        self.objects = root / "objects"
-        self._tmp = root / "tmp"
-        self._pending: list[tuple[Path, Path]] = []  # (temp file, final name), awaiting sync()
+        self.objects = storage.join(root, "objects")
+        self._tmp = storage.join(root, "tmp")
+        self._lock_path = storage.join(root, _LOCK)
+        self._pending: list[tuple[str, bytes]] = []  # (path, bytes), awaiting the storage
+        self._pending_bytes = 0
+        self._mutex = threading.Lock()
+
+    @property
+    def location(self) -> str:
+        """The store as users name it (a path or a URL without credentials)."""
+        return self.storage.display(self.root)
 
     # ------------------------------------------------------------ open/create
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str], *, where: str | None = None) -> ObjectStore:
+    def open(
+        cls,
+        root: str | os.PathLike[str],
+        *,
+        storage: Storage | None = None,
+        where: str | None = None,
+    ) -> ObjectStore:
         """Open an existing store; ``where`` names the checkpoint that needs it."""
-        path = Path(os.path.abspath(root))
+        storage, path = _local(root, storage)
+        store = cls(storage, path)
         need = f" (needed by checkpoint '{where}')" if where else ""
-        if not path.is_dir():
+        entry = storage.info(path)
+        if not is_store(path, storage) and (entry is None or entry.kind == "file"):
             raise IntegrityError(
-                f"object store '{path}' does not exist{need}. A delta checkpoint keeps its data in "
-                "its run's store: copy the whole run directory, or make a standalone copy with "
-                "aptckpt.convert() before moving a single checkpoint",
-                path=where or str(path),
+                f"object store '{store.location}' does not exist{need}. A delta checkpoint "
+                "keeps its data in its run's store: copy the whole run directory, or make a "
+                "standalone copy with aptckpt.convert() before moving a single checkpoint",
+                path=where or store.location,
             )
-        store = cls(path)
-        store._check_marker()
         store._check_links()
+        store._check_marker()
         return store
 
     def _check_links(self) -> None:
         """Refuse a store whose parts lead elsewhere: its directory, ``objects/``, ``tmp/``
         or ``LOCK`` as a symbolic link (a save would write into, and a collection empty,
         whatever they point to -- another run's store, a user's files)."""
-        for part in (self.root, self.objects, self._tmp, self.root / _LOCK):
-            if part.is_symlink():
+        if not self.storage.local:
+            return  # object stores have no links
+        for part in (self.root, self.objects, self._tmp, self._lock_path):
+            entry = self.storage.info(part)
+            if entry is not None and entry.kind in ("link", "other"):
                 raise UnsafePathError(
-                    f"'{part}' is a symbolic link (to '{os.path.realpath(part)}'); an object "
-                    "store never contains links, and nothing was removed, read or written "
-                    "through it. Replace the link by a real directory (or file), or use "
-                    "another store",
-                    path=str(self.root),
+                    f"'{part}' is a symbolic link (to '{self.storage.canonical(part)}'); an "
+                    "object store never contains links, and nothing was removed, read or "
+                    "written through it. Replace the link by a real directory (or file), or "
+                    "use another store",
+                    path=self.root,
                 )
 
     @classmethod
-    def create(cls, root: str | os.PathLike[str]) -> ObjectStore:
+    def create(cls, root: str | os.PathLike[str], *, storage: Storage | None = None) -> ObjectStore:
         """Open the store at ``root``, creating it (durably) if it does not exist.
+
+        The marker is written first, by a create that fails if one is there: a crash
+        leaves no store or a usable one (whose missing folders are made on the next
+        open), never a folder that blocks the next save.
 
         Raises:
             FormatError: ``root`` exists, is not empty and is not a store.
         """
-        path = Path(os.path.abspath(root))
-        if is_store(path):
-            store = cls(path)
-            store._check_marker()
-            store._check_links()
-            store.objects.mkdir(exist_ok=True)
-            store._tmp.mkdir(exist_ok=True)
-            return store
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise FormatError(
-                f"'{path}' exists and is not an aptckpt object store; pass store= another "
-                "directory for delta checkpoints (or move that one away)",
-                path=str(path),
-            )
-        # Build the store in a hidden sibling and rename it into place: a crash
-        # leaves either no store or a complete one (plus hidden debris that the
-        # next save's cleanup removes), never a directory without its marker.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with temp_sibling(path) as building:
-            try:
-                building.mkdir()
-                (building / "objects").mkdir()
-                (building / "tmp").mkdir()
-                (building / _LOCK).touch()
-                marker = msgpack.packb({"format": STORE_FORMAT, "version": STORE_VERSION})
-                write_file_atomic(building / _MARKER, marker)
-                fsync_dir(building)
-                try:
-                    if path.exists():
-                        path.rmdir()  # the empty directory a user made for us
-                    os.rename(building, path)
-                except OSError as err:
-                    if not is_store(path):  # not a rival creator that got there first
-                        raise FormatError(
-                            f"cannot create the object store '{path}': {err.strerror}",
-                            path=str(path),
-                        ) from err
-                fsync_dir(path.parent)
-            finally:
-                shutil.rmtree(building, ignore_errors=True)
-        return cls.open(path)
+        storage, path = _local(root, storage)
+        store = cls(storage, path)
+        if not is_store(path, storage):
+            entry = storage.info(path)
+            # Hidden temporaries are a rival creator's marker being written (it writes
+            # nothing else before the marker): the create below settles who wins.
+            if entry is not None and (
+                entry.kind != "dir" or any(not is_temporary(e.name) for e in storage.list(path))
+            ):
+                raise FormatError(
+                    f"'{store.location}' exists and is not an aptckpt object store; pass "
+                    "store= another directory for delta checkpoints (or move that one away)",
+                    path=store.location,
+                )
+            storage.makedirs(path)
+            marker = msgpack.packb({"format": STORE_FORMAT, "version": STORE_VERSION})
+            storage.create_file(storage.join(path, _MARKER), marker)  # False: a rival did
+        store._check_links()
+        store._check_marker()
+        storage.makedirs(store.objects)
+        storage.makedirs(store._tmp)  # what older aptckpt versions write objects through
+        if storage.has_locks and storage.info(store._lock_path) is None:
+            storage.create_file(store._lock_path, b"")
+        return store
 
     def _check_marker(self) -> None:
-        fd = open_regular(self.root / _MARKER, _MARKER, self.root)
+        marker = self.storage.join(self.root, _MARKER)
         try:
-            data = os.read(fd, _MAX_MARKER_BYTES + 1)
-        finally:
-            os.close(fd)
+            data = self.storage.read_file(marker, limit=_MAX_MARKER_BYTES)
+        except PermissionError as err:
+            raise UnreadableError(
+                f"cannot read '{self.storage.display(marker)}': {err.strerror}; run as a user "
+                "allowed to read the run directory and its object store",
+                path=self.location,
+            ) from err
+        except OSError:
+            data = b""
         try:
-            doc = msgpack.unpackb(data) if len(data) <= _MAX_MARKER_BYTES else None
+            doc = msgpack.unpackb(data)
         except Exception:  # msgpack raises many unrelated types for bad input
             doc = None
-        marker = self.root / _MARKER
+        shown = self.storage.display(marker)
         if not isinstance(doc, dict) or doc.get("format") != STORE_FORMAT:
             raise FormatError(
-                f"'{marker}' is not an aptckpt store marker (the file {_MARKER} is damaged, or "
-                "the directory is not an object store)",
-                path=str(self.root),
+                f"'{shown}' is not an aptckpt store marker (the file {_MARKER} is missing or "
+                "damaged, or the directory is not an object store)",
+                path=self.location,
             )
         version = doc.get("version")
         if type(version) is not int or not 1 <= version <= STORE_VERSION:
             newer = type(version) is int and version > STORE_VERSION
             raise FormatError(
-                f"object store marker '{marker}' says layout version {version!r}; this aptckpt "
+                f"object store marker '{shown}' says layout version {version!r}; this aptckpt "
                 f"reads version {STORE_VERSION} ("
                 + ("a newer aptckpt is needed" if newer else f"the file {_MARKER} is damaged")
                 + ")",
-                path=str(self.root),
+                path=self.location,
             )
 
     # ---------------------------------------------------------------- locking
 
     @contextlib.contextmanager
     def lock(self, *, exclusive: bool, wait: bool = True) -> Iterator[None]:
-        """Hold the store lock: shared for saves, exclusive for garbage collection."""
-        fd = self._open_lock()
+        """Hold the store lock: shared for saves, exclusive for garbage collection (a
+        no-op where the storage has no locks: the age rule protects saves there)."""
         try:
-            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             try:
-                fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
+                held = self.storage.lock(self._lock_path, exclusive=exclusive, wait=wait)
+                held.__enter__()
             except BlockingIOError as err:
                 raise StoreBusyError(
-                    f"object store '{self.root}' is in use by a save, a load or a collection in "
-                    "progress; try again when it finishes",
-                    path=str(self.root),
+                    f"object store '{self.location}' is in use by a save, a load or a "
+                    "collection in progress; try again when it finishes",
+                    path=self.location,
                 ) from err
-            yield
-        finally:
             try:
-                self.discard_pending()  # a save that commits has synced everything
+                yield
             finally:
-                os.close(fd)  # releases the lock
-
-    def _open_lock(self) -> int:
-        path = self.root / _LOCK
-        try:
-            # O_NOFOLLOW: a LOCK planted as a link would create its target outside the run
-            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as err:
-            if err.errno == errno.ELOOP:
-                raise UnsafePathError(
-                    f"'{path}' is a symbolic link; an object store never contains links",
-                    path=str(self.root),
-                ) from err
-            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            # A user who may only read the store, or a read-only mount: flock works on a
-            # read-only descriptor too.
-            return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                held.__exit__(None, None, None)
+        finally:
+            self.discard_pending()  # a save that commits has synced everything
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -273,289 +301,307 @@ class ObjectStore:
         a read-only medium, a user who may not read it), the load goes on without:
         nothing else can collect there either, unless the owner of the store does.
         """
-        try:
-            fd = self._open_lock()
-        except OSError as err:
-            log.debug("reading store %s without its lock: %s", self.root, err)
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self.storage.lock(self._lock_path, exclusive=False))
+            except UnsafePathError:
+                raise
+            except OSError as err:
+                log.debug("reading store %s without its lock: %s", self.location, err)
             yield
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)
 
     # ---------------------------------------------------------------- objects
 
-    def path(self, name: bytes) -> Path:
-        return self.objects / _hex_name(name)
+    def path(self, name: bytes) -> str:
+        """Where object ``name`` lives, in the storage's spelling."""
+        return self.storage.join(self.objects, _hex_name(name))
 
     def label(self, name: bytes) -> str:
-        """How messages name an object: relative to the store's parent directory."""
-        return str(self.path(name).relative_to(self.root.parent))
+        """How messages name an object: locally relative to the store's parent directory,
+        on object stores its URL."""
+        if self.storage.local:
+            return f"{self.storage.name(self.root)}/objects/{_hex_name(name)}"
+        return self.storage.display(self.path(name))
+
+    def info(self, name: bytes) -> Entry | None:
+        """What is stored under object ``name`` (not following a link), or None."""
+        try:
+            return self.storage.info(self.path(name))
+        except PermissionError as err:
+            raise UnreadableError(
+                f"cannot read object '{self.label(name)}': {err.strerror}; load as a user "
+                "allowed to read the run's object store, or fix its permissions",
+                path=self.location,
+            ) from err
 
     def exists(self, name: bytes, size: int) -> bool:
-        try:
-            st = os.stat(self.path(name), follow_symlinks=False)
-        except FileNotFoundError:
+        entry = self.storage.info(self.path(name))
+        return entry is not None and entry.kind == "file" and entry.size == size
+
+    def _reusable(self, name: bytes, size: int) -> bool:
+        """True if a save may count on the object already stored under ``name`` instead
+        of writing it: the right size, and (without locks) young enough that garbage
+        collection will not take it before the save commits."""
+        entry = self.storage.info(self.path(name))
+        if entry is None or entry.kind != "file" or entry.size != size:
             return False
-        return st.st_size == size
+        if self.storage.has_locks or entry.mtime <= 0:
+            return True
+        return time.time() - entry.mtime < grace_seconds() / 2
 
     def put(self, name: bytes, data: memoryview | bytes) -> int:
-        """Write ``data``, whose digest is ``name``, unless the store has it.
+        """Store ``data``, whose digest is ``name``, unless the store has it.
 
-        Returns the number of bytes written (0 when the object already existed).
-        The object gets its name, durably, at the next :meth:`sync`.
+        Returns the number of bytes written (0 when the object already existed). The
+        object is written, durably, in a batch or at the next :meth:`sync` at the latest.
         """
-        target = self.path(name)
-        if self.exists(name, len(data)):
+        if self._reusable(name, len(data)):
             return 0
-        tmp = self._tmp / f"{target.name}.{os.getpid()}-{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data).cast("B")
-            while view:
-                view = view[os.write(fd, view) :]
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        self._pending.append((tmp, target))  # list.append is atomic: safe from many threads
-        return len(data)
+        owned = data if isinstance(data, bytes) else bytes(data)
+        with self._mutex:
+            self._pending.append((self.path(name), owned))
+            self._pending_bytes += len(owned)
+            full = self._pending_bytes >= _BATCH_BYTES
+        if full:
+            self.sync()
+        return len(owned)
 
     def sync(self, threads: int = 4) -> None:
         """Make every object :meth:`put` since the last call durable under its name."""
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        try:
-            with ThreadPoolExecutor(max(1, min(threads, len(pending)))) as pool:
-                list(pool.map(fsync_file, [tmp for tmp, _ in pending]))
-            for tmp, target in pending:
-                os.replace(tmp, target)  # same bytes if another writer got there first
-            fsync_dir(self.objects)
-        except BaseException:
-            _unlink_temps(pending)  # those renamed already are unreferenced objects: GC's job
-            raise
+        with self._mutex:
+            pending, self._pending, self._pending_bytes = self._pending, [], 0
+        if pending:
+            # Those written before a failure are unreferenced objects: GC's job.
+            self.storage.put_files(pending, threads=threads)
 
     def discard_pending(self) -> None:
-        """Remove the temp files of objects :meth:`put` but never synced (a failed save)."""
-        pending, self._pending = self._pending, []
-        _unlink_temps(pending)
+        """Drop the objects :meth:`put` but never written (a failed save)."""
+        with self._mutex:
+            self._pending, self._pending_bytes = [], 0
 
     def read_into(self, name: bytes, out: memoryview) -> None:
         """Fill ``out`` with the object ``name``, which must be exactly ``len(out)`` bytes."""
-        fd = self._open(name, len(out))
-        try:
-            done = 0
-            while done < len(out):
-                n = os.preadv(fd, [out[done:]], done)
-                if n == 0:
-                    raise EOFError(f"object ends after {done} of {len(out)} bytes")
-                done += n
-        finally:
-            os.close(fd)
+        out[:] = self.read(name, len(out))
 
     def read(self, name: bytes, size: int) -> bytes:
-        fd = self._open(name, size)
-        try:
-            data = os.pread(fd, size, 0)
-        finally:
-            os.close(fd)
-        if len(data) != size:
-            raise EOFError(f"object ends after {len(data)} of {size} bytes")
-        return data
-
-    def _open(self, name: bytes, size: int) -> int:
-        path = self.path(name)
+        """The object ``name``, which must be exactly ``size`` bytes."""
         label = self.label(name)
-        if self.objects.is_symlink():
-            raise UnsafePathError(
-                f"'{label}' is reached through a symbolic link; stores never contain links",
-                path=str(self.root),
-            )
+        if self.storage.local:
+            entry = self.storage.info(self.objects)
+            if entry is not None and entry.kind in ("link", "other"):
+                raise UnsafePathError(
+                    f"'{label}' is reached through a symbolic link; stores never contain links",
+                    path=self.location,
+                )
         try:
-            fd = open_regular(path, label, self.root)
-        except IntegrityError as err:
+            data = self.storage.read_range(self.path(name), 0, size + 1)
+        except FileNotFoundError as err:
             raise IntegrityError(
                 f"object '{label}' is missing from the store (removed by hand, or the run was "
                 "copied without it)",
-                path=str(self.root),
+                path=self.location,
                 file=label,
             ) from err
-        actual = os.fstat(fd).st_size
-        if actual != size:
-            os.close(fd)
+        except PermissionError as err:
+            raise UnreadableError(
+                f"cannot read object '{label}': {err.strerror}; load as a user allowed to "
+                "read the run's object store, or fix its permissions",
+                path=self.location,
+            ) from err
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.EINVAL):
+                what = "a symbolic link" if err.errno == errno.ELOOP else "not a regular file"
+                raise UnsafePathError(
+                    f"'{label}' is {what}; stores hold regular files only", path=self.location
+                ) from err
+            raise
+        if len(data) != size:
+            entry = self.storage.info(self.path(name))
+            actual = entry.size if entry is not None else len(data)
             raise IntegrityError(
                 f"object '{label}' is {actual} bytes, manifest says {size}",
-                path=str(self.root),
+                path=self.location,
                 file=label,
             )
-        return fd
+        return data
 
     # -------------------------------------------------------- maintenance
 
-    def names(self) -> Iterator[tuple[bytes, Path, int]]:
-        """Every well-named object: ``(name, path, size)``. Other files are skipped."""
+    def entries(self) -> Iterator[tuple[bytes, str, Entry]]:
+        """Every well-named object: ``(name, path, entry)``. Other files are skipped."""
         try:
-            entries = sorted(os.scandir(self.objects), key=lambda e: e.name)
-        except FileNotFoundError:
-            return
+            listed = self.storage.list(self.objects)
         except PermissionError as err:
             raise UnreadableError(
-                f"cannot list the objects of store '{self.root}': {err.strerror}; run as a user "
-                "allowed to read the whole run directory, or fix its permissions",
-                path=str(self.objects),
+                f"cannot list the objects of store '{self.location}': {err.strerror}; run as "
+                "a user allowed to read the whole run directory, or fix its permissions",
+                path=self.objects,
             ) from err
-        for entry in entries:
+        for entry in listed:
+            if len(entry.name) != 2 * _NAME_BYTES or entry.kind != "file":
+                continue
             try:
                 name = bytes.fromhex(entry.name)
             except ValueError:
                 continue
-            if len(name) != _NAME_BYTES or not entry.is_file(follow_symlinks=False):
-                continue
-            yield name, Path(entry.path), entry.stat(follow_symlinks=False).st_size
+            yield name, self.storage.join(self.objects, entry.name), entry
+
+    def names(self) -> Iterator[tuple[bytes, str, int]]:
+        """Every well-named object: ``(name, path, size)``."""
+        for name, path, entry in self.entries():
+            yield name, path, entry.size
 
     def clear_tmp(self) -> int:
-        """Remove every file in ``tmp/``; only safe under the exclusive lock."""
-        removed = 0
-        if self._tmp.is_symlink():  # never empty what a planted link points to
+        """Remove every file in ``tmp/`` (left by older versions' saves); only safe under
+        the exclusive lock."""
+        entry = self.storage.info(self._tmp)
+        if entry is not None and entry.kind in (
+            "link",
+            "other",
+        ):  # never empty what a link points to
             raise UnsafePathError(
                 f"'{self._tmp}' is a symbolic link; an object store never contains links and "
                 "nothing was removed through it",
-                path=str(self.root),
+                path=self.root,
             )
-        try:
-            entries = list(os.scandir(self._tmp))
-        except FileNotFoundError:  # a store copied by a tool that drops empty directories
-            return 0
-        for entry in entries:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)  # other errors (a read-only store): the caller's to say
+        removed = 0
+        for found in self.storage.list(self._tmp):
+            if found.kind != "dir":
+                self.storage.remove_file(self.storage.join(self._tmp, found.name))
                 removed += 1
         return removed
 
 
-def _unlink_temps(pending: list[tuple[Path, Path]]) -> None:
-    for tmp, _ in pending:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def find_checkpoints(
-    home: Path, *, skip: Path | None = None, strict: bool = False
-) -> Iterator[Path]:
-    """Committed checkpoint directories beneath ``home`` (at most ``MAX_STORE_DEPTH`` deep).
+    home: str | os.PathLike[str],
+    *,
+    skip: str | os.PathLike[str] | None = None,
+    strict: bool = False,
+    storage: Storage | None = None,
+) -> Iterator[str]:
+    """Committed checkpoints beneath ``home`` (at most ``MAX_STORE_DEPTH`` deep).
 
-    Symbolic links, the directory ``skip`` (the store) and the temp and trash
-    directories of saves are not entered. A directory this user may not list or
-    search is skipped, or with ``strict`` raises :class:`UnreadableError` naming it
-    (garbage collection must not assume that nothing in it reaches the store).
+    Links, the folder ``skip`` (the store) and the temp and trash entries of saves
+    are not entered. A folder this user may not list or search is skipped, or with
+    ``strict`` raises :class:`UnreadableError` naming it (garbage collection must not
+    assume that nothing in it reaches the store).
     """
-    pending = [(home, 0)]
+    storage, top = _local(home, storage)
+    skipped = _local(skip, storage)[1] if skip is not None else None
+    pending = [(top, 0)]
     while pending:
-        directory, depth = pending.pop()
+        folder, depth = pending.pop()
         try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except (FileNotFoundError, NotADirectoryError):
+            entries = storage.list(folder)
+        except NotADirectoryError:
             continue
         except PermissionError as err:
             if strict:
-                raise _unreadable_directory(directory, err) from err
+                raise _unreadable_directory(storage, folder, err) from err
             continue
         for entry in entries:
-            try:
-                is_dir = entry.is_dir(follow_symlinks=False)  # a stat where d_type is unknown
-            except PermissionError as err:
-                if strict:
-                    raise _unreadable_directory(directory, err) from err
+            if entry.kind != "dir" or is_temporary(entry.name):
                 continue
-            if not is_dir or is_temporary(entry.name):
-                continue
-            path = Path(entry.path)
-            if skip is not None and path == skip:
+            path = storage.join(folder, entry.name)
+            if path == skipped:
                 continue
             try:
-                found = stat.S_ISREG(os.stat(path / MANIFEST_NAME).st_mode)
+                manifest = storage.info(storage.join(path, MANIFEST_NAME))
             except PermissionError as err:  # a directory that cannot be searched
                 if strict:
-                    raise _unreadable_directory(path, err) from err
-                found = False
+                    raise _unreadable_directory(storage, path, err) from err
+                manifest = None
             except OSError:
-                found = False
-            if found:
+                manifest = None
+            if manifest is not None and manifest.kind == "file":
                 yield path
             if depth + 1 < MAX_STORE_DEPTH:
                 pending.append((path, depth + 1))
 
 
-def _unreadable_directory(path: Path, err: OSError) -> UnreadableError:
-    return UnreadableError(f"cannot read directory '{path}': {err.strerror or err}", path=str(path))
+def _unreadable_directory(storage: Storage, path: str, err: OSError) -> UnreadableError:
+    shown = storage.display(path)
+    return UnreadableError(f"cannot read directory '{shown}': {err.strerror or err}", path=shown)
 
 
-def location_of(store_root: Path, checkpoint: Path) -> tuple[int, str]:
+def _parts(storage: Storage, path: str) -> list[str]:
+    return [p for p in storage.canonical(path).split("/") if p]
+
+
+def location_of(
+    store_root: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    storage: Storage | None = None,
+) -> tuple[int, str]:
     """How a checkpoint names its store: ``(up, name)``, the store being
     ``checkpoint/..(up times)/name``.
 
-    The store must sit in a directory that contains the checkpoint, so that the
-    checkpoints using it are all found beneath that directory by garbage
-    collection, and copying that directory moves the run whole.
+    The store must sit in a folder that contains the checkpoint, so that the
+    checkpoints using it are all found beneath that folder by garbage collection,
+    and copying that folder moves the run whole.
 
     Raises:
         UnsafePathError: the store is elsewhere.
     """
-    name = store_root.name
-    home = Path(os.path.realpath(store_root.parent))
-    parent = Path(os.path.realpath(checkpoint.parent))
-    try:
-        rel = parent.relative_to(home)
-    except ValueError:
-        rel = None
+    storage, root = _local(store_root, storage)
+    ckpt = _local(checkpoint, storage)[1]
+    name = storage.name(root)
+    home = _parts(storage, storage.parent(root))
+    parent = _parts(storage, storage.parent(ckpt))
+    rel = parent[len(home) :] if parent[: len(home)] == home else None
     if rel is None or not name or name.startswith("."):
+        suggested = storage.join(storage.parent(ckpt), DEFAULT_STORE_NAME)
         raise UnsafePathError(
-            f"the object store '{store_root}' must be a directory next to the checkpoint "
-            f"'{checkpoint}' or next to one of its parent directories (e.g. "
-            f"'{checkpoint.parent / DEFAULT_STORE_NAME}')",
-            path=str(checkpoint),
+            f"the object store '{storage.display(root)}' must be a directory next to the "
+            f"checkpoint '{storage.display(ckpt)}' or next to one of its parent directories "
+            f"(e.g. '{storage.display(suggested)}')",
+            path=storage.display(ckpt),
         )
     check_relative_path(name)
-    _check_visible(home, rel, checkpoint, home / name)
-    up = len(rel.parts) + 1
+    _check_visible(storage, storage.parent(root), rel, ckpt, root)
+    up = len(rel) + 1
     if up > MAX_STORE_DEPTH:
         raise UnsafePathError(
-            f"checkpoint '{checkpoint}' is {up} levels below its store's directory; "
-            f"at most {MAX_STORE_DEPTH} are allowed",
-            path=str(checkpoint),
+            f"checkpoint '{storage.display(ckpt)}' is {up} levels below its store's "
+            f"directory; at most {MAX_STORE_DEPTH} are allowed",
+            path=storage.display(ckpt),
         )
     return up, name
 
 
-def _check_visible(home: Path, rel: Path, checkpoint: Path, store: Path) -> None:
+def _check_visible(storage: Storage, home: str, rel: list[str], ckpt: str, store: str) -> None:
     """Refuse a checkpoint that garbage collection would not find beneath ``home``: its
     walk skips the store, other stores and hidden temporary names, so the objects of a
     checkpoint saved there would look unreachable and be removed."""
-    for part in (*rel.parts, checkpoint.name):
+    shown = storage.display(ckpt)
+    for part in (*rel, storage.name(ckpt)):
         if is_temporary(part):
             raise UnsafePathError(
-                f"'{part}' in '{checkpoint}' is a name aptckpt gives the hidden entries of "
+                f"'{part}' in '{shown}' is a name aptckpt gives the hidden entries of "
                 "saves in progress; garbage collection does not look inside them, so it would "
                 "remove this checkpoint's objects. Choose another name",
-                path=str(checkpoint),
+                path=shown,
             )
     inside = home
-    for part in (*rel.parts, checkpoint.name):
-        inside = inside / part
-        if inside == store or is_store(inside):
+    for part in (*rel, storage.name(ckpt)):
+        inside = storage.join(inside, part)
+        if inside == store or is_store(inside, storage):
             raise UnsafePathError(
-                f"'{checkpoint}' is inside the object store '{inside}', where garbage "
-                "collection does not look for checkpoints (it would remove this one's "
-                "objects); save it next to the store instead",
-                path=str(checkpoint),
+                f"'{shown}' is inside the object store '{storage.display(inside)}', where "
+                "garbage collection does not look for checkpoints (it would remove this "
+                "one's objects); save it next to the store instead",
+                path=shown,
             )
 
 
-def resolve_location(checkpoint: Path, up: object, name: object, *, where: str) -> Path:
+def resolve_location(
+    checkpoint: str | os.PathLike[str],
+    up: object,
+    name: object,
+    *,
+    where: str,
+    storage: Storage | None = None,
+) -> str:
     """The store a manifest names, validated (the inverse of :func:`location_of`)."""
     if type(up) is not int or not 1 <= up <= MAX_STORE_DEPTH:
         raise FormatError(f"store location 'up' = {up!r} is out of range", path=where)
@@ -563,7 +609,12 @@ def resolve_location(checkpoint: Path, up: object, name: object, *, where: str) 
     assert isinstance(name, str)
     if "/" in name:
         raise UnsafePathError(f"store name {name!r} must be one path component", path=where)
-    real = Path(os.path.realpath(checkpoint))
-    if len(real.parents) < up:
-        raise FormatError(f"store location 'up' = {up} climbs above '/'", path=where)
-    return real.parents[up - 1] / name
+    storage, ckpt = _local(checkpoint, storage)
+    path = storage.canonical(ckpt)
+    for _ in range(up):
+        parent = storage.parent(path)
+        # Locally "/" is the top (its parent is itself); on an object store the bucket is.
+        if parent == path or (not storage.local and "/" not in path.strip("/")):
+            raise FormatError(f"store location 'up' = {up} climbs above the top", path=where)
+        path = parent
+    return storage.join(path, name)

@@ -327,6 +327,11 @@ class Storage(ABC):
     def name(path: str) -> str:
         return path.rstrip("/").rpartition("/")[2]
 
+    def canonical(self, path: str) -> str:
+        """``path`` with every link resolved (locally: ``realpath``); object stores have no
+        links, so there it is ``path``. Compares places, e.g. a checkpoint's store."""
+        return path
+
     def same_checkpoint(self, path: str, other: Storage, other_path: str) -> bool:
         """True if ``other_path`` in ``other`` names the same checkpoint as ``path`` here."""
         return other.scheme == self.scheme and other.display(other_path) == self.display(path)

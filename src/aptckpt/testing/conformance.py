@@ -164,9 +164,10 @@ class BackendConformance:
 
     def save(self, state: Any, path: str, **kwargs: Any) -> aptckpt.SaveInfo:
         options = {**self.options, **kwargs}
-        return aptckpt.save(
+        info: aptckpt.SaveInfo = aptckpt.save(
             state, path, backend=self.backend, storage_options=self._opts(path), **options
         )
+        return info
 
     def load(self, path: str, **kwargs: Any) -> Any:
         return aptckpt.load(path, storage_options=self._opts(path), **kwargs)

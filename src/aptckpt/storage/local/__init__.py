@@ -14,15 +14,18 @@ rename and a directory fsync.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
+from aptckpt.errors import UnsafePathError
 from aptckpt.storage import base
 from aptckpt.storage.local import _atomic, _temps
 from aptckpt.storage.local._atomic import CheckpointWriter
@@ -37,8 +40,13 @@ class LocalStorage(base.Storage):
     scheme = "file"
     local = True
 
+    has_locks = True
+
     def display(self, path: str) -> str:
         return path
+
+    def canonical(self, path: str) -> str:
+        return os.path.realpath(path)
 
     def same_checkpoint(self, path: str, other: base.Storage, other_path: str) -> bool:
         return other.local and os.path.realpath(path) == os.path.realpath(other_path)
@@ -172,6 +180,38 @@ class LocalStorage(base.Storage):
 
     def makedirs(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
+
+    # ----------------------------------------------------------------- locks
+
+    @contextlib.contextmanager
+    def lock(self, path: str, *, exclusive: bool, wait: bool = True) -> Iterator[None]:
+        """``flock`` on file ``path`` (created if absent, never through a link). A user
+        who may not write it (or a read-only mount) takes it through a read-only
+        descriptor: ``flock`` works there too. Raises ``BlockingIOError`` when
+        ``wait`` is False and another holder excludes us, :class:`UnsafePathError` when
+        ``path`` is a symbolic link, another ``OSError`` when it cannot be opened."""
+        fd = _open_lock(path)
+        try:
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _open_lock(path: str) -> int:
+    try:
+        # O_NOFOLLOW: a lock file planted as a link would create its target elsewhere
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnsafePathError(
+                f"'{path}' is a symbolic link; a lock file is never a link",
+                path=os.path.dirname(path),
+            ) from err
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 def _kind(mode: int) -> Literal["file", "dir", "link", "other"]:

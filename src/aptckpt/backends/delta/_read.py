@@ -1,0 +1,195 @@
+"""``delta`` read path: objects checked, then every chunk's xor chain decoded in parallel.
+
+Objects are read through :class:`~aptckpt.objectstore.ObjectStore` (the storage's
+ranged reads), each checked against its name (the digest of its stored bytes)
+and each decoded chunk against its digest when ``verify``; the small tensors of
+the checkpoint's own shard are read through ``reader.open_files`` like the
+``zstd`` backend's.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from aptckpt import _accel
+from aptckpt.backends import _chunks
+from aptckpt.backends.delta._format import DeltaPayload, StoredObject, parse_payload
+from aptckpt.codecs import RAW, CodecError
+from aptckpt.errors import UnsafePathError
+from aptckpt.manifest import Manifest
+from aptckpt.objectstore import ObjectStore
+from aptckpt.storage import CheckpointReader
+
+__all__ = ["decode_chain", "read_into"]
+
+#: Parallel existence checks of objects on an object store (one request each).
+_REMOTE_CHECKS = 16
+
+
+def decode_chain(store: ObjectStore, obj: StoredObject, out: memoryview, *, verify: bool) -> None:
+    """Decode ``obj`` into ``out``: its whole object, then each xor residual xored in place."""
+    for link in obj.chain():
+        if link.pipeline == RAW:
+            store.read_into(link.name, out)
+            stored_ok = not verify or _accel.xxh3_128(out) == link.name
+        else:
+            stored = store.read(link.name, link.size)
+            stored_ok = not verify or _accel.xxh3_128(stored) == link.name
+            if stored_ok:
+                link.pipeline.decode(stored, out, base=out if link.pipeline.xor else None)
+        if not stored_ok:
+            raise CodecError(
+                f"object '{store.label(link.name)}' does not match its name: "
+                "it changed after saving"
+            )
+    if verify and _accel.xxh3_128(out) != obj.digest:
+        raise CodecError("digest mismatch: the stored bytes changed after saving")
+
+
+class _ObjectCheck:
+    """Whether the objects of a chain are in the store with their recorded sizes.
+
+    An object missing because the checkpoint being read (``reader``) was deleted and
+    collected before the load took the store lock is :class:`CheckpointDeletedError`,
+    not damage. On object stores the objects are looked up in parallel up front
+    (:meth:`prefetch`): one request each, never a listing of the whole store.
+    """
+
+    def __init__(self, store: ObjectStore, reader: CheckpointReader | None = None) -> None:
+        self.store = store
+        self.reader = reader
+        self.found: dict[bytes, str | None] = {}
+        self._lock = threading.Lock()
+        if store.storage.local:
+            entry = store.storage.info(store.objects)
+            if entry is not None and entry.kind in ("link", "other"):
+                raise UnsafePathError(
+                    f"'{store.objects}' is a symbolic link; stores never contain links",
+                    path=store.root,
+                )
+
+    def prefetch(self, chunks: Sequence[Sequence[StoredObject]]) -> None:
+        """Check every object of ``chunks`` now, in parallel where requests are slow."""
+        if self.store.storage.local:
+            return  # a stat each, as they come
+        todo: dict[bytes, StoredObject] = {}
+        for row in chunks:
+            for obj in row:
+                for link in obj.chain():
+                    todo.setdefault(link.name, link)
+        if not todo:
+            return
+        with ThreadPoolExecutor(min(_REMOTE_CHECKS, len(todo))) as pool:
+            results = list(pool.map(self._check, todo.values()))
+        self.found.update(zip(todo, results, strict=True))
+
+    def problem(self, obj: StoredObject) -> tuple[str, str] | None:
+        """``(object, why)`` for the first link of ``obj``'s chain that cannot be read."""
+        for link in obj.chain():
+            if link.name not in self.found:
+                self.found[link.name] = self._check(link)
+            why = self.found[link.name]
+            if why is not None:
+                return self.store.label(link.name), why
+        return None
+
+    def _check(self, obj: StoredObject) -> str | None:
+        label = self.store.label(obj.name)
+        entry = self.store.info(obj.name)
+        if entry is None:
+            if self.reader is not None:
+                self.reader.check_present(label)
+            return (
+                f"object '{label}' is missing from the store (removed by hand, or the run was "
+                "copied without it)"
+            )
+        if entry.kind != "file":
+            raise UnsafePathError(
+                f"'{label}' is not a regular file (a symbolic link, a directory or a special "
+                "file); stores hold regular files only",
+                path=self.store.location,
+            )
+        if entry.size != obj.size:
+            return f"object '{label}' is {entry.size} bytes, manifest says {obj.size}"
+        return None
+
+
+def read_into(
+    reader: CheckpointReader,
+    manifest: Manifest,
+    into: Sequence[torch.Tensor | None],
+    *,
+    verify: bool,
+    threads: int,
+) -> list[torch.Tensor]:
+    """The tensors of the ``delta`` checkpoint ``reader`` reads (see ``Backend.read_into``)."""
+    where = reader.location
+    payload = parse_payload(manifest, where)
+    root = payload.store_root(reader.storage, reader.path, where)
+    store = ObjectStore.open(root, storage=reader.storage, where=where)
+
+    def decode(obj: StoredObject, out: memoryview) -> None:
+        decode_chain(store, obj, out, verify=verify)
+
+    def locate(obj: StoredObject) -> tuple[str, str]:
+        label = store.label(obj.name)
+        chain = f", xor chain of {obj.depth + 1} objects" if obj.base is not None else ""
+        return label, f"object '{label}'{chain}"
+
+    # Every object must be there with its recorded size before a tensor is
+    # allocated: the sizes are what justify the allocation (a hostile manifest
+    # may claim a terabyte), and a lost object is reported for every chunk it
+    # breaks, not only for the first one decoded.
+    # The store lock, shared: garbage collection cannot remove the objects of this
+    # checkpoint while it loads, even if it is deleted meanwhile (object stores: the
+    # age rule, see aptckpt.objectstore).
+    with store.reading():
+        checked = _ObjectCheck(store, reader)
+        checked.prefetch(payload.chunks)
+        _chunks.refuse_unreadable(manifest, payload.chunks, checked.problem, locate, where=where)
+        outs = _chunks.new_tensors(manifest, into)
+        if payload.local:
+            _read_local(reader, manifest, payload, outs, verify=verify, threads=threads)
+        return _chunks.fill_tensors(
+            manifest,
+            payload.chunks,
+            payload.chunk_size,
+            decode,
+            locate,
+            threads=threads,
+            where=where,
+            into=outs,
+            skip=payload.local,
+        )
+
+
+def _read_local(
+    reader: CheckpointReader,
+    manifest: Manifest,
+    payload: DeltaPayload,
+    outs: list[torch.Tensor],
+    *,
+    verify: bool,
+    threads: int,
+) -> None:
+    """Decode the small tensors kept in the checkpoint's own shard into ``outs``."""
+    where = reader.location
+    with reader.open_files(manifest.files) as files:
+        if files.failed:
+            _chunks.refuse_damaged_files(manifest, payload.local_rows, files.failed, where)
+        _chunks.decode_into(
+            manifest,
+            payload.local_rows,
+            payload.local_codecs,
+            payload.chunk_size,
+            files,
+            verify=verify,
+            threads=threads,
+            where=where,
+            into=outs,
+            skip=frozenset(range(len(outs))) - payload.local,
+        )

@@ -1,0 +1,154 @@
+"""Where a ``delta`` save keeps its objects, and which checkpoint it deltas against.
+
+The store of a save is ``aptckpt-store`` in the checkpoint's parent folder unless
+``store=`` says otherwise, on the checkpoint's own storage (a local directory, or
+the parent prefix of an ``s3://``/``memory://`` checkpoint).
+
+The *base* is the newest committed ``delta`` checkpoint using the same store. Finding
+it reads only what it must: the candidates' manifests are looked up (one ``info``
+each, no data read), ordered newest first by their time, and read one at a time
+until one uses the store -- usually the first. On the local file system the
+candidates are every checkpoint beneath the store's folder (a walk of directories
+is cheap there). On an object store, where each folder listed costs a request, they
+are the checkpoints next to the new one (one listing of its parent folder); only if
+none is there does it walk beneath the store's folder. No checkpoint's data or
+objects are ever listed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from aptckpt import objectstore, tree
+from aptckpt.backends.delta._format import DeltaPayload, StoredObject, parse_payload
+from aptckpt.errors import AptckptError, BackendError, UnsupportedPathError
+from aptckpt.manifest import MANIFEST_NAME, TensorRecord
+from aptckpt.objectstore import ObjectStore
+from aptckpt.storage import Storage, is_url, resolve
+from aptckpt.storage.local._temps import is_temporary
+
+__all__ = ["Base", "find_base", "read_base", "store_path"]
+
+log = logging.getLogger("aptckpt")
+
+#: Parallel manifest look-ups on an object store.
+_LOOKUPS = 16
+
+
+@dataclass(frozen=True)
+class Base:
+    """The checkpoint a save deltas against."""
+
+    path: str
+    payload: DeltaPayload
+    by_key: dict[str, tuple[TensorRecord, tuple[StoredObject, ...]]]
+
+
+def on_storage(storage: Storage, given: str | os.PathLike[str], what: str) -> str:
+    """``given`` (an option naming a place: a local path, or a URL) as a path in
+    ``storage``, the storage of the checkpoint being saved."""
+    text = os.fspath(given)
+    if not is_url(text):
+        if storage.local:
+            return os.path.abspath(text)
+        raise UnsupportedPathError(
+            f"{what} '{text}' is a local path but the checkpoint is saved to "
+            f"{storage.scheme}://; pass {what} as a URL on the same storage",
+            path=text,
+        )
+    other, path = resolve(text)
+    if other.scheme != storage.scheme:
+        raise UnsupportedPathError(
+            f"{what} '{text}' is on {other.scheme}:// but the checkpoint is saved to "
+            f"{storage.scheme}://; a delta store and its checkpoints share one storage",
+            path=text,
+        )
+    return path
+
+
+def store_path(storage: Storage, checkpoint: str, store: str | os.PathLike[str] | None) -> str:
+    """The store a save of ``checkpoint`` uses (``store=`` or the default)."""
+    if store is None:
+        return storage.join(storage.parent(checkpoint), objectstore.DEFAULT_STORE_NAME)
+    return on_storage(storage, store, "store")
+
+
+def read_base(storage: Storage, path: str, store: ObjectStore) -> Base | None:
+    """The delta checkpoint at ``path`` if it uses ``store``, else None."""
+    with storage.open_checkpoint(path) as reader:
+        manifest = reader.read_manifest()
+    if manifest.backend != "delta":
+        return None
+    where = storage.display(path)
+    payload = parse_payload(manifest, where)
+    root = payload.store_root(storage, path, where)
+    if storage.canonical(root) != storage.canonical(store.root):
+        return None
+    keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
+    by_key = dict(zip(keys, zip(manifest.tensors, payload.chunks, strict=True), strict=True))
+    return Base(storage.canonical(path), payload, by_key)
+
+
+def find_base(
+    storage: Storage, checkpoint: str, store: ObjectStore, given: str | os.PathLike[str] | None
+) -> Base | None:
+    """The base of a save of ``checkpoint`` into ``store``: ``given`` (``base=``), or
+    the newest delta checkpoint using the store; see the module docstring."""
+    if given is not None:
+        path = on_storage(storage, given, "base")
+        base = read_base(storage, path, store)
+        if base is None:
+            raise BackendError(
+                f"base '{storage.display(path)}' is not a delta checkpoint using the store "
+                f"'{store.location}'; pass a checkpoint saved with backend='delta' and the "
+                "same store"
+            )
+        return base
+    home = storage.parent(store.root)
+    if storage.local:
+        candidates = list(objectstore.find_checkpoints(home, skip=store.root, storage=storage))
+        return _newest_first(storage, candidates, checkpoint, store)
+    siblings = [
+        storage.join(storage.parent(checkpoint), e.name)
+        for e in storage.list(storage.parent(checkpoint))
+        if e.kind == "dir" and not is_temporary(e.name)
+    ]
+    found = _newest_first(storage, siblings, checkpoint, store)
+    if found is None and storage.parent(checkpoint) != home:
+        walked = objectstore.find_checkpoints(home, skip=store.root, storage=storage)
+        found = _newest_first(storage, list(walked), checkpoint, store)
+    return found
+
+
+def _newest_first(
+    storage: Storage, candidates: list[str], checkpoint: str, store: ObjectStore
+) -> Base | None:
+    """The newest of ``candidates`` (by manifest time) that is a delta checkpoint using
+    ``store``. A checkpoint being replaced at ``checkpoint`` is one: it stays committed
+    until the new one is, and every manifest lists all the objects it reaches."""
+    candidates = [c for c in candidates if c != store.root]
+
+    def stamp(path: str) -> tuple[float, str] | None:
+        try:
+            entry = storage.info(storage.join(path, MANIFEST_NAME))
+        except OSError:
+            return None
+        return (entry.mtime, path) if entry is not None and entry.kind == "file" else None
+
+    if storage.local or len(candidates) < 2:
+        stamps = [stamp(c) for c in candidates]
+    else:
+        with ThreadPoolExecutor(min(_LOOKUPS, len(candidates))) as pool:
+            stamps = list(pool.map(stamp, candidates))
+    for _, candidate in sorted((s for s in stamps if s is not None), reverse=True):
+        try:
+            base = read_base(storage, candidate, store)
+        except (AptckptError, OSError) as err:
+            log.warning("not using '%s' as a delta base: %s", storage.display(candidate), err)
+            continue
+        if base is not None:
+            return base
+    return None

@@ -1,0 +1,337 @@
+"""``delta`` write path: hash, plan (reuse or encode each chunk), write the new objects.
+
+A save holds its store's lock shared until its manifest is committed (a no-op on
+object stores; see :mod:`aptckpt.objectstore` for the age rule there), writes
+its small tensors raw into the checkpoint's own shard through ``writer.open``,
+and hands the new objects to :meth:`ObjectStore.put` / :meth:`ObjectStore.sync`
+(the storage's ``put_files``) before it returns the payload the API commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from aptckpt import _accel, _config, _dtypes, objectstore
+from aptckpt.backends import _chunks
+from aptckpt.backends.delta._cache import base_scratch, recent
+from aptckpt.backends.delta._format import (
+    _DIGEST,
+    _LOCAL_SHARD,
+    _SAMPLE,
+    DeltaOptions,
+    StoredObject,
+)
+from aptckpt.backends.delta._read import decode_chain
+from aptckpt.backends.delta._store import Base, find_base, store_path
+from aptckpt.codecs import RAW, Pipeline
+from aptckpt.errors import IntegrityError
+from aptckpt.objectstore import ObjectStore
+from aptckpt.storage import CheckpointWriter
+from aptckpt.tree import FlatState
+
+__all__ = ["write"]
+
+log = logging.getLogger("aptckpt")
+
+#: Parallel existence checks of the base's objects on an object store.
+_LOOKUPS = 16
+
+
+@dataclass(frozen=True)
+class _Job:
+    key: str
+    data: memoryview
+    itemsize: int
+    digest: bytes
+    prev: StoredObject | None  # the same chunk in the base, to xor against
+
+
+def write(flat: FlatState, writer: CheckpointWriter, opts: DeltaOptions, threads: int) -> Any:
+    """Write the tensors of ``flat`` (objects into the run's store, small ones into the
+    checkpoint's shard); return the payload."""
+    storage = writer.storage
+    root = store_path(storage, writer.path, opts.store)
+    up, name = objectstore.location_of(root, writer.path, storage)
+    store = ObjectStore.create(root, storage=storage)
+    writer.hold(store.lock(exclusive=False))
+    base = find_base(storage, writer.path, store, opts.base)
+    since = 0 if base is None else base.payload.since_keyframe + 1
+    if since >= opts.keyframe_every:
+        since = 0
+    hosts = [_chunks.host_tensor(leaf.tensor) for leaf in flat.tensors]
+    views = [_dtypes.byte_view(h) for h in hosts]
+    digests = _accel.hash_chunks_many(views, opts.chunk_size, threads)
+    # Small tensors go to the checkpoint's own shard: an object each would cost a file
+    # and an fsync each (a state of 100,000 small tensors took 28 s), and deduplicating
+    # a few bytes saves nothing.
+    local = [i for i, view in enumerate(views) if 0 < len(view) < opts.local_below]
+    local_rows = _write_local(
+        writer, [views[i] for i in local], [digests[i] for i in local], opts, threads
+    )
+    planner = _Planner(store, base, keyframe=since == 0, opts=opts)
+    small = set(local)
+    in_store = [i for i in range(len(views)) if i not in small]
+    for i in in_store:
+        planner.add_tensor(flat.tensors[i].key_path, hosts[i].element_size(), views[i], digests[i])
+    written = 0
+    filling = recent.begin()
+    try:
+        results = _chunks.ordered_map(
+            lambda job: _encode(store, job, filling, opts.level), planner.jobs, threads=threads
+        )
+        new_objects = []
+        for obj, nbytes in results:
+            new_objects.append(obj)
+            written += nbytes
+        # Before the last objects are handed to the storage; objects are named by the
+        # digest of the very bytes they hold (a raw chunk is copied, then checked), so
+        # none written before is named by a digest its bytes do not match.
+        _chunks.check_unchanged(flat, hosts, digests, opts.chunk_size, threads)
+        store.sync(threads * 2)
+    except BaseException:
+        recent.abort(filling)
+        raise
+    recent.commit(store.location, filling)
+    writer.external_bytes += written
+    chunks: list[list[StoredObject] | None] = [None] * len(views)
+    for i, row in zip(in_store, planner.resolve(new_objects), strict=True):
+        chunks[i] = row
+    rows: list[list[list[Any]] | None] = [None] * len(views)
+    for i, tensor_rows in zip(local, local_rows, strict=True):
+        rows[i] = tensor_rows
+    payload = _payload(opts, up, name, since, _relative_base(store, base), chunks)
+    if local:
+        payload["local"] = {"codecs": [RAW.to_record()], "chunks": rows}
+    return payload
+
+
+def _relative_base(store: ObjectStore, base: Base | None) -> str | None:
+    """The base's path relative to the store's folder (informational)."""
+    if base is None:
+        return None
+    home = store.storage.canonical(store.storage.parent(store.root)).rstrip("/") + "/"
+    return base.path[len(home) :] if base.path.startswith(home) else None
+
+
+def _write_local(
+    writer: CheckpointWriter,
+    views: list[memoryview],
+    digests: list[bytes],
+    opts: DeltaOptions,
+    threads: int,
+) -> list[list[list[Any]]]:
+    """Write small tensors raw into the checkpoint's shard; their chunk rows."""
+    if not views:
+        return []
+    rows: list[list[list[Any]]] = []
+    buffers: list[memoryview] = []
+    offset = 0
+    for view, packed in zip(views, digests, strict=True):
+        tensor_rows = []
+        for c, (start, stop) in enumerate(_chunks.chunk_spans(len(view), opts.chunk_size)):
+            digest = packed[_DIGEST * c : _DIGEST * (c + 1)]
+            tensor_rows.append([0, offset, stop - start, 0, digest, None])
+            buffers.append(view[start:stop])
+            offset += stop - start
+        rows.append(tensor_rows)
+    with writer.open(_LOCAL_SHARD) as f:
+        f.write_many(buffers, threads)
+    return rows
+
+
+def _payload(
+    opts: DeltaOptions,
+    up: int,
+    name: str,
+    since: int,
+    base: str | None,
+    chunks: list[list[StoredObject] | None],
+) -> dict[str, Any]:
+    pipelines: dict[Pipeline, int] = {}
+    index: dict[StoredObject, int] = {}
+    rows: list[list[Any]] = []
+
+    def add(obj: StoredObject) -> int:
+        if obj in index:
+            return index[obj]
+        base_index = add(obj.base) if obj.base is not None else None
+        codec = pipelines.setdefault(obj.pipeline, len(pipelines))
+        index[obj] = len(rows)
+        rows.append([obj.name, obj.size, obj.raw_size, codec, obj.digest, base_index])
+        return index[obj]
+
+    refs = [None if tensor is None else [add(obj) for obj in tensor] for tensor in chunks]
+    return {
+        "chunk_size": opts.chunk_size,
+        "store": {"up": up, "name": name},
+        "keyframe_every": opts.keyframe_every,
+        "since_keyframe": since,
+        "base": base,
+        "codecs": [p.to_record() for p in pipelines] or [RAW.to_record()],
+        "objects": rows,
+        "chunks": refs,
+    }
+
+
+def _delta_may_win(
+    raw: memoryview, previous: Any, delta: Pipeline, whole: Pipeline, weight: float, level: int
+) -> bool:
+    """False when encoding a sample of a large chunk both ways shows that the whole
+    chunk clearly wins (dense changes): then the full delta is not even tried."""
+    if len(raw) < 4 * _SAMPLE:
+        return True
+    sample = slice(0, _SAMPLE)
+    as_delta = len(delta.encode(raw[sample], level=level, base=memoryview(previous)[sample]))
+    return as_delta * weight < len(whole.encode(raw[sample], level=level))
+
+
+def _encode(store: ObjectStore, job: _Job, filling: Any, level: int) -> tuple[StoredObject, int]:
+    """Store one new chunk: as an xor-delta against its previous version when that
+    pays for its place in the chain, else whole (compressed or raw)."""
+    raw = job.data
+    shuffle = job.itemsize if job.itemsize > 1 else 0
+    whole = Pipeline(shuffle=shuffle, zstd=True)
+    best: tuple[Pipeline, Any, StoredObject | None] | None = None
+    if job.prev is not None:
+        previous = _previous_version(store, job.prev, len(raw))
+        pipeline = Pipeline(xor=True, shuffle=shuffle, zstd=True)
+        # Each link costs a decode on every load: it must beat the whole chunk by
+        # a margin that grows with the chain.
+        weight = 1 + _config.DELTA_CHAIN_PENALTY * (job.prev.depth + 1)
+        if previous is not None and _delta_may_win(raw, previous, pipeline, whole, weight, level):
+            delta = pipeline.encode(raw, level=level, base=previous)
+            # The whole chunk's size is predicted from how well the chain's whole
+            # object compressed; compress it only when that leaves the delta in doubt.
+            root = job.prev.chain()[0]
+            predicted = root.size * len(raw) // max(1, root.raw_size)
+            if len(delta) * weight < predicted:
+                best = (pipeline, delta, job.prev)
+            else:
+                alone = whole.encode(raw, level=level)
+                best = (
+                    (pipeline, delta, job.prev)
+                    if len(delta) * weight < len(alone)
+                    else (whole, alone, None)
+                )
+    if best is None:
+        best = (whole, whole.encode(raw, level=level), None)
+    if len(best[1]) >= len(raw):
+        # A raw object is a copy of the chunk as it is now, checked against the digest it
+        # will be named by: a tensor written to meanwhile never leaves an object whose
+        # bytes differ from its name in the store (later saves would reuse it).
+        copy = bytes(raw)
+        if _accel.xxh3_128(copy) != job.digest:
+            raise _chunks.state_changed((job.key,))
+        best = (RAW, copy, None)
+    pipeline, stored, base = best
+    name = job.digest if pipeline == RAW else _accel.xxh3_128(stored)
+    written = store.put(name, stored)
+    recent.offer(filling, job.digest, raw)
+    return StoredObject(name, len(stored), len(raw), pipeline, job.digest, base), written
+
+
+def _previous_version(store: ObjectStore, prev: StoredObject, size: int) -> Any:
+    """The raw bytes ``prev`` decodes to: from memory if the last save left them
+    there, else decoded from the store; None if they cannot be read."""
+    previous = base_scratch.get(size)
+    if recent.get(store.location, prev.digest, previous):
+        return previous
+    try:
+        decode_chain(store, prev, previous, verify=True)
+    except (IntegrityError, EOFError, OSError) as err:
+        log.warning("cannot read the previous version of a chunk, storing it whole: %s", err)
+        return None
+    return previous
+
+
+class _Planner:
+    """Decides, chunk by chunk, which object to reuse and what to encode."""
+
+    def __init__(
+        self, store: ObjectStore, base: Base | None, *, keyframe: bool, opts: DeltaOptions
+    ) -> None:
+        self.store, self.base, self.keyframe, self.opts = store, base, keyframe, opts
+        # Objects that may be reused by digest (a digest names the exact bytes, so
+        # the base's chunk size does not matter). A keyframe reuses no delta.
+        self.known: dict[bytes, StoredObject] = {}
+        for obj in base.payload.objects if base is not None else ():
+            if keyframe and obj.base is not None:
+                continue
+            seen = self.known.get(obj.digest)
+            if seen is None or obj.depth < seen.depth:
+                self.known[obj.digest] = obj
+        self._present: dict[StoredObject, bool] = {}
+        self._exists: dict[bytes, bool] = {}
+        if base is not None and not store.storage.local:
+            self._look_up(base.payload.objects)
+        self.jobs: list[_Job] = []
+        self._pending: dict[bytes, int] = {}
+        #: per tensor, per chunk: a reused object or the index of a job
+        self.slots: list[list[StoredObject | int]] = []
+
+    def _look_up(self, objects: Sequence[StoredObject]) -> None:
+        """Whether each of ``objects`` is in the store, asked in parallel (on an object
+        store each question is a request; asked one by one they would dominate a save)."""
+        unique = list({obj.name: obj for obj in objects}.values())
+        if not unique:
+            return
+        with ThreadPoolExecutor(min(_LOOKUPS, len(unique))) as pool:
+            found = list(pool.map(lambda o: self.store.exists(o.name, o.size), unique))
+        self._exists.update(zip((o.name for o in unique), found, strict=True))
+
+    def _in_store(self, obj: StoredObject) -> bool:
+        present = self._present.get(obj)
+        if present is None:
+            exists = self._exists.get(obj.name)
+            if exists is None:
+                exists = self.store.exists(obj.name, obj.size)
+            present = exists and (obj.base is None or self._in_store(obj.base))
+            self._present[obj] = present
+        return present
+
+    def add_tensor(self, key: str, itemsize: int, view: memoryview, packed: bytes) -> None:
+        previous = self._previous(key, len(view))
+        row: list[StoredObject | int] = []
+        spans = _chunks.chunk_spans(len(view), self.opts.chunk_size)
+        for c_index, (start, stop) in enumerate(spans):
+            digest = packed[c_index * _DIGEST : (c_index + 1) * _DIGEST]
+            known = self.known.get(digest)
+            if known is not None and self._in_store(known):
+                row.append(known)
+                continue
+            if digest not in self._pending:
+                prev = previous[c_index] if previous is not None else None
+                if prev is not None and not (
+                    prev.raw_size == stop - start
+                    and prev.depth + 1 < self.opts.keyframe_every
+                    and self._in_store(prev)
+                ):
+                    prev = None
+                self._pending[digest] = len(self.jobs)
+                self.jobs.append(_Job(key, view[start:stop], itemsize, digest, prev))
+            row.append(self._pending[digest])
+        self.slots.append(row)
+
+    def _previous(self, key: str, nbytes: int) -> Sequence[StoredObject] | None:
+        """The base's chunks of the tensor at ``key``, if xor-deltas against them may be made."""
+        if self.keyframe or self.base is None:
+            return None
+        if self.base.payload.chunk_size != self.opts.chunk_size:
+            return None
+        found = self.base.by_key.get(key)
+        # A tensor the base kept in its own shard (under its local_below) has no objects
+        # to delta against.
+        if (
+            found is None
+            or found[0].nbytes != nbytes
+            or len(found[1]) != _chunks.chunk_count(nbytes, self.opts.chunk_size)
+        ):
+            return None
+        return found[1]
+
+    def resolve(self, new: Sequence[StoredObject]) -> list[list[StoredObject]]:
+        return [[new[s] if isinstance(s, int) else s for s in row] for row in self.slots]
