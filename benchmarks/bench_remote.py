@@ -39,6 +39,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import datetime
@@ -46,6 +47,7 @@ import gc
 import json
 import logging
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -91,12 +93,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-# The server process: moto's own entry point (``python -m moto.server``) with werkzeug's request
-# log off, as in the in-process variant (a log line per request is CPU neither side should pay).
-_SERVER_CODE = (
-    "import logging, sys; logging.getLogger('werkzeug').setLevel(logging.ERROR); "
-    "from moto.server import main; main(sys.argv[1:])"
-)
+# werkzeug's request log line: ``127.0.0.1 - - [date] "GET /bucket/key?x HTTP/1.1" 206 -``
+# (colored with ANSI escapes for some statuses). A GET with ``list-type=`` is a listing.
+_REQUEST = re.compile(rb'"(?:\x1b\[[0-9;]*m)*(GET|PUT|POST|HEAD|DELETE) (\S*)')
 
 
 class MotoServer:
@@ -107,18 +106,23 @@ class MotoServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.thread: Any = None
         self.endpoint = ""
+        self.log_path: Path | None = None
 
     def start(self) -> MotoServer:
         os.environ["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = str(MOTO_BUFFER)  # read per object
         if self.mode == "process":
             port = _free_port()
-            log = open(WORKDIR / f"moto-server-{port}.log", "wb")  # noqa: SIM115 (kept open)
+            # moto's own entry point; its request log (one line per request, on stderr) goes
+            # to a file, where the requests of each operation are counted.
+            self.log_path = WORKDIR / f"moto-server-{port}.log"
+            log = open(self.log_path, "wb")  # noqa: SIM115 (the server's stderr while it runs)
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _SERVER_CODE, "-H", "127.0.0.1", "-p", str(port)],
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=dict(os.environ),
             )
+            atexit.register(self.stop)  # no server left behind, whatever ends the run
             self.endpoint = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 60
             while True:
@@ -139,6 +143,23 @@ class MotoServer:
             self.endpoint = f"http://{host}:{port}"
         return self
 
+    def log_mark(self) -> int:
+        """Where the request log ends now (0 without one)."""
+        return self.log_path.stat().st_size if self.log_path else 0
+
+    def requests_since(self, mark: int) -> dict[str, int]:
+        """Requests logged since ``mark``, by method (empty for the in-process server)."""
+        if self.log_path is None:
+            return {}
+        with open(self.log_path, "rb") as f:
+            f.seek(mark)
+            found = _REQUEST.findall(f.read())
+        out: dict[str, int] = {}
+        for method, target in found:
+            kind = "LIST" if b"list-type=" in target else method.decode()
+            out[kind] = out.get(kind, 0) + 1
+        return out
+
     def cpu_s(self) -> float:
         """CPU seconds the server process has used (0 for the in-process server: its CPU is
         this process's)."""
@@ -156,7 +177,7 @@ class MotoServer:
         return float("nan")
 
     def stop(self) -> None:
-        if self.proc is not None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=10)
@@ -165,6 +186,7 @@ class MotoServer:
                 self.proc.wait()
         if self.thread is not None:
             self.thread.stop()
+            self.thread = None
 
     def options(self) -> dict[str, Any]:
         """storage_options for s3fs and aptckpt: fake credentials, this endpoint."""
@@ -238,6 +260,7 @@ class Op:
     seconds: list[float] = dataclasses.field(default_factory=list)
     client_cpu_s: list[float] = dataclasses.field(default_factory=list)
     server_cpu_s: list[float] = dataclasses.field(default_factory=list)
+    requests: list[dict[str, int]] = dataclasses.field(default_factory=list)
     error: str | None = None
     ties: str = "—"
 
@@ -402,6 +425,9 @@ def check_in_place(loaded: Any, ref: Any) -> str:
 APT_CONTENDERS: dict[str, tuple[str, dict[str, Any]]] = {
     "apt-zstd": ("zstd", {"level": 1}),
     "apt-zstd-none": ("zstd", {"codec": "none"}),
+    # Shards of 16 MiB rather than 512 MiB: more, smaller objects (see the notes on moto's
+    # ranged GETs, whose cost grows with the object's size).
+    "apt-zstd-16m": ("zstd", {"level": 1, "shard_size": 16 << 20}),
     "apt-torch": ("torch", {}),
 }
 
@@ -454,6 +480,10 @@ def probe_aptckpt(server: MotoServer, fs: Any) -> tuple[Any, dict[str, str]]:
     return aptckpt, status
 
 
+def _opt(v: Any) -> str:
+    return f"{v >> 20}MiB" if isinstance(v, int) and v >= 1 << 20 else str(v)
+
+
 def apt_contenders(aptckpt: Any, options: dict[str, Any], obj: Any,
                    status: dict[str, str]) -> list[Contender]:  # fmt: skip
     def saver(backend: str, bopts: dict[str, Any]) -> Callable[[str], Any]:
@@ -472,7 +502,7 @@ def apt_contenders(aptckpt: Any, options: dict[str, Any], obj: Any,
     for key, (backend, bopts) in APT_CONTENDERS.items():
         if status.get(key) != "ok":
             continue
-        label = f"aptckpt {backend}" + "".join(f" {k}={v}" for k, v in bopts.items())
+        label = f"aptckpt {backend}" + "".join(f" {k}={_opt(v)}" for k, v in bopts.items())
         loaders = [Loader(f"aptckpt.load ({label})", load, check_nested)]
         if status.get("apt-into") == "ok" and key != "apt-torch":
             loaders.append(
@@ -591,6 +621,7 @@ def _prefix_usage(fs: Any, url: str) -> tuple[int, int]:
 def _timed_op(server: MotoServer, fn: Callable[[], Any], op: Op) -> Any:
     """Run ``fn`` after settling; record wall, this process's CPU and the server's CPU."""
     _settle()
+    mark = server.log_mark()
     s0, c0 = server.cpu_s(), os.times()
     t0 = time.perf_counter()
     out = fn()
@@ -599,6 +630,7 @@ def _timed_op(server: MotoServer, fn: Callable[[], Any], op: Op) -> Any:
     op.seconds.append(dt)
     op.client_cpu_s.append((c1.user + c1.system) - (c0.user + c0.system))
     op.server_cpu_s.append(s1 - s0)
+    op.requests.append(server.requests_since(mark))
     return out
 
 
@@ -710,6 +742,15 @@ def _mbps(nbytes: int, xs: list[float]) -> str:
     return f"{nbytes / median(xs) / 1e6:.0f}" if xs else "—"
 
 
+def _requests(op: Op) -> str:
+    """Requests of the last round, by method (the same every round for these operations)."""
+    if not op.requests or not op.requests[-1]:
+        return "—"
+    last = op.requests[-1]
+    detail = ", ".join(f"{n} {m}" for m, n in sorted(last.items(), key=lambda x: -x[1]))
+    return f"{sum(last.values())} ({detail})"
+
+
 def _cpu(op: Op) -> str:
     if not op.seconds:
         return "—"
@@ -777,7 +818,8 @@ def render(meta: dict[str, Any], results: dict[str, Result], cpu: list[dict[str,
         f"processes and kernel threads; neither this process nor the server): {foreign}; the "
         f"moto server process: {srv}; hypervisor steal: {steal}. Columns `CPU s client / "
         "server` below: CPU seconds of this process (all threads) and of the server process "
-        "during the operation, medians.",
+        "during the operation, medians. `requests`: the requests the server logged during the "
+        "operation, last round, by method.",
         "",
         "## Limits",
         "",
@@ -787,32 +829,21 @@ def render(meta: dict[str, Any], results: dict[str, Result], cpu: list[dict[str,
                 "seconds, median [min-max]",
                 "MB/s",
                 "CPU s client / server",
+                "requests",
             ],
             [
                 [
-                    results["limit-many"].name + " (write)",
-                    fmt_s(lim_w_many),
-                    _mbps(nbytes, lim_w_many),
-                    _cpu(results["limit-many"].save),
-                ],
-                [
-                    results["limit-many"].name + " (read)",
-                    fmt_s(lim_r_many),
-                    _mbps(nbytes, lim_r_many),
-                    _cpu(next(iter(results["limit-many"].loads.values()))),
-                ],
-                [
-                    results["limit-one"].name + " (write)",
-                    fmt_s(lim_w_one),
-                    _mbps(nbytes, lim_w_one),
-                    _cpu(results["limit-one"].save),
-                ],
-                [
-                    results["limit-one"].name + " (read)",
-                    fmt_s(lim_r_one),
-                    _mbps(nbytes, lim_r_one),
-                    _cpu(next(iter(results["limit-one"].loads.values()))),
-                ],
+                    f"{results[key].name} ({what})",
+                    fmt_s(op.seconds),
+                    _mbps(nbytes, op.seconds),
+                    _cpu(op),
+                    _requests(op),
+                ]
+                for key in ("limit-many", "limit-one")
+                for what, op in (
+                    ("write", results[key].save),
+                    ("read", next(iter(results[key].loads.values()))),
+                )
             ],
         ),
         "",
@@ -830,12 +861,12 @@ def render(meta: dict[str, Any], results: dict[str, Result], cpu: list[dict[str,
             str(int(median(r.uploaded_objects))) if r.uploaded_objects else "—",
             fmt_s(xs), _mbps(nbytes, xs),
             fmt_ratio(paired_ratio(lim_w_many, xs)), fmt_ratio(paired_ratio(lim_w_one, xs)),
-            fmt_ratio(paired_ratio(ts, xs)), _cpu(r.save),
+            fmt_ratio(paired_ratio(ts, xs)), _cpu(r.save), _requests(r.save),
         ])  # fmt: skip
     out += [
         table(["save", "uploaded", "objects", "seconds, median [min-max]", "MB/s",
                "vs limit, many objects", "vs limit, one object", "vs torch.save into s3fs file",
-               "CPU s client / server"], rows),
+               "CPU s client / server", "requests"], rows),
         "",
         "## Load",
         "",
@@ -855,11 +886,12 @@ def render(meta: dict[str, Any], results: dict[str, Result], cpu: list[dict[str,
                 name + (f" **(failed: {op.error})**" if op.error else ""),
                 fmt_s(xs), _mbps(nbytes, xs),
                 fmt_ratio(paired_ratio(lim_r_many, xs)), fmt_ratio(paired_ratio(lim_r_one, xs)),
-                fmt_ratio(paired_ratio(tl, xs)), _cpu(op), op.ties,
+                fmt_ratio(paired_ratio(tl, xs)), _cpu(op), _requests(op), op.ties,
             ])  # fmt: skip
     out += [
         table(["load", "seconds, median [min-max]", "MB/s", "vs limit, many objects",
                "vs limit, one object", "vs torch.load from s3fs file", "CPU s client / server",
+               "requests",
                "tied weights"], rows),
         "",
     ]  # fmt: skip
@@ -894,12 +926,13 @@ def render(meta: dict[str, Any], results: dict[str, Result], cpu: list[dict[str,
                 fmt_ratio(paired_ratio(zs, xs)),
                 fmt_ratio(paired_ratio(lim_w_many, xs)),
                 _cpu(r.save),
+                _requests(r.save),
             ])  # fmt: skip
         out += [
             table(["delta re-save", "tensor bytes changed by the step", "first save (keyframe)",
                    "re-save seconds, median [min-max]", "uploaded", "uploaded / zstd uploaded",
                    "vs zstd save (time)", "vs limit, many objects (time)",
-                   "CPU s client / server"], rows),
+                   "CPU s client / server", "requests"], rows),
             "",
         ]  # fmt: skip
         rows = []
@@ -909,9 +942,10 @@ def render(meta: dict[str, Any], results: dict[str, Result], cpu: list[dict[str,
                 rows.append([
                     name + (f" **(failed: {op.error})**" if op.error else ""), fmt_s(xs),
                     _mbps(nbytes, xs), fmt_ratio(paired_ratio(lim_r_many, xs)), _cpu(op),
+                    _requests(op),
                 ])  # fmt: skip
         out += [table(["load", "seconds, median [min-max]", "MB/s", "vs limit, many objects",
-                       "CPU s client / server"], rows), ""]  # fmt: skip
+                       "CPU s client / server", "requests"], rows), ""]  # fmt: skip
 
     if servers:
         out += [
@@ -953,7 +987,7 @@ SELECTORS = {
     "torch": {"torch.save"},
     "dcp": {"dcp-t1", "dcp-t2"},
     "aptckpt": {*APT_CONTENDERS, "delta-finetune", "delta-dense"},
-    "zstd": {"apt-zstd", "apt-zstd-none"},
+    "zstd": {"apt-zstd", "apt-zstd-none", "apt-zstd-16m"},
     "delta": {"delta-finetune", "delta-dense"},
     **{k: {k} for k in ("dcp-t1", "dcp-t2", *APT_CONTENDERS, "delta-finetune", "delta-dense")},
 }
@@ -1075,8 +1109,9 @@ def main(argv: list[str] | None = None) -> None:
 
     server_line = (
         f"moto {_sysutil._dist_version('moto')}, "
-        + ("`python -m moto.server -H 127.0.0.1 -p <free port>` in its own process (werkzeug "
-           "request log off)" if args.server == "process" else
+        + ("`python -m moto.server -H 127.0.0.1 -p <free port>` in its own process (its "
+           "request log, one line per request, to a file: the `requests` columns)"
+           if args.server == "process" else
            "`ThreadedMotoServer(ip_address='127.0.0.1', port=0)` in this process")
         + f"; objects held in memory (`MOTO_S3_DEFAULT_KEY_BUFFER_SIZE={MOTO_BUFFER}`); one "
         f"bucket; fake credentials passed as `storage_options` (`key`, `secret`, "
@@ -1105,14 +1140,14 @@ def main(argv: list[str] | None = None) -> None:
         "notes": notes,
         "observed": list(OBSERVED),
     }
-    report = render(meta, results, cpu, server_cmp)
-    print(report)
-    args.out.write_text(report)
     stamp = started.strftime("%Y%m%d-%H%M%S")
     raw_json = WORKDIR / f"results-remote-{args.scale}-{stamp}.json"
     raw_json.write_text(json.dumps(_jsonable({
         "meta": meta, "results": results, "cpu_per_round": cpu, "server_compare": server_cmp,
     }), indent=1))  # fmt: skip
+    report = render(meta, results, cpu, server_cmp)
+    print(report)
+    args.out.write_text(report)
     _log(f"wrote {_rel(args.out)} and {_rel(raw_json)}")
 
 
