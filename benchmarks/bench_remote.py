@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import copy
 import dataclasses
 import datetime
 import gc
@@ -539,7 +540,9 @@ def stepped_states(wl: Any) -> dict[str, tuple[str, Any]]:
             label = "every parameter trainable"
             model.requires_grad_(True)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        opt.load_state_dict(wl.state["optimizer"])
+        # A copy: load_state_dict keeps tensors already of the right dtype and device, so the
+        # step would otherwise update the workload's own moments in place (the base state).
+        opt.load_state_dict(copy.deepcopy(wl.state["optimizer"]))
         gen = torch.Generator().manual_seed(cfg.seed + 29)
         train(model, opt, cfg, gen, 1)
         model.requires_grad_(False)
