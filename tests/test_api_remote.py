@@ -166,3 +166,34 @@ class TestTorchOnMemory(BackendConformance):
     backend = "torch"
     stores_empty_bytes = False
     root = "memory://aptckpt-conformance"
+
+
+class TestDeltaOnMemory(BackendConformance):
+    backend = "delta"
+    root = "memory://aptckpt-conformance"
+
+
+class _OnS3(BackendConformance):
+    """The conformance suite against the S3 API server: a fresh bucket per test."""
+
+    @pytest.fixture(autouse=True)
+    def _on_s3(self, s3_url: str, s3_options: dict[str, Any]) -> None:
+        self.root, self.storage_options = s3_url, s3_options
+
+
+class TestZstdOnS3(_OnS3):
+    backend = "zstd"
+
+
+class TestZstdRawOnS3(_OnS3):
+    backend = "zstd"
+    options = {"codec": "none"}
+
+
+class TestTorchOnS3(_OnS3):
+    backend = "torch"
+    stores_empty_bytes = False
+
+
+class TestDeltaOnS3(_OnS3):
+    backend = "delta"
