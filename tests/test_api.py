@@ -198,3 +198,40 @@ def test_large_plain_bytes_go_to_data_files_not_the_manifest(tmp_path):
     aptckpt.save({"blob": blob}, tmp_path / "c")
     assert (tmp_path / "c" / "manifest.msgpack").stat().st_size < 4096
     assert aptckpt.load(tmp_path / "c")["blob"] == blob
+
+
+@pytest.mark.parametrize("backend", ["zstd", "torch", "delta"])
+def test_a_failed_load_leaves_no_descriptor_open(tmp_path, backend):
+    """The error (and its traceback, which holds the reader's frame) may live long; the
+    checkpoint's descriptors must not live with it until a garbage collection."""
+    import gc
+
+    path = tmp_path / "c"
+    aptckpt.save({"w": torch.arange(1000.0)}, path, backend=backend)
+    info = aptckpt.inspect(path)
+    data = path / info.files[-1].path
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+
+    def open_into_checkpoint() -> list[str]:
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(str(path)):
+                found.append(target)
+        return found
+
+    gc.disable()
+    try:
+        with pytest.raises(aptckpt.AptckptError) as failed:
+            aptckpt.load(path)
+        assert open_into_checkpoint() == [], failed.value
+        with pytest.raises(aptckpt.AptckptError):
+            aptckpt.verify(path)
+        assert open_into_checkpoint() == []
+    finally:
+        gc.enable()

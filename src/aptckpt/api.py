@@ -12,13 +12,14 @@ with aliased tensors coming back as one object.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, overload
 
@@ -507,6 +508,17 @@ def _restore(
     return tensor
 
 
+@contextlib.contextmanager
+def _opened(
+    path: PathLike, storage_options: StorageOptions | None
+) -> Iterator[tuple[CheckpointReader, mf.Manifest, Backend]]:
+    """:func:`_open`, closing the reader when the block ends, error or not: a failed load
+    never leaves the checkpoint's descriptors to the garbage collector (paused meanwhile)."""
+    reader, manifest, impl = _open(path, storage_options)
+    with reader:
+        yield reader, manifest, impl
+
+
 def _open(
     path: PathLike, storage_options: StorageOptions | None
 ) -> tuple[CheckpointReader, mf.Manifest, Backend]:
@@ -657,85 +669,85 @@ def load(
     """
     if mmap and into is not None:
         raise ValueError("load() takes mmap=True or into=, not both: into= already reuses memory")
-    reader, manifest, impl = _open(path, storage_options)
-    keys = _KeyPaths(manifest)
-    plan = _into.plan(into, manifest, strict=strict) if into is not None else None
-    tensors = _read_tensors(
-        reader,
-        manifest,
-        impl,
-        verify=verify,
-        targets=plan.direct if plan is not None else None,
-        mapped=mmap,
-    )
-    restored = []
-    devices: dict[str, torch.device] = {}  # saved device -> target, resolved once each
-    # numpy arrays and large bytes/str are host values: their tensors stay on the CPU
-    moving = map_location is not None and map_location not in ("cpu", _CPU)
-    on_host = tree.host_parts(manifest.skeleton, len(tensors)) if moving else frozenset()
-    for index, (t, r) in enumerate(zip(tensors, manifest.tensors, strict=True)):
-        if plan is not None:
-            direct, copies = plan.direct[index], plan.copies[index]
-            if direct is not None or copies:
-                # In the checkpoint's order, one after the other: several saved tensors
-                # aimed at one destination leave the last one there, never a mix.
-                with torch.no_grad():
-                    for destination in copies:
-                        destination.copy_(t)
-                restored.append(direct if direct is not None else copies[0])
+    with _opened(path, storage_options) as (reader, manifest, impl):
+        keys = _KeyPaths(manifest)
+        plan = _into.plan(into, manifest, strict=strict) if into is not None else None
+        tensors = _read_tensors(
+            reader,
+            manifest,
+            impl,
+            verify=verify,
+            targets=plan.direct if plan is not None else None,
+            mapped=mmap,
+        )
+        restored = []
+        devices: dict[str, torch.device] = {}  # saved device -> target, resolved once each
+        # numpy arrays and large bytes/str are host values: their tensors stay on the CPU
+        moving = map_location is not None and map_location not in ("cpu", _CPU)
+        on_host = tree.host_parts(manifest.skeleton, len(tensors)) if moving else frozenset()
+        for index, (t, r) in enumerate(zip(tensors, manifest.tensors, strict=True)):
+            if plan is not None:
+                direct, copies = plan.direct[index], plan.copies[index]
+                if direct is not None or copies:
+                    # In the checkpoint's order, one after the other: several saved tensors
+                    # aimed at one destination leave the last one there, never a mix.
+                    with torch.no_grad():
+                        for destination in copies:
+                            destination.copy_(t)
+                    restored.append(direct if direct is not None else copies[0])
+                    continue
+            if index in on_host:
+                restored.append(t)
                 continue
-        if index in on_host:
-            restored.append(t)
-            continue
-        device = devices.get(r.device)
-        if device is None:
-            device = devices[r.device] = _resolve_device(
-                r.device, map_location, functools.partial(keys.__getitem__, index)
-            )
-        restored.append(_restore(t, r, device, keys, index))
-    state = tree.rebuild(manifest.skeleton, restored)
-    if plan is None:
-        return state
-    _into.fill_composites(plan, state)
-    return IntoResult(state, plan.missing, plan.unexpected)
+            device = devices.get(r.device)
+            if device is None:
+                device = devices[r.device] = _resolve_device(
+                    r.device, map_location, functools.partial(keys.__getitem__, index)
+                )
+            restored.append(_restore(t, r, device, keys, index))
+        state = tree.rebuild(manifest.skeleton, restored)
+        if plan is None:
+            return state
+        _into.fill_composites(plan, state)
+        return IntoResult(state, plan.missing, plan.unexpected)
 
 
 def inspect(path: PathLike, *, storage_options: StorageOptions | None = None) -> CheckpointInfo:
     """Summarise a checkpoint from its manifest, without reading tensor data
     (``storage_options`` for a URL, as for :func:`save`)."""
-    reader, manifest, impl = _open(path, storage_options)
-    layouts = impl.describe(manifest)
-    store_bytes = impl.external_bytes(manifest)
-    keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
-    tensors = tuple(
-        TensorInfo(
-            key=k,
-            dtype=r.dtype,
-            shape=r.shape,
-            device=r.device,
-            nbytes=r.nbytes,
-            stored_bytes=lay.stored_bytes,
-            codecs=lay.codecs,
-            parameter=r.parameter,
-            requires_grad=r.requires_grad,
+    with _opened(path, storage_options) as (reader, manifest, impl):
+        layouts = impl.describe(manifest)
+        store_bytes = impl.external_bytes(manifest)
+        keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
+        tensors = tuple(
+            TensorInfo(
+                key=k,
+                dtype=r.dtype,
+                shape=r.shape,
+                device=r.device,
+                nbytes=r.nbytes,
+                stored_bytes=lay.stored_bytes,
+                codecs=lay.codecs,
+                parameter=r.parameter,
+                requires_grad=r.requires_grad,
+            )
+            for k, r, lay in zip(keys, manifest.tensors, layouts, strict=True)
         )
-        for k, r, lay in zip(keys, manifest.tensors, layouts, strict=True)
-    )
-    return CheckpointInfo(
-        path=reader.location,
-        backend=manifest.backend,
-        options=dict(manifest.options),
-        format_version=manifest.format_version,
-        library_version=manifest.library_version,
-        torch_version=manifest.torch_version,
-        created_at=manifest.created_at,
-        tensors=tensors,
-        files=manifest.files,
-        raw_bytes=sum(t.nbytes for t in tensors),
-        stored_bytes=sum(f.size for f in manifest.files) + store_bytes,
-        store_bytes=store_bytes,
-        metadata=tree.rebuild(manifest.metadata, []) if manifest.metadata is not None else None,
-    )
+        return CheckpointInfo(
+            path=reader.location,
+            backend=manifest.backend,
+            options=dict(manifest.options),
+            format_version=manifest.format_version,
+            library_version=manifest.library_version,
+            torch_version=manifest.torch_version,
+            created_at=manifest.created_at,
+            tensors=tensors,
+            files=manifest.files,
+            raw_bytes=sum(t.nbytes for t in tensors),
+            stored_bytes=sum(f.size for f in manifest.files) + store_bytes,
+            store_bytes=store_bytes,
+            metadata=tree.rebuild(manifest.metadata, []) if manifest.metadata is not None else None,
+        )
 
 
 @_gc.pausing
@@ -752,20 +764,20 @@ def verify(path: PathLike, *, storage_options: StorageOptions | None = None) -> 
         FormatError, CheckpointNotFoundError: as for :func:`load`.
     """
     start = time.perf_counter()
-    reader, manifest, impl = _open(path, storage_options)
-    tensors = _read_tensors(reader, manifest, impl, verify=True)
-    try:
-        tree.rebuild(manifest.skeleton, tensors)
-    except FormatError as err:
-        raise IntegrityError(str(err), path=reader.location) from err
-    return VerifyReport(
-        path=reader.location,
-        backend=manifest.backend,
-        tensors=len(tensors),
-        raw_bytes=sum(r.nbytes for r in manifest.tensors),
-        stored_bytes=sum(f.size for f in manifest.files) + impl.external_bytes(manifest),
-        seconds=time.perf_counter() - start,
-    )
+    with _opened(path, storage_options) as (reader, manifest, impl):
+        tensors = _read_tensors(reader, manifest, impl, verify=True)
+        try:
+            tree.rebuild(manifest.skeleton, tensors)
+        except FormatError as err:
+            raise IntegrityError(str(err), path=reader.location) from err
+        return VerifyReport(
+            path=reader.location,
+            backend=manifest.backend,
+            tensors=len(tensors),
+            raw_bytes=sum(r.nbytes for r in manifest.tensors),
+            stored_bytes=sum(f.size for f in manifest.files) + impl.external_bytes(manifest),
+            seconds=time.perf_counter() - start,
+        )
 
 
 def convert(
@@ -805,34 +817,34 @@ def convert(
         dst_storage_options = storage_options if is_url(dst) else None
     dst_storage, dst_path = resolve(dst, dst_storage_options)
     impl = _backend(backend)(**options)
-    reader, manifest, src_impl = _open(src, src_options)
-    if reader.storage.same_checkpoint(reader.path, dst_storage, dst_path):
-        raise CheckpointExistsError(
-            dst_storage.display(dst_path),
-            "it is the checkpoint being converted; choose another path",
+    with _opened(src, src_options) as (reader, manifest, src_impl):
+        if reader.storage.same_checkpoint(reader.path, dst_storage, dst_path):
+            raise CheckpointExistsError(
+                dst_storage.display(dst_path),
+                "it is the checkpoint being converted; choose another path",
+            )
+        tensors = _read_tensors(reader, manifest, src_impl, verify=verify)
+        keys = tree.key_paths(manifest.skeleton, len(tensors))
+        leaves = tuple(
+            tree.TensorLeaf(t, k, r.parameter)
+            for t, k, r in zip(tensors, keys, manifest.tensors, strict=True)
         )
-    tensors = _read_tensors(reader, manifest, src_impl, verify=verify)
-    keys = tree.key_paths(manifest.skeleton, len(tensors))
-    leaves = tuple(
-        tree.TensorLeaf(t, k, r.parameter)
-        for t, k, r in zip(tensors, keys, manifest.tensors, strict=True)
-    )
-    flat = tree.FlatState(manifest.skeleton, leaves, owned=True)
-    version = max(
-        tree.skeleton_version(manifest.skeleton), tree.skeleton_version(manifest.metadata)
-    )
-    return _write(
-        flat,
-        manifest.tensors,
-        manifest.metadata,
-        dst_storage,
-        dst_path,
-        backend,
-        impl,
-        format_version=version,
-        overwrite=overwrite,
-        start=start,
-    )
+        flat = tree.FlatState(manifest.skeleton, leaves, owned=True)
+        version = max(
+            tree.skeleton_version(manifest.skeleton), tree.skeleton_version(manifest.metadata)
+        )
+        return _write(
+            flat,
+            manifest.tensors,
+            manifest.metadata,
+            dst_storage,
+            dst_path,
+            backend,
+            impl,
+            format_version=version,
+            overwrite=overwrite,
+            start=start,
+        )
 
 
 def delete(path: PathLike, *, storage_options: StorageOptions | None = None) -> None:
