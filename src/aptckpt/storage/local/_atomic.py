@@ -331,10 +331,17 @@ class CheckpointWriter(base.CheckpointWriter):
     def commit(self, manifest_bytes: bytes) -> None:
         """Write the manifest last and move the checkpoint into place, durably."""
         manifest_path = self.root / mf.MANIFEST_NAME
-        with open(manifest_path, "xb") as f:
-            f.write(manifest_bytes)
-            f.flush()
-            os.fsync(f.fileno())
+        # A descriptor, not a file object: a Ctrl-C landing between open() and a `with`
+        # would leave a file object to the garbage collector (a ResourceWarning there);
+        # here the window is one bytecode, and the temp directory goes with the save.
+        fd = os.open(manifest_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(manifest_bytes)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         _fsync_path(self.root, directory=True)
         for _attempt in range(3):
             self._check_target()  # the target may have appeared while we were writing
