@@ -325,6 +325,12 @@ class CheckpointWriter(base.CheckpointWriter):
         """fsync every data file (in parallel: fsync releases the GIL)."""
         paths = [self.root / n for n in self._files]
         workers = max(1, min(len(paths), threads or default_threads()))
+        if workers == 1:
+            # In this thread: no pool to wait on (a Ctrl-C landing inside a future's
+            # Condition.wait surfaces as CPython's "cannot release un-acquired lock").
+            for path in paths:
+                _fsync_path(path)
+            return
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(_fsync_path, paths))
 
