@@ -30,11 +30,13 @@ from aptckpt.errors import (
     CheckpointDeletedError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    CollectiveError,
     DeviceUnavailableError,
     FormatError,
     IntegrityError,
     IntoMismatchError,
     InvalidNameError,
+    ReplicaDivergenceError,
     RunBusyError,
     StateChangedError,
     StorageError,
@@ -50,6 +52,7 @@ from aptckpt.errors import (
 from aptckpt.manager import CheckpointManager, CheckpointRecord, ResumeInfo
 from aptckpt.manifest import FORMAT_VERSION
 from aptckpt.registry import available_backends, register_backend
+from aptckpt.tree import PerRank, per_rank
 
 __all__ = [
     "FORMAT_VERSION",
@@ -63,6 +66,7 @@ __all__ = [
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointRecord",
+    "CollectiveError",
     "DeviceUnavailableError",
     "FormatError",
     "GarbageReport",
@@ -70,6 +74,8 @@ __all__ = [
     "IntoMismatchError",
     "IntoResult",
     "InvalidNameError",
+    "PerRank",
+    "ReplicaDivergenceError",
     "ResumeInfo",
     "RunBusyError",
     "SaveHandle",
@@ -93,6 +99,7 @@ __all__ = [
     "delete",
     "inspect",
     "load",
+    "per_rank",
     "register_backend",
     "save",
     "verify",

@@ -266,7 +266,7 @@ def _assign(
     for index, row in enumerate(copies):
         for dest in row:
             if (
-                isinstance(dest, torch.Tensor)
+                type(dest) in (torch.Tensor, torch.nn.Parameter)
                 and dest.device.type == "cpu"
                 and _dtypes.holds_its_values(dest)
                 and len(aimed[id(dest)]) == 1
@@ -284,7 +284,11 @@ def _overlapping(dests: list[Any]) -> set[int]:
     spans: list[tuple[int, int, int, int]] = []  # storage, start, stop, id
     seen: set[int] = set()
     for dest in dests:
-        if id(dest) in seen or not isinstance(dest, torch.Tensor) or dest.numel() == 0:
+        if (
+            id(dest) in seen
+            or type(dest) not in (torch.Tensor, torch.nn.Parameter)  # a DTensor: its shard
+            or dest.numel() == 0
+        ):
             continue
         seen.add(id(dest))
         start = dest.data_ptr()

@@ -125,6 +125,8 @@ class CheckpointInfo:
     stored_bytes: int
     store_bytes: int
     metadata: Any
+    #: How many ranks saved it (1: one process).
+    world_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,7 @@ def save(
     overwrite: bool = ...,
     blocking: Literal[True] = ...,
     storage_options: StorageOptions | None = ...,
+    process_group: Any = ...,
     **options: Any,
 ) -> SaveInfo: ...
 
@@ -190,6 +193,7 @@ def save(
     overwrite: bool = ...,
     blocking: Literal[False],
     storage_options: StorageOptions | None = ...,
+    process_group: Any = ...,
     **options: Any,
 ) -> SaveHandle[SaveInfo]: ...
 
@@ -203,6 +207,7 @@ def save(
     overwrite: bool = False,
     blocking: bool = True,
     storage_options: StorageOptions | None = None,
+    process_group: Any = None,
     **options: Any,
 ) -> SaveInfo | SaveHandle[SaveInfo]:
     """Save ``state`` as a checkpoint at ``path``, atomically.
@@ -224,6 +229,15 @@ def save(
         storage_options: for a URL, the options of its fsspec file system (credentials,
             ``endpoint_url``, ``client_kwargs``, ...), over the environment's defaults
             (``AWS_*``). Never written anywhere, never shown in a message.
+        process_group: a ``torch.distributed`` process group (``group.WORLD`` for the
+            whole job): a collective save. Every rank of it calls ``save`` with its own
+            state (the same keys on every rank) and the same path; each writes its own
+            shards (DTensors as their local boxes, replicated tensors once, spread over
+            the ranks and compared by digest, :class:`~aptckpt.PerRank` values per rank),
+            rank 0 commits, and every rank returns once the checkpoint is committed or
+            raises :class:`~aptckpt.errors.CollectiveError` (naming the ranks that failed)
+            when any rank failed or stopped answering (``APTCKPT_COLLECTIVE_TIMEOUT_S``,
+            default 60 s). ``None``: one process (never "the default group").
         **options: backend options, e.g. ``level=3`` or ``codec="none"`` for ``zstd``.
 
     Returns:
@@ -237,6 +251,18 @@ def save(
         WriteError: the disk failed (full, read-only); nothing was committed.
         (With ``blocking=False`` the errors of the persisting part come from ``wait()``.)
     """
+    if process_group is not None:
+        return _save_collective(
+            state,
+            path,
+            process_group,
+            backend=backend,
+            metadata=metadata,
+            overwrite=overwrite,
+            blocking=blocking,
+            storage_options=storage_options,
+            options=options,
+        )
     pending = prepare_save(
         state,
         path,
@@ -252,6 +278,55 @@ def save(
         with _gc.paused():
             return pending.persist(pending.flat)
     return _background.submit(pending.flat, pending.location, pending.persist)
+
+
+def _save_collective(
+    state: Any,
+    path: PathLike,
+    process_group: Any,
+    *,
+    backend: str,
+    metadata: Mapping[str, Any] | None,
+    overwrite: bool,
+    blocking: bool,
+    storage_options: StorageOptions | None,
+    options: dict[str, Any],
+) -> SaveInfo:
+    """:func:`save` with ``process_group``: checks made on every rank, whose errors every
+    rank must learn of (:mod:`aptckpt.distributed._save`)."""
+    from aptckpt.distributed import _save
+
+    if not blocking:
+        raise ValueError(
+            "save(process_group=..., blocking=False) is not supported yet: save collectively "
+            "with blocking=True (the CheckpointManager's async saves are single-process too)"
+        )
+    start = time.perf_counter()
+    storage, where = resolve(path, storage_options)
+    impl: Backend | None = None
+    error: BaseException | None = None
+    encoded_metadata, metadata_version = None, 2
+    try:
+        impl = _backend(backend)(**options)
+        if metadata:
+            encoded_metadata, metadata_version = tree.encode_plain(dict(metadata), root="metadata")
+    except Exception as err:
+        error = err
+    with _gc.paused():
+        info: SaveInfo = _save.save(
+            state,
+            storage,
+            where,
+            process_group=process_group,
+            backend=backend,
+            impl=impl,
+            error=error,
+            metadata=encoded_metadata,
+            metadata_version=metadata_version,
+            overwrite=overwrite,
+            start=start,
+        )
+    return info
 
 
 @dataclass(frozen=True)
@@ -542,6 +617,10 @@ def _read_tensors(
     targets: list[torch.Tensor | None] | None = None,
     mapped: bool = False,
 ) -> list[torch.Tensor]:
+    if manifest.sharded:  # saved by a process group: whole tensors from their boxes
+        from aptckpt.distributed import _load
+
+        return _load.read_whole(reader, manifest, impl, verify=verify)
     if mapped:
         tensors = impl.read_mapped(reader, manifest, verify=verify)
     elif targets is None:
@@ -598,6 +677,7 @@ def load(
     strict: bool = ...,
     mmap: bool = ...,
     storage_options: StorageOptions | None = ...,
+    process_group: Any = ...,
 ) -> Any: ...
 
 
@@ -611,6 +691,7 @@ def load(
     strict: bool = ...,
     mmap: bool = ...,
     storage_options: StorageOptions | None = ...,
+    process_group: Any = ...,
 ) -> IntoResult: ...
 
 
@@ -624,6 +705,7 @@ def load(
     strict: bool = True,
     mmap: bool = False,
     storage_options: StorageOptions | None = None,
+    process_group: Any = None,
 ) -> Any:
     """Load the state saved at ``path``, bit for bit.
 
@@ -655,6 +737,13 @@ def load(
             safe). Tensors mapped to another device are copied there. Not with ``into``.
             From object storage nothing can be mapped: tensors are read.
         storage_options: for a URL, as for :func:`save`.
+        process_group: a collective load: every rank of the ``torch.distributed`` group
+            calls it; each gets the state as its rank saved it (its own
+            :class:`~aptckpt.PerRank` values) and fills the DTensors of ``into`` with the
+            part its own placements give it, reading only the stored bytes it needs -- at
+            any world size and mesh. An error on any rank is raised on every rank
+            (:class:`~aptckpt.errors.CollectiveError`). A checkpoint saved by a process
+            group loads without one too: whole tensors, rank 0's per-rank values.
 
     Returns:
         The state; with ``into``, an :class:`IntoResult` holding it and the unmatched keys.
@@ -669,7 +758,24 @@ def load(
     """
     if mmap and into is not None:
         raise ValueError("load() takes mmap=True or into=, not both: into= already reuses memory")
+    if process_group is not None:
+        return _load_collective(
+            path, process_group, map_location, verify, into, strict, storage_options
+        )
     with _opened(path, storage_options) as (reader, manifest, impl):
+        if manifest.sharded:
+            from aptckpt.distributed import _load
+
+            return _load.load(
+                reader,
+                manifest,
+                impl,
+                rank=0,
+                map_location=map_location,
+                verify=verify,
+                into=into,
+                strict=strict,
+            )
         keys = _KeyPaths(manifest)
         plan = _into.plan(into, manifest, strict=strict) if into is not None else None
         tensors = _read_tensors(
@@ -712,12 +818,56 @@ def load(
         return IntoResult(state, plan.missing, plan.unexpected)
 
 
+def _load_module() -> Any:
+    from aptckpt.distributed import _load
+
+    return _load
+
+
+def _load_collective(
+    path: PathLike,
+    process_group: Any,
+    map_location: MapLocation,
+    verify: bool,
+    into: Any,
+    strict: bool,
+    storage_options: StorageOptions | None,
+) -> Any:
+    """:func:`load` with ``process_group``: every rank loads what it needs, then the ranks
+    agree that every one of them succeeded."""
+    from aptckpt.distributed import _comm, _load
+
+    comm = _comm.Comm(process_group, f"loading checkpoint '{path}'")
+    result: Any = None
+    error: BaseException | None = None
+    try:
+        with _opened(path, storage_options) as (reader, manifest, impl):
+            result = _load.load(
+                reader,
+                manifest,
+                impl,
+                rank=comm.rank,
+                map_location=map_location,
+                verify=verify,
+                into=into,
+                strict=strict,
+            )
+    except Exception as err:
+        error = err
+    comm.agree(error, "load")
+    return result
+
+
 def inspect(path: PathLike, *, storage_options: StorageOptions | None = None) -> CheckpointInfo:
     """Summarise a checkpoint from its manifest, without reading tensor data
     (``storage_options`` for a URL, as for :func:`save`)."""
     with _opened(path, storage_options) as (reader, manifest, impl):
-        layouts = impl.describe(manifest)
-        store_bytes = impl.external_bytes(manifest)
+        if manifest.sharded:
+            from aptckpt.distributed import _load
+
+            layouts, store_bytes = _load.describe(impl, manifest)
+        else:
+            layouts, store_bytes = impl.describe(manifest), impl.external_bytes(manifest)
         keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
         tensors = tuple(
             TensorInfo(
@@ -747,6 +897,7 @@ def inspect(path: PathLike, *, storage_options: StorageOptions | None = None) ->
             stored_bytes=sum(f.size for f in manifest.files) + store_bytes,
             store_bytes=store_bytes,
             metadata=tree.rebuild(manifest.metadata, []) if manifest.metadata is not None else None,
+            world_size=manifest.world_size,
         )
 
 
@@ -767,15 +918,29 @@ def verify(path: PathLike, *, storage_options: StorageOptions | None = None) -> 
     with _opened(path, storage_options) as (reader, manifest, impl):
         tensors = _read_tensors(reader, manifest, impl, verify=True)
         try:
-            tree.rebuild(manifest.skeleton, tensors)
+            if manifest.sharded:  # every rank's view of the state rebuilds
+                used: set[int] = set()
+                for rank in range(manifest.world_size):
+                    selected, _ = tree.select_rank(manifest.skeleton, rank)
+                    tree.rebuild(selected, tensors, every=False)
+                    used.update(tree.key_paths_used(selected, len(tensors)))
+                if len(used) != len(tensors):
+                    raise FormatError("malformed state skeleton: a tensor is never referenced")
+            else:
+                tree.rebuild(manifest.skeleton, tensors)
         except FormatError as err:
             raise IntegrityError(str(err), path=reader.location) from err
+        external = (
+            _load_module().describe(impl, manifest)[1]
+            if manifest.sharded
+            else impl.external_bytes(manifest)
+        )
         return VerifyReport(
             path=reader.location,
             backend=manifest.backend,
             tensors=len(tensors),
             raw_bytes=sum(r.nbytes for r in manifest.tensors),
-            stored_bytes=sum(f.size for f in manifest.files) + impl.external_bytes(manifest),
+            stored_bytes=sum(f.size for f in manifest.files) + external,
             seconds=time.perf_counter() - start,
         )
 
@@ -823,6 +988,30 @@ def convert(
                 dst_storage.display(dst_path),
                 "it is the checkpoint being converted; choose another path",
             )
+        if manifest.sharded:  # whole tensors, rank 0's per-rank values: one process's state
+            state = _load_module().load(
+                reader,
+                manifest,
+                src_impl,
+                rank=0,
+                map_location="cpu",
+                verify=verify,
+                into=None,
+                strict=True,
+            )
+            metadata = (
+                tree.rebuild(manifest.metadata, []) if manifest.metadata is not None else None
+            )
+            pending = prepare_save(
+                state,
+                dst,
+                backend=backend,
+                metadata=metadata,
+                overwrite=overwrite,
+                storage_options=dst_storage_options,
+                **options,
+            )
+            return pending.persist(pending.flat)
         tensors = _read_tensors(reader, manifest, src_impl, verify=verify)
         keys = tree.key_paths(manifest.skeleton, len(tensors))
         leaves = tuple(

@@ -18,12 +18,14 @@ __all__ = [
     "CheckpointDeletedError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
+    "CollectiveError",
     "DeviceUnavailableError",
     "FormatError",
     "IntegrityError",
     "IntoMismatchError",
     "InvalidNameError",
     "NativeUnavailableError",
+    "ReplicaDivergenceError",
     "RunBusyError",
     "StateChangedError",
     "StorageError",
@@ -309,3 +311,33 @@ class StoreNotFoundError(AptckptError, FileNotFoundError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class CollectiveError(AptckptError, RuntimeError):
+    """A collective save or load (``process_group=``) failed on some rank, or a rank never
+    arrived (killed, crashed, stuck past the timeout). Every rank of the group raises it;
+    nothing was committed by a failed save.
+
+    Attributes:
+        failures: group rank -> what went wrong there (what each rank reported; a rank that
+            never arrived is named by the message instead).
+    """
+
+    def __init__(self, message: str, *, failures: dict[int, str] | None = None) -> None:
+        self.failures = dict(failures or {})
+        super().__init__(message)
+
+
+class ReplicaDivergenceError(CollectiveError):
+    """A tensor every rank holds a replica of (a DDP parameter, a plain tensor) differs
+    between ranks: the ranks diverged. Nothing was committed.
+
+    Attributes:
+        key_path: the tensor; groups: the ranks that agree with each other, one tuple per
+            distinct value.
+    """
+
+    def __init__(self, message: str, *, key_path: str, groups: list[tuple[int, ...]]) -> None:
+        self.key_path = key_path
+        self.groups = groups
+        super().__init__(message)

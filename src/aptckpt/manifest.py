@@ -46,6 +46,8 @@ __all__ = [
     "MANIFEST_NAME",
     "FileRecord",
     "Manifest",
+    "PartRecord",
+    "ShardRecord",
     "TensorRecord",
     "check_relative_path",
     "decode",
@@ -54,7 +56,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "aptckpt"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+#: The first version that stores a state saved by several ranks (``parts``, ``shards``).
+SHARDED_SINCE = 4
 MANIFEST_NAME = "manifest.msgpack"
 #: The first version whose manifests must end with a checksum entry.
 CHECKSUM_SINCE = 2
@@ -104,8 +108,35 @@ class FileRecord:
 
 
 @dataclass(frozen=True)
+class PartRecord:
+    """What one rank of a process group wrote: its local tensors, stored by the backend as
+    a checkpoint of their own would be (``payload``, whose file numbers index ``files``),
+    in the files ``files`` (indices into the manifest's files)."""
+
+    rank: int
+    files: tuple[int, ...]
+    tensors: tuple[TensorRecord, ...]
+    payload: Any
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """Where a box of a tensor is stored: local tensor ``index`` of part ``part``, whose
+    shape is the box's size, at ``offsets`` in the tensor."""
+
+    part: int
+    index: int
+    offsets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Manifest:
-    """A decoded, validated manifest."""
+    """A decoded, validated manifest.
+
+    A checkpoint saved by a process group (version 4) has ``parts`` (one per rank that
+    wrote data) and ``shards`` (per tensor, the boxes that cover it); its ``payload`` is
+    None. Any other checkpoint has neither, and the backend's ``payload`` holds every tensor.
+    """
 
     backend: str
     options: Mapping[str, Any]
@@ -118,6 +149,29 @@ class Manifest:
     library_version: str = ""
     torch_version: str = ""
     format_version: int = FORMAT_VERSION
+    #: The number of ranks that saved it (1 for a single-process save).
+    world_size: int = 1
+    parts: tuple[PartRecord, ...] = ()
+    shards: tuple[tuple[ShardRecord, ...], ...] = ()
+    #: Saved by a process group: tensors are stored as boxes in per-rank ``parts``.
+    sharded: bool = False
+
+    def part(self, index: int) -> Manifest:
+        """Part ``index`` as a manifest of its own, which the backend reads as it reads
+        any checkpoint: the part's local tensors, files and payload."""
+        part = self.parts[index]
+        return Manifest(
+            backend=self.backend,
+            options=self.options,
+            skeleton=["list", [["tensor", i] for i in range(len(part.tensors))]],
+            tensors=part.tensors,
+            files=tuple(self.files[i] for i in part.files),
+            payload=part.payload,
+            created_at=self.created_at,
+            library_version=self.library_version,
+            torch_version=self.torch_version,
+            format_version=self.format_version,
+        )
 
 
 def check_relative_path(path: object, *, where: str | None = None) -> str:
@@ -142,9 +196,19 @@ def check_relative_path(path: object, *, where: str | None = None) -> str:
     return path
 
 
+def _tensor_doc(t: TensorRecord) -> dict[str, Any]:
+    return {
+        "dtype": t.dtype,
+        "shape": list(t.shape),
+        "device": t.device,
+        "requires_grad": t.requires_grad,
+        "parameter": t.parameter,
+    }
+
+
 def encode(manifest: Manifest) -> bytes:
     """Deterministic msgpack bytes of ``manifest`` (same manifest, same bytes)."""
-    doc = {
+    doc: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": manifest.format_version,
         "library_version": manifest.library_version,
@@ -153,20 +217,25 @@ def encode(manifest: Manifest) -> bytes:
         "backend": manifest.backend,
         "options": dict(manifest.options),
         "tree": manifest.skeleton,
-        "tensors": [
-            {
-                "dtype": t.dtype,
-                "shape": list(t.shape),
-                "device": t.device,
-                "requires_grad": t.requires_grad,
-                "parameter": t.parameter,
-            }
-            for t in manifest.tensors
-        ],
+        "tensors": [_tensor_doc(t) for t in manifest.tensors],
         "files": [{"path": f.path, "size": f.size} for f in manifest.files],
         "payload": manifest.payload,
         "metadata": manifest.metadata,
     }
+    if manifest.sharded:
+        doc["world_size"] = manifest.world_size
+        doc["parts"] = [
+            {
+                "rank": p.rank,
+                "files": list(p.files),
+                "tensors": [_tensor_doc(t) for t in p.tensors],
+                "payload": p.payload,
+            }
+            for p in manifest.parts
+        ]
+        doc["shards"] = [
+            [[s.part, s.index, list(s.offsets)] for s in boxes] for boxes in manifest.shards
+        ]
     return pack_document(doc)
 
 
@@ -315,11 +384,20 @@ def decode(data: bytes, *, where: str | None = None) -> Manifest:
         )
     if len({f.path for f in files}) != len(files):
         raise r.fail("a file is listed twice")
+    tensors = tuple(_tensor_record(t, i, where) for i, t in enumerate(raw_tensors))
+    world_size, parts, shards = 1, (), ()
+    sharded = version >= SHARDED_SINCE and "parts" in doc
+    if sharded:
+        world_size = r.count("world_size", limit=1 << 24)
+        if world_size < 1:
+            raise r.fail("world_size is 0")
+        parts = _parts(r.get("parts", list), len(files), world_size, where)
+        shards = _shards(r.get("shards", list), tensors, parts, where)
     return Manifest(
         backend=r.get("backend", str),
         options=r.get("options", dict, default={}),
         skeleton=doc.get("tree"),
-        tensors=tuple(_tensor_record(t, i, where) for i, t in enumerate(raw_tensors)),
+        tensors=tensors,
         files=tuple(files),
         payload=doc.get("payload"),
         metadata=doc.get("metadata"),
@@ -327,4 +405,83 @@ def decode(data: bytes, *, where: str | None = None) -> Manifest:
         library_version=r.get("library_version", str, default=""),
         torch_version=r.get("torch_version", str, default=""),
         format_version=version,
+        world_size=world_size,
+        parts=parts,
+        shards=shards,
+        sharded=sharded,
     )
+
+
+def _parts(
+    raw: list[Any], file_count: int, world_size: int, where: str | None
+) -> tuple[PartRecord, ...]:
+    parts = []
+    owner: dict[int, int] = {}  # file -> the part that lists it
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise FormatError(f"malformed manifest: part {i} is not a map", path=where)
+        r = _Reader(item, where, f"part {i}: ")
+        rank = r.count("rank", limit=world_size - 1)
+        files = r.get("files", list)
+        for f in files:
+            if type(f) is not int or not 0 <= f < file_count or f in owner:
+                raise r.fail(f"file index {f!r} is out of range or listed by two parts")
+            owner[f] = i
+        tensors = tuple(_tensor_record(t, j, where) for j, t in enumerate(r.get("tensors", list)))
+        parts.append(PartRecord(rank, tuple(files), tensors, item.get("payload")))
+    if len(owner) != file_count:
+        raise FormatError("malformed manifest: a data file belongs to no part", path=where)
+    return tuple(parts)
+
+
+def _shards(
+    raw: list[Any],
+    tensors: tuple[TensorRecord, ...],
+    parts: tuple[PartRecord, ...],
+    where: str | None,
+) -> tuple[tuple[ShardRecord, ...], ...]:
+    """Every tensor's boxes, each a local tensor of a part of the tensor's dtype that lies
+    inside the tensor. Whether the boxes cover it exactly is checked where it is read."""
+    if len(raw) != len(tensors):
+        raise FormatError(
+            f"malformed manifest: {len(raw)} shard lists for {len(tensors)} tensors", path=where
+        )
+    result = []
+    used: set[tuple[int, int]] = set()
+    for t, (record, boxes) in enumerate(zip(tensors, raw, strict=True)):
+        if not isinstance(boxes, list):
+            raise FormatError(f"malformed manifest: shards of tensor {t}", path=where)
+        found = []
+        for box in boxes:
+            if not (isinstance(box, list) and len(box) == 3 and isinstance(box[2], list)):
+                raise FormatError(f"malformed manifest: a shard of tensor {t}", path=where)
+            part, index, offsets = box
+            if type(part) is not int or not 0 <= part < len(parts):
+                raise FormatError(f"malformed manifest: tensor {t}: part {part!r}", path=where)
+            local = parts[part].tensors
+            if type(index) is not int or not 0 <= index < len(local) or (part, index) in used:
+                raise FormatError(
+                    f"malformed manifest: tensor {t}: local tensor {index!r} of part {part} is "
+                    "out of range or stores two boxes",
+                    path=where,
+                )
+            used.add((part, index))
+            sizes = local[index].shape
+            if (
+                local[index].dtype != record.dtype
+                or len(offsets) != len(record.shape)
+                or len(sizes) != len(record.shape)
+                or not all(
+                    type(o) is int and o >= 0 and o + n <= d
+                    for o, n, d in zip(offsets, sizes, record.shape, strict=True)
+                )
+            ):
+                raise FormatError(
+                    f"malformed manifest: tensor {t}: a shard at {offsets!r} of "
+                    f"{local[index].dtype} {list(sizes)} does not lie inside "
+                    f"{record.dtype} {list(record.shape)}",
+                    path=where,
+                )
+            found.append(ShardRecord(part, index, tuple(offsets)))
+        result.append(tuple(found))
+    return tuple(result)

@@ -41,8 +41,8 @@ importing it by name, which is what pickle does.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -131,6 +131,32 @@ class TensorLeaf:
     refresh: Callable[[], torch.Tensor] | None = None
 
 
+class PerRank:
+    """A value of which each rank of a process group keeps its own: its RNG states, its
+    position in the data. A collective save (``process_group=``) stores every rank's value
+    and a load gives each rank its own; plain values that differ between ranks are kept per
+    rank anyway, but *tensors* that differ between ranks are refused as diverged replicas
+    unless wrapped in it. A save without a process group stores the value as it is."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"PerRank({self.value!r})"
+
+
+def per_rank(value: Any) -> PerRank:
+    """Mark ``value`` as one each rank keeps its own of; see :class:`PerRank`."""
+    return PerRank(value)
+
+
+#: Called by :func:`flatten` for a tensor subclass (a DTensor): the local tensor to store
+#: and what the caller records about its place in the whole (None: not one it knows).
+Sharding = Callable[[torch.Tensor, str], "tuple[torch.Tensor, Any] | None"]
+
+
 @dataclass(frozen=True)
 class FlatState:
     """A flattened state: msgpack-ready skeleton plus its distinct tensors.
@@ -146,6 +172,11 @@ class FlatState:
     #: The lowest format version whose readers read this skeleton: 3 if it uses a node
     #: that version 3 added, else 2.
     format_version: int = 2
+    #: Flattened for a collective save: leaf index -> what the ``sharding`` hook said of the
+    #: tensor it stands for (a DTensor's local shard)...
+    layouts: Mapping[int, Any] = field(default_factory=dict)
+    #: ...and the leaves inside :class:`PerRank` values.
+    ranked: frozenset[int] = frozenset()
 
 
 def child_path(path: str, key: Any) -> str:
@@ -236,9 +267,13 @@ def _check_text(text: str, path: str) -> None:
 
 
 class _Flattener:
-    def __init__(self, *, inline: bool = False) -> None:
+    def __init__(self, *, inline: bool = False, sharding: Sharding | None = None) -> None:
         #: Keep large bytes and str in the skeleton (user metadata: no tensors there).
         self.inline = inline
+        self.sharding = sharding
+        self.layouts: dict[int, Any] = {}
+        self.ranked: set[int] = set()
+        self._in_ranked = 0
         self.leaves: list[TensorLeaf] = []
         self._by_id: dict[int, int] = {}
         self._by_alias: dict[tuple[Any, ...], int] = {}
@@ -249,6 +284,13 @@ class _Flattener:
         self.format_version = 2  # raised to 3 by any node that version added
 
     def tensor(self, t: torch.Tensor, path: str) -> list[Any]:
+        if self.sharding is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            found = self.sharding(t, path)
+            if found is not None:
+                local, layout = found
+                node = self.plain_tensor(local, path)
+                self.layouts.setdefault(node[1], layout)
+                return node
         if type(t) in (torch.Tensor, torch.nn.Parameter) and (
             t.layout != torch.strided
             or t.is_quantized
@@ -285,6 +327,8 @@ class _Flattener:
             index = self._by_alias.get(alias) if alias is not None else None
             if index is None:
                 index = len(self.leaves)
+                if self._in_ranked:
+                    self.ranked.add(index)
                 # _check_tensor admitted only Tensor and Parameter: no isinstance needed
                 self.leaves.append(TensorLeaf(t, path, type(t) is torch.nn.Parameter, refresh))
                 if alias is not None:
@@ -296,6 +340,16 @@ class _Flattener:
     def node(self, obj: Any, path: str, depth: int, *, inline: bool = False) -> Any:
         if obj is None or isinstance(obj, bool):
             return obj
+        if type(obj) is PerRank:
+            if self.sharding is None:  # one process: the value is the state's own
+                return self.node(obj.value, path, depth, inline=inline)
+            if self._in_ranked:
+                raise _refuse(obj, path, "PerRank values cannot nest")
+            self._in_ranked += 1
+            try:
+                return ["ranks", [self.node(obj.value, path, depth, inline=inline)]]
+            finally:
+                self._in_ranked -= 1
         if isinstance(obj, np.generic):  # before int/float/str: np.float64 is a float
             self.format_version = 3
             return _composite.numpy_scalar_node(obj, path)
@@ -457,16 +511,55 @@ _CONTAINERS = frozenset(
 )
 
 
-def flatten(state: Any, *, root: str = "state") -> FlatState:
+def flatten(state: Any, *, root: str = "state", sharding: Sharding | None = None) -> FlatState:
     """Flatten ``state`` into a skeleton and its distinct tensors.
+
+    ``sharding`` (a collective save) stores tensor subclasses it recognises (DTensors) as
+    their local tensors, and :class:`PerRank` values as ``["ranks", [node]]`` (this rank's
+    node; the save's coordinator merges the ranks' nodes into one).
 
     Raises:
         UnsupportedObjectError: an object that cannot be stored without pickle,
             with its key path in the message.
     """
-    flattener = _Flattener()
+    flattener = _Flattener(sharding=sharding)
     skeleton = flattener.node(state, root, 0)
-    return FlatState(skeleton, tuple(flattener.leaves), format_version=flattener.format_version)
+    return FlatState(
+        skeleton,
+        tuple(flattener.leaves),
+        format_version=flattener.format_version,
+        layouts=flattener.layouts,
+        ranked=frozenset(flattener.ranked),
+    )
+
+
+def select_rank(skeleton: Any, rank: int) -> tuple[Any, bool]:
+    """``skeleton`` with every ``["ranks", [node, ...]]`` (format 4: a value each rank of a
+    process group kept its own of) replaced by the node of ``rank``, or of rank 0 when the
+    save had no such rank; and whether that happened anywhere."""
+    fell_back = False
+
+    def select(node: Any, depth: int) -> Any:
+        nonlocal fell_back
+        if not isinstance(node, list) or len(node) < 2 or not isinstance(node[0], str):
+            return node
+        if depth > MAX_NESTING + 1:
+            raise _bad(f"containers nested deeper than {MAX_NESTING} levels")
+        tag, items = node[0], node[1]
+        if tag == "ranks":
+            if not isinstance(items, list) or not items:
+                raise _bad("a ranks node needs a non-empty list of nodes")
+            if rank >= len(items):
+                fell_back = True
+            return select(items[rank] if rank < len(items) else items[0], depth)
+        if not isinstance(items, list) or tag in COMPOSITE_TAGS:
+            return node
+        rest = node[2:]
+        if tag == "odict" and rest:
+            rest = [select(rest[0], depth + 1), *rest[1:]]
+        return [tag, [select(child, depth + 1) for child in items], *rest]
+
+    return select(skeleton, 0), fell_back
 
 
 def encode_plain(value: Any, *, root: str = "metadata") -> tuple[Any, int]:
@@ -492,21 +585,25 @@ V3_TAGS = frozenset({"counter", "defaultdict", "set", "frozenset", "numpy", *COM
 
 def skeleton_version(skeleton: Any) -> int:
     """The lowest format version that reads ``skeleton`` (a skeleton read back from a
-    manifest, which records no such thing): 3 if it uses a node version 3 added."""
+    manifest, which records no such thing): 3 if it uses a node version 3 added, 4 if it
+    holds per-rank values."""
     stack = [skeleton]
+    version = 2
     while stack:
         node = stack.pop()
         if not isinstance(node, list) or not node or not isinstance(node[0], str):
             continue
         tag = node[0]
+        if tag == "ranks":
+            return 4
         if tag in V3_TAGS or (tag == "dtype" and len(node) == 2 and node[1] not in _dtypes.DTYPES):
-            return 3
-        if tag in ("list", "tuple", "dict", "odict") and len(node) > 1:
+            version = 3
+        if tag in ("list", "tuple", "dict", "odict", "ranks") and len(node) > 1:
             if isinstance(node[1], list):
                 stack.extend(node[1])
             if tag == "odict" and len(node) > 2:
                 stack.append(node[2])  # its _metadata
-    return 2
+    return version
 
 
 # ---------------------------------------------------------------- rebuilding
@@ -678,16 +775,16 @@ def _check_hashable(values: list[Any], what: str) -> None:
             raise _bad(f"unhashable {what} {value!r}") from err
 
 
-def rebuild(skeleton: Any, tensors: Sequence[Any]) -> Any:
+def rebuild(skeleton: Any, tensors: Sequence[Any], *, every: bool = True) -> Any:
     """Rebuild a state from its skeleton; ``["tensor", i]`` becomes ``tensors[i]``.
 
     Raises:
         FormatError: the skeleton is malformed or references a missing tensor, or
-            leaves a tensor unreferenced.
+            (with ``every``) leaves a tensor unreferenced.
     """
     builder = _Builder(tensors)
     state = builder.build(skeleton)
-    if not all(builder.used):
+    if every and not all(builder.used):
         raise _bad(f"tensor {builder.used.index(False)} is never referenced")
     return state
 
@@ -707,6 +804,8 @@ def walk(skeleton: Any, *, root: str = "state") -> Iterator[tuple[list[Any], str
             continue
         if tag in ("list", "tuple"):
             stack.extend((v, f"{path}[{i}]", False) for i, v in reversed(list(enumerate(arg))))
+        elif tag == "ranks":
+            stack.extend((v, f"{path}@rank{i}", inside) for i, v in reversed(list(enumerate(arg))))
         elif tag in _DICT_TAGS:
             pairs = [(arg[i], arg[i + 1]) for i in range(0, len(arg) - 1, 2)]
             stack.extend((v, f"{path}[{_key_repr(k)}]", False) for k, v in reversed(pairs))
@@ -753,6 +852,16 @@ def key_paths(skeleton: Any, count: int, *, root: str = "state") -> list[str]:
             seen[index] = True
             paths[index] = path
     return paths
+
+
+def key_paths_used(skeleton: Any, count: int) -> set[int]:
+    """The tensors ``skeleton`` references."""
+    return {
+        index
+        for node, _, _ in walk(skeleton)
+        for index in (tensor_index(node, count),)
+        if index is not None
+    }
 
 
 def find_plain(skeleton: Any, predicate: Any, *, root: str = "state") -> list[str]:

@@ -20,6 +20,7 @@ tensors in parallel.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,7 +40,7 @@ from aptckpt.errors import (
     IntegrityError,
     StateChangedError,
 )
-from aptckpt.manifest import FileRecord, Manifest
+from aptckpt.manifest import FileRecord, Manifest, TensorRecord
 from aptckpt.storage.base import FileProblem, RawRead
 
 if TYPE_CHECKING:
@@ -655,3 +656,30 @@ def _named(problem: IntegrityError, keys: list[str]) -> IntegrityError:
     key = keys[index]
     message = str(problem).replace(f"tensor #{index},", f"tensor {key},", 1)
     return IntegrityError(message, path=problem.path, file=problem.file, tensor=key)
+
+
+def region_manifest(
+    manifest: Manifest, chunk_size: int, regions: Sequence[tuple[int, int, int]]
+) -> tuple[Manifest, list[tuple[int, int]]]:
+    """A manifest whose tensor ``k`` is the run of chunks of ``manifest``'s tensor that
+    region ``k`` (``(index, start, stop)``, bytes) lies in, as ``uint8`` -- a backend reads
+    it as any other and so reads and verifies those chunks only -- and where each region
+    lies in its run. The payload's ``chunks`` table is the only thing that changes."""
+    payload = dict(manifest.payload)
+    rows = payload["chunks"]
+    tensors, chunks, cuts = [], [], []
+    for index, start, stop in regions:
+        nbytes = manifest.tensors[index].nbytes
+        if stop <= start:
+            first = last = 0
+            run: list[Any] = []
+            size = 0
+        else:
+            first, last = start // chunk_size, (stop - 1) // chunk_size
+            run = rows[index][first : last + 1]
+            size = min(nbytes, (last + 1) * chunk_size) - first * chunk_size
+        tensors.append(TensorRecord("uint8", (size,)))
+        chunks.append(run)
+        cuts.append((start - first * chunk_size, stop - first * chunk_size) if run else (0, 0))
+    payload["chunks"] = chunks
+    return dataclasses.replace(manifest, tensors=tuple(tensors), payload=payload), cuts

@@ -141,6 +141,27 @@ class Backend(ABC):
         mmap=True)``). Backends that store nothing mappable keep this default: :meth:`read`."""
         return self.read(reader, manifest, verify=verify)
 
+    def read_regions(
+        self,
+        reader: CheckpointReader,
+        manifest: Manifest,
+        regions: Sequence[tuple[int, int, int]],
+        *,
+        verify: bool = True,
+    ) -> list[torch.Tensor]:
+        """The bytes ``[start, stop)`` of tensor ``index`` for each ``(index, start, stop)``,
+        as one-dimensional ``uint8`` CPU tensors (a rank loading the part of a shard it
+        needs). Backends that store tensors in independently readable chunks override this
+        to read and verify only the chunks the regions lie in; this default reads every
+        tensor."""
+        import torch
+
+        tensors = self.read(reader, manifest, verify=verify)
+        return [
+            tensors[index].contiguous().reshape(-1).view(torch.uint8)[start:stop]
+            for index, start, stop in regions
+        ]
+
     def describe(self, manifest: Manifest) -> list[TensorLayout]:
         """How each tensor is stored, from the manifest alone (no data read)."""
         return [TensorLayout(None, (), 0) for _ in manifest.tensors]

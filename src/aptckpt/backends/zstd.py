@@ -273,6 +273,20 @@ class ZstdBackend(InPlaceBackend):
     ) -> list[torch.Tensor]:
         return self._decode(reader, manifest, verify=verify, into=into)
 
+    def read_regions(
+        self,
+        reader: CheckpointReader,
+        manifest: Manifest,
+        regions: Sequence[tuple[int, int, int]],
+        *,
+        verify: bool = True,
+    ) -> list[torch.Tensor]:
+        """Only the chunks the regions lie in are read and verified."""
+        chunk_size, _, _ = self._parse(manifest, reader.location)
+        sub, cuts = _chunks.region_manifest(manifest, chunk_size, regions)
+        runs = self._decode(reader, sub, verify=verify, into=[None] * len(sub.tensors))
+        return [run[start:stop] for run, (start, stop) in zip(runs, cuts, strict=True)]
+
     def read_mapped(
         self, reader: CheckpointReader, manifest: Manifest, *, verify: bool = True
     ) -> list[torch.Tensor]:

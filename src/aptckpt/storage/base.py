@@ -48,6 +48,7 @@ __all__ = [
     "DataFiles",
     "Entry",
     "FileProblem",
+    "FolderWriter",
     "Lease",
     "RawRead",
     "Sink",
@@ -147,6 +148,9 @@ class CheckpointWriter(ABC):
     #: Bytes a backend wrote outside the checkpoint for this save (new objects in a
     #: shared store); counted in ``SaveInfo.stored_bytes``.
     external_bytes: int
+    #: Names this save: the other writers of a multi-writer save join with it
+    #: (:meth:`Storage.join_checkpoint`).
+    token: str
 
     def __init__(self) -> None:
         self._held = contextlib.ExitStack()
@@ -209,6 +213,66 @@ class CheckpointWriter(ABC):
     def _finish(self) -> None:
         """Release what the writer holds (after commit or abort)."""
         self._held.close()
+
+    def release(self) -> None:
+        """Release what the writer holds and remove nothing: a writer that joined a save
+        (:meth:`Storage.join_checkpoint`) once its coordinator committed."""
+        self._finish()
+
+
+class FolderWriter(CheckpointWriter):
+    """The files of ``writer`` under ``folder``: what one rank of a multi-writer save hands
+    its backend, so that ranks never name the same file. :meth:`sizes` gives the paths
+    relative to the checkpoint (``rank-00001/shard-00000.bin``), in the order the files were
+    started; everything else is the wrapped writer's, and only it commits."""
+
+    def __init__(self, writer: CheckpointWriter, folder: str) -> None:
+        super().__init__()
+        self.writer, self.folder = writer, folder
+        self.storage, self.path, self.token = writer.storage, writer.path, writer.token
+        self._names: list[str] = []
+
+    def open(self, name: str, *, digest_chunk_size: int = 0) -> Sink:
+        sink = self.writer.open(f"{self.folder}/{name}", digest_chunk_size=digest_chunk_size)
+        self._names.append(name)
+        return sink
+
+    @property
+    def files(self) -> list[str]:
+        return list(self._names)
+
+    def sizes(self) -> list[FileRecord]:
+        return _in_folder(self.writer.sizes(), self.folder, self._names)
+
+    def sync_files(self, threads: int | None = None) -> None:
+        self.writer.sync_files(threads)
+
+    def commit(self, manifest_bytes: bytes) -> None:
+        raise RuntimeError("a folder of a save does not commit; its writer does")
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+    @property
+    def committed(self) -> bool:
+        return self.writer.committed
+
+    def hold(self, resource: contextlib.AbstractContextManager[T]) -> T:
+        return self.writer.hold(resource)
+
+
+def _in_folder(records: list[FileRecord], folder: str, names: list[str]) -> list[FileRecord]:
+    """The records of ``folder``'s files ``names``, in that order. A store may put its own
+    prefix before the folder (an object store's save token): the record's path ends with
+    ``folder/name`` either way."""
+    tails = {f"{folder}/{name}": name for name in names}
+    found: dict[str, FileRecord] = {}
+    for record in records:
+        _, _, tail = record.path.partition("/")
+        name = tails.get(record.path) or tails.get(tail)
+        if name is not None:
+            found[name] = record
+    return [found[name] for name in names]
 
 
 class DataFiles(ABC):

@@ -47,16 +47,19 @@ from aptckpt.storage.local._directio import DirectWriter
 from aptckpt.storage.local._reader import CheckpointReader, open_regular
 from aptckpt.storage.local._temps import (
     NAME_MAX,
+    TOKEN,
     Owner,
     is_temporary,
     remove_stale_temps,
     settle_old,
+    temp_entry,
     temp_sibling,
 )
 
 __all__ = [
     "CheckpointReader",
     "CheckpointWriter",
+    "JoinedWriter",
     "check_name",
     "is_checkpoint",
     "is_temporary",
@@ -203,7 +206,58 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-class CheckpointWriter(base.CheckpointWriter):
+class _TempFiles(base.CheckpointWriter):
+    """The data files of a save in progress, inside its temporary directory ``root``."""
+
+    root: Path
+    _files: list[str]
+
+    @property
+    def files(self) -> list[str]:
+        """Relative paths of the files created so far, in creation order."""
+        return list(self._files)
+
+    def open(self, name: str, *, digest_chunk_size: int = 0) -> DirectWriter:
+        """Start data file ``name``: written with ``O_DIRECT`` where the file system
+        takes it (:mod:`aptckpt.storage.local._directio`)."""
+        return DirectWriter(self.reserve(name), digest_chunk_size=digest_chunk_size or None)
+
+    def reserve(self, name: str) -> Path:
+        """Reserve the data file ``name`` (relative, validated) and return its temp path."""
+        mf.check_relative_path(name)
+        if name == mf.MANIFEST_NAME or name in self._files:
+            raise ValueError(f"file name {name!r} is reserved or already used")
+        target = self.root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._files.append(name)
+        return target
+
+    def sizes(self) -> list[mf.FileRecord]:
+        return [mf.FileRecord(n, (self.root / n).stat().st_size) for n in self._files]
+
+    def sync_files(self, threads: int | None = None) -> None:
+        """fsync every data file (in parallel: fsync releases the GIL), then the folders
+        below the temporary directory that hold them (its own entries are made durable
+        by the commit)."""
+        self._sync_paths([self.root / n for n in self._files], threads)
+        folders = {(self.root / n).parent for n in self._files} - {self.root}
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            _fsync_path(folder, directory=True)
+
+    @staticmethod
+    def _sync_paths(paths: list[Path], threads: int | None) -> None:
+        workers = max(1, min(len(paths), threads or default_threads()))
+        if workers == 1:
+            # In this thread: no pool to wait on (a Ctrl-C landing inside a future's
+            # Condition.wait surfaces as CPython's "cannot release un-acquired lock").
+            for path in paths:
+                _fsync_path(path)
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(_fsync_path, paths))
+
+
+class CheckpointWriter(_TempFiles):
     """Collects the files of one checkpoint in a temp directory, then commits them.
 
     Use as a context manager: leaving it without :meth:`commit` (an exception)
@@ -239,6 +293,8 @@ class CheckpointWriter(base.CheckpointWriter):
                 f"saving checkpoint '{self.final}' (nothing was written)", err, path=self.final
             ) from err
         self.root = self._owner.entry("tmp")
+        #: Other writers of this save (the ranks of a process group) join with it.
+        self.token = self._owner.token
         self._old = self._owner.entry("old")
         #: Where the checkpoint this save replaced is, once it is out of the way.
         self._replaced: Path | None = None
@@ -297,42 +353,6 @@ class CheckpointWriter(base.CheckpointWriter):
     def committed(self) -> bool:
         """True once the checkpoint has been renamed into place."""
         return self._committed
-
-    @property
-    def files(self) -> list[str]:
-        """Relative paths of the files created so far, in creation order."""
-        return list(self._files)
-
-    def open(self, name: str, *, digest_chunk_size: int = 0) -> DirectWriter:
-        """Start data file ``name``: written with ``O_DIRECT`` where the file system
-        takes it (:mod:`aptckpt.storage.local._directio`)."""
-        return DirectWriter(self.reserve(name), digest_chunk_size=digest_chunk_size or None)
-
-    def reserve(self, name: str) -> Path:
-        """Reserve the data file ``name`` (relative, validated) and return its temp path."""
-        mf.check_relative_path(name)
-        if name == mf.MANIFEST_NAME or name in self._files:
-            raise ValueError(f"file name {name!r} is reserved or already used")
-        target = self.root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        self._files.append(name)
-        return target
-
-    def sizes(self) -> list[mf.FileRecord]:
-        return [mf.FileRecord(n, (self.root / n).stat().st_size) for n in self._files]
-
-    def sync_files(self, threads: int | None = None) -> None:
-        """fsync every data file (in parallel: fsync releases the GIL)."""
-        paths = [self.root / n for n in self._files]
-        workers = max(1, min(len(paths), threads or default_threads()))
-        if workers == 1:
-            # In this thread: no pool to wait on (a Ctrl-C landing inside a future's
-            # Condition.wait surfaces as CPython's "cannot release un-acquired lock").
-            for path in paths:
-                _fsync_path(path)
-            return
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(_fsync_path, paths))
 
     def commit(self, manifest_bytes: bytes) -> None:
         """Write the manifest last and move the checkpoint into place, durably."""
@@ -421,3 +441,49 @@ class CheckpointWriter(base.CheckpointWriter):
     def abort(self) -> None:
         """Remove everything written so far; the target is untouched."""
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class JoinedWriter(_TempFiles):
+    """Another writer of a save in progress (a rank of a process group): its files go into
+    the coordinator's temporary directory, which must exist; it never commits, and its
+    abort removes only its own files (the coordinator's abort removes the rest)."""
+
+    def __init__(self, final: str | os.PathLike[str], token: str) -> None:
+        from aptckpt.storage.local import LOCAL
+
+        super().__init__()
+        self.storage = LOCAL
+        self.final = Path(os.path.abspath(final))
+        self.path = str(self.final)
+        if not TOKEN.fullmatch(token):
+            raise ValueError(f"not a save token: {token!r}")
+        self.token = token
+        self.root = temp_entry(self.final, "tmp", token)
+        try:
+            mode = os.lstat(self.root).st_mode
+        except OSError as err:
+            raise write_error(
+                f"joining the save of checkpoint '{self.final}' (its temporary directory "
+                f"'{self.root.name}' is not there: the coordinator failed or gave up)",
+                err,
+                path=self.final,
+            ) from err
+        if not stat.S_ISDIR(mode):
+            raise WriteError(
+                f"joining the save of checkpoint '{self.final}': '{self.root}' is not a "
+                "directory; nothing was written",
+                path=str(self.final),
+            )
+        self._files = []
+
+    @property
+    def committed(self) -> bool:
+        return False
+
+    def commit(self, manifest_bytes: bytes) -> None:
+        raise RuntimeError("only the save's coordinator commits")
+
+    def abort(self) -> None:
+        for name in self._files:
+            with contextlib.suppress(OSError):
+                os.unlink(self.root / name)

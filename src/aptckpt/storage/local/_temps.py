@@ -128,6 +128,15 @@ def _entry(parent: Path, stem: str, kind: str, token: str) -> Path:
     return parent / f".{stem}.{kind}-{token}"
 
 
+#: A save's token: what names its entries.
+TOKEN = re.compile(rf"[0-9a-f]{{{_TOKEN_HEX}}}")
+
+
+def temp_entry(final: Path, kind: str, token: str) -> Path:
+    """The ``tmp``, ``trash`` or ``old`` entry of the save ``token`` of ``final``."""
+    return _entry(final.parent, stem_of(final.name), kind, token)
+
+
 def _try_flock(fd: int) -> bool | None:
     """Take an exclusive lock without waiting: True, False if someone holds it,
     None if this file system has no locks."""
