@@ -837,25 +837,25 @@ def _load_collective(
     agree that every one of them succeeded."""
     from aptckpt.distributed import _comm, _load
 
-    comm = _comm.Comm(process_group, f"loading checkpoint '{path}'")
-    result: Any = None
-    error: BaseException | None = None
-    try:
-        with _opened(path, storage_options) as (reader, manifest, impl):
-            result = _load.load(
-                reader,
-                manifest,
-                impl,
-                rank=comm.rank,
-                map_location=map_location,
-                verify=verify,
-                into=into,
-                strict=strict,
-            )
-    except Exception as err:
-        error = err
-    comm.agree(error, "load")
-    return result
+    with _comm.Comm(process_group, f"loading checkpoint '{path}'") as comm:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            with _opened(path, storage_options) as (reader, manifest, impl):
+                result = _load.load(
+                    reader,
+                    manifest,
+                    impl,
+                    rank=comm.rank,
+                    map_location=map_location,
+                    verify=verify,
+                    into=into,
+                    strict=strict,
+                )
+        except Exception as err:
+            error = err
+        comm.agree(error, "load")
+        return result
 
 
 def inspect(path: PathLike, *, storage_options: StorageOptions | None = None) -> CheckpointInfo:

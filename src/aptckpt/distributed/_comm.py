@@ -1,35 +1,33 @@
-"""What crosses the process group during a collective save or load: msgpack bytes over
-tensor collectives (never pickle), on a gloo group of aptckpt's own with a bounded timeout.
+"""What crosses the process group during a collective save or load: msgpack bytes through
+the job's own key-value store (never pickle, never a collective on the training group).
 
-The group is made once per set of ranks (every member calls :func:`communicator` the first
-time, as for any collective) with ``use_local_synchronization``, so a subgroup's members
-make it without the rest of the job. Its timeout (``APTCKPT_COLLECTIVE_TIMEOUT_S``, default
-60 s) bounds every wait: a rank that was killed or hangs makes the others raise
-:class:`~aptckpt.errors.CollectiveError` instead of waiting forever. Because it is not the
-training group, a background save may use it from another thread (never the training
-group's collectives), and it listens on nothing torch.distributed did not already open
-(its rendezvous goes through the job's store).
+Every exchange is a key per rank under a prefix unique to the operation (the group's
+ranks and a per-group call count, the same on every member because every member makes the
+same calls in the same order); a rank waits for the others' keys at most
+``APTCKPT_COLLECTIVE_TIMEOUT_S`` (default 60 s), so a rank that was killed or hangs makes
+the others raise :class:`~aptckpt.errors.CollectiveError` instead of waiting forever. The
+store is the one ``init_process_group`` made (its group's, for a subgroup): nothing new
+listens, a background save may use it from another thread, and a subgroup's members use it
+without the rest of the job. The coordinator removes the operation's keys once every rank
+has read them.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import threading
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import msgpack
-import torch
 
 from aptckpt.errors import CollectiveError
 
-__all__ = ["Comm", "describe", "failed", "forget_groups", "timeout_s"]
-
-T = TypeVar("T")
+__all__ = ["Comm", "describe", "failed", "timeout_s"]
 
 DEFAULT_TIMEOUT_S = 60.0
-_groups: dict[tuple[Any, ...], Any] = {}
+_calls: dict[tuple[int, ...], int] = {}
 _lock = threading.Lock()
 
 
@@ -55,8 +53,17 @@ def _dist() -> Any:
     return dist
 
 
+def _store(dist: Any, group: Any) -> Any:
+    from torch.distributed import distributed_c10d as c10d
+
+    try:
+        return c10d._get_process_group_store(group)
+    except (KeyError, AttributeError):  # WORLD spelled otherwise, or an older torch
+        return c10d._get_default_store()
+
+
 class Comm:
-    """This rank's view of a process group, for one collective operation."""
+    """This rank's part in one collective operation of a process group."""
 
     def __init__(self, process_group: Any, what: str) -> None:
         dist = _dist()
@@ -70,67 +77,69 @@ class Comm:
                 "process group it was given"
             )
         self.size = len(self.ranks)
-        self.group = _private_group(dist, self.ranks, self.timeout)
+        self.store = _store(dist, process_group)
+        with _lock:
+            call = _calls[self.ranks] = _calls.get(self.ranks, 0) + 1
+        group = hashlib.blake2b(repr(self.ranks).encode(), digest_size=6).hexdigest()
+        self.prefix = f"aptckpt/{group}/{call}/"
+        self._keys: list[str] = []
 
     @property
     def coordinator(self) -> bool:
         """Rank 0 of the group: it creates, validates and commits."""
         return self.rank == 0
 
-    def _call(self, step: str, run: Callable[[], T]) -> T:
+    def _key(self, step: str, rank: int) -> str:
+        return f"{self.prefix}{step}/{rank}"
+
+    def _put(self, step: str, value: Any) -> None:
+        data = msgpack.packb(value, use_bin_type=True)
         try:
-            return run()
-        except CollectiveError:
-            raise
-        except Exception as err:  # gloo raises RuntimeError / DistBackendError subclasses
+            self.store.set(self._key(step, self.rank), data)
+        except Exception as err:
             raise CollectiveError(
-                f"{self.what}: rank {self.rank} of {self.size} gave up at '{step}' waiting for "
-                f"the other ranks ({type(err).__name__}: {err}). A rank was killed, crashed, "
-                "is stuck, or did not make the same call: every rank of the group must call "
-                f"it with the same path. Waited up to {self.timeout:g} s "
-                "(APTCKPT_COLLECTIVE_TIMEOUT_S)"
-                + ("; nothing was committed" if self.what.startswith("saving") else "")
+                f"{self.what}: rank {self.rank} could not reach the job's store at '{step}' "
+                f"({type(err).__name__}: {err})"
             ) from err
+
+    def _take(self, step: str, ranks: list[int]) -> list[Any]:
+        keys = [self._key(step, r) for r in ranks]
+        self._keys += keys
+        try:
+            self.store.wait(keys, datetime.timedelta(seconds=self.timeout))
+            values = [self.store.get(k) for k in keys]
+        except Exception as err:  # the store's timeout or a lost connection
+            missing = self._missing(step, ranks)
+            raise CollectiveError(
+                f"{self.what}: rank {self.rank} of {self.size} gave up at '{step}' after "
+                f"{self.timeout:g} s (APTCKPT_COLLECTIVE_TIMEOUT_S) waiting for "
+                f"rank{'s' if len(missing) != 1 else ''} {', '.join(map(str, missing)) or '?'} "
+                f"({type(err).__name__}: {err}). A rank was killed, crashed, is stuck, or did "
+                "not make the same call: every rank of the group must call it with the same "
+                "path" + ("; nothing was committed" if self.what.startswith("saving") else "")
+            ) from err
+        return [msgpack.unpackb(v, raw=False, strict_map_key=False) for v in values]
+
+    def _missing(self, step: str, ranks: list[int]) -> list[int]:
+        missing = []
+        for r in ranks:
+            try:
+                if not self.store.check([self._key(step, r)]):
+                    missing.append(r)
+            except Exception:
+                missing.append(r)
+        return missing
 
     def all_gather(self, value: Any, step: str) -> list[Any]:
         """Every rank's ``value`` (msgpack-ready), in rank order."""
-        dist = _dist()
-        data = msgpack.packb(value, use_bin_type=True)
-
-        def run() -> list[Any]:
-            size = torch.tensor([len(data)], dtype=torch.int64)
-            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
-            dist.all_gather(sizes, size, group=self.group)
-            longest = max(int(s.item()) for s in sizes)
-            mine = torch.zeros(longest, dtype=torch.uint8)
-            mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            found = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.size)]
-            dist.all_gather(found, mine, group=self.group)
-            return [
-                msgpack.unpackb(
-                    t[: int(s.item())].numpy().tobytes(), raw=False, strict_map_key=False
-                )
-                for t, s in zip(found, sizes, strict=True)
-            ]
-
-        return self._call(step, run)
+        self._put(step, value)
+        return self._take(step, list(range(self.size)))
 
     def broadcast(self, value: Any, step: str) -> Any:
         """The coordinator's ``value`` on every rank (the others pass anything)."""
-        dist = _dist()
-        data = msgpack.packb(value, use_bin_type=True) if self.coordinator else b""
-
-        def run() -> Any:
-            size = torch.tensor([len(data)], dtype=torch.int64)
-            dist.broadcast(size, src=self.ranks[0], group=self.group)
-            buffer = torch.zeros(int(size.item()), dtype=torch.uint8)
-            if self.coordinator and data:
-                buffer[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            if buffer.numel():
-                dist.broadcast(buffer, src=self.ranks[0], group=self.group)
-            return msgpack.unpackb(buffer.numpy().tobytes(), raw=False, strict_map_key=False)
-
-        return self._call(step, run)
+        if self.coordinator:
+            self._put(step, value)
+        return self._take(step, [0])[0]
 
     def agree(self, error: BaseException | None, step: str) -> None:
         """Every rank says whether it got this far; if any did not, every rank raises a
@@ -140,6 +149,28 @@ class Comm:
         failures = {rank: report for rank, report in enumerate(reports) if report is not None}
         if failures:
             raise failed(self.what, failures, self.size) from error
+
+    def __enter__(self) -> Comm:
+        return self
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
+        self.close(failed=error is not None)
+
+    def close(self, *, failed: bool = False) -> None:
+        """Say this rank is done reading; the coordinator then removes the operation's keys
+        once every rank has said so (waiting at most the timeout -- a few seconds after a
+        failure, where a rank may be gone -- and never raising: the outcome is known)."""
+        try:
+            self.store.set(self._key("done", self.rank), b"")
+            if not self.coordinator:
+                return
+            done = [self._key("done", r) for r in range(self.size)]
+            wait = min(self.timeout, 5.0) if failed else self.timeout
+            self.store.wait(done, datetime.timedelta(seconds=wait))
+            for key in {*self._keys, *done}:
+                self.store.delete_key(key)
+        except Exception:  # a rank gone after the outcome: its keys stay, harmlessly
+            return
 
 
 def describe(error: BaseException | None) -> str | None:
@@ -163,34 +194,3 @@ def failed(what: str, failures: dict[int, str], size: int) -> CollectiveError:
         f"({lines}){after}",
         failures=failures,
     )
-
-
-def _private_group(dist: Any, ranks: tuple[int, ...], timeout: float) -> Any:
-    """aptckpt's own gloo group over ``ranks`` (made on first use, by every member)."""
-    key = (id(dist.group.WORLD), ranks, timeout)
-    with _lock:
-        group = _groups.get(key)
-    if group is not None:
-        return group
-    try:
-        group = dist.new_group(
-            list(ranks),
-            backend="gloo",
-            timeout=datetime.timedelta(seconds=timeout),
-            use_local_synchronization=True,
-        )
-    except Exception as err:
-        raise CollectiveError(
-            f"could not make aptckpt's gloo group over ranks {list(ranks)} "
-            f"({type(err).__name__}: {err}); every rank of the process group must make the "
-            "same collective call, and torch must have gloo"
-        ) from err
-    with _lock:
-        _groups[key] = group
-    return group
-
-
-def forget_groups() -> None:
-    """Drop the cached groups (after ``destroy_process_group``, which destroys them)."""
-    with _lock:
-        _groups.clear()

@@ -39,7 +39,7 @@ from aptckpt.backends.base import Backend
 from aptckpt.distributed._boxes import Box, dtensor_layout, full_box
 from aptckpt.distributed._comm import Comm, describe, failed
 from aptckpt.distributed._merge import Tensor, merge
-from aptckpt.errors import AptckptError, CollectiveError, ReplicaDivergenceError
+from aptckpt.errors import AptckptError, ReplicaDivergenceError
 from aptckpt.storage import Storage
 from aptckpt.storage.base import CheckpointWriter, FolderWriter
 
@@ -132,10 +132,38 @@ def save(
 ) -> Any:
     """The collective save of :func:`aptckpt.save` (``impl``/``error``: the backend made
     from the options, or why that failed -- every rank must take part either way)."""
-    from aptckpt.api import SaveInfo  # the API's result type; this module serves it
-
     where = storage.display(path)
-    comm = Comm(process_group, f"saving checkpoint '{where}'")
+    with Comm(process_group, f"saving checkpoint '{where}'") as comm:
+        return _save(
+            comm,
+            state,
+            storage,
+            path,
+            backend,
+            impl,
+            error,
+            metadata,
+            metadata_version,
+            overwrite,
+            start,
+        )
+
+
+def _save(
+    comm: Comm,
+    state: Any,
+    storage: Storage,
+    path: str,
+    backend: str,
+    impl: Backend | None,
+    error: BaseException | None,
+    metadata: Any,
+    metadata_version: int,
+    overwrite: bool,
+    start: float,
+) -> Any:
+    from aptckpt.api import SaveInfo
+
     local: LocalPlan | None = None
     if error is None:
         try:
@@ -155,15 +183,12 @@ def save(
             token = writer.token
         except Exception as err:
             created = err
-    token = comm.broadcast(token if created is None else None, "create")
-    if token is None:
-        if created is not None:
-            raise created
-        raise CollectiveError(
-            f"saving checkpoint '{where}' failed on rank 0, which could not create it; "
-            "nothing was written",
-            failures={0: "could not create the checkpoint"},
-        )
+    sent = comm.broadcast({"token": token, "error": describe(created)}, "create")
+    if created is not None:
+        raise created  # the coordinator's own error, as a single-process save raises it
+    if sent["token"] is None:
+        raise failed(comm.what, {0: sent["error"]}, comm.size)
+    token = sent["token"]
     with contextlib.ExitStack() as held:
         if writer is not None:
             held.enter_context(writer)  # aborts unless committed
