@@ -278,6 +278,30 @@ def dcp_and_aptckpt_load_the_same(rank: int, world: int, work: Path, extra: Any)
         _assert_same(_full(a), _full(d))
 
 
+def async_saves_snapshot_and_commit_collectively(
+    rank: int, world: int, work: Path, extra: Any
+) -> None:
+    groups = _groups()
+    model, optim = _fsdp(world, groups)
+    state = _flat(model, optim)
+    want = {k: v.clone() for k, v in _full(state).items()}
+    first = aptckpt.save(state, work / "a", process_group=dist.group.WORLD, blocking=False)
+    with torch.no_grad():  # the state may change at once: the snapshot was taken
+        for p in model.parameters():
+            p.to_local().add_(1.0)
+    second = aptckpt.save(
+        {"step": rank * 0 + 7}, work / "b", process_group=dist.group.WORLD, blocking=False
+    )
+    assert first.wait().path.endswith("/a")
+    assert second.wait().tensors == 0
+    if rank < 2:
+        fresh, fresh_optim = _fresh_fsdp(2, groups)
+        target = _flat(fresh, fresh_optim)
+        aptckpt.load(work / "a", into=target, process_group=groups[2])
+        _assert_same(_full(target), want)
+    assert aptckpt.load(work / "b")["step"] == 7
+
+
 SCENARIOS = [
     fsdp_saved_at_4_loads_at_1_2_3_4,
     saved_at_2_and_1_load_at_4_and_3,
@@ -287,6 +311,7 @@ SCENARIOS = [
     a_rank_raising_fails_every_rank,
     every_backend_and_s3,
     dcp_and_aptckpt_load_the_same,
+    async_saves_snapshot_and_commit_collectively,
 ]
 
 
@@ -343,8 +368,9 @@ def _kill_rank(rank: int, world: int, root: str) -> None:
     import time
 
     start = time.monotonic()
+    state = {"x": torch.ones(4), "mine": aptckpt.per_rank(torch.full((4,), rank))}
     try:
-        aptckpt.save({"x": torch.ones(4)}, f"{root}/ck", process_group=dist.group.WORLD)
+        aptckpt.save(state, f"{root}/ck", process_group=dist.group.WORLD)
     except aptckpt.CollectiveError as err:
         Path(root, f"raised-{rank}").write_text(f"{time.monotonic() - start:.1f} {err}")
 

@@ -291,16 +291,11 @@ def _save_collective(
     blocking: bool,
     storage_options: StorageOptions | None,
     options: dict[str, Any],
-) -> SaveInfo:
+) -> SaveInfo | SaveHandle[SaveInfo]:
     """:func:`save` with ``process_group``: checks made on every rank, whose errors every
     rank must learn of (:mod:`aptckpt.distributed._save`)."""
     from aptckpt.distributed import _save
 
-    if not blocking:
-        raise ValueError(
-            "save(process_group=..., blocking=False) is not supported yet: save collectively "
-            "with blocking=True (the CheckpointManager's async saves are single-process too)"
-        )
     start = time.perf_counter()
     storage, where = resolve(path, storage_options)
     impl: Backend | None = None
@@ -312,19 +307,17 @@ def _save_collective(
             encoded_metadata, metadata_version = tree.encode_plain(dict(metadata), root="metadata")
     except Exception as err:
         error = err
+    job = _save.Job(
+        storage, where, backend, impl, encoded_metadata, metadata_version, overwrite, start
+    )
+    if not blocking:
+        handle: SaveHandle[SaveInfo] = _save.save(
+            state, job, process_group=process_group, error=error, blocking=False
+        )
+        return handle
     with _gc.paused():
         info: SaveInfo = _save.save(
-            state,
-            storage,
-            where,
-            process_group=process_group,
-            backend=backend,
-            impl=impl,
-            error=error,
-            metadata=encoded_metadata,
-            metadata_version=metadata_version,
-            overwrite=overwrite,
-            start=start,
+            state, job, process_group=process_group, error=error, blocking=True
         )
     return info
 

@@ -116,70 +116,62 @@ def _part_state(local: LocalPlan) -> tree.FlatState:
     return tree.FlatState(skeleton, leaves, owned=local.flat.owned)
 
 
+@dataclass(frozen=True)
+class Job:
+    """What every rank of a collective save was asked to do."""
+
+    storage: Storage
+    path: str
+    backend: str
+    impl: Backend | None
+    metadata: Any
+    metadata_version: int
+    overwrite: bool
+    start: float
+
+
 def save(
-    state: Any,
-    storage: Storage,
-    path: str,
-    *,
-    process_group: Any,
-    backend: str,
-    impl: Backend | None,
-    error: BaseException | None,
-    metadata: Any,
-    metadata_version: int,
-    overwrite: bool,
-    start: float,
+    state: Any, job: Job, *, process_group: Any, error: BaseException | None, blocking: bool
 ) -> Any:
-    """The collective save of :func:`aptckpt.save` (``impl``/``error``: the backend made
-    from the options, or why that failed -- every rank must take part either way)."""
-    where = storage.display(path)
-    with Comm(process_group, f"saving checkpoint '{where}'") as comm:
-        return _save(
-            comm,
-            state,
-            storage,
-            path,
-            backend,
-            impl,
-            error,
-            metadata,
-            metadata_version,
-            overwrite,
-            start,
-        )
+    """The collective save of :func:`aptckpt.save` (``error``: why making the backend from
+    the options failed -- every rank takes part either way). With ``blocking=False`` the
+    ranks agree on the plan here, each snapshots what it writes into staging buffers, and
+    the rest of the protocol (through the job's store, never the training group) runs on
+    the background save thread; the :class:`~aptckpt.SaveHandle` returns the result."""
+    from aptckpt import _background
 
-
-def _save(
-    comm: Comm,
-    state: Any,
-    storage: Storage,
-    path: str,
-    backend: str,
-    impl: Backend | None,
-    error: BaseException | None,
-    metadata: Any,
-    metadata_version: int,
-    overwrite: bool,
-    start: float,
-) -> Any:
-    from aptckpt.api import SaveInfo
-
-    local: LocalPlan | None = None
-    if error is None:
-        try:
-            local = plan(state, comm.rank, comm.size)
-        except Exception as err:
-            error = err
-    comm.agree(error, "prepare")  # every rank's state flattened, or every rank raises
+    where = job.storage.display(job.path)
+    comm = Comm(process_group, f"saving checkpoint '{where}'")
+    try:
+        local: LocalPlan | None = None
+        if error is None:
+            try:
+                local = plan(state, comm.rank, comm.size)
+            except Exception as err:
+                error = err
+        comm.agree(error, "prepare")  # every rank's state flattened, or every rank raises
+    except BaseException:
+        comm.close(failed=True)
+        raise
     assert local is not None
-    assert impl is not None
 
+    def persist(part: tree.FlatState) -> Any:
+        with comm:
+            return _persist(comm, local, part, job)
+
+    if blocking:
+        return persist(_part_state(local))
+    return _background.submit(_part_state(local), where, persist)
+
+
+def _persist(comm: Comm, local: LocalPlan, part: tree.FlatState, job: Job) -> Any:
+    """Steps 3-5: create (coordinator), write, gather, commit."""
     writer: CheckpointWriter | None = None
     token: str | None = None
     created: BaseException | None = None
     if comm.coordinator:
         try:
-            writer = storage.create_checkpoint(path, overwrite=overwrite)
+            writer = job.storage.create_checkpoint(job.path, overwrite=job.overwrite)
             token = writer.token
         except Exception as err:
             created = err
@@ -188,47 +180,31 @@ def _save(
         raise created  # the coordinator's own error, as a single-process save raises it
     if sent["token"] is None:
         raise failed(comm.what, {0: sent["error"]}, comm.size)
-    token = sent["token"]
     with contextlib.ExitStack() as held:
         if writer is not None:
             held.enter_context(writer)  # aborts unless committed
-        return _write_and_commit(
-            comm,
-            local,
-            storage,
-            path,
-            writer,
-            token,
-            backend,
-            impl,
-            metadata,
-            metadata_version,
-            start,
-            SaveInfo,
-        )
+        return _write_and_commit(comm, local, part, job, writer, sent["token"])
 
 
 def _write_and_commit(
     comm: Comm,
     local: LocalPlan,
-    storage: Storage,
-    path: str,
+    part: tree.FlatState,
+    job: Job,
     writer: CheckpointWriter | None,
     token: str,
-    backend: str,
-    impl: Backend,
-    metadata: Any,
-    metadata_version: int,
-    start: float,
-    info_type: Any,
 ) -> Any:
+    from aptckpt.api import SaveInfo
+
+    storage, path, impl = job.storage, job.path, job.impl
+    assert impl is not None
     fragment: dict[str, Any] | None = None
     error: BaseException | None = None
     mine: CheckpointWriter | None = None
     try:
         mine = writer if writer is not None else storage.join_checkpoint(path, token)
         folder = FolderWriter(mine, f"rank-{comm.rank:05d}")
-        payload = impl.write(_part_state(local), folder) if local.written else None
+        payload = impl.write(part, folder) if local.written else None
         folder.sync_files()
         fragment = {
             "skeleton": local.flat.skeleton,
@@ -256,7 +232,7 @@ def _write_and_commit(
     if comm.coordinator:
         assert writer is not None
         try:
-            encoded = _commit(writer, reports, backend, impl, metadata, metadata_version)
+            encoded = _commit(writer, reports, job)
             outcome = {"ok": len(encoded)}
         except ReplicaDivergenceError as err:
             outcome = {"divergence": [str(err), err.key_path, [list(g) for g in err.groups]]}
@@ -280,9 +256,9 @@ def _write_and_commit(
         raise failed(comm.what, {0: outcome["error"]}, comm.size) from error
     files = [mf.FileRecord(p, s) for f in reports for p, s in f["files"]]
     records = [t for f in reports for t in f["tensors"]]
-    return info_type(
+    return SaveInfo(
         path=storage.display(path),
-        backend=backend,
+        backend=job.backend,
         tensors=len(records),
         raw_bytes=sum(
             Box(tuple(r[2]), tuple(r[3])).volume * _dtypes.dtype_from_name(r[0]).itemsize
@@ -291,35 +267,29 @@ def _write_and_commit(
         ),
         stored_bytes=sum(f.size for f in files) + sum(f["external"] for f in reports),
         files=tuple(f.path for f in files),
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - job.start,
         manifest_bytes=int(outcome["ok"]),
     )
 
 
-def _commit(
-    writer: CheckpointWriter,
-    fragments: list[dict[str, Any]],
-    backend: str,
-    impl: Backend,
-    metadata: Any,
-    metadata_version: int,
-) -> bytes:
+def _commit(writer: CheckpointWriter, fragments: list[dict[str, Any]], job: Job) -> bytes:
     """The coordinator's step 5: merge, check, write the manifest last."""
     from aptckpt.api import _refuse_unreadable_manifest
 
+    assert job.impl is not None
     merged = merge(fragments)
     manifest = mf.Manifest(
-        backend=backend,
-        options=impl.options_record(),
+        backend=job.backend,
+        options=job.impl.options_record(),
         skeleton=merged.skeleton,
         tensors=merged.tensors,
         files=merged.files,
         payload=None,
-        metadata=metadata,
+        metadata=job.metadata,
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         library_version=__version__,
         torch_version=torch.__version__,
-        format_version=max(merged.format_version, metadata_version),
+        format_version=max(merged.format_version, job.metadata_version),
         world_size=len(fragments),
         parts=merged.parts,
         shards=merged.shards,
