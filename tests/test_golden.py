@@ -15,21 +15,36 @@ import pytest
 
 import aptckpt
 from aptckpt.testing import assert_state_equal
-from golden.make_golden import DELTA_CHAIN, GOLDEN, delta_state, golden_state
+from golden.make_golden import (
+    DELTA_CHAIN,
+    GOLDEN,
+    SHARDED_GOLDEN,
+    SHARDED_VERSION,
+    SINGLE_PROCESS_VERSION,
+    delta_state,
+    golden_state,
+    sharded_expected,
+)
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 CASES = sorted(p for p in GOLDEN_DIR.glob("v*/*") if p.is_dir())
 
 
 def test_every_current_golden_exists():
-    names = {p.name for p in CASES if p.parent.name == f"v{aptckpt.FORMAT_VERSION}"}
+    assert aptckpt.FORMAT_VERSION == SHARDED_VERSION
+    names = {p.name for p in CASES if p.parent.name == f"v{SINGLE_PROCESS_VERSION}"}
     assert names == set(GOLDEN)
+    names = {p.name for p in CASES if p.parent.name == f"v{SHARDED_VERSION}"}
+    assert names == set(SHARDED_GOLDEN)
 
 
 @pytest.mark.parametrize("path", CASES, ids=lambda p: f"{p.parent.name}-{p.name}")
 def test_golden_loads_bit_exact(path):
     version = int(path.parent.name.removeprefix("v"))
-    if path.name == "delta":  # a run directory: a chain of checkpoints and their store
+    if version == SHARDED_VERSION:  # saved by two ranks: whole tensors, rank 0's values
+        checkpoints = [(path, sharded_expected())]
+        assert aptckpt.inspect(path).world_size == 2
+    elif path.name == "delta":  # a run directory: a chain of checkpoints and their store
         checkpoints = [(path / name, delta_state(i, version)) for i, name in enumerate(DELTA_CHAIN)]
         codecs = {c for t in aptckpt.inspect(path / DELTA_CHAIN[-1]).tensors for c in t.codecs}
         assert any(c.startswith("xor") for c in codecs)  # the chain really holds deltas
@@ -50,7 +65,7 @@ def _manifest(path: Path) -> dict:
 
 @pytest.mark.parametrize("name", ["zstd", "zstd-raw"])
 def test_saving_again_reproduces_the_format(tmp_path, name):
-    committed = GOLDEN_DIR / f"v{aptckpt.FORMAT_VERSION}" / name
+    committed = GOLDEN_DIR / f"v{SINGLE_PROCESS_VERSION}" / name
     aptckpt.save(
         golden_state(), tmp_path / name, backend="zstd", metadata={"golden": name}, **GOLDEN[name]
     )

@@ -151,3 +151,71 @@ def test_a_checkpoint_is_written_with_the_lowest_format_version_that_reads_it(tm
             aptckpt.convert(tmp_path / name, converted)
             assert aptckpt.inspect(converted).format_version == version, name
     assert torch.equal(aptckpt.load(tmp_path / "plain")["w"], plain["w"])
+
+
+# ------------------------------------------------- version 4: saved by a process group
+
+
+def _sharded_doc() -> dict:
+    """A valid version-4 document: one 4x2 float32 tensor stored as two row boxes."""
+    return {
+        "format": "aptckpt",
+        "format_version": 4,
+        "library_version": "x",
+        "torch_version": "x",
+        "created_at": "",
+        "backend": "zstd",
+        "options": {},
+        "tree": ["dict", ["w", ["tensor", 0]]],
+        "tensors": [{"dtype": "float32", "shape": [4, 2]}],
+        "files": [{"path": "rank-00000/a", "size": 1}, {"path": "rank-00001/a", "size": 1}],
+        "payload": None,
+        "metadata": None,
+        "world_size": 2,
+        "parts": [
+            {"rank": 0, "files": [0], "tensors": [{"dtype": "float32", "shape": [3, 2]}]},
+            {"rank": 1, "files": [1], "tensors": [{"dtype": "float32", "shape": [1, 2]}]},
+        ],
+        "shards": [[[0, 0, [0, 0]], [1, 0, [3, 0]]]],
+    }
+
+
+def test_a_sharded_manifest_roundtrips():
+    decoded = mf.decode(mf.pack_document(_sharded_doc()))
+    assert decoded.sharded and decoded.world_size == 2
+    assert decoded.shards[0][1] == mf.ShardRecord(1, 0, (3, 0))
+    assert mf.decode(mf.encode(decoded)) == decoded
+    part = decoded.part(1)
+    assert part.tensors[0].shape == (1, 2) and part.files[0].path == "rank-00001/a"
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        (("shards", 0, 1, 0), 2),  # no part 2
+        (("shards", 0, 1, 1), 1),  # no local tensor 1
+        (("shards", 0, 1, 2), [4, 0]),  # a box outside the tensor
+        (("shards", 0, 1, 2), [-1, 0]),
+        (("shards", 0, 1, 2), [3]),  # wrong rank of offsets
+        (("shards", 0, 1), [0, 0, [3, 0]]),  # one local tensor stores two boxes
+        (("parts", 1, "files"), [0]),  # a file listed by two parts
+        (("parts", 1, "rank"), 2),  # a rank the save did not have
+        (("parts", 1, "tensors", 0, "dtype"), "int32"),  # a box of another dtype
+        (("world_size",), 0),
+        (("shards",), []),
+    ],
+)
+def test_hostile_sharded_manifests_raise_format_error(where, value):
+    doc = _sharded_doc()
+    node = doc
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    with pytest.raises(FormatError):
+        mf.decode(mf.pack_document(doc))
+
+
+def test_a_version_3_reader_would_refuse_version_4():
+    doc = _sharded_doc()
+    assert mf.decode(mf.pack_document(doc)).format_version == 4
+    assert mf.FORMAT_VERSION == 4

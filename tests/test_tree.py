@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import aptckpt
 from aptckpt import tree
 from aptckpt.errors import FormatError, UnsupportedObjectError
 
@@ -148,3 +149,26 @@ def test_conjugate_and_negative_views_are_not_aliases_of_their_base():
     x = torch.randn(3, dtype=torch.complex64)
     flat = tree.flatten({"x": x, "xc": x.conj(), "xn": torch._neg_view(x), "x2": x.detach()})
     assert len(flat.tensors) == 3  # x and x.detach() are one tensor; the lazy views are not
+
+
+def test_select_rank_picks_each_ranks_value_and_falls_back_to_rank_0():
+    skeleton = [
+        "dict",
+        ["a", ["ranks", [1, 2]], "b", ["list", [["ranks", [["tensor", 0], ["tensor", 1]]]]]],
+    ]
+    assert tree.select_rank(skeleton, 1) == (
+        ["dict", ["a", 2, "b", ["list", [["tensor", 1]]]]],
+        False,
+    )
+    assert tree.select_rank(skeleton, 5) == (
+        ["dict", ["a", 1, "b", ["list", [["tensor", 0]]]]],
+        True,
+    )
+    assert tree.skeleton_version(skeleton) == 4
+    assert tree.key_paths(skeleton, 2) == ["state['b'][0]@rank0", "state['b'][0]@rank1"]
+
+
+def test_per_rank_is_transparent_without_a_process_group():
+    flat = tree.flatten({"r": aptckpt.per_rank(3), "t": aptckpt.PerRank(torch.ones(1))})
+    assert flat.skeleton == ["dict", ["r", 3, "t", ["tensor", 0]]]
+    assert flat.ranked == frozenset()

@@ -1,6 +1,7 @@
 """Generate the committed golden checkpoints of the current format version.
 
-Run once per format version (``python tests/golden/make_golden.py``); the files
+Run once per format version (``python tests/golden/make_golden.py``; version 4, saved by a
+process group of two ranks: ``python tests/golden/make_golden.py --sharded``); the files
 under ``tests/golden/v<N>/`` are then committed and never regenerated: they
 prove that every later aptckpt still reads them. The state is built from fixed
 byte patterns (no RNG), so it can be rebuilt exactly by the tests.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -123,8 +125,77 @@ def delta_state(index: int, version: int = aptckpt.FORMAT_VERSION) -> dict[str, 
     return state
 
 
+#: Checkpoints saved by a process group of two ranks (format version 4).
+SHARDED_GOLDEN = {name: GOLDEN[name] for name in ("zstd", "zstd-raw", "torch")}
+SHARDED_VERSION = 4
+#: The newest version a single-process save writes.
+SINGLE_PROCESS_VERSION = 3
+_SHARDED_WORLD = 2
+
+
+def sharded_state(rank: int) -> dict[str, Any]:
+    """What rank ``rank`` holds: the golden state replicated, a matrix sharded by rows
+    unevenly (a DTensor when a process group is up), and values of its own."""
+    matrix = torch.arange(15, dtype=torch.float32).reshape(5, 3) / 7
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        matrix = distribute_tensor(matrix, mesh, [Shard(0)])
+    return {
+        "golden": golden_state(SINGLE_PROCESS_VERSION),
+        "matrix": matrix,
+        "mine": aptckpt.per_rank(torch.tensor([rank, 10 * rank], dtype=torch.int16)),
+        "note": f"rank {rank}",
+    }
+
+
+def sharded_expected() -> dict[str, Any]:
+    """What one process loads from a sharded golden: whole tensors, rank 0's values."""
+    state = sharded_state(0)
+    state["mine"] = state["mine"].value
+    return state
+
+
+def _sharded_rank(rank: int, root: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{root}/store", rank=rank, world_size=_SHARDED_WORLD
+    )
+    for name, options in SHARDED_GOLDEN.items():
+        path = HERE / f"v{SHARDED_VERSION}" / name
+        aptckpt.save(
+            sharded_state(rank),
+            path,
+            backend=name.split("-")[0],
+            metadata={"golden": name},
+            process_group=dist.group.WORLD,
+            **options,
+        )
+    dist.destroy_process_group()
+
+
+def main_sharded() -> None:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    for name in SHARDED_GOLDEN:
+        shutil.rmtree(HERE / f"v{SHARDED_VERSION}" / name, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as root:
+        mp.spawn(_sharded_rank, args=(root,), nprocs=_SHARDED_WORLD)
+    print("wrote", HERE / f"v{SHARDED_VERSION}")
+
+
 def main() -> None:
-    version = aptckpt.FORMAT_VERSION
+    version = SINGLE_PROCESS_VERSION
+    if aptckpt.FORMAT_VERSION == SHARDED_VERSION and "--sharded" in sys.argv:
+        main_sharded()
+        return
     for name, options in GOLDEN.items():
         backend = name.split("-")[0]
         path = HERE / f"v{version}" / name
@@ -132,7 +203,7 @@ def main() -> None:
         if backend == "delta":
             for index, checkpoint in enumerate(DELTA_CHAIN):
                 aptckpt.save(
-                    delta_state(index),
+                    delta_state(index, version),
                     path / checkpoint,
                     backend=backend,
                     metadata={"golden": name},
@@ -140,7 +211,7 @@ def main() -> None:
                 )
         else:
             aptckpt.save(
-                golden_state(), path, backend=backend, metadata={"golden": name}, **options
+                golden_state(version), path, backend=backend, metadata={"golden": name}, **options
             )
         print("wrote", path)
 
