@@ -37,7 +37,7 @@ import torch
 
 from aptckpt import _dtypes, tree
 
-__all__ = ["SaveHandle", "submit", "wait_all"]
+__all__ = ["SaveHandle", "chain", "submit", "wait_all"]
 
 log = logging.getLogger("aptckpt")
 T = TypeVar("T")
@@ -197,6 +197,25 @@ def submit(
     """Snapshot ``flat`` (blocking), then run ``persist`` on the snapshot in the
     background; see the module docstring."""
     return _get().submit(flat, path, persist)
+
+
+def chain(handle: SaveHandle[Any], then: Callable[[Any], T]) -> SaveHandle[T]:
+    """A handle whose result is ``then(result of handle)``, run on the thread that finished
+    ``handle`` (the save thread) -- or ``handle``'s error."""
+    future: Future[T] = Future()
+
+    def done(finished: SaveHandle[Any]) -> None:
+        error = finished.exception()
+        if error is not None:
+            future.set_exception(error)
+            return
+        try:
+            future.set_result(then(finished.wait()))
+        except BaseException as err:
+            future.set_exception(err)
+
+    handle.add_done_callback(done)
+    return SaveHandle(future, handle.path, handle.snapshot_seconds)
 
 
 def wait_all() -> None:

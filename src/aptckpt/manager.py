@@ -59,8 +59,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import torch
+
 import aptckpt.api as api
-from aptckpt import _background, _gc, _run_index, _rundir, _runlock, training_state
+from aptckpt import (
+    _background,
+    _gc,
+    _run_index,
+    _rundir,
+    _runlock,
+    distributed,
+    training_state,
+)
 from aptckpt._background import SaveHandle
 from aptckpt._run_index import CheckpointRecord, order
 from aptckpt.api import SaveInfo
@@ -131,6 +141,13 @@ class CheckpointManager:
         storage_options: for a ``run_dir`` URL (``s3://bucket/runs/a``), the options of
             its fsspec file system (credentials, ``endpoint_url``, ...), as for
             :func:`aptckpt.save`; never written into the run.
+        process_group: a ``torch.distributed`` group whose every rank makes a manager of
+            the run and calls the same saves and loads: each rank writes its own shards
+            (collective :func:`aptckpt.save`), group rank 0 holds the run lock and keeps
+            the index, retention, best and temporaries; each rank's RNG states are kept
+            per rank; models with ``parameters()`` and their optimizers are saved by
+            parameter name through ``torch.distributed.checkpoint.state_dict`` (FSDP2,
+            DDP, tensor parallel), so a run resumes at another world size too.
 
     Raises:
         RunBusyError: (writing managers) another process is writing into ``run_dir``.
@@ -152,6 +169,7 @@ class CheckpointManager:
         backend_options: Mapping[str, Any] | None = None,
         read_only: bool = False,
         storage_options: StorageOptions | None = None,
+        process_group: Any = None,
     ) -> None:
         RetentionPolicy(keep_last, keep_best, best_metric, best_mode)  # checks the arguments
         if not isinstance(model_name, str) or not _PLAIN_NAME.fullmatch(model_name):
@@ -171,12 +189,15 @@ class CheckpointManager:
         #: What the last save of this manager wrote (for ``delta``: only the objects it added).
         self.last_save_info: SaveInfo | None = None
         self.read_only = read_only
+        self.process_group = process_group
+        #: Group rank 0 (or no group): this manager owns the run's lock and index.
+        self.coordinator = distributed.group_rank(process_group) == 0
         self._lock: _runlock.RunLock | None = None
         self._in_flight: SaveHandle[Path | str] | None = None
         self._handle_lock = threading.Lock()  # threads of one manager share _in_flight
         self._handle_pid = os.getpid()  # the process whose thread saves _in_flight
         self._handle_lock_pid = os.getpid()
-        if not read_only:
+        if not read_only and self.coordinator:
             self._hold_run()
 
     @property
@@ -270,6 +291,9 @@ class CheckpointManager:
         see :meth:`save`.
         """
         files = training_state.tokenizer_files(tokenizer)
+        if self.process_group is not None and hasattr(model, "parameters"):
+            model_sd, optim_sd = distributed.model_state(model, optimizer)
+            model, optimizer = _Saved(model_sd), (_Saved(optim_sd) if optimizer else None)
         objects: dict[str, Any] = {
             "model": model,
             "optimizer": optimizer,
@@ -361,6 +385,18 @@ class CheckpointManager:
         blocking: bool,
         tokenizer_files: dict[str, bytes] | None,
     ) -> Any:
+        if self.process_group is not None:
+            return self._save_collective(
+                step,
+                state,
+                epoch=epoch,
+                metrics=metrics,
+                batch_index=batch_index,
+                temporary=temporary,
+                is_best=is_best,
+                blocking=blocking,
+                tokenizer_files=tokenizer_files,
+            )
         self.wait()
         clash = RESERVED & set(state)
         if clash:
@@ -466,6 +502,258 @@ class CheckpointManager:
             if not handed_off:
                 release()  # nothing will persist: the next save of the run may start
             raise
+
+    def _save_collective(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        epoch: int,
+        metrics: Mapping[str, Any] | None,
+        batch_index: int | None,
+        temporary: bool,
+        is_best: bool | None,
+        blocking: bool,
+        tokenizer_files: dict[str, bytes] | None,
+    ) -> Any:
+        """:meth:`_save` on every rank of the group: the coordinator numbers the checkpoint
+        and decides its best flag (under the run lock), every rank writes its shards, the
+        coordinator updates the index and prunes once it committed."""
+        from aptckpt.distributed._comm import Comm, describe, failed
+
+        self.wait()
+        clash = RESERVED & set(state)
+        if clash:
+            raise ValueError(f"state keys {sorted(clash)} are reserved by CheckpointManager")
+        step = training_state.count(step, "step")
+        epoch = training_state.count(epoch, "epoch")
+        if batch_index is not None:
+            batch_index = training_state.count(batch_index, "batch_index")
+        plain_metrics = training_state.plain_metrics(metrics)
+        content: dict[str, Any] = {
+            key: value.state_dict() if hasattr(value, "state_dict") else value
+            for key, value in state.items()
+        }
+        content.update(
+            global_step=step,
+            epoch=epoch,
+            batch_index=batch_index,
+            metrics=plain_metrics,
+            rng=distributed.per_rank(capture_rng()),
+        )
+        kind: Literal["epoch", "temp"] = "temp" if temporary else "epoch"
+        folder = _TEMP if temporary else _REGULAR
+        name = f"{self.model_name}_epoch{epoch}_step{step}"
+        lock = self._hold_run() if self.coordinator else None
+        plan: dict[str, Any] | None = None
+        error: BaseException | None = None
+        with Comm(self.process_group, f"saving a checkpoint of run '{self.run_dir}'") as comm:
+            if lock is not None:
+                lock.slot.acquire()
+            release = _Release(lock.slot) if lock is not None else (lambda: None)
+            try:
+                if lock is not None:
+                    try:
+                        plan = self._number(
+                            lock,
+                            folder,
+                            name,
+                            kind,
+                            temporary,
+                            is_best,
+                            plain_metrics,
+                            step,
+                            epoch,
+                            batch_index,
+                        )
+                    except Exception as err:
+                        error = err
+                sent = comm.broadcast({"plan": plan, "error": describe(error)}, "plan")
+                if error is not None:
+                    raise error
+                if sent["plan"] is None:
+                    raise failed(comm.what, {0: sent["error"]}, comm.size)
+                plan = sent["plan"]
+            except BaseException:
+                release()
+                raise
+        rel = plan["rel"]
+        path = self._run.user_path(rel)
+        try:
+            result = api.save(
+                content,
+                path,
+                backend=self.backend,
+                metadata={_RUN_KEY: plan["meta"]},
+                storage_options=self._run.options,
+                process_group=self.process_group,
+                blocking=blocking,
+                **self._collective_options(),
+            )
+        except BaseException:
+            release()
+            raise
+
+        def after(info: SaveInfo) -> Path | str:
+            try:
+                self.last_save_info = info
+                if self.coordinator:
+                    self._after_commit(rel)
+                    if tokenizer_files:
+                        self._write_tokenizer_after_commit(tokenizer_files, path)
+            finally:
+                release()
+            return path
+
+        if blocking:
+            return after(result)
+        handle = _background.chain(result, after)
+        with self._handles():
+            self._in_flight, self._handle_pid = handle, os.getpid()
+        return handle
+
+    def _number(
+        self,
+        lock: _runlock.RunLock,
+        folder: str,
+        name: str,
+        kind: Literal["epoch", "temp"],
+        temporary: bool,
+        is_best: bool | None,
+        plain_metrics: dict[str, Any],
+        step: int,
+        epoch: int,
+        batch_index: int | None,
+    ) -> dict[str, Any]:
+        """The coordinator's part of a collective save before anything is written: the
+        checkpoint's sequence number, name and run metadata."""
+        _rundir.refuse_links(self._run)
+        records = self.checkpoints()
+        sequence = max([lock.issued, *(r.sequence for r in records)]) + 1
+        lock.issued = sequence
+        rel = _rundir.free_name(self._run, folder, name, sequence)
+        if temporary:
+            best = False
+        elif is_best is None:
+            best = self.retention.is_best(plain_metrics, records)
+        else:
+            best = bool(is_best)
+        meta = _run_index.run_metadata(
+            sequence=sequence,
+            kind=kind,
+            epoch=epoch,
+            global_step=step,
+            batch_index=batch_index,
+            metrics=plain_metrics,
+            is_best=best,
+        )
+        return {"rel": rel, "meta": meta}
+
+    def _restore_collective(
+        self,
+        objects: Mapping[str, Any],
+        checkpoint_path: str | os.PathLike[str] | None,
+        *,
+        map_location: Any,
+        restore_rng: bool,
+        check: Callable[[ResumeInfo], None] | None,
+    ) -> dict[str, Any]:
+        """:meth:`restore` on every rank of the group, at any world size: the coordinator
+        resolves the checkpoint, each rank reads its shards into copies of its objects'
+        state, ``check`` sees the checkpoint, then the states are installed (a sharded
+        model and its optimizer through ``set_state_dict``)."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        from aptckpt.distributed._comm import Comm, describe, failed
+
+        with Comm(self.process_group, f"resuming run '{self.run_dir}'") as comm:
+            found: str | None = None
+            error: BaseException | None = None
+            if self.coordinator:
+                try:
+                    found = os.fspath(self.resolve(checkpoint_path))
+                except Exception as err:
+                    error = err
+            sent = comm.broadcast({"path": found, "error": describe(error)}, "resolve")
+            if error is not None:
+                raise error
+            if sent["path"] is None:
+                raise failed(comm.what, {0: sent["error"]}, comm.size)
+        path: Path | str = sent["path"] if is_url(sent["path"]) else Path(sent["path"])
+        model, optimizer = objects.get("model"), objects.get("optimizer")
+        sharded = model is not None and hasattr(model, "parameters")
+        target: dict[str, Any] = {}
+        if sharded:
+            model_sd, optim_sd = distributed.model_state(model, optimizer)
+            target["model"] = _cloned(model_sd)
+            if optimizer is not None:
+                target["optimizer"] = _cloned(optim_sd)
+        for key, obj in objects.items():
+            if obj is not None and key not in target and hasattr(obj, "state_dict"):
+                target[key] = _cloned(obj.state_dict())
+        options = self._run.options if is_url(path) else None
+        result = api.load(
+            path,
+            into=target,
+            strict=False,
+            map_location=map_location,
+            storage_options=options,
+            process_group=self.process_group,
+        )
+        state = result.state
+        if not isinstance(state, dict) or "global_step" not in state:
+            raise BackendError(
+                f"'{path}' was not written by a CheckpointManager (no global_step); "
+                "load it with aptckpt.load()"
+            )
+        if result.missing_keys:
+            raise KeyError(
+                f"checkpoint '{path}' holds no state for {len(result.missing_keys)} tensors "
+                f"of the objects to restore (e.g. {result.missing_keys[0]})"
+            )
+        resume = training_state.resume_info(path, state, temporary=_folder_name(path) == _TEMP)
+        if check is not None:
+            check(resume)
+        for key, obj in objects.items():
+            if obj is None or (sharded and key in ("model", "optimizer")):
+                continue
+            if state.get(key) is None:
+                raise KeyError(f"checkpoint '{path}' holds no {key!r} state to restore")
+            obj.load_state_dict(state[key])
+        if sharded:
+            assert model is not None
+            if optimizer is not None:
+                set_state_dict(
+                    model,
+                    optimizer,
+                    model_state_dict=state["model"],
+                    optim_state_dict=state["optimizer"],
+                )
+            else:
+                model.load_state_dict(state["model"])
+        saved_by = api.inspect(path, storage_options=options).world_size
+        if saved_by != comm.size:
+            log.warning(
+                "resumed '%s' (saved by %d ranks) on %d ranks: weights and optimizer state are "
+                "exact; ranks without a saved rank of their own took rank 0's RNG states and "
+                "data position, so the data order is re-derived",
+                path,
+                saved_by,
+                comm.size,
+            )
+        if restore_rng and state.get("rng") is not None:
+            restore_rng_states(state["rng"])
+        self.last_loaded = resume
+        return state
+
+    def _collective_options(self) -> dict[str, Any]:
+        """Backend options of a collective save: a ``delta`` run's store (every rank
+        writes into it; content addressing stores a chunk once), and no base -- a
+        checkpoint saved by a process group is no base of another."""
+        options = dict(self.backend_options)
+        if self.backend == "delta":
+            options.setdefault("store", str(self._run.user_path(_rundir.STORE)))
+        return options
 
     def _after_commit(self, rel: str) -> None:
         """Index, retention and garbage collection once checkpoint ``rel`` has committed,
@@ -661,6 +949,14 @@ class CheckpointManager:
         before any object is restored, and may raise to refuse it: a run resumed with
         other settings fails before the model is half loaded."""
         self.wait()
+        if self.process_group is not None:
+            return self._restore_collective(
+                objects,
+                checkpoint_path,
+                map_location=map_location,
+                restore_rng=restore_rng,
+                check=check,
+            )
         path = self.resolve(checkpoint_path)
         options = self._run.options if is_url(path) else None
         state = api.load(path, map_location=map_location, storage_options=options)
@@ -685,6 +981,28 @@ class CheckpointManager:
             restore_rng_states(state["rng"])
         self.last_loaded = resume
         return state
+
+
+def _cloned(value: Any) -> Any:
+    """``value`` with every tensor cloned (DTensors stay DTensors): load targets that are
+    not the live objects, so a refused checkpoint changes nothing."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cloned(v) for v in value]
+    return value
+
+
+class _Saved:
+    """A state dict already taken (a sharded model's, by parameter name), saved as it is."""
+
+    def __init__(self, state: Any) -> None:
+        self._state = state
+
+    def state_dict(self) -> Any:
+        return self._state
 
 
 def _folder_name(path: Path | str) -> str:

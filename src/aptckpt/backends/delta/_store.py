@@ -80,7 +80,10 @@ def read_base(storage: Storage, path: str, store: ObjectStore) -> Base | None:
     """The delta checkpoint at ``path`` if it uses ``store``, else None."""
     with storage.open_checkpoint(path) as reader:
         manifest = reader.read_manifest()
-    if manifest.backend != "delta":
+    if manifest.backend != "delta" or manifest.sharded:
+        # A checkpoint saved by a process group is no base (its parts are keyed by rank and
+        # box, not by key path): the ranks' saves store whole chunks, and the store's
+        # content addressing still writes an unchanged chunk once.
         return None
     where = storage.display(path)
     payload = parse_payload(manifest, where)
