@@ -671,6 +671,7 @@ def load(
     mmap: bool = ...,
     storage_options: StorageOptions | None = ...,
     process_group: Any = ...,
+    rank: int | None = ...,
 ) -> Any: ...
 
 
@@ -685,6 +686,7 @@ def load(
     mmap: bool = ...,
     storage_options: StorageOptions | None = ...,
     process_group: Any = ...,
+    rank: int | None = ...,
 ) -> IntoResult: ...
 
 
@@ -699,6 +701,7 @@ def load(
     mmap: bool = False,
     storage_options: StorageOptions | None = None,
     process_group: Any = None,
+    rank: int | None = None,
 ) -> Any:
     """Load the state saved at ``path``, bit for bit.
 
@@ -752,9 +755,13 @@ def load(
     if mmap and into is not None:
         raise ValueError("load() takes mmap=True or into=, not both: into= already reuses memory")
     if process_group is not None:
+        if rank is not None:
+            raise ValueError("load() takes rank= only without process_group= (which sets it)")
         return _load_collective(
             path, process_group, map_location, verify, into, strict, storage_options
         )
+    if rank is not None and (type(rank) is not int or rank < 0):
+        raise ValueError(f"rank must be a non-negative int, got {rank!r}")
     with _opened(path, storage_options) as (reader, manifest, impl):
         if manifest.sharded:
             from aptckpt.distributed import _load
@@ -763,7 +770,7 @@ def load(
                 reader,
                 manifest,
                 impl,
-                rank=0,
+                rank=rank or 0,
                 map_location=map_location,
                 verify=verify,
                 into=into,

@@ -80,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
         help="save synchronously (default: in the background, training waits only for a "
         "copy of the state)",
     )
+    run.add_argument(
+        "--parallel",
+        choices=("ddp", "fsdp"),
+        default=None,
+        help="train on every rank of a torchrun job with DDP or FSDP2 (torchrun "
+        "--nproc-per-node N -m aptckpt.apt --parallel ddp ...); each rank writes its shards",
+    )
     model = parser.add_argument_group("model")
     model.add_argument("--d-model", type=int, default=defaults.d_model)
     model.add_argument("--n-layer", type=int, default=defaults.n_layer)
@@ -123,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=args.progress,
             log=lambda line: print(line, flush=True),
             async_checkpoints=not args.sync_checkpoints,
+            parallel=args.parallel,
         )
     except (AptckptError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -137,6 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    if args.parallel is not None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            if dist.get_rank() != 0:
+                dist.destroy_process_group()
+                return 0
+            dist.destroy_process_group()
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     print(
         f"done: {result.global_step} steps, final train loss {last}; "

@@ -52,6 +52,7 @@ import torch
 from torch.nn import functional as F
 
 from aptckpt._progress import Progress
+from aptckpt.apt import _parallel
 from aptckpt.apt._support import (
     Clock,
     evaluate,
@@ -168,6 +169,7 @@ def train_model(
     device: str | torch.device = "cpu",
     async_checkpoints: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    parallel: str | None = None,
 ) -> TrainResult:
     """Train the APT model, checkpointing into ``checkpoint_dir``; resumable bit for bit.
 
@@ -204,6 +206,11 @@ def train_model(
             synchronously. Either way the run is bit-identical.
         storage_options: for a ``checkpoint_dir`` URL (``s3://bucket/runs/apt``), the
             options of its fsspec file system (see :func:`aptckpt.save`).
+        parallel: ``"ddp"`` or ``"fsdp"`` (FSDP2) to train on every rank of the job
+            ``torchrun`` started (:mod:`aptckpt.apt._parallel`): each rank trains on its
+            rows of every global batch and writes its own shards of every checkpoint; a
+            run resumes bit for bit at the same world size, and at another one with
+            weights and optimizer exact. Only rank 0 logs.
 
     Returns:
         A :class:`TrainResult`.
@@ -246,6 +253,9 @@ def train_model(
             f"tokenizer's {tokenizer.vocab_size}"
         )
     started = time.perf_counter()
+    ranks, device = _parallel.setup(parallel, torch.device(device))
+    if not ranks.coordinator:
+        log = None
     run = _Run(
         text,
         tokenizer,
@@ -255,9 +265,10 @@ def train_model(
         learning_rate=learning_rate,
         seed=seed,
         max_steps_per_epoch=max_steps_per_epoch,
-        device=torch.device(device),
+        device=device,
         log=log if log is not None else _silent,
         blocking=not async_checkpoints,
+        ranks=ranks,
     )
     manager = CheckpointManager(
         checkpoint_dir,
@@ -265,6 +276,7 @@ def train_model(
         model_name=MODEL_NAME,
         keep_last=keep_last,
         storage_options=storage_options,
+        process_group=ranks.group,
     )
     run.resume(manager, resume_from, checkpoint_dir)
     if run.resumed_from is None:
@@ -272,6 +284,7 @@ def train_model(
             f"training APT ({run.model.num_parameters():,} parameters, vocab "
             f"{tokenizer.vocab_size}) for {epochs} epoch(s) x {run.data.steps_per_epoch} steps, "
             f"backend {backend}, checkpoints in {os.fspath(checkpoint_dir)}"
+            + (f", {ranks.kind} on {ranks.world} ranks" if ranks.kind else "")
         )
     run.train(manager, temp_checkpoint_freq, progress)
     with run.clock.span("checkpoint"):
@@ -320,8 +333,10 @@ class _Run:
         device: torch.device,
         log: Log,
         blocking: bool = True,
+        ranks: _parallel.Parallel | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.ranks = ranks if ranks is not None else _parallel.Parallel()
         self.epochs = epochs
         self.blocking = blocking
         self._report_lock = threading.Lock()  # completion reports come from the save thread
@@ -365,8 +380,10 @@ class _Run:
         np.random.seed(seed)
         torch.manual_seed(seed)
         self.model = APTModel(config).to(device)
+        #: What trains: the model, or its DDP wrapper (FSDP2 shards the model in place).
+        self.net = self.ranks.wrap(self.model, device)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=learning_rate, betas=BETAS, weight_decay=WEIGHT_DECAY
+            self.net.parameters(), lr=learning_rate, betas=BETAS, weight_decay=WEIGHT_DECAY
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(warmup, total_steps, floor=MIN_LR_RATIO)
@@ -391,7 +408,7 @@ class _Run:
         target = None if resume_from == "auto" else os.fspath(resume_from)
         try:
             epoch, self.global_step, history, _ = manager.load_checkpoint(
-                self.model,
+                self.net,
                 self.optimizer,
                 self.scheduler,
                 checkpoint_path=target,
@@ -486,17 +503,18 @@ class _Run:
             self._save(manager, epoch, epoch_start, val_loss=val_loss)
 
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        logits = self.model(inputs.to(self.device))
+        inputs, targets = self.ranks.rows(inputs), self.ranks.rows(targets)
+        logits = self.net(inputs.to(self.device))
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets.to(self.device).reshape(-1)
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), GRAD_CLIP)
         self.optimizer.step()
         self.scheduler.step()
         self.global_step += 1
-        self.losses.append(loss.item())
+        self.losses.append(self.ranks.mean(loss))
         return self.losses[-1]
 
     def _save(
@@ -519,7 +537,7 @@ class _Run:
                 metrics["val_loss"] = val_loss
         with self.clock.span("checkpoint"):
             saved = manager.save_checkpoint(
-                self.model,
+                self.net,
                 self.optimizer,
                 self.scheduler,
                 epoch,

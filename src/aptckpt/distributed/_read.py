@@ -54,10 +54,10 @@ def fill(
 ) -> None:
     """Fill every target from the stored boxes it overlaps (``names``: key paths per saved
     tensor, for messages)."""
-    wanted: dict[int, list[tuple[int, int, int]]] = {}  # part -> regions
-    copies: dict[
-        int, list[tuple[Target, Box, Box, int]]
-    ] = {}  # part -> (target, stored, overlap, n)
+    # part -> stored local tensor -> the byte span every target needs of it (one read per
+    # stored tensor: tied destinations and several targets ask for the same bytes)
+    spans: dict[int, dict[int, list[int]]] = {}
+    copies: list[tuple[Target, mf.ShardRecord, Box, Box, int]] = []
     checked: set[int] = set()
     for target in targets:
         record = manifest.tensors[target.index]
@@ -74,20 +74,31 @@ def fill(
             if overlap is None:
                 continue
             start, stop = byte_span(stored, overlap, itemsize)
-            regions = wanted.setdefault(shard.part, [])
-            copies.setdefault(shard.part, []).append((target, stored, overlap, len(regions)))
-            regions.append((shard.index, start, stop))
-    for part, regions in wanted.items():
-        sub = manifest.part(part)
-        found = impl.read_regions(reader, sub, regions, verify=verify)
-        if len(found) != len(regions):
+            span = spans.setdefault(shard.part, {}).setdefault(shard.index, [start, stop])
+            span[0], span[1] = min(span[0], start), max(span[1], stop)
+            copies.append((target, shard, stored, overlap, start))
+    found: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}  # (part, local) -> bytes, start
+    for part, by_index in spans.items():
+        # In stored order: a backend reads the chunks of a part front to back.
+        regions = [(index, span[0], span[1]) for index, span in sorted(by_index.items())]
+        read = impl.read_regions(reader, manifest.part(part), regions, verify=verify)
+        if len(read) != len(regions):
             raise FormatError(
-                f"backend {manifest.backend!r} returned {len(found)} regions for {len(regions)}",
+                f"backend {manifest.backend!r} returned {len(read)} regions for {len(regions)}",
                 path=reader.location,
             )
-        for target, stored, overlap, number in copies[part]:
-            dtype = target.tensor.dtype
-            data = found[number].view(dtype) if found[number].numel() else found[number]
-            source = local_view(data.view(dtype), stored, overlap)
-            with torch.no_grad():
-                region(target.tensor, target.box, overlap).copy_(source)
+        for (index, start, stop), data in zip(regions, read, strict=True):
+            if data.numel() != stop - start:
+                raise FormatError(
+                    f"backend {manifest.backend!r} returned {data.numel()} bytes for a region "
+                    f"of {stop - start}",
+                    path=reader.location,
+                )
+            found[(part, index)] = (data, start)
+    for target, shard, stored, overlap, start in copies:
+        data, first = found[(shard.part, shard.index)]
+        dtype = target.tensor.dtype
+        piece = data[start - first :]
+        source = local_view(piece.view(dtype), stored, overlap)
+        with torch.no_grad():
+            region(target.tensor, target.box, overlap).copy_(source)
