@@ -24,6 +24,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,10 +38,17 @@ RUN = ["--epochs", "3", "--max-steps-per-epoch", "16", "--batch-size", "8"]
 RUN += ["--temp-checkpoint-freq", "4", "--sync-checkpoints"]
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def torchrun(ranks: int, parallel: str, run_dir: Path, *extra: str) -> subprocess.Popen[str]:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-        "--master-port", "0", "-m", "aptckpt.apt", "--parallel", parallel,
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        "-m", "aptckpt.apt", "--parallel", parallel,
         "--checkpoint-dir", str(run_dir), *RUN, *MODEL, *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
