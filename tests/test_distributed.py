@@ -401,7 +401,7 @@ def test_scenario(round_of_four: Any, scenario: Any) -> None:
 def _kill_rank(rank: int, world: int, root: str) -> None:
     import datetime
 
-    os.environ["APTCKPT_COLLECTIVE_TIMEOUT_S"] = "10"
+    os.environ["APTCKPT_COLLECTIVE_TIMEOUT_S"] = "5"
     dist.init_process_group(
         "gloo",
         init_method=f"file://{root}/store",
@@ -431,16 +431,16 @@ def test_a_killed_rank_makes_the_others_raise_and_commits_nothing(tmp_path: Path
     import torch.multiprocessing as mp
 
     context = mp.start_processes(
-        _kill_rank, args=(3, str(tmp_path)), nprocs=3, join=False, start_method="spawn"
+        _kill_rank, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
     )
     for process in context.processes:
         process.join(120)
     codes = [p.exitcode for p in context.processes]
-    assert codes == [0, 0, -signal.SIGKILL], codes
-    for rank in (0, 1):
+    assert codes == [0, -signal.SIGKILL], codes
+    for rank in (0,):
         seconds, _, message = Path(tmp_path, f"raised-{rank}").read_text().partition(" ")
         assert float(seconds) < 60, message
-        assert "rank" in message
+        assert "waiting for rank 1" in message, message
     assert not (tmp_path / "ck").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ck.")]  # no debris left
     assert torch.equal(aptckpt.load(tmp_path / "old")["x"], torch.ones(4))

@@ -550,7 +550,7 @@ class CheckpointManager:
         with Comm(self.process_group, f"saving a checkpoint of run '{self.run_dir}'") as comm:
             if lock is not None:
                 lock.slot.acquire()
-            release = _Release(lock.slot) if lock is not None else (lambda: None)
+            release: Callable[[], None] = _Release(lock.slot) if lock is not None else _nothing
             try:
                 if lock is not None:
                     try:
@@ -580,7 +580,7 @@ class CheckpointManager:
         rel = plan["rel"]
         path = self._run.user_path(rel)
         try:
-            result = api.save(
+            result: Any = api.save(  # type: ignore[call-overload]
                 content,
                 path,
                 backend=self.backend,
@@ -1003,6 +1003,13 @@ class _Saved:
 
     def state_dict(self) -> Any:
         return self._state
+
+    def load_state_dict(self, state: Any, /) -> Any:
+        raise TypeError("a state dict taken for a save is not restored into")
+
+
+def _nothing() -> None:
+    return None
 
 
 def _folder_name(path: Path | str) -> str:

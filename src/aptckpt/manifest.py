@@ -385,7 +385,9 @@ def decode(data: bytes, *, where: str | None = None) -> Manifest:
     if len({f.path for f in files}) != len(files):
         raise r.fail("a file is listed twice")
     tensors = tuple(_tensor_record(t, i, where) for i, t in enumerate(raw_tensors))
-    world_size, parts, shards = 1, (), ()
+    world_size = 1
+    parts: tuple[PartRecord, ...] = ()
+    shards: tuple[tuple[ShardRecord, ...], ...] = ()
     sharded = version >= SHARDED_SINCE and "parts" in doc
     if sharded:
         world_size = r.count("world_size", limit=1 << 24)

@@ -70,7 +70,7 @@ class Comm:
         self.what = what
         self.timeout = timeout_s()
         self.ranks: tuple[int, ...] = tuple(dist.get_process_group_ranks(process_group))
-        self.rank = dist.get_rank(process_group)
+        self.rank: int = int(dist.get_rank(process_group))
         if self.rank < 0:
             raise CollectiveError(
                 f"{what}: this process (global rank {dist.get_rank()}) is not a member of the "

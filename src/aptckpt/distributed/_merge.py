@@ -25,6 +25,7 @@ from typing import Any
 
 from aptckpt import manifest as mf
 from aptckpt import tree
+from aptckpt._config import MAX_NESTING
 from aptckpt.distributed._boxes import Box, intersect
 from aptckpt.errors import CollectiveError, ReplicaDivergenceError
 
@@ -116,7 +117,7 @@ class _Merger:
 
     def container(self, nodes: list[Any], path: str, depth: int) -> Any:
         tag = nodes[0][0]
-        if depth > tree.MAX_NESTING:
+        if depth > MAX_NESTING:
             raise self.differs(path, "containers nested too deep")
         lengths = {len(n[1]) if isinstance(n[1], list) else -1 for n in nodes}
         rests = [n[2:] for n in nodes]
@@ -268,10 +269,10 @@ def merge(fragments: Sequence[dict[str, Any]]) -> Merged:
     shards = []
     for index, members in enumerate(merger.members):
         boxes = []
-        for rank, local in members:
-            place = part_of.get((rank, local))
+        for rank, leaf in members:
+            place = part_of.get((rank, leaf))
             if place is not None:
-                box = merger.local[rank][local].box
+                box = merger.local[rank][leaf].box
                 boxes.append(mf.ShardRecord(place[0], place[1], box.offsets))
         check_cover(
             records[index],

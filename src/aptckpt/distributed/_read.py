@@ -68,7 +68,9 @@ def fill(
             except CollectiveError as err:
                 raise FormatError(str(err), path=reader.location) from err
             checked.add(target.index)
-        itemsize = _dtypes.dtype_from_name(record.dtype).itemsize
+        dtype = _dtypes.dtype_from_name(record.dtype)
+        assert dtype is not None  # validated by the manifest's decoder
+        itemsize = dtype.itemsize
         for shard, stored in boxes:
             overlap = intersect(stored, target.box)
             if overlap is None:

@@ -36,7 +36,7 @@ from aptckpt import _accel, _dtypes, tree
 from aptckpt import manifest as mf
 from aptckpt._version import __version__
 from aptckpt.backends.base import Backend
-from aptckpt.distributed._boxes import Box, dtensor_layout, full_box
+from aptckpt.distributed._boxes import dtensor_layout, full_box
 from aptckpt.distributed._comm import Comm, describe, failed
 from aptckpt.distributed._merge import Tensor, merge
 from aptckpt.errors import AptckptError, ReplicaDivergenceError
@@ -255,16 +255,21 @@ def _write_and_commit(
             raise error
         raise failed(comm.what, {0: outcome["error"]}, comm.size) from error
     files = [mf.FileRecord(p, s) for f in reports for p, s in f["files"]]
-    records = [t for f in reports for t in f["tensors"]]
+    # Every tensor once: rank 0's leaves, and the other ranks' per-rank ones.
+    tensors = len(reports[0]["tensors"]) + sum(
+        1 for f in reports[1:] for row in f["tensors"] if Tensor.parse(row).ranked
+    )
+    raw_bytes = 0
+    for f in reports:
+        for i in f["written"]:
+            leaf = Tensor.parse(f["tensors"][i])
+            dtype = _dtypes.dtype_from_name(leaf.dtype)
+            raw_bytes += leaf.box.volume * (dtype.itemsize if dtype is not None else 0)
     return SaveInfo(
         path=storage.display(path),
         backend=job.backend,
-        tensors=len(records),
-        raw_bytes=sum(
-            Box(tuple(r[2]), tuple(r[3])).volume * _dtypes.dtype_from_name(r[0]).itemsize
-            for f in reports
-            for r in (f["tensors"][i] for i in f["written"])
-        ),
+        tensors=tensors,
+        raw_bytes=raw_bytes,
         stored_bytes=sum(f.size for f in files) + sum(f["external"] for f in reports),
         files=tuple(f.path for f in files),
         seconds=time.perf_counter() - job.start,

@@ -57,7 +57,7 @@ class LocalStorage(base.Storage):
     def create_checkpoint(self, path: str, *, overwrite: bool = False) -> CheckpointWriter:
         return CheckpointWriter(path, overwrite=overwrite)
 
-    def join_checkpoint(self, path: str, token: str) -> CheckpointWriter:
+    def join_checkpoint(self, path: str, token: str) -> base.CheckpointWriter:
         return _atomic.JoinedWriter(path, token)
 
     def open_checkpoint(self, path: str) -> CheckpointReader:
