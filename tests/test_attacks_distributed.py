@@ -37,6 +37,7 @@ import torch
 import aptckpt
 from aptckpt import manifest as mf
 from aptckpt.errors import AptckptError, FormatError, IntegrityError
+from conftest import S3_SECRET
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -216,10 +217,12 @@ class _Ctx:
     """What a scenario gets: this rank, the shared folder, groups and meshes made by every
     rank in the same order, and lockstep steps."""
 
-    def __init__(self, rank: int, tmp: Path) -> None:
+    def __init__(self, rank: int, tmp: Path, s3: dict[str, Any] | None = None) -> None:
         from torch.distributed.device_mesh import DeviceMesh
 
         self.rank, self.tmp = rank, tmp
+        #: {"url": s3://bucket/prefix, "options": storage_options}, when a test server runs
+        self.s3 = s3
         self.groups: dict[Any, Any] = {n: dist.new_group(list(range(n))) for n in (1, 2, 3)}
         self.groups[4] = dist.group.WORLD
         for pair in ((0, 1), (2, 3), (1, 3), (1, 2, 3), (0, 3)):
@@ -256,11 +259,11 @@ class _Ctx:
             return {"raised": describe(err)}
 
 
-def _worker(rank: int, tmp: str, names: list[str]) -> None:
+def _worker(rank: int, tmp: str, names: list[str], s3: dict[str, Any] | None) -> None:
     os.environ["APTCKPT_COLLECTIVE_TIMEOUT_S"] = str(TIMEOUT_S)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
-    ctx = _Ctx(rank, Path(tmp))
+    ctx = _Ctx(rank, Path(tmp), s3)
     out = Path(tmp) / f"results-{rank}.jsonl"
     for name in names:
         if name not in UNPADDED:  # scenarios after which some ranks are dead
@@ -284,6 +287,7 @@ class Round:
     seconds: float
     #: scenario -> rank -> what the scenario returned there ({"crashed": ...} if it raised)
     results: dict[str, dict[int, Any]]
+    s3: dict[str, Any] | None = None
 
     def of(self, name: str) -> dict[int, Any]:
         found = self.results.get(name)
@@ -295,12 +299,12 @@ class Round:
         return {r: v["ok"] for r, v in found.items()}
 
 
-def _run_round(tmp: Path, names: list[str]) -> Round:
+def _run_round(tmp: Path, names: list[str], s3: dict[str, Any] | None = None) -> Round:
     import multiprocessing
 
     spawn = multiprocessing.get_context("spawn")
     start = time.monotonic()
-    procs = [spawn.Process(target=_worker, args=(r, str(tmp), names)) for r in range(WORLD)]
+    procs = [spawn.Process(target=_worker, args=(r, str(tmp), names, s3)) for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
@@ -320,11 +324,30 @@ def _run_round(tmp: Path, names: list[str]) -> Round:
 
 
 @pytest.fixture(scope="module")
-def rnd(tmp_path_factory: pytest.TempPathFactory) -> Round:
+def rnd(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Round:
     tmp = tmp_path_factory.mktemp("dist")
     # A single-process (format 3) checkpoint of a model, for the FSDP2 ranks to load.
     aptckpt.save(plain_model().state_dict(), tmp / "v3model")
-    return _run_round(tmp, list(SCENARIOS))
+    s3 = None
+    try:  # the S3 test server of conftest, when this run has one
+        endpoint = request.getfixturevalue("s3_endpoint")
+        admin = request.getfixturevalue("s3_admin")
+    except pytest.skip.Exception:
+        pass
+    else:
+        admin.call_s3("create_bucket", Bucket="aptckpt-attack-dist")
+        s3 = {
+            "url": "s3://aptckpt-attack-dist/run",
+            "options": {
+                "key": "fake-key-id",
+                "secret": S3_SECRET,
+                "endpoint_url": endpoint,
+                "client_kwargs": {"region_name": "us-east-1"},
+            },
+        }
+    found = _run_round(tmp, list(SCENARIOS), s3)
+    found.s3 = s3
+    return found
 
 
 def ok(step: Step | None) -> Any:
@@ -785,6 +808,56 @@ def groups_and_paths(ctx: _Ctx) -> dict[str, Any]:
         ),
     )
     out["inspect"] = ctx.step(1, lambda: aptckpt.inspect(meta).metadata)
+    return out
+
+
+@scenario
+def on_s3(ctx: _Ctx) -> dict[str, Any]:
+    """Saved by 2 ranks to s3:// (the test server), loaded by 3 into other placements; a
+    save in which rank 1 fails leaves no object behind."""
+    if ctx.s3 is None:
+        return {"skipped": True}
+    url, options = ctx.s3["url"], ctx.s3["options"]
+    full = make(torch.float32, (9, 4), 61)
+
+    def save() -> Any:
+        state = {
+            "d": dtensor(full, ctx.meshes[2], ("s0",)),
+            "w": torch.arange(5.0),
+            "mine": aptckpt.per_rank(torch.full((3,), float(ctx.rank))),
+        }
+        return aptckpt.save(
+            state, f"{url}/ck", process_group=ctx.groups[2], storage_options=options
+        ).tensors
+
+    out: dict[str, Any] = {"save": ctx.step(2, save)}
+
+    def load() -> Any:
+        dest = dtensor(torch.zeros(9, 4), ctx.meshes[3], ("s1",))
+        result = aptckpt.load(
+            f"{url}/ck",
+            into={"d": dest},
+            process_group=ctx.groups[3],
+            storage_options=options,
+            strict=False,
+        )
+        return {"d": check_local(dest, full, ("s1",)), "mine": result.state["mine"].tolist()}
+
+    out["load"] = ctx.step(3, load)
+
+    def failing() -> Any:
+        def disk_full() -> None:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+        with _failing_write(ctx.rank == 1, disk_full):
+            return aptckpt.save(
+                _each_writes(ctx.rank),
+                f"{url}/failed",
+                process_group=ctx.groups[2],
+                storage_options=options,
+            ).tensors
+
+    out["failed"] = ctx.step(2, failing)
     return out
 
 
@@ -1285,6 +1358,25 @@ def test_ranks_with_different_backends_never_commit_an_unreadable_checkpoint(rnd
     else:
         for r in range(2):
             assert "AptckptError" in raised(saved[r])["mro"]
+
+
+def test_s3_collective_save_load_and_failure(rnd: Round) -> None:
+    steps = rnd.of("on_s3")
+    if rnd.s3 is None:
+        pytest.skip("no S3 test server in this run")
+    ok(steps[0]["save"]), ok(steps[1]["save"])
+    for r in range(3):
+        assert ok(steps[r]["load"]) == {"d": True, "mine": [float(r if r < 2 else 0)] * 3}
+    for r in range(2):
+        assert "CollectiveError" in raised(steps[r]["failed"])["mro"]
+    url, options = rnd.s3["url"], rnd.s3["options"]
+    state = aptckpt.load(f"{url}/ck", storage_options=options)
+    assert same(state["d"], make(torch.float32, (9, 4), 61))
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True, use_listings_cache=False)
+    left = fs.find(url.removeprefix("s3://") + "/failed")
+    assert left == [], f"a failed collective save left objects: {left}"
 
 
 # ------------------------------------------------------------------ tests: single process
