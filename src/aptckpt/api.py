@@ -920,7 +920,7 @@ def verify(path: PathLike, *, storage_options: StorageOptions | None = None) -> 
         try:
             if manifest.sharded:  # every rank's view of the state rebuilds
                 used: set[int] = set()
-                for rank in range(manifest.world_size):
+                for rank in range(tree.rank_count(manifest.skeleton)):
                     selected, _ = tree.select_rank(manifest.skeleton, rank)
                     tree.rebuild(selected, tensors, every=False)
                     used.update(tree.key_paths_used(selected, len(tensors)))

@@ -748,8 +748,8 @@ class CheckpointManager:
 
     def _collective_options(self) -> dict[str, Any]:
         """Backend options of a collective save: a ``delta`` run's store (every rank
-        writes into it; content addressing stores a chunk once), and no base -- a
-        checkpoint saved by a process group is no base of another."""
+        writes into it; content addressing stores a chunk once); each rank's base is its
+        own part of the run's newest delta checkpoint, found by the backend."""
         options = dict(self.backend_options)
         if self.backend == "delta":
             options.setdefault("store", str(self._run.user_path(_rundir.STORE)))

@@ -275,7 +275,7 @@ class _Flattener:
         self.ranked: set[int] = set()
         self._in_ranked = 0
         self.leaves: list[TensorLeaf] = []
-        self._by_id: dict[int, int] = {}
+        self._by_id: dict[tuple[bool, int], int] = {}
         self._by_alias: dict[tuple[Any, ...], int] = {}
         self._active: set[int] = set()  # containers on the current path, for cycle detection
         self._keepalive: list[Any] = []  # ids must stay unique while we walk
@@ -321,9 +321,13 @@ class _Flattener:
         if self._in_key:
             raise _refuse(t, path, "dict keys and set members must be plain values")
         _check_tensor(t, path)
-        index = self._by_id.get(id(t))
+        # Inside a PerRank value tensors are the rank's own: never one with a tensor outside
+        # it (that one is shared by the ranks and stored once), even if it is the same.
+        side = self._in_ranked > 0
+        index = self._by_id.get((side, id(t)))
         if index is None:
-            alias = _alias_key(t)
+            raw_alias = _alias_key(t)
+            alias = (side, *raw_alias) if raw_alias is not None else None
             index = self._by_alias.get(alias) if alias is not None else None
             if index is None:
                 index = len(self.leaves)
@@ -333,7 +337,7 @@ class _Flattener:
                 self.leaves.append(TensorLeaf(t, path, type(t) is torch.nn.Parameter, refresh))
                 if alias is not None:
                     self._by_alias[alias] = index
-            self._by_id[id(t)] = index
+            self._by_id[(side, id(t))] = index
             self._keepalive.append(t)
         return ["tensor", index]
 
@@ -522,7 +526,10 @@ def flatten(state: Any, *, root: str = "state", sharding: Sharding | None = None
         UnsupportedObjectError: an object that cannot be stored without pickle,
             with its key path in the message.
     """
-    flattener = _Flattener(sharding=sharding)
+    # A collective save keeps large bytes and str in the skeleton: ranks may hold different
+    # ones (a sampler's state), which the merge keeps per rank -- as data they would be
+    # replicas, refused when they differ.
+    flattener = _Flattener(sharding=sharding, inline=sharding is not None)
     skeleton = flattener.node(state, root, 0)
     return FlatState(
         skeleton,
@@ -852,6 +859,15 @@ def key_paths(skeleton: Any, count: int, *, root: str = "state") -> list[str]:
             seen[index] = True
             paths[index] = path
     return paths
+
+
+def rank_count(skeleton: Any) -> int:
+    """How many ranks' views ``skeleton`` has: the longest ``ranks`` node (1 without)."""
+    longest = 1
+    for node, _, _ in walk(skeleton):
+        if node[0] == "ranks" and isinstance(node[1], list):
+            longest = max(longest, len(node[1]))
+    return longest
 
 
 def key_paths_used(skeleton: Any, count: int) -> set[int]:

@@ -158,15 +158,15 @@ class Comm:
 
     def close(self, *, failed: bool = False) -> None:
         """Say this rank is done reading; the coordinator then removes the operation's keys
-        once every rank has said so (waiting at most the timeout -- a few seconds after a
-        failure, where a rank may be gone -- and never raising: the outcome is known)."""
+        once every rank has said so (waiting at most the timeout, and never raising: the
+        outcome is known). After a failure nobody waits -- a rank may be gone -- and the
+        few keys of the failed operation stay in the store."""
         try:
             self.store.set(self._key("done", self.rank), b"")
-            if not self.coordinator:
+            if failed or not self.coordinator:
                 return
             done = [self._key("done", r) for r in range(self.size)]
-            wait = min(self.timeout, 5.0) if failed else self.timeout
-            self.store.wait(done, datetime.timedelta(seconds=wait))
+            self.store.wait(done, datetime.timedelta(seconds=self.timeout))
             for key in {*self._keys, *done}:
                 self.store.delete_key(key)
         except Exception:  # a rank gone after the outcome: its keys stay, harmlessly

@@ -22,6 +22,7 @@ from aptckpt import manifest as mf
 from aptckpt.backends.base import Backend, TensorLayout
 from aptckpt.distributed._boxes import dtensor_layout, full_box
 from aptckpt.distributed._read import Target, fill
+from aptckpt.errors import FormatError
 from aptckpt.storage.base import CheckpointReader
 
 __all__ = ["as_sharded", "describe", "load", "read_whole"]
@@ -95,6 +96,7 @@ def load(
         )
     view = dataclasses.replace(manifest, skeleton=selected)
     keys = _KeyPaths(view)
+    _check_parts(manifest, impl)
     plan = _into.plan(into, view, strict=strict) if into is not None else None
     values: list[Any] = [None] * count
     fresh: dict[int, torch.Tensor] = {}
@@ -112,9 +114,7 @@ def load(
                     targets.append(target)
             values[index] = dests[0]
             continue
-        dtype = _dtypes.dtype_from_name(record.dtype)
-        assert dtype is not None  # validated by the manifest's decoder
-        tensor = torch.empty(record.shape, dtype=dtype)
+        tensor = _allocate(record, keys[index], reader.location)
         fresh[index] = tensor
         targets.append(Target(index, full_box(record.shape), tensor))
     fill(reader, manifest, impl, targets, verify=verify, names=keys.all())
@@ -144,16 +144,15 @@ def read_whole(
 ) -> list[torch.Tensor]:
     """Every saved tensor, whole, on the CPU (``verify``: every stored byte is checked, as
     the boxes cover each tensor exactly)."""
-    tensors = []
-    for record in manifest.tensors:
-        dtype = _dtypes.dtype_from_name(record.dtype)
-        assert dtype is not None
-        tensors.append(torch.empty(record.shape, dtype=dtype))
+    _check_parts(manifest, impl)
+    names = tree.key_paths(manifest.skeleton, len(manifest.tensors))
+    tensors = [
+        _allocate(record, names[i], reader.location) for i, record in enumerate(manifest.tensors)
+    ]
     targets = [
         Target(i, full_box(r.shape), t)
         for i, (r, t) in enumerate(zip(manifest.tensors, tensors, strict=True))
     ]
-    names = tree.key_paths(manifest.skeleton, len(tensors))
     fill(reader, manifest, impl, targets, verify=verify, names=names)
     return tensors
 
@@ -175,3 +174,25 @@ def describe(impl: Backend, manifest: mf.Manifest) -> tuple[list[TensorLayout], 
             )
         )
     return layouts, sum(impl.external_bytes(part) for part in parts)
+
+
+def _check_parts(manifest: mf.Manifest, impl: Backend) -> None:
+    """Every part's payload parsed against its tensor records before anything is allocated
+    or read: a hostile manifest declaring tensors its chunks do not hold is a format error,
+    not an allocation of whatever size it claims."""
+    for part in range(len(manifest.parts)):
+        impl.describe(manifest.part(part))
+
+
+def _allocate(record: mf.TensorRecord, key: str, where: str) -> torch.Tensor:
+    dtype = _dtypes.dtype_from_name(record.dtype)
+    assert dtype is not None  # validated by the manifest's decoder
+    try:
+        return torch.empty(record.shape, dtype=dtype)
+    except (RuntimeError, MemoryError) as err:
+        raise FormatError(
+            f"cannot allocate {record.nbytes} bytes for tensor {key} ({record.dtype} "
+            f"{list(record.shape)}): more than this machine has, or the manifest is damaged "
+            f"({type(err).__name__}: {err})",
+            path=where,
+        ) from err

@@ -105,7 +105,7 @@ class _Merger:
             return ["ranks", [self.ranked(rank, n[1][0], path) for rank, n in enumerate(nodes)]]
         if any(tagged) and any(isinstance(n, list) and n and n[0] == "ranks" for n in nodes):
             raise self.differs(path, "a PerRank value on some ranks only")
-        if all(tagged) and all(n[0] == "tensor" for n in nodes):
+        if all(_is_tensor(n) for n in nodes):
             return ["tensor", self.tensor([n[1] for n in nodes], path)]
         if all(tagged) and first[0] not in _LEAF_TAGS and len({n[0] for n in nodes}) == 1:
             return self.container(nodes, path, depth)
@@ -119,6 +119,8 @@ class _Merger:
         tag = nodes[0][0]
         if depth > MAX_NESTING:
             raise self.differs(path, "containers nested too deep")
+        if not any(_holds_tensor(n) for n in nodes) and any(n != nodes[0] for n in nodes):
+            return ["ranks", list(nodes)]  # plain values each rank has its own of
         lengths = {len(n[1]) if isinstance(n[1], list) else -1 for n in nodes}
         rests = [n[2:] for n in nodes]
         if len(lengths) != 1 or -1 in lengths:
@@ -144,17 +146,16 @@ class _Merger:
 
     def ranked(self, rank: int, node: Any, path: str) -> Any:
         """A rank's PerRank node: its tensors become tensors of their own."""
-        if isinstance(node, list) and node and node[0] == "tensor":
-            local = node[1]
+
+        def number(local: int) -> int:
             found = self.global_of[rank].get(local)
             if found is None:
                 found = self.global_of[rank][local] = len(self.members)
                 self.members.append([(rank, local)])
                 self.paths.append(f"{path}@rank{rank}")
-            return ["tensor", found]
-        if isinstance(node, list):
-            return [self.ranked(rank, child, path) for child in node]
-        return node
+            return found
+
+        return _map_tensors(node, number)
 
     def tensor(self, locals_: list[int], path: str) -> int:
         found = self.global_of[0].get(locals_[0])
@@ -228,12 +229,47 @@ class _Merger:
                 )
 
 
+def _children(node: Any) -> list[Any]:
+    """The child nodes of a skeleton node (none for a leaf): a container's items, keys and
+    values, an OrderedDict's ``_metadata``, a composite's parts."""
+    if not (isinstance(node, list) and len(node) >= 2 and isinstance(node[0], str)):
+        return []
+    if node[0] in ("tensor", *_LEAF_TAGS) or not isinstance(node[1], list):
+        return []
+    children = list(node[1])
+    if node[0] == "odict" and len(node) > 2:
+        children.append(node[2])
+    return children
+
+
+def _is_tensor(node: Any) -> bool:
+    return isinstance(node, list) and len(node) == 2 and node[0] == "tensor"
+
+
 def _holds_tensor(node: Any) -> bool:
-    if isinstance(node, list):
-        if node and node[0] == "tensor":
+    """Whether a skeleton node has a tensor node anywhere in it (by structure: a plain list
+    or dict whose first item is the string "tensor" holds none)."""
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if _is_tensor(current):
             return True
-        return any(_holds_tensor(child) for child in node)
+        stack.extend(_children(current))
     return False
+
+
+def _map_tensors(node: Any, number: Any) -> Any:
+    """``node`` with every tensor node ``["tensor", i]`` made ``["tensor", number(i)]``."""
+    if _is_tensor(node):
+        return ["tensor", number(node[1])]
+    children = _children(node)
+    if not children:
+        return node
+    mapped = [_map_tensors(child, number) for child in node[1]]
+    rest = node[2:]
+    if node[0] == "odict" and rest:
+        rest = [_map_tensors(rest[0], number), *rest[1:]]
+    return [node[0], mapped, *rest]
 
 
 def merge(fragments: Sequence[dict[str, Any]]) -> Merged:

@@ -39,7 +39,7 @@ from aptckpt.backends.base import Backend
 from aptckpt.distributed._boxes import dtensor_layout, full_box
 from aptckpt.distributed._comm import Comm, describe, failed
 from aptckpt.distributed._merge import Tensor, merge
-from aptckpt.errors import AptckptError, ReplicaDivergenceError
+from aptckpt.errors import AptckptError, CollectiveError, ReplicaDivergenceError
 from aptckpt.storage import Storage
 from aptckpt.storage.base import CheckpointWriter, FolderWriter
 
@@ -69,7 +69,7 @@ def _spread(sizes: dict[int, int], world: int) -> dict[int, int]:
 
 
 def _digest(t: torch.Tensor) -> bytes:
-    host = t.detach()
+    host = t.detach().resolve_conj().resolve_neg()
     if host.device.type != "cpu":
         host = host.cpu()
     host = host.contiguous()
@@ -203,7 +203,7 @@ def _write_and_commit(
     mine: CheckpointWriter | None = None
     try:
         mine = writer if writer is not None else storage.join_checkpoint(path, token)
-        folder = FolderWriter(mine, f"rank-{comm.rank:05d}")
+        folder = FolderWriter(mine, f"rank-{comm.rank:05d}", comm.rank)
         payload = impl.write(part, folder) if local.written else None
         folder.sync_files()
         fragment = {
@@ -214,6 +214,7 @@ def _write_and_commit(
             "files": [[f.path, f.size] for f in folder.sizes()],
             "payload": payload,
             "external": folder.external_bytes,
+            "backend": job.backend,
         }
     except Exception as err:
         error = err
@@ -282,6 +283,15 @@ def _commit(writer: CheckpointWriter, fragments: list[dict[str, Any]], job: Job)
     from aptckpt.api import _refuse_unreadable_manifest
 
     assert job.impl is not None
+    others = {
+        r: f.get("backend") for r, f in enumerate(fragments) if f.get("backend") != job.backend
+    }
+    if others:
+        shown = ", ".join(f"rank {r}: {name!r}" for r, name in sorted(others.items()))
+        raise CollectiveError(
+            f"the ranks saved with different backends (rank 0: {job.backend!r}; {shown}); "
+            "every rank of a collective save must pass the same backend. Nothing was committed"
+        )
     merged = merge(fragments)
     manifest = mf.Manifest(
         backend=job.backend,

@@ -151,6 +151,8 @@ class CheckpointWriter(ABC):
     #: Names this save: the other writers of a multi-writer save join with it
     #: (:meth:`Storage.join_checkpoint`).
     token: str
+    #: The rank of a process group this writer writes for (None: a single-process save).
+    rank: int | None = None
 
     def __init__(self) -> None:
         self._held = contextlib.ExitStack()
@@ -226,9 +228,9 @@ class FolderWriter(CheckpointWriter):
     relative to the checkpoint (``rank-00001/shard-00000.bin``), in the order the files were
     started; everything else is the wrapped writer's, and only it commits."""
 
-    def __init__(self, writer: CheckpointWriter, folder: str) -> None:
+    def __init__(self, writer: CheckpointWriter, folder: str, rank: int | None = None) -> None:
         super().__init__()
-        self.writer, self.folder = writer, folder
+        self.writer, self.folder, self.rank = writer, folder, rank
         self.storage, self.path, self.token = writer.storage, writer.path, writer.token
         self._names: list[str] = []
 

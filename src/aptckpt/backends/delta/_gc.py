@@ -154,8 +154,14 @@ def _reachable(store: ObjectStore) -> tuple[set[bytes], int]:
                 manifest = reader.read_manifest()
             if manifest.backend != "delta":
                 continue
-            payload = parse_payload(manifest, where)
-            root = payload.store_root(storage, ckpt, where)
+            # A checkpoint saved by a process group: one payload per rank's part.
+            parts = (
+                [manifest.part(p) for p in range(len(manifest.parts))]
+                if manifest.sharded
+                else [manifest]
+            )
+            payloads = [parse_payload(part, where) for part in parts]
+            roots = {storage.canonical(p.store_root(storage, ckpt, where)) for p in payloads}
         except CheckpointNotFoundError:
             continue  # deleted while we looked
         except (FormatError, IntegrityError) as err:
@@ -165,10 +171,11 @@ def _reachable(store: ObjectStore) -> tuple[set[bytes], int]:
                 "Repair or delete it, then collect again",
                 path=where,
             ) from err
-        if storage.canonical(root) != storage.canonical(store.root):
+        if storage.canonical(store.root) not in roots:
             continue
         checkpoints += 1
-        reachable.update(o.name for o in payload.objects)
+        for payload in payloads:
+            reachable.update(o.name for o in payload.objects)
     return reachable, checkpoints
 
 

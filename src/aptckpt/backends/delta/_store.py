@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from aptckpt import objectstore, tree
 from aptckpt.backends.delta._format import DeltaPayload, StoredObject, parse_payload
 from aptckpt.errors import AptckptError, BackendError, UnsupportedPathError
-from aptckpt.manifest import MANIFEST_NAME, TensorRecord
+from aptckpt.manifest import MANIFEST_NAME, Manifest, TensorRecord
 from aptckpt.objectstore import ObjectStore
 from aptckpt.storage import Storage, is_url, resolve
 from aptckpt.storage.local._temps import is_temporary
@@ -76,16 +77,19 @@ def store_path(storage: Storage, checkpoint: str, store: str | os.PathLike[str] 
     return on_storage(storage, store, "store")
 
 
-def read_base(storage: Storage, path: str, store: ObjectStore) -> Base | None:
-    """The delta checkpoint at ``path`` if it uses ``store``, else None."""
+def read_base(
+    storage: Storage, path: str, store: ObjectStore, rank: int | None = None
+) -> Base | None:
+    """The delta checkpoint at ``path`` if it uses ``store``, else None. A checkpoint saved
+    by a process group is a base only for a rank's part (``rank``): the part that rank
+    wrote, its tensors keyed by the key paths of the tensors they store boxes of."""
     with storage.open_checkpoint(path) as reader:
         manifest = reader.read_manifest()
-    if manifest.backend != "delta" or manifest.sharded:
-        # A checkpoint saved by a process group is no base (its parts are keyed by rank and
-        # box, not by key path): the ranks' saves store whole chunks, and the store's
-        # content addressing still writes an unchanged chunk once.
+    if manifest.backend != "delta":
         return None
     where = storage.display(path)
+    if manifest.sharded:
+        return _part_base(storage, path, store, manifest, rank)
     payload = parse_payload(manifest, where)
     root = payload.store_root(storage, path, where)
     if storage.canonical(root) != storage.canonical(store.root):
@@ -95,14 +99,40 @@ def read_base(storage: Storage, path: str, store: ObjectStore) -> Base | None:
     return Base(storage.canonical(path), payload, by_key)
 
 
+def _part_base(
+    storage: Storage, path: str, store: ObjectStore, manifest: Manifest, rank: int | None
+) -> Base | None:
+    part = next((i for i, p in enumerate(manifest.parts) if p.rank == rank), None)
+    if rank is None or part is None:
+        return None
+    where = storage.display(path)
+    sub = manifest.part(part)
+    payload = parse_payload(sub, where)
+    if storage.canonical(payload.store_root(storage, path, where)) != storage.canonical(store.root):
+        return None
+    keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
+    own = re.compile(rf"@rank{rank}(?!\d)")
+    by_key = {}
+    for tensor, boxes in enumerate(manifest.shards):
+        for box in boxes:
+            if box.part == part:  # a rank's own values are spelled without the suffix
+                key = own.sub("", keys[tensor])
+                by_key[key] = (sub.tensors[box.index], payload.chunks[box.index])
+    return Base(storage.canonical(path), payload, by_key)
+
+
 def find_base(
-    storage: Storage, checkpoint: str, store: ObjectStore, given: str | os.PathLike[str] | None
+    storage: Storage,
+    checkpoint: str,
+    store: ObjectStore,
+    given: str | os.PathLike[str] | None,
+    rank: int | None = None,
 ) -> Base | None:
     """The base of a save of ``checkpoint`` into ``store``: ``given`` (``base=``), or
     the newest delta checkpoint using the store; see the module docstring."""
     if given is not None:
         path = on_storage(storage, given, "base")
-        base = read_base(storage, path, store)
+        base = read_base(storage, path, store, rank)
         if base is None:
             raise BackendError(
                 f"base '{storage.display(path)}' is not a delta checkpoint using the store "
@@ -113,21 +143,25 @@ def find_base(
     home = storage.parent(store.root)
     if storage.local:
         candidates = list(objectstore.find_checkpoints(home, skip=store.root, storage=storage))
-        return _newest_first(storage, candidates, checkpoint, store)
+        return _newest_first(storage, candidates, checkpoint, store, rank)
     siblings = [
         storage.join(storage.parent(checkpoint), e.name)
         for e in storage.list(storage.parent(checkpoint))
         if e.kind == "dir" and not is_temporary(e.name)
     ]
-    found = _newest_first(storage, siblings, checkpoint, store)
+    found = _newest_first(storage, siblings, checkpoint, store, rank)
     if found is None and storage.parent(checkpoint) != home:
         walked = objectstore.find_checkpoints(home, skip=store.root, storage=storage)
-        found = _newest_first(storage, list(walked), checkpoint, store)
+        found = _newest_first(storage, list(walked), checkpoint, store, rank)
     return found
 
 
 def _newest_first(
-    storage: Storage, candidates: list[str], checkpoint: str, store: ObjectStore
+    storage: Storage,
+    candidates: list[str],
+    checkpoint: str,
+    store: ObjectStore,
+    rank: int | None = None,
 ) -> Base | None:
     """The newest of ``candidates`` (by manifest time) that is a delta checkpoint using
     ``store``. A checkpoint being replaced at ``checkpoint`` is one: it stays committed
@@ -148,7 +182,7 @@ def _newest_first(
             stamps = list(pool.map(stamp, candidates))
     for _, candidate in sorted((s for s in stamps if s is not None), reverse=True):
         try:
-            base = read_base(storage, candidate, store)
+            base = read_base(storage, candidate, store, rank)
         except (AptckptError, OSError) as err:
             log.warning("not using '%s' as a delta base: %s", storage.display(candidate), err)
             continue

@@ -58,7 +58,7 @@ def write(flat: FlatState, writer: CheckpointWriter, opts: DeltaOptions, threads
     up, name = objectstore.location_of(root, writer.path, storage)
     store = ObjectStore.create(root, storage=storage)
     writer.hold(store.lock(exclusive=False))
-    base = find_base(storage, writer.path, store, opts.base)
+    base = find_base(storage, writer.path, store, opts.base, writer.rank)
     since = 0 if base is None else base.payload.since_keyframe + 1
     if since >= opts.keyframe_every:
         since = 0

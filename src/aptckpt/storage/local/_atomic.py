@@ -475,10 +475,29 @@ class JoinedWriter(_TempFiles):
                 path=str(self.final),
             )
         self._files = []
+        self._folders: list[Path] = []
 
     @property
     def committed(self) -> bool:
         return False
+
+    def reserve(self, name: str) -> Path:
+        """As the coordinator's, but never making the temporary directory itself: once the
+        coordinator gave up and removed it, a late rank's write fails instead of leaving a
+        directory behind."""
+        mf.check_relative_path(name)
+        if name == mf.MANIFEST_NAME or name in self._files:
+            raise ValueError(f"file name {name!r} is reserved or already used")
+        folder = self.root
+        for part in name.split("/")[:-1]:
+            folder = folder / part
+            try:
+                os.mkdir(folder)
+                self._folders.append(folder)
+            except FileExistsError:
+                pass
+        self._files.append(name)
+        return self.root / name
 
     def commit(self, manifest_bytes: bytes) -> None:
         raise RuntimeError("only the save's coordinator commits")
@@ -487,3 +506,6 @@ class JoinedWriter(_TempFiles):
         for name in self._files:
             with contextlib.suppress(OSError):
                 os.unlink(self.root / name)
+        for folder in reversed(self._folders):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
