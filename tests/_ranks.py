@@ -20,6 +20,25 @@ from typing import Any
 Scenario = Callable[[int, int, Path, dict[str, Any]], None]
 
 
+def skip_unless_multiprocess() -> None:
+    """Skip the calling test module where multi-process tests do not run: without
+    torch.distributed, and in the pure-Python run of the suite unless
+    ``APTCKPT_TEST_DISTRIBUTED=1`` (the protocol does not depend on the core, whose reads
+    every other test covers in that run; CI's time budget goes there)."""
+    import pytest
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch without torch.distributed", allow_module_level=True)
+    if os.environ.get("APTCKPT_NATIVE") == "disable" and not os.environ.get(
+        "APTCKPT_TEST_DISTRIBUTED"
+    ):
+        pytest.skip(
+            "multi-process tests run with the native core (APTCKPT_TEST_DISTRIBUTED=1: here too)",
+            allow_module_level=True,
+        )
+
+
 def _rank_main(
     rank: int, world: int, root: str, scenarios: Sequence[Scenario], extra: dict[str, Any]
 ) -> None:

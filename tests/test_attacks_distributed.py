@@ -35,10 +35,12 @@ import pytest
 import torch
 
 import aptckpt
+from _ranks import skip_unless_multiprocess
 from aptckpt import manifest as mf
 from aptckpt.errors import AptckptError, FormatError, IntegrityError
 from conftest import S3_SECRET
 
+skip_unless_multiprocess()
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)

@@ -9,8 +9,6 @@ round kills a rank in the middle of a save.
 
 from __future__ import annotations
 
-import os
-import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,19 +17,11 @@ import pytest
 import torch
 
 import aptckpt
-from _ranks import check, run_round
+from _ranks import check, run_round, skip_unless_multiprocess
 from conftest import S3_SECRET
 
+skip_unless_multiprocess()
 dist = pytest.importorskip("torch.distributed")
-if not dist.is_available():
-    pytest.skip("torch without torch.distributed", allow_module_level=True)
-if os.environ.get("APTCKPT_NATIVE") == "disable" and not os.environ.get("APTCKPT_TEST_DISTRIBUTED"):
-    # The protocol does not depend on the core; the chunk reads it uses are tested in the
-    # pure-Python run by every other reading test. CI's time budget goes there.
-    pytest.skip(
-        "multi-process tests run with the native core (APTCKPT_TEST_DISTRIBUTED=1: here too)",
-        allow_module_level=True,
-    )
 
 
 # ----------------------------------------------------------------- helpers (every rank)
@@ -393,54 +383,3 @@ def round_of_four(tmp_path_factory: pytest.TempPathFactory, request: Any) -> Any
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.__name__)
 def test_scenario(round_of_four: Any, scenario: Any) -> None:
     check(round_of_four, scenario)
-
-
-# ------------------------------------------------------------------------- a rank killed
-
-
-def _kill_rank(rank: int, world: int, root: str) -> None:
-    import datetime
-
-    os.environ["APTCKPT_COLLECTIVE_TIMEOUT_S"] = "5"
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{root}/store",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    aptckpt.save({"x": torch.ones(4)}, f"{root}/old", process_group=dist.group.WORLD)
-    if rank == world - 1:
-        from aptckpt.backends.zstd import ZstdBackend
-
-        def die(*args: Any, **kwargs: Any) -> Any:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        ZstdBackend.write = die  # type: ignore[method-assign]
-    import time
-
-    start = time.monotonic()
-    state = {"x": torch.ones(4), "mine": aptckpt.per_rank(torch.full((4,), rank))}
-    try:
-        aptckpt.save(state, f"{root}/ck", process_group=dist.group.WORLD)
-    except aptckpt.CollectiveError as err:
-        Path(root, f"raised-{rank}").write_text(f"{time.monotonic() - start:.1f} {err}")
-
-
-def test_a_killed_rank_makes_the_others_raise_and_commits_nothing(tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(
-        _kill_rank, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    for process in context.processes:
-        process.join(120)
-    codes = [p.exitcode for p in context.processes]
-    assert codes == [0, -signal.SIGKILL], codes
-    for rank in (0,):
-        seconds, _, message = Path(tmp_path, f"raised-{rank}").read_text().partition(" ")
-        assert float(seconds) < 60, message
-        assert "waiting for rank 1" in message, message
-    assert not (tmp_path / "ck").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ck.")]  # no debris left
-    assert torch.equal(aptckpt.load(tmp_path / "old")["x"], torch.ones(4))
