@@ -69,6 +69,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("backend", info.backend),
         ("options", " ".join(f"{k}={v}" for k, v in info.options.items()) or "-"),
         ("format version", str(info.format_version)),
+        *([("saved by", f"{info.world_size} ranks")] if info.world_size > 1 else []),
         ("written by", f"aptckpt {info.library_version}, torch {info.torch_version}"),
         ("created", info.created_at),
         ("tensors", str(len(info.tensors))),
