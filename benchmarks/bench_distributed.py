@@ -21,8 +21,8 @@ figure being the slowest rank's time (``all_reduce(MAX)``):
   tensors, ``to_local()``) into its own file and ``fsync``s it -- the limit the ratios use;
   ``raw write, O_DIRECT + fsync`` (aligned reused buffer, as ``bench_backends.py``);
 * ``aptckpt.save(state, path, process_group=WORLD)`` with ``zstd`` level 1 and with
-  ``codec="none"``; ``blocking=False`` is tried once per world size and reported as not
-  supported when it raises (a collective async save is not implemented yet);
+  ``codec="none"`` and ``blocking=False`` (stall until it returns, and until the handle's
+  ``wait()``);
 * ``dcp.save(state, checkpoint_id=path)`` (``FileSystemWriter`` defaults: one file per rank,
   one thread, ``sync_files=True``) and ``dcp.async_save`` on the gloo default group (stall:
   until it returns; total: until ``.result()`` returns).
@@ -106,7 +106,7 @@ APT_NONE = "aptckpt save, zstd codec=none"
 APT_ASYNC = "aptckpt save, blocking=False"
 DCP = "dcp.save"
 DCP_ASYNC = "dcp.async_save"
-SAVES = (RAW, RAW_DIRECT, APT_ZSTD, APT_NONE, DCP, DCP_ASYNC)
+SAVES = (RAW, RAW_DIRECT, APT_ZSTD, APT_NONE, APT_ASYNC, DCP, DCP_ASYNC)
 
 RAW_READ = "raw read (each rank its own file)"
 RAW_SPLIT = "raw read, even 1/N share of the source's raw files"
@@ -126,6 +126,7 @@ DIRS = {
     RAW_DIRECT: "raw-direct",
     APT_ZSTD: "apt-zstd",
     APT_NONE: "apt-none",
+    APT_ASYNC: "apt-async",
     DCP: "dcp",
     DCP_ASYNC: "dcp-async",
 }
@@ -443,11 +444,19 @@ def save_round(rank: int, world: int, port: int, cfg: dict[str, Any]) -> None:
         pending.clear()
         return {"stall": stall}
 
+    def apt_async(path: Path) -> dict[str, float]:
+        start = time.perf_counter()
+        handle = aptckpt.save(state, path, process_group=group, blocking=False)
+        stall = time.perf_counter() - start
+        handle.wait()
+        return {"stall": stall}
+
     saves: dict[str, Callable[[Path], dict[str, float] | None]] = {
         RAW: lambda p: raw.write(p, direct=False),
         RAW_DIRECT: lambda p: raw.write(p, direct=True),
         APT_ZSTD: apt_save({"backend": "zstd"}),
         APT_NONE: apt_save({"backend": "zstd", "codec": "none"}),
+        APT_ASYNC: apt_async,
         DCP: lambda p: dcp.save(state, checkpoint_id=str(p)),
         DCP_ASYNC: dcp_async,
     }
@@ -466,14 +475,6 @@ def save_round(rank: int, world: int, port: int, cfg: dict[str, Any]) -> None:
         DCP: lambda p: dcp.load(target, checkpoint_id=str(p)),
     }
 
-    # A collective async save: tried once, reported as it answers.
-    async_answer = "not tried"
-    try:
-        handle = aptckpt.save(state, work / "async", process_group=group, blocking=False)
-        handle.wait()
-        async_answer = "ran (not timed by this version of the benchmark)"
-    except Exception as err:
-        async_answer = f"{type(err).__name__}: {err}"
     r.barrier()
 
     times: dict[str, list[float]] = {n: [] for n in SAVES}
@@ -553,7 +554,6 @@ def save_round(rank: int, world: int, port: int, cfg: dict[str, Any]) -> None:
             "disk_bytes": disk,
             "checks": checks,
             "errors": r.errors,
-            "apt_async": async_answer,
             "apt_info": infos,
             "cpu": cpu,
             "torch_threads": torch.get_num_threads(),
@@ -866,22 +866,16 @@ def summary_table(runs: dict[int, dict[str, Any]]) -> str:
                 f"{_ratio(run['save_s'][DCP], xs)}"
             )
         rows.append(row)
-    rows.append(
-        [APT_ASYNC]
-        + [
-            "not supported yet" if "not supported" in r["apt_async"] else r["apt_async"][:60]
-            for r in ok.values()
-        ]
-    )
-    rows.append(
-        [f"{DCP_ASYNC}: stall until it returns"]
-        + [
-            f"{median(r['save_extra'][DCP_ASYNC]['stall']):.3f} s"
-            if r["save_extra"].get(DCP_ASYNC, {}).get("stall")
-            else "—"
-            for r in ok.values()
-        ]
-    )
+    for name in (APT_ASYNC, DCP_ASYNC):
+        rows.append(
+            [f"{name}: stall until it returns"]
+            + [
+                f"{median(r['save_extra'][name]['stall']):.3f} s"
+                if r["save_extra"].get(name, {}).get("stall")
+                else "—"
+                for r in ok.values()
+            ]
+        )
     for loader in (LOADERS[APT_ZSTD], LOADERS[APT_NONE], DCP_LOAD):
         row = [f"load warm: {loader} (vs raw read; vs dcp.load)"]
         for run in ok.values():
@@ -924,17 +918,6 @@ def save_table(run: dict[str, Any]) -> str:
                     "",
                 ]
             )
-    rows.append(
-        [
-            APT_ASYNC,
-            "",
-            "not supported yet" if "not supported" in run["apt_async"] else run["apt_async"],
-            "",
-            "",
-            "",
-            "",
-        ]
-    )
     return table(
         [
             "save",
@@ -1086,10 +1069,6 @@ def render(
     for world, run in sorted(runs.items()):
         if "failed" in run:
             continue
-        notes.append(
-            f"{world} rank(s): `aptckpt.save(..., process_group=WORLD, "
-            f"blocking=False)` answered `{run['apt_async']}`"
-        )
         for name, err in run["errors"].items():
             notes.append(f"{world} rank(s): **{name} failed**: `{err[:500]}`")
     for world, run in sorted(reshards.items()):
