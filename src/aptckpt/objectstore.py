@@ -218,8 +218,14 @@ class ObjectStore:
             entry = storage.info(path)
             # Hidden temporaries are a rival creator's marker being written (it writes
             # nothing else before the marker): the create below settles who wins.
-            if entry is not None and (
-                entry.kind != "dir" or any(not is_temporary(e.name) for e in storage.list(path))
+            # The marker may appear between the first look and the listing (a rival's
+            # create finished): judged again after the listing.
+            if (
+                entry is not None
+                and (
+                    entry.kind != "dir" or any(not is_temporary(e.name) for e in storage.list(path))
+                )
+                and not is_store(path, storage)
             ):
                 raise FormatError(
                     f"'{store.location}' exists and is not an aptckpt object store; pass "
