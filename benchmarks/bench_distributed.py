@@ -496,7 +496,9 @@ def save_round(rank: int, world: int, port: int, cfg: dict[str, Any]) -> None:
             path = work / DIRS[name]
             r.on_zero(lambda p=path: _sysutil.remove(p))
             got = r.timed(
-                name, lambda n=name, p=path: saves[n](p), ("stall",) if name == DCP_ASYNC else ()
+                name,
+                lambda n=name, p=path: saves[n](p),
+                ("stall",) if name in (APT_ASYNC, DCP_ASYNC) else (),
             )
             if not got:
                 continue
@@ -905,7 +907,7 @@ def save_table(run: dict[str, Any]) -> str:
                 fmt_s(run["warmup_s"].get(name) and [run["warmup_s"][name]]),
             ]
         )
-        if name == DCP_ASYNC and run["save_extra"].get(name, {}).get("stall"):
+        if name in (APT_ASYNC, DCP_ASYNC) and run["save_extra"].get(name, {}).get("stall"):
             st = run["save_extra"][name]["stall"]
             rows.append(
                 [
