@@ -9,6 +9,7 @@
 
 from aptckpt._accel import IMPLEMENTATION, NATIVE
 from aptckpt._version import __version__
+from aptckpt._view import CheckpointView, TensorSlice
 from aptckpt.api import (
     CheckpointInfo,
     IntoResult,
@@ -20,6 +21,7 @@ from aptckpt.api import (
     delete,
     inspect,
     load,
+    open,
     save,
     verify,
 )
@@ -66,6 +68,7 @@ __all__ = [
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointRecord",
+    "CheckpointView",
     "CollectiveError",
     "DeviceUnavailableError",
     "FormatError",
@@ -85,6 +88,7 @@ __all__ = [
     "StoreBusyError",
     "StoreNotFoundError",
     "TensorInfo",
+    "TensorSlice",
     "UnknownBackendError",
     "UnreadableError",
     "UnsupportedFormatVersionError",
@@ -99,6 +103,7 @@ __all__ = [
     "delete",
     "inspect",
     "load",
+    "open",
     "per_rank",
     "register_backend",
     "save",

@@ -19,9 +19,9 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
 import torch
 
@@ -42,6 +42,9 @@ from aptckpt.errors import (
 from aptckpt.storage import StorageOptions, is_url, resolve
 from aptckpt.storage.base import CheckpointReader, Storage
 from aptckpt.storage.local._atomic import write_error
+
+if TYPE_CHECKING:
+    from aptckpt._view import CheckpointView
 
 __all__ = [
     "CheckpointInfo",
@@ -672,6 +675,7 @@ def load(
     storage_options: StorageOptions | None = ...,
     process_group: Any = ...,
     rank: int | None = ...,
+    keys: Sequence[Any] | None = ...,
 ) -> Any: ...
 
 
@@ -687,6 +691,7 @@ def load(
     storage_options: StorageOptions | None = ...,
     process_group: Any = ...,
     rank: int | None = ...,
+    keys: Sequence[Any] | None = ...,
 ) -> IntoResult: ...
 
 
@@ -702,6 +707,7 @@ def load(
     storage_options: StorageOptions | None = None,
     process_group: Any = None,
     rank: int | None = None,
+    keys: Sequence[Any] | None = None,
 ) -> Any:
     """Load the state saved at ``path``, bit for bit.
 
@@ -754,6 +760,18 @@ def load(
     """
     if mmap and into is not None:
         raise ValueError("load() takes mmap=True or into=, not both: into= already reuses memory")
+    if keys is not None:
+        if into is not None or mmap or process_group is not None:
+            raise ValueError(
+                "load(keys=...) reads a subset; it takes no into=, mmap= or process_group="
+            )
+        with open(path, verify=verify, rank=rank or 0, storage_options=storage_options) as view:
+            from aptckpt._view import subset
+
+            found = subset(view, list(keys))
+        if map_location is None:
+            return found
+        return {k: _moved(v, map_location) for k, v in found.items()}
     if process_group is not None:
         if rank is not None:
             raise ValueError("load() takes rank= only without process_group= (which sets it)")
@@ -776,7 +794,7 @@ def load(
                 into=into,
                 strict=strict,
             )
-        keys = _KeyPaths(manifest)
+        key_paths = _KeyPaths(manifest)
         plan = _into.plan(into, manifest, strict=strict) if into is not None else None
         tensors = _read_tensors(
             reader,
@@ -808,14 +826,51 @@ def load(
             device = devices.get(r.device)
             if device is None:
                 device = devices[r.device] = _resolve_device(
-                    r.device, map_location, functools.partial(keys.__getitem__, index)
+                    r.device, map_location, functools.partial(key_paths.__getitem__, index)
                 )
-            restored.append(_restore(t, r, device, keys, index))
+            restored.append(_restore(t, r, device, key_paths, index))
         state = tree.rebuild(manifest.skeleton, restored)
         if plan is None:
             return state
         _into.fill_composites(plan, state)
         return IntoResult(state, plan.missing, plan.unexpected)
+
+
+def open(
+    path: PathLike,
+    *,
+    verify: bool = True,
+    rank: int = 0,
+    storage_options: StorageOptions | None = None,
+) -> CheckpointView:
+    """Open the checkpoint at ``path`` for lazy, partial reads: ``keys()``, ``metadata``,
+    ``get(key)`` (a tensor or any part of the state), ``get_slice(key)[...]`` (a box of a
+    tensor: only the chunks it lies in are read and verified, locally and on object storage;
+    the ``torch`` backend reads its whole file). ``rank``: whose per-rank values a checkpoint
+    saved by a process group shows. Close it (or use ``with``) when done.
+
+    Raises:
+        As :func:`load` (the manifest is read and checked here).
+    """
+    from aptckpt._view import CheckpointView
+
+    reader, manifest, impl = _open(path, storage_options)
+    try:
+        return CheckpointView(reader, manifest, impl, verify=verify, rank=rank)
+    except BaseException:
+        reader.close()
+        raise
+
+
+def _moved(value: Any, map_location: MapLocation) -> Any:
+    """``value`` with its tensors moved as ``map_location`` says (``keys=`` loads)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(_resolve_device("cpu", map_location, lambda: "a tensor"))
+    if isinstance(value, dict):
+        return type(value)({k: _moved(v, map_location) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(v, map_location) for v in value)
+    return value
 
 
 def _load_module() -> Any:

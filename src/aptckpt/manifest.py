@@ -117,6 +117,9 @@ class PartRecord:
     files: tuple[int, ...]
     tensors: tuple[TensorRecord, ...]
     payload: Any
+    #: The skeleton its backend wrote (never stored: a part written by a rank holds the list
+    #: of its tensors; a one-process checkpoint seen as one part keeps its own).
+    skeleton: Any = None
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,11 @@ class Manifest:
         return Manifest(
             backend=self.backend,
             options=self.options,
-            skeleton=["list", [["tensor", i] for i in range(len(part.tensors))]],
+            skeleton=(
+                part.skeleton
+                if part.skeleton is not None
+                else ["list", [["tensor", i] for i in range(len(part.tensors))]]
+            ),
             tensors=part.tensors,
             files=tuple(self.files[i] for i in part.files),
             payload=part.payload,

@@ -40,6 +40,7 @@ def as_sharded(manifest: mf.Manifest) -> mf.Manifest:
         files=tuple(range(len(manifest.files))),
         tensors=tuple(mf.TensorRecord(t.dtype, t.shape) for t in manifest.tensors),
         payload=manifest.payload,
+        skeleton=manifest.skeleton,
     )
     shards = tuple(
         (mf.ShardRecord(0, i, tuple(0 for _ in t.shape)),) for i, t in enumerate(manifest.tensors)
