@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
 import torch
 
-from aptckpt import _background, _config, _dtypes, _gc, _into, registry, tree
+from aptckpt import _background, _config, _dtypes, _gc, _imports, _into, registry, tree
 from aptckpt import manifest as mf
 from aptckpt._background import SaveHandle
 from aptckpt._version import __version__
@@ -1019,8 +1019,14 @@ def convert(
     turning a ``delta`` checkpoint, whose data lives in its run's object store,
     into a standalone ``zstd`` or ``torch`` checkpoint that can be shipped alone.
 
+    Also imports another library's checkpoint (a local path): a ``torch.save`` file (read
+    with ``weights_only=True``), a safetensors file, a Hugging Face sharded safetensors
+    directory (``model.safetensors.index.json``); a torch.distributed.checkpoint directory
+    is refused with the way to turn it into a ``torch.save`` file (its metadata is a pickle,
+    never unpickled here). See :mod:`aptckpt._imports`.
+
     Args:
-        src: a committed checkpoint (any backend).
+        src: a committed checkpoint (any backend), or a foreign checkpoint to import.
         dst: the new checkpoint directory.
         backend, overwrite, **options: as for :func:`save`.
         verify: check every digest of ``src`` while reading it (default).
@@ -1037,6 +1043,19 @@ def convert(
         dst_storage_options = storage_options if is_url(dst) else None
     dst_storage, dst_path = resolve(dst, dst_storage_options)
     impl = _backend(backend)(**options)
+    foreign = None if is_url(src) else _imports.detect(src)
+    if foreign is not None:
+        state, metadata = _imports.read(src, foreign)
+        pending = prepare_save(
+            state,
+            dst,
+            backend=backend,
+            metadata=metadata,
+            overwrite=overwrite,
+            storage_options=dst_storage_options,
+            **options,
+        )
+        return pending.persist(pending.flat)
     with _opened(src, src_options) as (reader, manifest, src_impl):
         if reader.storage.same_checkpoint(reader.path, dst_storage, dst_path):
             raise CheckpointExistsError(

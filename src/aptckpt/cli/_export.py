@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 import aptckpt
-from aptckpt import tree
+from aptckpt import _imports, tree
 from aptckpt.backends.torch import write_torch_file
 from aptckpt.cli._common import (
     UsageError,
@@ -185,7 +185,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     options = dict(_option(o) for o in args.option)
     if args.level is not None:
         options["level"] = args.level
-    raw = aptckpt.inspect(args.src, storage_options=options_for(args, args.src)).raw_bytes
+    foreign = None if is_url(args.src) else _imports.detect(args.src)
+    raw = (
+        None
+        if foreign is not None
+        else aptckpt.inspect(args.src, storage_options=options_for(args, args.src)).raw_bytes
+    )
     if args.to == "checkpoint":
         info = busy(
             lambda: aptckpt.convert(
@@ -201,11 +206,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
         ratio = f" ({info.stored_bytes / info.raw_bytes:.1%})" if info.raw_bytes else ""
         print(
-            f"converted {args.src} -> {info.path} ({info.backend}): {info.tensors} tensors, "
+            f"{'imported' if foreign else 'converted'} {args.src} -> {info.path} "
+            f"({info.backend}): {info.tensors} tensors, "
             f"{fmt_size(info.raw_bytes)} raw, {fmt_size(info.stored_bytes)} stored{ratio}, "
             f"{info.seconds:.2f}s"
         )
         return 0
+    if foreign is not None:
+        raise UsageError(
+            f"{args.src} is a {foreign} checkpoint: import it first "
+            f"(aptckpt convert {args.src} DIR), then export DIR with --to {args.to}"
+        )
     if args.backend or options:
         raise UsageError(
             f"--backend, --level and --option apply to checkpoints, not --to {args.to}"

@@ -1,0 +1,140 @@
+"""Checkpoints of other libraries that :func:`aptckpt.convert` imports.
+
+* a ``torch.save`` file, read with ``torch.load(weights_only=True)`` (never a full unpickle:
+  a file holding Python objects beyond tensors and containers is refused, naming why);
+* a safetensors file (its ``__metadata__`` becomes the checkpoint's metadata);
+* a Hugging Face sharded safetensors directory (``model.safetensors.index.json`` and the
+  shard files its ``weight_map`` names, inside that directory);
+* a torch.distributed.checkpoint directory is recognised and refused: its ``.metadata`` is
+  a pickle, which aptckpt never unpickles -- the message says how to turn it into a
+  ``torch.save`` file with torch's own tool (which trusts it) and import that.
+
+Only local paths are imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aptckpt import manifest as mf
+from aptckpt.errors import FormatError, UnsupportedObjectError
+
+__all__ = ["detect", "read"]
+
+HF_INDEX = "model.safetensors.index.json"
+_SAFETENSORS_HEADER_LIMIT = 100 << 20
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    size = int.from_bytes(head[:8], "little")
+    return 2 <= size <= _SAFETENSORS_HEADER_LIMIT and head[8:9] == b"{"
+
+
+def detect(path: str | os.PathLike[str]) -> str | None:
+    """What foreign checkpoint ``path`` is (``"torch"``, ``"safetensors"``,
+    ``"hf-sharded"``, ``"dcp"``), or None (an aptckpt checkpoint, or nothing known)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / mf.MANIFEST_NAME).exists():
+            return None
+        if (p / HF_INDEX).is_file():
+            return "hf-sharded"
+        if (p / ".metadata").is_file() and any(p.glob("*.distcp")):
+            return "dcp"
+        return None
+    if not p.is_file():
+        return None
+    if _is_safetensors(p):
+        return "safetensors"
+    if zipfile.is_zipfile(p) or p.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        return "torch"
+    return None
+
+
+def read(path: str | os.PathLike[str], kind: str) -> tuple[Any, dict[str, Any] | None]:
+    """The state held by the foreign checkpoint at ``path``, and metadata to record."""
+    p = Path(path)
+    if kind == "torch":
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise UnsupportedObjectError(
+                f"cannot import '{p}': torch.load(weights_only=True) refused it ({err}). It "
+                "holds Python objects beyond tensors and plain containers, which aptckpt never "
+                "unpickles; load it yourself in a trusted environment and aptckpt.save() the "
+                "parts you need",
+                key_path="state",
+                type_name="torch.save file",
+            ) from err
+        return state, {"imported_from": "torch.save"}
+    if kind == "safetensors":
+        return _safetensors(p), {"imported_from": "safetensors", **_safetensors_metadata(p)}
+    if kind == "hf-sharded":
+        return _hf_sharded(p), {"imported_from": "huggingface sharded safetensors"}
+    if kind == "dcp":
+        raise FormatError(
+            f"'{p}' is a torch.distributed.checkpoint directory: its .metadata is a pickle, "
+            "which aptckpt never unpickles. If you trust it, turn it into a torch.save file "
+            "with torch's own tool -- python -m torch.distributed.checkpoint.format_utils "
+            f"dcp_to_torch '{p}' state.pt -- and convert that file",
+            path=str(p),
+        )
+    raise ValueError(f"unknown foreign checkpoint kind {kind!r}")
+
+
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(str(path), device="cpu"))
+    except Exception as err:
+        raise FormatError(
+            f"cannot import '{path}': not a valid safetensors file ({err})", path=str(path)
+        ) from err
+
+
+def _safetensors_metadata(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        found = f.metadata() or {}
+    return {"safetensors_metadata": dict(found)} if found else {}
+
+
+def _hf_sharded(folder: Path) -> dict[str, torch.Tensor]:
+    try:
+        index = json.loads((folder / HF_INDEX).read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FormatError(
+            f"cannot import '{folder}': bad {HF_INDEX} ({err})", path=str(folder)
+        ) from err
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        mf.check_relative_path(shard, where=str(folder))  # inside the folder, no links out
+        loaded = _safetensors(folder / shard)
+        state.update(loaded)
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise FormatError(
+            f"cannot import '{folder}': {HF_INDEX} names {len(missing)} tensors its shards "
+            f"do not hold (e.g. {missing[0]!r})",
+            path=str(folder),
+        )
+    return {name: state[name] for name in weight_map}
