@@ -398,29 +398,8 @@ class CheckpointManager:
                 tokenizer_files=tokenizer_files,
             )
         self.wait()
-        clash = RESERVED & set(state)
-        if clash:
-            raise ValueError(f"state keys {sorted(clash)} are reserved by CheckpointManager")
-        step = training_state.count(step, "step")
-        epoch = training_state.count(epoch, "epoch")
-        if batch_index is not None:
-            batch_index = training_state.count(batch_index, "batch_index")
-        plain_metrics = training_state.plain_metrics(metrics)
+        content = self._content(step, state, epoch, metrics, batch_index, per_rank=False)
         lock = self._hold_run()
-        content: dict[str, Any] = {
-            key: value.state_dict() if hasattr(value, "state_dict") else value
-            for key, value in state.items()
-        }
-        content.update(
-            global_step=step,
-            epoch=epoch,
-            batch_index=batch_index,
-            metrics=plain_metrics,
-            rng=capture_rng(),
-        )
-        kind: Literal["epoch", "temp"] = "temp" if temporary else "epoch"
-        folder = _TEMP if temporary else _REGULAR
-        name = f"{self.model_name}_epoch{epoch}_step{step}"
         # One save of the run at a time in this process, from numbering the checkpoint to
         # pruning after it: two saves numbering from the same listing would share a number.
         lock.slot.acquire()
@@ -428,36 +407,8 @@ class CheckpointManager:
         handed_off = False  # once persist runs, it releases the slot (on the save thread)
         try:
             self.wait()  # a save another thread started on this manager meanwhile: its error
-            _rundir.refuse_links(self._run)
-            records = self.checkpoints()
-            sequence = max([lock.issued, *(r.sequence for r in records)]) + 1
-            if sequence > training_state.MAX_COUNT:
-                newest = max(records, key=lambda r: r.sequence)
-                raise FormatError(
-                    f"checkpoint '{newest.rel_path}' claims sequence number {newest.sequence}, "
-                    "the largest a run may use: a later save could not be numbered after it. "
-                    "It was not written by this run's saves (copied in, or edited); move it "
-                    "out of the run",
-                    path=str(newest.path),
-                )
-            lock.issued = sequence
-            rel = _rundir.free_name(self._run, folder, name, sequence)
+            records, rel, run_meta = self._number(lock, content, temporary, is_best)
             path = self._run.user_path(rel)
-            if temporary:
-                best = False  # temporaries are never the best: retention drops them
-            elif is_best is None:
-                best = self.retention.is_best(plain_metrics, records)
-            else:
-                best = bool(is_best)
-            run_meta = _run_index.run_metadata(
-                sequence=sequence,
-                kind=kind,
-                epoch=epoch,
-                global_step=step,
-                batch_index=batch_index,
-                metrics=plain_metrics,
-                is_best=best,
-            )
             pending = api.prepare_save(
                 content,
                 path,
@@ -522,28 +473,7 @@ class CheckpointManager:
         from aptckpt.distributed._comm import Comm, describe, failed
 
         self.wait()
-        clash = RESERVED & set(state)
-        if clash:
-            raise ValueError(f"state keys {sorted(clash)} are reserved by CheckpointManager")
-        step = training_state.count(step, "step")
-        epoch = training_state.count(epoch, "epoch")
-        if batch_index is not None:
-            batch_index = training_state.count(batch_index, "batch_index")
-        plain_metrics = training_state.plain_metrics(metrics)
-        content: dict[str, Any] = {
-            key: value.state_dict() if hasattr(value, "state_dict") else value
-            for key, value in state.items()
-        }
-        content.update(
-            global_step=step,
-            epoch=epoch,
-            batch_index=batch_index,
-            metrics=plain_metrics,
-            rng=distributed.per_rank(capture_rng()),
-        )
-        kind: Literal["epoch", "temp"] = "temp" if temporary else "epoch"
-        folder = _TEMP if temporary else _REGULAR
-        name = f"{self.model_name}_epoch{epoch}_step{step}"
+        content = self._content(step, state, epoch, metrics, batch_index, per_rank=True)
         lock = self._hold_run() if self.coordinator else None
         plan: dict[str, Any] | None = None
         error: BaseException | None = None
@@ -554,18 +484,8 @@ class CheckpointManager:
             try:
                 if lock is not None:
                     try:
-                        plan = self._number(
-                            lock,
-                            folder,
-                            name,
-                            kind,
-                            temporary,
-                            is_best,
-                            plain_metrics,
-                            step,
-                            epoch,
-                            batch_index,
-                        )
+                        _, rel, meta = self._number(lock, content, temporary, is_best)
+                        plan = {"rel": rel, "meta": meta}
                     except Exception as err:
                         error = err
                 sent = comm.broadcast({"plan": plan, "error": describe(error)}, "plan")
@@ -612,42 +532,83 @@ class CheckpointManager:
             self._in_flight, self._handle_pid = handle, os.getpid()
         return handle
 
+    def _content(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        epoch: int,
+        metrics: Mapping[str, Any] | None,
+        batch_index: int | None,
+        *,
+        per_rank: bool,
+    ) -> dict[str, Any]:
+        """What a checkpoint of the run holds: ``state`` (through ``state_dict()`` where it
+        has one) and the manager's own keys, checked; RNG states per rank in a collective
+        save."""
+        clash = RESERVED & set(state)
+        if clash:
+            raise ValueError(f"state keys {sorted(clash)} are reserved by CheckpointManager")
+        content: dict[str, Any] = {
+            key: value.state_dict() if hasattr(value, "state_dict") else value
+            for key, value in state.items()
+        }
+        rng = capture_rng()
+        content.update(
+            global_step=training_state.count(step, "step"),
+            epoch=training_state.count(epoch, "epoch"),
+            batch_index=(
+                None if batch_index is None else training_state.count(batch_index, "batch_index")
+            ),
+            metrics=training_state.plain_metrics(metrics),
+            rng=distributed.per_rank(rng) if per_rank else rng,
+        )
+        return content
+
     def _number(
         self,
         lock: _runlock.RunLock,
-        folder: str,
-        name: str,
-        kind: Literal["epoch", "temp"],
+        content: Mapping[str, Any],
         temporary: bool,
         is_best: bool | None,
-        plain_metrics: dict[str, Any],
-        step: int,
-        epoch: int,
-        batch_index: int | None,
-    ) -> dict[str, Any]:
-        """The coordinator's part of a collective save before anything is written: the
-        checkpoint's sequence number, name and run metadata."""
+    ) -> tuple[list[CheckpointRecord], str, dict[str, Any]]:
+        """Number the checkpoint of ``content`` (under the run lock's slot): the run's
+        records, the checkpoint's path in the run and its run metadata (best flag
+        included)."""
+        step, epoch = content["global_step"], content["epoch"]
+        metrics = content["metrics"]
         _rundir.refuse_links(self._run)
         records = self.checkpoints()
         sequence = max([lock.issued, *(r.sequence for r in records)]) + 1
+        if sequence > training_state.MAX_COUNT:
+            newest = max(records, key=lambda r: r.sequence)
+            raise FormatError(
+                f"checkpoint '{newest.rel_path}' claims sequence number {newest.sequence}, "
+                "the largest a run may use: a later save could not be numbered after it. "
+                "It was not written by this run's saves (copied in, or edited); move it "
+                "out of the run",
+                path=str(newest.path),
+            )
         lock.issued = sequence
-        rel = _rundir.free_name(self._run, folder, name, sequence)
+        folder = _TEMP if temporary else _REGULAR
+        rel = _rundir.free_name(
+            self._run, folder, f"{self.model_name}_epoch{epoch}_step{step}", sequence
+        )
         if temporary:
-            best = False
+            best = False  # temporaries are never the best: retention drops them
         elif is_best is None:
-            best = self.retention.is_best(plain_metrics, records)
+            best = self.retention.is_best(metrics, records)
         else:
             best = bool(is_best)
         meta = _run_index.run_metadata(
             sequence=sequence,
-            kind=kind,
+            kind="temp" if temporary else "epoch",
             epoch=epoch,
             global_step=step,
-            batch_index=batch_index,
-            metrics=plain_metrics,
+            batch_index=content["batch_index"],
+            metrics=metrics,
             is_best=best,
         )
-        return {"rel": rel, "meta": meta}
+        return records, rel, meta
 
     def _restore_collective(
         self,
