@@ -30,6 +30,7 @@ from aptckpt import manifest as mf
 from aptckpt._background import SaveHandle
 from aptckpt._version import __version__
 from aptckpt.backends.base import Backend
+from aptckpt.distributed import _load as _sharded
 from aptckpt.errors import (
     AptckptError,
     CheckpointExistsError,
@@ -614,9 +615,7 @@ def _read_tensors(
     mapped: bool = False,
 ) -> list[torch.Tensor]:
     if manifest.sharded:  # saved by a process group: whole tensors from their boxes
-        from aptckpt.distributed import _load
-
-        return _load.read_whole(reader, manifest, impl, verify=verify)
+        return _sharded.read_whole(reader, manifest, impl, verify=verify)
     if mapped:
         tensors = impl.read_mapped(reader, manifest, verify=verify)
     elif targets is None:
@@ -782,9 +781,7 @@ def load(
         raise ValueError(f"rank must be a non-negative int, got {rank!r}")
     with _opened(path, storage_options) as (reader, manifest, impl):
         if manifest.sharded:
-            from aptckpt.distributed import _load
-
-            return _load.load(
+            return _sharded.load(
                 reader,
                 manifest,
                 impl,
@@ -873,12 +870,6 @@ def _moved(value: Any, map_location: MapLocation) -> Any:
     return value
 
 
-def _load_module() -> Any:
-    from aptckpt.distributed import _load
-
-    return _load
-
-
 def _load_collective(
     path: PathLike,
     process_group: Any,
@@ -890,14 +881,14 @@ def _load_collective(
 ) -> Any:
     """:func:`load` with ``process_group``: every rank loads what it needs, then the ranks
     agree that every one of them succeeded."""
-    from aptckpt.distributed import _comm, _load
+    from aptckpt.distributed import _comm
 
     with _comm.Comm(process_group, f"loading checkpoint '{path}'") as comm:
         result: Any = None
         error: BaseException | None = None
         try:
             with _opened(path, storage_options) as (reader, manifest, impl):
-                result = _load.load(
+                result = _sharded.load(
                     reader,
                     manifest,
                     impl,
@@ -918,9 +909,7 @@ def inspect(path: PathLike, *, storage_options: StorageOptions | None = None) ->
     (``storage_options`` for a URL, as for :func:`save`)."""
     with _opened(path, storage_options) as (reader, manifest, impl):
         if manifest.sharded:
-            from aptckpt.distributed import _load
-
-            layouts, store_bytes = _load.describe(impl, manifest)
+            layouts, store_bytes = _sharded.describe(impl, manifest)
         else:
             layouts, store_bytes = impl.describe(manifest), impl.external_bytes(manifest)
         keys = tree.key_paths(manifest.skeleton, len(manifest.tensors))
@@ -986,7 +975,7 @@ def verify(path: PathLike, *, storage_options: StorageOptions | None = None) -> 
         except FormatError as err:
             raise IntegrityError(str(err), path=reader.location) from err
         external = (
-            _load_module().describe(impl, manifest)[1]
+            _sharded.describe(impl, manifest)[1]
             if manifest.sharded
             else impl.external_bytes(manifest)
         )
@@ -1043,9 +1032,9 @@ def convert(
         dst_storage_options = storage_options if is_url(dst) else None
     dst_storage, dst_path = resolve(dst, dst_storage_options)
     impl = _backend(backend)(**options)
-    foreign = None if is_url(src) else _imports.detect(src)
-    if foreign is not None:
-        state, metadata = _imports.read(src, foreign)
+
+    def save_state(state: Any, metadata: Any) -> SaveInfo:
+        """Save a state read whole (an import, or a checkpoint saved by a process group)."""
         pending = prepare_save(
             state,
             dst,
@@ -1056,6 +1045,10 @@ def convert(
             **options,
         )
         return pending.persist(pending.flat)
+
+    foreign = None if is_url(src) else _imports.detect(src)
+    if foreign is not None:
+        return save_state(*_imports.read(src, foreign))
     with _opened(src, src_options) as (reader, manifest, src_impl):
         if reader.storage.same_checkpoint(reader.path, dst_storage, dst_path):
             raise CheckpointExistsError(
@@ -1063,7 +1056,7 @@ def convert(
                 "it is the checkpoint being converted; choose another path",
             )
         if manifest.sharded:  # whole tensors, rank 0's per-rank values: one process's state
-            state = _load_module().load(
+            state = _sharded.load(
                 reader,
                 manifest,
                 src_impl,
@@ -1076,16 +1069,7 @@ def convert(
             metadata = (
                 tree.rebuild(manifest.metadata, []) if manifest.metadata is not None else None
             )
-            pending = prepare_save(
-                state,
-                dst,
-                backend=backend,
-                metadata=metadata,
-                overwrite=overwrite,
-                storage_options=dst_storage_options,
-                **options,
-            )
-            return pending.persist(pending.flat)
+            return save_state(state, metadata)
         tensors = _read_tensors(reader, manifest, src_impl, verify=verify)
         keys = tree.key_paths(manifest.skeleton, len(tensors))
         leaves = tuple(
