@@ -9,14 +9,16 @@
   a pickle, which aptckpt never unpickles -- the message says how to turn it into a
   ``torch.save`` file with torch's own tool (which trusts it) and import that.
 
-Only local paths are imported.
+Only local paths are imported; links are followed (a Hugging Face cache links its
+snapshot's files to blobs). The files are read by the libraries that write them
+(``torch.load``, ``safetensors``); what aptckpt looks at itself goes through the storage
+layer.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import torch
 
 from aptckpt import manifest as mf
 from aptckpt.errors import FormatError, UnsupportedObjectError
+from aptckpt.storage import LOCAL
 
 __all__ = ["detect", "read"]
 
@@ -31,11 +34,10 @@ HF_INDEX = "model.safetensors.index.json"
 _SAFETENSORS_HEADER_LIMIT = 100 << 20
 
 
-def _is_safetensors(path: Path) -> bool:
+def _is_safetensors(path: str) -> bool:
     """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
     try:
-        with path.open("rb") as f:
-            head = f.read(9)
+        head = LOCAL.read_range(path, 0, 9)
     except OSError:
         return False
     if len(head) < 9:
@@ -47,20 +49,25 @@ def _is_safetensors(path: Path) -> bool:
 def detect(path: str | os.PathLike[str]) -> str | None:
     """What foreign checkpoint ``path`` is (``"torch"``, ``"safetensors"``,
     ``"hf-sharded"``, ``"dcp"``), or None (an aptckpt checkpoint, or nothing known)."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / mf.MANIFEST_NAME).exists():
+    real = os.path.realpath(path)
+    entry = LOCAL.info(real)
+    if entry is None:
+        return None
+    if entry.kind == "dir":
+        names = {e.name: e.kind for e in LOCAL.list(real)}
+        if mf.MANIFEST_NAME in names:
             return None
-        if (p / HF_INDEX).is_file():
+        if HF_INDEX in names:
             return "hf-sharded"
-        if (p / ".metadata").is_file() and any(p.glob("*.distcp")):
+        if names.get(".metadata") == "file" and any(n.endswith(".distcp") for n in names):
             return "dcp"
         return None
-    if not p.is_file():
+    if entry.kind != "file":
         return None
-    if _is_safetensors(p):
+    if _is_safetensors(real):
         return "safetensors"
-    if zipfile.is_zipfile(p) or p.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+    zipped = LOCAL.read_range(real, 0, 4) == b"PK\x03\x04"  # torch.save's zip format
+    if zipped or Path(real).suffix in (".pt", ".pth", ".bin", ".ckpt"):
         return "torch"
     return None
 
@@ -117,7 +124,7 @@ def _safetensors_metadata(path: Path) -> dict[str, Any]:
 
 def _hf_sharded(folder: Path) -> dict[str, torch.Tensor]:
     try:
-        index = json.loads((folder / HF_INDEX).read_text())
+        index = json.loads(LOCAL.read_file(os.path.realpath(folder / HF_INDEX), limit=64 << 20))
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")

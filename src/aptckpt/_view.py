@@ -30,8 +30,6 @@ from aptckpt.storage.base import CheckpointReader
 
 __all__ = ["CheckpointView", "TensorSlice"]
 
-_DICT_TAGS = ("dict", "odict", "counter", "defaultdict")
-
 
 def _index(skeleton: Any, root: str = "state") -> dict[str, Any]:
     """Every node of ``skeleton`` below containers, by key path (composites are leaves)."""
@@ -46,7 +44,7 @@ def _index(skeleton: Any, root: str = "state") -> dict[str, Any]:
             continue
         if tag in ("list", "tuple"):
             children = [(tree.child_path(path, i), v) for i, v in enumerate(items)]
-        elif tag in _DICT_TAGS:
+        elif tag in tree.DICT_TAGS:
             children = []
             for i in range(0, len(items) - 1, 2):
                 key = items[i]
@@ -201,7 +199,7 @@ class CheckpointView:
         """The value at ``key``: a tensor, or any part of the state (only its tensors are
         read). Tensors come back as plain CPU tensors, every chunk read verified."""
         _, node = self._node(key)
-        needed = sorted(tree.key_paths_used(node, len(self._manifest.tensors)))
+        needed = sorted(tree.referenced(node, len(self._manifest.tensors)))
         tensors: list[Any] = [None] * len(self._manifest.tensors)
         targets = []
         for index in needed:

@@ -967,7 +967,7 @@ def verify(path: PathLike, *, storage_options: StorageOptions | None = None) -> 
                 for rank in range(tree.rank_count(manifest.skeleton)):
                     selected, _ = tree.select_rank(manifest.skeleton, rank)
                     tree.rebuild(selected, tensors, every=False)
-                    used.update(tree.key_paths_used(selected, len(tensors)))
+                    used.update(tree.referenced(selected, len(tensors)))
                 if len(used) != len(tensors):
                     raise FormatError("malformed state skeleton: a tensor is never referenced")
             else:

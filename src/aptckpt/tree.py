@@ -55,7 +55,9 @@ from aptckpt._config import MAX_INLINE_BYTES, MAX_NESTING
 from aptckpt.errors import FormatError, UnsupportedObjectError
 
 __all__ = [
+    "DICT_TAGS",
     "FlatState",
+    "PerRank",
     "TensorLeaf",
     "child_path",
     "encode_plain",
@@ -63,7 +65,11 @@ __all__ = [
     "flatten",
     "host_parts",
     "key_paths",
+    "per_rank",
+    "rank_count",
     "rebuild",
+    "referenced",
+    "select_rank",
     "skeleton_version",
     "tensor_index",
     "torch_form",
@@ -109,6 +115,8 @@ _VALUE_DTYPES: dict[str, torch.dtype] = {
 }
 _VALUE_DTYPE_NAMES = {dtype: name for name, dtype in _VALUE_DTYPES.items()}
 _DICT_TAGS = ("dict", "odict", "counter", "defaultdict")
+#: The tags of dict-like container nodes (their items alternate keys and values).
+DICT_TAGS = _DICT_TAGS
 _SET_TAGS = ("set", "frozenset")
 
 
@@ -870,7 +878,7 @@ def rank_count(skeleton: Any) -> int:
     return longest
 
 
-def key_paths_used(skeleton: Any, count: int) -> set[int]:
+def referenced(skeleton: Any, count: int) -> set[int]:
     """The tensors ``skeleton`` references."""
     return {
         index

@@ -48,15 +48,6 @@ def as_sharded(manifest: mf.Manifest) -> mf.Manifest:
     return dataclasses.replace(manifest, parts=(part,), shards=shards, sharded=True)
 
 
-def _referenced(skeleton: Any, count: int) -> list[int]:
-    found: dict[int, None] = {}
-    for node, _, _ in tree.walk(skeleton):
-        index = tree.tensor_index(node, count)
-        if index is not None:
-            found.setdefault(index, None)
-    return list(found)
-
-
 def _target(index: int, dest: Any, record: mf.TensorRecord) -> Target | None:
     """Where destination ``dest`` of saved tensor ``index`` is filled (None: a DTensor this
     rank holds nothing of)."""
@@ -102,7 +93,7 @@ def load(
     values: list[Any] = [None] * count
     fresh: dict[int, torch.Tensor] = {}
     targets: list[Target] = []
-    for index in _referenced(selected, count):
+    for index in sorted(tree.referenced(selected, count)):
         record = manifest.tensors[index]
         dests: list[Any] = []
         if plan is not None:
