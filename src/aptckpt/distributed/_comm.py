@@ -116,7 +116,7 @@ class Comm:
                 f"rank{'s' if len(missing) != 1 else ''} {', '.join(map(str, missing)) or '?'} "
                 f"({type(err).__name__}: {err}). A rank was killed, crashed, is stuck, or did "
                 "not make the same call: every rank of the group must call it with the same "
-                "path" + ("; nothing was committed" if self.what.startswith("saving") else "")
+                "path" + _aftermath(self.what)
             ) from err
         return [msgpack.unpackb(v, raw=False, strict_map_key=False) for v in values]
 
@@ -184,13 +184,16 @@ def failed(what: str, failures: dict[int, str], size: int) -> CollectiveError:
     """The error every rank raises when ``failures`` (rank -> cause) happened."""
     lines = "; ".join(f"rank {rank}: {cause}" for rank, cause in sorted(failures.items()))
     ranks = ", ".join(str(r) for r in sorted(failures))
-    after = (
-        "; nothing was committed and earlier checkpoints are intact"
-        if what.startswith("saving")
-        else ""
-    )
+    after = _aftermath(what)
     return CollectiveError(
         f"{what} failed on rank{'s' if len(failures) > 1 else ''} {ranks} of {size} "
         f"({lines}){after}",
         failures=failures,
     )
+
+
+def _aftermath(what: str) -> str:
+    """What a failed operation left: a save (``what`` starts "saving") committed nothing."""
+    if what.startswith("saving"):
+        return "; nothing was committed and earlier checkpoints are intact"
+    return ""
