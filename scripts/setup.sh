@@ -11,11 +11,13 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # torch is pinned (constraints.txt): an unpinned torch pulls several GB of CUDA packages.
 # transformers and accelerate are test extras (the state zoo, tests/test_zoo.py); s3fs
 # and moto[server] run the object-storage tests against a local S3 API server
-# (tests/conftest.py starts it on 127.0.0.1); the constraints keep them from moving torch.
+# (tests/conftest.py starts it on 127.0.0.1); lightning is the Lightning integration's
+# test extra, matplotlib draws `aptckpt plot`; the constraints keep them from moving torch.
 "${PIP[@]}" install -c constraints.txt \
     "torch==2.13.0" numpy msgpack zstandard xxhash \
     "scikit-build-core>=0.10" "pybind11>=2.12" \
-    pytest hypothesis safetensors transformers accelerate ruff mypy \
+    tqdm pytest hypothesis safetensors transformers accelerate "lightning>=2.4" matplotlib \
+    ruff mypy \
     "s3fs>=2024.6" "moto[server]>=5.0"
 # --no-build-isolation reuses the build tools above, and build/ keeps the C++ build
 # incremental between runs.
