@@ -28,7 +28,8 @@ from aptckpt.backends.delta._format import (
 from aptckpt.backends.delta._read import decode_chain
 from aptckpt.backends.delta._store import Base, find_base, store_path
 from aptckpt.codecs import RAW, Pipeline
-from aptckpt.errors import IntegrityError
+from aptckpt.errors import IntegrityError, UnsafePathError
+from aptckpt.manifest import check_relative_path
 from aptckpt.objectstore import ObjectStore
 from aptckpt.storage import CheckpointWriter
 from aptckpt.tree import FlatState
@@ -110,11 +111,20 @@ def write(flat: FlatState, writer: CheckpointWriter, opts: DeltaOptions, threads
 
 
 def _relative_base(store: ObjectStore, base: Base | None) -> str | None:
-    """The base's path relative to the store's folder (informational)."""
+    """The base's path relative to the store's folder (informational), or None where
+    the format's path rule cannot spell it: every reader checks the field as a manifest
+    path, and names such as Lightning's ``epoch=3-step=40.ckpt`` break that rule (nil
+    keeps those manifests readable by every reader, old ones included)."""
     if base is None:
         return None
     home = store.storage.canonical(store.storage.parent(store.root)).rstrip("/") + "/"
-    return base.path[len(home) :] if base.path.startswith(home) else None
+    if not base.path.startswith(home):
+        return None
+    relative = base.path[len(home) :]
+    try:
+        return check_relative_path(relative)
+    except UnsafePathError:
+        return None
 
 
 def _write_local(
