@@ -340,8 +340,7 @@ def refusal(err: UnsupportedObjectError) -> UnsupportedObjectError:
     """aptckpt's refusal of an object, said in Lightning's terms."""
     key_path = err.key_path.replace("state[", "checkpoint[", 1)
     return UnsupportedObjectError(
-        f"cannot save {err.type_name} at {key_path} in a Lightning checkpoint: {_HINT}. "
-        f"({err})",
+        f"cannot save {err.type_name} at {key_path} in a Lightning checkpoint: {_HINT}. ({err})",
         key_path=key_path,
         type_name=err.type_name,
     )

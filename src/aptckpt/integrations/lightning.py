@@ -191,13 +191,13 @@ class AptckptCheckpointIO(CheckpointIO):
         if handle is not None:
             try:
                 handle.wait()
-            except BaseException as err:  # noqa: BLE001 -- re-raised below, once
+            except BaseException as err:
                 self._error = self._error or err
             self._handle = None
         self._collect()
         if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+            failure, self._error = self._error, None
+            raise failure
 
     def _wait_for(self, path: str) -> None:
         """Wait for the save in flight if it writes ``path``."""
@@ -205,7 +205,7 @@ class AptckptCheckpointIO(CheckpointIO):
         if handle is not None and _same_place(handle.path, path):
             try:
                 handle.wait()
-            except BaseException as err:  # noqa: BLE001 -- raised at the next save / teardown
+            except BaseException as err:
                 self._error = self._error or err
             self._handle = None
 
@@ -215,9 +215,7 @@ class AptckptCheckpointIO(CheckpointIO):
         while self._garbage:
             folder = self._garbage.pop()
             try:
-                aptckpt.collect_garbage(
-                    folder, wait=False, storage_options=self._options(folder)
-                )
+                aptckpt.collect_garbage(folder, wait=False, storage_options=self._options(folder))
             except StoreNotFoundError:
                 pass  # no delta checkpoint was ever saved there
             except StoreBusyError:
@@ -245,9 +243,7 @@ class AptckptCheckpointIO(CheckpointIO):
             self._settle()
             state = values.encode(checkpoint)
             metadata = {
-                k: checkpoint[k]
-                for k in ("epoch", "global_step")
-                if type(checkpoint.get(k)) is int
+                k: checkpoint[k] for k in ("epoch", "global_step") if type(checkpoint.get(k)) is int
             }
             metadata["lightning"] = str(checkpoint.get("pytorch-lightning_version", ""))
             self._drop_link(where)
