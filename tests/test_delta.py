@@ -878,3 +878,21 @@ def test_a_base_that_kept_a_tensor_in_its_shard_is_no_delta_base_for_it(tmp_path
     state["w"][0] = 1
     save(state, tmp_path / "b", local_below=0, base=tmp_path / "a")
     assert_state_equal(state, aptckpt.load(tmp_path / "b"))
+
+
+def test_bases_named_outside_the_path_rule_are_not_recorded_and_saves_go_on(tmp_path):
+    # Lightning names checkpoints "epoch=3-step=40.ckpt": "=" is outside the manifest path
+    # rule, so the informational base name is left out instead of failing the save.
+    state = {"w": torch.randn(64 << 10)}
+    save(state, tmp_path / "epoch=0.ckpt")
+    state["w"][:10] += 1
+    save(state, tmp_path / "epoch=1.ckpt")
+    save(state, tmp_path / "plain")
+    save(state, tmp_path / "plain2")
+    payloads = [
+        delta.parse_payload(aptckpt_manifest(tmp_path / n), "t")
+        for n in ("epoch=1.ckpt", "plain", "plain2")
+    ]
+    assert [p.base for p in payloads] == [None, None, "plain"]  # recorded where it can be
+    assert [p.since_keyframe for p in payloads] == [1, 2, 3]  # each still deltas on the last
+    assert_state_equal(state, aptckpt.load(tmp_path / "epoch=1.ckpt"))
