@@ -114,7 +114,51 @@ def trainer(epochs, plugin, **checkpoint):
     )
 
 
-if __name__ == "__main__":
+def logged_plugin(log, **kwargs):
+    # The plugin, appending "rank op path" lines to log (for runs in several processes).
+    from aptckpt.integrations.lightning import AptckptCheckpointIO
+
+    class Logged(AptckptCheckpointIO):
+        def _note(self, op, path):
+            rank = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))
+            with open(log, "a") as f:
+                f.write(f"{rank} {op} {os.path.basename(os.fspath(path))}\\n")
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            self._note("save", path)
+            super().save_checkpoint(checkpoint, path, storage_options)
+
+        def remove_checkpoint(self, path):
+            self._note("remove", path)
+            super().remove_checkpoint(path)
+
+        def load_checkpoint(self, path, map_location=None, weights_only=None):
+            self._note("load", path)
+            return super().load_checkpoint(path, map_location, weights_only)
+
+    return Logged(**kwargs)
+
+
+def ddp(dirpath, log):
+    # two fits in the same two processes: 2 epochs, then on to 3 from "last"
+    for epochs, resume in ((2, None), (3, "last")):
+        L.seed_everything(0, verbose=False)
+        train, val = loaders()
+        t = L.Trainer(
+            max_epochs=epochs, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu", devices=2, strategy="ddp",
+            num_sanity_val_steps=0,
+            callbacks=[ModelCheckpoint(dirpath=dirpath, save_last=True, **EVERY_EPOCH)],
+            plugins=[logged_plugin(log, backend="delta")],
+        )
+        t.fit(Tiny(), train, val, ckpt_path=resume)
+    if t.is_global_zero:
+        torch.save(t.lightning_module.state_dict(), os.path.join(dirpath, "..", "final.pt"))
+
+
+if __name__ == "__main__" and sys.argv[1] == "ddp":
+    ddp(sys.argv[2], sys.argv[3])
+elif __name__ == "__main__":
     from aptckpt.integrations.lightning import AptckptCheckpointIO
     dirpath, epochs = sys.argv[1], int(sys.argv[2])
     L.seed_everything(0, verbose=False)
@@ -247,6 +291,36 @@ def test_sigkill_mid_epoch_then_resume_from_last_equals_an_uninterrupted_fit(
     got, want = _training_state(resumed), _training_state(reference)
     assert got["step"] == want["step"] == epochs * 6
     assert_state_equal(got, want)  # bit for bit: weights, Adam moments and steps, the LR
+
+
+@pytest.mark.slow
+def test_ddp_saves_and_removes_on_rank_zero_and_every_rank_loads(
+    run: ModuleType, tmp_path: Path
+) -> None:
+    """Two CPU processes (gloo), Lightning's "ddp" strategy launching them: the plugin is
+    asked to save and remove on global rank 0 only, and to load on both ranks."""
+    dirpath, log = tmp_path / "ckpts", tmp_path / "calls.log"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    src = str(Path(aptckpt.__file__).parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, run.__file__, "ddp", str(dirpath), str(log)],
+        env=env,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    calls = [line.split(" ", 2) for line in log.read_text().splitlines()]
+    assert {rank for rank, op, _ in calls if op in ("save", "remove")} == {"0"}
+    assert any(op == "remove" for _, op, _ in calls)
+    assert sorted(rank for rank, op, _ in calls if op == "load") == ["0", "1"]
+    assert _checkpoints(dirpath) == {"epoch=2-step=9.ckpt", "last.ckpt"}
+    # rank 0's final weights are what the last checkpoint holds
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert_state_equal(
+        AptckptCheckpointIO().load_checkpoint(dirpath / "last.ckpt")["state_dict"], final
+    )
 
 
 # ------------------------------------------------------------------ hyper-parameters
