@@ -10,6 +10,7 @@ import collections
 import importlib.util
 import os
 import pathlib
+import pickle
 import re
 import signal
 import subprocess
@@ -245,6 +246,8 @@ def test_top_k_and_last_are_aptckpt_checkpoints_and_removals_go_through_the_plug
     assert torch.equal(state["best_model_score"], callback.best_model_score)
     assert state["best_model_path"] == callback.best_model_path
     assert loaded["hyper_parameters"] == {"lr": 0.05, "width": 8, "extra": None}
+    assert find_last_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")
+    assert find_last_checkpoint(tmp_path / "absent") is None
     assert "aptckpt:lightning" not in loaded
 
 
@@ -380,6 +383,32 @@ def test_values_convert_the_known_objects_and_rebuild_them_exactly(tmp_path: Pat
     assert back["hparams_type"] is AttributeDict
     assert back["datamodule_hparams_type"] is argparse.Namespace
     assert "aptckpt:lightning" not in back
+
+
+@pytest.mark.parametrize(
+    ("table", "match"),
+    [
+        ({"version": 1, "types": [[["t"], "type"]]}, "never writes"),  # t = "os.system"
+        ({"version": 1, "types": [[["x"], "pickle"]]}, "unknown kind"),
+        ({"version": 1, "types": [[["nope"], "Path"]]}, "absent"),
+        ({"version": 1, "types": [[["x", 5], "Path"]]}, "inside"),
+        ({"version": 1, "types": [[[], "AttributeDict"]]}, "malformed"),
+        ({"version": 1, "types": [["x", "Path"]]}, "malformed"),
+        ({"version": 1, "types": [[["l", 9], "Path"]]}, "absent"),
+        ({"version": 1, "types": [[["x"], "AttributeDict"]]}, "recorded as a dict"),
+        ({"version": 2, "types": []}, "version 1"),
+        ("a string", "version 1"),
+    ],
+)
+def test_hostile_conversion_tables_are_refused(table: Any, match: str) -> None:
+    state = {"t": "os.system", "x": "text", "l": ["a"], "aptckpt:lightning": table}
+    with pytest.raises(aptckpt.FormatError, match=match):
+        values.decode(state)
+
+
+def test_a_loaded_state_that_is_no_dict_is_refused() -> None:
+    with pytest.raises(aptckpt.FormatError, match="not saved by Lightning"):
+        values.decode([1, 2])  # type: ignore[arg-type]
 
 
 def test_hyper_parameter_objects_round_trip_through_a_saved_checkpoint(
@@ -613,6 +642,12 @@ def test_storage_options_and_map_location_are_checked(tmp_path: Path) -> None:
         == "cpu"
     )
     assert "key" not in repr(AptckptCheckpointIO(storage_options={"key": "k"}))
+    # ddp_spawn pickles the plugin into the processes it starts
+    copy = pickle.loads(pickle.dumps(AptckptAsyncCheckpointIO("zstd", level=5)))
+    copy.save_checkpoint({"w": torch.ones(2)}, tmp_path / "z.ckpt")
+    copy.teardown()
+    assert (copy.backend, copy.options, copy.blocking) == ("zstd", {"level": 5}, False)
+    assert aptckpt.inspect(tmp_path / "z.ckpt").options["level"] == 5
 
 
 # ------------------------------------------------------------------ s3

@@ -154,6 +154,21 @@ class AptckptCheckpointIO(CheckpointIO):
         self._error: BaseException | None = None
         self._garbage: set[str] = set()  # store folders to collect once nothing is in flight
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``ddp_spawn`` pickles to the processes it starts: the configuration, not
+        the lock or a save in flight."""
+        state = dict(self.__dict__)
+        for name in ("_lock", "_handle", "_error"):
+            del state[name]
+        state["_garbage"] = set()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._handle = None
+        self._error = None
+
     def __repr__(self) -> str:  # never the storage options: they may hold credentials
         mode = "" if self.blocking else ", blocking=False"
         return f"{type(self).__name__}(backend={self.backend!r}{mode})"
@@ -191,7 +206,7 @@ class AptckptCheckpointIO(CheckpointIO):
         if handle is not None:
             try:
                 handle.wait()
-            except BaseException as err:
+            except Exception as err:  # raised below, once (an interrupt propagates now)
                 self._error = self._error or err
             self._handle = None
         self._collect()
@@ -205,7 +220,7 @@ class AptckptCheckpointIO(CheckpointIO):
         if handle is not None and _same_place(handle.path, path):
             try:
                 handle.wait()
-            except BaseException as err:
+            except Exception as err:  # raised at the next save or teardown
                 self._error = self._error or err
             self._handle = None
 
