@@ -26,6 +26,8 @@ from aptckpt.retention import (
     split,
 )
 
+pytestmark = pytest.mark.core_independent
+
 
 def rec(
     seq: int,
