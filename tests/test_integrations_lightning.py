@@ -43,6 +43,7 @@ from aptckpt.integrations.lightning import (  # noqa: E402
 from aptckpt.testing import assert_state_equal  # noqa: E402
 
 pytestmark = [
+    pytest.mark.core_independent,
     # Lightning's own chatter on a CPU-only tiny run, none of it about the plugin
     pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
