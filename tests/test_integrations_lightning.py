@@ -683,3 +683,35 @@ def test_s3_run_saves_removes_and_resumes(
     assert resumed.current_epoch == 5 and resumed.global_step == 5 * 6
     with aptckpt.open(last, storage_options=s3_options) as view:
         assert view.get("epoch") == 4
+
+
+def test_the_standalone_pytorch_lightning_package_takes_the_plugin_too(tmp_path: Path) -> None:
+    pl = pytest.importorskip("pytorch_lightning")
+
+    class Standalone(pl.LightningModule):  # type: ignore[misc, name-defined]
+        def __init__(self, lr: float = 0.1) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.layer = torch.nn.Linear(3, 1)
+
+        def training_step(self, batch: Any, index: int) -> Any:
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3)))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        plugins=[AptckptCheckpointIO()],
+    )
+    trainer.fit(Standalone(lr=0.25), data)
+    (path,) = (tmp_path / "checkpoints").iterdir()
+    assert aptckpt.inspect(path).backend == "zstd"
+    model = load_from_checkpoint(Standalone, path)
+    assert isinstance(model, Standalone) and model.hparams.lr == 0.25
+    assert_state_equal(model.state_dict(), trainer.lightning_module.state_dict())

@@ -35,13 +35,14 @@ What Lightning does around the plugin, and what that means (Lightning 2.6):
 
 from __future__ import annotations
 
+import importlib
 import inspect as _inspect
 import logging
 import os
 import re
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -57,12 +58,32 @@ from aptckpt.integrations import _lightning_values as values
 from aptckpt.registry import get_backend
 from aptckpt.storage import is_url, resolve
 
-try:
+
+def _checkpoint_io_base() -> type:
+    """Lightning's ``CheckpointIO`` -- of each package it ships as: ``lightning`` (its
+    ``Trainer`` is ``lightning.Trainer``) and the standalone ``pytorch_lightning`` /
+    ``lightning_fabric`` (``pytorch_lightning.Trainer``), whichever are installed. The two
+    are distinct classes, and each Trainer accepts only plugins deriving from its own."""
+    bases = []
+    for module in (
+        "lightning.fabric.plugins.io.checkpoint_io",
+        "lightning_fabric.plugins.io.checkpoint_io",
+    ):
+        try:
+            bases.append(importlib.import_module(module).CheckpointIO)
+        except ImportError:
+            continue
+    if not bases:
+        raise ImportError(
+            "aptckpt.integrations.lightning needs Lightning 2.x: pip install 'aptckpt[lightning]'"
+        )
+    return bases[0] if len(bases) == 1 else type("CheckpointIO", tuple(bases), {})
+
+
+if TYPE_CHECKING:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-except ImportError as err:  # pragma: no cover - the extra is not installed
-    raise ImportError(
-        "aptckpt.integrations.lightning needs Lightning 2.x: pip install 'aptckpt[lightning]'"
-    ) from err
+else:
+    CheckpointIO = _checkpoint_io_base()
 
 __all__ = [
     "AptckptAsyncCheckpointIO",
@@ -450,13 +471,24 @@ def load_from_checkpoint(
     an aptckpt checkpoint; this reads it with :func:`aptckpt.load` (verified) and hands
     the dict to Lightning's loader.
     """
-    import lightning.pytorch as pl
-    from lightning.pytorch.core import saving
-    from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
+    # the package cls comes from: lightning.pytorch, or the standalone pytorch_lightning
+    root = next(
+        (
+            name
+            for name in ("lightning.pytorch", "pytorch_lightning")
+            for kind in cls.__mro__
+            if kind.__module__.startswith(name + ".")
+            and kind.__name__ in ("LightningModule", "LightningDataModule")
+        ),
+        "lightning.pytorch",
+    )
+    pl = importlib.import_module(root)
+    saving = importlib.import_module(f"{root}.core.saving")
+    migrate = importlib.import_module(f"{root}.utilities.migration.utils")._pl_migrate_checkpoint
 
     plugin = AptckptCheckpointIO(storage_options=storage_options, verify=verify)
     checkpoint = plugin.load_checkpoint(checkpoint_path, map_location=map_location)
-    checkpoint = _pl_migrate_checkpoint(checkpoint, checkpoint_path=None)
+    checkpoint = migrate(checkpoint, checkpoint_path=None)
     if hparams_file is not None:
         text = os.fspath(hparams_file)
         if text.lower().endswith(".csv"):
