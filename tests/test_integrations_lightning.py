@@ -486,6 +486,12 @@ def test_objects_that_would_need_pickle_are_refused_naming_the_key_and_the_fix(
         assert "save_hyperparameters(ignore=" in message and "on_save_checkpoint" in message
         assert caught.value.key_path == f"checkpoint['hyper_parameters']['{key}']"
         assert not (tmp_path / "bad.ckpt").exists()  # nothing written
+    cyclic = AttributeDict(a=1)
+    cyclic["self"] = cyclic
+    with pytest.raises(
+        UnsupportedObjectError, match=r"\['hyper_parameters'\]\['self'\]"
+    ):  # no recursion
+        plugin.save_checkpoint({"hyper_parameters": cyclic}, tmp_path / "bad.ckpt")
     with pytest.raises(UnsupportedObjectError, match="reserves"):
         plugin.save_checkpoint({"aptckpt:lightning": 1}, tmp_path / "bad.ckpt")
 

@@ -112,10 +112,12 @@ class _Encoder:
         if isinstance(obj, (torch.Tensor, np.ndarray, np.generic, torch.dtype, torch.device)):
             return obj
         kind = type(obj)
+        if id(obj) in self._active:
+            return obj  # a cycle: aptckpt refuses it, naming the key path
         if self.attribute_dict is not None and kind is self.attribute_dict:
-            return self._record(where, "AttributeDict", self.mapping(dict(obj), where))
+            return self._record(where, "AttributeDict", self.inside(obj, dict(obj), where))
         if kind is argparse.Namespace:
-            return self._record(where, "Namespace", self.mapping(dict(vars(obj)), where))
+            return self._record(where, "Namespace", self.inside(obj, dict(vars(obj)), where))
         if self.containers and isinstance(obj, self.containers):
             assert self.to_container is not None
             # resolve=False keeps interpolations ("${a.b}") as written: the same config back
@@ -132,8 +134,6 @@ class _Encoder:
                 if kind is path_type or (name == "Path" and isinstance(obj, pathlib.Path)):
                     return self._record(where, name, str(obj))
             return obj
-        if id(obj) in self._active:
-            return obj  # a cycle: aptckpt refuses it
         if isinstance(obj, dict):
             return self.mapping(obj, where)
         if kind is list or kind is tuple:
@@ -146,6 +146,16 @@ class _Encoder:
                 return obj
             return items if kind is list else tuple(items)
         return obj  # storable as it is, or refused by aptckpt with its key path
+
+    def inside(self, obj: Any, items: dict[Any, Any], where: tuple[Any, ...]) -> dict[Any, Any]:
+        """The converted ``items`` of the object ``obj`` (an ``AttributeDict``, a
+        ``Namespace``), with ``obj`` marked as being walked: a value that holds its own
+        container is a cycle, left for aptckpt to refuse."""
+        self._active.add(id(obj))
+        try:
+            return self.mapping(items, where)
+        finally:
+            self._active.discard(id(obj))
 
     def mapping(self, obj: dict[Any, Any], where: tuple[Any, ...]) -> dict[Any, Any]:
         self._active.add(id(obj))

@@ -371,7 +371,7 @@ class AptckptAsyncCheckpointIO(AptckptCheckpointIO):
 
     A save returns once the state is copied into host staging buffers; the write and
     commit go on while training continues. One save is in flight at a time (the next
-    waits for it); a failure is raised at the next save, load or ``teardown``; a removal
+    waits for it); a failure is raised at the next save or at ``teardown``; a removal
     or load of the path being written waits for it; ``teardown`` waits for the last.
     """
 
