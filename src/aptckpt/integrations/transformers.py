@@ -1,0 +1,510 @@
+"""Hugging Face ``Trainer`` checkpoints through aptckpt.
+
+One line for the user: build :class:`AptckptTrainer` where ``Trainer`` was built
+(or mix :class:`AptckptTrainerMixin` into a ``Trainer`` subclass such as TRL's),
+and every ``checkpoint-N/`` the trainer writes is an aptckpt checkpoint::
+
+    from aptckpt.integrations.transformers import AptckptTrainer
+
+    trainer = AptckptTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train(resume_from_checkpoint=True)
+
+``checkpoint-N/`` then holds::
+
+    config.json, generation_config.json   model.config / generation_config.save_pretrained
+    tokenizer files                       processing_class.save_pretrained
+    training_args.json                    TrainingArguments.to_json_string()
+    trainer_state.json                    TrainerState.save_to_json, exactly as HF writes it
+    aptckpt/                              the aptckpt checkpoint: model, optimizer, scheduler,
+                                          grad scaler, RNG states (Python, NumPy, torch, CUDA)
+
+The ``aptckpt/`` checkpoint is written last, so its manifest is the commit marker
+of the whole directory: a ``checkpoint-N/`` without a committed ``aptckpt/``
+(a save killed half-way) is never resumed from; ``resume_from_checkpoint=True``
+takes the newest *complete* checkpoint. Everything is loaded back through aptckpt,
+every chunk verified. A ``checkpoint-N/`` written by the plain ``Trainer`` (HF's
+own ``model.safetensors``, ``optimizer.pt``, ...) still resumes, by HF's loaders,
+so a run can switch to aptckpt half-way.
+
+Why a ``Trainer`` subclass and not a ``TrainerCallback``: a callback's ``on_save``
+runs *after* the trainer wrote its pickles and rotated its checkpoints, and no
+callback hook loads anything; only the trainer's own save and load steps can put
+aptckpt in HF's place. The overridden steps are private methods of ``Trainer``
+(``_save_checkpoint``, ``_load_from_checkpoint``, ``_load_optimizer_and_scheduler``,
+``_load_scaler``, ``_load_rng_state``, ``_load_best_model``); their names and
+parameters are checked against the installed ``transformers`` when the trainer is
+built, and a version that moved them is refused with :class:`IntegrationError`.
+
+``training_args.bin`` (a pickle of ``TrainingArguments``, which ``Trainer`` never
+reads back) is replaced by ``training_args.json``: the same arguments, readable
+without running code. ``trainer.save_model(dir)`` -- the export a user asks for --
+is left as HF made it (``model.safetensors``), since that is what the Hub and
+``from_pretrained`` read; :func:`export_pretrained` turns a checkpoint into such a
+directory.
+
+Retention stays HF's: ``save_total_limit`` keeps the newest checkpoints (and the
+best one, ``metric_for_best_model``) by HF's ``rotate_checkpoints``, which this
+module calls after the new checkpoint committed; ``load_best_model_at_end`` loads
+the best checkpoint's weights through aptckpt. With ``backend="delta"`` the run's
+checkpoints share one object store, ``<output_dir>/aptckpt-store``, whose
+unreachable objects are collected after each rotation.
+
+Supported: one training process (CPU or one GPU). Multi-process set-ups
+(DeepSpeed, FSDP, DDP, XLA, SageMaker MP) are refused when the trainer is built.
+"""
+
+from __future__ import annotations
+
+import inspect as _inspect
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+try:
+    import transformers
+    from transformers import Trainer
+    from transformers.trainer_callback import ExportableState, TrainerState
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
+except ImportError as err:  # pragma: no cover -- the test module skips without transformers
+    raise ImportError(
+        "aptckpt.integrations.transformers needs transformers: pip install 'aptckpt[hf]'"
+    ) from err
+
+import aptckpt
+from aptckpt.errors import (
+    CheckpointNotFoundError,
+    FormatError,
+    IntegrationError,
+    IntoMismatchError,
+)
+from aptckpt.training_state import capture_rng, restore_rng
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
+
+__all__ = [
+    "STATE_DIR",
+    "TRAINING_ARGS_NAME",
+    "AptckptTrainer",
+    "AptckptTrainerMixin",
+    "checkpoint_kind",
+    "export_pretrained",
+    "last_checkpoint",
+]
+
+log = logging.getLogger("aptckpt")
+
+#: The aptckpt checkpoint inside ``checkpoint-N/``.
+STATE_DIR = "aptckpt"
+#: The training arguments as JSON, in place of HF's pickled ``training_args.bin``.
+TRAINING_ARGS_NAME = "training_args.json"
+TRAINER_STATE_NAME = "trainer_state.json"
+STORE_DIR = "aptckpt-store"
+
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+# What HF's own loader accepts as a model in a checkpoint directory.
+_HF_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
+# The Trainer methods overridden or called, with the parameters relied on.
+_TRAINER_API: dict[str, tuple[str, ...]] = {
+    "_save_checkpoint": ("model", "trial"),
+    "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
+    "_load_optimizer_and_scheduler": ("checkpoint",),
+    "_load_scaler": ("checkpoint",),
+    "_load_rng_state": ("checkpoint",),
+    "_load_best_model": (),
+    "_get_output_dir": ("trial",),
+    "_push_from_checkpoint": ("checkpoint_folder",),
+    "_issue_warnings_after_load": ("load_result",),
+    "store_flos": (),
+    "train": ("resume_from_checkpoint", "trial", "ignore_keys_for_eval"),
+}
+_TESTED = "5.25"
+
+
+def _check_transformers() -> None:
+    """Refuse a ``transformers`` whose Trainer moved the methods this module overrides."""
+    version = transformers.__version__
+    major = int(re.match(r"\d+", version).group()) if re.match(r"\d+", version) else 0  # type: ignore[union-attr]
+    problems = []
+    if major != 5:
+        problems.append(f"major version {major}, not 5")
+    for name, params in _TRAINER_API.items():
+        method = getattr(Trainer, name, None)
+        if method is None:
+            problems.append(f"Trainer.{name} is gone")
+            continue
+        found = tuple(_inspect.signature(method).parameters)[1:]
+        if found[: len(params)] != params:
+            problems.append(f"Trainer.{name}{found} no longer takes {params}")
+    if problems:
+        raise IntegrationError(
+            f"aptckpt.integrations.transformers supports transformers 5.x (tested with "
+            f"{_TESTED}); the installed {version} differs: {'; '.join(problems)}. Install a "
+            f"tested version (pip install 'transformers>=5,<6') or save with the plain Trainer.",
+            framework="transformers",
+        )
+
+
+def checkpoint_kind(checkpoint_dir: str | os.PathLike[str]) -> str | None:
+    """What ``checkpoint_dir`` holds: ``"aptckpt"`` (a committed aptckpt checkpoint
+    and ``trainer_state.json``), ``"hf"`` (HF's own weights and ``trainer_state.json``),
+    or ``None`` (nothing resumable: absent, or a save that was interrupted)."""
+    path = os.fspath(checkpoint_dir)
+    if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+        return None
+    try:
+        aptckpt.inspect(os.path.join(path, STATE_DIR))
+    except CheckpointNotFoundError:
+        pass
+    else:
+        return "aptckpt"
+    if any(os.path.isfile(os.path.join(path, name)) for name in _HF_WEIGHTS):
+        return "hf"
+    return None
+
+
+def last_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
+    """The newest complete ``checkpoint-N`` in ``output_dir`` (what
+    ``resume_from_checkpoint=True`` resumes from), or None.
+
+    Like HF's ``get_last_checkpoint``, but a ``checkpoint-N`` a killed save left
+    incomplete is skipped (with a warning) for the newest one before it.
+    """
+    folder = os.fspath(output_dir)
+    if not os.path.isdir(folder):
+        return None
+    steps = []
+    for name in os.listdir(folder):
+        match = _CHECKPOINT_RE.match(name)
+        if match is not None and os.path.isdir(os.path.join(folder, name)):
+            steps.append((int(match.group(1)), name))
+    for _, name in sorted(steps, reverse=True):
+        path = os.path.join(folder, name)
+        if checkpoint_kind(path) is not None:
+            return path
+        log.warning("skipping %s: incomplete (its save was interrupted)", path)
+    return None
+
+
+def _incomplete(path: str) -> CheckpointNotFoundError:
+    if not os.path.isdir(path):
+        reason = "no such directory"
+    elif os.path.isdir(os.path.join(path, STATE_DIR)):
+        reason = (
+            f"its {STATE_DIR}/ holds no committed checkpoint (the save was interrupted); "
+            "resume from an earlier checkpoint-N, or pass resume_from_checkpoint=True for "
+            "the newest complete one"
+        )
+    else:
+        reason = (
+            f"neither an aptckpt checkpoint ({STATE_DIR}/) nor HF's model files with "
+            f"{TRAINER_STATE_NAME} are in it"
+        )
+    return CheckpointNotFoundError(path, reason)
+
+
+class AptckptTrainerMixin(_TrainerBase):
+    """Makes a ``transformers.Trainer`` (sub)class save and resume ``checkpoint-N``
+    through aptckpt. Put it first: ``class MyTrainer(AptckptTrainerMixin, SFTTrainer)``.
+
+    Keyword arguments (besides the trainer's own):
+        aptckpt_backend: the aptckpt backend of the checkpoints (``"zstd"``,
+            ``"delta"``, ``"torch"``, or a plugin's).
+        aptckpt_options: backend options (``{"level": 3}``, ``{"codec": "none"}``).
+
+    Raises:
+        IntegrationError: an incompatible ``transformers``, or a multi-process set-up.
+        UnknownBackendError: ``aptckpt_backend`` is not registered.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        aptckpt_backend: str = "zstd",
+        aptckpt_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        _check_transformers()
+        if aptckpt_backend not in aptckpt.available_backends():
+            raise aptckpt.UnknownBackendError(aptckpt_backend, sorted(aptckpt.available_backends()))
+        self.aptckpt_backend = aptckpt_backend
+        self.aptckpt_options = dict(aptckpt_options or {})
+        super().__init__(*args, **kwargs)
+        refused = [
+            what
+            for what, on in (
+                ("DeepSpeed", self.is_deepspeed_enabled),
+                ("FSDP", self.is_fsdp_enabled or bool(getattr(self, "is_fsdp_xla_enabled", False))),
+                (f"{self.args.world_size} processes", self.args.world_size > 1),
+            )
+            if on
+        ]
+        if refused:
+            raise IntegrationError(
+                f"AptckptTrainer saves from one training process; this run uses "
+                f"{', '.join(refused)}. Use the plain Trainer for it, or aptckpt.save with "
+                "process_group= in your own loop.",
+                framework="transformers",
+            )
+
+    # ------------------------------------------------------------------ save
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """``checkpoint-N/`` as HF lays it out, with the aptckpt checkpoint written last."""
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        run_dir = self._get_output_dir(trial=trial)
+        output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        state_dir = os.path.join(output_dir, STATE_DIR)
+        if self.args.should_save:
+            # Saving a step again (a run resumed from an earlier checkpoint): the old
+            # commit goes first, so that a kill below never leaves it beside new files.
+            if os.path.isdir(state_dir):
+                try:
+                    aptckpt.delete(state_dir)
+                except CheckpointNotFoundError:
+                    pass
+            os.makedirs(output_dir, exist_ok=True)
+            self._save_pretrained_files(output_dir)
+
+        # Best-model bookkeeping, as Trainer._save_checkpoint does it.
+        if (
+            self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
+            and self.state.best_global_step
+        ):
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if os.path.exists(best):
+                self.state.best_model_checkpoint = best
+
+        if not self.args.should_save:
+            return
+        for callback in [*self.callback_handler.callbacks, self.control]:
+            if isinstance(callback, ExportableState):
+                name = callback.__class__.__name__
+                if isinstance(self.state.stateful_callbacks[name], list):
+                    self.state.stateful_callbacks[name].append(callback.state())
+                else:
+                    self.state.stateful_callbacks[name] = callback.state()
+        self.state.save_to_json(os.path.join(output_dir, TRAINER_STATE_NAME))
+
+        options = dict(self.aptckpt_options)
+        if self.aptckpt_backend == "delta":
+            options.setdefault("store", os.path.join(run_dir, STORE_DIR))
+        aptckpt.save(
+            self._training_state(),
+            state_dir,
+            backend=self.aptckpt_backend,
+            metadata={
+                "framework": "transformers",
+                "transformers_version": transformers.__version__,
+                "global_step": self.state.global_step,
+            },
+            **options,
+        )
+
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(output_dir)
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=True,
+        )
+        if self.aptckpt_backend == "delta" and "store" not in self.aptckpt_options:
+            aptckpt.collect_garbage(os.path.join(run_dir, STORE_DIR))
+
+    def _save_pretrained_files(self, output_dir: str) -> None:
+        """What ``save_pretrained`` writes besides the weights: config, generation
+        config, the tokenizer/processor, and the arguments as JSON."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        config = getattr(model, "config", None)
+        if isinstance(model, transformers.PreTrainedModel) and config is not None:
+            config.dtype = str(model.dtype).split(".")[1]
+            config.architectures = [type(model).__name__]
+            config.save_pretrained(output_dir)
+            if model.can_generate() and model.generation_config is not None:
+                model.generation_config.save_pretrained(output_dir)
+        processor = self.processing_class
+        if processor is None and getattr(self.data_collator, "tokenizer", None) is not None:
+            processor = self.data_collator.tokenizer  # type: ignore[union-attr]
+        if processor is not None:
+            processor.save_pretrained(output_dir)
+        with open(os.path.join(output_dir, TRAINING_ARGS_NAME), "w", encoding="utf-8") as f:
+            f.write(self.args.to_json_string())
+
+    def _training_state(self) -> dict[str, Any]:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        state: dict[str, Any] = {"model": model.state_dict()}
+        if not self.args.save_only_model:
+            state["optimizer"] = self.optimizer.state_dict()
+            state["scheduler"] = self.lr_scheduler.state_dict()
+            scaler = getattr(self.accelerator, "scaler", None)
+            state["scaler"] = scaler.state_dict() if scaler is not None else None
+            state["rng"] = capture_rng()
+        return state
+
+    # ------------------------------------------------------------------ load
+
+    def train(  # type: ignore[override]
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest complete
+        checkpoint (:func:`last_checkpoint`), and a path must be a complete one.
+
+        Raises:
+            CheckpointNotFoundError: no complete checkpoint to resume from, naming why.
+        """
+        if resume_from_checkpoint is True:
+            found = last_checkpoint(self.args.output_dir)
+            if found is None:
+                raise CheckpointNotFoundError(
+                    self.args.output_dir,
+                    "no complete checkpoint-N to resume from; train without "
+                    "resume_from_checkpoint to start afresh",
+                )
+            resume_from_checkpoint = found
+        elif resume_from_checkpoint not in (None, False):
+            path = os.fspath(resume_from_checkpoint)  # type: ignore[arg-type]
+            if checkpoint_kind(path) is None:
+                raise _incomplete(path)
+            resume_from_checkpoint = path
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
+    def _saved(self, checkpoint: str, *keys: str) -> dict[str, Any]:
+        """The parts ``keys`` of the aptckpt checkpoint of ``checkpoint`` (absent ones
+        left out), every chunk verified, on the CPU."""
+        path = os.path.join(checkpoint, STATE_DIR)
+        with aptckpt.open(path) as view:
+            saved_step = (view.metadata or {}).get("global_step")
+            state_file = os.path.join(checkpoint, TRAINER_STATE_NAME)
+            step = TrainerState.load_from_json(state_file).global_step
+            if saved_step != step:
+                raise FormatError(
+                    f"{state_file} says step {step} but the aptckpt checkpoint beside it was "
+                    f"saved at step {saved_step}: the directory was altered; resume from "
+                    "another checkpoint-N",
+                    path=checkpoint,
+                )
+            return {key: view.get(key) for key in keys if key in view}
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
+        if checkpoint_kind(resume_from_checkpoint) != "aptckpt":
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        self._load_weights(resume_from_checkpoint, model if model is not None else self.model)
+
+    def _load_weights(self, checkpoint: str, model: nn.Module) -> None:
+        weights = self._saved(checkpoint, "model")["model"]
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:
+            raise IntoMismatchError(
+                f"the model saved in {os.path.join(checkpoint, STATE_DIR)} does not fit this "
+                f"model ({err}); build the model from the checkpoint's config.json",
+                missing_keys=(),
+                unexpected_keys=(),
+            ) from err
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or checkpoint_kind(checkpoint) != "aptckpt":
+            super()._load_optimizer_and_scheduler(checkpoint)
+            return
+        parts = self._saved(checkpoint, "optimizer", "scheduler")
+        if "optimizer" in parts:  # absent with save_only_model, as HF's files are
+            self.optimizer.load_state_dict(parts["optimizer"])
+        if "scheduler" in parts:
+            self.lr_scheduler.load_state_dict(parts["scheduler"])
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or checkpoint_kind(checkpoint) != "aptckpt":
+            super()._load_scaler(checkpoint)
+            return
+        saved = self._saved(checkpoint, "scaler").get("scaler")
+        scaler = getattr(self.accelerator, "scaler", None)
+        if saved is not None and scaler is not None:
+            scaler.load_state_dict(saved)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is None or checkpoint_kind(checkpoint) != "aptckpt":
+            super()._load_rng_state(checkpoint)
+            return
+        saved = self._saved(checkpoint, "rng").get("rng")
+        if saved is not None:
+            restore_rng(saved)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best is None or checkpoint_kind(best) != "aptckpt":
+            super()._load_best_model()
+            return
+        log.info("loading the best model from %s (score %s)", best, self.state.best_metric)
+        self._load_weights(best, self.model)
+
+
+class AptckptTrainer(AptckptTrainerMixin, Trainer):
+    """``transformers.Trainer`` whose ``checkpoint-N/`` are aptckpt checkpoints
+    (see :mod:`aptckpt.integrations.transformers`)."""
+
+
+def export_pretrained(
+    checkpoint_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+) -> str:
+    """Write a ``from_pretrained`` directory (config, generation config, tokenizer and
+    ``model.safetensors``) from an aptckpt ``checkpoint-N``, for the Hub or for tools
+    that read HF's layout. The model class is the one ``config.json`` names.
+
+    Returns:
+        ``output_dir``.
+
+    Raises:
+        CheckpointNotFoundError: ``checkpoint_dir`` holds no committed aptckpt checkpoint.
+        IntegrityError: its data is damaged.
+    """
+    source, target = os.fspath(checkpoint_dir), os.fspath(output_dir)
+    if checkpoint_kind(source) != "aptckpt":
+        raise _incomplete(source)
+    config = transformers.AutoConfig.from_pretrained(source)
+    names = list(getattr(config, "architectures", None) or [])
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise IntegrationError(
+            f"{os.path.join(source, 'config.json')} names no model class transformers has "
+            f"(architectures={names}); load the weights with aptckpt.load(..., keys=['model'])",
+            framework="transformers",
+        )
+    model = cls(config)
+    with aptckpt.open(os.path.join(source, STATE_DIR)) as view:
+        model.load_state_dict(view.get("model"))
+    model.save_pretrained(target)
+    for name in os.listdir(source):
+        if name.startswith("tokenizer") or name in ("special_tokens_map.json", "vocab.json"):
+            with open(os.path.join(source, name), "rb") as src:
+                data = src.read()
+            with open(os.path.join(target, name), "wb") as dst:
+                dst.write(data)
+    return target
