@@ -56,8 +56,14 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def model() -> GPT2LMHeadModel:
     torch.manual_seed(1234)
     config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     return GPT2LMHeadModel(config)
 
@@ -65,7 +71,10 @@ def model() -> GPT2LMHeadModel:
 def dataset(n: int = 16, seed: int = 7) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randint(2, VOCAB, (n, SEQ), generator=gen)
-    return [{"input_ids": r, "labels": r.clone(), "attention_mask": torch.ones(SEQ, dtype=torch.long)} for r in rows]
+    return [
+        {"input_ids": r, "labels": r.clone(), "attention_mask": torch.ones(SEQ, dtype=torch.long)}
+        for r in rows
+    ]
 
 
 def arguments(output_dir: Path | str, **overrides: Any) -> TrainingArguments:
@@ -90,7 +99,11 @@ def arguments(output_dir: Path | str, **overrides: Any) -> TrainingArguments:
 
 
 def trainer(output_dir: Path | str, cls: type[Trainer] = hf.AptckptTrainer, **kw: Any) -> Trainer:
-    extra = {k: kw.pop(k) for k in list(kw) if k.startswith("aptckpt_") or k in ("callbacks", "eval_dataset", "compute_metrics")}
+    extra = {
+        k: kw.pop(k)
+        for k in list(kw)
+        if k.startswith("aptckpt_") or k in ("callbacks", "eval_dataset", "compute_metrics")
+    }
     return cls(
         model=model(),
         args=arguments(output_dir, **kw),
@@ -136,7 +149,9 @@ def _assert_equal(a: Any, b: Any, where: str = "state") -> None:
 
 
 def _checkpoints(output_dir: Path) -> list[str]:
-    return sorted((p.name for p in output_dir.glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+    return sorted(
+        (p.name for p in output_dir.glob("checkpoint-*")), key=lambda n: int(n.split("-")[1])
+    )
 
 
 def _no_pickles(root: Path) -> None:
@@ -144,7 +159,8 @@ def _no_pickles(root: Path) -> None:
     found = [
         p
         for p in root.rglob("*")
-        if p.is_file() and "aptckpt" not in p.relative_to(root).parts[:-1]
+        if p.is_file()
+        and "aptckpt" not in p.relative_to(root).parts[:-1]
         and p.suffix in (".bin", ".pt", ".pth", ".pkl", ".safetensors")
     ]
     assert found == []
@@ -154,7 +170,9 @@ def _no_pickles(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], list[Any]]:
+def uninterrupted(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, dict[str, Any], list[Any]]:
     out = tmp_path_factory.mktemp("straight")
     t = trainer(out)
     t.train()
@@ -165,10 +183,19 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path: Path, uninterrupted: Any) -> None:
     straight_dir, straight, straight_losses = uninterrupted
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(aptckpt.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(aptckpt.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     proc = subprocess.run(
         [sys.executable, __file__, "train-and-die", str(out)],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert _checkpoints(out) == [f"checkpoint-{KILL_AFTER - 2}", f"checkpoint-{KILL_AFTER}"]
@@ -214,7 +241,9 @@ def test_checkpoint_layout_is_what_hf_tools_read(uninterrupted: Any) -> None:
     _no_pickles(out)
 
 
-def test_export_pretrained_gives_a_from_pretrained_directory(tmp_path: Path, uninterrupted: Any) -> None:
+def test_export_pretrained_gives_a_from_pretrained_directory(
+    tmp_path: Path, uninterrupted: Any
+) -> None:
     ckpt = uninterrupted[0] / "checkpoint-8"
     target = hf.export_pretrained(ckpt, tmp_path / "export")
     loaded = GPT2LMHeadModel.from_pretrained(target)
@@ -245,13 +274,18 @@ def test_incomplete_checkpoint_is_skipped_and_refused(tmp_path: Path, uninterrup
         trainer(tmp_path / "empty").train(resume_from_checkpoint=True)
 
 
-def test_damaged_checkpoint_raises_integrity_error_naming_it(tmp_path: Path, uninterrupted: Any) -> None:
+def test_damaged_checkpoint_raises_integrity_error_naming_it(
+    tmp_path: Path, uninterrupted: Any
+) -> None:
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(uninterrupted[0], out)
     state_dir = out / "checkpoint-8" / "aptckpt"
-    data = max((p for p in state_dir.rglob("*") if p.is_file() and p.name != "manifest.msgpack"), key=lambda p: p.stat().st_size)
+    data = max(
+        (p for p in state_dir.rglob("*") if p.is_file() and p.name != "manifest.msgpack"),
+        key=lambda p: p.stat().st_size,
+    )
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
@@ -332,7 +366,9 @@ def test_best_model_is_kept_and_loaded_at_end_with_delta(tmp_path: Path) -> None
 # ----------------------------------------------------------------- refusals
 
 
-def test_incompatible_transformers_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_incompatible_transformers_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(hf.transformers, "__version__", "4.40.0")
     with pytest.raises(aptckpt.IntegrationError, match=r"4\.40\.0.*transformers>=5"):
         trainer(tmp_path)
@@ -342,7 +378,9 @@ def test_incompatible_transformers_is_refused(tmp_path: Path, monkeypatch: pytes
         trainer(tmp_path)
 
 
-def test_unknown_backend_and_many_processes_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_backend_and_many_processes_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(aptckpt.UnknownBackendError, match="zstd2"):
         trainer(tmp_path, aptckpt_backend="zstd2")
     monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))

@@ -55,6 +55,7 @@ Supported: one training process (CPU or one GPU). Multi-process set-ups
 
 from __future__ import annotations
 
+import contextlib
 import inspect as _inspect
 import logging
 import os
@@ -273,10 +274,8 @@ class AptckptTrainerMixin(_TrainerBase):
             # Saving a step again (a run resumed from an earlier checkpoint): the old
             # commit goes first, so that a kill below never leaves it beside new files.
             if os.path.isdir(state_dir):
-                try:
+                with contextlib.suppress(CheckpointNotFoundError):
                     aptckpt.delete(state_dir)
-                except CheckpointNotFoundError:
-                    pass
             os.makedirs(output_dir, exist_ok=True)
             self._save_pretrained_files(output_dir)
 
@@ -291,13 +290,14 @@ class AptckptTrainerMixin(_TrainerBase):
 
         if not self.args.should_save:
             return
+        stateful: Any = self.state.stateful_callbacks  # a dict by the time a save runs
         for callback in [*self.callback_handler.callbacks, self.control]:
             if isinstance(callback, ExportableState):
                 name = callback.__class__.__name__
-                if isinstance(self.state.stateful_callbacks[name], list):
-                    self.state.stateful_callbacks[name].append(callback.state())
+                if isinstance(stateful[name], list):
+                    stateful[name].append(callback.state())
                 else:
-                    self.state.stateful_callbacks[name] = callback.state()
+                    stateful[name] = callback.state()
         self.state.save_to_json(os.path.join(output_dir, TRAINER_STATE_NAME))
 
         options = dict(self.aptckpt_options)
@@ -337,20 +337,22 @@ class AptckptTrainerMixin(_TrainerBase):
             config.save_pretrained(output_dir)
             if model.can_generate() and model.generation_config is not None:
                 model.generation_config.save_pretrained(output_dir)
-        processor = self.processing_class
-        if processor is None and getattr(self.data_collator, "tokenizer", None) is not None:
-            processor = self.data_collator.tokenizer  # type: ignore[union-attr]
+        processor: Any = self.processing_class
+        if processor is None:  # as Trainer._save: the collator's tokenizer then
+            processor = getattr(self.data_collator, "tokenizer", None)
         if processor is not None:
             processor.save_pretrained(output_dir)
         with open(os.path.join(output_dir, TRAINING_ARGS_NAME), "w", encoding="utf-8") as f:
-            f.write(self.args.to_json_string())
+            # HF's own JSON of the arguments; it masks every *_token value.
+            f.write(self.args.to_json_string())  # type: ignore[no-untyped-call]
 
     def _training_state(self) -> dict[str, Any]:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         state: dict[str, Any] = {"model": model.state_dict()}
         if not self.args.save_only_model:
-            state["optimizer"] = self.optimizer.state_dict()
-            state["scheduler"] = self.lr_scheduler.state_dict()
+            optimizer, scheduler = self.optimizer, self.lr_scheduler  # both set by train()
+            state["optimizer"] = optimizer.state_dict() if optimizer is not None else None
+            state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
             scaler = getattr(self.accelerator, "scaler", None)
             state["scaler"] = scaler.state_dict() if scaler is not None else None
             state["rng"] = capture_rng()
@@ -358,7 +360,7 @@ class AptckptTrainerMixin(_TrainerBase):
 
     # ------------------------------------------------------------------ load
 
-    def train(  # type: ignore[override]
+    def train(
         self,
         resume_from_checkpoint: str | bool | None = None,
         trial: Any = None,
@@ -372,10 +374,11 @@ class AptckptTrainerMixin(_TrainerBase):
             CheckpointNotFoundError: no complete checkpoint to resume from, naming why.
         """
         if resume_from_checkpoint is True:
-            found = last_checkpoint(self.args.output_dir)
+            output_dir = self.args.output_dir or "."
+            found = last_checkpoint(output_dir)
             if found is None:
                 raise CheckpointNotFoundError(
-                    self.args.output_dir,
+                    output_dir,
                     "no complete checkpoint-N to resume from; train without "
                     "resume_from_checkpoint to start afresh",
                 )
@@ -415,18 +418,32 @@ class AptckptTrainerMixin(_TrainerBase):
         if checkpoint_kind(resume_from_checkpoint) != "aptckpt":
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
-        self._load_weights(resume_from_checkpoint, model if model is not None else self.model)
+        self._load_weights(resume_from_checkpoint, model)
 
-    def _load_weights(self, checkpoint: str, model: nn.Module) -> None:
+    def _load_weights(self, checkpoint: str, model: nn.Module | None) -> None:
+        """Fill ``model`` (default: the trainer's) in place; tied weights stay tied."""
+        target = model if model is not None else self.model
+        assert target is not None  # Trainer.__init__ refuses a trainer without one
         weights = self._saved(checkpoint, "model")["model"]
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as err:
+        where = os.path.join(checkpoint, STATE_DIR)
+        expected, saved = set(target.state_dict()), set(weights)
+        missing, unexpected = tuple(sorted(expected - saved)), tuple(sorted(saved - expected))
+        if missing or unexpected:
             raise IntoMismatchError(
-                f"the model saved in {os.path.join(checkpoint, STATE_DIR)} does not fit this "
-                f"model ({err}); build the model from the checkpoint's config.json",
-                missing_keys=(),
-                unexpected_keys=(),
+                f"the model saved in {where} does not fit this model: missing "
+                f"{list(missing[:5])}, unexpected {list(unexpected[:5])}; build the model "
+                "from the checkpoint's config.json",
+                missing=missing,
+                unexpected=unexpected,
+            )
+        try:
+            target.load_state_dict(weights)
+        except RuntimeError as err:  # shapes
+            raise IntoMismatchError(
+                f"the model saved in {where} does not fit this model ({err}); build the "
+                "model from the checkpoint's config.json",
+                missing=(),
+                unexpected=(),
             ) from err
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -434,9 +451,10 @@ class AptckptTrainerMixin(_TrainerBase):
             super()._load_optimizer_and_scheduler(checkpoint)
             return
         parts = self._saved(checkpoint, "optimizer", "scheduler")
-        if "optimizer" in parts:  # absent with save_only_model, as HF's files are
+        # none with save_only_model (nor HF's files then)
+        if parts.get("optimizer") is not None and self.optimizer is not None:
             self.optimizer.load_state_dict(parts["optimizer"])
-        if "scheduler" in parts:
+        if parts.get("scheduler") is not None and self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(parts["scheduler"])
 
     def _load_scaler(self, checkpoint: str | None) -> None:
@@ -462,7 +480,7 @@ class AptckptTrainerMixin(_TrainerBase):
             super()._load_best_model()
             return
         log.info("loading the best model from %s (score %s)", best, self.state.best_metric)
-        self._load_weights(best, self.model)
+        self._load_weights(best, None)
 
 
 class AptckptTrainer(AptckptTrainerMixin, Trainer):
