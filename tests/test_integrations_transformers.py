@@ -255,21 +255,40 @@ def test_export_pretrained_gives_a_from_pretrained_directory(
 # ----------------------------------------------------------------- incomplete, damaged, foreign
 
 
-def test_incomplete_checkpoint_is_skipped_and_refused(tmp_path: Path, uninterrupted: Any) -> None:
+def test_interrupted_save_is_skipped_refused_and_cleaned_up(
+    tmp_path: Path, uninterrupted: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import shutil
 
+    straight_dir, straight, _ = uninterrupted
     out = tmp_path / "run"
-    shutil.copytree(uninterrupted[0], out)
-    # a save killed after its side files, before the aptckpt commit
-    partial = out / "checkpoint-10"
-    shutil.copytree(out / "checkpoint-8", partial, ignore=shutil.ignore_patterns("aptckpt"))
-    (partial / "aptckpt").mkdir()
+    shutil.copytree(straight_dir, out)
+    shutil.rmtree(out / "checkpoint-8")
+
+    # the save of step 8 dies after HF's side files, before the aptckpt commit
+    def dies(*args: Any, **kwargs: Any) -> Any:
+        raise aptckpt.WriteError("disk gone")
+
+    monkeypatch.setattr(aptckpt, "save", dies)
+    with pytest.raises(aptckpt.WriteError):
+        trainer(out).train(resume_from_checkpoint=str(out / "checkpoint-6"))
+    monkeypatch.undo()
+    partial = out / "checkpoint-8"
+    assert (partial / "trainer_state.json").is_file() and (partial / "config.json").is_file()
     assert hf.checkpoint_kind(partial) is None
-    assert hf.last_checkpoint(out) == str(out / "checkpoint-8")
-    t = trainer(out)
-    with pytest.raises(aptckpt.CheckpointNotFoundError, match="checkpoint-10") as err:
-        t.train(resume_from_checkpoint=str(partial))
+    assert hf.last_checkpoint(out) == str(out / "checkpoint-6")
+    with pytest.raises(aptckpt.CheckpointNotFoundError, match="checkpoint-8") as err:
+        trainer(out).train(resume_from_checkpoint=str(partial))
     assert "interrupted" in str(err.value)
+    # a newer one, left by an older kill: HF's rotation alone would keep it and
+    # delete complete checkpoints
+    shutil.copytree(partial, out / "checkpoint-10")
+
+    resumed = trainer(out, save_total_limit=1)
+    resumed.train(resume_from_checkpoint=True)  # from checkpoint-6, the newest complete
+    _assert_equal(_states(resumed), straight)
+    assert _checkpoints(out) == ["checkpoint-8"]
+    assert hf.checkpoint_kind(out / "checkpoint-8") == "aptckpt"
     with pytest.raises(aptckpt.CheckpointNotFoundError, match="empty"):
         trainer(tmp_path / "empty").train(resume_from_checkpoint=True)
 

@@ -60,6 +60,7 @@ import inspect as _inspect
 import logging
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -200,10 +201,16 @@ def last_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def _interrupted(path: str) -> bool:
+    """A ``checkpoint-N`` an aptckpt save began (its side files are written first, with
+    ``training_args.json``) and never committed."""
+    return os.path.isfile(os.path.join(path, TRAINING_ARGS_NAME)) and checkpoint_kind(path) is None
+
+
 def _incomplete(path: str) -> CheckpointNotFoundError:
     if not os.path.isdir(path):
         reason = "no such directory"
-    elif os.path.isdir(os.path.join(path, STATE_DIR)):
+    elif _interrupted(path):
         reason = (
             f"its {STATE_DIR}/ holds no committed checkpoint (the save was interrupted); "
             "resume from an earlier checkpoint-N, or pass resume_from_checkpoint=True for "
@@ -317,6 +324,7 @@ class AptckptTrainerMixin(_TrainerBase):
 
         if self.args.push_to_hub:
             self._push_from_checkpoint(output_dir)
+        self._remove_interrupted(run_dir)
         rotate_checkpoints(
             output_dir=run_dir,
             save_total_limit=self.args.save_total_limit,
@@ -325,6 +333,17 @@ class AptckptTrainerMixin(_TrainerBase):
         )
         if self.aptckpt_backend == "delta" and "store" not in self.aptckpt_options:
             aptckpt.collect_garbage(os.path.join(run_dir, STORE_DIR))
+
+    def _remove_interrupted(self, run_dir: str) -> None:
+        """Remove the ``checkpoint-M`` whose aptckpt save was interrupted (a killed run):
+        HF's rotation would count them, and keep the newest of them as "the checkpoint to
+        resume from" while deleting complete ones. Directories aptckpt did not begin are
+        left to HF's rotation, as before."""
+        for name in os.listdir(run_dir):
+            path = os.path.join(run_dir, name)
+            if _CHECKPOINT_RE.match(name) and os.path.isdir(path) and _interrupted(path):
+                log.warning("removing %s: its save was interrupted", path)
+                shutil.rmtree(path, ignore_errors=True)
 
     def _save_pretrained_files(self, output_dir: str) -> None:
         """What ``save_pretrained`` writes besides the weights: config, generation
