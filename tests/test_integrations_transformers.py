@@ -250,6 +250,17 @@ def test_export_pretrained_gives_a_from_pretrained_directory(
     with aptckpt.open(ckpt / "aptckpt") as view:
         _assert_equal(loaded.state_dict(), view.get("model"))
     assert AutoTokenizer.from_pretrained(target)("w3")["input_ids"] == [5]
+    assert not (Path(target) / "trainer_state.json").exists()
+
+
+def test_save_model_exports_without_pickles(tmp_path: Path, uninterrupted: Any) -> None:
+    t = trainer(tmp_path / "run")
+    t.save_model(str(tmp_path / "final"))
+    final = tmp_path / "final"
+    assert (final / "model.safetensors").is_file() and (final / "training_args.json").is_file()
+    assert not (final / "training_args.bin").exists()
+    loaded = GPT2LMHeadModel.from_pretrained(final)
+    _assert_equal(loaded.state_dict(), t.model.state_dict())
 
 
 # ----------------------------------------------------------------- incomplete, damaged, foreign

@@ -37,10 +37,10 @@ built, and a version that moved them is refused with :class:`IntegrationError`.
 
 ``training_args.bin`` (a pickle of ``TrainingArguments``, which ``Trainer`` never
 reads back) is replaced by ``training_args.json``: the same arguments, readable
-without running code. ``trainer.save_model(dir)`` -- the export a user asks for --
-is left as HF made it (``model.safetensors``), since that is what the Hub and
-``from_pretrained`` read; :func:`export_pretrained` turns a checkpoint into such a
-directory.
+without running code, in checkpoints and in ``trainer.save_model(dir)``. That
+export otherwise stays HF's (``model.safetensors``, config, tokenizer), since that
+is what the Hub and ``from_pretrained`` read; :func:`export_pretrained` turns a
+checkpoint into such a directory.
 
 Retention stays HF's: ``save_total_limit`` keeps the newest checkpoints (and the
 best one, ``metric_for_best_model``) by HF's ``rotate_checkpoints``, which this
@@ -131,6 +131,7 @@ _TRAINER_API: dict[str, tuple[str, ...]] = {
     "_push_from_checkpoint": ("checkpoint_folder",),
     "_issue_warnings_after_load": ("load_result",),
     "store_flos": (),
+    "_save": ("output_dir", "state_dict"),
     "train": ("resume_from_checkpoint", "trial", "ignore_keys_for_eval"),
 }
 _TESTED = "5.25"
@@ -216,11 +217,10 @@ def _incomplete(path: str) -> CheckpointNotFoundError:
             "resume from an earlier checkpoint-N, or pass resume_from_checkpoint=True for "
             "the newest complete one"
         )
+    elif not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+        reason = f"it has no {TRAINER_STATE_NAME}, which every Trainer checkpoint-N has"
     else:
-        reason = (
-            f"neither an aptckpt checkpoint ({STATE_DIR}/) nor HF's model files with "
-            f"{TRAINER_STATE_NAME} are in it"
-        )
+        reason = f"neither an aptckpt checkpoint ({STATE_DIR}/) nor HF's model files are in it"
     return CheckpointNotFoundError(path, reason)
 
 
@@ -344,6 +344,22 @@ class AptckptTrainerMixin(_TrainerBase):
             if _CHECKPOINT_RE.match(name) and os.path.isdir(path) and _interrupted(path):
                 log.warning("removing %s: its save was interrupted", path)
                 shutil.rmtree(path, ignore_errors=True)
+
+    def _save(
+        self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None
+    ) -> None:
+        """``trainer.save_model(dir)``, the export: HF's ``save_pretrained`` layout
+        (``model.safetensors``, config, tokenizer), with ``training_args.json`` in place of
+        the pickled ``training_args.bin``."""
+        super()._save(output_dir, state_dict)
+        target = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save or target is None:
+            return
+        pickled = os.path.join(target, "training_args.bin")
+        if os.path.isfile(pickled):
+            os.remove(pickled)
+        with open(os.path.join(target, TRAINING_ARGS_NAME), "w", encoding="utf-8") as f:
+            f.write(self.args.to_json_string())  # type: ignore[no-untyped-call]
 
     def _save_pretrained_files(self, output_dir: str) -> None:
         """What ``save_pretrained`` writes besides the weights: config, generation
@@ -538,10 +554,15 @@ def export_pretrained(
     with aptckpt.open(os.path.join(source, STATE_DIR)) as view:
         model.load_state_dict(view.get("model"))
     model.save_pretrained(target)
-    for name in os.listdir(source):
-        if name.startswith("tokenizer") or name in ("special_tokens_map.json", "vocab.json"):
-            with open(os.path.join(source, name), "rb") as src:
-                data = src.read()
-            with open(os.path.join(target, name), "wb") as dst:
-                dst.write(data)
+    # The rest of the side files are what the tokenizer/processor wrote (vocabularies,
+    # merges, templates, preprocessor configs): copied as they are.
+    own = {"config.json", "generation_config.json", TRAINER_STATE_NAME, TRAINING_ARGS_NAME}
+    for name in sorted(os.listdir(source)):
+        path = os.path.join(source, name)
+        if name in own or not os.path.isfile(path) or os.path.islink(path):
+            continue
+        with open(path, "rb") as src:
+            data = src.read()
+        with open(os.path.join(target, name), "wb") as dst:
+            dst.write(data)
     return target
