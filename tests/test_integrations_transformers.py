@@ -304,6 +304,21 @@ def test_interrupted_save_is_skipped_refused_and_cleaned_up(
         trainer(tmp_path / "empty").train(resume_from_checkpoint=True)
 
 
+def test_directories_that_are_no_checkpoint_are_refused_naming_why(tmp_path: Path) -> None:
+    t = trainer(tmp_path / "run")
+    stateless = tmp_path / "run" / "checkpoint-2"
+    stateless.mkdir(parents=True)
+    (stateless / "model.safetensors").write_bytes(b"")
+    with pytest.raises(aptckpt.CheckpointNotFoundError, match=r"no trainer_state\.json"):
+        t.train(resume_from_checkpoint=str(stateless))
+    (stateless / "model.safetensors").unlink()
+    (stateless / "trainer_state.json").write_text("{}")
+    with pytest.raises(aptckpt.CheckpointNotFoundError, match="neither an aptckpt checkpoint"):
+        t.train(resume_from_checkpoint=str(stateless))
+    with pytest.raises(aptckpt.CheckpointNotFoundError, match="no such directory"):
+        t.train(resume_from_checkpoint=str(tmp_path / "absent"))
+
+
 def test_damaged_checkpoint_raises_integrity_error_naming_it(
     tmp_path: Path, uninterrupted: Any
 ) -> None:

@@ -278,12 +278,15 @@ class AptckptTrainerMixin(_TrainerBase):
         output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         state_dir = os.path.join(output_dir, STATE_DIR)
         if self.args.should_save:
-            # Saving a step again (a run resumed from an earlier checkpoint): the old
-            # commit goes first, so that a kill below never leaves it beside new files.
+            # Saving a step again (a run resumed from an earlier checkpoint) replaces it:
+            # its commit goes first (atomically), then the rest, so that a kill below
+            # never leaves old weights beside new side files.
             if os.path.isdir(state_dir):
                 with contextlib.suppress(CheckpointNotFoundError):
                     aptckpt.delete(state_dir)
-            os.makedirs(output_dir, exist_ok=True)
+            if os.path.isdir(output_dir):
+                shutil.rmtree(output_dir)
+            os.makedirs(output_dir)
             self._save_pretrained_files(output_dir)
 
         # Best-model bookkeeping, as Trainer._save_checkpoint does it.
