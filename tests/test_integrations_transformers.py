@@ -215,6 +215,22 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path: Path, uninterrupt
     _no_pickles(out)
 
 
+def test_the_comparison_is_sensitive_to_the_rng(
+    tmp_path: Path, uninterrupted: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Control: the same resume without restoring the RNG states ends elsewhere (dropout
+    draws differ), so the equality above is not a foregone conclusion."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], out)
+    monkeypatch.setattr(hf, "restore_rng", lambda state: None)
+    resumed = trainer(out)
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-6"))
+    final, straight = resumed.model.state_dict(), uninterrupted[1]["model"]
+    assert not torch.equal(final["transformer.wte.weight"], straight["transformer.wte.weight"])
+
+
 def test_checkpoint_layout_is_what_hf_tools_read(uninterrupted: Any) -> None:
     out = uninterrupted[0]
     ckpt = out / "checkpoint-8"
