@@ -222,6 +222,8 @@ def test_automatic_naming_keeps_total_limit_and_loads_the_newest(tmp_path: Path)
     acc2, *_ = _setup(project_config=config2)
     loaded = load_state(acc2)
     assert loaded.path.endswith("checkpoint_2") and loaded.extra == {"n": 3}
+    save_state(acc2)  # follows the loaded one
+    assert (tmp_path / "checkpoints" / "checkpoint_3" / "manifest.msgpack").is_file()
 
 
 def test_object_store_round_trip(s3_url: str, s3_options: dict[str, Any]) -> None:

@@ -42,7 +42,8 @@ for incremental saves), and ``output_dir`` may be a URL (``s3://bucket/run/step-
 with ``storage_options``). ``output_dir=None`` follows Accelerate's automatic naming
 (``ProjectConfiguration(automatic_checkpoint_naming=True)``: ``checkpoints/checkpoint_<i>``
 in the project directory, at most ``total_limit`` kept; ``load_state(accelerator)``
-takes the newest committed one).
+takes the newest committed one, and the next save follows it instead of colliding
+with ``checkpoint_0`` as a fresh Accelerator's would).
 
 Supported: one process (CPU, one GPU, mixed precision). FSDP, DeepSpeed,
 Megatron-LM, XLA and multi-process runs are refused with :class:`IntegrationError`.
@@ -249,6 +250,7 @@ def save_state(
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": capture_rng(),
         "step": int(accelerator.step),
+        "iteration": int(accelerator.save_iteration),
         "custom": [obj.state_dict() for obj in accelerator._custom_objects],
         "extra": dict(extra or {}),
     }
@@ -261,8 +263,8 @@ def save_state(
         metadata={"framework": "accelerate", "accelerate_version": accelerate.__version__},
         **options,
     )
+    accelerator.project_configuration.iteration += 1  # as accelerator.save_state does
     if automatic:
-        accelerator.project_configuration.iteration += 1
         limit = accelerator.project_configuration.total_limit
         if limit is not None and limit > 0:
             committed = _named(folder)
@@ -356,4 +358,8 @@ def load_state(
         obj.load_state_dict(saved)
     restore_rng(state["rng"])
     accelerator.step = int(state["step"])
+    config = accelerator.project_configuration
+    if config.automatic_checkpoint_naming and isinstance(state.get("iteration"), int):
+        # The next automatic save follows the loaded one instead of colliding with it.
+        config.iteration = max(config.iteration, state["iteration"] + 1)
     return LoadedState(path=path, step=int(state["step"]), extra=dict(state.get("extra") or {}))
