@@ -25,6 +25,9 @@ from torch import nn
 import aptckpt
 from aptckpt.integrations.accelerate import load_state, save_state
 
+# Above the API: the reads and hashes it uses are covered in both runs elsewhere.
+pytestmark = pytest.mark.core_independent
+
 
 class TinyLM(nn.Module):
     def __init__(self, vocab: int = 37, width: int = 16) -> None:

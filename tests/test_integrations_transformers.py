@@ -25,6 +25,9 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+# Above the API: the reads and hashes it uses are covered in both runs elsewhere.
+pytestmark = pytest.mark.core_independent
+
 import torch  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import (  # noqa: E402
