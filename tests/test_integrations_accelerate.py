@@ -158,6 +158,19 @@ def test_round_trip_restores_everything_and_training_continues_identically(tmp_p
     assert saved["models"][0]["head.weight"] is saved["models"][0]["embed.weight"]
 
 
+def test_grad_scaler_state_round_trips(tmp_path: Path) -> None:
+    acc, *_ = _setup()
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=7)
+    acc.scaler.scale(torch.ones(()))  # makes its scale tensor
+    acc.scaler.update(new_scale=123.0)
+    saved = acc.scaler.state_dict()
+    save_state(acc, tmp_path / "c")
+    acc2, *_ = _setup()
+    acc2.scaler = torch.amp.GradScaler("cpu")
+    load_state(acc2, tmp_path / "c")
+    assert acc2.scaler.state_dict() == saved and saved["scale"] == 123.0
+
+
 def test_save_pre_hook_takes_over_and_damage_is_named(tmp_path: Path) -> None:
     acc, *_ = _setup()
     seen: list[str] = []
