@@ -81,6 +81,18 @@ from aptckpt.errors import (
     IntegrationError,
     IntoMismatchError,
 )
+from aptckpt.integrations._hf_checkpoints import (
+    CHECKPOINT_RE,
+    STATE_DIR,
+    STORE_DIR,
+    TRAINER_STATE_NAME,
+    TRAINING_ARGS_NAME,
+    checkpoint_kind,
+    export_pretrained,
+    incomplete,
+    interrupted,
+    last_checkpoint,
+)
 from aptckpt.training_state import capture_rng, restore_rng
 
 if TYPE_CHECKING:
@@ -102,23 +114,6 @@ __all__ = [
 
 log = logging.getLogger("aptckpt")
 
-#: The aptckpt checkpoint inside ``checkpoint-N/``.
-STATE_DIR = "aptckpt"
-#: The training arguments as JSON, in place of HF's pickled ``training_args.bin``.
-TRAINING_ARGS_NAME = "training_args.json"
-TRAINER_STATE_NAME = "trainer_state.json"
-STORE_DIR = "aptckpt-store"
-
-_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-# What HF's own loader accepts as a model in a checkpoint directory.
-_HF_WEIGHTS = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-)
 # The Trainer methods overridden or called, with the parameters relied on.
 _TRAINER_API: dict[str, tuple[str, ...]] = {
     "_save_checkpoint": ("model", "trial"),
@@ -159,69 +154,6 @@ def _check_transformers() -> None:
             f"tested version (pip install 'transformers>=5,<6') or save with the plain Trainer.",
             framework="transformers",
         )
-
-
-def checkpoint_kind(checkpoint_dir: str | os.PathLike[str]) -> str | None:
-    """What ``checkpoint_dir`` holds: ``"aptckpt"`` (a committed aptckpt checkpoint
-    and ``trainer_state.json``), ``"hf"`` (HF's own weights and ``trainer_state.json``),
-    or ``None`` (nothing resumable: absent, or a save that was interrupted)."""
-    path = os.fspath(checkpoint_dir)
-    if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
-        return None
-    try:
-        aptckpt.inspect(os.path.join(path, STATE_DIR))
-    except CheckpointNotFoundError:
-        pass
-    else:
-        return "aptckpt"
-    if any(os.path.isfile(os.path.join(path, name)) for name in _HF_WEIGHTS):
-        return "hf"
-    return None
-
-
-def last_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
-    """The newest complete ``checkpoint-N`` in ``output_dir`` (what
-    ``resume_from_checkpoint=True`` resumes from), or None.
-
-    Like HF's ``get_last_checkpoint``, but a ``checkpoint-N`` a killed save left
-    incomplete is skipped (with a warning) for the newest one before it.
-    """
-    folder = os.fspath(output_dir)
-    if not os.path.isdir(folder):
-        return None
-    steps = []
-    for name in os.listdir(folder):
-        match = _CHECKPOINT_RE.match(name)
-        if match is not None and os.path.isdir(os.path.join(folder, name)):
-            steps.append((int(match.group(1)), name))
-    for _, name in sorted(steps, reverse=True):
-        path = os.path.join(folder, name)
-        if checkpoint_kind(path) is not None:
-            return path
-        log.warning("skipping %s: incomplete (its save was interrupted)", path)
-    return None
-
-
-def _interrupted(path: str) -> bool:
-    """A ``checkpoint-N`` an aptckpt save began (its side files are written first, with
-    ``training_args.json``) and never committed."""
-    return os.path.isfile(os.path.join(path, TRAINING_ARGS_NAME)) and checkpoint_kind(path) is None
-
-
-def _incomplete(path: str) -> CheckpointNotFoundError:
-    if not os.path.isdir(path):
-        reason = "no such directory"
-    elif _interrupted(path):
-        reason = (
-            f"its {STATE_DIR}/ holds no committed checkpoint (the save was interrupted); "
-            "resume from an earlier checkpoint-N, or pass resume_from_checkpoint=True for "
-            "the newest complete one"
-        )
-    elif not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
-        reason = f"it has no {TRAINER_STATE_NAME}, which every Trainer checkpoint-N has"
-    else:
-        reason = f"neither an aptckpt checkpoint ({STATE_DIR}/) nor HF's model files are in it"
-    return CheckpointNotFoundError(path, reason)
 
 
 class AptckptTrainerMixin(_TrainerBase):
@@ -344,7 +276,7 @@ class AptckptTrainerMixin(_TrainerBase):
         left to HF's rotation, as before."""
         for name in os.listdir(run_dir):
             path = os.path.join(run_dir, name)
-            if _CHECKPOINT_RE.match(name) and os.path.isdir(path) and _interrupted(path):
+            if CHECKPOINT_RE.match(name) and os.path.isdir(path) and interrupted(path):
                 log.warning("removing %s: its save was interrupted", path)
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -366,7 +298,11 @@ class AptckptTrainerMixin(_TrainerBase):
 
     def _save_pretrained_files(self, output_dir: str) -> None:
         """What ``save_pretrained`` writes besides the weights: config, generation
-        config, the tokenizer/processor, and the arguments as JSON."""
+        config, the tokenizer/processor, and the arguments as JSON -- those first, as
+        the mark of a directory an aptckpt save began (see ``interrupted``)."""
+        with open(os.path.join(output_dir, TRAINING_ARGS_NAME), "w", encoding="utf-8") as f:
+            # HF's own JSON of the arguments; it masks every *_token value.
+            f.write(self.args.to_json_string())  # type: ignore[no-untyped-call]
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         config = getattr(model, "config", None)
         if isinstance(model, transformers.PreTrainedModel) and config is not None:
@@ -380,9 +316,6 @@ class AptckptTrainerMixin(_TrainerBase):
             processor = getattr(self.data_collator, "tokenizer", None)
         if processor is not None:
             processor.save_pretrained(output_dir)
-        with open(os.path.join(output_dir, TRAINING_ARGS_NAME), "w", encoding="utf-8") as f:
-            # HF's own JSON of the arguments; it masks every *_token value.
-            f.write(self.args.to_json_string())  # type: ignore[no-untyped-call]
 
     def _training_state(self) -> dict[str, Any]:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -424,7 +357,7 @@ class AptckptTrainerMixin(_TrainerBase):
         elif resume_from_checkpoint not in (None, False):
             path = os.fspath(resume_from_checkpoint)  # type: ignore[arg-type]
             if checkpoint_kind(path) is None:
-                raise _incomplete(path)
+                raise incomplete(path)
             resume_from_checkpoint = path
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint,
@@ -524,48 +457,3 @@ class AptckptTrainerMixin(_TrainerBase):
 class AptckptTrainer(AptckptTrainerMixin, Trainer):
     """``transformers.Trainer`` whose ``checkpoint-N/`` are aptckpt checkpoints
     (see :mod:`aptckpt.integrations.transformers`)."""
-
-
-def export_pretrained(
-    checkpoint_dir: str | os.PathLike[str],
-    output_dir: str | os.PathLike[str],
-) -> str:
-    """Write a ``from_pretrained`` directory (config, generation config, tokenizer and
-    ``model.safetensors``) from an aptckpt ``checkpoint-N``, for the Hub or for tools
-    that read HF's layout. The model class is the one ``config.json`` names.
-
-    Returns:
-        ``output_dir``.
-
-    Raises:
-        CheckpointNotFoundError: ``checkpoint_dir`` holds no committed aptckpt checkpoint.
-        IntegrityError: its data is damaged.
-    """
-    source, target = os.fspath(checkpoint_dir), os.fspath(output_dir)
-    if checkpoint_kind(source) != "aptckpt":
-        raise _incomplete(source)
-    config = transformers.AutoConfig.from_pretrained(source)
-    names = list(getattr(config, "architectures", None) or [])
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None:
-        raise IntegrationError(
-            f"{os.path.join(source, 'config.json')} names no model class transformers has "
-            f"(architectures={names}); load the weights with aptckpt.load(..., keys=['model'])",
-            framework="transformers",
-        )
-    model = cls(config)
-    with aptckpt.open(os.path.join(source, STATE_DIR)) as view:
-        model.load_state_dict(view.get("model"))
-    model.save_pretrained(target)
-    # The rest of the side files are what the tokenizer/processor wrote (vocabularies,
-    # merges, templates, preprocessor configs): copied as they are.
-    own = {"config.json", "generation_config.json", TRAINER_STATE_NAME, TRAINING_ARGS_NAME}
-    for name in sorted(os.listdir(source)):
-        path = os.path.join(source, name)
-        if name in own or not os.path.isfile(path) or os.path.islink(path):
-            continue
-        with open(path, "rb") as src:
-            data = src.read()
-        with open(os.path.join(target, name), "wb") as dst:
-            dst.write(data)
-    return target
