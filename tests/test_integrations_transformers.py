@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,8 +224,6 @@ def test_the_comparison_is_sensitive_to_the_rng(
 ) -> None:
     """Control: the same resume without restoring the RNG states ends elsewhere (dropout
     draws differ), so the equality above is not a foregone conclusion."""
-    import shutil
-
     out = tmp_path / "run"
     shutil.copytree(uninterrupted[0], out)
     monkeypatch.setattr(hf, "restore_rng", lambda state: None)
@@ -288,8 +287,6 @@ def test_save_model_exports_without_pickles(tmp_path: Path, uninterrupted: Any) 
 def test_interrupted_save_is_skipped_refused_and_cleaned_up(
     tmp_path: Path, uninterrupted: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import shutil
-
     straight_dir, straight, _ = uninterrupted
     out = tmp_path / "run"
     shutil.copytree(straight_dir, out)
@@ -341,8 +338,6 @@ def test_directories_that_are_no_checkpoint_are_refused_naming_why(tmp_path: Pat
 def test_damaged_checkpoint_raises_integrity_error_naming_it(
     tmp_path: Path, uninterrupted: Any
 ) -> None:
-    import shutil
-
     out = tmp_path / "run"
     shutil.copytree(uninterrupted[0], out)
     state_dir = out / "checkpoint-8" / "aptckpt"
@@ -358,8 +353,6 @@ def test_damaged_checkpoint_raises_integrity_error_naming_it(
 
 
 def test_altered_trainer_state_is_refused(tmp_path: Path, uninterrupted: Any) -> None:
-    import shutil
-
     out = tmp_path / "run"
     shutil.copytree(uninterrupted[0], out)
     state_file = out / "checkpoint-8" / "trainer_state.json"
