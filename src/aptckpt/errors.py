@@ -21,6 +21,7 @@ __all__ = [
     "CollectiveError",
     "DeviceUnavailableError",
     "FormatError",
+    "IntegrationError",
     "IntegrityError",
     "IntoMismatchError",
     "InvalidNameError",
@@ -340,4 +341,18 @@ class ReplicaDivergenceError(CollectiveError):
     def __init__(self, message: str, *, key_path: str, groups: list[tuple[int, ...]]) -> None:
         self.key_path = key_path
         self.groups = groups
+        super().__init__(message)
+
+
+class IntegrationError(AptckptError, RuntimeError):
+    """A trainer framework's version or set-up that an integration
+    (:mod:`aptckpt.integrations`) cannot serve: the message names the framework,
+    what was found and what to change.
+
+    Attributes:
+        framework: the framework's package name (``"transformers"``, ``"accelerate"``, ...).
+    """
+
+    def __init__(self, message: str, *, framework: str) -> None:
+        self.framework = framework
         super().__init__(message)
