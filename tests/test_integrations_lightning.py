@@ -407,6 +407,16 @@ def test_hostile_conversion_tables_are_refused(table: Any, match: str) -> None:
         values.decode(state)
 
 
+def test_an_omegaconf_config_without_omegaconf_installed_names_the_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "omegaconf", None)  # import omegaconf fails
+    table = {"version": 1, "types": [[["hyper_parameters"], "DictConfig"]]}
+    with pytest.raises(aptckpt.IntegrationError, match="pip install omegaconf") as caught:
+        values.decode({"hyper_parameters": {"lr": 1}, "aptckpt:lightning": table})
+    assert caught.value.framework == "omegaconf"
+
+
 def test_a_loaded_state_that_is_no_dict_is_refused() -> None:
     with pytest.raises(aptckpt.FormatError, match="not saved by Lightning"):
         values.decode([1, 2])  # type: ignore[arg-type]

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from aptckpt.errors import AptckptError, FormatError, UnsupportedObjectError
+from aptckpt.errors import FormatError, IntegrationError, UnsupportedObjectError
 
-__all__ = ["TABLE_KEY", "MissingDependencyError", "decode", "encode", "refusal"]
+__all__ = ["TABLE_KEY", "decode", "encode", "refusal"]
 
 #: The reserved top-level key of the stored state that holds the table of conversions.
 TABLE_KEY = "aptckpt:lightning"
@@ -64,10 +64,6 @@ _HINT = (
     "it in LightningModule.on_save_checkpoint(checkpoint) / Callback.state_dict() (and "
     "rebuild it in on_load_checkpoint)"
 )
-
-
-class MissingDependencyError(AptckptError, ImportError):
-    """A checkpoint holds an object of a package that is not installed (OmegaConf)."""
 
 
 def _qualname(kind: type) -> str:
@@ -220,9 +216,10 @@ def _load_type(name: str, where: str) -> type:
     try:
         loaded: type = getattr(importlib.import_module(module), attribute)
     except ImportError as err:
-        raise MissingDependencyError(
+        raise IntegrationError(
             f"{where} is a {attribute} of {package}, which is not installed; "
-            f"pip install {package} to load this checkpoint"
+            f"pip install {package} to load this checkpoint",
+            framework=package or module,
         ) from err
     return loaded
 
@@ -258,7 +255,7 @@ def decode(state: dict[str, Any]) -> dict[str, Any]:
 
     Raises:
         FormatError: the table is malformed or names a class that is never written.
-        MissingDependencyError: an OmegaConf config, without ``omegaconf`` installed.
+        IntegrationError: an OmegaConf config, without ``omegaconf`` installed.
     """
     if not isinstance(state, dict):
         raise FormatError(

@@ -88,13 +88,11 @@ else:
 __all__ = [
     "AptckptAsyncCheckpointIO",
     "AptckptCheckpointIO",
-    "MissingDependencyError",
     "find_last_checkpoint",
     "load_from_checkpoint",
 ]
 
 log = logging.getLogger("aptckpt")
-MissingDependencyError = values.MissingDependencyError
 
 #: Lightning's names of "last" checkpoints (``ModelCheckpoint.CHECKPOINT_NAME_LAST``).
 _LAST = re.compile(r"^last(-v\d+)?\.ckpt$")
