@@ -506,7 +506,7 @@ def test_objects_that_would_need_pickle_are_refused_naming_the_key_and_the_fix(
         plugin.save_checkpoint({"aptckpt:lightning": 1}, tmp_path / "bad.ckpt")
 
 
-def test_trainer_save_checkpoint_refuses_an_unstorable_hyper_parameter(
+def test_fit_refuses_an_unstorable_hyper_parameter_at_its_first_checkpoint(
     run: ModuleType, tmp_path: Path
 ) -> None:
     # the first checkpoint of the fit fails, naming the hyper-parameter
