@@ -16,7 +16,7 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install -c constraints.txt \
     "torch==2.13.0" numpy msgpack zstandard xxhash \
     "scikit-build-core>=0.10" "pybind11>=2.12" \
-    tqdm pytest hypothesis safetensors transformers accelerate "lightning>=2.4" matplotlib \
+    tqdm pytest hypothesis safetensors transformers accelerate "lightning>=2.4" omegaconf matplotlib \
     ruff mypy \
     "s3fs>=2024.6" "moto[server]>=5.0"
 # --no-build-isolation reuses the build tools above, and build/ keeps the C++ build

@@ -243,8 +243,13 @@ def _rebuild(kind: str, plain: Any, where: str) -> Any:
         expected = dict if kind == "DictConfig" else list
         if type(plain) is not expected:
             raise FormatError(f"{where}: a {kind} is recorded as a {expected.__name__}")
-        _load_type(f"omegaconf.{kind.lower()}.{kind}", where)  # installed?
         omegaconf = _omegaconf()
+        if omegaconf is None:
+            raise IntegrationError(
+                f"{where} is a {kind} of omegaconf, which is not installed; "
+                "pip install omegaconf to load this checkpoint",
+                framework="omegaconf",
+            )
         return omegaconf.OmegaConf.create(plain)
     raise FormatError(f"{where} records an unknown kind {kind!r}")
 
