@@ -274,6 +274,13 @@ class _Items:
             ) from err
 
 
+def _volume(sizes: tuple[int, ...]) -> int:
+    volume = 1
+    for n in sizes:
+        volume *= n
+    return volume
+
+
 def _chunks_cover(
     fqn: str,
     size: tuple[int, ...],
@@ -326,16 +333,23 @@ def _tensor(
     volume = 1
     for n in size:
         volume *= n
-    raw = [items.read(chunks.get(offsets), f"{fqn}@{list(offsets)}") for offsets, _ in boxes]
+    # An empty chunk holds nothing to read (and DCP keys records by offset only, so an
+    # empty chunk can share its record with the chunk that starts where it does).
+    raw = [
+        items.read(chunks.get(offsets), f"{fqn}@{list(offsets)}") if _volume(sizes) else None
+        for offsets, sizes in boxes
+    ]
     # Each item is a torch.save of its chunk: its bytes bound what the tensor can hold, so
     # a lying size cannot make us allocate more than the files hold.
     _need(
-        volume * dtype.itemsize <= sum(len(r) for r in raw),
+        volume * dtype.itemsize <= sum(len(r) for r in raw if r is not None),
         f"{fqn!r} claims {volume} elements of {dtype}, more than its items hold",
         folder,
     )
     out = torch.empty(size, dtype=dtype)
     for (offsets, sizes), data in zip(boxes, raw, strict=True):
+        if data is None:
+            continue
         part = items.load(data, fqn)
         _need(
             isinstance(part, torch.Tensor)
