@@ -35,7 +35,7 @@ import itertools
 import os
 import pickle
 import re
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -205,7 +205,7 @@ def _dtype(props: Any, fqn: str, folder: str) -> torch.dtype:
         f"{fqn!r} has layout {layout}; only strided tensors are read",
         folder,
     )
-    return dtype  # type: ignore[no-any-return]
+    return cast(torch.dtype, dtype)
 
 
 class _Items:
@@ -239,10 +239,11 @@ class _Items:
         path = os.path.join(folder, name)
         if name not in self._sizes:
             entry = LOCAL.info(os.path.realpath(path))
-            _need(
-                entry is not None and entry.kind == "file", f"data file {name} is missing", folder
-            )
-            assert entry is not None
+            if entry is None or entry.kind != "file":
+                raise FormatError(
+                    f"cannot import the DCP directory '{folder}': data file {name} is missing",
+                    path=folder,
+                )
             self._sizes[name] = entry.size
         size = self._sizes[name]
         _need(

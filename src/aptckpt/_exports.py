@@ -31,6 +31,7 @@ Every destination is local and published atomically (see
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -216,6 +217,7 @@ def _tensors_for_safetensors(
                 f"'{name}' overlaps '{storages[ident]}' (views of one storage, not the same "
                 "view); wrote it as a copy"
             )
+            t = t.clone(memory_format=torch.contiguous_format)
         elif t.numel():
             storages[ident] = name
         if t.numel():
@@ -336,9 +338,10 @@ def _hf_folder(
     written: list[str] = []
     size = 0
     for name, keys in zip(names, shards, strict=True):
-        part = {k: tensors[k] for k in keys}
         size += publish_file(
-            folder / name, lambda p, part=part: _st_write(part, metadata, p), overwrite=True
+            folder / name,
+            functools.partial(_st_write, {k: tensors[k] for k in keys}, metadata),
+            overwrite=True,
         )
         written.append(name)
     if n > 1:  # the index last: a reader finding it finds every shard it names
@@ -401,7 +404,8 @@ def _dcp_notes(state: Any) -> list[str]:
 
 
 def _dcp(state: Any, dst: Path, *, overwrite: bool) -> ExportInfo:
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     if not isinstance(state, Mapping):
         raise UnsupportedObjectError(
@@ -416,10 +420,10 @@ def _dcp(state: Any, dst: Path, *, overwrite: bool) -> ExportInfo:
     count = sum(1 for _, v in _dotted(plain) if isinstance(v, torch.Tensor))
 
     def write(folder: Path) -> None:
-        writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True)
+        writer = FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is not initialized": intended
-            dcp.save(plain, storage_writer=writer, no_dist=True)
+            dcp_save(plain, storage_writer=writer, no_dist=True)
 
     size = publish_dir(dst, write, overwrite=overwrite)
     files = tuple(sorted(e.name for e in LOCAL.list(str(dst)) if e.kind == "file"))

@@ -95,8 +95,9 @@ def read(path: str | os.PathLike[str], kind: str) -> tuple[Any, dict[str, Any] |
             ) from err
         return state, {"imported_from": "torch.save"}
     if kind == "safetensors":
+        tensors = _safetensors(p)  # validates the file first
         found = _safetensors_metadata(p)
-        state = _tie(_safetensors(p), found.get("safetensors_metadata", {}))
+        state = _tie(tensors, found.get("safetensors_metadata", {}))
         return state, {"imported_from": "safetensors", **found}
     if kind == "hf-sharded":
         return _hf_sharded(p), {"imported_from": "huggingface sharded safetensors"}
