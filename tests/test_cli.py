@@ -472,6 +472,29 @@ def test_convert_to_safetensors(capsys, tmp_path, ckpt):
     assert not (tmp_path / "c.st").exists()
 
 
+def test_convert_to_dcp_and_between_foreign_formats(capsys, tmp_path, ckpt):
+    dst = tmp_path / "dcp"
+    code, out, err = run(capsys, "convert", ckpt, dst, "--to", "dcp")
+    assert code == 0 and out.startswith(f"wrote {dst} (dcp, 5 tensors, ")
+    assert "DCP keeps no ties" in err and "non-string dict keys become strings" in err
+    code, out, _ = run(capsys, "convert", dst, tmp_path / "back")  # imported, unpickled never
+    assert code == 0 and out.startswith("imported ")
+    back = aptckpt.load(tmp_path / "back")
+    assert torch.equal(back["model"]["tied"], make_state()["model"]["w"])
+    assert back["opt"]["state"]["0"]["m"].tolist() == [0, 1, 2, 3, 4]
+    # foreign to foreign, no checkpoint between: DCP -> sharded safetensors directory
+    hf = tmp_path / "hf"
+    code, out, err = run(
+        capsys, "convert", dst, hf, "--to", "safetensors", "--max-shard-size", "200B"
+    )
+    assert code == 0 and ", 4 files)" in out, (out, err)
+    assert (hf / "model.safetensors.index.json").is_file()
+    code, _, err = run(capsys, "convert", ckpt, tmp_path / "o", "--select", "model")
+    assert code == 2 and "--select and --max-shard-size apply to exports" in err
+    code, _, err = run(capsys, "convert", ckpt, dst, "--to", "dcp")
+    assert code == 2 and "exists; pass --overwrite" in err
+
+
 def test_convert_to_safetensors_without_the_package(capsys, monkeypatch, tmp_path, ckpt):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import now fails
     code, _, err = run(capsys, "convert", ckpt, tmp_path / "m.st", "--to", "safetensors")
