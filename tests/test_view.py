@@ -16,6 +16,7 @@ BACKENDS = [
     ("zstd", {"codec": "none", "chunk_size": 1024}),
     ("torch", {}),
     ("delta", {"chunk_size": 1024, "local_below": 0}),
+    ("delta", {"chunk_size": 1024}),  # small tensors in the checkpoint's own shard
 ]
 W = torch.arange(4096 * 8, dtype=torch.float32).reshape(4096, 8)
 
@@ -117,6 +118,31 @@ def test_a_slice_reads_and_verifies_only_its_chunks(tmp_path: Path, options: Any
             view.get_slice("w")[-1]
         with pytest.raises(aptckpt.IntegrityError):
             view.get("w")
+
+
+def test_a_delta_slice_reads_only_its_objects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aptckpt.objectstore import ObjectStore
+
+    path = tmp_path / "run" / "ck"
+    aptckpt.save({"w": W, "b": torch.ones(3)}, path, backend="delta", chunk_size=1024)
+    read: list[bytes] = []
+    for name in ("read", "read_into"):
+        original = getattr(ObjectStore, name)
+
+        def counted(store: Any, digest: bytes, *args: Any, _original: Any = original) -> Any:
+            read.append(digest)
+            return _original(store, digest, *args)
+
+        monkeypatch.setattr(ObjectStore, name, counted)
+    with aptckpt.open(path) as view:
+        assert torch.equal(view.get_slice("w")[1023:1025], W[1023:1025])  # chunks 31 and 32
+        assert len(read) == 2
+        assert torch.equal(view.get("b"), torch.ones(3))  # the local shard: no object
+        assert len(read) == 2
+        assert torch.equal(view.get("w"), W)
+        assert len(read) == 2 + W.nbytes // 1024
 
 
 def test_open_on_object_storage_reads_ranges(memory_url: str) -> None:
