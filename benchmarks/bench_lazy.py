@@ -239,7 +239,9 @@ def main() -> None:
                     size = info.stored_bytes + info.manifest_bytes
                     print(f"{name} {where}: saved {fmt_bytes(size)} in {saved:.2f}s", flush=True)
                     for op, found in measure(path, options, state, args.reps).items():
-                        rows.append({"backend": name, "where": where, "op": op, "size": size, **found})
+                        rows.append(
+                            {"backend": name, "where": where, "op": op, "size": size, **found}
+                        )
                         print(f"  {op}: {found}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

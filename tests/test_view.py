@@ -153,6 +153,33 @@ def test_open_on_object_storage_reads_ranges(memory_url: str) -> None:
         assert view.get("n") == 1
 
 
+def test_a_slice_on_object_storage_fetches_its_chunks_not_a_window(
+    memory_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aptckpt.storage.remote import _store
+
+    url = f"{memory_url}/ck"
+    noisy = (torch.randn(4096, 8, generator=torch.Generator().manual_seed(0)) * 8).round()
+    aptckpt.save({"w": noisy}, url, chunk_size=1024)  # 128 compressed chunks, one shard
+    assert aptckpt.inspect(url).stored_bytes < noisy.nbytes * 0.9
+    fetched: list[int] = []
+    original = _store.Store.cat
+
+    def cat(store: Any, path: str, start: Any = None, end: Any = None) -> bytes:
+        data = original(store, path, start, end)
+        if "shard" in path:
+            fetched.append(len(data))
+        return data
+
+    monkeypatch.setattr(_store.Store, "cat", cat)
+    with aptckpt.open(url) as view:
+        assert torch.equal(view.get_slice("w")[1023:1025], noisy[1023:1025])  # two chunks
+        assert 0 < sum(fetched) <= 2 * 1024 and len(fetched) == 1  # those chunks, no more
+        fetched.clear()
+        assert torch.equal(view.get("w"), noisy)
+        assert len(fetched) == 1  # a scan: one window (a part) holds the whole shard
+
+
 def test_open_a_checkpoint_saved_by_two_ranks() -> None:
     golden = Path(__file__).parent / "golden" / "v4" / "zstd"
     matrix = torch.arange(15, dtype=torch.float32).reshape(5, 3) / 7  # rows 0-2 rank 0, 3-4 rank 1
