@@ -203,6 +203,8 @@ def test_the_sharded_golden_exports(tmp_path: Path) -> None:
     expected = sharded_expected()
     aptckpt.convert(src, tmp_path / "m.pt", to="torch-file", select="matrix")
     assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=True), expected["matrix"])
+    aptckpt.convert(src, tmp_path / "m.safetensors", to="safetensors", select="matrix")
+    assert torch.equal(st.load_file(tmp_path / "m.safetensors")["matrix"], expected["matrix"])
     aptckpt.convert(src, tmp_path / "t.safetensors", to="safetensors", select=("golden", "tied"))
     tied = st.load_file(tmp_path / "t.safetensors")
     assert list(tied) == ["a"] and torch.equal(tied["a"], expected["golden"]["tied"]["a"])

@@ -117,13 +117,16 @@ def _select(state: Any, select: str | tuple[Any, ...] | None, to: str) -> tuple[
                 return model, ["exported the 'model' entry of the state (select= picks another)"]
         return state, []
     node = state
-    for key in select if isinstance(select, tuple) else (select,):
+    path = select if isinstance(select, tuple) else (select,)
+    for key in path:
         if not isinstance(node, (Mapping, list, tuple)):
             raise KeyError(f"select={select!r}: the state has no {key!r} there")
         try:
             node = node[key]
         except (KeyError, IndexError, TypeError):
             raise KeyError(f"select={select!r}: the state has no {key!r} there") from None
+    if isinstance(node, torch.Tensor) and to == "safetensors":  # one tensor: named by its key
+        return {".".join(str(k) for k in path): node}, []
     return node, []
 
 
