@@ -234,6 +234,7 @@ def _storage(meta: Any, fqn: str) -> Any:
             "storage extensions",
         ),
         (lambda m: setattr(m, "planner_data", {"model.w": ("model", 10**9)}), "bad path"),
+        (lambda m: setattr(m, "planner_data", {"model.w": ("a",) * 10_000}), "bad path"),
     ],
 )
 def test_lying_metadata_is_refused(tmp_path: Path, change: Any, message: str) -> None:
@@ -242,6 +243,17 @@ def test_lying_metadata_is_refused(tmp_path: Path, change: Any, message: str) ->
     with pytest.raises(aptckpt.FormatError, match=message):
         aptckpt.convert(folder, tmp_path / "ck")
     assert not (tmp_path / "ck").exists()
+
+
+def test_a_field_posing_as_the_record_kind_changes_nothing(tmp_path: Path) -> None:
+    state = _state()
+    folder = _save(state, tmp_path / "dcp")
+    _tamper(
+        folder,
+        lambda m: setattr(m.state_dict_metadata["model.w"], "_kind", "BytesStorageMetadata"),
+    )
+    aptckpt.convert(folder, tmp_path / "ck")
+    assert torch.equal(aptckpt.load(tmp_path / "ck")["model"]["w"], state["model"]["w"])
 
 
 def test_a_safetensors_serialized_dcp_is_refused_with_the_way_out(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ from typing import Any, cast
 
 import torch
 
+from aptckpt._config import MAX_NESTING
 from aptckpt.errors import FormatError, UnsupportedObjectError
 from aptckpt.storage import LOCAL
 
@@ -74,13 +75,14 @@ class _Record:
             state = merged
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
             raise FormatError(f"bad state of {self._kind} in a DCP .metadata")
-        self.__dict__.update(state)
+        # Kept apart from the object's own attributes: a field cannot pose as _kind.
+        self.__dict__.setdefault("fields", {}).update(state)
 
     def get(self, name: str, default: Any = None) -> Any:
-        return self.__dict__.get(name, default)
+        return self.__dict__.get("fields", {}).get(name, default)
 
     def __repr__(self) -> str:
-        return f"{self._kind}({self.__dict__!r})"
+        return f"{self._kind}({self.__dict__.get('fields', {})!r})"
 
 
 def _record_class(name: str) -> type[_Record]:
@@ -99,7 +101,7 @@ class _TensorProperties(_Record):
         if not isinstance(state, tuple) or len(state) != 5:
             raise FormatError("bad state of TensorProperties in a DCP .metadata")
         names = ("dtype", "layout", "requires_grad", "memory_format", "pin_memory")
-        self.__dict__.update(zip(names, state, strict=True))
+        super().__setstate__(dict(zip(names, state, strict=True)))
 
 
 def _size(*args: Any) -> tuple[int, ...]:
@@ -384,7 +386,7 @@ def _nest(flat: dict[str, Any], mapping: Any, folder: str) -> Any:
             path = (fqn,)
         _need(
             isinstance(path, tuple)
-            and bool(path)
+            and 0 < len(path) <= MAX_NESTING
             and isinstance(path[0], str)
             and all(isinstance(p, str) or (type(p) is int and 0 <= p < limit) for p in path),
             f"planner_data has a bad path {path!r} for {fqn!r}",
