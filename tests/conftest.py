@@ -59,6 +59,20 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"aptckpt {aptckpt.__version__}, core: {aptckpt.IMPLEMENTATION}"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``core_independent`` (trainer integrations, plots, policies: code
+    above the API whose reads and hashes other tests cover in both runs) run once, in
+    the native run; ``APTCKPT_TEST_ALL=1`` runs them in the pure-Python run too."""
+    if os.environ.get("APTCKPT_NATIVE") != "disable" or os.environ.get("APTCKPT_TEST_ALL"):
+        return
+    skip = pytest.mark.skip(
+        reason="core-independent: runs in the native run (APTCKPT_TEST_ALL=1: here too)"
+    )
+    for item in items:
+        if item.get_closest_marker("core_independent"):
+            item.add_marker(skip)
+
+
 # ------------------------------------------------------------------ object stores
 #
 # A real S3 API server on loopback (moto's, threaded, in this process) for the whole

@@ -28,6 +28,7 @@ from conftest import S3_SECRET
 
 fsspec = pytest.importorskip("fsspec")
 
+from aptckpt.retention import KeepLast  # noqa: E402
 from aptckpt.storage.remote import FsspecStorage, RetryPolicy  # noqa: E402
 
 PART = 1024
@@ -332,7 +333,7 @@ def test_non_checkpoint_named_like_a_checkpoint_in_a_run(
     }
     for key, data in alien.items():
         fs.pipe_file(key, data)
-    mgr = aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep_last=1, keep_best=0)
+    mgr = aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep=KeepLast(1))
     try:
         for step in (1, 2, 3):
             mgr.save(step, {"w": torch.arange(float(step))})
@@ -453,7 +454,7 @@ def test_secrets_absent_from_everything_a_remote_run_writes_or_returns(
     SaveInfo, CheckpointRecord, the manager's repr or its attributes' reprs (which a
     crash reporter capturing locals shows) holds the secret or the key id."""
     caplog.set_level(logging.DEBUG)
-    mgr = aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep_best=0)
+    mgr = aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep=KeepLast(3))
     try:
         mgr.save(1, {"w": torch.arange(4.0)}, metrics={"loss": 1.0})
         handle = mgr.save(2, {"w": torch.arange(4.0)}, blocking=False)
@@ -546,7 +547,7 @@ def test_manager_background_saves_in_a_loop_then_close(
 ) -> None:
     """Non-blocking saves on s3 in a loop (each waits for the last), close() at once:
     every checkpoint kept by retention is whole, the lease is released."""
-    mgr = aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep_last=2, keep_best=0)
+    mgr = aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep=KeepLast(2))
     state = {"w": torch.zeros(2000)}
     for step in range(1, 5):
         state["w"].fill_(float(step))
@@ -846,7 +847,7 @@ def test_a_holder_whose_lease_lapsed_unnoticed_does_not_save(
         return real_tagged(self, path)
 
     monkeypatch.setattr(Store, "tagged", hung_tagged)
-    mgr = aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep_best=0)
+    mgr = aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep=KeepLast(3))
     other = None
     try:
         mgr.save(1, {"w": torch.arange(3.0)})
@@ -903,7 +904,7 @@ def test_hostile_metadata_json_in_an_s3_run(
     """metadata.json replaced by garbage, JSON of the wrong shape, or a 'folder' (objects
     under metadata.json/): the manager rebuilds its index from the manifests and saves."""
     storage, path = FsspecStorage.for_url(s3_url, s3_options)
-    with aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep_best=0) as mgr:
+    with aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep=KeepLast(3)) as mgr:
         mgr.save(1, {"w": torch.arange(3.0)})
     if planted == "prefix":
         storage.fs.rm_file(f"{path}/metadata.json")
@@ -911,7 +912,7 @@ def test_hostile_metadata_json_in_an_s3_run(
     else:
         assert isinstance(planted, bytes)
         storage.fs.pipe_file(f"{path}/metadata.json", planted)
-    with aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep_best=0) as mgr:
+    with aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep=KeepLast(3)) as mgr:
         assert [r.global_step for r in mgr.checkpoints()] == [1]
         mgr.save(2, {"w": torch.arange(4.0)})
         assert [r.global_step for r in mgr.checkpoints()] == [1, 2]
@@ -991,7 +992,7 @@ def test_a_manager_made_before_a_fork_reads_in_the_child(
     file system's 'This class is not fork-safe'."""
     import os
 
-    with aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep_best=0) as mgr:
+    with aptckpt.CheckpointManager(s3_url, storage_options=s3_options, keep=KeepLast(3)) as mgr:
         mgr.save(1, {"w": torch.arange(3.0)})
     reader = aptckpt.CheckpointManager(s3_url, storage_options=s3_options, read_only=True)
     assert [r.global_step for r in reader.checkpoints()] == [1]  # used in the parent first

@@ -18,6 +18,7 @@ import aptckpt
 from aptckpt import _background
 from aptckpt.errors import CheckpointExistsError
 from aptckpt.manager import CheckpointManager
+from aptckpt.retention import KeepLast
 from aptckpt.testing import assert_state_equal
 from aptckpt.testing.strategies import states
 
@@ -166,7 +167,7 @@ def test_a_forked_child_saves_in_the_background_too(tmp_path):
 def test_manager_saves_in_the_background(tmp_path):
     model = torch.nn.Linear(64, 64)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    manager = CheckpointManager(tmp_path / "run", backend="delta", keep_last=1, keep_best=0)
+    manager = CheckpointManager(tmp_path / "run", backend="delta", keep=KeepLast(1))
     expected = {}
     for step in range(1, 5):
         model.weight.data.add_(1.0)

@@ -22,6 +22,7 @@ import torch
 
 import aptckpt
 from aptckpt.cli import main
+from aptckpt.retention import KeepAll
 
 
 def run(capsys, *argv):
@@ -618,7 +619,7 @@ def test_ls(capsys, tmp_path):
     run_dir = tmp_path / "run"
     model = Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mgr = aptckpt.CheckpointManager(run_dir, backend="delta", keep_last=None)
+    mgr = aptckpt.CheckpointManager(run_dir, backend="delta", keep=KeepAll())
     mgr.save_checkpoint(model, opt, None, 0, 10, [2.0], {"loss": 1.5, "acc": 0.25})
     metrics = {"loss": 1.2}
     mgr.save_checkpoint(model, opt, None, 1, 15, [1.0], metrics, temporary=True, batch_index=5)
@@ -646,7 +647,7 @@ def test_ls(capsys, tmp_path):
 
 def test_ls_marks_only_the_runs_best(capsys, tmp_path):
     model = Tiny()
-    mgr = aptckpt.CheckpointManager(tmp_path, keep_last=None)
+    mgr = aptckpt.CheckpointManager(tmp_path, keep=KeepAll())
     for step, loss in ((10, 1.5), (20, 0.9), (30, 1.1)):
         mgr.save_checkpoint(model, None, None, step // 10, step, [], {"loss": loss})
     assert [r.is_best for r in mgr.checkpoints()] == [True, True, False]  # best when saved

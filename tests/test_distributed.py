@@ -18,6 +18,7 @@ import torch
 
 import aptckpt
 from _ranks import check, run_round, skip_unless_multiprocess
+from aptckpt.retention import KeepBest, KeepLast
 from conftest import S3_SECRET
 
 skip_unless_multiprocess()
@@ -305,7 +306,9 @@ def manager_saves_prunes_and_resumes_at_any_world_size(
     groups = _groups()
     model, optim = _fsdp(world, groups)
     run = work / "run"
-    manager = aptckpt.CheckpointManager(run, keep_last=2, process_group=dist.group.WORLD)
+    manager = aptckpt.CheckpointManager(
+        run, keep=KeepLast(2) | KeepBest(1), process_group=dist.group.WORLD
+    )
     torch.manual_seed(1000 + rank)  # each rank's own RNG stream
     for step in (1, 2, 3):
         handle = manager.save_checkpoint(

@@ -30,6 +30,7 @@ from aptckpt import _accel
 from aptckpt.backends import torch as torch_backend
 from aptckpt.errors import WriteError
 from aptckpt.manager import CheckpointManager
+from aptckpt.retention import KeepLast
 from aptckpt.storage.local import _atomic
 from aptckpt.testing import assert_state_equal
 from conftest import direct_io_supported
@@ -272,12 +273,12 @@ def test_every_storage_call_of_a_manager_save_can_fail(tmp_path, monkeypatch):
     """The manager's whole save: checkpoint, index, tokenizer files, retention, GC."""
 
     def prepare(base: Path) -> dict[Path, Any]:
-        with CheckpointManager(base, backend="delta", keep_last=1, keep_best=0) as m:
+        with CheckpointManager(base, backend="delta", keep=KeepLast(1)) as m:
             m.save(1, {"w": state(0)["w"]})
         return {}
 
     def act(root: Path) -> Path:
-        with CheckpointManager(root, backend="delta", keep_last=1, keep_best=0) as m:
+        with CheckpointManager(root, backend="delta", keep=KeepLast(1)) as m:
             before = {r.path: aptckpt.load(r.path) for r in m.checkpoints()}
             try:
                 return m.save(2, {"w": state(1)["w"]})

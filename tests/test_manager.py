@@ -15,6 +15,7 @@ import torch
 
 import aptckpt
 from aptckpt import CheckpointManager
+from aptckpt.retention import KeepAll, KeepBest, KeepEvery, KeepLast, Metric, SaveEvery
 from aptckpt.testing import assert_state_equal
 from aptckpt.training_state import capture_rng, restore_rng
 
@@ -110,7 +111,7 @@ def test_resume_continues_bit_identically(tmp_path, backend):
 
 def test_layout_names_and_index(tmp_path):
     t = Trainer()
-    mgr = CheckpointManager(tmp_path / "run", model_name="apt_model", keep_last=None)
+    mgr = CheckpointManager(tmp_path / "run", model_name="apt_model", keep=KeepAll())
     t.step()
     path = t.save(mgr, 0, 100, tokenizer=Tokenizer(), config={"d_model": 8})
     assert path == tmp_path / "run" / "checkpoints" / "apt_model_epoch0_step100"
@@ -139,7 +140,7 @@ def test_layout_names_and_index(tmp_path):
 
 def test_temporaries_go_once_a_later_epoch_checkpoint_commits(tmp_path):
     t = Trainer()
-    mgr = CheckpointManager(tmp_path / "run", temp_every=2)
+    mgr = CheckpointManager(tmp_path / "run", temporary_every=SaveEvery(steps=2))
     for step in range(1, 7):
         t.step()
         if mgr.should_save_temp(step):
@@ -152,7 +153,7 @@ def test_temporaries_go_once_a_later_epoch_checkpoint_commits(tmp_path):
 
 def test_retention_keeps_last_n_and_best(tmp_path):
     t = Trainer()
-    mgr = CheckpointManager(tmp_path / "run", keep_last=2, keep_best=1, best_mode="min")
+    mgr = CheckpointManager(tmp_path / "run", keep=KeepLast(2) | KeepBest(1))
     losses = [5.0, 1.0, 3.0, 4.0, 6.0]
     for i, loss in enumerate(losses):
         t.step()
@@ -166,7 +167,7 @@ def test_retention_keeps_last_n_and_best(tmp_path):
 
 def test_best_mode_max_and_explicit_flag(tmp_path):
     t = Trainer()
-    mgr = CheckpointManager(tmp_path / "run", keep_last=None, best_metric="acc", best_mode="max")
+    mgr = CheckpointManager(tmp_path / "run", keep=KeepAll(), best_by=Metric("acc", "max"))
     for i, acc in enumerate([0.5, 0.7, 0.6]):
         t.step()
         t.save(mgr, i, i + 1, metrics={"acc": acc})
@@ -178,7 +179,7 @@ def test_best_mode_max_and_explicit_flag(tmp_path):
 
 def test_latest_skips_an_incomplete_checkpoint_and_never_uses_file_times(tmp_path):
     t = Trainer()
-    mgr = CheckpointManager(tmp_path / "run", keep_last=None)
+    mgr = CheckpointManager(tmp_path / "run", keep=KeepAll())
     for step in (10, 20):
         t.step()
         t.save(mgr, 0, step)
@@ -193,7 +194,7 @@ def test_latest_skips_an_incomplete_checkpoint_and_never_uses_file_times(tmp_pat
 
 def test_index_is_rebuilt_when_missing_or_damaged(tmp_path):
     t = Trainer()
-    mgr = CheckpointManager(tmp_path / "run", keep_last=None)
+    mgr = CheckpointManager(tmp_path / "run", keep=KeepAll())
     for step in (1, 2):
         t.step()
         t.save(mgr, 0, step)
@@ -227,7 +228,7 @@ def test_checkpoint_committed_but_not_indexed_is_found(tmp_path, monkeypatch):
 
 def test_crash_during_retention_leaves_an_index_of_complete_checkpoints(tmp_path, monkeypatch):
     t = Trainer()
-    mgr = CheckpointManager(tmp_path / "run", keep_last=1, keep_best=0)
+    mgr = CheckpointManager(tmp_path / "run", keep=KeepLast(1))
     t.step()
     t.save(mgr, 0, 1)
 
@@ -267,7 +268,7 @@ def test_moved_run_directory_resumes(tmp_path, backend):
 
 def test_delta_run_shares_objects_and_collects_garbage(tmp_path):
     t = Trainer()
-    mgr = CheckpointManager(tmp_path / "run", backend="delta", keep_last=2, keep_best=0)
+    mgr = CheckpointManager(tmp_path / "run", backend="delta", keep=KeepLast(2))
     for step in range(1, 6):
         t.step()
         t.save(mgr, 0, step)
@@ -302,10 +303,14 @@ def test_load_errors_are_clear(tmp_path):
 
 
 def test_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="best_mode"):
-        CheckpointManager(tmp_path, best_mode="lowest")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="keep_last"):
-        CheckpointManager(tmp_path, keep_last=0)
+    with pytest.raises(ValueError, match="mode must be"):
+        CheckpointManager(tmp_path, best_by=Metric("acc", "lowest"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"KeepLast\(n\)"):
+        CheckpointManager(tmp_path, keep=KeepLast(0) | KeepBest(1))
+    with pytest.raises(TypeError, match="keep= takes retention rules"):
+        CheckpointManager(tmp_path, keep=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="temporary_every= takes"):
+        CheckpointManager(tmp_path, temporary_every=2)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="model_name"):
         CheckpointManager(tmp_path, model_name="../x")
 
@@ -329,7 +334,7 @@ def test_latest_follows_the_resumed_trajectory_not_the_highest_step(tmp_path):
     """Resuming from an older checkpoint abandons the later ones: after the next save,
     "latest" is that save, although an abandoned checkpoint has a higher step."""
     t = Trainer()
-    mgr = CheckpointManager(tmp_path / "run", keep_last=None, temp_every=1)
+    mgr = CheckpointManager(tmp_path / "run", keep=KeepAll(), temporary_every=SaveEvery(steps=1))
     for step in (10, 20, 30):
         t.step()
         t.save(mgr, 0, step)
@@ -365,7 +370,7 @@ def as_json(records: list[Any]) -> str:
 @pytest.mark.parametrize("backend", ["zstd", "delta"])
 def test_rebuilt_index_equals_the_lost_one(tmp_path, backend):
     run = tmp_path / "run"
-    mgr = CheckpointManager(run, backend=backend, keep_last=None, keep_best=2)
+    mgr = CheckpointManager(run, backend=backend, keep=KeepAll())
     save_plain(mgr, 1, 3.0)
     save_plain(mgr, 2, float("nan"))
     save_plain(mgr, 3, 1.0, epoch=1)
@@ -379,7 +384,7 @@ def test_rebuilt_index_equals_the_lost_one(tmp_path, backend):
     (run / "metadata.json").unlink()
 
     # a new process, or the same one: from the manifests alone
-    fresh = CheckpointManager(run, backend=backend, keep_last=None, keep_best=2)
+    fresh = CheckpointManager(run, backend=backend, keep=KeepAll())
     assert as_json(fresh.checkpoints()) == as_json(records)
     save_plain(fresh, 7, 2.0, temporary=True, batch_index=9, epoch=3)  # drops nothing
     rebuilt = index(run)["checkpoints"]
@@ -388,7 +393,7 @@ def test_rebuilt_index_equals_the_lost_one(tmp_path, backend):
 
 def test_best_checkpoint_survives_a_lost_index(tmp_path):
     run = tmp_path / "run"
-    mgr = CheckpointManager(run, keep_last=1, keep_best=1)
+    mgr = CheckpointManager(run, keep=KeepLast(1) | KeepBest(1))
     for step, loss in ((1, 1.0), (2, 2.0), (3, 3.0)):
         save_plain(mgr, step, loss)
     (run / "metadata.json").unlink()
@@ -401,7 +406,7 @@ def test_best_checkpoint_survives_a_lost_index(tmp_path):
 
 def test_best_flag_of_a_save_killed_before_its_index_write_survives(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    mgr = CheckpointManager(run, keep_last=1, keep_best=1)
+    mgr = CheckpointManager(run, keep=KeepLast(1) | KeepBest(1))
     save_plain(mgr, 1, 5.0)
 
     def killed(*args: Any, **kwargs: Any) -> None:
@@ -420,7 +425,7 @@ def test_best_flag_of_a_save_killed_before_its_index_write_survives(tmp_path, mo
 def test_retention_with_metrics_that_rank_nothing(tmp_path):
     """NaN, bools, strings and missing metrics never become best nor unseat one; ints
     and infinities rank; an int too large for a float ranks as infinite."""
-    mgr = CheckpointManager(tmp_path / "run", keep_last=1, keep_best=1)
+    mgr = CheckpointManager(tmp_path / "run", keep=KeepLast(1) | KeepBest(1))
     save_plain(mgr, 1, 5)  # an int
     for step, loss in ((2, float("nan")), (3, True), (4, "low"), (5, None), (6, float("inf"))):
         save_plain(mgr, step, loss)
@@ -445,11 +450,11 @@ def test_resumed_run_saving_a_step_again_keeps_the_abandoned_best(tmp_path, monk
     saved: its checkpoint there (the run's best) is not replaced; and with the index
     write lost, "latest" is still the new save."""
     run = tmp_path / "run"
-    mgr = CheckpointManager(run, keep_last=2, keep_best=1)
+    mgr = CheckpointManager(run, keep=KeepLast(2) | KeepBest(1))
     for step, loss in ((10, 1.0), (20, 0.5), (30, 0.7)):
         save_plain(mgr, step, loss)
     t = Trainer()
-    resumed = CheckpointManager(run, keep_last=2, keep_best=1)
+    resumed = CheckpointManager(run, keep=KeepLast(2) | KeepBest(1))
     resumed.save(10, {"model": t.model}, metrics={"loss": 1.0})  # the resumed trajectory
 
     def killed(*args: Any, **kwargs: Any) -> None:
@@ -477,7 +482,7 @@ def test_latest_after_the_index_write_is_refused(tmp_path, monkeypatch):
     """EPERM on the run directory after the commit: the error says the checkpoint was
     committed, and "latest" is right without the index."""
     run = tmp_path / "run"
-    mgr = CheckpointManager(run, keep_last=None)
+    mgr = CheckpointManager(run, keep=KeepAll())
     for step in (10, 20):
         save_plain(mgr, step, 1.0)
 
@@ -507,7 +512,7 @@ def test_two_managers_of_one_run_in_one_process_never_share_a_sequence_number(
     import threading
 
     run = tmp_path / "run"
-    first = CheckpointManager(run, keep_last=None)
+    first = CheckpointManager(run, keep=KeepAll())
     save_plain(first, 1, 1.0)
     gate, entered = threading.Event(), threading.Event()
     real = aptckpt.api.PendingSave.persist
@@ -521,7 +526,7 @@ def test_two_managers_of_one_run_in_one_process_never_share_a_sequence_number(
     monkeypatch.setattr(aptckpt.api.PendingSave, "persist", slow)
     handle = save_plain(first, 2, 1.0, blocking=False)
     assert entered.wait(30)
-    second = CheckpointManager(run, keep_last=None)  # same process: shares the run
+    second = CheckpointManager(run, keep=KeepAll())  # same process: shares the run
     done: list[Path] = []
     saver = threading.Thread(target=lambda: done.append(save_plain(second, 3, 1.0)))
     saver.start()
@@ -539,7 +544,7 @@ def test_threads_saving_and_listing_on_one_manager(tmp_path):
     import threading
 
     run = tmp_path / "run"
-    mgr = CheckpointManager(run, keep_last=None, backend="delta")
+    mgr = CheckpointManager(run, keep=KeepAll(), backend="delta")
     errors: list[BaseException] = []
 
     def work(worker: int) -> None:
@@ -577,7 +582,7 @@ def plant(run: Path, name: str, run_meta: Any, folder: str = "checkpoints") -> P
 
 def test_malformed_run_metadata_is_logged_and_the_run_goes_on(tmp_path, caplog):
     run = tmp_path / "run"
-    mgr = CheckpointManager(run, keep_last=None)
+    mgr = CheckpointManager(run, keep=KeepAll())
     save_plain(mgr, 1, 1.0)
     plant(run, "apt_model_epoch0_step5", {"sequence": "x", "metrics": [1, 2], "epoch": -1})
     plant(run, "apt_model_epoch0_step6", {"sequence": float("nan"), "global_step": "6"})
@@ -604,7 +609,7 @@ def test_a_checkpoint_that_needs_a_newer_aptckpt_stops_the_run(tmp_path):
     from aptckpt import manifest as mf
 
     run = tmp_path / "run"
-    mgr = CheckpointManager(run, keep_last=None)
+    mgr = CheckpointManager(run, keep=KeepAll())
     save_plain(mgr, 1, 1.0)
     save_plain(mgr, 2, 1.0)  # the last one: "latest" without the newer one would be step 1
     newer = run / "checkpoints" / "apt_model_epoch0_step2"
@@ -695,7 +700,7 @@ def test_a_run_owned_by_another_user(tmp_path_factory):
         base.chmod(0o755)
         run = base / "run"
         t = Trainer()
-        mgr = CheckpointManager(run, keep_last=None)
+        mgr = CheckpointManager(run, keep=KeepAll())
         for step in (1, 2):
             t.step()
             t.save(mgr, 0, step, tokenizer=Tokenizer())
@@ -726,7 +731,7 @@ def test_a_run_owned_by_another_user(tmp_path_factory):
         (run / ".aptckpt-run.lock").chmod(0o666)
 
         def save() -> Any:
-            writer = CheckpointManager(run, keep_last=None)
+            writer = CheckpointManager(run, keep=KeepAll())
             refused = ""
             try:
                 writer.save(3, {"w": torch.ones(1)})
@@ -750,7 +755,7 @@ def test_a_failed_save_does_not_hold_up_the_next(tmp_path, monkeypatch):
     reuses a sequence number."""
     import threading
 
-    mgr = CheckpointManager(tmp_path / "run", keep_last=None)
+    mgr = CheckpointManager(tmp_path / "run", keep=KeepAll())
 
     def within(seconds: float, fn: Any) -> Any:
         out: list[Any] = []
@@ -775,3 +780,27 @@ def test_a_failed_save_does_not_hold_up_the_next(tmp_path, monkeypatch):
     path = within(60, lambda: save_plain(mgr, 3, 1.0))
     assert [r.path for r in mgr.checkpoints()] == [path]
     assert mgr.latest() is not None and mgr.latest().sequence == 3  # 1, 2: the failed saves
+
+
+def test_policies_decide_best_retention_and_when_saves_are_due(tmp_path):
+    """``keep`` rules compose; the best flag follows the first metric they rank by; ``due``
+    answers from ``save_every`` and ``temporary_every``; the index names the rules."""
+    keep = KeepLast(1) | KeepBest(2, "acc", "max") | KeepEvery(4)
+    mgr = CheckpointManager(
+        tmp_path / "run",
+        keep=keep,
+        temporary_every=SaveEvery(steps=3),
+        save_every=SaveEvery(epochs=2),
+    )
+    assert mgr.best_by == Metric("acc", "max")
+    assert [mgr.due(s) for s in (1, 3, 6)] == [None, "temporary", "temporary"]
+    assert mgr.due(5, epoch_ended=1) == "regular" and mgr.due(5, epoch_ended=0) is None
+    for step, acc in ((1, 0.5), (2, 0.9), (3, 0.7), (4, 0.1), (5, 0.8), (6, 0.2)):
+        mgr.save(step, {"w": torch.ones(1)}, metrics={"acc": acc})
+    assert [r.global_step for r in mgr.checkpoints()] == [2, 4, 5, 6]  # top 2, every 4th, last
+    assert mgr.best().global_step == 2
+    index = json.loads((tmp_path / "run" / "metadata.json").read_text())
+    assert index["best_metric"] == "acc" and index["best_mode"] == "max"
+    assert index["keep"].startswith("KeepLast(n=1")
+    mgr.close()
+    assert CheckpointManager(tmp_path / "other", read_only=True).best_by == Metric("loss", "min")

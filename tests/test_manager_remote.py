@@ -16,6 +16,7 @@ import torch
 import aptckpt
 from aptckpt import CheckpointManager
 from aptckpt.cli import main as cli
+from aptckpt.retention import KeepBest, KeepLast, SaveEvery
 from aptckpt.testing import assert_state_equal
 from test_manager import Tokenizer, Trainer
 
@@ -52,9 +53,7 @@ def test_resume_from_object_storage_is_bit_identical(remote, backend):
         straight.step()
 
     first = Trainer()
-    with CheckpointManager(
-        url, backend=backend, keep_last=2, keep_best=0, storage_options=options
-    ) as mgr:
+    with CheckpointManager(url, backend=backend, keep=KeepLast(2), storage_options=options) as mgr:
         for step in range(1, 6):
             first.step()
             path = first.save(mgr, 0, step, tokenizer=Tokenizer())
@@ -65,9 +64,7 @@ def test_resume_from_object_storage_is_bit_identical(remote, backend):
         assert isinstance(mgr.run_dir, str) and mgr.run_dir == url
 
     resumed = Trainer(seed=1)  # other weights and RNG streams until restored
-    with CheckpointManager(
-        url, backend=backend, keep_last=2, keep_best=0, storage_options=options
-    ) as mgr:
+    with CheckpointManager(url, backend=backend, keep=KeepLast(2), storage_options=options) as mgr:
         epoch, step, losses, _metrics = mgr.load_checkpoint(
             resumed.model, resumed.optimizer, resumed.scheduler, scaler=resumed.scaler
         )
@@ -77,7 +74,7 @@ def test_resume_from_object_storage_is_bit_identical(remote, backend):
             resumed.step()
     assert_state_equal(resumed.state(), straight.state())
     doc = _index(url, options)
-    assert [e["global_step"] for e in doc["checkpoints"]] == [4, 5]  # keep_last=2, keep_best=0
+    assert [e["global_step"] for e in doc["checkpoints"]] == [4, 5]  # keep=KeepLast(2)
     fs = _fs(url, options)
     names = {p.rsplit("/", 1)[-1] for p in fs.ls(url + "/checkpoints", detail=False)}
     assert names == {"apt_model_epoch0_step4", "apt_model_epoch0_step5"}  # pruned for real
@@ -87,7 +84,10 @@ def test_resume_from_object_storage_is_bit_identical(remote, backend):
 def test_best_temporaries_and_read_only(remote):
     url, options = remote
     with CheckpointManager(
-        url, keep_last=1, keep_best=1, temp_every=2, storage_options=options
+        url,
+        keep=KeepLast(1) | KeepBest(1),
+        temporary_every=SaveEvery(steps=2),
+        storage_options=options,
     ) as mgr:
         for step, loss in ((1, 5.0), (2, 1.0), (3, 3.0)):
             mgr.save(step, {"w": torch.full((3,), float(step))}, metrics={"loss": loss})

@@ -29,6 +29,7 @@ from aptckpt import manager as manager_module
 from aptckpt._runlock import LOCK_NAME
 from aptckpt.errors import AptckptError
 from aptckpt.manager import CheckpointManager
+from aptckpt.retention import KeepAll, KeepBest, KeepLast
 from aptckpt.storage.local import _temps
 from aptckpt.training_state import MAX_COUNT
 
@@ -168,7 +169,7 @@ def test_a_manager_whose_run_was_moved_does_not_start_a_second_run(tmp_path):
     Promised (§6): one writer per run; a failure is an ``AptckptError`` naming the
     problem. Either the save refuses, or it lands in the run the manager holds."""
     run, moved = tmp_path / "run", tmp_path / "archive"
-    mgr = CheckpointManager(run, keep_last=1)
+    mgr = CheckpointManager(run, keep=KeepLast(1) | KeepBest(1))
     mgr.save(1, state(1), metrics={"loss": 0.1})
     run.rename(moved)
     try:
@@ -189,10 +190,10 @@ def test_a_run_at_the_largest_sequence_number_never_hides_new_saves(tmp_path):
     or saved with ``aptckpt.save(..., metadata=...)``) makes the next save number itself
     ``2**63``, which listing rejects as malformed and reads as 0: every new save is the
     *oldest* checkpoint, ``latest()`` stays on the planted one (a resume goes back), and
-    with ``keep_last=1`` each save prunes the previous one. Promised (§1): "latest" is
+    with ``keep=KeepLast(1)`` each save prunes the previous one. Promised (§1): "latest" is
     the complete checkpoint saved last -- or the save is refused with an AptckptError."""
     run = tmp_path / "run"
-    mgr = CheckpointManager(run, keep_last=1, keep_best=0)
+    mgr = CheckpointManager(run, keep=KeepLast(1))
     meta = _run_index.run_metadata(
         sequence=MAX_COUNT,
         kind="epoch",
@@ -222,7 +223,7 @@ def test_a_resumed_run_with_a_long_model_name_can_save_a_step_again(tmp_path):
     manager made). Promised (§1): a step saved again is saved under another name."""
     run = tmp_path / "run"
     name = "m" * 240
-    mgr = CheckpointManager(run, model_name=name, keep_last=None)
+    mgr = CheckpointManager(run, model_name=name, keep=KeepAll())
     first = mgr.save(5, state(5))
     mgr.save(6, state(6))
     mgr.restore({}, first)
@@ -470,7 +471,7 @@ def test_verify_of_a_live_run_never_calls_a_new_checkpoint_damaged(tmp_path, mon
     from aptckpt.cli import _verify, main
 
     run = tmp_path / "run"
-    mgr = CheckpointManager(run, keep_last=None)
+    mgr = CheckpointManager(run, keep=KeepAll())
     mgr.save(1, state(1))
     real = _verify.find_checkpoints
 
@@ -497,7 +498,7 @@ def test_verify_of_a_live_run_does_not_fail_for_a_checkpoint_retention_deleted(
     from aptckpt.cli import _verify, main
 
     run = tmp_path / "run"
-    mgr = CheckpointManager(run, keep_last=None)
+    mgr = CheckpointManager(run, keep=KeepAll())
     mgr.save(1, state(1))
     mgr.save(2, state(2))
     real = _verify.find_checkpoints

@@ -15,12 +15,13 @@ import torch
 import aptckpt
 from aptckpt import _run_index
 from aptckpt.manager import CheckpointManager
+from aptckpt.retention import KeepAll, KeepBest, KeepLast
 
 
 def make_run(tmp_path: Path) -> tuple[Path, list[Any]]:
     """A run of three regular checkpoints and a temporary one, and its records."""
     run = tmp_path / "run"
-    mgr = CheckpointManager(run, keep_last=None)
+    mgr = CheckpointManager(run, keep=KeepAll())
     for step, loss in ((1, 3.0), (2, 1.0), (3, 2.0)):
         mgr.save(step, {"w": torch.full((2,), float(step))}, metrics={"loss": loss})
     mgr.save(4, {"w": torch.ones(2)}, temporary=True, batch_index=1, metrics={"loss": 0.1})
@@ -87,7 +88,7 @@ def test_an_odd_index_is_ignored_and_replaced(tmp_path, planted, caplog):
     with caplog.at_level("WARNING", logger="aptckpt"):
         assert listed(run) == records
     assert "metadata.json" in caplog.text
-    mgr = CheckpointManager(run, keep_last=None)
+    mgr = CheckpointManager(run, keep=KeepAll())
     mgr.save(5, {"w": torch.ones(2)}, temporary=True, batch_index=2)
     doc = json.loads(index.read_text())
     assert [e["global_step"] for e in doc["checkpoints"]] == [1, 2, 3, 4, 5]
@@ -167,11 +168,12 @@ def test_a_version_1_index_only_fills_in_what_old_manifests_lack(tmp_path):
     (run / "metadata.json").write_text(json.dumps(index))
     records = listed(run)
     assert [(r.global_step, r.is_best) for r in records] == [(1, True), (2, False)]
-    mgr = CheckpointManager(run, keep_last=1, keep_best=1)
+    mgr = CheckpointManager(run, keep=KeepLast(1) | KeepBest(1))
     mgr.save(3, {"w": torch.ones(1)}, metrics={"loss": 2.0})
-    assert [r.global_step for r in mgr.checkpoints()] == [1, 3]  # the legacy best is kept
+    # the legacy best (step 1, flagged) is kept, as is the best score (step 2, the newer of a tie)
+    assert [r.global_step for r in mgr.checkpoints()] == [1, 2, 3]
     assert json.loads((run / "metadata.json").read_text())["version"] == 2
-    assert [r.is_best for r in listed(run)] == [True, False]
+    assert [r.is_best for r in listed(run)] == [True, False, False]
 
 
 def test_record_helpers():

@@ -15,6 +15,7 @@ import aptckpt
 from aptckpt import _rundir
 from aptckpt.errors import UnsafePathError
 from aptckpt.manager import CheckpointManager
+from aptckpt.retention import KeepLast
 
 DEBRIS = ".x.tmp-1-0badc0de"  # what a crashed save leaves: removed in the run, never elsewhere
 
@@ -96,7 +97,7 @@ def test_a_checkpoint_reached_through_a_link_is_not_the_runs(tmp_path):
     foreign = tmp_path / "foreign"
     aptckpt.save({"w": torch.zeros(1)}, foreign)
     run = tmp_path / "run"
-    mgr = CheckpointManager(run, keep_last=1, keep_best=0)
+    mgr = CheckpointManager(run, keep=KeepLast(1))
     mgr.save(1, {"w": torch.ones(1)})
     os.symlink(foreign, run / "checkpoints" / "apt_model_epoch0_step5")
     mgr.save(2, {"w": torch.ones(1)})

@@ -55,6 +55,7 @@ from aptckpt.errors import (
 from aptckpt.manager import CheckpointManager, CheckpointRecord, ResumeInfo
 from aptckpt.manifest import FORMAT_VERSION
 from aptckpt.registry import available_backends, register_backend
+from aptckpt.retention import KeepAll, KeepBest, KeepEvery, KeepLast, Metric, SaveEvery
 from aptckpt.tree import PerRank, per_rank
 
 __all__ = [
@@ -79,10 +80,16 @@ __all__ = [
     "IntoMismatchError",
     "IntoResult",
     "InvalidNameError",
+    "KeepAll",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
+    "Metric",
     "PerRank",
     "ReplicaDivergenceError",
     "ResumeInfo",
     "RunBusyError",
+    "SaveEvery",
     "SaveHandle",
     "SaveInfo",
     "StateChangedError",

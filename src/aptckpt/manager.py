@@ -25,8 +25,9 @@ it as ``<name>_seq<sequence>`` (the abandoned checkpoint may be the run's best).
 Order of a save: the sequence number is taken and the best flag decided (from
 the checkpoints on disk, :mod:`aptckpt.retention`); the new checkpoint commits
 with both in its manifest; the index is replaced with the checkpoints the
-retention rules keep (the last ``keep_last`` regular checkpoints and the best
-``keep_best``; temporaries until a later regular checkpoint exists); then the
+retention rules keep (``keep=``, :mod:`aptckpt.retention`: by default the last 3
+regular checkpoints and the best; temporaries until a later regular checkpoint
+exists); then the
 dropped ones are deleted and ``delta`` objects no checkpoint reaches are
 collected. A crash at any point leaves an index that lists only complete
 checkpoints, and at worst dropped checkpoints still on disk, which the next
@@ -69,6 +70,7 @@ from aptckpt import (
     _rundir,
     _runlock,
     distributed,
+    retention,
     training_state,
 )
 from aptckpt._background import SaveHandle
@@ -83,7 +85,7 @@ from aptckpt.errors import (
     RunBusyError,
     StoreBusyError,
 )
-from aptckpt.retention import RetentionPolicy
+from aptckpt.retention import Keep, KeepBest, KeepLast, Metric, SaveEvery
 from aptckpt.storage import LOCAL, StorageOptions, is_url
 from aptckpt.storage.local._atomic import write_error
 from aptckpt.training_state import ResumeInfo, capture_rng
@@ -131,11 +133,13 @@ class CheckpointManager:
         run_dir: the run directory (created if missing).
         backend: aptckpt backend of new checkpoints (``zstd``, ``torch``, ``delta``, ...).
         model_name: prefix of checkpoint names.
-        keep_last: regular checkpoints kept, newest first (None: all).
-        keep_best: best checkpoints kept besides them (by ``best_metric``).
-        best_metric, best_mode: the metric that ranks checkpoints, ``"min"`` or ``"max"``.
-        temp_every: :meth:`should_save_temp` is true every this many global steps
-            (None or 0: never).
+        keep: which regular checkpoints stay (:mod:`aptckpt.retention` rules composed
+            with ``|``); default ``KeepLast(3) | KeepBest(1, ...)`` by ``best_by``.
+        best_by: the metric whose best value flags a checkpoint best (:meth:`best`);
+            default the first metric ``keep`` ranks by, else ``Metric("loss", "min")``.
+        save_every: when a regular checkpoint is due (:meth:`due`); default every epoch.
+        temporary_every: when a temporary (mid-epoch) checkpoint is due (:meth:`due`,
+            :meth:`should_save_temp`), e.g. ``SaveEvery(steps=500)``; default never.
         backend_options: options passed to the backend on every save.
         read_only: only read the run (list, resolve, load): take no lock, write nothing.
         storage_options: for a ``run_dir`` URL (``s3://bucket/runs/a``), the options of
@@ -161,17 +165,29 @@ class CheckpointManager:
         *,
         backend: str = "zstd",
         model_name: str = "apt_model",
-        keep_last: int | None = 3,
-        keep_best: int = 1,
-        best_metric: str = "loss",
-        best_mode: Literal["min", "max"] = "min",
-        temp_every: int | None = None,
+        keep: Keep | None = None,
+        best_by: Metric | None = None,
+        save_every: SaveEvery | None = None,
+        temporary_every: SaveEvery | None = None,
         backend_options: Mapping[str, Any] | None = None,
         read_only: bool = False,
         storage_options: StorageOptions | None = None,
         process_group: Any = None,
     ) -> None:
-        RetentionPolicy(keep_last, keep_best, best_metric, best_mode)  # checks the arguments
+        if keep is not None and not isinstance(keep, Keep):
+            raise TypeError(
+                f"keep= takes retention rules (aptckpt.retention: KeepLast(3) | KeepBest(1)), "
+                f"got {keep!r}"
+            )
+        for name, value, kind in (
+            ("best_by", best_by, Metric),
+            ("save_every", save_every, SaveEvery),
+            ("temporary_every", temporary_every, SaveEvery),
+        ):
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(
+                    f"{name}= takes an aptckpt.retention.{kind.__name__}, got {value!r}"
+                )
         if not isinstance(model_name, str) or not _PLAIN_NAME.fullmatch(model_name):
             raise ValueError(f"model_name {model_name!r} must be a plain file-name prefix")
         self._run = _rundir.Run.at(run_dir, storage_options)
@@ -179,9 +195,13 @@ class CheckpointManager:
         self.run_dir: Path | str = self._run.user_path()
         self.backend = backend
         self.model_name = model_name
-        self.keep_last, self.keep_best = keep_last, keep_best
-        self.best_metric, self.best_mode = best_metric, best_mode
-        self.temp_every = temp_every or 0
+        ranked = keep.ranks_by_metric if keep is not None else ()
+        #: The metric that flags a checkpoint best when it is saved.
+        self.best_by: Metric = best_by or (ranked[0] if ranked else Metric())
+        #: The retention rules: which regular checkpoints stay.
+        self.keep: Keep = keep or KeepLast(3) | KeepBest(1, self.best_by.name, self.best_by.mode)
+        self.save_every: SaveEvery = save_every or SaveEvery(epochs=1)
+        self.temporary_every: SaveEvery | None = temporary_every
         self.backend_options = dict(backend_options or {})
         self.last_loaded: ResumeInfo | None = None
         #: The record of the last checkpoint this manager saved (as listed, best flag included).
@@ -199,12 +219,6 @@ class CheckpointManager:
         self._handle_lock_pid = os.getpid()
         if not read_only and self.coordinator:
             self._hold_run()
-
-    @property
-    def retention(self) -> RetentionPolicy:
-        """The retention and best-checkpoint rules, from ``keep_last``, ``keep_best``,
-        ``best_metric`` and ``best_mode``."""
-        return RetentionPolicy(self.keep_last, self.keep_best, self.best_metric, self.best_mode)
 
     # ------------------------------------------------------------ the run lock
 
@@ -257,8 +271,22 @@ class CheckpointManager:
     # ------------------------------------------------------------ saving
 
     def should_save_temp(self, global_step: int) -> bool:
-        """True when a temporary checkpoint is due at ``global_step``."""
-        return self.temp_every > 0 and global_step > 0 and global_step % self.temp_every == 0
+        """True when a temporary checkpoint is due at ``global_step`` (``temporary_every``)."""
+        return self.temporary_every is not None and self.temporary_every.due(global_step)
+
+    def due(
+        self, global_step: int, *, epoch_ended: int | None = None
+    ) -> Literal["regular", "temporary"] | None:
+        """Which checkpoint is due after ``global_step`` -- with ``epoch_ended``, once that
+        epoch (counted from 0) has ended: ``"regular"`` (``save_every``), ``"temporary"``
+        (``temporary_every``) or None."""
+        if self.save_every.due(global_step, epoch_ended=epoch_ended):
+            return "regular"
+        if self.temporary_every is not None and self.temporary_every.due(
+            global_step, epoch_ended=epoch_ended
+        ):
+            return "temporary"
+        return None
 
     def save_checkpoint(
         self,
@@ -287,7 +315,7 @@ class CheckpointManager:
         in ``temp/``, with ``batch_index`` the batches of ``epoch`` already done.
         ``tokenizer`` (an object with ``files() -> {name: bytes}``) is written to
         ``tokenizer/`` and embedded in the checkpoint, as is ``config``.
-        ``is_best=None`` decides from ``metrics[best_metric]``. ``blocking=False``:
+        ``is_best=None`` decides by ``best_by``. ``blocking=False``:
         see :meth:`save`.
         """
         files = training_state.tokenizer_files(tokenizer)
@@ -596,7 +624,7 @@ class CheckpointManager:
         if temporary:
             best = False  # temporaries are never the best: retention drops them
         elif is_best is None:
-            best = self.retention.is_best(metrics, records)
+            best = retention.is_best(self.best_by, metrics, records)
         else:
             best = bool(is_best)
         meta = _run_index.run_metadata(
@@ -728,7 +756,7 @@ class CheckpointManager:
                 "was not updated and nothing was pruned",
                 path=self._run.display(rel),
             )
-        kept, dropped = self.retention.split(listing.records, record)
+        kept, dropped = retention.split(self.keep, listing.records, record)
         self.last_saved = record
         try:
             self._write_index(kept, listing)  # before deleting: it never lists a deleted one
@@ -810,8 +838,9 @@ class CheckpointManager:
         run_info = {
             "model_name": self.model_name,
             "backend": self.backend,
-            "best_metric": self.best_metric,
-            "best_mode": self.best_mode,
+            "best_metric": self.best_by.name,
+            "best_mode": self.best_by.mode,
+            "keep": repr(self.keep),
         }
         _run_index.write_index(self._run, records, listing.sources, run_info, listing.created_at)
 
@@ -849,7 +878,7 @@ class CheckpointManager:
             record = self.best()
             if record is None:
                 raise CheckpointNotFoundError(
-                    self.run_dir, f"no regular checkpoint has the metric {self.best_metric!r}"
+                    self.run_dir, f"no regular checkpoint has the metric {self.best_by.name!r}"
                 )
             return record.path
         if is_url(checkpoint_path):

@@ -68,6 +68,7 @@ from aptckpt.apt.tokenizer import CharTokenizer
 from aptckpt.errors import CheckpointNotFoundError
 from aptckpt.manager import CheckpointManager, ResumeInfo
 from aptckpt.registry import get_backend
+from aptckpt.retention import KeepBest, KeepLast, SaveEvery
 
 __all__ = ["TrainResult", "train_model"]
 
@@ -274,7 +275,8 @@ def train_model(
         checkpoint_dir,
         backend=backend,
         model_name=MODEL_NAME,
-        keep_last=keep_last,
+        keep=KeepLast(keep_last) | KeepBest(1, "loss", "min"),
+        temporary_every=SaveEvery(steps=temp_checkpoint_freq) if temp_checkpoint_freq else None,
         storage_options=storage_options,
         process_group=ranks.group,
     )
@@ -286,7 +288,7 @@ def train_model(
             f"backend {backend}, checkpoints in {os.fspath(checkpoint_dir)}"
             + (f", {ranks.kind} on {ranks.world} ranks" if ranks.kind else "")
         )
-    run.train(manager, temp_checkpoint_freq, progress)
+    run.train(manager, progress)
     with run.clock.span("checkpoint"):
         manager.close()  # the last save, if still in flight, finishes (or raises) here
     run.wait_for_reports()
@@ -475,7 +477,7 @@ class _Run:
                 "checkpoint_dir"
             )
 
-    def train(self, manager: CheckpointManager, temp_freq: int, progress: bool | None) -> None:
+    def train(self, manager: CheckpointManager, progress: bool | None) -> None:
         """Run the remaining epochs, checkpointing as :func:`train_model` describes."""
         steps = self.data.steps_per_epoch
         self.model.train()
@@ -489,7 +491,7 @@ class _Run:
                     loss = self._step(inputs, targets)
                     bar.update(1, loss=loss)
                     done = batch_index + 1
-                    if temp_freq and self.global_step % temp_freq == 0 and done < steps:
+                    if manager.should_save_temp(self.global_step) and done < steps:
                         self._save(manager, epoch, epoch_start, batch_index=done)
                 train_loss = mean(self.losses[epoch_start:])
                 val_loss = evaluate(
