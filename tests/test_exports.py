@@ -345,6 +345,7 @@ def test_export_arguments_are_checked(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ Hugging Face
 
 
+@pytest.mark.core_independent  # HF's loader, above the API; the export's reads run in both
 def test_a_gpt2_exported_to_safetensors_loads_with_from_pretrained(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
