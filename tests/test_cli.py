@@ -420,7 +420,8 @@ def test_export_never_replaces_a_device_or_fifo(capsys, tmp_path, ckpt):
     for dst, _ in specials:
         for to in ("torch-file", "safetensors"):
             code, _, err = run(capsys, "convert", ckpt, dst, "--to", to, "--overwrite")
-            assert code == 2 and "is not a regular file" in err
+            # safetensors to a name without the suffix writes a directory (HF's layout)
+            assert code == 2 and ("is not a regular file" in err or "is not a directory" in err)
     assert all(kind(os.lstat(dst).st_mode) for dst, kind in specials)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -428,7 +429,7 @@ def test_export_never_replaces_a_device_or_fifo(capsys, tmp_path, ckpt):
 def test_convert_to_torch_file_refuses_empty_bytes(capsys, tmp_path):
     aptckpt.save({"x": b""}, tmp_path / "c")
     code, _, err = run(capsys, "convert", tmp_path / "c", tmp_path / "x.pt", "--to", "torch-file")
-    assert code == 2 and "state['x'] is empty bytes" in err
+    assert code == 2 and "cannot store empty bytes (b'') at state['x']" in err
     assert not (tmp_path / "x.pt").exists()
 
 
@@ -443,26 +444,56 @@ def test_convert_to_safetensors(capsys, tmp_path, ckpt):
     dst = tmp_path / "model.safetensors"
     code, out, err = run(capsys, "convert", ckpt, dst, "--to", "safetensors")
     assert code == 0 and out.startswith(f"wrote {dst} (safetensors, ")
-    assert "'tied' shares storage with 'w'" in err
+    assert "tied tensor name(s) stored once, recorded in __metadata__ as 'tied' -> 'w'" in err
     tensors = st.load_file(dst)
-    assert sorted(tensors) == ["b", "layers.0.k", "tied", "w"]
+    assert sorted(tensors) == ["b", "layers.0.k", "w"]  # the tie stored once, HF's way
     assert torch.equal(tensors["w"], make_state()["model"]["w"])
-    assert torch.equal(tensors["tied"], tensors["w"])
+    with st.safe_open(dst, "pt") as f:
+        assert f.metadata()["tied"] == "w" and f.metadata()["format"] == "pt"
     assert dst.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not the writer's 0600 temp file
 
-    # No "model" entry: every top-level tensor; plain values are skipped, and said so.
+    # No "model" entry: the whole state, nested keys dotted; a plain value is refused,
+    # naming it and the way out (--select the weights).
     flat = tmp_path / "flat"
     aptckpt.save({"w": torch.ones(2), "step": 3, "nested": {"x": torch.ones(1)}}, flat)
     code, _, err = run(capsys, "convert", flat, tmp_path / "f.safetensors", "--to", "safetensors")
-    assert code == 0 and "skipped 2 non-tensor value(s)" in err
-    assert sorted(st.load_file(tmp_path / "f.safetensors")) == ["w"]
+    assert code == 2 and "'step' is not a tensor (int)" in err and "select" in err
+    assert not (tmp_path / "f.safetensors").exists()
+    code, _, err = run(
+        capsys, "convert", flat, tmp_path / "f.safetensors", "--to", "safetensors",
+        "--select", "nested",
+    )  # fmt: skip
+    assert code == 0 and sorted(st.load_file(tmp_path / "f.safetensors")) == ["x"]
 
     aptckpt.save({"model": {"c": torch.zeros(2, dtype=torch.complex128)}}, tmp_path / "c128")
     code, _, err = run(
         capsys, "convert", tmp_path / "c128", tmp_path / "c.st", "--to", "safetensors"
     )
-    assert code == 2 and "cannot store the dtype complex128 of 'c'; --to torch-file" in err
+    assert code == 2 and "'c' is a torch.complex128 tensor" in err and "'torch-file'" in err
     assert not (tmp_path / "c.st").exists()
+
+
+def test_convert_to_dcp_and_between_foreign_formats(capsys, tmp_path, ckpt):
+    dst = tmp_path / "dcp"
+    code, out, err = run(capsys, "convert", ckpt, dst, "--to", "dcp")
+    assert code == 0 and out.startswith(f"wrote {dst} (dcp, 5 tensors, ")
+    assert "DCP keeps no ties" in err and "non-string dict keys become strings" in err
+    code, out, _ = run(capsys, "convert", dst, tmp_path / "back")  # imported, unpickled never
+    assert code == 0 and out.startswith("imported ")
+    back = aptckpt.load(tmp_path / "back")
+    assert torch.equal(back["model"]["tied"], make_state()["model"]["w"])
+    assert back["opt"]["state"]["0"]["m"].tolist() == [0, 1, 2, 3, 4]
+    # foreign to foreign, no checkpoint between: DCP -> sharded safetensors directory
+    hf = tmp_path / "hf"
+    code, out, err = run(
+        capsys, "convert", dst, hf, "--to", "safetensors", "--max-shard-size", "200B"
+    )
+    assert code == 0 and ", 4 files)" in out, (out, err)
+    assert (hf / "model.safetensors.index.json").is_file()
+    code, _, err = run(capsys, "convert", ckpt, tmp_path / "o", "--select", "model")
+    assert code == 2 and "--select and --max-shard-size apply to exports" in err
+    code, _, err = run(capsys, "convert", ckpt, dst, "--to", "dcp")
+    assert code == 2 and "exists; pass --overwrite" in err
 
 
 def test_convert_to_safetensors_without_the_package(capsys, monkeypatch, tmp_path, ckpt):
@@ -499,7 +530,7 @@ def test_ctrl_c_under_a_progress_bar_stops_the_work_and_its_temp_file(
         while time.monotonic() < deadline:
             time.sleep(0.01)
 
-    monkeypatch.setattr("aptckpt.cli._export.write_torch_file", slow_write)
+    monkeypatch.setattr("aptckpt._exports.write_torch_file", slow_write)
     previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.5)  # Ctrl-C, as the terminal sends it

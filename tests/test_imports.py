@@ -85,18 +85,6 @@ def test_a_sharded_index_naming_a_file_outside_is_refused(tmp_path: Path) -> Non
         aptckpt.convert(folder, tmp_path / "ck")
 
 
-def test_a_dcp_directory_is_refused_with_the_way_out(tmp_path: Path) -> None:
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # DCP warns that it saves in one process
-        dcp.save(_weights(), checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
-    with pytest.raises(aptckpt.FormatError, match="dcp_to_torch"):
-        aptckpt.convert(tmp_path / "dcp", tmp_path / "ck")
-
-
 def test_the_cli_imports(tmp_path: Path) -> None:
     safetensors_torch.save_file(_weights(), tmp_path / "m.safetensors")
     done = subprocess.run(

@@ -16,6 +16,7 @@ BACKENDS = [
     ("zstd", {"codec": "none", "chunk_size": 1024}),
     ("torch", {}),
     ("delta", {"chunk_size": 1024, "local_below": 0}),
+    ("delta", {"chunk_size": 1024}),  # small tensors in the checkpoint's own shard
 ]
 W = torch.arange(4096 * 8, dtype=torch.float32).reshape(4096, 8)
 
@@ -119,12 +120,64 @@ def test_a_slice_reads_and_verifies_only_its_chunks(tmp_path: Path, options: Any
             view.get("w")
 
 
+def test_a_delta_slice_reads_only_its_objects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aptckpt.objectstore import ObjectStore
+
+    path = tmp_path / "run" / "ck"
+    aptckpt.save({"w": W, "b": torch.ones(3)}, path, backend="delta", chunk_size=1024)
+    read: list[bytes] = []
+    for name in ("read", "read_into"):
+        original = getattr(ObjectStore, name)
+
+        def counted(store: Any, digest: bytes, *args: Any, _original: Any = original) -> Any:
+            read.append(digest)
+            return _original(store, digest, *args)
+
+        monkeypatch.setattr(ObjectStore, name, counted)
+    with aptckpt.open(path) as view:
+        assert torch.equal(view.get_slice("w")[1023:1025], W[1023:1025])  # chunks 31 and 32
+        assert len(read) == 2
+        assert torch.equal(view.get("b"), torch.ones(3))  # the local shard: no object
+        assert len(read) == 2
+        assert torch.equal(view.get("w"), W)
+        assert len(read) == 2 + W.nbytes // 1024
+
+
 def test_open_on_object_storage_reads_ranges(memory_url: str) -> None:
     url = f"{memory_url}/ck"
     aptckpt.save({"w": W, "n": 1}, url, chunk_size=1024, codec="none")
     with aptckpt.open(url) as view:
         assert torch.equal(view.get_slice("w")[2048:2050, 3:5], W[2048:2050, 3:5])
         assert view.get("n") == 1
+
+
+def test_a_slice_on_object_storage_fetches_its_chunks_not_a_window(
+    memory_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aptckpt.storage.remote import _store
+
+    url = f"{memory_url}/ck"
+    noisy = (torch.randn(4096, 8, generator=torch.Generator().manual_seed(0)) * 8).round()
+    aptckpt.save({"w": noisy}, url, chunk_size=1024)  # 128 compressed chunks, one shard
+    assert aptckpt.inspect(url).stored_bytes < noisy.nbytes * 0.9
+    fetched: list[int] = []
+    original = _store.Store.cat
+
+    def cat(store: Any, path: str, start: Any = None, end: Any = None) -> bytes:
+        data = original(store, path, start, end)
+        if "shard" in path:
+            fetched.append(len(data))
+        return data
+
+    monkeypatch.setattr(_store.Store, "cat", cat)
+    with aptckpt.open(url) as view:
+        assert torch.equal(view.get_slice("w")[1023:1025], noisy[1023:1025])  # two chunks
+        assert 0 < sum(fetched) <= 2 * 1024 and len(fetched) == 1  # those chunks, no more
+        fetched.clear()
+        assert torch.equal(view.get("w"), noisy)
+        assert len(fetched) == 1  # a scan: one window (a part) holds the whole shard
 
 
 def test_open_a_checkpoint_saved_by_two_ranks() -> None:

@@ -12,6 +12,7 @@ from aptckpt._version import __version__
 from aptckpt._view import CheckpointView, TensorSlice
 from aptckpt.api import (
     CheckpointInfo,
+    ExportInfo,
     IntoResult,
     SaveHandle,
     SaveInfo,
@@ -73,6 +74,7 @@ __all__ = [
     "CheckpointView",
     "CollectiveError",
     "DeviceUnavailableError",
+    "ExportInfo",
     "FormatError",
     "GarbageReport",
     "IntegrationError",

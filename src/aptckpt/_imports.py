@@ -5,9 +5,14 @@
 * a safetensors file (its ``__metadata__`` becomes the checkpoint's metadata);
 * a Hugging Face sharded safetensors directory (``model.safetensors.index.json`` and the
   shard files its ``weight_map`` names, inside that directory);
-* a torch.distributed.checkpoint directory is recognised and refused: its ``.metadata`` is
-  a pickle, which aptckpt never unpickles -- the message says how to turn it into a
-  ``torch.save`` file with torch's own tool (which trusts it) and import that.
+* a torch.distributed.checkpoint directory, read without running its pickles (see
+  :mod:`aptckpt._dcp`: an allowlist of the classes DCP's ``.metadata`` names, items read
+  with ``weights_only=True``); what cannot be read that way is refused, naming torch's
+  own converter.
+
+Names that a safetensors file records as ties the way safetensors' ``save_model`` and
+aptckpt's export do (``__metadata__`` entry ``{dropped: kept}``, the dropped name no tensor
+of the files, the kept one a tensor) come back as the same tensor object: tied.
 
 Only local paths are imported; links are followed (a Hugging Face cache links its
 snapshot's files to blobs). The files are read by the libraries that write them
@@ -25,6 +30,7 @@ from typing import Any
 import torch
 
 from aptckpt import manifest as mf
+from aptckpt._dcp import read_dcp
 from aptckpt.errors import FormatError, UnsupportedObjectError
 from aptckpt.storage import LOCAL
 
@@ -89,17 +95,14 @@ def read(path: str | os.PathLike[str], kind: str) -> tuple[Any, dict[str, Any] |
             ) from err
         return state, {"imported_from": "torch.save"}
     if kind == "safetensors":
-        return _safetensors(p), {"imported_from": "safetensors", **_safetensors_metadata(p)}
+        tensors = _safetensors(p)  # validates the file first
+        found = _safetensors_metadata(p)
+        state = _tie(tensors, found.get("safetensors_metadata", {}))
+        return state, {"imported_from": "safetensors", **found}
     if kind == "hf-sharded":
         return _hf_sharded(p), {"imported_from": "huggingface sharded safetensors"}
     if kind == "dcp":
-        raise FormatError(
-            f"'{p}' is a torch.distributed.checkpoint directory: its .metadata is a pickle, "
-            "which aptckpt never unpickles. If you trust it, turn it into a torch.save file "
-            "with torch's own tool -- python -m torch.distributed.checkpoint.format_utils "
-            f"dcp_to_torch '{p}' state.pt -- and convert that file",
-            path=str(p),
-        )
+        return read_dcp(p)
     raise ValueError(f"unknown foreign checkpoint kind {kind!r}")
 
 
@@ -122,6 +125,18 @@ def _safetensors_metadata(path: Path) -> dict[str, Any]:
     return {"safetensors_metadata": dict(found)} if found else {}
 
 
+def _tie(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Restore the ties recorded as ``{dropped: kept}`` metadata entries."""
+    ties = {
+        k: v
+        for k, v in metadata.items()
+        if isinstance(k, str) and isinstance(v, str) and k not in state and v in state
+    }
+    for dropped, kept in ties.items():
+        state[dropped] = state[kept]
+    return state
+
+
 def _hf_sharded(folder: Path) -> dict[str, torch.Tensor]:
     try:
         index = json.loads(LOCAL.read_file(os.path.realpath(folder / HF_INDEX), limit=64 << 20))
@@ -133,10 +148,13 @@ def _hf_sharded(folder: Path) -> dict[str, torch.Tensor]:
             f"cannot import '{folder}': bad {HF_INDEX} ({err})", path=str(folder)
         ) from err
     state: dict[str, torch.Tensor] = {}
+    recorded: dict[str, str] = {}
     for shard in sorted(set(weight_map.values())):
         mf.check_relative_path(shard, where=str(folder))  # inside the folder, no links out
         loaded = _safetensors(folder / shard)
         state.update(loaded)
+        recorded.update(_safetensors_metadata(folder / shard).get("safetensors_metadata", {}))
+    state = _tie(state, recorded)
     missing = sorted(set(weight_map) - set(state))
     if missing:
         raise FormatError(
@@ -144,4 +162,5 @@ def _hf_sharded(folder: Path) -> dict[str, torch.Tensor]:
             f"do not hold (e.g. {missing[0]!r})",
             path=str(folder),
         )
-    return {name: state[name] for name in weight_map}
+    tied = [name for name in state if name not in weight_map]
+    return {name: state[name] for name in [*weight_map, *tied]}

@@ -15,30 +15,36 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import hashlib
+import json
 import logging
 import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
 import torch
 
-from aptckpt import _background, _config, _dtypes, _gc, _imports, _into, registry, tree
+from aptckpt import _background, _config, _dtypes, _exports, _gc, _imports, _into, registry, tree
 from aptckpt import manifest as mf
 from aptckpt._background import SaveHandle
+from aptckpt._exports import ExportInfo
 from aptckpt._version import __version__
 from aptckpt.backends.base import Backend
 from aptckpt.distributed import _load as _sharded
 from aptckpt.errors import (
     AptckptError,
+    BackendError,
     CheckpointExistsError,
     DeviceUnavailableError,
     FormatError,
     IntegrityError,
     UnknownBackendError,
     UnsupportedObjectError,
+    UnsupportedPathError,
 )
 from aptckpt.storage import StorageOptions, is_url, resolve
 from aptckpt.storage.base import CheckpointReader, Storage
@@ -49,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckpointInfo",
+    "ExportInfo",
     "IntoResult",
     "SaveHandle",
     "SaveInfo",
@@ -989,19 +996,52 @@ def verify(path: PathLike, *, storage_options: StorageOptions | None = None) -> 
         )
 
 
+@overload
 def convert(
     src: PathLike,
     dst: PathLike,
     *,
-    backend: str = "zstd",
+    to: Literal["checkpoint"] = ...,
+    backend: str | None = ...,
+    overwrite: bool = ...,
+    verify: bool = ...,
+    storage_options: StorageOptions | None = ...,
+    dst_storage_options: StorageOptions | None = ...,
+    **options: Any,
+) -> SaveInfo: ...
+
+
+@overload
+def convert(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    to: Literal["torch-file", "safetensors", "dcp"],
+    overwrite: bool = ...,
+    verify: bool = ...,
+    storage_options: StorageOptions | None = ...,
+    select: str | tuple[Any, ...] | None = ...,
+    max_shard_size: int | str | None = ...,
+) -> ExportInfo: ...
+
+
+def convert(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    to: str = "checkpoint",
+    backend: str | None = None,
     overwrite: bool = False,
     verify: bool = True,
     storage_options: StorageOptions | None = None,
     dst_storage_options: StorageOptions | None = None,
+    select: str | tuple[Any, ...] | None = None,
+    max_shard_size: int | str | None = None,
     **options: Any,
-) -> SaveInfo:
+) -> SaveInfo | ExportInfo:
     """Rewrite the checkpoint ``src`` as ``dst`` with another backend, or copy it between
-    local disk and object storage (either may be a URL).
+    local disk and object storage (either may be a URL); or, with ``to=``, export it to
+    another library's format.
 
     Tensors keep their recorded devices, ``nn.Parameter`` and ``requires_grad``
     flags, aliasing and metadata; nothing is moved to a device. The main use:
@@ -1010,14 +1050,22 @@ def convert(
 
     Also imports another library's checkpoint (a local path): a ``torch.save`` file (read
     with ``weights_only=True``), a safetensors file, a Hugging Face sharded safetensors
-    directory (``model.safetensors.index.json``); a torch.distributed.checkpoint directory
-    is refused with the way to turn it into a ``torch.save`` file (its metadata is a pickle,
-    never unpickled here). See :mod:`aptckpt._imports`.
+    directory (``model.safetensors.index.json``), a torch.distributed.checkpoint directory
+    (its ``.metadata`` pickle read through an allowlist of DCP's own classes, nothing run).
+    See :mod:`aptckpt._imports` and :mod:`aptckpt._dcp`.
+
+    Exports (``to="torch-file"``, ``"safetensors"``, ``"dcp"``) write a local file or
+    directory from any of those sources; see :mod:`aptckpt._exports` for what each keeps.
 
     Args:
         src: a committed checkpoint (any backend), or a foreign checkpoint to import.
-        dst: the new checkpoint directory.
-        backend, overwrite, **options: as for :func:`save`.
+        dst: the new checkpoint directory, or the export's file or directory.
+        to: ``"checkpoint"`` (default), ``"torch-file"``, ``"safetensors"`` or ``"dcp"``.
+        backend, overwrite, **options: as for :func:`save` (``backend`` and options for
+            ``to="checkpoint"`` only; default backend ``zstd``).
+        select: an export of part of the state: a top-level key or a tuple of keys
+            (safetensors exports the ``"model"`` entry by default, when there is one).
+        max_shard_size: safetensors into a directory: shard past this size (``"5GB"``).
         verify: check every digest of ``src`` while reading it (default).
         storage_options: for whichever of ``src`` and ``dst`` is a URL (both, if both
             are, unless ``dst_storage_options`` is given).
@@ -1028,6 +1076,35 @@ def convert(
     """
     start = time.perf_counter()
     src_options = storage_options if is_url(src) else None
+    if to != "checkpoint":
+        if backend is not None or options or dst_storage_options is not None:
+            raise BackendError(
+                f"backend, dst_storage_options and backend options apply to "
+                f"to='checkpoint', not to={to!r}"
+            )
+        if to not in _exports.FORMATS:
+            raise ValueError(
+                f"unknown format to={to!r}; choose 'checkpoint', "
+                + ", ".join(repr(f) for f in _exports.FORMATS)
+            )
+        if is_url(dst):
+            raise UnsupportedPathError(
+                f"an export (to={to!r}) writes a local path, not {os.fspath(dst)!r}",
+                path=os.fspath(dst),
+            )
+        state, provenance = _export_source(src, src_options, verify=verify)
+        return _exports.export(
+            state,
+            Path(os.fspath(dst)),
+            to=to,
+            overwrite=overwrite,
+            provenance=provenance,
+            select=select,
+            max_shard_size=max_shard_size,
+        )
+    if select is not None or max_shard_size is not None:
+        raise BackendError("select and max_shard_size apply to exports (to=...), not checkpoints")
+    backend = backend or "zstd"
     if dst_storage_options is None:
         dst_storage_options = storage_options if is_url(dst) else None
     dst_storage, dst_path = resolve(dst, dst_storage_options)
@@ -1092,6 +1169,42 @@ def convert(
             overwrite=overwrite,
             start=start,
         )
+
+
+def _export_source(
+    src: PathLike, storage_options: StorageOptions | None, *, verify: bool
+) -> tuple[Any, dict[str, str]]:
+    """The state an export writes, and its provenance (strings, for safetensors'
+    ``__metadata__``)."""
+    provenance = {"aptckpt.version": __version__, "aptckpt.source": os.fspath(src)}
+    foreign = None if is_url(src) else _imports.detect(src)
+    if foreign is not None:
+        state, recorded = _imports.read(src, foreign)
+        provenance["aptckpt.source_format"] = foreign
+        if recorded:
+            provenance["aptckpt.metadata"] = json.dumps(recorded, default=repr)
+        return state, provenance
+    storage, where = resolve(src, storage_options)
+    manifest_bytes = storage.read_file(storage.join(where, mf.MANIFEST_NAME), limit=1 << 30)
+    with _opened(src, storage_options) as (_, manifest, _):
+        provenance.update(
+            {
+                "aptckpt.source_format": "aptckpt",
+                "aptckpt.backend": manifest.backend,
+                "aptckpt.manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+                "aptckpt.created": manifest.created_at,
+                "aptckpt.saved_by": manifest.library_version,
+            }
+        )
+        metadata = tree.rebuild(manifest.metadata, []) if manifest.metadata is not None else None
+    if metadata is not None:
+        provenance["aptckpt.metadata"] = json.dumps(metadata, default=repr)
+        if isinstance(metadata, Mapping):
+            step = metadata.get("step", metadata.get("global_step"))
+            if isinstance(step, int):
+                provenance["aptckpt.step"] = str(step)
+    state = load(src, map_location="cpu", verify=verify, storage_options=storage_options)
+    return state, provenance
 
 
 def delete(path: PathLike, *, storage_options: StorageOptions | None = None) -> None:

@@ -636,6 +636,19 @@ def decode_into(
             return None
         return RawPlace(chunk.file, chunk.offset, chunk.digest if verify else None)
 
+    # What decode() will read, one small read per chunk: a storage reading ahead (object
+    # stores) stays within these ranges (raw chunks go in one read_verify call).
+    expected: dict[int, list[tuple[int, int]]] = {}
+    for index, row in enumerate(table):
+        if index not in skip:
+            for chunk in row:
+                if chunk.codec not in raw_codecs:
+                    expected.setdefault(chunk.file, []).append(
+                        (chunk.offset, chunk.offset + chunk.length)
+                    )
+    for file, ranges in expected.items():
+        files.expect(file, ranges)
+
     return fill_tensors(
         manifest,
         table,

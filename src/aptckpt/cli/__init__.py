@@ -98,10 +98,21 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("dst", metavar="DST")
     c.add_argument(
         "--to",
-        choices=("checkpoint", "torch-file", "safetensors"),
+        choices=("checkpoint", "torch-file", "safetensors", "dcp"),
         default="checkpoint",
         help="checkpoint (default): an aptckpt checkpoint directory; torch-file: one "
-        "torch.save file; safetensors: the model weights as a .safetensors file",
+        "torch.save file; safetensors: the model weights (a .safetensors file, or a "
+        "directory in Hugging Face's layout); dcp: a torch.distributed.checkpoint directory",
+    )
+    c.add_argument(
+        "--select",
+        metavar="KEY",
+        help="export this top-level entry of the state only (safetensors: 'model' by default)",
+    )
+    c.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="--to safetensors into a directory: shard past SIZE (e.g. 5GB, 500MiB)",
     )
     c.add_argument("--backend", help="backend of the new checkpoint (default zstd)")
     c.add_argument("--level", type=int, help="zstd compression level (zstd, delta)")

@@ -294,6 +294,12 @@ class DataFiles(ABC):
         ``(index into reads, why)`` per bad one, ``why`` ``"eof"`` (the file ends first)
         or ``"digest"`` (the bytes differ). All reads check a digest, or none does."""
 
+    def expect(self, file: int, ranges: Sequence[tuple[int, int]]) -> None:  # noqa: B027
+        """The byte ranges ``[start, stop)`` of file ``file`` that :meth:`read` is about to
+        be asked for (a hint). A storage that reads ahead fetches within them only, so a
+        partial load (a slice of a tensor) costs its own chunks, not a read-ahead window.
+        The default ignores it."""
+
     def stream(self, file: int) -> BinaryIO:
         """File ``file`` as a readable binary file object (the caller closes it)."""
         import io

@@ -9,9 +9,11 @@ the checkpoint's own shard are read through ``reader.open_files`` like the
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -20,11 +22,11 @@ from aptckpt.backends import _chunks
 from aptckpt.backends.delta._format import DeltaPayload, StoredObject, parse_payload
 from aptckpt.codecs import RAW, CodecError
 from aptckpt.errors import UnsafePathError
-from aptckpt.manifest import Manifest
+from aptckpt.manifest import Manifest, TensorRecord
 from aptckpt.objectstore import ObjectStore
 from aptckpt.storage import CheckpointReader
 
-__all__ = ["decode_chain", "read_into"]
+__all__ = ["decode_chain", "read_into", "region_manifest"]
 
 #: Parallel existence checks of objects on an object store (one request each).
 _REMOTE_CHECKS = 16
@@ -193,3 +195,44 @@ def _read_local(
             into=outs,
             skip=frozenset(range(len(outs))) - payload.local,
         )
+
+
+def region_manifest(
+    manifest: Manifest, regions: Sequence[tuple[int, int, int]], where: str
+) -> tuple[Manifest, list[tuple[int, int]]]:
+    """As :func:`aptckpt.backends._chunks.region_manifest`, for a ``delta`` payload: tensor
+    ``k`` of the result is the run of objects region ``k`` (``(index, start, stop)``, bytes)
+    lies in, as ``uint8`` (a tensor of the local shard: all of it); and where each region
+    lies in its run. Only the payload's ``chunks`` (and the local shard's) change."""
+    parsed = parse_payload(manifest, where)  # validates what is copied below
+    chunk_size = parsed.chunk_size
+    payload: dict[str, Any] = dict(manifest.payload)
+    local: dict[str, Any] = dict(payload.get("local") or {})
+    tensors: list[TensorRecord] = []
+    rows: list[Any] = []
+    local_rows: list[Any] = []
+    cuts: list[tuple[int, int]] = []
+    for index, start, stop in regions:
+        nbytes = manifest.tensors[index].nbytes
+        if index in parsed.local:
+            tensors.append(TensorRecord("uint8", (nbytes,)))
+            rows.append(None)
+            local_rows.append(local["chunks"][index])
+            cuts.append((start, stop))
+            continue
+        if stop <= start:
+            first, run, size = 0, [], 0
+        else:
+            first, last = start // chunk_size, (stop - 1) // chunk_size
+            run = payload["chunks"][index][first : last + 1]
+            size = min(nbytes, (last + 1) * chunk_size) - first * chunk_size
+        tensors.append(TensorRecord("uint8", (size,)))
+        rows.append(run)
+        local_rows.append(None)
+        cuts.append((start - first * chunk_size, stop - first * chunk_size) if run else (0, 0))
+    payload["chunks"] = rows
+    if parsed.local:
+        payload["local"] = {**local, "chunks": local_rows}
+    if not any(r is not None for r in local_rows):
+        payload.pop("local", None)
+    return dataclasses.replace(manifest, tensors=tuple(tensors), payload=payload), cuts

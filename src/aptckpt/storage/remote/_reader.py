@@ -16,6 +16,7 @@ deleted or replaced), :class:`~aptckpt.errors.CheckpointDeletedError`.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import io
 import threading
@@ -118,7 +119,8 @@ class RemoteDataFiles(base.DataFiles):
         self.reader, self.storage = reader, reader.storage
         self.records, self.paths, self.sizes = records, paths, sizes
         self.failed = {}
-        self._windows: OrderedDict[tuple[int, int], Future[bytes]] = OrderedDict()
+        self._windows: OrderedDict[tuple[int, int, int], Future[bytes]] = OrderedDict()
+        self._runs: dict[int, list[tuple[int, int]]] = {}
         self._windows_lock = threading.Lock()
         self._fetcher: ThreadPoolExecutor | None = None
         for index, size in enumerate(sizes):
@@ -166,22 +168,51 @@ class RemoteDataFiles(base.DataFiles):
                 f"reading checkpoint '{self.reader.location}'", self.paths[file], err
             ) from err
 
+    def expect(self, file: int, ranges: Sequence[tuple[int, int]]) -> None:
+        runs: list[tuple[int, int]] = []
+        # Ranges closer than a sixteenth of a part join one run: fetching the gap (raw
+        # chunks between compressed ones, read apart) costs less than another request.
+        gap = self.storage.part_size // 16
+        for start, stop in sorted(ranges):
+            if runs and start <= runs[-1][1] + gap:
+                runs[-1] = (runs[-1][0], max(runs[-1][1], stop))
+            else:
+                runs.append((start, stop))
+        self._runs[file] = runs
+
+    def _run_of(self, file: int, offset: int, end: int) -> tuple[int, int] | None:
+        """The expected run holding ``[offset, end)``: the whole object when nothing was
+        expected; None when the read lies outside every expected run."""
+        runs = self._runs.get(file)
+        if runs is None:
+            return 0, self.size(file)
+        at = bisect.bisect_right(runs, (offset, float("inf"))) - 1
+        if at >= 0 and runs[at][0] <= offset and end <= runs[at][1]:
+            return runs[at]
+        return None
+
     def read(self, file: int, offset: int, length: int) -> bytes:
+        """Small reads go through aligned windows of a part's size (fetched ahead) within
+        the run of expected bytes they lie in: a scan of a shard costs a few large GETs,
+        and a slice of one tensor no more than its own chunks."""
         window = self.storage.part_size
-        if length <= 0 or length >= window // 2:
+        run = self._run_of(file, offset, offset + length)
+        if length <= 0 or length >= window // 2 or run is None:
             return self._get(file, offset, offset + length)
-        first, last = offset // window, (offset + length - 1) // window
-        parts = [self._window(file, k).result() for k in range(first, last + 1)]
+        base, stop = run
+        first, last = (offset - base) // window, (offset + length - 1 - base) // window
+        parts = [self._window(file, base, stop, k).result() for k in range(first, last + 1)]
         for k in range(last + 1, last + 1 + _AHEAD):  # the next ones, while this decodes
-            if k * window < self.size(file):
-                self._window(file, k)
+            if base + k * window < stop:
+                self._window(file, base, stop, k)
         data = parts[0] if len(parts) == 1 else b"".join(parts)
-        start = offset - first * window
+        start = offset - (base + first * window)
         return bytes(memoryview(data)[start : start + length])
 
-    def _window(self, file: int, k: int) -> Future[bytes]:
-        """The fetch of window ``k`` of object ``file`` (started if not yet)."""
-        key = (file, k)
+    def _window(self, file: int, base: int, stop: int, k: int) -> Future[bytes]:
+        """The fetch of window ``k`` of the run ``[base, stop)`` of object ``file`` (started
+        if not yet)."""
+        key = (file, base, k)
         with self._windows_lock:
             found = self._windows.get(key)
             if found is not None:
@@ -190,7 +221,8 @@ class RemoteDataFiles(base.DataFiles):
             if self._fetcher is None:
                 self._fetcher = ThreadPoolExecutor(_AHEAD + 1, thread_name_prefix="aptckpt-window")
             window = self.storage.part_size
-            found = self._fetcher.submit(self._get, file, k * window, (k + 1) * window)
+            start = base + k * window
+            found = self._fetcher.submit(self._get, file, start, min(start + window, stop))
             self._windows[key] = found
             while len(self._windows) > _KEPT_WINDOWS:  # bounded memory: oldest go first
                 self._windows.popitem(last=False)
