@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
 import torch
 
-from aptckpt import _background, _config, _dtypes, _gc, _imports, _into, registry, tree
+from aptckpt import _background, _config, _dtypes, _gc, _imports, _into, _progress, registry, tree
 from aptckpt import manifest as mf
 from aptckpt._background import SaveHandle
+from aptckpt._progress import ProgressCallback
 from aptckpt._version import __version__
 from aptckpt.backends.base import Backend
 from aptckpt.distributed import _load as _sharded
@@ -946,9 +947,18 @@ def inspect(path: PathLike, *, storage_options: StorageOptions | None = None) ->
 
 
 @_gc.pausing
-def verify(path: PathLike, *, storage_options: StorageOptions | None = None) -> VerifyReport:
+def verify(
+    path: PathLike,
+    *,
+    storage_options: StorageOptions | None = None,
+    progress: ProgressCallback | None = None,
+) -> VerifyReport:
     """Check every digest, size and structural rule of a checkpoint
     (``storage_options`` for a URL, as for :func:`save`).
+
+    ``progress(advance, total)`` is called as the data is read: ``advance`` more bytes
+    of ``total``, the checkpoint's stored bytes (its files and the ``delta`` objects
+    it reaches); the advances add up to ``total``. Threads of the read may call it.
 
     Returns:
         A report when the checkpoint is intact.
@@ -960,6 +970,13 @@ def verify(path: PathLike, *, storage_options: StorageOptions | None = None) -> 
     """
     start = time.perf_counter()
     with _opened(path, storage_options) as (reader, manifest, impl):
+        external = (
+            _sharded.describe(impl, manifest)[1]
+            if manifest.sharded
+            else impl.external_bytes(manifest)
+        )
+        if progress is not None:
+            reader = _progress.counting(reader, manifest, external, progress)
         tensors = _read_tensors(reader, manifest, impl, verify=True)
         try:
             if manifest.sharded:  # every rank's view of the state rebuilds
@@ -974,11 +991,6 @@ def verify(path: PathLike, *, storage_options: StorageOptions | None = None) -> 
                 tree.rebuild(manifest.skeleton, tensors)
         except FormatError as err:
             raise IntegrityError(str(err), path=reader.location) from err
-        external = (
-            _sharded.describe(impl, manifest)[1]
-            if manifest.sharded
-            else impl.external_bytes(manifest)
-        )
         return VerifyReport(
             path=reader.location,
             backend=manifest.backend,
@@ -998,6 +1010,7 @@ def convert(
     verify: bool = True,
     storage_options: StorageOptions | None = None,
     dst_storage_options: StorageOptions | None = None,
+    progress: ProgressCallback | None = None,
     **options: Any,
 ) -> SaveInfo:
     """Rewrite the checkpoint ``src`` as ``dst`` with another backend, or copy it between
@@ -1022,6 +1035,8 @@ def convert(
         storage_options: for whichever of ``src`` and ``dst`` is a URL (both, if both
             are, unless ``dst_storage_options`` is given).
         dst_storage_options: for ``dst`` when it needs other options than ``src``.
+        progress: called as ``src`` is read, as for :func:`verify` (an aptckpt checkpoint;
+            an import reports nothing).
 
     Raises:
         As :func:`load` for ``src`` and :func:`save` for ``dst``.
@@ -1055,6 +1070,13 @@ def convert(
                 dst_storage.display(dst_path),
                 "it is the checkpoint being converted; choose another path",
             )
+        if progress is not None:
+            external = (
+                _sharded.describe(src_impl, manifest)[1]
+                if manifest.sharded
+                else src_impl.external_bytes(manifest)
+            )
+            reader = _progress.counting(reader, manifest, external, progress)
         if manifest.sharded:  # whole tensors, rank 0's per-rank values: one process's state
             state = _sharded.load(
                 reader,

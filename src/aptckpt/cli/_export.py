@@ -29,6 +29,7 @@ from aptckpt.cli._common import (
     dtype_str,
     fmt_size,
     options_for,
+    with_progress,
 )
 from aptckpt.storage import is_url
 from aptckpt.storage.local._atomic import fsync_dir
@@ -186,23 +187,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.level is not None:
         options["level"] = args.level
     foreign = None if is_url(args.src) else _imports.detect(args.src)
-    raw = (
-        None
-        if foreign is not None
-        else aptckpt.inspect(args.src, storage_options=options_for(args, args.src)).raw_bytes
-    )
+    if foreign is None:  # a missing or damaged source is reported before anything is made
+        aptckpt.inspect(args.src, storage_options=options_for(args, args.src))
     if args.to == "checkpoint":
-        info = busy(
-            lambda: aptckpt.convert(
+        info = with_progress(
+            lambda progress: aptckpt.convert(
                 args.src,
                 args.dst,
                 backend=args.backend or "zstd",
                 overwrite=args.overwrite,
                 storage_options=args.storage_options,
+                progress=progress,
                 **options,
             ),
             "convert",
-            raw,
         )
         ratio = f" ({info.stored_bytes / info.raw_bytes:.1%})" if info.raw_bytes else ""
         print(
@@ -232,7 +230,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
         return export(state, dst, overwrite=args.overwrite)
 
-    size, notes = busy(run, "export", raw)
+    size, notes = busy(run, "export")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {dst} ({args.to}, {fmt_size(size)}) from {args.src}")

@@ -23,6 +23,7 @@ from aptckpt.cli._common import (
     print_json,
     render_pairs,
     render_table,
+    with_progress,
 )
 from aptckpt.errors import AptckptError, StoreNotFoundError
 from aptckpt.storage import is_url, resolve
@@ -131,11 +132,17 @@ def _no_store(run: Path, err: StoreNotFoundError) -> str:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     try:
-        report = aptckpt.collect_garbage(
-            args.run_dir,
-            dry_run=args.dry_run,
-            wait=not args.no_wait,
-            storage_options=options_for(args, args.run_dir),
+        report = with_progress(
+            lambda progress: aptckpt.collect_garbage(
+                args.run_dir,
+                dry_run=args.dry_run,
+                wait=not args.no_wait,
+                storage_options=options_for(args, args.run_dir),
+                progress=progress,
+            ),
+            "gc",
+            unit="item",
+            enabled=False if args.json else None,
         )
     except StoreNotFoundError as err:
         if is_url(args.run_dir):
