@@ -429,6 +429,7 @@ class CheckpointManager:
 
             def persist(snapshot: FlatState) -> Path | str:
                 try:
+                    self._flush_history()  # the history up to a checkpoint commits before it
                     self.last_save_info = pending.persist(snapshot)
                     self._after_commit(rel)
                     if tokenizer_files:

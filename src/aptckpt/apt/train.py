@@ -489,7 +489,7 @@ class _Run:
                 for batch_index, inputs, targets in self.data.epoch(epoch, start=first):
                     loss = self._step(inputs, targets)
                     manager.log_metrics(
-                        self.global_step, loss=loss, lr=self.scheduler.get_last_lr()[0]
+                        self.global_step, train_loss=loss, lr=self.scheduler.get_last_lr()[0]
                     )
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                     bar.update(1)
