@@ -29,6 +29,7 @@ from typing import Any
 
 import aptckpt
 from aptckpt import _history
+from aptckpt._runlock import LOCK_NAME
 from aptckpt.cli._common import UsageError, fmt_size
 from aptckpt.storage import is_url, resolve
 
@@ -97,7 +98,9 @@ def _load(args: argparse.Namespace) -> tuple[str, list[aptckpt.CheckpointRecord]
     records = manager.checkpoints()
     history = manager.history()
     empty = not records and not history.points and not history.saves
-    if empty and storage.info(storage.join(root, "metadata.json")) is None:
+    # A manager that opened the run left its index or its lock: a run, still empty.
+    marks = ("metadata.json", LOCK_NAME)
+    if empty and all(storage.info(storage.join(root, name)) is None for name in marks):
         raise UsageError(
             f"'{where}' holds no checkpoints, no metadata.json and no history/: not a run "
             "of aptckpt.CheckpointManager (check the path, and --storage-option for a URL)"
@@ -249,6 +252,19 @@ def draw(
             zorder=3,
             clip_on=False,
         )
+    listed = {r.rel_path for r in records}
+    pruned = [e.step for e in history.saves if e.path not in listed]
+    if pruned:  # saves whose checkpoints retention has deleted since
+        ax_m.scatter(
+            pruned,
+            [0.97] * len(pruned),
+            transform=top,
+            marker="x",
+            s=14,
+            color="#AAAAAA",
+            zorder=2,
+            clip_on=False,
+        )
     if best is not None:
         ax_m.axvline(best.global_step, color="#D4A017", linestyle=":", linewidth=1.5)
         ax_m.scatter(
@@ -279,6 +295,10 @@ def draw(
             ),
         ),
         (
+            pruned,
+            Line2D([], [], marker="x", color="#AAAAAA", linestyle="", label="saved, since deleted"),
+        ),
+        (
             [best] if best else [],
             Line2D(
                 [],
@@ -298,7 +318,6 @@ def draw(
 
     # --- bytes written, by backend
     saves = list(history.saves)
-    listed = {r.rel_path for r in records}
     if saves:
         xs = [e.step for e in saves]
         heights = [e.bytes_written for e in saves]
