@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+from tqdm import tqdm
 
 import aptckpt
 from aptckpt import _progress
@@ -181,3 +182,15 @@ def test_verify_on_object_storage_reports_every_stored_byte(memory_url, backend)
     aptckpt.verify(url, progress=progress)
     stored = aptckpt.inspect(url).stored_bytes
     assert sum(a for a, _ in calls) == stored and {t for _, t in calls} == {stored}
+
+
+def test_cli_verify_of_a_remote_run_counts_its_bytes(memory_url, capsys, monkeypatch):
+    aptckpt.save(_state(), f"{memory_url}/a")
+    aptckpt.save(_state(), f"{memory_url}/b", backend="torch")
+    tty = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert main(["verify", memory_url]) == 0
+    total = sum(aptckpt.inspect(f"{memory_url}/{n}").stored_bytes for n in "ab")
+    shown = tqdm.format_sizeof(total, divisor=1000)
+    assert "100%" in tty.getvalue() and f"{shown}/{shown}" in tty.getvalue()  # all bytes
+    assert capsys.readouterr().out.splitlines()[-1] == "2 checkpoint(s): 2 OK, 0 failed"

@@ -14,9 +14,10 @@ live in the manifest. Both go to ``history/`` in the run directory, as JSON line
     ``save_s``: until it had committed).
 
 Lines are kept in memory and written as one new *segment* file
-(``history/000007.jsonl``) per flush: on every save (so the history up to a
-checkpoint is on disk when the checkpoint is), after :data:`FLUSH_LINES` lines or
-:data:`FLUSH_SECONDS`, and at :meth:`close`. A segment is written whole
+(``history/000007.jsonl``) per flush: on every save, before its checkpoint commits
+(so the metrics up to a checkpoint are on disk when it is; a save's own event goes
+out with the next flush), after :data:`FLUSH_LINES` lines or :data:`FLUSH_SECONDS`,
+and when the manager closes. A segment is written whole
 (:meth:`Storage.create_file`: atomic locally, one conditional PUT on object stores) -- the
 alternative, appending to one file, is not an operation object stores have, and
 rewriting a growing file on every flush costs quadratic bytes. Segments are
@@ -151,8 +152,9 @@ class HistoryWriter:
         self._add(line)
 
     def log_save(self, event: SaveEvent) -> None:
+        # Not flushed now: the next save writes it before it commits (or close() does),
+        # so a save costs one small write, not two.
         self._add({"event": "save", **event.__dict__})
-        self.flush()
 
     def _add(self, doc: dict[str, Any]) -> None:
         text = json.dumps(doc, allow_nan=True, separators=(",", ":"))

@@ -160,20 +160,21 @@ class _Totals:
     """One bar over every checkpoint verified: bytes read of the bytes they hold in all
     (from their manifests; a checkpoint that fails early counts as done)."""
 
-    def __init__(self, bar: Any, paths: list[Path]) -> None:
+    def __init__(self, bar: Any, paths: list[Any], options: Any = None) -> None:
         self.bar = bar
-        self.sizes: dict[Path, int] = {}
+        self.sizes: dict[Any, int] = {}
+        self.options = options
         if bar.disable:
             return
         for path in paths:
             try:
-                self.sizes[path] = aptckpt.inspect(path).stored_bytes
+                self.sizes[path] = aptckpt.inspect(path, storage_options=options).stored_bytes
             except (AptckptError, OSError):
                 self.sizes[path] = 0  # reported when verified
         bar.total = sum(self.sizes.values())
-        self.counted: dict[Path, int] = {}
+        self.counted: dict[Any, int] = {}
 
-    def callback(self, path: Path) -> _progress.ProgressCallback | None:
+    def callback(self, path: Any) -> _progress.ProgressCallback | None:
         if self.bar.disable:
             return None
 
@@ -183,7 +184,7 @@ class _Totals:
 
         return advance
 
-    def done(self, path: Path) -> None:
+    def done(self, path: Any) -> None:
         if not self.bar.disable:
             # what was not read (damage stopped it, a checkpoint deleted meanwhile)
             rest = self.sizes.get(path, 0) - self.counted.get(path, 0)
@@ -215,21 +216,29 @@ def _verify_remote(args: argparse.Namespace) -> int:
                 "a manifest.msgpack); pass a checkpoint or a run"
             )
     results: list[dict[str, Any]] = []
-    for path in paths:
-        url = storage.display(path)
-        result: dict[str, Any] = {"path": url, "ok": False}
-        try:
-            report = aptckpt.verify(url, storage_options=args.storage_options)
-        except (AptckptError, OSError) as err:
-            problems = list(getattr(err, "problems", ())) or [str(err)]
-            result.update(error=str(err), problems=problems)
-            line = f"FAILED   {url}\n" + "\n".join(f"    {p}" for p in problems)
-        else:
-            result.update(ok=True, tensors=report.tensors, stored_bytes=report.stored_bytes)
-            line = f"OK       {url}  ({report.tensors} tensors, {fmt_size(report.stored_bytes)})"
-        results.append(result)
-        if not args.json:
-            print(line, flush=True)
+    urls = [storage.display(path) for path in paths]
+    with _progress.bar(None, "verify", enabled=False if args.json else None) as bar:
+        totals = _Totals(bar, urls, args.storage_options)
+        for url in urls:
+            result: dict[str, Any] = {"path": url, "ok": False}
+            try:
+                report = aptckpt.verify(
+                    url, storage_options=args.storage_options, progress=totals.callback(url)
+                )
+            except (AptckptError, OSError) as err:
+                problems = list(getattr(err, "problems", ())) or [str(err)]
+                result.update(error=str(err), problems=problems)
+                line = f"FAILED   {url}\n" + "\n".join(f"    {p}" for p in problems)
+            else:
+                result.update(ok=True, tensors=report.tensors, stored_bytes=report.stored_bytes)
+                size = fmt_size(report.stored_bytes)
+                line = f"OK       {url}  ({report.tensors} tensors, {size})"
+            totals.done(url)
+            results.append(result)
+            if not args.json:
+                bar.clear()
+                print(line, flush=True)
+                bar.refresh()
     bad = sum(not r["ok"] for r in results)
     if args.json:
         print_json(results)
