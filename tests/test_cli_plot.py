@@ -125,3 +125,20 @@ def test_plot_a_run_on_object_storage(memory_url, tmp_path, capsys):
     assert main(["plot", memory_url, "-o", str(out)]) == 0
     assert "1 checkpoint(s), 3 step(s) of loss, 1 save(s) timed" in capsys.readouterr().out
     assert memory_url in out.read_text()  # the title names the run
+
+
+def test_plot_a_run_on_s3_through_the_storage_options(s3_url, s3_options, tmp_path, capsys):
+    with aptckpt.CheckpointManager(s3_url, storage_options=s3_options) as mgr:
+        mgr.log_metrics(1, loss=1.0)
+        mgr.save(1, {"w": torch.randn(100)}, metrics={"loss": 1.0})
+    opts = [
+        f"--storage-option=endpoint_url={s3_options['endpoint_url']}",
+        "--storage-option=key=fake-key-id",
+        f"--storage-option=secret={s3_options['secret']}",
+        "--storage-option=client_kwargs.region_name=us-east-1",
+    ]
+    out = tmp_path / "s3.svg"
+    assert main(["plot", s3_url, "-o", str(out), *opts]) == 0
+    printed = capsys.readouterr()
+    assert "1 checkpoint(s), 1 step(s) of loss, 1 save(s) timed" in printed.out
+    assert s3_options["secret"] not in out.read_text() + printed.out + printed.err

@@ -75,7 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         return c
 
     command("info", cmd_info, "versions, native core, SIMD, threads, backends")
-    c = command("ls", cmd_ls, "list the checkpoints of a run directory")
+    c = command(
+        "ls",
+        cmd_ls,
+        "list the checkpoints of a run directory (--json: a document of schema 1, "
+        "described in docs/cli.md)",
+    )
     c.add_argument("run_dir", metavar="RUN_DIR")
     c = command("inspect", cmd_inspect, "show a checkpoint's manifest and tensors (reads no data)")
     c.add_argument("checkpoint", metavar="CKPT")
