@@ -514,6 +514,8 @@ class CheckpointManager:
         rel = plan["rel"]
         path = self._run.user_path(rel)
         timing = _SaveTiming(self, rel, step, started, blocking) if self.coordinator else None
+        if self.coordinator:
+            self._flush_history()  # the history up to a checkpoint commits before it
         try:
             result: Any = api.save(  # type: ignore[call-overload]
                 content,
