@@ -57,7 +57,7 @@ def test_svg_has_the_parts_of_the_picture(tmp_path):
     run = tmp_path / "run"
     _run(run, backends=("zstd", "delta"), steps=14)  # ends on a temporary checkpoint
     out = tmp_path / "run.svg"
-    assert main(["plot", str(run), "-o", str(out), "--metric", "val_loss"]) == 0
+    assert main(["plot", str(run), "-o", str(out), "--metric", "val_loss", "--log-y"]) == 0
     svg = out.read_text()
     parts = ("val_loss", "best", "temporary checkpoint", "saved, since deleted", "since deleted")
     for text in (*parts, "zstd", "delta", "training blocked", "until committed"):
@@ -142,3 +142,13 @@ def test_plot_a_run_on_s3_through_the_storage_options(s3_url, s3_options, tmp_pa
     printed = capsys.readouterr()
     assert "1 checkpoint(s), 1 step(s) of loss, 1 save(s) timed" in printed.out
     assert s3_options["secret"] not in out.read_text() + printed.out + printed.err
+
+
+def test_the_moving_average_skips_a_diverged_step():
+    import math
+
+    from aptckpt.cli._plot import _smooth
+
+    assert _smooth([1.0, 2.0, math.nan, 4.0], 2) == [1.0, 1.5, 2.0, 4.0]
+    assert math.isnan(_smooth([math.nan], 3)[0])
+    assert _smooth([float(i) for i in range(10)], 3)[-1] == 8.0

@@ -105,11 +105,14 @@ class History:
 
     def save_of(self, rel_path: str) -> SaveEvent | None:
         """The last save event of checkpoint ``rel_path``."""
-        found = None
-        for event in self.saves:
-            if event.path == rel_path:
-                found = event
-        return found
+        return self._last_saves().get(rel_path)
+
+    def _last_saves(self) -> dict[str, SaveEvent]:
+        cached: dict[str, SaveEvent] | None = self.__dict__.get("_by_path")
+        if cached is None:
+            cached = {event.path: event for event in self.saves}  # later ones win
+            object.__setattr__(self, "_by_path", cached)  # a cache, not a field
+        return cached
 
 
 def _number(value: Any) -> float | None:

@@ -21,6 +21,7 @@ file name: ``.png``, ``.svg``, ``.pdf``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -67,6 +68,7 @@ def add_parser(command: Any) -> None:
         help="a metric to draw (repeatable; default: those named *loss*, else all)",
     )
     c.add_argument("--title", help="title of the picture (default: the run's path)")
+    c.add_argument("--log-y", action="store_true", help="metrics on a logarithmic scale")
 
 
 def _pyplot() -> Any:
@@ -137,13 +139,18 @@ def _series(name: str, history: Any, records: Sequence[Any]) -> tuple[list[int],
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
-    out, total, queue = [], 0.0, []
+    """The mean of each value and the ``window - 1`` before it (fewer at the start);
+    non-finite values (a diverged step) are left out of the means around them."""
+    sums, counts = [0.0], [0]
     for v in values:
-        queue.append(v)
-        total += v
-        if len(queue) > window:
-            total -= queue.pop(0)
-        out.append(total / len(queue))
+        finite = math.isfinite(v)
+        sums.append(sums[-1] + (v if finite else 0.0))
+        counts.append(counts[-1] + finite)
+    out = []
+    for i in range(1, len(values) + 1):
+        lo = max(0, i - window)
+        n = counts[i] - counts[lo]
+        out.append((sums[i] - sums[lo]) / n if n else math.nan)
     return out
 
 
@@ -166,6 +173,8 @@ def draw(
     metrics: Sequence[str],
     output: Path,
     title: str | None = None,
+    *,
+    log_y: bool = False,
 ) -> None:
     """Draw the run into ``output`` (format from its suffix)."""
     plt = _pyplot()
@@ -226,6 +235,8 @@ def draw(
         )
     ax_m.set_ylabel(", ".join(metrics) if 0 < len(metrics) <= 2 else "metrics")
     ax_m.grid(alpha=0.3)
+    if log_y and drawn:
+        ax_m.set_yscale("log")  # matplotlib masks values <= 0
     top = ax_m.get_xaxis_transform()  # x in steps, y in axes fractions
     regular = [r for r in records if r.kind == "epoch"]
     temps = [r for r in records if r.kind == "temp"]
@@ -449,7 +460,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     _pyplot()  # the missing extra is reported before the run is read
     where, records, best, history = _load(args)
     metrics = _metrics(history, records, args.metric)
-    draw(where, records, best, history, metrics, output, args.title)
+    draw(where, records, best, history, metrics, output, args.title, log_y=args.log_y)
     print(
         f"wrote {output}: {len(records)} checkpoint(s), {len(history.points)} step(s) of "
         f"{', '.join(metrics) or 'no metrics'}, {len(history.saves)} save(s) timed"
