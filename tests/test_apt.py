@@ -349,6 +349,14 @@ def test_train_model_tiny_run(tmp_path: Path) -> None:
     assert state["tokenizer"] == result.tokenizer.files()
     assert set(state["rng"]) >= {"python", "numpy", "torch"}
     assert_state_equal(result.model.state_dict(), state["model"])
+    # The loop logs every step's loss and the validation loss into the run's history.
+    history = CheckpointManager(run, read_only=True).history()
+    steps, losses = history.series("train_loss")
+    assert steps == list(range(1, 9)) and losses == pytest.approx(result.losses)
+    assert history.series("val_loss")[0] == [4, 8]
+    assert [e.step for e in history.saves] == [3, 4, 6, 8]  # temporaries included
+    assert all(0 <= e.blocked_s <= e.save_s for e in history.saves)
+    assert sum(e.bytes_written for e in history.saves) == result.bytes_written
 
 
 def test_save_path_is_deprecated_but_works(tmp_path: Path) -> None:

@@ -311,6 +311,7 @@ def manager_saves_prunes_and_resumes_at_any_world_size(
     )
     torch.manual_seed(1000 + rank)  # each rank's own RNG stream
     for step in (1, 2, 3):
+        manager.log_metrics(step * 10, loss=1.0 / step)  # recorded once, by group rank 0
         handle = manager.save_checkpoint(
             model,
             optim,
@@ -330,6 +331,14 @@ def manager_saves_prunes_and_resumes_at_any_world_size(
         names = sorted(p.name for p in (run / "checkpoints").iterdir())
         assert names == ["apt_model_epoch2_step20", "apt_model_epoch3_step30"], names
         assert (run / "metadata.json").exists()
+        history = aptckpt.CheckpointManager(run, read_only=True).history()
+        assert [p.step for p in history.points] == [10, 20, 30]
+        assert [(e.step, e.blocking) for e in history.saves] == [
+            (10, True),
+            (20, False),
+            (30, True),
+        ]
+        assert all(0 <= e.blocked_s <= e.save_s for e in history.saves)
     dist.barrier()
     torch.manual_seed(0)  # scramble: the resume must restore this rank's own stream
     fresh, fresh_optim = _fresh_fsdp(world, groups)

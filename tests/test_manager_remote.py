@@ -178,8 +178,8 @@ def test_cli_lists_verifies_and_inspects_urls(s3_url, s3_options, capsys):
         "client_kwargs.region_name=us-east-1",
     ]
     assert cli(["ls", url, "--json", *opts]) == 0
-    listed = json.loads(capsys.readouterr().out)
-    assert [r["global_step"] for r in listed] == [1, 2]
+    listed = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [r["step"] for r in listed] == [1, 2]
     assert cli(["verify", url, *opts]) == 0
     out = capsys.readouterr().out
     assert "2 checkpoint(s): 2 OK" in out

@@ -289,6 +289,8 @@ class Listing:
     sources: dict[str, tuple[str | None, int]]
     #: When the run began, as its index says (None without an index).
     created_at: str | None
+    #: The rel paths whose index entry matched the checkpoint on disk (used as is).
+    indexed: set[str] = field(default_factory=set)
 
 
 def scan(run: _rundir.Run) -> Listing:
@@ -299,7 +301,7 @@ def scan(run: _rundir.Run) -> Listing:
             needs a newer aptckpt (or a backend plugin that is not installed).
     """
     index = _read_index(run)
-    records, sources = [], {}
+    records, sources, indexed = [], {}, set()
     for folder, kind in _KIND_OF_FOLDER.items():
         try:
             entries = run.storage.list(run.path(folder))
@@ -327,13 +329,15 @@ def scan(run: _rundir.Run) -> Listing:
                 and item.get("manifest") == digest
             ):
                 found = _from_entry(path, rel, kind, item)
+                if found is not None:
+                    indexed.add(rel)
             if found is None:
                 legacy = item if index.version == 1 else None
                 found = _from_manifest(run, path, rel, kind, legacy)
             if found is not None:
                 records.append(found[0])
                 sources[rel] = (digest, found[1])
-    return Listing(sorted(records, key=order), sources, index.created_at)
+    return Listing(sorted(records, key=order), sources, index.created_at, indexed)
 
 
 def _from_entry(

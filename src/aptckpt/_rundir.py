@@ -47,6 +47,7 @@ from aptckpt.storage.base import Storage
 
 __all__ = [
     "FOLDERS",
+    "HISTORY",
     "INDEX_NAME",
     "MAX_INDEX_BYTES",
     "REGULAR",
@@ -66,9 +67,11 @@ log = logging.getLogger("aptckpt")
 
 INDEX_NAME = "metadata.json"
 REGULAR, TEMP, TOKENIZER = "checkpoints", "temp", "tokenizer"
+#: The run's metric and save history (:mod:`aptckpt._history`).
+HISTORY = "history"
 STORE = DEFAULT_STORE_NAME
 #: The folders of a run that the manager writes into.
-FOLDERS = (REGULAR, TEMP, TOKENIZER, STORE)
+FOLDERS = (REGULAR, TEMP, TOKENIZER, STORE, HISTORY)
 #: An index over ~100 000 checkpoints; a larger ``metadata.json`` is not one the
 #: manager wrote, and is ignored (rebuilt) rather than read into memory.
 MAX_INDEX_BYTES = 64 << 20
@@ -237,7 +240,7 @@ def remove_debris(run: Run) -> None:
     object stores: data of saves that never committed, once older than the grace age)
     in the run's folders (not behind links), and temp files in its object store. Only
     under the run lock, so no other process is writing them."""
-    folders = [(), (REGULAR,), (TEMP,), (TOKENIZER,)]
+    folders = [(), (REGULAR,), (TEMP,), (TOKENIZER,), (HISTORY,)]
     removed = sum(
         run.storage.remove_debris(run.path(*f), exclusive=True)
         for f in folders

@@ -28,10 +28,22 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
 import torch
 
-from aptckpt import _background, _config, _dtypes, _exports, _gc, _imports, _into, registry, tree
+from aptckpt import (
+    _background,
+    _config,
+    _dtypes,
+    _exports,
+    _gc,
+    _imports,
+    _into,
+    _progress,
+    registry,
+    tree,
+)
 from aptckpt import manifest as mf
 from aptckpt._background import SaveHandle
 from aptckpt._exports import ExportInfo
+from aptckpt._progress import ProgressCallback
 from aptckpt._version import __version__
 from aptckpt.backends.base import Backend
 from aptckpt.distributed import _load as _sharded
@@ -682,6 +694,7 @@ def load(
     process_group: Any = ...,
     rank: int | None = ...,
     keys: Sequence[Any] | None = ...,
+    progress: ProgressCallback | None = ...,
 ) -> Any: ...
 
 
@@ -698,6 +711,7 @@ def load(
     process_group: Any = ...,
     rank: int | None = ...,
     keys: Sequence[Any] | None = ...,
+    progress: ProgressCallback | None = ...,
 ) -> IntoResult: ...
 
 
@@ -714,6 +728,7 @@ def load(
     process_group: Any = None,
     rank: int | None = None,
     keys: Sequence[Any] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Any:
     """Load the state saved at ``path``, bit for bit.
 
@@ -752,6 +767,8 @@ def load(
             any world size and mesh. An error on any rank is raised on every rank
             (:class:`~aptckpt.errors.CollectiveError`). A checkpoint saved by a process
             group loads without one too: whole tensors, rank 0's per-rank values.
+        progress: ``progress(advance, total)`` as the data is read, as for :func:`verify`
+            (a whole load in one process: not with ``keys`` or ``process_group``).
 
     Returns:
         The state; with ``into``, an :class:`IntoResult` holding it and the unmatched keys.
@@ -766,6 +783,8 @@ def load(
     """
     if mmap and into is not None:
         raise ValueError("load() takes mmap=True or into=, not both: into= already reuses memory")
+    if progress is not None and (keys is not None or process_group is not None):
+        raise ValueError("load(progress=...) reports whole loads; not with keys= or process_group=")
     if keys is not None:
         if into is not None or mmap or process_group is not None:
             raise ValueError(
@@ -787,6 +806,7 @@ def load(
     if rank is not None and (type(rank) is not int or rank < 0):
         raise ValueError(f"rank must be a non-negative int, got {rank!r}")
     with _opened(path, storage_options) as (reader, manifest, impl):
+        reader = _counted(reader, manifest, impl, progress)
         if manifest.sharded:
             return _sharded.load(
                 reader,
@@ -953,9 +973,18 @@ def inspect(path: PathLike, *, storage_options: StorageOptions | None = None) ->
 
 
 @_gc.pausing
-def verify(path: PathLike, *, storage_options: StorageOptions | None = None) -> VerifyReport:
+def verify(
+    path: PathLike,
+    *,
+    storage_options: StorageOptions | None = None,
+    progress: ProgressCallback | None = None,
+) -> VerifyReport:
     """Check every digest, size and structural rule of a checkpoint
     (``storage_options`` for a URL, as for :func:`save`).
+
+    ``progress(advance, total)`` is called as the data is read: ``advance`` more bytes
+    of ``total``, the checkpoint's stored bytes (its files and the ``delta`` objects
+    it reaches); the advances add up to ``total``. Threads of the read may call it.
 
     Returns:
         A report when the checkpoint is intact.
@@ -967,6 +996,8 @@ def verify(path: PathLike, *, storage_options: StorageOptions | None = None) -> 
     """
     start = time.perf_counter()
     with _opened(path, storage_options) as (reader, manifest, impl):
+        external = _external_bytes(impl, manifest)
+        reader = _counted(reader, manifest, impl, progress)
         tensors = _read_tensors(reader, manifest, impl, verify=True)
         try:
             if manifest.sharded:  # every rank's view of the state rebuilds
@@ -981,11 +1012,6 @@ def verify(path: PathLike, *, storage_options: StorageOptions | None = None) -> 
                 tree.rebuild(manifest.skeleton, tensors)
         except FormatError as err:
             raise IntegrityError(str(err), path=reader.location) from err
-        external = (
-            _sharded.describe(impl, manifest)[1]
-            if manifest.sharded
-            else impl.external_bytes(manifest)
-        )
         return VerifyReport(
             path=reader.location,
             backend=manifest.backend,
@@ -1007,6 +1033,7 @@ def convert(
     verify: bool = ...,
     storage_options: StorageOptions | None = ...,
     dst_storage_options: StorageOptions | None = ...,
+    progress: ProgressCallback | None = ...,
     **options: Any,
 ) -> SaveInfo: ...
 
@@ -1022,6 +1049,7 @@ def convert(
     storage_options: StorageOptions | None = ...,
     select: str | tuple[Any, ...] | None = ...,
     max_shard_size: int | str | None = ...,
+    progress: ProgressCallback | None = ...,
 ) -> ExportInfo: ...
 
 
@@ -1037,6 +1065,7 @@ def convert(
     dst_storage_options: StorageOptions | None = None,
     select: str | tuple[Any, ...] | None = None,
     max_shard_size: int | str | None = None,
+    progress: ProgressCallback | None = None,
     **options: Any,
 ) -> SaveInfo | ExportInfo:
     """Rewrite the checkpoint ``src`` as ``dst`` with another backend, or copy it between
@@ -1070,6 +1099,8 @@ def convert(
         storage_options: for whichever of ``src`` and ``dst`` is a URL (both, if both
             are, unless ``dst_storage_options`` is given).
         dst_storage_options: for ``dst`` when it needs other options than ``src``.
+        progress: called as ``src`` is read, as for :func:`verify` (an aptckpt checkpoint;
+            an import reports nothing).
 
     Raises:
         As :func:`load` for ``src`` and :func:`save` for ``dst``.
@@ -1092,7 +1123,7 @@ def convert(
                 f"an export (to={to!r}) writes a local path, not {os.fspath(dst)!r}",
                 path=os.fspath(dst),
             )
-        state, provenance = _export_source(src, src_options, verify=verify)
+        state, provenance = _export_source(src, src_options, verify=verify, progress=progress)
         return _exports.export(
             state,
             Path(os.fspath(dst)),
@@ -1132,6 +1163,7 @@ def convert(
                 dst_storage.display(dst_path),
                 "it is the checkpoint being converted; choose another path",
             )
+        reader = _counted(reader, manifest, src_impl, progress)
         if manifest.sharded:  # whole tensors, rank 0's per-rank values: one process's state
             state = _sharded.load(
                 reader,
@@ -1172,7 +1204,11 @@ def convert(
 
 
 def _export_source(
-    src: PathLike, storage_options: StorageOptions | None, *, verify: bool
+    src: PathLike,
+    storage_options: StorageOptions | None,
+    *,
+    verify: bool,
+    progress: ProgressCallback | None,
 ) -> tuple[Any, dict[str, str]]:
     """The state an export writes, and its provenance (strings, for safetensors'
     ``__metadata__``)."""
@@ -1203,8 +1239,29 @@ def _export_source(
             step = metadata.get("step", metadata.get("global_step"))
             if isinstance(step, int):
                 provenance["aptckpt.step"] = str(step)
-    state = load(src, map_location="cpu", verify=verify, storage_options=storage_options)
+    state = load(
+        src, map_location="cpu", verify=verify, storage_options=storage_options, progress=progress
+    )
     return state, provenance
+
+
+def _external_bytes(impl: Backend, manifest: mf.Manifest) -> int:
+    """Bytes of store objects the checkpoint reaches outside its own files."""
+    return (
+        _sharded.describe(impl, manifest)[1] if manifest.sharded else impl.external_bytes(manifest)
+    )
+
+
+def _counted(
+    reader: CheckpointReader,
+    manifest: mf.Manifest,
+    impl: Backend,
+    progress: ProgressCallback | None,
+) -> CheckpointReader:
+    """``reader``, reporting the bytes read to ``progress`` (if given)."""
+    if progress is None:
+        return reader
+    return _progress.counting(reader, manifest, _external_bytes(impl, manifest), progress)
 
 
 def delete(path: PathLike, *, storage_options: StorageOptions | None = None) -> None:

@@ -56,6 +56,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -66,6 +67,7 @@ import aptckpt.api as api
 from aptckpt import (
     _background,
     _gc,
+    _history,
     _run_index,
     _rundir,
     _runlock,
@@ -158,6 +160,9 @@ class CheckpointManager:
         UnsafePathError: (writing managers) a folder of the run, or its lock file, is
             a symbolic link.
     """
+
+    #: Made on the first :meth:`log_metrics` or save (see :meth:`_history_writer`).
+    _history_out: _history.HistoryWriter | None = None
 
     def __init__(
         self,
@@ -257,6 +262,7 @@ class CheckpointManager:
         (other managers of this process may still hold it). A later save takes it again."""
         try:
             self.wait()
+            self._flush_history()
         finally:
             lock, self._lock = self._lock, None
             if lock is not None:
@@ -425,6 +431,7 @@ class CheckpointManager:
                 blocking=blocking,
                 tokenizer_files=tokenizer_files,
             )
+        started = time.perf_counter()  # the caller's stall starts here (waits included)
         self.wait()
         content = self._content(step, state, epoch, metrics, batch_index, per_rank=False)
         lock = self._hold_run()
@@ -437,6 +444,7 @@ class CheckpointManager:
             self.wait()  # a save another thread started on this manager meanwhile: its error
             records, rel, run_meta = self._number(lock, content, temporary, is_best)
             path = self._run.user_path(rel)
+            timing = _SaveTiming(self, rel, step, started, blocking)
             pending = api.prepare_save(
                 content,
                 path,
@@ -449,12 +457,14 @@ class CheckpointManager:
 
             def persist(snapshot: FlatState) -> Path | str:
                 try:
+                    self._flush_history()  # the history up to a checkpoint commits before it
                     self.last_save_info = pending.persist(snapshot)
                     self._after_commit(rel)
                     if tokenizer_files:
                         self._write_tokenizer_after_commit(tokenizer_files, path)
                 finally:
                     release()
+                timing.committed(self.last_save_info)
                 return path
 
             def persist_then_leave(snapshot: FlatState) -> Path | str:
@@ -466,7 +476,9 @@ class CheckpointManager:
             if blocking:
                 with _gc.paused():  # as in api.save: only while the caller waits
                     handed_off = True
-                    return persist(pending.flat)
+                    done = persist(pending.flat)
+                timing.returned()
+                return done
             lock.enter()  # the run stays locked until this save is done, whoever closes
             try:
                 handle = _background.submit(pending.flat, str(path), persist_then_leave)
@@ -476,6 +488,7 @@ class CheckpointManager:
             handed_off = True
             with self._handles():
                 self._in_flight, self._handle_pid = handle, os.getpid()
+            timing.returned()
             return handle
         except BaseException:
             if not handed_off:
@@ -500,6 +513,7 @@ class CheckpointManager:
         coordinator updates the index and prunes once it committed."""
         from aptckpt.distributed._comm import Comm, describe, failed
 
+        started = time.perf_counter()
         self.wait()
         content = self._content(step, state, epoch, metrics, batch_index, per_rank=True)
         lock = self._hold_run() if self.coordinator else None
@@ -527,6 +541,9 @@ class CheckpointManager:
                 raise
         rel = plan["rel"]
         path = self._run.user_path(rel)
+        timing = _SaveTiming(self, rel, step, started, blocking) if self.coordinator else None
+        if self.coordinator:
+            self._flush_history()  # the history up to a checkpoint commits before it
         try:
             result: Any = api.save(  # type: ignore[call-overload]
                 content,
@@ -551,13 +568,20 @@ class CheckpointManager:
                         self._write_tokenizer_after_commit(tokenizer_files, path)
             finally:
                 release()
+            if timing is not None:
+                timing.committed(info)
             return path
 
         if blocking:
-            return after(result)
+            done = after(result)
+            if timing is not None:
+                timing.returned()
+            return done
         handle = _background.chain(result, after)
         with self._handles():
             self._in_flight, self._handle_pid = handle, os.getpid()
+        if timing is not None:
+            timing.returned()
         return handle
 
     def _content(
@@ -820,6 +844,52 @@ class CheckpointManager:
         except (AptckptError, OSError) as err:
             log.warning("garbage collection skipped: %s", err)
 
+    # ----------------------------------------------------------- the history
+
+    def log_metrics(self, step: int, **metrics: float | torch.Tensor) -> None:
+        """Record metrics at ``step`` in the run's history (``history/``, see
+        :mod:`aptckpt._history`): what ``aptckpt plot`` draws between checkpoints.
+
+        Cheap: lines are buffered and written as one small file on each save, every
+        1000 lines or 30 seconds, and at :meth:`close`. Values are plain numbers (a
+        0-d tensor's ``.item()`` is taken). In a process group only group rank 0
+        records; the other ranks' calls do nothing.
+
+        Raises:
+            ValueError: a read-only manager, or ``step`` is not a non-negative int.
+            TypeError: a value is not a number.
+        """
+        if self.read_only:
+            raise ValueError(
+                f"this CheckpointManager of '{self.run_dir}' was opened with read_only=True; "
+                "open it without read_only to log metrics"
+            )
+        writer = self._history_writer()
+        if writer is not None:
+            writer.log_metrics(step, metrics)
+
+    def history(self) -> _history.History:
+        """The run's history as recorded so far (metric points by step, one event per
+        committed save with its bytes written and time blocked); empty when none was."""
+        self._flush_history()
+        return _history.read(self._run)
+
+    def _history_writer(self) -> _history.HistoryWriter | None:
+        if not self.coordinator or self.read_only:
+            return None
+        if self._history_out is None:
+            self._history_out = _history.HistoryWriter(self._run)
+        return self._history_out
+
+    def _flush_history(self) -> None:
+        writer = self._history_out
+        if writer is None:
+            return
+        try:
+            writer.flush()
+        except OSError as err:  # kept in memory: the next flush tries again
+            log.warning("run history not written (retried on the next save): %s", err)
+
     # ----------------------------------------------------------- the index
 
     def checkpoints(self) -> list[CheckpointRecord]:
@@ -996,6 +1066,54 @@ class _Saved:
 
     def load_state_dict(self, state: Any, /) -> Any:
         raise TypeError("a state dict taken for a save is not restored into")
+
+
+class _SaveTiming:
+    """How long a save blocked its caller and how long until it committed, logged to the
+    run's history once both are known (for a background save, either may come first)."""
+
+    def __init__(
+        self, manager: CheckpointManager, rel: str, step: int, started: float, blocking: bool
+    ) -> None:
+        self.manager, self.rel, self.step = manager, rel, step
+        self.started, self.blocking = started, blocking
+        self.lock = threading.Lock()
+        self.blocked: float | None = None
+        self.saved: tuple[float, SaveInfo | None] | None = None
+
+    def returned(self) -> None:
+        with self.lock:
+            self.blocked = time.perf_counter() - self.started
+        self._log()
+
+    def committed(self, info: SaveInfo | None) -> None:
+        with self.lock:
+            self.saved = (time.perf_counter() - self.started, info)
+        self._log()
+
+    def _log(self) -> None:
+        with self.lock:
+            if self.blocked is None or self.saved is None:
+                return
+            blocked, (seconds, info) = self.blocked, self.saved
+            self.blocked = None  # logged once
+        writer = self.manager._history_writer()
+        if writer is None:
+            return
+        event = _history.SaveEvent(
+            path=self.rel,
+            step=self.step,
+            backend=info.backend if info is not None else self.manager.backend,
+            bytes_written=info.stored_bytes if info is not None else 0,
+            blocked_s=round(min(blocked, seconds), 6),
+            save_s=round(seconds, 6),
+            blocking=self.blocking,
+            time=round(time.time(), 3),
+        )
+        try:
+            writer.log_save(event)
+        except OSError as err:  # the checkpoint committed: a lost history line is no failure
+            log.warning("run history not written (retried on the next save): %s", err)
 
 
 def _nothing() -> None:

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from aptckpt._progress import Progress
+from aptckpt import _progress
 from aptckpt.apt import _parallel
 from aptckpt.apt._support import (
     Clock,
@@ -485,11 +485,16 @@ class _Run:
             first = self.start_batch if epoch == self.start_epoch else 0
             epoch_start = len(self.losses) - first  # this epoch's first loss in self.losses
             desc = f"epoch {epoch + 1}/{self.epochs}"
-            with self.clock.span("train"), Progress(steps, desc, enabled=progress) as bar:
+            bar = _progress.bar(steps, desc, unit="step", enabled=progress)
+            with self.clock.span("train"), bar:
                 bar.update(first)
                 for batch_index, inputs, targets in self.data.epoch(epoch, start=first):
                     loss = self._step(inputs, targets)
-                    bar.update(1, loss=loss)
+                    manager.log_metrics(
+                        self.global_step, train_loss=loss, lr=self.scheduler.get_last_lr()[0]
+                    )
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    bar.update(1)
                     done = batch_index + 1
                     if manager.should_save_temp(self.global_step) and done < steps:
                         self._save(manager, epoch, epoch_start, batch_index=done)
@@ -502,6 +507,8 @@ class _Run:
                     device=self.device,
                 )
             self.epoch_losses.append(train_loss)
+            if val_loss is not None:
+                manager.log_metrics(self.global_step, val_loss=val_loss)
             self._save(manager, epoch, epoch_start, val_loss=val_loss)
 
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:

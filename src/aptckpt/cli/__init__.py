@@ -1,6 +1,6 @@
 """The ``aptckpt`` command line: a thin layer over the public API.
 
-``aptckpt info|ls|inspect|verify|diff|convert|gc`` (also ``python -m aptckpt``).
+``aptckpt info|ls|inspect|verify|diff|convert|gc|plot`` (also ``python -m aptckpt``).
 Tables go to stdout, errors and progress bars to stderr; ``--json`` gives
 machine-readable output for info, ls, inspect, verify, diff and gc.
 
@@ -13,7 +13,7 @@ different, 2 any error, damage included.
 
 This module holds the parser and :func:`main`, which maps errors to exit codes;
 each subcommand lives in a private module (``_info``: info, inspect; ``_verify``;
-``_diff``; ``_export``: convert; ``_runs``: ls, gc), their shared output helpers in
+``_diff``; ``_export``: convert; ``_runs``: ls, gc; ``_plot``), their shared output helpers in
 ``_common``.
 """
 
@@ -32,6 +32,7 @@ from aptckpt.cli._common import UsageError, os_message, parse_storage_options
 from aptckpt.cli._diff import cmd_diff
 from aptckpt.cli._export import cmd_convert
 from aptckpt.cli._info import cmd_info, cmd_inspect
+from aptckpt.cli._plot import add_parser as add_plot_parser
 from aptckpt.cli._runs import cmd_gc, cmd_ls
 from aptckpt.cli._verify import cmd_verify
 from aptckpt.errors import (
@@ -74,7 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         return c
 
     command("info", cmd_info, "versions, native core, SIMD, threads, backends")
-    c = command("ls", cmd_ls, "list the checkpoints of a run directory")
+    c = command(
+        "ls",
+        cmd_ls,
+        "list the checkpoints of a run directory (--json: a document of schema 1, "
+        "described in docs/cli.md)",
+    )
     c.add_argument("run_dir", metavar="RUN_DIR")
     c = command("inspect", cmd_inspect, "show a checkpoint's manifest and tensors (reads no data)")
     c.add_argument("checkpoint", metavar="CKPT")
@@ -128,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("run_dir", metavar="RUN_DIR")
     c.add_argument("--dry-run", action="store_true", help="report, remove nothing")
     c.add_argument("--no-wait", action="store_true", help="fail instead of waiting for a save")
+    add_plot_parser(command)
     return p
 
 

@@ -19,8 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from aptckpt import objectstore, tree
-from aptckpt._progress import Progress
+from aptckpt import _progress, objectstore, tree
 from aptckpt.storage.local._atomic import is_checkpoint, is_temporary
 
 T = TypeVar("T")
@@ -180,34 +179,48 @@ def find_checkpoints(root: Path, unreadable: list[OSError] | None = None) -> lis
 # ------------------------------------------------------------------ progress
 
 
-def busy(fn: Callable[[], T], desc: str, total: int | None) -> T:
-    """Run ``fn`` under a progress bar (terminals only; the API reports no progress
-    of its own, so the bar shows elapsed time until ``fn`` returns).
+def busy(fn: Callable[[], T], desc: str) -> T:
+    """Run ``fn`` with a line on stderr showing the time it has run (terminals only), for
+    work that reports no progress of its own (an export through torch or safetensors).
+    Work that does reports through :func:`aptckpt._progress.bar` instead.
 
-    ``fn`` runs in the calling thread and a helper thread draws the bar -- not the
+    ``fn`` runs in the calling thread and a helper thread refreshes the line -- not the
     reverse: Ctrl-C interrupts the main thread, so there it stops the work and runs its
     cleanup (temporary files). Work left running in a daemon thread would go on after
     ``main`` returned, leave its temporary file, and abort the interpreter at exit
     ("terminate called without an active exception") when caught inside torch's C++.
     """
-    with Progress(total, desc, unit="B") as bar:
-        if not bar.enabled:
+    with _progress.bar(None, desc, unit="") as line:
+        if line.disable:
             return fn()
+        line.bar_format = "{desc}: {elapsed}"
         stop = threading.Event()
 
         def draw() -> None:
-            while not stop.wait(0.1):
-                bar.update(0)
+            while not stop.wait(0.2):
+                line.refresh()
 
         drawer = threading.Thread(target=draw, name="aptckpt-progress", daemon=True)
         drawer.start()
         try:
-            result = fn()
+            return fn()
         finally:
             stop.set()
             drawer.join()
-        bar.update(total or 0)
-        return result
+
+
+def with_progress(
+    fn: Callable[[_progress.ProgressCallback | None], T],
+    desc: str,
+    *,
+    unit: str = "B",
+    enabled: bool | None = None,
+) -> T:
+    """Run ``fn(progress)`` under a bar of the work it reports (bytes, or ``unit``) --
+    on terminals only (or as ``enabled`` says): elsewhere ``progress`` is None and
+    nothing is drawn."""
+    with _progress.bar(None, desc, unit=unit, enabled=enabled) as line:
+        return fn(None if line.disable else _progress.reporter(line))
 
 
 # ------------------------------------------------------------------ state keys

@@ -15,7 +15,7 @@ from typing import Any
 
 import aptckpt
 from aptckpt import _imports
-from aptckpt.cli._common import UsageError, busy, fmt_size, options_for
+from aptckpt.cli._common import UsageError, fmt_size, options_for, with_progress
 from aptckpt.storage import is_url
 
 
@@ -34,25 +34,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.level is not None:
         options["level"] = args.level
     foreign = None if is_url(args.src) else _imports.detect(args.src)
-    raw = (
-        None
-        if foreign is not None
-        else aptckpt.inspect(args.src, storage_options=options_for(args, args.src)).raw_bytes
-    )
+    if foreign is None:  # a missing or damaged source is reported before anything is made
+        aptckpt.inspect(args.src, storage_options=options_for(args, args.src))
     if args.to == "checkpoint":
         if args.select or args.max_shard_size:
             raise UsageError("--select and --max-shard-size apply to exports (--to FORMAT)")
-        info = busy(
-            lambda: aptckpt.convert(
+        info = with_progress(
+            lambda progress: aptckpt.convert(
                 args.src,
                 args.dst,
                 backend=args.backend or "zstd",
                 overwrite=args.overwrite,
                 storage_options=args.storage_options,
+                progress=progress,
                 **options,
             ),
             "convert",
-            raw,
         )
         ratio = f" ({info.stored_bytes / info.raw_bytes:.1%})" if info.raw_bytes else ""
         print(
@@ -68,10 +65,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
     if is_url(args.dst):
         raise UsageError(f"--to {args.to} writes a local path; DST must be a local path")
-    # The bar shows elapsed time (the API reports no progress of its own yet): a progress
-    # callback of aptckpt.convert would plug in here.
-    exported = busy(
-        lambda: aptckpt.convert(
+    exported = with_progress(
+        lambda progress: aptckpt.convert(
             args.src,
             args.dst,
             to=args.to,
@@ -79,9 +74,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
             storage_options=options_for(args, args.src),
             select=args.select,
             max_shard_size=args.max_shard_size,
+            progress=progress,
         ),
         "export",
-        raw,
     )
     for note in exported.notes:
         print(f"note: {note}", file=sys.stderr)

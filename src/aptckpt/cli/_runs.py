@@ -8,21 +8,24 @@ store (no delta checkpoints) has nothing to collect: ``gc`` says so and exits 0.
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
 from pathlib import Path
+from typing import Any
 
 import aptckpt
+from aptckpt import _history, _run_index, _rundir
 from aptckpt._runlock import LOCK_NAME
 from aptckpt.cli._common import (
     UsageError,
     find_checkpoints,
     fmt_size,
     fmt_value,
-    jsonable,
     options_for,
     print_json,
     render_pairs,
     render_table,
+    with_progress,
 )
 from aptckpt.errors import AptckptError, StoreNotFoundError
 from aptckpt.storage import is_url, resolve
@@ -38,17 +41,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
         raise UsageError(f"'{run}' {why}; pass the run directory of a training run")
     if is_checkpoint(run):
         raise UsageError(f"'{run}' is a single checkpoint, not a run; use: aptckpt inspect {run}")
-    manager = aptckpt.CheckpointManager(run, read_only=True)
-    records = manager.checkpoints()
+    listing = _run_index.scan(_rundir.Run.at(run, None))
+    records = listing.records
     # is_best says "best when saved", so several can carry it; the run's best is one.
-    best = manager.best()
+    best = _best(records)
     best_path = best.rel_path if best is not None else None
     indexed = (run / "metadata.json").is_file()
     if not records:
         if indexed or (run / LOCK_NAME).exists():  # a manager opened it: a run, still empty
             print(f"note: run directory '{run}' has no checkpoints yet", file=sys.stderr)
             if args.json:
-                print_json([])
+                print_json(_document(args, str(run.absolute()), listing, None))
             return 0
         elsewhere = " (checkpoints beneath it: aptckpt verify lists them)"
         raise UsageError(
@@ -57,7 +60,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         )
     if not indexed:
         print(f"note: '{run}' has no metadata.json; listed from the checkpoints", file=sys.stderr)
-    return _print_records(args, records, best_path)
+    if args.json:
+        print_json(_document(args, str(run.absolute()), listing, best_path))
+        return 0
+    return _print_records(records, best_path)
 
 
 def _ls_remote(args: argparse.Namespace) -> int:
@@ -68,9 +74,10 @@ def _ls_remote(args: argparse.Namespace) -> int:
         raise UsageError(
             f"'{where}' is a single checkpoint, not a run; use: aptckpt inspect {where}"
         )
-    manager = aptckpt.CheckpointManager(where, read_only=True, storage_options=args.storage_options)
-    records = manager.checkpoints()
-    best = manager.best()
+    listing = _run_index.scan(_rundir.Run.at(where, args.storage_options))
+    records = listing.records
+    best = _best(records)
+    best_path = best.rel_path if best is not None else None
     if not records:
         if storage.info(storage.join(root, "metadata.json")) is None:
             raise UsageError(
@@ -78,15 +85,82 @@ def _ls_remote(args: argparse.Namespace) -> int:
                 "aptckpt.CheckpointManager (check the URL and --storage-option)"
             )
         print(f"note: run '{where}' has no checkpoints yet", file=sys.stderr)
-    return _print_records(args, records, best.rel_path if best is not None else None)
-
-
-def _print_records(
-    args: argparse.Namespace, records: list[aptckpt.CheckpointRecord], best_path: str | None
-) -> int:
     if args.json:
-        print_json([{**jsonable(r), "run_best": r.rel_path == best_path} for r in records])
+        print_json(_document(args, where, listing, best_path))
         return 0
+    return _print_records(records, best_path)
+
+
+def _best(records: list[aptckpt.CheckpointRecord]) -> aptckpt.CheckpointRecord | None:
+    """The run's best, as :meth:`CheckpointManager.best` picks it."""
+    flagged = [r for r in records if r.kind == "epoch" and r.is_best]
+    return flagged[-1] if flagged else None
+
+
+#: The version of ``ls --json``'s document (docs/cli.md): fields are only ever added
+#: within one version; a field removed or changed in meaning makes the next.
+LS_SCHEMA = 1
+
+
+def _utc(text: str) -> str | None:
+    """An ISO 8601 time as UTC with a ``Z`` (None if it is not one)."""
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)  # manifests are written in UTC
+    return when.astimezone(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _document(
+    args: argparse.Namespace, where: str, listing: Any, best_path: str | None
+) -> dict[str, Any]:
+    """``ls --json``: the run and each checkpoint, as docs/cli.md describes (schema 1)."""
+    run = _rundir.Run.at(where, options_for(args, where))
+    history = _history.read(run)
+    entries = []
+    for r in listing.records:
+        path = str(r.path.absolute()) if isinstance(r.path, Path) else str(r.path)
+        try:
+            info: Any = aptckpt.inspect(path, storage_options=options_for(args, path))
+        except (AptckptError, OSError):
+            info = None  # deleted since it was listed, or unreadable: verify says which
+        event = history.save_of(r.rel_path)
+        entries.append(
+            {
+                "path": path,
+                "rel_path": r.rel_path,
+                "number": r.sequence,
+                "kind": "regular" if r.kind == "epoch" else "temporary",
+                "step": r.global_step,
+                "epoch": r.epoch,
+                "batch_index": r.batch_index,
+                "metrics": r.metrics,
+                "is_best": r.rel_path == best_path,
+                "best_when_saved": r.is_best,
+                "backend": r.backend,
+                "bytes": r.bytes,
+                "files": len(info.files) if info is not None else None,
+                "created_at": _utc(r.created_at),
+                "format_version": info.format_version if info is not None else None,
+                "world_size": info.world_size if info is not None else None,
+                "bytes_written": event.bytes_written if event is not None else None,
+                "blocked_s": event.blocked_s if event is not None else None,
+                "save_s": event.save_s if event is not None else None,
+                "indexed": r.rel_path in listing.indexed,
+            }
+        )
+    return {
+        "schema": LS_SCHEMA,
+        "run": where,
+        "best": best_path,
+        "history_steps": len(history.points),
+        "checkpoints": entries,
+    }
+
+
+def _print_records(records: list[aptckpt.CheckpointRecord], best_path: str | None) -> int:
     rows = [
         (
             str(r.global_step),
@@ -131,11 +205,17 @@ def _no_store(run: Path, err: StoreNotFoundError) -> str:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     try:
-        report = aptckpt.collect_garbage(
-            args.run_dir,
-            dry_run=args.dry_run,
-            wait=not args.no_wait,
-            storage_options=options_for(args, args.run_dir),
+        report = with_progress(
+            lambda progress: aptckpt.collect_garbage(
+                args.run_dir,
+                dry_run=args.dry_run,
+                wait=not args.no_wait,
+                storage_options=options_for(args, args.run_dir),
+                progress=progress,
+            ),
+            "gc",
+            unit="item",
+            enabled=False if args.json else None,
         )
     except StoreNotFoundError as err:
         if is_url(args.run_dir):

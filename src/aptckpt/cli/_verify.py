@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import aptckpt
-from aptckpt import objectstore
-from aptckpt._progress import Progress
+from aptckpt import _progress, objectstore
 from aptckpt.cli._common import (
     UsageError,
     display_path,
@@ -120,7 +119,14 @@ def _unreadable(root: Path) -> dict[Path, str]:
     return problems
 
 
-def _check(path: Path, name: str, width: int, *, orphan: bool) -> tuple[dict[str, Any], str]:
+def _check(
+    path: Path,
+    name: str,
+    width: int,
+    *,
+    orphan: bool,
+    progress: _progress.ProgressCallback | None = None,
+) -> tuple[dict[str, Any], str]:
     """Verify one checkpoint: its JSON result and its line of text."""
     result: dict[str, Any] = {"path": os.path.abspath(path), "ok": False}
     if orphan and not is_checkpoint(path):  # (committed since it was found: verified below)
@@ -130,7 +136,7 @@ def _check(path: Path, name: str, width: int, *, orphan: bool) -> tuple[dict[str
         result.update(error=problem, problems=[problem])
         return result, f"DAMAGED  {name}\n    {problem}"
     try:
-        report = aptckpt.verify(path)
+        report = aptckpt.verify(path, progress=progress)
     except CheckpointNotFoundError as err:
         if isinstance(err, CheckpointDeletedError) or not os.path.lexists(path):
             return _gone(path, name)  # a live run's retention deleted it meanwhile
@@ -148,6 +154,42 @@ def _check(path: Path, name: str, width: int, *, orphan: bool) -> tuple[dict[str
         f"{fmt_size(rate):>9}/s"
     )
     return {"ok": True, **jsonable(report)}, line
+
+
+class _Totals:
+    """One bar over every checkpoint verified: bytes read of the bytes they hold in all
+    (from their manifests; a checkpoint that fails early counts as done)."""
+
+    def __init__(self, bar: Any, paths: list[Any], options: Any = None) -> None:
+        self.bar = bar
+        self.sizes: dict[Any, int] = {}
+        self.options = options
+        if bar.disable:
+            return
+        for path in paths:
+            try:
+                self.sizes[path] = aptckpt.inspect(path, storage_options=options).stored_bytes
+            except (AptckptError, OSError):
+                self.sizes[path] = 0  # reported when verified
+        bar.total = sum(self.sizes.values())
+        self.counted: dict[Any, int] = {}
+
+    def callback(self, path: Any) -> _progress.ProgressCallback | None:
+        if self.bar.disable:
+            return None
+
+        def advance(n: int, _total: int) -> None:
+            self.counted[path] = self.counted.get(path, 0) + n
+            self.bar.update(n)
+
+        return advance
+
+    def done(self, path: Any) -> None:
+        if not self.bar.disable:
+            # what was not read (damage stopped it, a checkpoint deleted meanwhile)
+            rest = self.sizes.get(path, 0) - self.counted.get(path, 0)
+            if rest > 0:
+                self.bar.update(rest)
 
 
 def _gone(path: Path, name: str) -> tuple[dict[str, Any], str]:
@@ -174,21 +216,29 @@ def _verify_remote(args: argparse.Namespace) -> int:
                 "a manifest.msgpack); pass a checkpoint or a run"
             )
     results: list[dict[str, Any]] = []
-    for path in paths:
-        url = storage.display(path)
-        result: dict[str, Any] = {"path": url, "ok": False}
-        try:
-            report = aptckpt.verify(url, storage_options=args.storage_options)
-        except (AptckptError, OSError) as err:
-            problems = list(getattr(err, "problems", ())) or [str(err)]
-            result.update(error=str(err), problems=problems)
-            line = f"FAILED   {url}\n" + "\n".join(f"    {p}" for p in problems)
-        else:
-            result.update(ok=True, tensors=report.tensors, stored_bytes=report.stored_bytes)
-            line = f"OK       {url}  ({report.tensors} tensors, {fmt_size(report.stored_bytes)})"
-        results.append(result)
-        if not args.json:
-            print(line, flush=True)
+    urls = [storage.display(path) for path in paths]
+    with _progress.bar(None, "verify", enabled=False if args.json else None) as bar:
+        totals = _Totals(bar, urls, args.storage_options)
+        for url in urls:
+            result: dict[str, Any] = {"path": url, "ok": False}
+            try:
+                report = aptckpt.verify(
+                    url, storage_options=args.storage_options, progress=totals.callback(url)
+                )
+            except (AptckptError, OSError) as err:
+                problems = list(getattr(err, "problems", ())) or [str(err)]
+                result.update(error=str(err), problems=problems)
+                line = f"FAILED   {url}\n" + "\n".join(f"    {p}" for p in problems)
+            else:
+                result.update(ok=True, tensors=report.tensors, stored_bytes=report.stored_bytes)
+                size = fmt_size(report.stored_bytes)
+                line = f"OK       {url}  ({report.tensors} tensors, {size})"
+            totals.done(url)
+            results.append(result)
+            if not args.json:
+                bar.clear()
+                print(line, flush=True)
+                bar.refresh()
     bad = sum(not r["ok"] for r in results)
     if args.json:
         print_json(results)
@@ -214,7 +264,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     paths = [*found, *orphans, *unreadable]
     width = max(len(display_path(p, root)) for p in paths)
     results: list[dict[str, Any]] = []
-    with Progress(len(paths), "verify", enabled=None if len(paths) > 1 else False) as bar:
+    with _progress.bar(None, "verify", enabled=False if args.json else None) as bar:
+        totals = _Totals(bar, paths)
         for path in paths:
             if path in unreadable:
                 problem = unreadable[path]
@@ -223,13 +274,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 line = f"FAILED   {display_path(path, root)}\n    {problem}"
             else:
                 name = display_path(path, root)
-                result, line = _check(path, name, width, orphan=path in orphans)
+                result, line = _check(
+                    path, name, width, orphan=path in orphans, progress=totals.callback(path)
+                )
+            totals.done(path)
             results.append(result)
             if not args.json:
-                if bar.enabled:
-                    bar.stream.write("\r\x1b[K")  # the next stdout line overwrites the bar
+                bar.clear()  # the stdout line goes where the bar was; it is drawn again below
                 print(line, flush=True)
-            bar.update(1)
+                bar.refresh()
     bad = sum(not r["ok"] for r in results)
     if args.json:
         print_json(results)

@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aptckpt import objectstore
@@ -78,6 +79,7 @@ def collect_garbage(
     dry_run: bool = False,
     wait: bool = True,
     storage_options: StorageOptions | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> GarbageReport:
     """Remove the objects of a store that no committed delta checkpoint reaches.
 
@@ -91,6 +93,10 @@ def collect_garbage(
     object stores, which have no locks, an unreferenced object is removed only once
     it is older than ``APTCKPT_REMOTE_GRACE_S`` (default 3600 s): a save in flight
     may have written it and not committed its manifest yet.
+
+    ``progress(advance, total)`` is called as checkpoints and store objects are
+    examined: ``total`` is first the checkpoints found, then grows by the objects
+    listed once their listing is in; the advances add up to it.
 
     Raises:
         StoreNotFoundError: ``path`` is not a store or a directory holding one.
@@ -121,8 +127,11 @@ def collect_garbage(
                 )
     try:
         with store.lock(exclusive=True, wait=wait):
-            reachable, checkpoints = _reachable(store)
-            report = _remove_unreachable(store, reachable, checkpoints, dry_run=dry_run)
+            count = _Count(progress)
+            reachable, checkpoints = _reachable(store, count)
+            report = _remove_unreachable(
+                store, reachable, checkpoints, dry_run=dry_run, count=count
+            )
     except UnreadableError as err:
         home = storage.display(storage.parent(store.root))
         raise UnreadableError(
@@ -139,15 +148,33 @@ def collect_garbage(
     return report
 
 
-def _reachable(store: ObjectStore) -> tuple[set[bytes], int]:
+class _Count:
+    """Items examined, for a ``progress`` callback (or none)."""
+
+    def __init__(self, progress: Callable[[int, int], None] | None) -> None:
+        self.progress, self.total = progress, 0
+
+    def grow(self, n: int) -> None:
+        self.total += n
+        if self.progress is not None:
+            self.progress(0, self.total)
+
+    def step(self) -> None:
+        if self.progress is not None:
+            self.progress(1, self.total)
+
+
+def _reachable(store: ObjectStore, count: _Count) -> tuple[set[bytes], int]:
     """The objects every committed delta checkpoint using ``store`` reaches, and how
     many checkpoints those are."""
     storage = store.storage
     reachable: set[bytes] = set()
     checkpoints = 0
     home = storage.parent(store.root)
-    found = objectstore.find_checkpoints(home, skip=store.root, strict=True, storage=storage)
+    found = list(objectstore.find_checkpoints(home, skip=store.root, strict=True, storage=storage))
+    count.grow(len(found))
     for ckpt in found:
+        count.step()
         where = storage.display(ckpt)
         try:
             with storage.open_checkpoint(ckpt) as reader:
@@ -180,13 +207,16 @@ def _reachable(store: ObjectStore) -> tuple[set[bytes], int]:
 
 
 def _remove_unreachable(
-    store: ObjectStore, reachable: set[bytes], checkpoints: int, *, dry_run: bool
+    store: ObjectStore, reachable: set[bytes], checkpoints: int, *, dry_run: bool, count: _Count
 ) -> GarbageReport:
     storage = store.storage
     # Without locks a save may be in flight: its objects are young (the age rule).
     cutoff = None if storage.has_locks else time.time() - objectstore.grace_seconds()
     kept = kept_bytes = removed = removed_bytes = young = 0
-    for name, file, entry in list(store.entries()):
+    entries = list(store.entries())
+    count.grow(len(entries))
+    for name, file, entry in entries:
+        count.step()
         if name in reachable:
             kept, kept_bytes = kept + 1, kept_bytes + entry.size
             continue
