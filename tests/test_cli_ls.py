@@ -44,7 +44,7 @@ def _ls(capsys, *argv):
 
 
 def _run(path):
-    with aptckpt.CheckpointManager(path, backend="delta", keep_last=None) as mgr:
+    with aptckpt.CheckpointManager(path, backend="delta", keep=aptckpt.KeepAll()) as mgr:
         mgr.log_metrics(1, loss=2.0)
         mgr.save(10, {"w": torch.randn(5000)}, metrics={"loss": 1.5}, blocking=False)
         mgr.save(20, {"w": torch.randn(5000)}, epoch=1, metrics={"loss": 1.7})

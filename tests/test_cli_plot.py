@@ -25,7 +25,7 @@ def _run(path, *, backends=("zstd",), history=True, steps=12, every=4, **kwargs)
     for i, backend in enumerate(backends):
         options = {"local_below": 0} if backend == "delta" else {}
         with aptckpt.CheckpointManager(
-            path, backend=backend, keep_last=None, backend_options=options, **kwargs
+            path, backend=backend, keep=aptckpt.KeepAll(), backend_options=options, **kwargs
         ) as mgr:
             for step in range(i * steps + 1, (i + 1) * steps + 1):
                 if history:

@@ -18,7 +18,7 @@ def _state(n: int = 1000) -> dict[str, torch.Tensor]:
 
 
 def test_metrics_and_saves_are_recorded(tmp_path):
-    with aptckpt.CheckpointManager(tmp_path, keep_last=None) as mgr:
+    with aptckpt.CheckpointManager(tmp_path, keep=aptckpt.KeepAll()) as mgr:
         for step in range(1, 7):
             mgr.log_metrics(step, loss=1.0 / step, lr=torch.tensor(0.5))
             if step % 3 == 0:
