@@ -14,6 +14,8 @@ from aptckpt.cli import main
 
 pytest.importorskip("matplotlib")
 
+pytestmark = pytest.mark.core_independent
+
 
 def _png_size(path) -> tuple[int, int]:
     data = path.read_bytes()

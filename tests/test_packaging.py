@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.resources
 import os
 import subprocess
 import sys
@@ -14,6 +16,9 @@ import aptckpt
 
 SRC = Path(aptckpt.__file__).parents[1]
 
+# type checking and wheels do not depend on the core
+pytestmark = pytest.mark.core_independent
+
 
 def test_users_type_checker_sees_typed_signatures(tmp_path):
     pytest.importorskip("mypy")
@@ -22,7 +27,11 @@ def test_users_type_checker_sees_typed_signatures(tmp_path):
         "reveal_type(aptckpt.load('c', into={}))\n"
     )
     # torch is skipped: analysing it takes minutes, and only aptckpt's own types matter here.
-    (tmp_path / "mypy.ini").write_text("[mypy]\n[mypy-torch.*]\nfollow_imports = skip\n")
+    # strict, as a careful user runs it: nothing of aptckpt's own may surface as an error.
+    (tmp_path / "mypy.ini").write_text(
+        "[mypy]\nstrict = True\n[mypy-torch.*,numpy.*]\nfollow_imports = skip\n"
+        "[mypy-aptckpt.*]\nfollow_imports = silent\n"
+    )
     # PEP 561: a package found on the path counts as typed only with a py.typed marker;
     # without one mypy says "missing library stubs or py.typed marker" and sees Any.
     proc = subprocess.run(
@@ -41,6 +50,17 @@ def test_users_type_checker_sees_typed_signatures(tmp_path):
         'typing.Mapping[str, Any] | None =) -> aptckpt.api.CheckpointInfo"' in out
     ), out
     assert 'Revealed type is "aptckpt.api.IntoResult"' in out, out
+    assert "Found 1 error in 1 file" in out, out  # the deliberate one
+
+
+def test_py_typed_is_in_the_package_and_the_installed_distribution():
+    assert importlib.resources.files("aptckpt").joinpath("py.typed").is_file()
+    try:
+        files = importlib.metadata.files("aptckpt")
+    except importlib.metadata.PackageNotFoundError:
+        return  # the tests run from a source tree that was never installed
+    assert files is not None
+    assert "aptckpt/py.typed" in {str(f) for f in files}, "the installed wheel lacks py.typed"
 
 
 @pytest.mark.slow
