@@ -243,26 +243,6 @@ def key_path_items(obj: Any, path: str = "state") -> Iterator[tuple[str, Any]]:
         yield path, obj
 
 
-def dotted_items(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(name, leaf) pairs named as ``state_dict`` keys and safetensors files name them:
-    dict keys and list indices joined with dots (``layers.0.weight``), other keys in [].
-
-    For export only: two keys can spell alike (``{"a.b": x, "a": {"b": y}}``); what a
-    user reads spells key paths with :func:`key_path_items`.
-    """
-    if prefix == "" and isinstance(obj, (Mapping, list, tuple)) and not obj:
-        return  # an empty state has no keys
-    if isinstance(obj, Mapping) and obj:
-        for k, v in obj.items():
-            sub = (f"{prefix}.{k}" if prefix else k) if isinstance(k, str) else f"{prefix}[{k!r}]"
-            yield from dotted_items(v, sub)
-    elif isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size) and obj:
-        for i, v in enumerate(obj):
-            yield from dotted_items(v, f"{prefix}.{i}" if prefix else str(i))
-    else:
-        yield prefix, obj
-
-
 def dtype_str(t: torch.Tensor) -> str:
     """``"float32"``, not ``"torch.float32"``."""
     return str(t.dtype).removeprefix("torch.")
