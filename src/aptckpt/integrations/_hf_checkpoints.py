@@ -13,6 +13,7 @@ import logging
 import os
 import re
 
+import torch
 import transformers
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -132,7 +133,20 @@ def export_pretrained(
         )
     model = cls(config)
     with aptckpt.open(os.path.join(source, STATE_DIR)) as view:
-        model.load_state_dict(view.get("model"))
+        weights = view.get("model")
+    # The class builds its weights in the default dtype; each takes the saved one first
+    # (a bf16 run exports bf16, as the Trainer's own save_model does), so that
+    # load_state_dict copies without casting. Tied weights are one tensor: cast once.
+    own = model.state_dict(keep_vars=True)
+    for key, saved in weights.items():
+        built = own.get(key)
+        if (
+            isinstance(built, torch.Tensor)
+            and isinstance(saved, torch.Tensor)
+            and built.dtype != saved.dtype
+        ):
+            built.data = built.data.to(saved.dtype)
+    model.load_state_dict(weights)
     model.save_pretrained(target)
     # The rest of the side files are what the tokenizer/processor wrote (vocabularies,
     # merges, templates, preprocessor configs): copied as they are.
