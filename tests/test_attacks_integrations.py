@@ -220,6 +220,71 @@ def test_lightning_async_copy_is_taken_at_save_and_a_refusal_is_raised_at_once(
     io.teardown()
 
 
+class _FailingHandle:
+    """A background save whose write failed (a full disk, a lost mount)."""
+
+    path = "/elsewhere/x.ckpt"
+
+    def wait(self) -> None:
+        raise OSError("disk full (simulated)")
+
+    def done(self) -> bool:
+        return True
+
+
+def test_lightning_async_failure_does_not_mask_the_exception_that_ends_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """fit ends by the user's own exception while a background save failed: Lightning
+    tears the plugin down while that exception propagates; the user must see their
+    error (it used to be replaced by the save's OSError), and the save's failure is
+    logged."""
+    L = _lightning()
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from aptckpt.integrations.lightning import AptckptAsyncCheckpointIO
+
+    real = aptckpt.save
+
+    def save(*args: Any, **kwargs: Any) -> Any:
+        return _FailingHandle() if kwargs.get("blocking") is False else real(*args, **kwargs)
+
+    monkeypatch.setattr(aptckpt, "save", save)
+
+    class Buggy(L.LightningModule):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(4, 1)
+
+        def training_step(self, batch: Any, index: int) -> torch.Tensor:
+            if self.global_step == 6:
+                raise ValueError("user bug in training_step")
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=3,
+        plugins=[AptckptAsyncCheckpointIO()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=5, save_top_k=-1)],
+    )
+    with caplog.at_level("ERROR", logger="aptckpt"), pytest.raises(ValueError, match="user bug"):
+        trainer.fit(Buggy(), _loader())
+    assert "disk full (simulated)" in caplog.text
+
+    # Without an exception of the run, teardown still raises the background failure.
+    plugin = AptckptAsyncCheckpointIO()
+    plugin.save_checkpoint({"state_dict": {}}, tmp_path / "y.ckpt")
+    with pytest.raises(OSError, match="disk full"):
+        plugin.teardown()
+
+
 # =============================================================== HF Trainer
 
 

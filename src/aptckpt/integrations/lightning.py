@@ -40,6 +40,7 @@ import inspect as _inspect
 import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -360,8 +361,22 @@ class AptckptCheckpointIO(CheckpointIO):
 
     def teardown(self) -> None:
         """Called by Lightning at the end of ``fit``/``validate``/...: waits for the save
-        in flight and raises an error of the background saves not raised yet."""
-        self.wait()
+        in flight and raises an error of the background saves not raised yet.
+
+        Lightning also tears down while an exception of the run propagates (a failing
+        ``training_step``, an interrupt): that exception is the one to see, so a
+        background failure is then logged (at error level), not raised over it."""
+        if sys.exc_info()[1] is None:
+            self.wait()
+            return
+        try:
+            self.wait()
+        except Exception as err:
+            log.error(
+                "a background checkpoint save failed too (the run's own exception propagates): %s",
+                err,
+                exc_info=err,
+            )
 
 
 class AptckptAsyncCheckpointIO(AptckptCheckpointIO):
