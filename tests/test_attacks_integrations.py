@@ -582,3 +582,23 @@ def test_from_transformers_metric_names_and_directions_follow_training_arguments
     assert from_transformers(2, "accuracy", greater_is_better=False) == KeepLast(
         2, including=KeepBest(1, "eval_accuracy", "min")
     )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="design: SaveEvery(epochs=n) counts epochs from 1 (due when (e+1) % n == 0) "
+    "while KeepEvery(n, 'epoch') keeps epochs counted from 0 (e % n == 0), so the "
+    "regular checkpoints SaveEvery(epochs=10) makes (epochs 9, 19, ...) are never the "
+    "ones KeepEvery(10, 'epoch') keeps (0, 10, ...): the thinned history is lost",
+)
+def test_keep_every_epoch_keeps_what_save_every_epochs_saves(tmp_path: Path) -> None:
+    with CheckpointManager(
+        tmp_path, keep=KeepLast(1) | KeepEvery(2, "epoch"), save_every=SaveEvery(epochs=2)
+    ) as manager:
+        step = 0
+        for epoch in range(6):
+            step += 4
+            if manager.due(step, epoch_ended=epoch) == "regular":
+                manager.save(step, {"w": torch.ones(1)}, epoch=epoch)
+        saved = [r.epoch for r in manager.checkpoints()]
+    assert saved == [1, 3, 5]  # every regular checkpoint SaveEvery(epochs=2) made
