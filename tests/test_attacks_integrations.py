@@ -602,3 +602,29 @@ def test_keep_every_epoch_keeps_what_save_every_epochs_saves(tmp_path: Path) -> 
                 manager.save(step, {"w": torch.ones(1)}, epoch=epoch)
         saved = [r.epoch for r in manager.checkpoints()]
     assert saved == [1, 3, 5]  # every regular checkpoint SaveEvery(epochs=2) made
+
+
+def test_hf_a_damaged_old_checkpoint_neither_stops_the_run_nor_hides_the_newest(
+    tmp_path: Path,
+) -> None:
+    """An older checkpoint-N whose manifest was damaged (bit rot, a bad copy): the next
+    saves used to crash right after committing (the search for interrupted saves read
+    its manifest), before HF's rotation ran; resume_from_checkpoint=True skips a damaged
+    newest one for the one before it, with a warning naming the damage."""
+    T = _hf()
+    from aptckpt.integrations import transformers as hf
+
+    T.trainer(tmp_path, max_steps=4, save_total_limit=None).train()
+    manifest = tmp_path / "checkpoint-2" / "aptckpt" / "manifest.msgpack"
+    manifest.write_bytes(manifest.read_bytes()[:20])
+    with pytest.raises(aptckpt.errors.FormatError):
+        hf.checkpoint_kind(tmp_path / "checkpoint-2")  # explicit: loud
+
+    trainer = T.trainer(tmp_path, max_steps=8, save_total_limit=2)
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 8
+    assert T._checkpoints(tmp_path) == ["checkpoint-6", "checkpoint-8"]  # rotation ran
+
+    newest = tmp_path / "checkpoint-8" / "aptckpt" / "manifest.msgpack"
+    newest.write_bytes(b"\x00" * 8)
+    assert hf.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
