@@ -628,3 +628,55 @@ def test_hf_a_damaged_old_checkpoint_neither_stops_the_run_nor_hides_the_newest(
     newest = tmp_path / "checkpoint-8" / "aptckpt" / "manifest.msgpack"
     newest.write_bytes(b"\x00" * 8)
     assert hf.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
+
+
+def test_accelerate_a_damaged_old_automatic_checkpoint_blocks_neither_save_nor_resume(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Automatic naming with total_limit: checkpoint_0's manifest damaged. save_state
+    used to raise its FormatError after the new checkpoint committed (pruning skipped),
+    and load_state(accelerator) refused to resume from the intact newest one."""
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
+
+    from aptckpt.integrations.accelerate import load_state, save_state
+
+    def fresh() -> Any:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        config = ProjectConfiguration(
+            project_dir=str(tmp_path), automatic_checkpoint_naming=True, total_limit=2
+        )
+        acc = Accelerator(cpu=True, project_config=config)
+        acc.prepare(nn.Linear(2, 2))
+        return acc
+
+    acc = fresh()
+    save_state(acc)
+    save_state(acc)
+    manifest = tmp_path / "checkpoints" / "checkpoint_0" / "manifest.msgpack"
+    manifest.write_bytes(manifest.read_bytes()[:20])
+    with caplog.at_level("WARNING", logger="aptckpt"):
+        save_state(acc)
+        save_state(acc)
+    assert "checkpoint_0" in caplog.text
+    names = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert names == ["checkpoint_0", "checkpoint_2", "checkpoint_3"]  # damaged one left
+    loaded = load_state(fresh())
+    assert loaded.path.endswith("checkpoint_3")
+
+
+def test_lightning_find_last_skips_a_damaged_last_checkpoint(tmp_path: Path) -> None:
+    """last.ckpt and last-v1.ckpt (two fits in one dirpath), one of them damaged: the
+    intact one is found (a damaged manifest used to make the search itself raise)."""
+    _lightning()
+    from aptckpt.integrations.lightning import AptckptCheckpointIO, find_last_checkpoint
+
+    io = AptckptCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(1)}}, tmp_path / "last.ckpt")
+    io.save_checkpoint({"state_dict": {"w": torch.ones(1)}}, tmp_path / "last-v1.ckpt")
+    manifest = tmp_path / "last-v1.ckpt" / "manifest.msgpack"
+    manifest.write_bytes(b"\x00" * 8)
+    assert find_last_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")

@@ -73,6 +73,7 @@ import torch
 import aptckpt
 from aptckpt.api import SaveInfo
 from aptckpt.errors import (
+    AptckptError,
     CheckpointNotFoundError,
     FormatError,
     IntegrationError,
@@ -220,7 +221,8 @@ def _automatic_dir(accelerator: Accelerator) -> str:
 
 
 def _named(folder: str) -> list[tuple[int, str]]:
-    """The committed ``checkpoint_<i>`` in ``folder``, oldest first."""
+    """The committed ``checkpoint_<i>`` in ``folder``, oldest first (a damaged one is
+    skipped with a warning: it neither blocks a resume from a later one nor is pruned)."""
     if not os.path.isdir(folder):
         return []
     found = []
@@ -232,6 +234,9 @@ def _named(folder: str) -> list[tuple[int, str]]:
         try:
             aptckpt.inspect(path)
         except CheckpointNotFoundError:
+            continue
+        except AptckptError as err:  # damaged: left in place, neither loaded nor pruned
+            log.warning("skipping %s: %s", path, err)
             continue
         found.append((int(match.group(1)), path))
     return sorted(found)

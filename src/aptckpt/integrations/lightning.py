@@ -439,7 +439,8 @@ def find_last_checkpoint(
 ) -> str | None:
     """The newest committed ``last.ckpt`` / ``last-vN.ckpt`` checkpoint in ``dirpath`` (by
     the time its manifest records), or None: what ``ckpt_path="last"`` finds, also on
-    object stores, where Lightning's own search cannot date a checkpoint prefix.
+    object stores, where Lightning's own search cannot date a checkpoint prefix. A
+    damaged one (an unreadable manifest) is skipped with a warning.
 
     >>> trainer.fit(model, ckpt_path=find_last_checkpoint("s3://b/run/checkpoints",
     ...                                                   storage_options=opts))  # doctest: +SKIP
@@ -460,6 +461,9 @@ def find_last_checkpoint(
             created = aptckpt.inspect(candidate, storage_options=options).created_at
         except CheckpointNotFoundError:
             continue  # not committed (or a dangling link)
+        except AptckptError as err:  # damaged: never the one to resume from
+            log.warning("skipping %s: %s", candidate, err)
+            continue
         if best is None or created > best[0]:
             best = (created, candidate)
     return None if best is None else best[1]
