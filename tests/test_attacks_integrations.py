@@ -285,6 +285,47 @@ def test_lightning_async_failure_does_not_mask_the_exception_that_ends_fit(
         plugin.teardown()
 
 
+def test_lightning_async_delta_with_save_last_link_in_a_new_dirpath(tmp_path: Path) -> None:
+    """save_last="link" makes ModelCheckpoint symlink last.ckpt right after the top-k
+    save returns; with the async plugin the checkpoint folder did not exist yet (the
+    background save creates it), and the first link failed with FileNotFoundError."""
+    L = _lightning()
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from aptckpt.integrations.lightning import AptckptAsyncCheckpointIO, find_last_checkpoint
+
+    Lit = _lit_module(L)
+
+    def fit(epochs: int, ckpt_path: Any = None) -> Any:
+        trainer = L.Trainer(
+            default_root_dir=tmp_path,
+            max_epochs=epochs,
+            plugins=[AptckptAsyncCheckpointIO("delta")],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[
+                ModelCheckpoint(
+                    dirpath=tmp_path / "new" / "ck",
+                    monitor="train_loss",
+                    save_top_k=2,
+                    save_last="link",
+                    every_n_train_steps=2,
+                )
+            ],
+        )
+        trainer.fit(Lit(), _loader(), _loader(), ckpt_path=ckpt_path)
+        return trainer
+
+    fit(2)
+    folder = tmp_path / "new" / "ck"
+    assert (folder / "last.ckpt").is_symlink()
+    last = find_last_checkpoint(folder)
+    assert last is not None
+    assert aptckpt.load(last)["global_step"] == 8
+    assert fit(3, ckpt_path="last").global_step == 12
+
+
 # =============================================================== HF Trainer
 
 

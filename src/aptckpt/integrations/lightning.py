@@ -281,6 +281,12 @@ class AptckptCheckpointIO(CheckpointIO):
                 k: checkpoint[k] for k in ("epoch", "global_step") if type(checkpoint.get(k)) is int
             }
             metadata["lightning"] = str(checkpoint.get("pytorch-lightning_version", ""))
+            if not is_url(where):
+                # The folder exists once this returns, as with Lightning's own plugin:
+                # ModelCheckpoint links last.ckpt (save_last="link") right after, while
+                # a background save may not have created the folder yet.
+                storage, place = resolve(where)
+                storage.makedirs(storage.parent(place))
             self._drop_link(where)
             try:
                 if self.blocking:
