@@ -35,6 +35,7 @@ What Lightning does around the plugin, and what that means (Lightning 2.6):
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect as _inspect
 import logging
@@ -285,8 +286,10 @@ class AptckptCheckpointIO(CheckpointIO):
                 # The folder exists once this returns, as with Lightning's own plugin:
                 # ModelCheckpoint links last.ckpt (save_last="link") right after, while
                 # a background save may not have created the folder yet.
+                # Best effort: what stands in the way is the save's to report, clearly.
                 storage, place = resolve(where)
-                storage.makedirs(storage.parent(place))
+                with contextlib.suppress(OSError):
+                    storage.makedirs(storage.parent(place))
             self._drop_link(where)
             try:
                 if self.blocking:
