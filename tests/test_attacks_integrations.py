@@ -721,3 +721,19 @@ def test_lightning_find_last_skips_a_damaged_last_checkpoint(tmp_path: Path) -> 
     manifest = tmp_path / "last-v1.ckpt" / "manifest.msgpack"
     manifest.write_bytes(b"\x00" * 8)
     assert find_last_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="design: find_last_checkpoint matches only last.ckpt / last-vN.ckpt, while "
+    "Lightning's ckpt_path='last' takes any name containing ModelCheckpoint."
+    "CHECKPOINT_NAME_LAST (a documented customisation, e.g. '{epoch}-last'); with a "
+    "custom name it returns None and fit(ckpt_path=None) silently starts afresh. It "
+    "needs a name= parameter (or to raise when the folder holds checkpoints but no last)",
+)
+def test_lightning_find_last_with_a_custom_checkpoint_name_last(tmp_path: Path) -> None:
+    _lightning()
+    from aptckpt.integrations.lightning import AptckptCheckpointIO, find_last_checkpoint
+
+    AptckptCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / "epoch=3-last.ckpt")
+    assert find_last_checkpoint(tmp_path) == str(tmp_path / "epoch=3-last.ckpt")
