@@ -521,6 +521,22 @@ def test_accelerate_models_prepared_in_another_order_are_refused_before_any_is_f
     assert bool((b2.weight == 5.0).all())
 
 
+def test_accelerate_lazy_modules_still_load(tmp_path: Path) -> None:
+    """A LazyLinear not yet run in the resuming process: its uninitialized weight takes
+    the saved shape (the fit check above must not ask an uninitialized one its shape)."""
+    from aptckpt.integrations.accelerate import load_state, save_state
+
+    acc = _accelerator()
+    model = nn.Sequential(nn.LazyLinear(3))
+    model(torch.ones(1, 4))
+    model = acc.prepare(model)
+    save_state(acc, tmp_path / "s")
+    acc2 = _accelerator()
+    fresh = acc2.prepare(nn.Sequential(nn.LazyLinear(3)))
+    load_state(acc2, tmp_path / "s")
+    assert torch.equal(fresh[0].weight, model[0].weight)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="a save hook that takes a model's saving over writes into output_dir before "

@@ -189,6 +189,7 @@ def _check_fit(path: str, index: int, model: Any, weights: Any, *, strict: bool)
         if key in own
         and isinstance(value, torch.Tensor)
         and isinstance(own[key], torch.Tensor)
+        and not torch.nn.parameter.is_lazy(own[key])  # a lazy module takes any shape
         and value.shape != own[key].shape
     ]
     if missing or unexpected or shapes:
