@@ -13,11 +13,12 @@ import logging
 import os
 import re
 
+import torch
 import transformers
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import aptckpt
-from aptckpt.errors import CheckpointNotFoundError, IntegrationError
+from aptckpt.errors import AptckptError, CheckpointNotFoundError, IntegrationError
 
 log = logging.getLogger("aptckpt")
 
@@ -43,7 +44,11 @@ _HF_WEIGHTS = (
 def checkpoint_kind(checkpoint_dir: str | os.PathLike[str]) -> str | None:
     """What ``checkpoint_dir`` holds: ``"aptckpt"`` (a committed aptckpt checkpoint
     and ``trainer_state.json``), ``"hf"`` (HF's own weights and ``trainer_state.json``),
-    or ``None`` (nothing resumable: absent, or a save that was interrupted)."""
+    or ``None`` (nothing resumable: absent, or a save that was interrupted).
+
+    Raises:
+        FormatError: its aptckpt checkpoint is damaged (an unreadable manifest).
+    """
     path = os.fspath(checkpoint_dir)
     if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
         return None
@@ -75,7 +80,12 @@ def last_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
             steps.append((int(match.group(1)), name))
     for _, name in sorted(steps, reverse=True):
         path = os.path.join(folder, name)
-        if checkpoint_kind(path) is not None:
+        try:
+            kind = checkpoint_kind(path)
+        except AptckptError as err:  # damaged, not interrupted: say so, and go on
+            log.warning("skipping %s: %s", path, err)
+            continue
+        if kind is not None:
             return path
         log.warning("skipping %s: incomplete (its save was interrupted)", path)
     return None
@@ -83,8 +93,14 @@ def last_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
 
 def interrupted(path: str) -> bool:
     """A ``checkpoint-N`` an aptckpt save began (its side files are written first, with
-    ``training_args.json``) and never committed."""
-    return os.path.isfile(os.path.join(path, TRAINING_ARGS_NAME)) and checkpoint_kind(path) is None
+    ``training_args.json``) and never committed. A damaged one (its manifest unreadable)
+    is not: it stays where it is for the user to see."""
+    if not os.path.isfile(os.path.join(path, TRAINING_ARGS_NAME)):
+        return False
+    try:
+        return checkpoint_kind(path) is None
+    except AptckptError:
+        return False
 
 
 def incomplete(path: str) -> CheckpointNotFoundError:
@@ -132,7 +148,20 @@ def export_pretrained(
         )
     model = cls(config)
     with aptckpt.open(os.path.join(source, STATE_DIR)) as view:
-        model.load_state_dict(view.get("model"))
+        weights = view.get("model")
+    # The class builds its weights in the default dtype; each takes the saved one first
+    # (a bf16 run exports bf16, as the Trainer's own save_model does), so that
+    # load_state_dict copies without casting. Tied weights are one tensor: cast once.
+    own = model.state_dict(keep_vars=True)
+    for key, saved in weights.items():
+        built = own.get(key)
+        if (
+            isinstance(built, torch.Tensor)
+            and isinstance(saved, torch.Tensor)
+            and built.dtype != saved.dtype
+        ):
+            built.data = built.data.to(saved.dtype)
+    model.load_state_dict(weights)
     model.save_pretrained(target)
     # The rest of the side files are what the tokenizer/processor wrote (vocabularies,
     # merges, templates, preprocessor configs): copied as they are.

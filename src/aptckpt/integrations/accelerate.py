@@ -72,7 +72,13 @@ import torch
 
 import aptckpt
 from aptckpt.api import SaveInfo
-from aptckpt.errors import CheckpointNotFoundError, FormatError, IntegrationError
+from aptckpt.errors import (
+    AptckptError,
+    CheckpointNotFoundError,
+    FormatError,
+    IntegrationError,
+    IntoMismatchError,
+)
 from aptckpt.storage import StorageOptions, is_url
 from aptckpt.training_state import capture_rng, restore_rng
 
@@ -171,6 +177,40 @@ def _restore_sampler(dataloader: Any, state: Mapping[str, Any]) -> None:
         dataloader.load_state_dict(state["loader"])
 
 
+def _check_fit(path: str, index: int, model: Any, weights: Any, *, strict: bool) -> None:
+    """Refuse saved ``weights`` that do not fit ``model`` (the ``index``-th prepared one):
+    other keys (with ``strict``) or other shapes, so that no model is half-restored."""
+    own = model.state_dict()
+    missing = tuple(sorted(set(own) - set(weights))) if strict else ()
+    unexpected = tuple(sorted(set(weights) - set(own))) if strict else ()
+    shapes = [
+        f"{key}: saved {tuple(value.shape)}, here {tuple(own[key].shape)}"
+        for key, value in weights.items()
+        if key in own
+        and isinstance(value, torch.Tensor)
+        and isinstance(own[key], torch.Tensor)
+        and not torch.nn.parameter.is_lazy(own[key])  # a lazy module takes any shape
+        and value.shape != own[key].shape
+    ]
+    if missing or unexpected or shapes:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {list(missing[:5])}" if missing else "",
+                f"unexpected {list(unexpected[:5])}" if unexpected else "",
+                f"other shapes ({', '.join(shapes[:5])})" if shapes else "",
+            )
+            if part
+        )
+        raise IntoMismatchError(
+            f"{path}: model {index} saved ({type(model).__name__}) does not fit the model "
+            f"prepared {index}-th here: {detail}. Prepare the same models, in the same order, "
+            "as the run that saved it (strict=False lets keys differ); nothing was loaded",
+            missing=missing,
+            unexpected=unexpected,
+        )
+
+
 def _automatic_dir(accelerator: Accelerator) -> str:
     config = accelerator.project_configuration
     if not config.automatic_checkpoint_naming:
@@ -182,7 +222,8 @@ def _automatic_dir(accelerator: Accelerator) -> str:
 
 
 def _named(folder: str) -> list[tuple[int, str]]:
-    """The committed ``checkpoint_<i>`` in ``folder``, oldest first."""
+    """The committed ``checkpoint_<i>`` in ``folder``, oldest first (a damaged one is
+    skipped with a warning: it neither blocks a resume from a later one nor is pruned)."""
     if not os.path.isdir(folder):
         return []
     found = []
@@ -194,6 +235,9 @@ def _named(folder: str) -> list[tuple[int, str]]:
         try:
             aptckpt.inspect(path)
         except CheckpointNotFoundError:
+            continue
+        except AptckptError as err:  # damaged: left in place, neither loaded nor pruned
+            log.warning("skipping %s: %s", path, err)
             continue
         found.append((int(match.group(1)), path))
     return sorted(found)
@@ -302,6 +346,8 @@ def load_state(
         FormatError: the checkpoint holds another number of models, optimizers,
             schedulers, loaders or registered objects than ``accelerator`` has, or was
             not written by :func:`save_state`.
+        IntoMismatchError: a saved model does not fit the one prepared in its place
+            (other keys with ``strict``, other shapes); raised before any is filled.
     """
     _check(accelerator)
     if input_dir is None:
@@ -342,10 +388,11 @@ def load_state(
             "objects, in the same order, as the run that saved it",
             path=path,
         )
-    for model, weights in zip(models, state["models"], strict=True):
-        accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(
-            weights, strict=strict
-        )
+    unwrapped = [accelerator.unwrap_model(m, keep_torch_compile=False) for m in models]
+    for index, (model, weights) in enumerate(zip(unwrapped, state["models"], strict=True)):
+        _check_fit(path, index, model, weights, strict=strict)  # before anything is filled
+    for model, weights in zip(unwrapped, state["models"], strict=True):
+        model.load_state_dict(weights, strict=strict)
     for opt, saved in zip(accelerator._optimizers, state["optimizers"], strict=True):
         opt.load_state_dict(saved)
     for sched, saved in zip(accelerator._schedulers, state["schedulers"], strict=True):

@@ -35,11 +35,13 @@ What Lightning does around the plugin, and what that means (Lightning 2.6):
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect as _inspect
 import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -280,6 +282,14 @@ class AptckptCheckpointIO(CheckpointIO):
                 k: checkpoint[k] for k in ("epoch", "global_step") if type(checkpoint.get(k)) is int
             }
             metadata["lightning"] = str(checkpoint.get("pytorch-lightning_version", ""))
+            if not is_url(where):
+                # The folder exists once this returns, as with Lightning's own plugin:
+                # ModelCheckpoint links last.ckpt (save_last="link") right after, while
+                # a background save may not have created the folder yet.
+                # Best effort: what stands in the way is the save's to report, clearly.
+                storage, place = resolve(where)
+                with contextlib.suppress(OSError):
+                    storage.makedirs(storage.parent(place))
             self._drop_link(where)
             try:
                 if self.blocking:
@@ -360,8 +370,22 @@ class AptckptCheckpointIO(CheckpointIO):
 
     def teardown(self) -> None:
         """Called by Lightning at the end of ``fit``/``validate``/...: waits for the save
-        in flight and raises an error of the background saves not raised yet."""
-        self.wait()
+        in flight and raises an error of the background saves not raised yet.
+
+        Lightning also tears down while an exception of the run propagates (a failing
+        ``training_step``, an interrupt): that exception is the one to see, so a
+        background failure is then logged (at error level), not raised over it."""
+        if sys.exc_info()[1] is None:
+            self.wait()
+            return
+        try:
+            self.wait()
+        except Exception as err:
+            log.error(
+                "a background checkpoint save failed too (the run's own exception propagates): %s",
+                err,
+                exc_info=err,
+            )
 
 
 class AptckptAsyncCheckpointIO(AptckptCheckpointIO):
@@ -424,7 +448,8 @@ def find_last_checkpoint(
 ) -> str | None:
     """The newest committed ``last.ckpt`` / ``last-vN.ckpt`` checkpoint in ``dirpath`` (by
     the time its manifest records), or None: what ``ckpt_path="last"`` finds, also on
-    object stores, where Lightning's own search cannot date a checkpoint prefix.
+    object stores, where Lightning's own search cannot date a checkpoint prefix. A
+    damaged one (an unreadable manifest) is skipped with a warning.
 
     >>> trainer.fit(model, ckpt_path=find_last_checkpoint("s3://b/run/checkpoints",
     ...                                                   storage_options=opts))  # doctest: +SKIP
@@ -445,6 +470,9 @@ def find_last_checkpoint(
             created = aptckpt.inspect(candidate, storage_options=options).created_at
         except CheckpointNotFoundError:
             continue  # not committed (or a dangling link)
+        except AptckptError as err:  # damaged: never the one to resume from
+            log.warning("skipping %s: %s", candidate, err)
+            continue
         if best is None or created > best[0]:
             best = (created, candidate)
     return None if best is None else best[1]
