@@ -599,8 +599,9 @@ def test_retention_keep_every_epoch_with_temporaries_and_due(tmp_path: Path) -> 
                 temporary=kind == "temporary",
             )
         rows = manager.checkpoints()
+        # two completed epochs (epoch 1, counted from 0) and the newest
         assert [(r.global_step, r.epoch, r.kind) for r in rows] == [
-            (4, 0, "epoch"),
+            (8, 1, "epoch"),
             (12, 2, "epoch"),
         ]
 
@@ -641,13 +642,6 @@ def test_from_transformers_metric_names_and_directions_follow_training_arguments
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design: SaveEvery(epochs=n) counts epochs from 1 (due when (e+1) % n == 0) "
-    "while KeepEvery(n, 'epoch') keeps epochs counted from 0 (e % n == 0), so the "
-    "regular checkpoints SaveEvery(epochs=10) makes (epochs 9, 19, ...) are never the "
-    "ones KeepEvery(10, 'epoch') keeps (0, 10, ...): the thinned history is lost",
-)
 def test_keep_every_epoch_keeps_what_save_every_epochs_saves(tmp_path: Path) -> None:
     with CheckpointManager(
         tmp_path, keep=KeepLast(1) | KeepEvery(2, "epoch"), save_every=SaveEvery(epochs=2)
@@ -739,20 +733,24 @@ def test_lightning_find_last_skips_a_damaged_last_checkpoint(tmp_path: Path) -> 
     assert find_last_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design: find_last_checkpoint matches only last.ckpt / last-vN.ckpt, while "
-    "Lightning's ckpt_path='last' takes any name containing ModelCheckpoint."
-    "CHECKPOINT_NAME_LAST (a documented customisation, e.g. '{epoch}-last'); with a "
-    "custom name it returns None and fit(ckpt_path=None) silently starts afresh. It "
-    "needs a name= parameter (or to raise when the folder holds checkpoints but no last)",
-)
 def test_lightning_find_last_with_a_custom_checkpoint_name_last(tmp_path: Path) -> None:
     _lightning()
     from aptckpt.integrations.lightning import AptckptCheckpointIO, find_last_checkpoint
 
-    AptckptCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / "epoch=3-last.ckpt")
-    assert find_last_checkpoint(tmp_path) == str(tmp_path / "epoch=3-last.ckpt")
+    """A customised ``ModelCheckpoint.CHECKPOINT_NAME_LAST`` (a documented option) is
+    found through ``name=``; the default name does not pick it up."""
+    io = AptckptCheckpointIO()
+    io.save_checkpoint({"state_dict": {}}, tmp_path / "epoch=3-last.ckpt")
+    io.save_checkpoint({"state_dict": {}}, tmp_path / "epoch=3-step=9.ckpt")
+    assert find_last_checkpoint(tmp_path) is None
+    assert find_last_checkpoint(tmp_path, name="{epoch}-last") == str(
+        tmp_path / "epoch=3-last.ckpt"
+    )
+    io.save_checkpoint({"state_dict": {}}, tmp_path / "epoch=4-last-v1.ckpt")
+    found = find_last_checkpoint(tmp_path, name="{epoch}-last")
+    assert found == str(tmp_path / "epoch=4-last-v1.ckpt")  # the newer
+    with pytest.raises(ValueError, match="name must be"):
+        find_last_checkpoint(tmp_path, name="")
 
 
 @pytest.mark.xfail(

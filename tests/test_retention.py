@@ -132,7 +132,8 @@ def test_the_runs_best_is_kept_even_unscored_when_rules_rank_by_a_metric():
 def test_keep_every_keeps_a_thinned_history():
     records = [rec(i, step=10 * i, epoch=i - 1) for i in range(1, 8)]
     assert kept_after(KeepLast(1) | KeepEvery(30), records) == [3, 6, 7]
-    assert kept_after(KeepLast(1) | KeepEvery(3, "epoch"), records) == [1, 4, 7]
+    # epochs 0..6 ended: the 3rd and 6th completed (epochs 2 and 5, as SaveEvery(epochs=3))
+    assert kept_after(KeepLast(1) | KeepEvery(3, "epoch"), records) == [3, 6, 7]
 
 
 def test_keep_last_including_counts_the_best_among_the_n():

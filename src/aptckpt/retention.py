@@ -183,8 +183,9 @@ class KeepBest(Keep):
 
 @dataclass(frozen=True)
 class KeepEvery(Keep):
-    """Regular checkpoints whose global step (``by="step"``) or epoch (``by="epoch"``,
-    as the training loop numbers epochs) is a multiple of ``n``: history that
+    """Regular checkpoints whose global step (``by="step"``) or count of completed epochs
+    (``by="epoch"``: a checkpoint of epoch ``e``, counted from 0, completes ``e + 1``, as
+    :class:`SaveEvery` counts them) is a multiple of ``n``: history that
     :class:`KeepLast` would drop."""
 
     n: int
@@ -197,7 +198,7 @@ class KeepEvery(Keep):
 
     def select(self, regular: Sequence[CheckpointRecord]) -> set[str]:
         def position(r: CheckpointRecord) -> int:
-            return r.global_step if self.by == "step" else r.epoch
+            return r.global_step if self.by == "step" else r.epoch + 1
 
         return {r.rel_path for r in regular if position(r) % self.n == 0}
 

@@ -96,8 +96,16 @@ __all__ = [
 
 log = logging.getLogger("aptckpt")
 
+
 #: Lightning's names of "last" checkpoints (``ModelCheckpoint.CHECKPOINT_NAME_LAST``).
-_LAST = re.compile(r"^last(-v\d+)?\.ckpt$")
+def _last_names(name: str) -> re.Pattern[str]:
+    """The names ``ModelCheckpoint`` gives its last checkpoint, ``CHECKPOINT_NAME_LAST``
+    being ``name``: its ``{fields}`` formatted, a ``-vN`` version, ``.ckpt``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be the last checkpoint's name ('last'), got {name!r}")
+    parts = re.split(r"(\{[^{}]*\})", name)
+    body = "".join(".+?" if p.startswith("{") and p.endswith("}") else re.escape(p) for p in parts)
+    return re.compile(rf"{body}(-v\d+)?\.ckpt")
 
 
 def _available(name: str) -> str:
@@ -444,12 +452,17 @@ def _not_found(path: str, err: CheckpointNotFoundError) -> CheckpointNotFoundErr
 
 
 def find_last_checkpoint(
-    dirpath: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+    dirpath: str | os.PathLike[str],
+    *,
+    name: str = "last",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> str | None:
     """The newest committed ``last.ckpt`` / ``last-vN.ckpt`` checkpoint in ``dirpath`` (by
     the time its manifest records), or None: what ``ckpt_path="last"`` finds, also on
     object stores, where Lightning's own search cannot date a checkpoint prefix. A
-    damaged one (an unreadable manifest) is skipped with a warning.
+    damaged one (an unreadable manifest) is skipped with a warning. ``name`` is
+    ``ModelCheckpoint.CHECKPOINT_NAME_LAST`` when it was customised; a template such as
+    ``"{epoch}-last"`` matches the names it formats to (``epoch=3-last.ckpt``).
 
     >>> trainer.fit(model, ckpt_path=find_last_checkpoint("s3://b/run/checkpoints",
     ...                                                   storage_options=opts))  # doctest: +SKIP
@@ -457,9 +470,10 @@ def find_last_checkpoint(
     folder = os.fspath(dirpath)
     options = dict(storage_options) if storage_options and is_url(folder) else None
     storage, where = resolve(folder, options)
+    pattern = _last_names(name)
     best: tuple[str, str] | None = None
     for entry in storage.list(where):
-        if not _LAST.match(entry.name) or entry.kind not in ("dir", "link"):
+        if not pattern.fullmatch(entry.name) or entry.kind not in ("dir", "link"):
             continue
         candidate = (
             storage.display(storage.join(where, entry.name))
