@@ -753,14 +753,6 @@ def test_lightning_find_last_with_a_custom_checkpoint_name_last(tmp_path: Path) 
         find_last_checkpoint(tmp_path, name="")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design: on a tie KeepBest and the best flag prefer the newer checkpoint, "
-    "while Lightning's ModelCheckpoint (torch.lt/gt) and HF's best_metric (np.less/"
-    "greater) keep the older: from_lightning/from_transformers then keep another "
-    "checkpoint than the framework (ties are common with accuracies on small "
-    "validation sets); test_retention only replays distinct scores",
-)
 def test_from_lightning_on_tied_scores_keeps_what_model_checkpoint_keeps(
     tmp_path: Path,
 ) -> None:

@@ -87,10 +87,11 @@ def test_score(value, score):
     assert Metric("loss", "min").score({"loss": value}) == (None if score is None else -score)
 
 
-def test_is_best_ignores_what_ranks_nothing_and_ties_go_to_the_newer():
+def test_is_best_ignores_what_ranks_nothing_and_a_tie_is_no_improvement():
     low, high = Metric("loss", "min"), Metric("loss", "max")
     earlier = [rec(1, 2.0), rec(2, float("nan")), rec(3, True), rec(4), rec(5, 0.1, kind="temp")]
-    assert is_best(low, {"loss": 2.0}, earlier)  # a tie; the temporary's 0.1 does not count
+    assert is_best(low, {"loss": 1.5}, earlier)  # the temporary's 0.1 does not count
+    assert not is_best(low, {"loss": 2.0}, earlier)  # a tie: the older stays the best
     assert not is_best(low, {"loss": 2.5}, earlier)
     assert not is_best(low, {"loss": float("nan")}, [])
     assert is_best(low, {"loss": float("inf")}, [])  # the first ranked value is the best
@@ -118,7 +119,7 @@ def test_keep_best_is_the_top_k_by_score():
     assert KeepBest(2, mode="max").select(records) == {"checkpoints/c5", "checkpoints/c6"}
     assert KeepBest(10).select(records) == {f"checkpoints/c{i}" for i in (1, 2, 4, 5, 6)}
     ties = [rec(1, 1.0), rec(2, 1.0), rec(3, 1.0)]
-    assert KeepBest(2).select(ties) == {"checkpoints/c2", "checkpoints/c3"}  # newer first
+    assert KeepBest(2).select(ties) == {"checkpoints/c1", "checkpoints/c2"}  # older first
 
 
 def test_the_runs_best_is_kept_even_unscored_when_rules_rank_by_a_metric():
@@ -250,18 +251,31 @@ def test_save_every_steps_and_epochs():
 
 
 def lightning_top_k(scores: list[float], k: int, mode: str) -> set[int]:
-    """Lightning's ModelCheckpoint with distinct scores: the ``k`` best seen so far."""
-    ranked = sorted(range(len(scores)), key=lambda i: scores[i], reverse=mode == "max")
-    return {i + 1 for i in ranked[:k]}
+    """Lightning's ModelCheckpoint: the ``k`` best seen so far; a new score replaces the
+    k-th only when strictly better (torch.lt / torch.gt), so on a tie the older stays."""
+    kept: list[int] = []
+    better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
+    for i, score in enumerate(scores):
+        if len(kept) < k:
+            kept.append(i)
+            continue
+        worst = max(kept, key=lambda j: (scores[j] if mode == "min" else -scores[j], -j))
+        if better(score, scores[worst]):
+            kept[kept.index(worst)] = i
+    return {i + 1 for i in kept}
 
 
-@given(
-    st.lists(st.floats(-100, 100), min_size=1, max_size=20, unique=True),
-    st.integers(1, 4),
-    st.sampled_from(["min", "max"]),
-    st.booleans(),
-)
-def test_lightning_settings_keep_what_model_checkpoint_keeps(scores, k, mode, save_last):
+@given(st.data(), st.integers(1, 4), st.sampled_from(["min", "max"]), st.booleans())
+def test_lightning_settings_keep_what_model_checkpoint_keeps(data, k, mode, save_last):
+    """Replayed with ties for the top 1. (For k >= 2 Lightning evicts the *older* of scores
+    tied at the k-th place -- dict order in ``best_k_models`` -- while a later tie never
+    enters: no rule over the checkpoints alone says which, so k >= 2 replays distinct
+    scores.)"""
+    values = [-1.0, 0.0, 0.5, 2.0, 7.0]
+    if k == 1:
+        scores = data.draw(st.lists(st.sampled_from(values), min_size=1, max_size=20))
+    else:
+        scores = data.draw(st.lists(st.floats(-100, 100), min_size=1, max_size=20, unique=True))
     keep = from_lightning(save_top_k=k, monitor="loss", mode=mode, save_last=save_last)
     records: list[CheckpointRecord] = []
     metric = Metric("loss", mode)
@@ -304,7 +318,7 @@ def hf_rotate(steps: list[int], limit: int | None, best: int | None) -> set[int]
 
 
 @given(
-    st.lists(st.floats(0, 10), min_size=1, max_size=20, unique=True),
+    st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0, 3.0]), min_size=1, max_size=20),
     st.one_of(st.none(), st.integers(-1, 5)),
     st.sampled_from([None, "loss", "accuracy"]),
 )

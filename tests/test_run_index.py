@@ -170,10 +170,10 @@ def test_a_version_1_index_only_fills_in_what_old_manifests_lack(tmp_path):
     assert [(r.global_step, r.is_best) for r in records] == [(1, True), (2, False)]
     mgr = CheckpointManager(run, keep=KeepLast(1) | KeepBest(1))
     mgr.save(3, {"w": torch.ones(1)}, metrics={"loss": 2.0})
-    # the legacy best (step 1, flagged) is kept, as is the best score (step 2, the newer of a tie)
-    assert [r.global_step for r in mgr.checkpoints()] == [1, 2, 3]
+    # the legacy best (step 1, flagged; also the older of a tie, so the best score) is kept
+    assert [r.global_step for r in mgr.checkpoints()] == [1, 3]
     assert json.loads((run / "metadata.json").read_text())["version"] == 2
-    assert [r.is_best for r in listed(run)] == [True, False, False]
+    assert [r.is_best for r in listed(run)] == [True, False]
 
 
 def test_record_helpers():

@@ -9,7 +9,7 @@ keeps it::
 
 * :class:`KeepLast` -- the ``n`` newest regular checkpoints (by save sequence).
 * :class:`KeepBest` -- the ``k`` best regular checkpoints by a :class:`Metric`
-  (ties: the newer ranks higher).
+  (ties: the older ranks higher, as in Lightning and Hugging Face).
 * :class:`KeepEvery` -- those whose step (or epoch) is a multiple of ``n``: a thinned
   history that outlives ``KeepLast``.
 * :class:`KeepAll` -- every regular checkpoint.
@@ -177,7 +177,7 @@ class KeepBest(Keep):
         scored = [
             (s, i, r) for i, r in enumerate(regular) if (s := metric.score(r.metrics)) is not None
         ]
-        scored.sort(key=lambda t: (t[0], t[1]), reverse=True)  # best first; ties: newer first
+        scored.sort(key=lambda t: (-t[0], t[1]))  # best first; ties: the older first
         return {r.rel_path for _, _, r in scored[: self.k]}
 
 
@@ -239,13 +239,14 @@ class AnyOf(Keep):
 def is_best(
     metric: Metric, metrics: Mapping[str, Any], earlier: Iterable[CheckpointRecord]
 ) -> bool:
-    """True if a regular checkpoint with ``metrics`` is at least as good by ``metric`` as
-    every earlier regular checkpoint that has a score (ties: the newer is best)."""
+    """True if a regular checkpoint with ``metrics`` is better by ``metric`` than every
+    earlier regular checkpoint that has a score (a tie is no improvement: the older stays
+    the best, as in Lightning's ``ModelCheckpoint`` and the Hugging Face ``Trainer``)."""
     value = metric.score(metrics)
     if value is None:
         return False
     return all(
-        s <= value
+        s < value
         for r in earlier
         if r.kind == "epoch" and (s := metric.score(r.metrics)) is not None
     )
