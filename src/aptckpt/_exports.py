@@ -162,9 +162,11 @@ def _torch_file(state: Any, dst: Path, *, overwrite: bool) -> ExportInfo:
 
 
 def _tensors_for_safetensors(
-    part: Any,
+    part: Any, reserved: frozenset[str] = frozenset()
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
-    """The tensors to write by name, the ``{dropped: kept}`` ties, and notes."""
+    """The tensors to write by name, the ``{dropped: kept}`` ties, and notes. A tied name
+    that is also a ``__metadata__`` key of ours (``reserved``: ``format``, provenance) is
+    written as a copy: recorded as a tie it would replace that key."""
     tensors: dict[str, torch.Tensor] = {}
     ties: dict[str, str] = {}
     notes: list[str] = []
@@ -211,8 +213,15 @@ def _tensors_for_safetensors(
             t = t.cpu()
         storage = t.untyped_storage()
         view = (storage.data_ptr(), t.dtype, t.storage_offset(), tuple(t.shape), t.stride())
-        if t.numel() and view in seen:  # the same view: a tie, stored once
+        if t.numel() and view in seen and name not in reserved:  # a tie, stored once
             ties[name] = seen[view]
+            continue
+        if t.numel() and view in seen:
+            notes.append(
+                f"'{name}' is tied to '{seen[view]}' but its name is a __metadata__ key of "
+                "the export; wrote it as a copy"
+            )
+            tensors[name] = t.clone(memory_format=torch.contiguous_format)
             continue
         ident = (storage.data_ptr(), storage.nbytes())
         if t.numel() and ident in storages:
@@ -257,6 +266,26 @@ def _st_write(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: 
         ) from err
 
 
+def _check_dtypes(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a dtype safetensors cannot store before any file is written (a sharded
+    export would otherwise leave the shards written before the one that fails)."""
+    from safetensors.torch import save
+
+    first: dict[torch.dtype, str] = {}
+    for name, t in tensors.items():
+        first.setdefault(t.dtype, name)
+    for dtype, name in first.items():
+        try:
+            save({name: torch.empty(0, dtype=dtype)})
+        except (ValueError, TypeError, KeyError, RuntimeError) as err:
+            raise UnsupportedObjectError(
+                f"safetensors cannot store the dtype {dtype} of '{name}'; export to "
+                "'torch-file', which keeps every dtype",
+                key_path=name,
+                type_name="torch.Tensor",
+            ) from err
+
+
 def _shards(tensors: dict[str, torch.Tensor], limit: int | None) -> list[list[str]]:
     """Names per shard in state order, a new shard when the next tensor would pass
     ``limit`` (a tensor larger than ``limit`` gets a shard of its own), as HF shards."""
@@ -291,7 +320,8 @@ def _safetensors(
             key_path="state",
             type_name="safetensors",
         ) from err
-    tensors, ties, notes = _tensors_for_safetensors(part)
+    tensors, ties, notes = _tensors_for_safetensors(part, frozenset({"format", *provenance}))
+    _check_dtypes(tensors)
     metadata = {"format": "pt", **provenance, **ties}
     shards = _shards(tensors, max_shard_size)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -381,6 +411,12 @@ def _dcp_notes(state: Any) -> list[str]:
         notes.append("tied tensors are stored once per name (DCP keeps no ties)")
     if any("[" in name for name, _ in names):
         notes.append("non-string dict keys become strings (DCP keys are strings)")
+    empty = [name for name, value in names if isinstance(value, Mapping) and not value]
+    if empty:
+        notes.append(
+            f"empty dicts are not kept (DCP stores none): {', '.join(map(repr, empty[:3]))}"
+            + ("..." if len(empty) > 3 else "")
+        )
     for name, value in names:
         if isinstance(value, torch.Tensor):
             if value.layout != torch.strided or value.is_quantized:

@@ -130,7 +130,12 @@ def _tie(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, 
     ties = {
         k: v
         for k, v in metadata.items()
-        if isinstance(k, str) and isinstance(v, str) and k not in state and v in state
+        if isinstance(k, str)
+        and isinstance(v, str)
+        and k not in state
+        and v in state
+        and k != "format"  # safetensors' own key, and aptckpt's provenance: never ties
+        and not k.startswith("aptckpt.")
     }
     for dropped, kept in ties.items():
         state[dropped] = state[kept]

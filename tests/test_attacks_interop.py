@@ -1,0 +1,111 @@
+"""Adversarial tests of issue 15's interop (imports, exports), lazy reads, run history,
+plots, ``ls --json`` and progress: each one a promise that broke (now kept) or one that held
+under a hostile input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import aptckpt
+
+# ------------------------------------------------------------------ lazy reads
+
+
+def test_open_get_a_top_level_key_that_starts_with_state(tmp_path: Path) -> None:
+    """Lightning's checkpoints keep the weights under "state_dict": a top-level key, not a
+    key path, even though it starts with "state"."""
+    state = {"state_dict": {"w": torch.arange(10.0)}, "states": torch.ones(3), "state": 1}
+    aptckpt.save(state, tmp_path / "c")
+    with aptckpt.open(tmp_path / "c") as view:
+        assert torch.equal(view.get("state_dict")["w"], state["state_dict"]["w"])
+        assert torch.equal(view.get("states"), state["states"])
+        assert torch.equal(view.get_slice("states")[1:], torch.ones(2))
+        assert torch.equal(view.get("state['state_dict']['w']"), state["state_dict"]["w"])
+        assert "state_dict" in view and "state_dic" not in view
+    loaded = aptckpt.load(tmp_path / "c", keys=["state_dict"])
+    assert torch.equal(next(iter(loaded.values()))["w"], state["state_dict"]["w"])
+
+
+# ------------------------------------------------------------------ run history
+
+
+def test_history_survives_a_line_with_a_huge_int_or_deep_nesting(tmp_path: Path) -> None:
+    with aptckpt.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.log_metrics(1, loss=1.0)
+    folder = tmp_path / "run" / "history"
+    (folder / "000099.jsonl").write_text(
+        '{"step": 2, "time": 1.0, "metrics": {"x": 1' + "0" * 400 + ', "y": 2}}\n'
+        '{"event": "save", "path": "p", "step": 2, "backend": "zstd", "bytes_written": 1, '
+        '"blocked_s": 1'
+        + "0" * 400
+        + ', "save_s": 1, "blocking": false, "time": 1}\n'
+        + "[" * 100_000
+        + "\n"
+    )
+    history = aptckpt.CheckpointManager(tmp_path / "run", read_only=True).history()
+    assert [p.step for p in history.points] == [1, 2]
+    assert history.points[1].metrics == {"y": 2.0}
+    assert history.saves == () and history.skipped == 2
+
+
+@pytest.mark.parametrize(
+    "value", [10**400, torch.ones(3), "1.0", None], ids=["huge-int", "3-elements", "str", "none"]
+)
+def test_log_metrics_refuses_what_is_not_one_float_with_a_type_error(
+    tmp_path: Path, value: Any
+) -> None:
+    with (
+        aptckpt.CheckpointManager(tmp_path / "run") as mgr,
+        pytest.raises(TypeError, match="metric 'loss'"),
+    ):
+        mgr.log_metrics(1, loss=value)
+
+
+# ------------------------------------------------------------------ exports
+
+
+def test_a_tie_named_format_does_not_replace_the_format_entry(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    t = torch.randn(4)
+    aptckpt.save({"model": {"embed": t, "format": t}}, tmp_path / "c")
+    info = aptckpt.convert(tmp_path / "c", tmp_path / "o.safetensors", to="safetensors")
+    with safe_open(str(tmp_path / "o.safetensors"), "pt") as f:
+        meta = f.metadata()
+        assert meta["format"] == "pt"  # from_pretrained requires it
+        assert sorted(f.keys()) == ["embed", "format"]
+    assert any("copy" in note for note in info.notes)
+    aptckpt.convert(tmp_path / "o.safetensors", tmp_path / "back")
+    back = aptckpt.load(tmp_path / "back")
+    assert torch.equal(back["format"], t) and torch.equal(back["embed"], t)
+
+
+def test_a_tensor_named_like_a_metadata_value_is_not_tied_on_import(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"pt": torch.ones(2)}, str(tmp_path / "m.safetensors"), metadata={"format": "pt"})
+    aptckpt.convert(tmp_path / "m.safetensors", tmp_path / "ck")
+    assert list(aptckpt.load(tmp_path / "ck")) == ["pt"]
+
+
+def test_a_sharded_export_refused_midway_leaves_nothing(tmp_path: Path) -> None:
+    """A dtype safetensors cannot store in the second shard: no first shard left behind
+    (it would make the retry fail with 'holds a model export already')."""
+    bad = torch.zeros(100, dtype=torch.uint8).view(torch.bits8)
+    aptckpt.save({"model": {"a": torch.randn(100), "b": bad}}, tmp_path / "c", backend="torch")
+    with pytest.raises(aptckpt.errors.UnsupportedObjectError, match="bits8 of 'b'"):
+        aptckpt.convert(tmp_path / "c", tmp_path / "out", to="safetensors", max_shard_size=100)
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_a_dcp_export_says_it_drops_empty_dicts(tmp_path: Path) -> None:
+    """An optimizer before its first step has state {}: DCP stores no empty dict."""
+    state = {"a": torch.ones(2), "opt": {"state": {}, "param_groups": [{"lr": 0.1}]}}
+    aptckpt.save(state, tmp_path / "c")
+    info = aptckpt.convert(tmp_path / "c", tmp_path / "dcp", to="dcp")
+    assert any("'opt.state'" in note for note in info.notes)
