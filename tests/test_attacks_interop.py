@@ -191,3 +191,46 @@ def test_many_dcp_chunks_are_checked_in_linear_time(tmp_path: Path) -> None:
     good = _dcp_dir(tmp_path / "good", (300,), [((i,), w[i : i + 1].clone()) for i in range(300)])
     aptckpt.convert(good, tmp_path / "ck")
     assert torch.equal(aptckpt.load(tmp_path / "ck")["w"], w)
+
+
+# ------------------------------------------------------------------ progress
+
+
+def test_a_remote_read_does_not_fetch_ahead_what_large_reads_fetch_again(
+    memory_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small chunk read through a window fetched the next windows ahead, over chunks too
+    large for windows that were then fetched again by their own reads (chunks of half a
+    part or more: ``chunk_size=16 MiB`` with the default 16 MiB parts, or as here)."""
+    from aptckpt.storage.remote import FsspecStorage
+    from aptckpt.storage.remote._reader import RemoteDataFiles
+
+    real_init = FsspecStorage.__init__
+
+    def small_parts(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["part_size"] = 1 << 20
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(FsspecStorage, "__init__", small_parts)
+    torch.manual_seed(0)
+    state = {"small": torch.zeros(1000), "big": torch.randn(1_500_000)}
+    url = f"{memory_url}/ck"
+    aptckpt.save(state, url, chunk_size=2 << 20)
+    stored = aptckpt.inspect(url).stored_bytes
+    fetched = []
+    real = RemoteDataFiles._get
+
+    def counted(self: Any, file: int, start: int, end: int) -> bytes:
+        data = real(self, file, start, end)
+        fetched.append(len(data))
+        return data
+
+    monkeypatch.setattr(RemoteDataFiles, "_get", counted)
+    for call in (aptckpt.verify, aptckpt.load):
+        fetched.clear()
+        call(url)
+        assert sum(fetched) <= stored * 1.02, (call.__name__, sum(fetched), stored)
+    with aptckpt.open(url) as view:  # a slice still costs its own chunks only
+        fetched.clear()
+        assert torch.equal(view.get_slice("big")[10:20], state["big"][10:20])
+        assert sum(fetched) <= (2 << 20)
