@@ -234,3 +234,34 @@ def test_a_remote_read_does_not_fetch_ahead_what_large_reads_fetch_again(
         fetched.clear()
         assert torch.equal(view.get_slice("big")[10:20], state["big"][10:20])
         assert sum(fetched) <= (2 << 20)
+
+
+# ------------------------------------------------------------------ plot
+
+
+def test_the_moving_average_recovers_after_a_huge_finite_spike() -> None:
+    """A loss spike of 1e20 (finite: not yet inf) made every later mean 0 (a running sum
+    minus what left the window cancels the small values), and two of 1e308 made them NaN."""
+    pytest.importorskip("matplotlib")
+    import math
+
+    from aptckpt.cli._plot import _smooth
+
+    assert _smooth([1e20] + [1.0] * 30, 5)[-20:] == [1.0] * 20
+    assert _smooth([1e308, 1e308] + [2.0] * 30, 5)[-20:] == [2.0] * 20
+    values = [1.0, math.nan, 3.0, math.inf, 5.0, 7.0]
+    assert _smooth(values, 2) == [1.0, 1.0, 3.0, 3.0, 5.0, 6.0]
+
+
+def test_plot_to_a_directory_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    from aptckpt.cli import main
+
+    with aptckpt.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.log_metrics(1, loss=1.0)
+    (tmp_path / "out.png").mkdir()
+    assert main(["plot", str(tmp_path / "run"), "-o", str(tmp_path / "out.png")]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory" in err and ".out.png." not in err  # names -o, not a temp file
+    assert os.listdir(tmp_path / "out.png") == []
+    assert sorted(os.listdir(tmp_path)) == ["out.png", "run"]
