@@ -265,3 +265,43 @@ def test_plot_to_a_directory_says_so(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "is a directory" in err and ".out.png." not in err  # names -o, not a temp file
     assert os.listdir(tmp_path / "out.png") == []
     assert sorted(os.listdir(tmp_path)) == ["out.png", "run"]
+
+
+# ------------------------------------------------------------------ held: history on S3
+
+
+def test_history_on_s3_from_two_writers_keeps_every_line(
+    s3_url: str, s3_options: dict[str, Any]
+) -> None:
+    """Two history writers of one run (a manager re-created while the first still holds
+    lines) number their segments from the same listing: neither replaces the other's."""
+    from aptckpt import _history, _rundir
+
+    run = _rundir.Run.at(s3_url, s3_options)
+    first, second = _history.HistoryWriter(run), _history.HistoryWriter(run)
+    first.log_metrics(1, {"loss": 1.0})
+    second.log_metrics(2, {"loss": 2.0})
+    first.flush()
+    second.flush()  # its number was taken: the next free one
+    first.log_metrics(3, {"loss": float("nan")})
+    first.flush()
+    history = _history.read(run)
+    assert [p.step for p in history.points] == [1, 2, 3]
+    assert history.skipped == 0
+
+
+@pytest.mark.parametrize("to", ["dcp", "safetensors", "torch-file"])
+def test_an_export_onto_its_source_or_its_run_is_refused(tmp_path: Path, to: str) -> None:
+    """``convert(ck, ck, to="dcp", overwrite=True)`` replaced the checkpoint by the export,
+    and a destination holding the source (the run directory) was deleted with it."""
+    run = tmp_path / "run"
+    with aptckpt.CheckpointManager(run, keep=aptckpt.KeepAll()) as mgr:
+        mgr.save(1, {"model": {"w": torch.ones(3)}})
+        mgr.save(2, {"model": {"w": torch.zeros(3)}})
+    src = next((run / "checkpoints").iterdir())
+    for dst in (src, run, src / "export", tmp_path):
+        with pytest.raises(aptckpt.CheckpointExistsError, match="being exported"):
+            aptckpt.convert(src, dst, to=to, overwrite=True)
+    assert len(aptckpt.CheckpointManager(run, read_only=True).checkpoints()) == 2
+    assert sorted(os.listdir(src)) == ["manifest.msgpack", "shard-00000.bin"]
+    aptckpt.verify(src)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import re
 import time
 import warnings
@@ -54,7 +55,7 @@ from aptckpt.errors import (
 from aptckpt.storage import LOCAL
 from aptckpt.storage.local._publish import publish_dir, publish_file
 
-__all__ = ["FORMATS", "ExportInfo", "export", "parse_size"]
+__all__ = ["FORMATS", "ExportInfo", "check_apart", "export", "parse_size"]
 
 FORMATS = ("torch-file", "safetensors", "dcp")
 HF_SINGLE = "model.safetensors"
@@ -489,6 +490,19 @@ def _detached(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------ entry
+
+
+def check_apart(src: str, dst: Path) -> None:
+    """Refuse a destination that is the source, lies inside it or holds it: an export
+    with ``overwrite`` replaces its destination (a checkpoint converted onto itself, or
+    the run directory above it, was deleted), and one inside a checkpoint adds files to
+    it."""
+    a, b = os.path.realpath(src), os.path.realpath(dst)
+    if a == b or b.startswith(a.rstrip(os.sep) + os.sep) or a.startswith(b.rstrip(os.sep) + os.sep):
+        what = "is" if a == b else "lies inside" if len(b) > len(a) else "holds"
+        raise CheckpointExistsError(
+            dst, f"it {what} the checkpoint being exported ('{src}'); choose another path"
+        )
 
 
 def export(
