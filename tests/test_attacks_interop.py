@@ -305,3 +305,68 @@ def test_an_export_onto_its_source_or_its_run_is_refused(tmp_path: Path, to: str
     assert len(aptckpt.CheckpointManager(run, read_only=True).checkpoints()) == 2
     assert sorted(os.listdir(src)) == ["manifest.msgpack", "shard-00000.bin"]
     aptckpt.verify(src)
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _unicode(text: str) -> bytes:
+    data = text.encode()
+    return b"X" + len(data).to_bytes(4, "little") + data
+
+
+_EVIL = {
+    "dotted-attribute": _global("torch.distributed.checkpoint.metadata", "os.system")
+    + b"("
+    + _unicode("touch PWNED")
+    + b"tR.",
+    "eval-by-other-path": _global("builtins", "eval") + b"(" + _unicode("1") + b"tR.",
+    "torch-attribute": _global("torch", "load") + b"(" + _unicode("x") + b"tR.",
+    "torch-module": _global("torch", "os.system") + b"(" + _unicode("touch PWNED") + b"tR.",
+    "persistent-id": b"\x80\x02P" + b"0\n" + b".",
+    "stack-global-p5": b"\x80\x05"
+    + _unicode("os")
+    + _unicode("system")
+    + b"\x93"
+    + b"("
+    + _unicode("touch PWNED")
+    + b"tR.",
+    "build-class-dict": b"\x80\x02"
+    + _global("torch.distributed.checkpoint.metadata", "Metadata")
+    + b"N}"
+    + _unicode("get")
+    + _global("collections", "OrderedDict")
+    + b"s\x86b.",
+    "build-function-defaults": b"\x80\x02"
+    + _global("torch", "Size")
+    + b"N}"
+    + _unicode("__defaults__")
+    + b"("
+    + _unicode("x")
+    + b"ts\x86b.",
+    "call-a-record": _global("torch.distributed.checkpoint.metadata", "Metadata") + b"(tR.",
+}
+
+
+@pytest.mark.parametrize("payload", list(_EVIL.values()), ids=list(_EVIL))
+def test_hostile_dcp_metadata_pickles_are_refused_unrun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, payload: bytes
+) -> None:
+    import warnings
+
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    good = tmp_path / "good"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(3)}, checkpoint_id=str(good), no_dist=True)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "__0_0.distcp").write_bytes((good / "__0_0.distcp").read_bytes())
+    (bad / ".metadata").write_bytes(payload)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(aptckpt.FormatError):
+        aptckpt.convert(bad, tmp_path / "ck")
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "ck").exists()
+    aptckpt.convert(good, tmp_path / "ck2")  # and nothing of the importer was changed
+    assert torch.equal(aptckpt.load(tmp_path / "ck2")["w"], torch.ones(3))
