@@ -370,3 +370,27 @@ def test_hostile_dcp_metadata_pickles_are_refused_unrun(
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "ck").exists()
     aptckpt.convert(good, tmp_path / "ck2")  # and nothing of the importer was changed
     assert torch.equal(aptckpt.load(tmp_path / "ck2")["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--to", "safetensors", "--max-shard-size", "abc"], "--max-shard-size: .*'abc'"),
+        (["--to", "safetensors", "--max-shard-size", "0"], "at least 1 byte"),
+        (["--to", "dcp", "--max-shard-size", "1KB"], "applies to --to safetensors"),
+        (["--to", "safetensors", "--select", "nope"], "--select: .*'nope'"),
+    ],
+)
+def test_cli_convert_bad_export_arguments_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    """They escaped as ValueError/KeyError tracebacks."""
+    from aptckpt.cli import main
+
+    aptckpt.save({"model": {"w": torch.ones(3)}}, tmp_path / "ck")
+    import re
+
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aptckpt convert: error:") and re.search(message, err), err
+    assert not (tmp_path / "out").exists()
