@@ -4,6 +4,7 @@ under a hostile input."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -394,3 +395,21 @@ def test_cli_convert_bad_export_arguments_are_usage_errors(
     err = capsys.readouterr().err
     assert err.startswith("aptckpt convert: error:") and re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shard", [["x"], None, 5, {"a": 1}])
+def test_an_hf_index_naming_a_shard_that_is_not_a_name_is_a_format_error(
+    tmp_path: Path, shard: Any
+) -> None:
+    """A list value escaped as "TypeError: unhashable type", mixed types as a TypeError of
+    sorted()."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({"a": torch.ones(2)}, str(folder / "model.safetensors"))
+    weight_map = {"a": "model.safetensors", "b": shard}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(aptckpt.FormatError, match="weight_map names a shard"):
+        aptckpt.convert(folder, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()

@@ -148,6 +148,9 @@ def _hf_sharded(folder: Path) -> dict[str, torch.Tensor]:
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
+        odd = [v for v in weight_map.values() if not isinstance(v, str)]
+        if odd:
+            raise TypeError(f"weight_map names a shard {odd[0]!r}, not a file name")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise FormatError(
             f"cannot import '{folder}': bad {HF_INDEX} ({err})", path=str(folder)
