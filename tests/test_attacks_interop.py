@@ -413,3 +413,40 @@ def test_an_hf_index_naming_a_shard_that_is_not_a_name_is_a_format_error(
     with pytest.raises(aptckpt.FormatError, match="weight_map names a shard"):
         aptckpt.convert(folder, tmp_path / "ck")
     assert not (tmp_path / "ck").exists()
+
+
+def test_a_sharded_export_overwritten_and_interrupted_never_leaves_a_lying_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Overwriting a sharded export replaces its shards one by one under the same names:
+    the old index, still there, named tensors the new shards no longer hold."""
+    from safetensors import safe_open
+
+    from aptckpt import _exports
+
+    def ck(name: str, sizes: list[int]) -> Path:
+        state = {"model": {f"t{i}": torch.full((n,), float(i)) for i, n in enumerate(sizes)}}
+        aptckpt.save(state, tmp_path / name)
+        return tmp_path / name
+
+    out = tmp_path / "out"
+    aptckpt.convert(ck("one", [10, 10, 40]), out, to="safetensors", max_shard_size=100)
+    real = _exports.publish_file
+    calls = []
+
+    def crash_on_the_second(dst: Path, write: Any, *, overwrite: bool) -> int:
+        calls.append(dst.name)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(dst, write, overwrite=overwrite)
+
+    monkeypatch.setattr(_exports, "publish_file", crash_on_the_second)
+    with pytest.raises(OSError):
+        aptckpt.convert(
+            ck("two", [40, 10, 10]), out, to="safetensors", max_shard_size=100, overwrite=True
+        )
+    index = out / "model.safetensors.index.json"
+    if index.exists():  # whatever the index names, its shard holds
+        for name, shard in json.loads(index.read_text())["weight_map"].items():
+            with safe_open(str(out / shard), "pt") as f:
+                assert name in f.keys(), (name, shard)

@@ -369,6 +369,12 @@ def _hf_folder(
     names = (
         [HF_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
+    if HF_INDEX in ours:
+        # Shards are replaced one by one under the same names: the old index, left while
+        # they are, would name tensors the new ones do not hold. Without it a reader sees
+        # the old single file or no model, never a mix; the new index comes last.
+        LOCAL.remove_file(str(folder / HF_INDEX))
+        ours.discard(HF_INDEX)
     written: list[str] = []
     size = 0
     for name, keys in zip(names, shards, strict=True):
