@@ -21,8 +21,8 @@
   (plain values, complex or quantized or sparse tensors) are refused, naming the first.
 * ``"dcp"``: a torch.distributed.checkpoint directory written by torch's own
   ``dcp.save(..., no_dist=True)``; ``dcp.load`` reads it into a template state. DCP keeps
-  no ties (each name is stored) and turns non-string dict keys into strings; both are
-  reported in :attr:`ExportInfo.notes`. Plain values must load with
+  no ties (each name is stored), turns non-string dict keys into strings and stores no
+  empty dicts; each is reported in :attr:`ExportInfo.notes`. Plain values must load with
   ``torch.load(weights_only=True)`` (as :func:`aptckpt.convert` reads DCP back).
 
 Every destination is local and published atomically (see
