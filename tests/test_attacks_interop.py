@@ -471,3 +471,22 @@ def test_a_remote_slice_verifies_only_its_chunks(memory_url: str) -> None:
             view.get_slice("w")[-1:]
     with aptckpt.open(url, verify=False) as view:
         assert view.get_slice("w")[-1:].shape == (1,)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [frozenset([1, 2]), __import__("collections").defaultdict(int, a=1)],
+    ids=["frozenset", "defaultdict"],
+)
+def test_a_torch_file_export_notes_values_it_stores_in_another_form(
+    tmp_path: Path, value: Any
+) -> None:
+    """The torch backend stores these in torch.load's form and its manifest restores them;
+    an exported file has no manifest: they came back as tuple/dict with no note."""
+    aptckpt.save({"v": value, "w": torch.ones(1)}, tmp_path / "ck")
+    info = aptckpt.convert(tmp_path / "ck", tmp_path / "out.pt", to="torch-file")
+    got = torch.load(tmp_path / "out.pt", weights_only=True)["v"]
+    assert type(got) is not type(value)
+    assert any("form torch.load" in note for note in info.notes)
+    plain = aptckpt.convert(tmp_path / "ck", tmp_path / "plain.pt", to="torch-file", select="w")
+    assert plain.notes == ()

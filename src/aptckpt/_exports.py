@@ -156,7 +156,16 @@ def _torch_file(state: Any, dst: Path, *, overwrite: bool) -> ExportInfo:
             write_torch_file(flat, f)
 
     size = publish_file(dst, write, overwrite=overwrite)
-    return ExportInfo(str(dst), "torch-file", len(flat.tensors), size, (dst.name,), 0.0)
+    notes = []
+    if tree.torch_form(flat.skeleton) is not flat.skeleton:  # what only a manifest restores
+        notes.append(
+            "some values are stored in the form torch.load(weights_only=True) reads "
+            "(frozensets as tuples, defaultdicts as dicts, numpy values as Python values "
+            "and tensors); an aptckpt checkpoint keeps their types"
+        )
+    return ExportInfo(
+        str(dst), "torch-file", len(flat.tensors), size, (dst.name,), 0.0, tuple(notes)
+    )
 
 
 # ------------------------------------------------------------------ safetensors
