@@ -490,3 +490,12 @@ def test_a_torch_file_export_notes_values_it_stores_in_another_form(
     assert any("form torch.load" in note for note in info.notes)
     plain = aptckpt.convert(tmp_path / "ck", tmp_path / "plain.pt", to="torch-file", select="w")
     assert plain.notes == ()
+
+
+def test_a_metric_named_step_can_be_logged(tmp_path: Path) -> None:
+    """Trainers' log dicts may hold "step" (or "self"): ``log_metrics(10, **logs)`` raised
+    "got multiple values for argument 'step'"."""
+    with aptckpt.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.log_metrics(10, **{"step": 10.0, "self": 1.0, "loss": 0.5})
+    (point,) = aptckpt.CheckpointManager(tmp_path / "run", read_only=True).history().points
+    assert point.step == 10 and point.metrics == {"step": 10.0, "self": 1.0, "loss": 0.5}
