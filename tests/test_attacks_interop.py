@@ -499,3 +499,21 @@ def test_a_metric_named_step_can_be_logged(tmp_path: Path) -> None:
         mgr.log_metrics(10, **{"step": 10.0, "self": 1.0, "loss": 0.5})
     (point,) = aptckpt.CheckpointManager(tmp_path / "run", read_only=True).history().points
     assert point.step == 10 and point.metrics == {"step": 10.0, "self": 1.0, "loss": 0.5}
+
+
+def test_an_hf_import_reads_each_tensor_from_the_shard_its_index_names(tmp_path: Path) -> None:
+    """A name held by two shards came from the shard sorting last, not the one the index
+    gives it (which is the one Hugging Face reads)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({"x": torch.ones(2)}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file(
+        {"x": torch.zeros(2), "y": torch.ones(1)},
+        str(folder / "model-00002-of-00002.safetensors"),
+    )
+    weight_map = {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    aptckpt.convert(folder, tmp_path / "ck")
+    assert torch.equal(aptckpt.load(tmp_path / "ck")["x"], torch.ones(2))

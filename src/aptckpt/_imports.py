@@ -160,7 +160,9 @@ def _hf_sharded(folder: Path) -> dict[str, torch.Tensor]:
     for shard in sorted(set(weight_map.values())):
         mf.check_relative_path(shard, where=str(folder))  # inside the folder, no links out
         loaded = _safetensors(folder / shard)
-        state.update(loaded)
+        # A name the index gives to another shard is read from that one (as HF does),
+        # whichever shard sorts last.
+        state.update({k: t for k, t in loaded.items() if weight_map.get(k, shard) == shard})
         recorded.update(_safetensors_metadata(folder / shard).get("safetensors_metadata", {}))
     state = _tie(state, recorded)
     missing = sorted(set(weight_map) - set(state))
