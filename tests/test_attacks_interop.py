@@ -517,3 +517,31 @@ def test_an_hf_import_reads_each_tensor_from_the_shard_its_index_names(tmp_path:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     aptckpt.convert(folder, tmp_path / "ck")
     assert torch.equal(aptckpt.load(tmp_path / "ck")["x"], torch.ones(2))
+
+
+def test_a_dcp_export_of_keys_that_join_alike_is_refused_by_name(tmp_path: Path) -> None:
+    """``{"a.b": t, "a": {"b": t2}}``: DCP's names collide; torch's ValueError escaped."""
+    aptckpt.save({"a.b": torch.ones(2), "a": {"b": torch.zeros(2)}}, tmp_path / "ck")
+    with pytest.raises(aptckpt.UnsupportedObjectError, match=r"two values are named 'a\.b'"):
+        aptckpt.convert(tmp_path / "ck", tmp_path / "dcp", to="dcp")
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_a_dcp_export_failing_to_write_raises_an_exception_not_a_base_exception(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DCP wraps failures in CheckpointException, a BaseException: it went past every
+    ``except Exception`` (the CLI printed a traceback). The cause is raised instead."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    from aptckpt.cli import main
+
+    def full(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full)
+    aptckpt.save({"w": torch.ones(2)}, tmp_path / "ck")
+    with pytest.raises(OSError, match="No space"):
+        aptckpt.convert(tmp_path / "ck", tmp_path / "dcp", to="dcp")
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "dcp"), "--to", "dcp"]) != 0
+    assert sorted(os.listdir(tmp_path)) == ["ck"]

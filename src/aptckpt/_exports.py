@@ -459,6 +459,7 @@ def _dcp_notes(state: Any) -> list[str]:
 
 
 def _dcp(state: Any, dst: Path, *, overwrite: bool) -> ExportInfo:
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
@@ -478,7 +479,27 @@ def _dcp(state: Any, dst: Path, *, overwrite: bool) -> ExportInfo:
         writer = FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is not initialized": intended
-            dcp_save(plain, storage_writer=writer, no_dist=True)
+            try:
+                dcp_save(plain, storage_writer=writer, no_dist=True)
+            except CheckpointException as wrapped:
+                # A BaseException (past every `except Exception`): raise what failed.
+                failures = [  # per rank: (exception, stack) or the exception
+                    f[0] if isinstance(f, tuple) else f
+                    for f in getattr(wrapped, "failures", {}).values()
+                ]
+                err = failures[0] if failures and isinstance(failures[0], Exception) else None
+                if err is None:
+                    raise RuntimeError(f"torch.distributed.checkpoint failed: {wrapped}") from None
+                found = re.fullmatch(r"duplicated flatten key (.+)", str(err))
+                if found is None:
+                    raise err from None
+                key = found.group(1)
+                raise UnsupportedObjectError(
+                    f"cannot export to DCP: two values are named '{key}' once their keys are "
+                    "joined with dots (DCP's names); rename one, or export to 'torch-file'",
+                    key_path=key,
+                    type_name="dict",
+                ) from err
 
     size = publish_dir(dst, write, overwrite=overwrite)
     files = tuple(sorted(e.name for e in LOCAL.list(str(dst)) if e.kind == "file"))
