@@ -545,3 +545,19 @@ def test_a_dcp_export_failing_to_write_raises_an_exception_not_a_base_exception(
         aptckpt.convert(tmp_path / "ck", tmp_path / "dcp", to="dcp")
     assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "dcp"), "--to", "dcp"]) != 0
     assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_plot_text_with_dollars_is_plain_text(tmp_path: Path) -> None:
+    r"""A metric name, run path or title holding ``$...$`` was parsed as matplotlib math:
+    ``$\bar{x$`` raised a ValueError traceback."""
+    pytest.importorskip("matplotlib")
+    from aptckpt.cli import main
+
+    run = tmp_path / "run_$\\foo$"
+    name = "loss_$\\bar{x$"
+    with aptckpt.CheckpointManager(run) as mgr:
+        mgr.log_metrics(1, **{name: 1.0})
+        mgr.save(2, {"w": torch.ones(1)}, metrics={name: 0.5})
+    out = tmp_path / "p.svg"
+    assert main(["plot", str(run), "-o", str(out), "--title", "$\\nope$"]) == 0
+    assert out.stat().st_size > 0

@@ -192,8 +192,25 @@ def draw(
     *,
     log_y: bool = False,
 ) -> None:
-    """Draw the run into ``output`` (format from its suffix)."""
+    """Draw the run into ``output`` (format from its suffix). Text is plain: a ``$`` in a
+    metric name, a path or a title is not matplotlib's math (which failed to parse)."""
     plt = _pyplot()
+    with plt.rc_context({"text.parse_math": False}):
+        _draw(plt, where, records, best, history, metrics, output, title, log_y=log_y)
+
+
+def _draw(
+    plt: Any,
+    where: str,
+    records: Sequence[aptckpt.CheckpointRecord],
+    best: aptckpt.CheckpointRecord | None,
+    history: _history.History,
+    metrics: Sequence[str],
+    output: Path,
+    title: str | None,
+    *,
+    log_y: bool,
+) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     from matplotlib.ticker import FuncFormatter
