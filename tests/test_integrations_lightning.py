@@ -42,6 +42,17 @@ from aptckpt.integrations.lightning import (  # noqa: E402
 )
 from aptckpt.testing import assert_state_equal  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _restore_determinism() -> Any:
+    """Trainer(deterministic=True) turns torch's deterministic algorithms on for the whole
+    process; later tests then fail in torch.empty of dtypes it cannot fill (float4)."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 pytestmark = [
     pytest.mark.core_independent,
     # Lightning's own chatter on a CPU-only tiny run, none of it about the plugin

@@ -21,8 +21,8 @@
   (plain values, complex or quantized or sparse tensors) are refused, naming the first.
 * ``"dcp"``: a torch.distributed.checkpoint directory written by torch's own
   ``dcp.save(..., no_dist=True)``; ``dcp.load`` reads it into a template state. DCP keeps
-  no ties (each name is stored) and turns non-string dict keys into strings; both are
-  reported in :attr:`ExportInfo.notes`. Plain values must load with
+  no ties (each name is stored), turns non-string dict keys into strings and stores no
+  empty dicts; each is reported in :attr:`ExportInfo.notes`. Plain values must load with
   ``torch.load(weights_only=True)`` (as :func:`aptckpt.convert` reads DCP back).
 
 Every destination is local and published atomically (see
@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import re
 import time
 import warnings
@@ -54,7 +55,7 @@ from aptckpt.errors import (
 from aptckpt.storage import LOCAL
 from aptckpt.storage.local._publish import publish_dir, publish_file
 
-__all__ = ["FORMATS", "ExportInfo", "export", "parse_size"]
+__all__ = ["FORMATS", "ExportInfo", "check_apart", "export", "parse_size"]
 
 FORMATS = ("torch-file", "safetensors", "dcp")
 HF_SINGLE = "model.safetensors"
@@ -155,16 +156,27 @@ def _torch_file(state: Any, dst: Path, *, overwrite: bool) -> ExportInfo:
             write_torch_file(flat, f)
 
     size = publish_file(dst, write, overwrite=overwrite)
-    return ExportInfo(str(dst), "torch-file", len(flat.tensors), size, (dst.name,), 0.0)
+    notes = []
+    if tree.torch_form(flat.skeleton) is not flat.skeleton:  # what only a manifest restores
+        notes.append(
+            "some values are stored in the form torch.load(weights_only=True) reads "
+            "(frozensets as tuples, defaultdicts as dicts, numpy values as Python values "
+            "and tensors); an aptckpt checkpoint keeps their types"
+        )
+    return ExportInfo(
+        str(dst), "torch-file", len(flat.tensors), size, (dst.name,), 0.0, tuple(notes)
+    )
 
 
 # ------------------------------------------------------------------ safetensors
 
 
 def _tensors_for_safetensors(
-    part: Any,
+    part: Any, reserved: frozenset[str] = frozenset()
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
-    """The tensors to write by name, the ``{dropped: kept}`` ties, and notes."""
+    """The tensors to write by name, the ``{dropped: kept}`` ties, and notes. A tied name
+    that is also a ``__metadata__`` key of ours (``reserved``: ``format``, provenance) is
+    written as a copy: recorded as a tie it would replace that key."""
     tensors: dict[str, torch.Tensor] = {}
     ties: dict[str, str] = {}
     notes: list[str] = []
@@ -211,8 +223,15 @@ def _tensors_for_safetensors(
             t = t.cpu()
         storage = t.untyped_storage()
         view = (storage.data_ptr(), t.dtype, t.storage_offset(), tuple(t.shape), t.stride())
-        if t.numel() and view in seen:  # the same view: a tie, stored once
+        if t.numel() and view in seen and name not in reserved:  # a tie, stored once
             ties[name] = seen[view]
+            continue
+        if t.numel() and view in seen:
+            notes.append(
+                f"'{name}' is tied to '{seen[view]}' but its name is a __metadata__ key of "
+                "the export; wrote it as a copy"
+            )
+            tensors[name] = t.clone(memory_format=torch.contiguous_format)
             continue
         ident = (storage.data_ptr(), storage.nbytes())
         if t.numel() and ident in storages:
@@ -257,6 +276,26 @@ def _st_write(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: 
         ) from err
 
 
+def _check_dtypes(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a dtype safetensors cannot store before any file is written (a sharded
+    export would otherwise leave the shards written before the one that fails)."""
+    from safetensors.torch import save
+
+    first: dict[torch.dtype, str] = {}
+    for name, t in tensors.items():
+        first.setdefault(t.dtype, name)
+    for dtype, name in first.items():
+        try:
+            save({name: torch.empty(0, dtype=dtype)})
+        except (ValueError, TypeError, KeyError, RuntimeError) as err:
+            raise UnsupportedObjectError(
+                f"safetensors cannot store the dtype {dtype} of '{name}'; export to "
+                "'torch-file', which keeps every dtype",
+                key_path=name,
+                type_name="torch.Tensor",
+            ) from err
+
+
 def _shards(tensors: dict[str, torch.Tensor], limit: int | None) -> list[list[str]]:
     """Names per shard in state order, a new shard when the next tensor would pass
     ``limit`` (a tensor larger than ``limit`` gets a shard of its own), as HF shards."""
@@ -291,7 +330,8 @@ def _safetensors(
             key_path="state",
             type_name="safetensors",
         ) from err
-    tensors, ties, notes = _tensors_for_safetensors(part)
+    tensors, ties, notes = _tensors_for_safetensors(part, frozenset({"format", *provenance}))
+    _check_dtypes(tensors)
     metadata = {"format": "pt", **provenance, **ties}
     shards = _shards(tensors, max_shard_size)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -338,6 +378,12 @@ def _hf_folder(
     names = (
         [HF_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
+    if HF_INDEX in ours:
+        # Shards are replaced one by one under the same names: the old index, left while
+        # they are, would name tensors the new ones do not hold. Without it a reader sees
+        # the old single file or no model, never a mix; the new index comes last.
+        LOCAL.remove_file(str(folder / HF_INDEX))
+        ours.discard(HF_INDEX)
     written: list[str] = []
     size = 0
     for name, keys in zip(names, shards, strict=True):
@@ -381,6 +427,12 @@ def _dcp_notes(state: Any) -> list[str]:
         notes.append("tied tensors are stored once per name (DCP keeps no ties)")
     if any("[" in name for name, _ in names):
         notes.append("non-string dict keys become strings (DCP keys are strings)")
+    empty = [name for name, value in names if isinstance(value, Mapping) and not value]
+    if empty:
+        notes.append(
+            f"empty dicts are not kept (DCP stores none): {', '.join(map(repr, empty[:3]))}"
+            + ("..." if len(empty) > 3 else "")
+        )
     for name, value in names:
         if isinstance(value, torch.Tensor):
             if value.layout != torch.strided or value.is_quantized:
@@ -407,6 +459,7 @@ def _dcp_notes(state: Any) -> list[str]:
 
 
 def _dcp(state: Any, dst: Path, *, overwrite: bool) -> ExportInfo:
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
@@ -426,7 +479,27 @@ def _dcp(state: Any, dst: Path, *, overwrite: bool) -> ExportInfo:
         writer = FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is not initialized": intended
-            dcp_save(plain, storage_writer=writer, no_dist=True)
+            try:
+                dcp_save(plain, storage_writer=writer, no_dist=True)
+            except CheckpointException as wrapped:
+                # A BaseException (past every `except Exception`): raise what failed.
+                failures = [  # per rank: (exception, stack) or the exception
+                    f[0] if isinstance(f, tuple) else f
+                    for f in getattr(wrapped, "failures", {}).values()
+                ]
+                err = failures[0] if failures and isinstance(failures[0], Exception) else None
+                if err is None:
+                    raise RuntimeError(f"torch.distributed.checkpoint failed: {wrapped}") from None
+                found = re.fullmatch(r"duplicated flatten key (.+)", str(err))
+                if found is None:
+                    raise err from None
+                key = found.group(1)
+                raise UnsupportedObjectError(
+                    f"cannot export to DCP: two values are named '{key}' once their keys are "
+                    "joined with dots (DCP's names); rename one, or export to 'torch-file'",
+                    key_path=key,
+                    type_name="dict",
+                ) from err
 
     size = publish_dir(dst, write, overwrite=overwrite)
     files = tuple(sorted(e.name for e in LOCAL.list(str(dst)) if e.kind == "file"))
@@ -453,6 +526,19 @@ def _detached(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------ entry
+
+
+def check_apart(src: str, dst: Path) -> None:
+    """Refuse a destination that is the source, lies inside it or holds it: an export
+    with ``overwrite`` replaces its destination (a checkpoint converted onto itself, or
+    the run directory above it, was deleted), and one inside a checkpoint adds files to
+    it."""
+    a, b = os.path.realpath(src), os.path.realpath(dst)
+    if a == b or b.startswith(a.rstrip(os.sep) + os.sep) or a.startswith(b.rstrip(os.sep) + os.sep):
+        what = "is" if a == b else "lies inside" if len(b) > len(a) else "holds"
+        raise CheckpointExistsError(
+            dst, f"it {what} the checkpoint being exported ('{src}'); choose another path"
+        )
 
 
 def export(

@@ -118,7 +118,10 @@ class History:
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond any float (a hand-edited line)
+        return None
 
 
 def _clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -126,11 +129,14 @@ def _clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     for key, value in metrics.items():
         if not isinstance(key, str):
             raise TypeError(f"metric names must be strings, not {type(key).__name__}")
-        number = _number(value.item() if hasattr(value, "item") else value)
+        try:
+            number = _number(value.item() if hasattr(value, "item") else value)
+        except (RuntimeError, ValueError):  # .item() of a tensor with several elements
+            number = None
         if number is None:
             raise TypeError(
-                f"metric {key!r} is {type(value).__name__}; log plain numbers "
-                "(call .item() on a tensor)"
+                f"metric {key!r} is {type(value).__name__}, not one number a float holds; "
+                "log plain numbers (call .item() on a one-element tensor)"
             )
         out[key] = number
     return out
@@ -227,7 +233,7 @@ def _save(doc: dict[str, Any]) -> SaveEvent | None:
             blocking=doc["blocking"],
             time=float(doc["time"]),
         )
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         return None
     ok = (
         isinstance(event.path, str)
@@ -255,7 +261,7 @@ def read(run: _rundir.Run) -> History:
                 continue
             try:
                 doc = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: garbage nested deep
                 doc = None
             item: MetricPoint | SaveEvent | None = None
             if isinstance(doc, dict):

@@ -130,7 +130,12 @@ def _tie(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, 
     ties = {
         k: v
         for k, v in metadata.items()
-        if isinstance(k, str) and isinstance(v, str) and k not in state and v in state
+        if isinstance(k, str)
+        and isinstance(v, str)
+        and k not in state
+        and v in state
+        and k != "format"  # safetensors' own key, and aptckpt's provenance: never ties
+        and not k.startswith("aptckpt.")
     }
     for dropped, kept in ties.items():
         state[dropped] = state[kept]
@@ -143,6 +148,9 @@ def _hf_sharded(folder: Path) -> dict[str, torch.Tensor]:
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
+        odd = [v for v in weight_map.values() if not isinstance(v, str)]
+        if odd:
+            raise TypeError(f"weight_map names a shard {odd[0]!r}, not a file name")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise FormatError(
             f"cannot import '{folder}': bad {HF_INDEX} ({err})", path=str(folder)
@@ -152,7 +160,9 @@ def _hf_sharded(folder: Path) -> dict[str, torch.Tensor]:
     for shard in sorted(set(weight_map.values())):
         mf.check_relative_path(shard, where=str(folder))  # inside the folder, no links out
         loaded = _safetensors(folder / shard)
-        state.update(loaded)
+        # A name the index gives to another shard is read from that one (as HF does),
+        # whichever shard sorts last.
+        state.update({k: t for k, t in loaded.items() if weight_map.get(k, shard) == shard})
         recorded.update(_safetensors_metadata(folder / shard).get("safetensors_metadata", {}))
     state = _tie(state, recorded)
     missing = sorted(set(weight_map) - set(state))

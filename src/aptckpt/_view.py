@@ -178,10 +178,13 @@ class CheckpointView:
             for part in key:
                 path = tree.child_path(path, part)
             return path
-        if isinstance(key, str) and not key.startswith("state"):
-            return tree.child_path("state", key)
         if isinstance(key, str):
-            return key
+            # A key path (``state['model']``) if it is one; otherwise a top-level key,
+            # which may itself start with "state" (Lightning's "state_dict").
+            top = tree.child_path("state", key)
+            if key == "state" or (key.startswith("state[") and top not in self._nodes):
+                return key
+            return top
         raise TypeError(f"a key is a key path string or a tuple of keys, not {type(key).__name__}")
 
     def _node(self, key: Any) -> tuple[str, Any]:

@@ -1123,6 +1123,8 @@ def convert(
                 f"an export (to={to!r}) writes a local path, not {os.fspath(dst)!r}",
                 path=os.fspath(dst),
             )
+        if not is_url(src):
+            _exports.check_apart(os.fspath(src), Path(os.fspath(dst)))
         state, provenance = _export_source(src, src_options, verify=verify, progress=progress)
         return _exports.export(
             state,

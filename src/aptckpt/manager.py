@@ -846,13 +846,14 @@ class CheckpointManager:
 
     # ----------------------------------------------------------- the history
 
-    def log_metrics(self, step: int, **metrics: float | torch.Tensor) -> None:
+    def log_metrics(self, step: int, /, **metrics: float | torch.Tensor) -> None:
         """Record metrics at ``step`` in the run's history (``history/``, see
         :mod:`aptckpt._history`): what ``aptckpt plot`` draws between checkpoints.
 
         Cheap: lines are buffered and written as one small file on each save, every
         1000 lines or 30 seconds, and at :meth:`close`. Values are plain numbers (a
-        0-d tensor's ``.item()`` is taken). In a process group only group rank 0
+        0-d tensor's ``.item()`` is taken); ``step`` is positional, so a metric may be
+        named ``step`` (``log_metrics(10, **logs)``). In a process group only group rank 0
         records; the other ranks' calls do nothing.
 
         Raises:

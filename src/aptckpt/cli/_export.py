@@ -15,6 +15,7 @@ from typing import Any
 
 import aptckpt
 from aptckpt import _imports
+from aptckpt._exports import parse_size
 from aptckpt.cli._common import UsageError, fmt_size, options_for, with_progress
 from aptckpt.storage import is_url
 
@@ -65,7 +66,31 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
     if is_url(args.dst):
         raise UsageError(f"--to {args.to} writes a local path; DST must be a local path")
-    exported = with_progress(
+    if args.max_shard_size is not None:
+        if args.to != "safetensors":
+            raise UsageError(f"--max-shard-size applies to --to safetensors, not --to {args.to}")
+        try:
+            parse_size(args.max_shard_size)
+        except ValueError as err:
+            raise UsageError(f"--max-shard-size: {err}") from None
+    try:
+        exported = _export(args)
+    except KeyError as err:  # --select naming what the state does not hold
+        if args.select is None:
+            raise
+        raise UsageError(f"--select: {err.args[0] if err.args else err}") from None
+    for note in exported.notes:
+        print(f"note: {note}", file=sys.stderr)
+    files = f", {len(exported.files)} files" if len(exported.files) > 1 else ""
+    print(
+        f"wrote {exported.path} ({args.to}, {exported.tensors} tensors, "
+        f"{fmt_size(exported.bytes)}{files}) from {args.src}"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> Any:
+    return with_progress(
         lambda progress: aptckpt.convert(
             args.src,
             args.dst,
@@ -78,11 +103,3 @@ def cmd_convert(args: argparse.Namespace) -> int:
         ),
         "export",
     )
-    for note in exported.notes:
-        print(f"note: {note}", file=sys.stderr)
-    files = f", {len(exported.files)} files" if len(exported.files) > 1 else ""
-    print(
-        f"wrote {exported.path} ({args.to}, {exported.tensors} tensors, "
-        f"{fmt_size(exported.bytes)}{files}) from {args.src}"
-    )
-    return 0

@@ -140,17 +140,33 @@ def _series(name: str, history: Any, records: Sequence[Any]) -> tuple[list[int],
 
 def _smooth(values: list[float], window: int) -> list[float]:
     """The mean of each value and the ``window - 1`` before it (fewer at the start);
-    non-finite values (a diverged step) are left out of the means around them."""
-    sums, counts = [0.0], [0]
+    non-finite values (a diverged step) are left out of the means around them.
+
+    The window's sum is kept without subtracting what leaves it (a queue of two stacks):
+    a running sum minus the values that left loses the small values after a huge one
+    (a loss spike of 1e20 made every later mean 0)."""
+    out = []
+    back: list[float] = []  # the newest values, and their sum and count of finite ones
+    back_sum, back_count = 0.0, 0
+    front: list[tuple[float, int]] = []  # older ones: (sum, count) of each and those after
     for v in values:
         finite = math.isfinite(v)
-        sums.append(sums[-1] + (v if finite else 0.0))
-        counts.append(counts[-1] + finite)
-    out = []
-    for i in range(1, len(values) + 1):
-        lo = max(0, i - window)
-        n = counts[i] - counts[lo]
-        out.append((sums[i] - sums[lo]) / n if n else math.nan)
+        back.append(v)
+        back_sum += v if finite else 0.0
+        back_count += finite
+        if len(front) + len(back) > window:
+            if not front:  # turn the newest values into the older ones, oldest on top
+                total, count = 0.0, 0
+                for old in reversed(back):
+                    ok = math.isfinite(old)
+                    total += old if ok else 0.0
+                    count += ok
+                    front.append((total, count))
+                back, back_sum, back_count = [], 0.0, 0
+            front.pop()
+        total = (front[-1][0] if front else 0.0) + back_sum
+        count = (front[-1][1] if front else 0) + back_count
+        out.append(total / count if count else math.nan)
     return out
 
 
@@ -176,8 +192,25 @@ def draw(
     *,
     log_y: bool = False,
 ) -> None:
-    """Draw the run into ``output`` (format from its suffix)."""
+    """Draw the run into ``output`` (format from its suffix). Text is plain: a ``$`` in a
+    metric name, a path or a title is not matplotlib's math (which failed to parse)."""
     plt = _pyplot()
+    with plt.rc_context({"text.parse_math": False}):
+        _draw(plt, where, records, best, history, metrics, output, title, log_y=log_y)
+
+
+def _draw(
+    plt: Any,
+    where: str,
+    records: Sequence[aptckpt.CheckpointRecord],
+    best: aptckpt.CheckpointRecord | None,
+    history: _history.History,
+    metrics: Sequence[str],
+    output: Path,
+    title: str | None,
+    *,
+    log_y: bool,
+) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     from matplotlib.ticker import FuncFormatter
@@ -455,6 +488,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise UsageError(
             f"-o {output}: the format follows the file name; use one of {', '.join(_FORMATS)}"
         )
+    if output.is_dir():
+        raise UsageError(f"-o {output}: it is a directory; name the picture's file")
     if not output.parent.is_dir() and str(output.parent):
         raise UsageError(f"-o {output}: folder '{output.parent}' does not exist")
     _pyplot()  # the missing extra is reported before the run is read

@@ -174,6 +174,10 @@ class RemoteDataFiles(base.DataFiles):
         # chunks between compressed ones, read apart) costs less than another request.
         gap = self.storage.part_size // 16
         for start, stop in sorted(ranges):
+            if stop - start >= self.storage.part_size // 2:
+                # read() fetches these directly, never through windows: within a run,
+                # the windows fetched ahead of a small read would fetch them again.
+                continue
             if runs and start <= runs[-1][1] + gap:
                 runs[-1] = (runs[-1][0], max(runs[-1][1], stop))
             else:
