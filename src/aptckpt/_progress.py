@@ -192,6 +192,9 @@ class _CountingFiles(DataFiles):
             start = stop
         return found
 
+    def expect(self, file: int, ranges: Sequence[tuple[int, int]]) -> None:
+        self.inner.expect(file, ranges)  # the storage's read-ahead hint, passed on
+
     def stream(self, file: int) -> BinaryIO:
         stream = self.inner.stream(file)
         self._add(file, self.sizes[file])  # read whole by its caller
