@@ -24,6 +24,9 @@ import aptckpt
 from aptckpt.cli import main
 from aptckpt.retention import KeepAll
 
+# above the API: its reads and hashes are covered in both runs by the API-level tests
+pytestmark = pytest.mark.core_independent
+
 
 def run(capsys, *argv):
     code = main([str(a) for a in argv])

@@ -6,10 +6,14 @@ import datetime
 import json
 import os
 
+import pytest
 import torch
 
 import aptckpt
 from aptckpt.cli import main
+
+# above the API: its reads and hashes are covered in both runs by the API-level tests
+pytestmark = pytest.mark.core_independent
 
 #: Every field of a checkpoint entry in schema 1.
 FIELDS = {

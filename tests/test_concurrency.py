@@ -16,10 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import aptckpt
 from aptckpt.testing import assert_state_equal
+
+# protocol of the storage layer, not the core's reads and hashes (covered in both runs)
+pytestmark = pytest.mark.core_independent
 
 WORKER = """
 import sys, torch, aptckpt
@@ -42,6 +46,7 @@ print(refused)
 
 COLLECTOR = """
 import sys, time, aptckpt
+
 run = sys.argv[1]
 collections = 0
 deadline = time.time() + float(sys.argv[2])

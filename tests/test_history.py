@@ -12,6 +12,9 @@ import torch
 import aptckpt
 from aptckpt import _history, _rundir
 
+# above the API: its reads and hashes are covered in both runs by the API-level tests
+pytestmark = pytest.mark.core_independent
+
 
 def _state(n: int = 1000) -> dict[str, torch.Tensor]:
     return {"w": torch.randn(n)}

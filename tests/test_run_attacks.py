@@ -33,6 +33,9 @@ from aptckpt.retention import KeepAll, KeepBest, KeepLast
 from aptckpt.storage.local import _temps
 from aptckpt.training_state import MAX_COUNT
 
+# above the API: its reads and hashes are covered in both runs by the API-level tests
+pytestmark = pytest.mark.core_independent
+
 
 def state(value: float) -> dict[str, torch.Tensor]:
     return {"w": torch.full((16,), float(value))}

@@ -17,6 +17,9 @@ from aptckpt import _run_index
 from aptckpt.manager import CheckpointManager
 from aptckpt.retention import KeepAll, KeepBest, KeepLast
 
+# above the API: its reads and hashes are covered in both runs by the API-level tests
+pytestmark = pytest.mark.core_independent
+
 
 def make_run(tmp_path: Path) -> tuple[Path, list[Any]]:
     """A run of three regular checkpoints and a temporary one, and its records."""

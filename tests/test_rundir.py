@@ -17,6 +17,9 @@ from aptckpt.errors import UnsafePathError
 from aptckpt.manager import CheckpointManager
 from aptckpt.retention import KeepLast
 
+# above the API: its reads and hashes are covered in both runs by the API-level tests
+pytestmark = pytest.mark.core_independent
+
 DEBRIS = ".x.tmp-1-0badc0de"  # what a crashed save leaves: removed in the run, never elsewhere
 
 

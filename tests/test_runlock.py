@@ -19,6 +19,9 @@ from aptckpt import _runlock
 from aptckpt.errors import RunBusyError, UnsafePathError
 from aptckpt.manager import CheckpointManager
 
+# protocol of the storage layer, not the core's reads and hashes (covered in both runs)
+pytestmark = pytest.mark.core_independent
+
 HOLD = """
 import sys, time
 from aptckpt.manager import CheckpointManager
@@ -30,6 +33,7 @@ time.sleep(120)
 # What another process sees (the lock as the kernel keeps it; no torch import, so fast).
 TRY = """
 import fcntl, os, sys
+
 fd = os.open(os.path.join(sys.argv[1], sys.argv[2]), os.O_RDWR | os.O_CREAT)
 try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -17,6 +17,9 @@ import aptckpt
 from aptckpt.errors import CheckpointExistsError, InvalidNameError
 from aptckpt.storage.local import _atomic, _temps
 
+# protocol of the storage layer, not the core's reads and hashes (covered in both runs)
+pytestmark = pytest.mark.core_independent
+
 #: Holds an owner with a temp directory beside argv[1] until its stdin closes; prints the
 #: entry's name, then (with argv[2] == "fork") forks a child that outlives it.
 _HOLDER = textwrap.dedent(
