@@ -25,6 +25,9 @@ from aptckpt.apt.data import Batches, split_tokens
 from aptckpt.manager import CheckpointManager
 from aptckpt.testing import assert_state_equal
 
+# above the API: its reads and hashes are covered in both runs by the API-level tests
+pytestmark = pytest.mark.core_independent
+
 VOCAB = CharTokenizer.from_text(default_corpus()).vocab_size
 TINY = APTConfig(vocab_size=VOCAB, d_model=16, n_layer=1, n_head=2, context=16)
 
