@@ -40,6 +40,7 @@ from aptckpt.retention import (
     from_lightning,
     from_transformers,
 )
+from aptckpt.testing import assert_state_equal
 
 pytestmark = [
     pytest.mark.core_independent,
@@ -420,7 +421,7 @@ def test_hf_resume_from_an_explicit_older_checkpoint_resaves_the_same_steps(
     again = build()
     again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert T._checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
-    T._assert_equal(first.model.state_dict(), again.model.state_dict())
+    assert_state_equal(first.model.state_dict(), again.model.state_dict())
     assert hf.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 import aptckpt
 from aptckpt.integrations.accelerate import load_state, save_state
+from aptckpt.testing import assert_state_equal
 
 # Above the API: the reads and hashes it uses are covered in both runs elsewhere.
 pytestmark = pytest.mark.core_independent
@@ -112,21 +113,6 @@ def _snapshot(model: Any, opt: Any, sched: Any, counter: Counter) -> dict[str, A
     )
 
 
-def _assert_equal(a: Any, b: Any, where: str = "state") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            _assert_equal(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def test_round_trip_restores_everything_and_training_continues_identically(tmp_path: Path) -> None:
     acc, model, opt, loader, sched, counter = _setup()
     _train(acc, model, opt, sched, loader, counter, 5)
@@ -142,12 +128,12 @@ def test_round_trip_restores_everything_and_training_continues_identically(tmp_p
     loaded = load_state(acc2, tmp_path / "step-5")
     assert loaded.extra == {"epoch": 1, "batches_done": 2} and loaded.step == step == acc2.step
     assert loaded.path == str(tmp_path / "step-5")
-    _assert_equal(_snapshot(model2, opt2, sched2, counter2), before)
+    assert_state_equal(_snapshot(model2, opt2, sched2, counter2), before)
     assert loader2.get_sampler().epoch == 1 and loader2.get_sampler().initial_seed == 11
     # tied weights came back tied, into the same parameters
     assert model2.head.weight is model2.embed.weight
     _train(acc2, model2, opt2, sched2, loader2, counter2, 4)
-    _assert_equal(_snapshot(model2, opt2, sched2, counter2), straight)
+    assert_state_equal(_snapshot(model2, opt2, sched2, counter2), straight)
     # one aptckpt checkpoint, no pickles
     assert info.backend == "zstd"
     names = {p.name for p in (tmp_path / "step-5").iterdir()}
@@ -250,7 +236,7 @@ def test_object_store_round_trip(s3_url: str, s3_options: dict[str, Any]) -> Non
     before = _snapshot(model, opt, sched, counter)
     acc2, model2, opt2, _, sched2, counter2 = _setup()
     load_state(acc2, url, storage_options=s3_options)
-    _assert_equal(_snapshot(model2, opt2, sched2, counter2), before)
+    assert_state_equal(_snapshot(model2, opt2, sched2, counter2), before)
 
 
 def test_many_processes_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -44,6 +44,7 @@ from transformers import (  # noqa: E402
 
 import aptckpt  # noqa: E402
 from aptckpt.integrations import transformers as hf  # noqa: E402
+from aptckpt.testing import assert_state_equal  # noqa: E402
 
 VOCAB = 101
 SEQ = 16
@@ -137,21 +138,6 @@ def _states(t: Trainer) -> dict[str, Any]:
     }
 
 
-def _assert_equal(a: Any, b: Any, where: str = "state") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            _assert_equal(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def _checkpoints(output_dir: Path) -> list[str]:
     return sorted(
         (p.name for p in output_dir.glob("checkpoint-*")), key=lambda n: int(n.split("-")[1])
@@ -208,7 +194,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path: Path, uninterrupt
     resumed = trainer(out)
     resumed.train(resume_from_checkpoint=True)
 
-    _assert_equal(_states(resumed), straight)
+    assert_state_equal(_states(resumed), straight)
     # tied weights stay tied through save and load
     m = resumed.model
     assert m.lm_head.weight is m.transformer.wte.weight
@@ -266,7 +252,7 @@ def test_export_pretrained_gives_a_from_pretrained_directory(
     target = hf.export_pretrained(ckpt, tmp_path / "export")
     loaded = GPT2LMHeadModel.from_pretrained(target)
     with aptckpt.open(ckpt / "aptckpt") as view:
-        _assert_equal(loaded.state_dict(), view.get("model"))
+        assert_state_equal(loaded.state_dict(), view.get("model"))
     assert AutoTokenizer.from_pretrained(target)("w3")["input_ids"] == [5]
     assert not (Path(target) / "trainer_state.json").exists()
 
@@ -278,7 +264,7 @@ def test_save_model_exports_without_pickles(tmp_path: Path, uninterrupted: Any) 
     assert (final / "model.safetensors").is_file() and (final / "training_args.json").is_file()
     assert not (final / "training_args.bin").exists()
     loaded = GPT2LMHeadModel.from_pretrained(final)
-    _assert_equal(loaded.state_dict(), t.model.state_dict())
+    assert_state_equal(loaded.state_dict(), t.model.state_dict())
 
 
 # ----------------------------------------------------------------- incomplete, damaged, foreign
@@ -313,7 +299,7 @@ def test_interrupted_save_is_skipped_refused_and_cleaned_up(
 
     resumed = trainer(out, save_total_limit=1)
     resumed.train(resume_from_checkpoint=True)  # from checkpoint-6, the newest complete
-    _assert_equal(_states(resumed), straight)
+    assert_state_equal(_states(resumed), straight)
     assert _checkpoints(out) == ["checkpoint-8"]
     assert hf.checkpoint_kind(out / "checkpoint-8") == "aptckpt"
     with pytest.raises(aptckpt.CheckpointNotFoundError, match="empty"):
@@ -370,7 +356,7 @@ def test_hf_checkpoint_resumes_through_hf_loaders(tmp_path: Path, uninterrupted:
     assert hf.checkpoint_kind(out / f"checkpoint-{KILL_AFTER}") == "hf"
     resumed = trainer(out)
     resumed.train(resume_from_checkpoint=True)
-    _assert_equal(_states(resumed), uninterrupted[1])
+    assert_state_equal(_states(resumed), uninterrupted[1])
     assert hf.checkpoint_kind(out / "checkpoint-8") == "aptckpt"
 
 
@@ -411,7 +397,7 @@ def test_best_model_is_kept_and_loaded_at_end_with_delta(tmp_path: Path) -> None
     assert _checkpoints(out) == ["checkpoint-4", "checkpoint-8"]
     best = aptckpt.load(out / "checkpoint-4" / "aptckpt")["model"]
     last = aptckpt.load(out / "checkpoint-8" / "aptckpt")["model"]
-    _assert_equal(t.model.state_dict(), best)
+    assert_state_equal(t.model.state_dict(), best)
     assert not torch.equal(best["transformer.wte.weight"], last["transformer.wte.weight"])
     assert aptckpt.inspect(out / "checkpoint-8" / "aptckpt").backend == "delta"
     # the store is shared and holds only what live checkpoints reach
