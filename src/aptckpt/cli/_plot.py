@@ -273,29 +273,16 @@ def _draw(
     top = ax_m.get_xaxis_transform()  # x in steps, y in axes fractions
     regular = [r for r in records if r.kind == "epoch"]
     temps = [r for r in records if r.kind == "temp"]
-    if temps:
-        ax_m.scatter(
-            [r.global_step for r in temps],
-            [0.97] * len(temps),
-            transform=top,
-            marker="o",
-            s=18,
-            facecolors="white",
-            edgecolors="gray",
-            zorder=3,
-            clip_on=False,
-        )
-    if regular:
-        ax_m.scatter(
-            [r.global_step for r in regular],
-            [0.97] * len(regular),
-            transform=top,
-            marker="v",
-            s=45,
-            color="#333333",
-            zorder=3,
-            clip_on=False,
-        )
+    top_marks: list[tuple[list[aptckpt.CheckpointRecord], dict[str, Any]]] = [
+        (temps, {"marker": "o", "s": 18, "facecolors": "white", "edgecolors": "gray"}),
+        (regular, {"marker": "v", "s": 45, "color": "#333333"}),
+    ]
+    for marked, style in top_marks:
+        if marked:
+            steps = [r.global_step for r in marked]
+            ax_m.scatter(
+                steps, [0.97] * len(steps), transform=top, zorder=3, clip_on=False, **style
+            )
     listed = {r.rel_path for r in records}
     pruned = [e.step for e in history.saves if e.path not in listed]
     if pruned:  # saves whose checkpoints retention has deleted since
