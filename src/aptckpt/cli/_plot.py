@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from aptckpt import _history
 from aptckpt._runlock import LOCK_NAME
 from aptckpt.cli._common import UsageError, fmt_size
 from aptckpt.storage import is_url, resolve
+from aptckpt.storage.local._publish import publish_file
 
 __all__ = ["add_parser", "cmd_plot"]
 
@@ -448,25 +447,10 @@ def _draw(
     ax_t.set_xlabel("global step")
     ax_t.grid(axis="y", alpha=0.3)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    _save_figure(fig, output)
+    # a temporary file beside ``output``, then renamed: never half a picture under the name
+    fmt = output.suffix[1:].lower()
+    publish_file(output, lambda tmp: fig.savefig(tmp, dpi=90, format=fmt), overwrite=True)
     plt.close(fig)
-
-
-def _save_figure(fig: Any, output: Path) -> None:
-    """Written to a temporary file beside ``output``, then renamed: an interrupted plot
-    never leaves half a picture under the name."""
-    folder = output.parent if str(output.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=output.suffix, dir=folder)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # as a file the user creates, not mkstemp's 0600
-        fig.savefig(tmp, dpi=90, format=output.suffix[1:].lower())
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
