@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import torch
 
-__all__ = ["DTYPES", "byte_view", "dtype_from_name", "dtype_name", "is_supported"]
+__all__ = ["DTYPES", "NUMPY_VIEWABLE", "byte_view", "dtype_from_name", "dtype_name", "is_supported"]
 
 _NAMES = (
     "bool",
@@ -94,7 +94,7 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
         raise ValueError("byte_view needs a contiguous CPU tensor")
     if tensor.numel() == 0:
         return memoryview(bytearray())
-    if tensor.dtype in _NUMPY_VIEWABLE:  # the fast path (a few microseconds per tensor count
+    if tensor.dtype in NUMPY_VIEWABLE:  # the fast path (a few microseconds per tensor count
         # when a state has ten thousand of them): numpy's own view, recast as bytes
         return tensor.detach().numpy().data.cast("B")
     array: np.ndarray = byte_tensor(tensor).numpy()
@@ -102,7 +102,7 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
 
 
 #: dtypes ``Tensor.numpy()`` accepts (not bfloat16, the float8s, complex32, the bit types).
-_NUMPY_VIEWABLE = frozenset(
+NUMPY_VIEWABLE = frozenset(
     {
         torch.bool,
         torch.uint8,

@@ -177,18 +177,27 @@ def _backend(name: str, *, saved_by: str | None = None) -> type[Backend]:
         ) from err
 
 
-def _record(leaf: tree.TensorLeaf, devices: dict[torch.device, str]) -> mf.TensorRecord:
-    t = leaf.tensor
-    device = devices.get(t.device)
-    if device is None:
-        device = devices[t.device] = str(t.device)
-    return mf.TensorRecord(
-        dtype=_dtypes.dtype_name(t.dtype),
-        shape=tuple(t.shape),  # torch.Size holds ints
-        device=device,
-        requires_grad=bool(t.requires_grad),
-        parameter=leaf.is_parameter,
-    )
+def _records(leaves: Sequence[tree.TensorLeaf]) -> tuple[mf.TensorRecord, ...]:
+    """The manifest's record of each leaf. Records are immutable, so the leaves that agree in
+    every field -- the many tensors of one shape in a model or its optimizer state -- share
+    one: a state of ten thousand tensors builds a few dozen records, not ten thousand."""
+    made: dict[tuple[Any, ...], mf.TensorRecord] = {}
+    records = []
+    for leaf in leaves:
+        t = leaf.tensor
+        # t.device builds a device object: only for tensors that are not on the CPU
+        key = (t.dtype, t.shape, None if t.is_cpu else t.device, t.requires_grad, leaf.is_parameter)
+        record = made.get(key)
+        if record is None:
+            record = made[key] = mf.TensorRecord(
+                dtype=_dtypes.dtype_name(t.dtype),
+                shape=tuple(t.shape),  # torch.Size holds ints
+                device="cpu" if t.is_cpu else str(t.device),
+                requires_grad=bool(t.requires_grad),
+                parameter=leaf.is_parameter,
+            )
+        records.append(record)
+    return tuple(records)
 
 
 @overload
@@ -405,8 +414,7 @@ def prepare_save(
     manifest_metadata, metadata_version = (
         tree.encode_plain(dict(metadata), root="metadata") if metadata else (None, 2)
     )
-    device_names: dict[torch.device, str] = {}
-    records = tuple(_record(leaf, device_names) for leaf in flat.tensors)
+    records = _records(flat.tensors)
     return PendingSave(
         flat,
         records,

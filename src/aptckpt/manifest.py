@@ -22,9 +22,10 @@ another exception. See docs/format.md for the normative description.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,8 +95,10 @@ class TensorRecord:
         assert dtype is not None  # validated on construction by decode()
         return dtype.itemsize
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
+        # cached (in the instance's __dict__, which a frozen dataclass still has): a save sums
+        # it over every tensor, and the tensors of one shape share a record
         return self.numel * self.itemsize
 
 
@@ -213,6 +216,19 @@ def _tensor_doc(t: TensorRecord) -> dict[str, Any]:
     }
 
 
+def _tensor_docs(records: Sequence[TensorRecord]) -> list[dict[str, Any]]:
+    """The records' maps, one per distinct record object (a save shares the record of the
+    tensors that agree in every field; msgpack writes a shared map out at each place)."""
+    docs: dict[int, dict[str, Any]] = {}
+    out = []
+    for t in records:
+        doc = docs.get(id(t))
+        if doc is None:
+            doc = docs[id(t)] = _tensor_doc(t)
+        out.append(doc)
+    return out
+
+
 def encode(manifest: Manifest) -> bytes:
     """Deterministic msgpack bytes of ``manifest`` (same manifest, same bytes)."""
     doc: dict[str, Any] = {
@@ -224,7 +240,7 @@ def encode(manifest: Manifest) -> bytes:
         "backend": manifest.backend,
         "options": dict(manifest.options),
         "tree": manifest.skeleton,
-        "tensors": [_tensor_doc(t) for t in manifest.tensors],
+        "tensors": _tensor_docs(manifest.tensors),
         "files": [{"path": f.path, "size": f.size} for f in manifest.files],
         "payload": manifest.payload,
         "metadata": manifest.metadata,
@@ -235,7 +251,7 @@ def encode(manifest: Manifest) -> bytes:
             {
                 "rank": p.rank,
                 "files": list(p.files),
-                "tensors": [_tensor_doc(t) for t in p.tensors],
+                "tensors": _tensor_docs(p.tensors),
                 "payload": p.payload,
             }
             for p in manifest.parts

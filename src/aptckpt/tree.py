@@ -138,6 +138,21 @@ class TensorLeaf:
     is_parameter: bool
     refresh: Callable[[], torch.Tensor] | None = None
 
+    def __init__(
+        self,
+        tensor: torch.Tensor,
+        key_path: str,
+        is_parameter: bool,
+        refresh: Callable[[], torch.Tensor] | None = None,
+    ) -> None:
+        # What the generated __init__ does, without its four object.__setattr__ calls (a
+        # state of ten thousand tensors makes ten thousand leaves); the fields stay frozen.
+        fields = self.__dict__
+        fields["tensor"] = tensor
+        fields["key_path"] = key_path
+        fields["is_parameter"] = is_parameter
+        fields["refresh"] = refresh
+
 
 class PerRank:
     """A value of which each rank of a process group keeps its own: its RNG states, its
@@ -203,7 +218,7 @@ def _alias_key(t: torch.Tensor) -> tuple[Any, ...] | None:
         t.device,
         t.dtype,
         t.data_ptr(),
-        tuple(t.shape),
+        t.shape,  # a torch.Size: a tuple, hashed and compared as one
         t.stride(),
         t.requires_grad,
         t.is_conj(),
@@ -220,10 +235,13 @@ def _refuse(obj: object, path: str, why: str) -> UnsupportedObjectError:
 
 #: Named tensors exist in older torch releases only (``Tensor.names`` is gone in 2.13).
 _HAS_NAMES = hasattr(torch.Tensor, "names")
+_TENSOR = torch.Tensor
+_PARAMETER = torch.nn.Parameter
+_STRIDED = torch.strided
 
 
 def _check_tensor(t: torch.Tensor, path: str) -> None:
-    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+    if type(t) is not _TENSOR and type(t) is not _PARAMETER:
         raise _refuse(
             t,
             path,
@@ -237,7 +255,7 @@ def _check_tensor(t: torch.Tensor, path: str) -> None:
             f"dtype {t.dtype} is not supported (a placeholder dtype with no stable storage "
             "format); cast it first",
         )
-    if t.device.type == "meta":
+    if t.is_meta:  # (not t.device.type: building a device object costs a microsecond)
         raise _refuse(t, path, "a meta tensor holds no data; materialise it first")
     if _HAS_NAMES and any(n is not None for n in getattr(t, "names", ())):
         raise _refuse(t, path, "named tensors are not supported; call .rename(None) first")
@@ -283,8 +301,10 @@ class _Flattener:
         self.ranked: set[int] = set()
         self._in_ranked = 0
         self.leaves: list[TensorLeaf] = []
-        self._by_id: dict[tuple[bool, int], int] = {}
-        self._by_alias: dict[tuple[Any, ...], int] = {}
+        # per side (outside / inside a PerRank value): id of a tensor object -> its leaf, and
+        # data pointer -> the leaves whose data starts there (the candidates for an alias)
+        self._by_id: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        self._by_ptr: tuple[dict[int, list[int]], dict[int, list[int]]] = ({}, {})
         self._active: set[int] = set()  # containers on the current path, for cycle detection
         self._keepalive: list[Any] = []  # ids must stay unique while we walk
         self._composites: dict[int, list[Any]] = {}  # id -> node of a composite value
@@ -292,20 +312,26 @@ class _Flattener:
         self.format_version = 2  # raised to 3 by any node that version added
 
     def tensor(self, t: torch.Tensor, path: str) -> list[Any]:
-        if self.sharding is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
-            found = self.sharding(t, path)
-            if found is not None:
-                local, layout = found
-                node = self.plain_tensor(local, path)
-                self.layouts.setdefault(node[1], layout)
-                return node
-        if type(t) in (torch.Tensor, torch.nn.Parameter) and (
-            t.layout != torch.strided
+        kind = type(t)
+        if kind is not _TENSOR and kind is not _PARAMETER:
+            if self.sharding is not None:
+                found = self.sharding(t, path)
+                if found is not None:
+                    local, layout = found
+                    node = self.plain_tensor(local, path)
+                    self.layouts.setdefault(node[1], layout)
+                    return node
+            return self.plain_tensor(t, path)  # refuses the subclass, naming the path
+        # This runs once per tensor of a state (ten thousand in a large optimizer state): the
+        # cheap attribute tests come first, and the stride walk only for a zero stride.
+        if (
+            t.layout != _STRIDED
             or t.is_quantized
             or (
-                not t.requires_grad
-                and type(t) is torch.Tensor
-                and t.device.type != "meta"
+                kind is _TENSOR
+                and not t.requires_grad
+                and not t.is_meta
+                and 0 in t.stride()
                 and _composite.is_expanded(t)
             )
         ):
@@ -332,20 +358,30 @@ class _Flattener:
         # Inside a PerRank value tensors are the rank's own: never one with a tensor outside
         # it (that one is shared by the ranks and stored once), even if it is the same.
         side = self._in_ranked > 0
-        index = self._by_id.get((side, id(t)))
+        by_id = self._by_id[side]
+        index = by_id.get(id(t))
         if index is None:
-            raw_alias = _alias_key(t)
-            alias = (side, *raw_alias) if raw_alias is not None else None
-            index = self._by_alias.get(alias) if alias is not None else None
+            # Only a tensor whose data starts where an earlier one's does can alias it: the
+            # full key (nine attribute reads) is built only then, not once per tensor.
+            # Empty tensors may share a null data pointer without aliasing.
+            ptr = t.data_ptr() if t.numel() else None
+            same_start = None if ptr is None else self._by_ptr[side].get(ptr)
+            if same_start is not None:
+                alias = _alias_key(t)
+                index = next(
+                    (i for i in same_start if _alias_key(self.leaves[i].tensor) == alias), None
+                )
             if index is None:
                 index = len(self.leaves)
                 if self._in_ranked:
                     self.ranked.add(index)
                 # _check_tensor admitted only Tensor and Parameter: no isinstance needed
-                self.leaves.append(TensorLeaf(t, path, type(t) is torch.nn.Parameter, refresh))
-                if alias is not None:
-                    self._by_alias[alias] = index
-            self._by_id[(side, id(t))] = index
+                self.leaves.append(TensorLeaf(t, path, type(t) is _PARAMETER, refresh))
+                if same_start is not None:
+                    same_start.append(index)
+                elif ptr is not None:
+                    self._by_ptr[side][ptr] = [index]
+            by_id[id(t)] = index
             self._keepalive.append(t)
         return ["tensor", index]
 
@@ -442,11 +478,16 @@ class _Flattener:
                         if type(key) is str and key.isascii()
                         else self.key(key, path, depth + 1)
                     )
-                    items.append(
-                        value
-                        if _is_plain_scalar(value)
-                        else self.node(value, child_path(path, key), depth + 1)
-                    )
+                    kind = type(value)
+                    if (kind is _TENSOR or kind is _PARAMETER) and not self._in_key:
+                        # a state dict's values: straight to tensor(), past node()'s tests
+                        items.append(self.tensor(value, f"{path}[{key!r}]"))
+                    else:
+                        items.append(
+                            value
+                            if _is_plain_scalar(value)
+                            else self.node(value, child_path(path, key), depth + 1)
+                        )
                 kind = type(obj)
                 if kind is dict:
                     return ["dict", items]

@@ -35,6 +35,7 @@ import torch
 
 from aptckpt import _accel, _config, _dtypes
 from aptckpt.backends import _chunks, _mapped
+from aptckpt.backends._chunks import DIGEST_SIZE
 from aptckpt.backends.base import BackendOptions, InPlaceBackend, TensorLayout
 from aptckpt.codecs import RAW, Pipeline
 from aptckpt.errors import BackendError, FormatError
@@ -129,6 +130,13 @@ class ZstdBackend(InPlaceBackend):
 
     def write(self, flat: FlatState, writer: CheckpointWriter) -> Any:
         opts = self.options
+        if opts.codec == "none":
+            found = _chunks.host_bytes(flat)
+            raw_rows, digests = self._write_raw(found, writer)
+            _chunks.check_unchanged(
+                flat, found.hosts, digests, opts.chunk_size, self._threads, host_views=found
+            )
+            return self._payload([RAW.to_record()], raw_rows)
         hosts = [_chunks.host_tensor(leaf.tensor) for leaf in flat.tensors]
         jobs = [
             _Job(t_index, view[start:stop], host.element_size())
@@ -136,11 +144,7 @@ class ZstdBackend(InPlaceBackend):
             for view in (_dtypes.byte_view(host),)
             for start, stop in _chunks.chunk_spans(len(view), opts.chunk_size)
         ]
-        if opts.codec == "none":
-            rows = self._write_raw(jobs, len(hosts), writer)
-            pipelines = [RAW]
-        else:
-            rows, pipelines = self._write_encoded(jobs, len(hosts), writer)
+        rows, pipelines = self._write_encoded(jobs, len(hosts), writer)
         digests = [b"".join(row[4] for row in tensor_rows) for tensor_rows in rows]
         _chunks.check_unchanged(flat, hosts, digests, opts.chunk_size, self._threads)
         return self._payload([p.to_record() for p in pipelines], rows)
@@ -173,60 +177,100 @@ class ZstdBackend(InPlaceBackend):
         return rows, pipelines
 
     def _write_raw(
-        self, jobs: list[_Job], n_tensors: int, writer: CheckpointWriter
-    ) -> list[list[list[Any]]]:
-        """Raw chunks: every offset is known up front. The chunks are cut into groups of
-        about :data:`_HASH_GROUP` bytes; the pool hashes the next group while the caller
-        writes this one (large direct writes from bounce buffers, or, without ``O_DIRECT``,
-        parallel positional writes straight from tensor memory), so every chunk's digest is
-        taken before its bytes are written and the hashing still overlaps the writes."""
-        opts = self.options
-        rows: list[list[list[Any]]] = [[] for _ in range(n_tensors)]
-        groups: list[tuple[int, list[_Job], list[list[Any]]]] = []  # shard, jobs, their rows
-        shard, offset, size = -1, opts.shard_size, _HASH_GROUP  # forces a first shard, group
-        for job in jobs:
-            if offset >= opts.shard_size:
-                shard, offset, size = shard + 1, 0, _HASH_GROUP
-            if size >= _HASH_GROUP:
-                groups.append((shard, [], []))
-                size = 0
-            # a ChunkRecord row, built directly (this loop runs once per chunk); its digest
-            # is filled in below
-            row: list[Any] = [shard, offset, len(job.data), 0, None, None]
-            rows[job.tensor].append(row)
-            groups[-1][1].append(job)
-            groups[-1][2].append(row)
-            offset += len(job.data)
-            size += len(job.data)
+        self, found: _chunks.HostBytes, writer: CheckpointWriter
+    ) -> tuple[list[list[list[Any]]], list[bytes]]:
+        """Raw chunks: every offset is known up front. The tensors' bytes are cut into
+        pieces -- a whole tensor, unless a shard or a hash group ends inside it -- and the
+        pieces into groups of about :data:`_HASH_GROUP` bytes; the pool hashes the next group
+        while the caller writes this one (large direct writes from bounce buffers, or, without
+        ``O_DIRECT``, parallel positional writes straight from tensor memory), so every chunk's
+        digest is taken before its bytes are written and the hashing still overlaps the
+        writes. Returns the chunk rows and each tensor's digests (its chunks', concatenated).
 
-        def digest(group: tuple[int, list[_Job], list[list[Any]]]) -> list[bytes]:
-            found: list[bytes] = _accel.hash_chunks_many(
-                [job.data for job in group[1]], opts.chunk_size, self._threads
-            )
-            return found
+        Cuts fall on chunk boundaries, where the chunk-by-chunk layout put them: a new shard
+        starts before the first chunk at or past ``shard_size``, a new group before the first
+        chunk at or past ``_HASH_GROUP`` bytes (a chunk never spans two shards)."""
+        opts = self.options
+        chunk_size, shard_size = opts.chunk_size, opts.shard_size
+        count = len(found.views)
+        rows: list[list[list[Any]]] = [[] for _ in range(count)]
+        # per group: its shard, the pieces' buffers, and per piece (tensor, its chunk rows)
+        groups: list[tuple[int, list[Any], list[tuple[int, list[list[Any]]]]]] = []
+        buffers: list[Any] = []
+        pieces: list[tuple[int, list[list[Any]]]] = []
+        shard, offset, size = -1, shard_size, _HASH_GROUP  # forces a first shard, group
+        for index, (view, nbytes) in enumerate(zip(found.views, found.nbytes, strict=True)):
+            if not nbytes:
+                continue
+            if nbytes <= chunk_size and offset < shard_size and size < _HASH_GROUP:
+                # one chunk in the open shard and group: the common case, kept short (it
+                # runs once per tensor); the row's digest is filled in once hashed
+                piece_rows = rows[index] = [[shard, offset, nbytes, 0, None, None]]
+                buffers.append(view)
+                pieces.append((index, piece_rows))
+                offset += nbytes
+                size += nbytes
+                continue
+            flat_view = None
+            start = 0
+            while start < nbytes:
+                if offset >= shard_size:
+                    shard, offset, size = shard + 1, 0, _HASH_GROUP
+                if size >= _HASH_GROUP:
+                    buffers, pieces = [], []
+                    groups.append((shard, buffers, pieces))
+                    size = 0
+                room = min(shard_size - offset, _HASH_GROUP - size)
+                take = min(nbytes - start, -(-room // chunk_size) * chunk_size)
+                if take == nbytes:
+                    piece = view
+                else:
+                    if flat_view is None:
+                        flat_view = memoryview(view).cast("B")
+                    piece = flat_view[start : start + take]
+                piece_rows = [
+                    [shard, offset + at, min(chunk_size, take - at), 0, None, None]
+                    for at in range(0, take, chunk_size)
+                ]
+                rows[index].extend(piece_rows)
+                buffers.append(piece)
+                pieces.append((index, piece_rows))
+                start += take
+                offset += take
+                size += take
+        digests = [b""] * count
+
+        def digest(group: tuple[int, list[Any], list[tuple[int, list[list[Any]]]]]) -> list[bytes]:
+            hashed: list[bytes] = _accel.hash_chunks_many(group[1], chunk_size, self._threads)
+            return hashed
 
         file: Sink | None = None
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="aptckpt-hash") as pool:
                 hashing = pool.submit(digest, groups[0]) if groups else None
-                for index, group in enumerate(groups):
+                for number, group in enumerate(groups):
                     assert hashing is not None
-                    for row, chunk_digest in zip(group[2], hashing.result(), strict=True):
-                        row[4] = chunk_digest
-                    if index + 1 < len(groups):
-                        hashing = pool.submit(digest, groups[index + 1])
-                    if file is None or group[0] != groups[index - 1][0]:
+                    for (index, piece_rows), hashed in zip(group[2], hashing.result(), strict=True):
+                        if len(piece_rows) == 1:
+                            piece_rows[0][4] = hashed
+                        else:
+                            for at, row in enumerate(piece_rows):
+                                row[4] = hashed[at * DIGEST_SIZE : (at + 1) * DIGEST_SIZE]
+                        digests[index] += hashed  # b"" + one piece's: no copy made
+                    if number + 1 < len(groups):
+                        hashing = pool.submit(digest, groups[number + 1])
+                    if file is None or group[0] != groups[number - 1][0]:
                         if file is not None:
                             file.close()
                         file = writer.open(f"shard-{group[0]:05d}.bin")
-                    file.write_many([job.data for job in group[1]], self._threads)
+                    file.write_many(group[1], self._threads)
             if file is not None:
                 file.close()
         except BaseException:
             if file is not None:
                 file.abort()
             raise
-        return rows
+        return rows, digests
 
     def _payload(self, codecs: list[Any], rows: list[list[list[Any]]]) -> dict[str, Any]:
         return {"chunk_size": self.options.chunk_size, "codecs": codecs, "chunks": rows}
