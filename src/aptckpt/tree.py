@@ -236,6 +236,7 @@ def _refuse(obj: object, path: str, why: str) -> UnsupportedObjectError:
 #: Named tensors exist in older torch releases only (``Tensor.names`` is gone in 2.13).
 _HAS_NAMES = hasattr(torch.Tensor, "names")
 _TENSOR = torch.Tensor
+_SUPPORTED = frozenset(_dtypes.DTYPES.values())
 _PARAMETER = torch.nn.Parameter
 _STRIDED = torch.strided
 
@@ -354,7 +355,13 @@ class _Flattener:
         """The ``["tensor", i]`` node of a dense strided tensor, aliases merged."""
         if self._in_key:
             raise _refuse(t, path, "dict keys and set members must be plain values")
-        _check_tensor(t, path)
+        if (
+            (type(t) is not _TENSOR and type(t) is not _PARAMETER)
+            or t.dtype not in _SUPPORTED
+            or t.is_meta
+            or _HAS_NAMES
+        ):
+            _check_tensor(t, path)  # refuses t, or looks at its names (torch < 2.13)
         # Inside a PerRank value tensors are the rank's own: never one with a tensor outside
         # it (that one is shared by the ranks and stored once), even if it is the same.
         side = self._in_ranked > 0

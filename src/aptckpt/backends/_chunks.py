@@ -147,7 +147,11 @@ class HostBytes:
     hosts: list[torch.Tensor]
     views: list[Any]
     nbytes: list[int]
-    shared: list[bool]
+    #: The tensors whose view is the caller's memory, not empty, not made by a refresh: a
+    #: check that nothing changed hashes those views again as they are.
+    shared: list[int]
+    #: The others (copies, refreshed, empty): the check looks at each as :func:`_live` says.
+    others: list[int]
 
 
 def host_bytes(flat: tree.FlatState) -> HostBytes:
@@ -157,9 +161,10 @@ def host_bytes(flat: tree.FlatState) -> HostBytes:
     hosts: list[torch.Tensor] = []
     views: list[Any] = []
     nbytes: list[int] = []
-    shared: list[bool] = []
+    shared: list[int] = []
+    others: list[int] = []
     viewable = _dtypes.NUMPY_VIEWABLE
-    for leaf in flat.tensors:
+    for index, leaf in enumerate(flat.tensors):
         t = leaf.tensor
         if (
             t.is_cpu
@@ -170,17 +175,21 @@ def host_bytes(flat: tree.FlatState) -> HostBytes:
         ):
             # force: detaches (numpy() refuses a tensor that requires grad); with no lazy bit
             # to resolve and nothing to move, it shares the tensor's memory
-            view = t.numpy(force=True)
+            view: Any = t.numpy(force=True)
             host, is_shared = t, True
         else:
             host = host_tensor(t)
             view = _dtypes.byte_view(host)
-            is_shared = host.data_ptr() == t.data_ptr() and t.is_cpu
+            is_shared = t.is_cpu and host.data_ptr() == t.data_ptr()
+        size = view.nbytes
         hosts.append(host)
         views.append(view)
-        nbytes.append(view.nbytes)
-        shared.append(is_shared)
-    return HostBytes(hosts, views, nbytes, shared)
+        nbytes.append(size)
+        if is_shared and size and leaf.refresh is None:
+            shared.append(index)
+        else:
+            others.append(index)
+    return HostBytes(hosts, views, nbytes, shared, others)
 
 
 def check_unchanged(
@@ -215,7 +224,8 @@ def check_unchanged(
     """
     if flat.owned:
         return
-    indexes, views = [], []
+    indexes: list[int] = []
+    views: list[Any] = []
     if host_views is None:
         for i, (leaf, host) in enumerate(zip(flat.tensors, hosts, strict=True)):
             live = _live(leaf, host)
@@ -223,25 +233,19 @@ def check_unchanged(
                 indexes.append(i)
                 views.append(_dtypes.byte_view(live))
     else:
-        shared, same = host_views.shared, host_views.views
-        for i, (leaf, host) in enumerate(zip(flat.tensors, hosts, strict=True)):
-            if shared[i] and leaf.refresh is None:
-                if host_views.nbytes[i]:
-                    indexes.append(i)
-                    views.append(same[i])
-                continue
-            live = _live(leaf, host)
+        indexes = list(host_views.shared)
+        views = [host_views.views[i] for i in indexes]
+        for i in host_views.others:
+            live = _live(flat.tensors[i], hosts[i])
             if live is not None:
                 indexes.append(i)
                 views.append(_dtypes.byte_view(live))
     if not indexes:
         return
     again = _accel.hash_chunks_many(views, chunk_size, threads)
-    changed = tuple(
-        flat.tensors[i].key_path for i, now in zip(indexes, again, strict=True) if now != digests[i]
-    )
+    changed = [i for i, now in zip(indexes, again, strict=True) if now != digests[i]]
     if changed:
-        raise state_changed(changed)
+        raise state_changed(tuple(flat.tensors[i].key_path for i in sorted(changed)))
 
 
 def _live(leaf: tree.TensorLeaf, host: torch.Tensor) -> torch.Tensor | None:
