@@ -10,11 +10,20 @@ refused: torch itself cannot serialise them.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-__all__ = ["DTYPES", "NUMPY_VIEWABLE", "byte_view", "dtype_from_name", "dtype_name", "is_supported"]
+__all__ = [
+    "DTYPES",
+    "DTYPE_NAMES",
+    "NUMPY_VIEWABLE",
+    "byte_view",
+    "dtype_from_name",
+    "dtype_name",
+    "is_supported",
+]
 
 _NAMES = (
     "bool",
@@ -51,6 +60,8 @@ DTYPES: dict[str, torch.dtype] = {
     n: getattr(torch, n) for n in _NAMES if isinstance(getattr(torch, n, None), torch.dtype)
 }
 _BY_DTYPE = {d: n for n, d in DTYPES.items()}
+#: dtype -> its name (what :func:`dtype_name` looks up), for loops that run per tensor.
+DTYPE_NAMES: Mapping[torch.dtype, str] = _BY_DTYPE
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
     raise ImportError("aptckpt stores little-endian bytes and supports little-endian hosts only")

@@ -488,7 +488,7 @@ def _write(
         path=writer.location,
         backend=backend,
         tensors=len(records),
-        raw_bytes=sum(r.nbytes for r in records),
+        raw_bytes=mf.total_nbytes(records),
         stored_bytes=sum(f.size for f in files) + writer.external_bytes,
         files=tuple(f.path for f in files),
         seconds=time.perf_counter() - start,
@@ -649,9 +649,7 @@ def _read_tensors(
         tensors = impl.read(reader, manifest, verify=verify)
     else:  # contiguous CPU destinations are decoded into directly
         direct = [
-            t.detach()
-            if t is not None and t.device.type == "cpu" and _dtypes.holds_its_values(t)
-            else None
+            t.detach() if t is not None and t.is_cpu and _dtypes.holds_its_values(t) else None
             for t in targets
         ]
         tensors = impl.read_into(reader, manifest, direct, verify=verify)
@@ -661,8 +659,9 @@ def _read_tensors(
             f"{len(manifest.tensors)} records",
             path=reader.location,
         )
+    names = _dtypes.DTYPE_NAMES
     for i, (t, r) in enumerate(zip(tensors, manifest.tensors, strict=True)):
-        if _dtypes.dtype_name(t.dtype) != r.dtype or tuple(t.shape) != r.shape:
+        if names[t.dtype] != r.dtype or t.shape != r.shape:  # a torch.Size is a tuple
             raise FormatError(
                 f"tensor {i}: backend returned {t.dtype} {tuple(t.shape)}, "
                 f"manifest says {r.dtype} {r.shape}",
@@ -1024,7 +1023,7 @@ def verify(
             path=reader.location,
             backend=manifest.backend,
             tensors=len(tensors),
-            raw_bytes=sum(r.nbytes for r in manifest.tensors),
+            raw_bytes=mf.total_nbytes(manifest.tensors),
             stored_bytes=sum(f.size for f in manifest.files) + external,
             seconds=time.perf_counter() - start,
         )

@@ -22,7 +22,7 @@ another exception. See docs/format.md for the normative description.
 
 from __future__ import annotations
 
-import functools
+import collections
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -54,6 +54,7 @@ __all__ = [
     "decode",
     "encode",
     "pack_document",
+    "total_nbytes",
 ]
 
 FORMAT_NAME = "aptckpt"
@@ -95,11 +96,17 @@ class TensorRecord:
         assert dtype is not None  # validated on construction by decode()
         return dtype.itemsize
 
-    @functools.cached_property
+    @property
     def nbytes(self) -> int:
-        # cached (in the instance's __dict__, which a frozen dataclass still has): a save sums
-        # it over every tensor, and the tensors of one shape share a record
         return self.numel * self.itemsize
+
+
+def total_nbytes(records: Sequence[TensorRecord]) -> int:
+    """The sum of the records' ``nbytes``, computed once per distinct record object (the
+    tensors of one shape share one: ten thousand tensors, a few dozen products)."""
+    distinct = dict(zip(map(id, records), records, strict=True))
+    counts = collections.Counter(map(id, records))
+    return sum(distinct[key].nbytes * count for key, count in counts.items())
 
 
 @dataclass(frozen=True)
@@ -355,6 +362,46 @@ def _tensor_record(raw: object, index: int, where: str | None) -> TensorRecord:
     )
 
 
+_INT_ONLY = frozenset({int})
+_TENSOR_FIELDS = frozenset({"dtype", "shape", "device", "requires_grad", "parameter"})
+
+
+def _tensor_records(raw_tensors: list[Any], where: str | None) -> tuple[TensorRecord, ...]:
+    """:func:`_tensor_record` of every entry; equal entries share one record.
+
+    A manifest of ten thousand tensors holds ten thousand maps, most alike: an entry that
+    is a map of the five fields, each of the exact type and range :func:`_tensor_record`
+    admits, is checked here with a few C-level calls and gets the record made for the first
+    such entry; anything else goes through :func:`_tensor_record`, which accepts exactly the
+    same entries and names what is wrong with the others."""
+    made: dict[tuple[Any, ...], TensorRecord] = {}
+    records = []
+    for index, raw in enumerate(raw_tensors):
+        record = None
+        if type(raw) is dict and raw.keys() == _TENSOR_FIELDS:
+            dtype, shape = raw["dtype"], raw["shape"]
+            device, grad, parameter = raw["device"], raw["requires_grad"], raw["parameter"]
+            if (
+                type(dtype) is str
+                and type(shape) is list
+                and len(shape) <= _MAX_DIMS
+                and type(device) is str
+                and len(device) <= 64
+                and type(grad) is bool
+                and type(parameter) is bool
+                and (not shape or (set(map(type, shape)) <= _INT_ONLY and min(shape) >= 0))
+            ):
+                # every field's type is exact: equal keys mean equal entries
+                key = (dtype, tuple(shape), device, grad, parameter)
+                record = made.get(key)
+                if record is None:
+                    record = made[key] = _tensor_record(raw, index, where)
+        if record is None:
+            record = _tensor_record(raw, index, where)
+        records.append(record)
+    return tuple(records)
+
+
 def decode(data: bytes, *, where: str | None = None) -> Manifest:
     """Decode and validate manifest bytes.
 
@@ -407,7 +454,7 @@ def decode(data: bytes, *, where: str | None = None) -> Manifest:
         )
     if len({f.path for f in files}) != len(files):
         raise r.fail("a file is listed twice")
-    tensors = tuple(_tensor_record(t, i, where) for i, t in enumerate(raw_tensors))
+    tensors = _tensor_records(raw_tensors, where)
     world_size = 1
     parts: tuple[PartRecord, ...] = ()
     shards: tuple[tuple[ShardRecord, ...], ...] = ()

@@ -715,6 +715,12 @@ class _Builder:
                 continue
             if not isinstance(node, list) or not node or not isinstance(node[0], str):
                 raise _bad(f"unexpected node {type(node).__name__}")
+            if node[0] == "tensor" and len(node) == 2 and type(node[1]) is int:
+                index = node[1]  # the most common node, inline: leaf() says the same
+                if 0 <= index < len(self.tensors):
+                    self.used[index] = True
+                    done.append(self.tensors[index])
+                    continue
             make = _container(node)
             if make is None:
                 done.append(self.leaf(node[0], node))

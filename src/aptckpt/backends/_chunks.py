@@ -33,7 +33,7 @@ import torch
 
 from aptckpt import _accel, _dtypes, tree
 from aptckpt._config import MAX_CHUNK_SIZE
-from aptckpt.codecs import RAW, CodecError, Pipeline
+from aptckpt.codecs import MAX_ZSTD_RATIO, RAW, CodecError, Pipeline
 from aptckpt.errors import (
     BackendError,
     FormatError,
@@ -86,6 +86,25 @@ class ChunkRecord:
     codec: int
     digest: bytes
     stored_digest: bytes | None = None
+
+    def __init__(
+        self,
+        file: int,
+        offset: int,
+        length: int,
+        codec: int,
+        digest: bytes,
+        stored_digest: bytes | None = None,
+    ) -> None:
+        # What the generated __init__ does, without its six object.__setattr__ calls: a load
+        # makes one record per chunk (ten thousand for ten thousand small tensors).
+        fields = self.__dict__
+        fields["file"] = file
+        fields["offset"] = offset
+        fields["length"] = length
+        fields["codec"] = codec
+        fields["digest"] = digest
+        fields["stored_digest"] = stored_digest
 
     def to_row(self) -> list[Any]:
         return [self.file, self.offset, self.length, self.codec, self.digest, self.stored_digest]
@@ -308,7 +327,9 @@ def parse_chunk_table(
         raise FormatError("payload has no chunk list for every tensor", path=where)
     sizes = [f.size for f in manifest.files]
     table: list[list[ChunkRecord]] = []
-    end = (0, 0)  # (file, offset) where the previous chunk's stored bytes end
+    end_file, end_offset = 0, 0  # where the previous chunk's stored bytes end
+    is_raw = [p == RAW for p in pipelines]
+    is_zstd = [p.zstd for p in pipelines]
     for index, (record, rows) in enumerate(zip(manifest.tensors, rows_per_tensor, strict=True)):
         if only is not None and index not in only:
             if rows is not None:
@@ -325,43 +346,53 @@ def parse_chunk_table(
             )
         chunks = []
         for c_index, row in enumerate(rows):
+            # (unpacked and tested field by field: this runs once per chunk)
+            if not (isinstance(row, list) and len(row) == 6):
+                raise FormatError(f"malformed chunk record {row!r} of tensor {index}", path=where)
+            file, offset, length, codec, digest, stored_digest = row
             if not (
-                isinstance(row, list)
-                and len(row) == 6
-                and all(type(v) is int and v >= 0 for v in row[:4])
-                and all(isinstance(d, bytes) and len(d) == DIGEST_SIZE for d in row[4:5])
-                and (row[5] is None or (isinstance(row[5], bytes) and len(row[5]) == DIGEST_SIZE))
+                type(file) is int
+                and type(offset) is int
+                and type(length) is int
+                and type(codec) is int
+                and file >= 0
+                and offset >= 0
+                and length >= 0
+                and codec >= 0
+                and isinstance(digest, bytes)
+                and len(digest) == DIGEST_SIZE
+                and (
+                    stored_digest is None
+                    or (isinstance(stored_digest, bytes) and len(stored_digest) == DIGEST_SIZE)
+                )
             ):
                 raise FormatError(f"malformed chunk record {row!r} of tensor {index}", path=where)
-            chunk = ChunkRecord(*row)
             if (
-                chunk.file >= len(sizes)
-                or chunk.codec >= n_codecs
-                or (chunk.stored_digest is None and pipelines[chunk.codec] != RAW)
+                file >= len(sizes)
+                or codec >= n_codecs
+                or (stored_digest is None and not is_raw[codec])
             ):
                 raise FormatError(f"chunk record {row!r} names a missing file or codec", path=where)
-            if chunk.offset + chunk.length > sizes[chunk.file]:
+            if offset + length > sizes[file]:
                 raise FormatError(
                     f"chunk record {row!r} reaches past the end of its file", path=where
                 )
-            pipeline = pipelines[chunk.codec]
             raw = min(chunk_size, nbytes - c_index * chunk_size)
-            if raw > pipeline.max_raw_size(chunk.length) or (
-                not pipeline.zstd and raw != chunk.length
-            ):
+            # (Pipeline.max_raw_size, without a call per chunk)
+            if (raw > length * MAX_ZSTD_RATIO) if is_zstd[codec] else (raw != length):
                 raise FormatError(
-                    f"chunk record {row!r} of tensor {index} stores {chunk.length} bytes for "
-                    f"{raw} raw bytes, which codec {pipeline.describe()!r} cannot hold",
+                    f"chunk record {row!r} of tensor {index} stores {length} bytes for "
+                    f"{raw} raw bytes, which codec {pipelines[codec].describe()!r} cannot hold",
                     path=where,
                 )
-            if (chunk.file, chunk.offset) < end:
+            if file < end_file or (file == end_file and offset < end_offset):
                 raise FormatError(
                     f"chunk record {row!r} of tensor {index} overlaps or precedes the previous "
                     "chunk's bytes; chunks lie in their files in tensor order",
                     path=where,
                 )
-            end = (chunk.file, chunk.offset + chunk.length)
-            chunks.append(chunk)
+            end_file, end_offset = file, offset + length
+            chunks.append(ChunkRecord(file, offset, length, codec, digest, stored_digest))
         table.append(chunks)
     return table
 
