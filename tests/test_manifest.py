@@ -71,6 +71,59 @@ def test_malformed_fields_raise_format_error(changes):
         mf.decode(doc(**changes))
 
 
+_GOOD = {
+    "dtype": "float32",
+    "shape": [2, 3],
+    "device": "cpu",
+    "requires_grad": False,
+    "parameter": False,
+}
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"requires_grad": 0},  # equal to False, not a bool
+        {"parameter": 1},
+        {"shape": [2.0, 3]},  # equal to [2, 3], not ints
+        {"shape": [True, 3]},
+        {"shape": [2, -3]},
+        {"shape": [2**62, 8]},  # too many elements
+        {"shape": [1] * 65},  # too many dimensions
+        {"dtype": "float99"},
+        {"device": "x" * 65},
+        {"device": 0},
+    ],
+)
+def test_an_entry_equal_to_a_good_one_but_malformed_is_refused(variant):
+    # entries after a good one are looked up by their values: one that compares equal to
+    # it (0 == False, 2.0 == 2) must still be refused as the first would be
+    bad = {**_GOOD, **variant}
+    with pytest.raises(FormatError, match="tensor 1"):
+        mf.decode(doc(tensors=[_GOOD, bad]))
+
+
+def test_equal_tensor_entries_share_one_record_and_the_others_keep_theirs():
+    entries = [
+        _GOOD,
+        {**_GOOD},
+        {**_GOOD, "shape": [3, 2]},
+        {"dtype": "float32", "shape": [2, 3]},  # defaults filled in: an equal record
+        {**_GOOD, "extra": 1},  # an unknown field, ignored as before
+        {**_GOOD, "requires_grad": True},
+        {**_GOOD, "shape": []},
+        {**_GOOD, "device": "cuda:1"},
+    ]
+    tensors = mf.decode(doc(tensors=entries)).tensors
+    assert tensors[0] is tensors[1]
+    assert tensors[0] == tensors[3] == tensors[4] == mf.TensorRecord("float32", (2, 3))
+    assert tensors[2].shape == (3, 2) and tensors[5].requires_grad
+    assert tensors[6].shape == () and tensors[6].nbytes == 4
+    assert tensors[7].device == "cuda:1"
+    assert mf.total_nbytes(tensors) == 7 * 24 + 4  # seven of 2x3 float32, one scalar
+    assert mf.total_nbytes(()) == 0
+
+
 @pytest.mark.parametrize("data", [b"", b"\xc1", b"\x93\x01", msgpack.packb([1, 2]), b"\xff" * 10])
 def test_garbage_bytes_raise_format_error(data):
     with pytest.raises(FormatError):

@@ -96,6 +96,44 @@ def test_same_object_and_equal_views_alias_others_do_not():
     assert [leaf.key_path for leaf in flat.tensors] == ["state['a']", "state['c']", "state['d']"]
 
 
+def test_an_alias_is_found_among_every_tensor_that_starts_at_its_address():
+    w = torch.randn(4, 4)
+    state = {
+        "w": w,
+        "flat": w.view(16),  # same start, other shape
+        "t": w.t(),  # same start, other strides
+        "ints": w.view(torch.int32),  # same start and shape, other dtype
+        "grad": w.detach().requires_grad_(),  # other requires_grad
+        "again": [w.view(16), (w.t(), w.view(torch.int32))],  # aliases of the 2nd..4th
+        "tail": w[1:],  # another start
+    }
+    flat = tree.flatten(state)
+    assert [leaf.key_path for leaf in flat.tensors] == [
+        "state['w']",
+        "state['flat']",
+        "state['t']",
+        "state['ints']",
+        "state['grad']",
+        "state['tail']",
+    ]
+    again = flat.skeleton[1][11][1]
+    assert again[0] == ["tensor", 1] and again[1][1] == [["tensor", 2], ["tensor", 3]]
+
+
+def test_an_empty_tensor_reached_twice_is_one_tensor():
+    e = torch.empty(0)
+    flat = tree.flatten({"a": e, "b": e, "c": torch.empty(0)})
+    assert [leaf.key_path for leaf in flat.tensors] == ["state['a']", "state['c']"]
+
+
+def test_a_per_rank_tensor_is_never_an_alias_of_a_shared_one():
+    w = torch.randn(3)
+    state = {"w": w, "mine": aptckpt.per_rank([w, w.detach()]), "again": w.detach()}
+    flat = tree.flatten(state, sharding=lambda t, path: None)
+    assert [leaf.key_path for leaf in flat.tensors] == ["state['w']", "state['mine'][0]"]
+    assert flat.ranked == frozenset({1})
+
+
 def test_empty_tensors_never_alias_by_pointer():
     flat = tree.flatten([torch.empty(0), torch.empty(0, 3)])
     assert len(flat.tensors) == 2
