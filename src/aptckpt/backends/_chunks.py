@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 
-from aptckpt import _accel, _dtypes, tree
+from aptckpt import _accel, _dtypes, _memory, tree
 from aptckpt._config import MAX_CHUNK_SIZE
-from aptckpt.codecs import RAW, CodecError, Pipeline
+from aptckpt.codecs import RAW, CodecError, Pipeline, scratch
 from aptckpt.errors import (
     BackendError,
     FormatError,
@@ -335,7 +335,7 @@ def new_tensors(
                 continue
             dtype = _dtypes.dtype_from_name(record.dtype)
             assert dtype is not None  # validated by manifest.decode
-            out.append(torch.empty(record.shape, dtype=dtype))
+            out.append(_memory.empty(record.shape, dtype))
     return out
 
 
@@ -621,10 +621,24 @@ def decode_into(
         if pipeline.xor:
             raise CodecError("xor-delta chunks need a base; this backend stores none")
         # Raw chunks never get here: stored_raw() sends them to the storage in one call.
-        stored = files.read(chunk.file, chunk.offset, chunk.length)
-        if verify and _accel.xxh3_128(stored) != chunk.stored_digest:
-            raise CodecError("stored-bytes digest mismatch: the file changed after saving")
-        pipeline.decode(stored, out)
+        # A split chunk's raw planes are read straight to where the unshuffle reads them;
+        # its stored digest covers the zstd frame that follows them.
+        head = pipeline.raw_prefix(len(out))
+        if head >= chunk.length:
+            raise CodecError(f"split chunk of {chunk.length} bytes has no zstd frame")
+        planes = scratch("planes", len(out)) if head else None
+        reads = [(chunk.offset + head, scratch("stored", chunk.length - head), verify)]
+        if planes is not None:
+            reads.append((chunk.offset, planes[:head], False))
+        for offset, buffer, check in reads:
+            why = files.read_into(
+                chunk.file, offset, buffer, chunk.stored_digest if check else None
+            )
+            if why == "eof":
+                raise EOFError("the file ends before the chunk does")
+            if why is not None:
+                raise CodecError("stored-bytes digest mismatch: the file changed after saving")
+        pipeline.decode(reads[0][1], out, planes=planes)
         if verify and _accel.xxh3_128(out) != chunk.digest:
             raise CodecError("digest mismatch: the stored bytes changed after saving")
 
