@@ -252,7 +252,7 @@ TEST_LINE="not run"
 if [ "$RUN_TESTS" = 1 ]; then
     t0=$SECONDS
     say "pytest ${TESTS[*]}"
-    timeout 240 "$PY" -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}" \
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}" \
         >"$LOGDIR/gpu_check-pytest.log" 2>&1
     rc=$?
     TEST_LINE=$(grep -E '^=*.*(passed|failed|error).* in [0-9.]+s' "$LOGDIR/gpu_check-pytest.log" |
@@ -260,7 +260,7 @@ if [ "$RUN_TESTS" = 1 ]; then
     cuda_skips=$(grep -c 'needs a CUDA device' "$LOGDIR/gpu_check-pytest.log")
     status=ok
     if [ $rc = 124 ]; then
-        status="failed (timed out after 240 s)"
+        status="failed (timed out after 150 s)"
     elif [ $rc != 0 ]; then
         status="failed (pytest exit $rc)"
     elif [ "$MODE" = gpu ] && [ "$cuda_skips" -gt 0 ]; then
@@ -286,7 +286,7 @@ if [ "$RUN_BENCH" = 1 ]; then
     fi
     bench+=(--out "$REPORT")
     say "python ${bench[*]}"
-    timeout 300 "$PY" "${bench[@]}" >"$LOGDIR/gpu_check-bench.log" 2>&1
+    timeout 210 "$PY" "${bench[@]}" >"$LOGDIR/gpu_check-bench.log" 2>&1
     rc=$?
     if [ $rc = 0 ] && [ -s "$REPORT" ]; then
         record "CUDA benchmark" ok $((SECONDS - t0)) "\`${bench[*]}\` -> $REPORT"
