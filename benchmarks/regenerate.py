@@ -81,6 +81,14 @@ BENCHES: tuple[Bench, ...] = (
         minutes=6,
     ),
     Bench(
+        "load",
+        "bench_load.py",
+        "RESULTS-load.md",
+        full=("--reps", "5", "--full"),
+        quick=("--reps", "1", "--only", "bf16"),
+        minutes=12,
+    ),
+    Bench(
         "scaling",
         "bench_scaling.py",
         "RESULTS-scaling.md",
