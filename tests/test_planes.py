@@ -106,6 +106,8 @@ def test_auto_checkpoints_round_trip_and_are_no_larger_than_zstd(tmp_path):
         aptckpt.verify(tmp_path / codec)
     size = {c: sum(f.stat().st_size for f in (tmp_path / c).iterdir()) for c in ("auto", "zstd")}
     assert size["auto"] <= 1.02 * size["zstd"]
+    names = _codec_names(tmp_path / "auto")  # floats split, noise raw, the arange whole
+    assert {"shuffle4+split3+zstd", "shuffle2+split1+zstd", "raw", "shuffle8+zstd"} <= set(names)
     view = aptckpt.open(tmp_path / "auto")
     assert torch.equal(view.get_slice("fp32")[1000:1010], state["fp32"][1000:1010])
     assert torch.equal(view.get_slice("fp32")[-3:], state["fp32"][-3:])
@@ -144,3 +146,9 @@ def test_damage_anywhere_in_a_split_chunk_is_named(tmp_path, where):
     for check in (lambda: aptckpt.load(tmp_path / "c"), lambda: aptckpt.verify(tmp_path / "c")):
         with pytest.raises(IntegrityError, match="state\\['w'\\], chunk 0"):
             check()
+
+
+def _codec_names(path: Path) -> list[str]:
+    manifest = decode((path / "manifest.msgpack").read_bytes())
+    codecs = [Pipeline.from_record(c).describe() for c in manifest.payload["codecs"]]
+    return [codecs[row[3]] for rows in manifest.payload["chunks"] for row in rows]

@@ -202,7 +202,8 @@ class Pipeline:
         *,
         base: memoryview | None = None,
         planes: memoryview | None = None,
-    ) -> None:
+        digest: bool = False,
+    ) -> bytes | None:
         """Decode ``stored`` into ``out`` (exactly the chunk's raw length).
 
         Each step writes where the next one reads, in per-thread scratch memory that is
@@ -210,7 +211,8 @@ class Pipeline:
         follows it, else into scratch that the unshuffle (or xor) then writes to ``out``.
         For a split chunk, ``planes`` may be :func:`scratch` ``("planes", len(out))`` whose
         first :meth:`raw_prefix` bytes the caller already filled with the raw planes; then
-        ``stored`` is the zstd frame alone.
+        ``stored`` is the zstd frame alone. With ``digest``, returns the XXH3-128 of ``out``
+        (taken as the unshuffle writes it, when that is the last step).
         """
         data: Any = stored
         if self.zstd:
@@ -231,6 +233,9 @@ class Pipeline:
             data = target
         elif len(data) != len(out):
             raise CodecError(f"stored chunk is {len(data)} bytes, expected {len(out)}")
+        if self.shuffle and not self.xor and digest:
+            found: bytes = _accel.unshuffle_hash(data, self.shuffle, out)
+            return found
         if self.shuffle:
             target = _scratch.buffer("unshuffle", len(out)) if self.xor else out
             _accel.unshuffle(data, self.shuffle, target)
@@ -241,6 +246,7 @@ class Pipeline:
             _accel.xor(data, base, out)
         elif data is not out:
             out[:] = data
+        return _accel.xxh3_128(out) if digest else None
 
 
 def _decompress_into(stored: Any, out: memoryview) -> None:

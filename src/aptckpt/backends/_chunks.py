@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -295,7 +295,7 @@ def parse_chunk_table(
 
 def ordered_map(
     fn: Callable[[T], R], items: Iterable[T], *, threads: int, window: int | None = None
-) -> Iterator[R]:
+) -> Generator[R, None, None]:
     """``map(fn, items)`` on a thread pool, results in order, at most ``window`` in flight.
 
     The window bounds memory when each result holds a buffer (an encoded chunk).
@@ -638,8 +638,8 @@ def decode_into(
                 raise EOFError("the file ends before the chunk does")
             if why is not None:
                 raise CodecError("stored-bytes digest mismatch: the file changed after saving")
-        pipeline.decode(reads[0][1], out, planes=planes)
-        if verify and _accel.xxh3_128(out) != chunk.digest:
+        found = pipeline.decode(reads[0][1], out, planes=planes, digest=verify)
+        if verify and found != chunk.digest:
             raise CodecError("digest mismatch: the stored bytes changed after saving")
 
     locate = partial(locate_chunk, manifest)
