@@ -392,9 +392,13 @@ def fill_tensors(
             else:
                 raw_slots.append((slot, place))
 
+    fresh = [into is None or into[i] is None for i in range(len(outs))]
+
     def run(batch: list[_Slot[C]]) -> list[tuple[int, int, IntegrityError]]:
         found = []
         for slot in batch:
+            if fresh[slot.tensor]:
+                _memory.populate(slot.out)
             try:
                 decode(slot.chunk, slot.out)
             except (IntegrityError, EOFError) as err:
