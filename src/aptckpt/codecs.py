@@ -44,6 +44,11 @@ class CodecError(IntegrityError):
     """Stored bytes could not be decoded: the chunk is damaged."""
 
 
+#: Scratch buffers up to this size stay with their thread (the chunk pool's threads live as
+#: long as the process: a few buffers of one chunk each per thread); larger ones are freed.
+_MAX_KEPT_SCRATCH = 64 << 20
+
+
 class _Scratch(threading.local):
     def __init__(self) -> None:
         self.buffers: dict[str, bytearray] = {}
@@ -51,6 +56,8 @@ class _Scratch(threading.local):
         self.decompressor = zstandard.ZstdDecompressor()
 
     def buffer(self, name: str, size: int) -> memoryview:
+        if size > _MAX_KEPT_SCRATCH:  # a huge chunk_size: not kept for the thread's lifetime
+            return memoryview(bytearray(size))
         buf = self.buffers.get(name)
         if buf is None or len(buf) < size:
             buf = self.buffers[name] = bytearray(size)

@@ -20,7 +20,10 @@ tensors in parallel.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Sequence
@@ -298,24 +301,55 @@ def ordered_map(
 ) -> Generator[R, None, None]:
     """``map(fn, items)`` on a thread pool, results in order, at most ``window`` in flight.
 
-    The window bounds memory when each result holds a buffer (an encoded chunk).
+    The window bounds memory when each result holds a buffer (an encoded chunk). The pool
+    lives as long as the process (:func:`shared_pool`), so its threads' scratch buffers and
+    zstd contexts are reused from one save or load to the next instead of faulted in anew.
+    ``fn`` must not call :func:`ordered_map` itself (it would wait for its own pool).
     """
     if threads <= 1:
         yield from map(fn, items)
         return
     window = window or 2 * threads + 2
     pending: deque[Future[R]] = deque()
-    with ThreadPoolExecutor(threads, thread_name_prefix="aptckpt") as pool:
-        try:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
+    pool = shared_pool(threads)
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
                 yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        for future in pending:  # wait for the ones already running: they use the caller's
+            if not future.cancelled():  # buffers, which it may free once this returns
+                with contextlib.suppress(BaseException):
+                    future.result()
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def shared_pool(threads: int) -> ThreadPoolExecutor:
+    """The process's pool of ``threads`` worker threads for chunk work (created once)."""
+    with _pools_lock:
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="aptckpt")
+        return pool
+
+
+def _forget_pools() -> None:
+    # A child of fork() has none of the parent's threads: it makes its own pools.
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 def new_tensors(
