@@ -64,7 +64,7 @@ class ZstdOptions(BackendOptions):
     """
 
     level: int = _config.DEFAULT_ZSTD_LEVEL
-    codec: str = "zstd"
+    codec: str = "auto"
     chunk_size: int = _config.DEFAULT_CHUNK_SIZE
     shard_size: int = _config.DEFAULT_SHARD_SIZE
     threads: int | None = field(default=None, metadata={"record": False})
