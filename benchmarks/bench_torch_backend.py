@@ -44,12 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from any directory
 
-import _sysutil  # noqa: E402
-
-import aptckpt  # noqa: E402
-from aptckpt import _accel  # noqa: E402
+import _sysutil
+import aptckpt
+from aptckpt import _accel
 
 
 class _Layer(nn.Module):
@@ -171,7 +170,8 @@ def bench(name: str, state: Any, workdir: Path, rounds: int) -> dict[str, Any]:
 
 
 def _cell(values: list[float]) -> str:
-    return f"{1e3 * statistics.median(values):.1f} ({1e3 * min(values):.1f}-{1e3 * max(values):.1f})"
+    lo, mid, hi = (1e3 * v for v in (min(values), statistics.median(values), max(values)))
+    return f"{mid:.1f} ({lo:.1f}-{hi:.1f})"
 
 
 def report(results: list[dict[str, Any]], load_before: str, load_after: str) -> str:

@@ -159,7 +159,7 @@ def test_views_into_one_storage_keep_offsets_and_sharing(tmp_path, fast_path_onl
     original = {"all": base_, "mid": base_[5:15], "strided": base_[::3], "again": base_}
     path = tmp_path / "shared.pt"
     torch.save(original, path)
-    contents, reads, size = _read(path, 64)
+    contents, _, _ = _read(path, 64)
     assert not isinstance(contents, list) and contents.layout_ok
     loaded = _torchread.unpickle(contents)
     plain = torch.load(path, weights_only=True)

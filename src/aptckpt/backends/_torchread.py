@@ -321,10 +321,10 @@ def read_file(
     # 3. the storages' bytes that were staged
     if layout is not None:
         for m in layout.members:
-            storage = contents.storages.get(m.name[len(layout.prefix) :])
-            if storage is None or m.stop == m.start:
+            staged_into = contents.storages.get(m.name[len(layout.prefix) :])
+            if staged_into is None or m.stop == m.start:
                 continue
-            view = _dtypes.byte_view(storage)
+            view = _dtypes.byte_view(staged_into)
             for c in range(m.start // cs, -(-m.stop // cs)):
                 if c not in owner:
                     lo, hi = max(m.start, c * cs), min(m.stop, c * cs + cs)
@@ -439,7 +439,7 @@ def unpickle(contents: Contents) -> Any:
                 # no pickle, or a TorchScript archive: torch.load says what it is
                 return public_load(contents.whole())
             try:
-                return torch.serialization._load(
+                return torch.serialization._load(  # type: ignore[no-untyped-call]
                     archive,
                     "cpu",
                     torch._weights_only_unpickler,
