@@ -20,7 +20,9 @@ same state in the same conditions:
 * ``cold``: the file's pages dropped (fsync + ``posix_fadvise(DONTNEED)``, checked with
   ``mincore``).
 
-The order of the two contenders alternates between rounds. Reported: medians (min-max) in
+The order of the contenders rotates between rounds. ``--before OTHER/src`` adds a third
+contender: the ``torch`` backend's read as another checkout has it (e.g. a worktree of the
+main branch), run in the same rounds. Reported: medians (min-max) in
 milliseconds and the ratio aptckpt / torch.load of the medians, with the machine's load
 average before and after. To compare two versions of aptckpt, run the script once per
 version (``PYTHONPATH`` pointing at each ``src``): the torch.load column is the common
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import os
 import statistics
 import sys
@@ -39,6 +42,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from
 import _sysutil
 import aptckpt
 from aptckpt import _accel
+from aptckpt.backends.torch import TorchBackend
 
 
 class _Layer(nn.Module):
@@ -132,7 +137,23 @@ def _torch_save(state: Any, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def bench(name: str, state: Any, workdir: Path, rounds: int) -> dict[str, Any]:
+def _old_reader(src: Path) -> Callable[..., Any]:
+    """``TorchBackend.read`` of another aptckpt checkout's ``backends/torch.py`` (run on this
+    checkout's other modules), to time two versions in the same rounds."""
+    spec = importlib.util.spec_from_file_location(
+        "aptckpt.backends._torch_before", src / "aptckpt" / "backends" / "torch.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.TorchBackend.read  # type: ignore[no-any-return]
+
+
+def bench(
+    name: str, state: Any, workdir: Path, rounds: int, before: Callable[..., Any] | None
+) -> dict[str, Any]:
     ck = workdir / "ck"
     pt = workdir / "state.pt"
     times: dict[tuple[str, str], list[float]] = {}
@@ -140,32 +161,48 @@ def bench(name: str, state: Any, workdir: Path, rounds: int) -> dict[str, Any]:
     def aptckpt_load() -> Any:
         return aptckpt.load(ck)
 
+    def before_load() -> Any:
+        with mock.patch.object(TorchBackend, "read", before):
+            return aptckpt.load(ck)
+
     def torch_load() -> Any:
         return torch.load(pt, weights_only=True, map_location="cpu")
 
-    contenders = {
-        "aptckpt": (lambda: aptckpt.save(state, ck, backend="torch", overwrite=True), ck),
-        "torch.load": (lambda: _torch_save(state, pt), pt),
+    def aptckpt_save() -> None:
+        _sysutil.remove(ck)
+        aptckpt.save(state, ck, backend="torch")
+
+    def torch_save() -> None:
+        _sysutil.remove(pt)
+        _torch_save(state, pt)
+
+    contenders: dict[str, tuple[Callable[[], None], Path, Callable[[], Any]]] = {
+        "aptckpt": (aptckpt_save, ck, aptckpt_load),
+        "torch.load": (torch_save, pt, torch_load),
     }
-    loads = {"aptckpt": aptckpt_load, "torch.load": torch_load}
+    if before is not None:
+        contenders["before"] = (aptckpt_save, ck, before_load)
+    names = list(contenders)
     for r in range(rounds):
-        order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
-        for who in order:
-            save, path = contenders[who]
-            _sysutil.remove(path)
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for who in order:  # right after a save in this process
+            save, path, load = contenders[who]
             save()
             gc.collect()
-            times.setdefault(("after save", who), []).append(_timed(loads[who]))
+            times.setdefault(("after save", who), []).append(_timed(load))
             gc.collect()
-            _sysutil.prewarm(path)
-            times.setdefault(("warm", who), []).append(_timed(loads[who]))
-            gc.collect()
-            _sysutil.evict(path)
-            resident = _sysutil.resident_fraction(path)
-            if resident > 0.01:
-                print(f"warning: {resident:.0%} of {path} still cached", file=sys.stderr)
-            times.setdefault(("cold", who), []).append(_timed(loads[who]))
-            gc.collect()
+        for cond in ("warm", "cold"):
+            for who in order:
+                save, path, load = contenders[who]
+                if cond == "warm":
+                    _sysutil.prewarm(path)
+                else:
+                    _sysutil.evict(path)
+                    resident = _sysutil.resident_fraction(path)
+                    if resident > 0.01:
+                        print(f"warning: {resident:.0%} of {path} still cached", file=sys.stderr)
+                times.setdefault((cond, who), []).append(_timed(load))
+                gc.collect()
     return {"name": name, "bytes": _nbytes(state), "times": times}
 
 
@@ -177,19 +214,23 @@ def _cell(values: list[float]) -> str:
 def report(results: list[dict[str, Any]], load_before: str, load_after: str) -> str:
     lines = [
         f"aptckpt {aptckpt.__version__} from {Path(aptckpt.__file__).parent}, core "
-        f"{_accel.IMPLEMENTATION}, torch {torch.__version__}, {os.cpu_count()} CPUs; "
+        f"{_accel.IMPLEMENTATION}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"APTCKPT_DIRECT_IO={os.environ.get('APTCKPT_DIRECT_IO', 'unset')}; "
         f"load average before {load_before}, after {load_after}",
         "",
-        "| workload | tensor bytes | condition | aptckpt load ms | torch.load ms | ratio |",
-        "|---|---:|---|---:|---:|---:|",
+        "| workload | tensor bytes | condition | aptckpt load ms | torch.load ms | ratio "
+        "| before ms | before ratio |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         for cond in ("after save", "warm", "cold"):
             a, t = res["times"][(cond, "aptckpt")], res["times"][(cond, "torch.load")]
             ratio = statistics.median(a) / statistics.median(t)
+            b = res["times"].get((cond, "before"))
+            old = f"{_cell(b)} | {statistics.median(b) / statistics.median(t):.2f}x" if b else "|"
             lines.append(
                 f"| {res['name']} | {res['bytes'] / 1e6:.0f} MB | {cond} | {_cell(a)} | "
-                f"{_cell(t)} | {ratio:.2f}x |"
+                f"{_cell(t)} | {ratio:.2f}x | {old} |"
             )
     return "\n".join(lines)
 
@@ -200,17 +241,24 @@ def main() -> None:
     parser.add_argument("--big", action="store_true", help="also the 1.87 GB state")
     parser.add_argument("--only-big", action="store_true", help="only the 1.87 GB state")
     parser.add_argument("--dir", type=Path, default=None, help="where files go (a local disk)")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="the src/ of another aptckpt checkout: its torch backend's read is timed too",
+    )
     args = parser.parse_args()
     states: dict[str, Any] = {} if args.only_big else minilm_states()
     if args.big or args.only_big:
         from workload import build_workload
 
         states["GPT 1.87 GB state"] = build_workload("full").state
+    before = _old_reader(args.before) if args.before is not None else None
     load_before = _sysutil.loadavg()
     results = []
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-torch-") as tmp:
         for name, state in states.items():
-            results.append(bench(name, state, Path(tmp), args.rounds))
+            results.append(bench(name, state, Path(tmp), args.rounds, before))
             print(f"done: {name}", file=sys.stderr)
     print(report(results, load_before, _sysutil.loadavg()))
 

@@ -290,11 +290,13 @@ def read_file(
     # 2. every other chunk: into a storage's memory where it lies wholly in one
     owner: dict[int, tuple[int, torch.Tensor]] = {}  # chunk -> (record start, storage)
     if layout is not None:
+        slab = _Slab()
         for m in layout.members:
             rel = m.name[len(layout.prefix) :]
-            if not rel.startswith("data/") or m.stop < m.start or m.stop > layout.directory:
+            if not rel.startswith("data/") or m.stop > layout.directory:
                 continue
-            storage = _allocate(m.stop - m.start)
+            nbytes = m.stop - m.start
+            storage = _allocate(nbytes) if nbytes >= HUGE or nbytes == 0 else slab.take(nbytes)
             contents.storages[rel] = storage
             for c in range(-(-m.start // cs), min(m.stop // cs, first)):
                 owner[c] = (m.start, storage)
@@ -343,13 +345,47 @@ HUGE = 2 << 20
 
 def _allocate(nbytes: int) -> torch.Tensor:
     """``nbytes`` of fresh memory as a uint8 tensor, freed with its last user."""
-    if nbytes < HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if nbytes < HUGE:
         return torch.empty(nbytes, dtype=torch.uint8)
-    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(OSError):  # a kernel without transparent huge pages
-        memory.madvise(mmap.MADV_HUGEPAGE)
+    memory = _mapping(-(-nbytes // HUGE) * HUGE, nbytes // HUGE * HUGE)
     # The tensor holds the mapping: unmapped when the storage goes, like any allocation.
-    return torch.frombuffer(memory, dtype=torch.uint8)
+    return torch.frombuffer(memory, dtype=torch.uint8, count=nbytes)
+
+
+class _Slab:
+    """Memory for small storages, carved from mappings of one huge page each.
+
+    Each storage is a tensor of its own over its part (its own storage object, as
+    ``torch.load`` gives); a mapping is unmapped once the last storage in it is gone. Storages
+    that follow each other in the file share a mapping: a state's weights and its optimizer
+    state lie apart, so keeping one part of a state keeps little of the other alive.
+    """
+
+    def __init__(self) -> None:
+        self._memory: mmap.mmap | None = None
+        self._used = HUGE
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        at = -(-self._used // 64) * 64  # the alignment torch.save gives every storage
+        if self._memory is None or at + nbytes > HUGE:
+            self._memory = _mapping(HUGE, HUGE)
+            at = 0
+        self._used = at + nbytes
+        return torch.frombuffer(self._memory, dtype=torch.uint8, count=nbytes, offset=at)
+
+
+def _mapping(length: int, huge: int) -> mmap.mmap:
+    """Fresh anonymous memory of ``length`` bytes (a whole number of huge pages: the kernel
+    places it on a huge-page boundary), its first ``huge`` bytes in huge pages where the
+    kernel has them, the rest in small pages (only those touched take memory)."""
+    memory = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):  # a kernel without transparent huge pages
+            if huge:
+                memory.madvise(mmap.MADV_HUGEPAGE, 0, huge)
+            if huge < length:
+                memory.madvise(mmap.MADV_NOHUGEPAGE, huge, length - huge)
+    return memory
 
 
 def _read_staged(
