@@ -2,7 +2,8 @@
 
 Standalone script, not a test::
 
-    PYTHONPATH=src python benchmarks/bench_torch_backend.py [--rounds 7] [--big] [--dir DIR]
+    PYTHONPATH=src python benchmarks/bench_torch_backend.py [--rounds 7] [--big | --only-big]
+        [--before MAIN_CHECKOUT/src] [--dir DIR]
 
 Workloads (built in memory, seeded): a MiniLM-size BERT encoder (6 layers, hidden 384,
 intermediate 1536, vocab 30522, 512 positions; about 22.7M parameters) after three AdamW
@@ -15,7 +16,9 @@ same state in the same conditions:
 
 * ``after save``: ``aptckpt.save(backend="torch")`` then at once ``aptckpt.load`` (verified,
   the default); ``torch.save`` + fsync then at once ``torch.load`` -- the file was just
-  written by this process, its pages in the cache;
+  written by this process. torch.save's buffered writes leave its pages in the cache;
+  aptckpt's local saves write with ``O_DIRECT`` (``APTCKPT_DIRECT_IO``, storage/local), so
+  its file is *not* cached afterwards and this is a cold read for aptckpt;
 * ``warm``: the file read once beforehand (page cache);
 * ``cold``: the file's pages dropped (fsync + ``posix_fadvise(DONTNEED)``, checked with
   ``mincore``).
@@ -23,10 +26,9 @@ same state in the same conditions:
 The order of the contenders rotates between rounds. ``--before OTHER/src`` adds a third
 contender: the ``torch`` backend's read as another checkout has it (e.g. a worktree of the
 main branch), run in the same rounds. Reported: medians (min-max) in
-milliseconds and the ratio aptckpt / torch.load of the medians, with the machine's load
-average before and after. To compare two versions of aptckpt, run the script once per
-version (``PYTHONPATH`` pointing at each ``src``): the torch.load column is the common
-yardstick.
+milliseconds and the ratio aptckpt / torch.load of the medians, the median CPU time
+(user + system, all threads) of each load -- the steadier figure on a machine whose cores
+other work shares -- and the machine's load average before and after.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import argparse
 import gc
 import importlib.util
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -122,10 +125,22 @@ def _nbytes(state: Any) -> int:
     return sum(leaf.tensor.nbytes for leaf in tree.flatten(state).tensors)
 
 
-def _timed(fn: Callable[[], Any]) -> float:
+#: CPU seconds (user + system, all threads) of each timed load, by (condition, contender).
+CPU: dict[tuple[str, str, str], list[float]] = {}
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(fn: Callable[[], Any], key: tuple[str, str, str] | None = None) -> float:
+    cpu = _cpu()
     start = time.perf_counter()
     out = fn()
     took = time.perf_counter() - start
+    if key is not None:
+        CPU.setdefault(key, []).append(_cpu() - cpu)
     del out
     return took
 
@@ -189,7 +204,9 @@ def bench(
             save, path, load = contenders[who]
             save()
             gc.collect()
-            times.setdefault(("after save", who), []).append(_timed(load))
+            times.setdefault(("after save", who), []).append(
+                _timed(load, (name, "after save", who))
+            )
             gc.collect()
         for cond in ("warm", "cold"):
             for who in order:
@@ -201,7 +218,7 @@ def bench(
                     resident = _sysutil.resident_fraction(path)
                     if resident > 0.01:
                         print(f"warning: {resident:.0%} of {path} still cached", file=sys.stderr)
-                times.setdefault((cond, who), []).append(_timed(load))
+                times.setdefault((cond, who), []).append(_timed(load, (name, cond, who)))
                 gc.collect()
     return {"name": name, "bytes": _nbytes(state), "times": times}
 
@@ -216,11 +233,12 @@ def report(results: list[dict[str, Any]], load_before: str, load_after: str) -> 
         f"aptckpt {aptckpt.__version__} from {Path(aptckpt.__file__).parent}, core "
         f"{_accel.IMPLEMENTATION}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
         f"APTCKPT_DIRECT_IO={os.environ.get('APTCKPT_DIRECT_IO', 'unset')}; "
-        f"load average before {load_before}, after {load_after}",
+        f"load average before {load_before}, after {load_after}. Times: median (min-max) wall ms;"
+        " CPU: median CPU ms of the process during the load (user + system, all threads)",
         "",
         "| workload | tensor bytes | condition | aptckpt load ms | torch.load ms | ratio "
-        "| before ms | before ratio |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| before ms | before ratio | CPU ms aptckpt / torch.load / before |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         for cond in ("after save", "warm", "cold"):
@@ -228,9 +246,14 @@ def report(results: list[dict[str, Any]], load_before: str, load_after: str) -> 
             ratio = statistics.median(a) / statistics.median(t)
             b = res["times"].get((cond, "before"))
             old = f"{_cell(b)} | {statistics.median(b) / statistics.median(t):.2f}x" if b else "|"
+            cpu = " / ".join(
+                f"{1e3 * statistics.median(CPU[(res['name'], cond, who)]):.0f}"
+                for who in ("aptckpt", "torch.load", "before")
+                if (res["name"], cond, who) in CPU
+            )
             lines.append(
                 f"| {res['name']} | {res['bytes'] / 1e6:.0f} MB | {cond} | {_cell(a)} | "
-                f"{_cell(t)} | {ratio:.2f}x | {old} |"
+                f"{_cell(t)} | {ratio:.2f}x | {old} | {cpu} |"
             )
     return "\n".join(lines)
 
