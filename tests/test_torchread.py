@@ -313,6 +313,7 @@ def _central(name: bytes, size: int, header: int, flags: int = 8) -> bytes:
         [_central(b"a/data/0", 10, 0), _central(b"a/data/1", 10, 0)],  # two at one header
         [_central(b"a/data/0", 10, 5000)],  # a header past the directory
         [_central(b"a/data/0", 10, 0), _central(b"b/data/1", 10, 100)],  # two archives
+        [_central(b"a/data/0", 10, 0), _central(b"a/data/0", 10, 100)],  # one name twice
         [b"PK\x01\x02" + bytes(10)],  # cut short
     ],
 )

@@ -163,6 +163,8 @@ def parse_layout(tail: memoryview, base: int, size: int) -> Layout | None:
     found.sort()
     if any(header >= offset for header, _, _, _ in found):
         return None
+    if len({name for _, name, _, _ in found}) != len(found):  # which one would torch read?
+        return None
     prefix = found[0][1].partition("/")[0] + "/" if found else ""
     members = []
     for i, (header, name, nbytes, flags) in enumerate(found):
@@ -272,8 +274,9 @@ def read_file(
     layout: Layout | None = None
     want = max(count - 1, 0)
     staged: dict[int, memoryview] = {}
+    home: dict[int, tuple[Any, int]] = {}  # staged chunk -> (the buffer holding it, offset)
     while want < first:
-        bad = _read_staged(files, file, size, cs, digests, range(want, first), staged)
+        bad = _read_staged(files, file, size, cs, digests, range(want, first), staged, home)
         if bad:
             return bad
         first = want
@@ -290,24 +293,34 @@ def read_file(
     # 2. every other chunk: into a storage's memory where it lies wholly in one
     owner: dict[int, tuple[int, torch.Tensor]] = {}  # chunk -> (record start, storage)
     if layout is not None:
-        slab = _Slab()
         for m in layout.members:
             rel = m.name[len(layout.prefix) :]
             if not rel.startswith("data/") or m.stop > layout.directory:
                 continue
-            nbytes = m.stop - m.start
-            storage = _allocate(nbytes) if nbytes >= HUGE or nbytes == 0 else slab.take(nbytes)
-            contents.storages[rel] = storage
-            for c in range(-(-m.start // cs), min(m.stop // cs, first)):
-                owner[c] = (m.start, storage)
+            owned = range(-(-m.start // cs), min(m.stop // cs, first))
+            if owned:  # it holds whole chunks: memory of its own, read into directly
+                storage = _allocate(m.stop - m.start)
+                contents.storages[rel] = storage
+                for c in owned:
+                    owner[c] = (m.start, storage)
     reads: list[RawRead] = []
     chunks: list[int] = []
+    # the other chunks into one mapping per run of them (see _staged_storage)
     rest = [c for c in range(first) if c not in owner]
-    stage = _allocate(len(rest) * cs)
-    stage_view = _dtypes.byte_view(stage)
-    for i, c in enumerate(rest):
-        n = min(cs, size - c * cs)
-        staged[c] = stage_view[i * cs : i * cs + n]
+    runs: list[list[int]] = []
+    for c in rest:
+        if runs and runs[-1][-1] == c - 1:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    for run in runs:
+        length = min(size, (run[-1] + 1) * cs) - run[0] * cs
+        memory = _mapping(-(-length // HUGE) * HUGE, length // HUGE * HUGE)
+        view = memoryview(memory)
+        for c in run:
+            at = (c - run[0]) * cs
+            staged[c] = view[at : at + min(cs, size - c * cs)]
+            home[c] = (memory, at)
     for c in range(first):
         digest = None if digests is None else digests[16 * c : 16 * c + 16]
         if c in owner:
@@ -325,53 +338,60 @@ def read_file(
     # 3. the storages' bytes that were staged
     if layout is not None:
         for m in layout.members:
-            staged_into = contents.storages.get(m.name[len(layout.prefix) :])
-            if staged_into is None or m.stop == m.start:
+            rel = m.name[len(layout.prefix) :]
+            if not rel.startswith("data/") or m.stop > layout.directory:
                 continue
-            view = _dtypes.byte_view(staged_into)
+            stored = contents.storages.get(rel)
+            if stored is None:
+                contents.storages[rel] = _staged_storage(m, cs, home, staged)
+                continue
+            view = _dtypes.byte_view(stored)
             for c in range(m.start // cs, -(-m.stop // cs)):
-                if c not in owner:
+                if c not in owner:  # its first and last chunk: shared with its neighbours
                     lo, hi = max(m.start, c * cs), min(m.stop, c * cs + cs)
                     view[lo - m.start : hi - m.start] = staged[c][lo - c * cs : hi - c * cs]
         contents.layout_ok = contents.checks()
     return contents
 
 
-#: Storages from this size on get memory of their own from the kernel, backed by huge pages
-#: where it gives them: the faults of fresh 4 KiB pages (zeroing, one trap each) cost more
-#: than reading the bytes from the page cache, and torch.load pays them too.
+#: Huge page size: the staging mappings ask for huge pages where they fill whole ones. The
+#: faults of fresh 4 KiB pages (a trap and a zeroed page each) cost more on a VM than reading
+#: the bytes from the page cache.
 HUGE = 2 << 20
 
 
 def _allocate(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of fresh memory as a uint8 tensor, freed with its last user."""
-    if nbytes < HUGE:
-        return torch.empty(nbytes, dtype=torch.uint8)
-    memory = _mapping(-(-nbytes // HUGE) * HUGE, nbytes // HUGE * HUGE)
-    # The tensor holds the mapping: unmapped when the storage goes, like any allocation.
-    return torch.frombuffer(memory, dtype=torch.uint8, count=nbytes)
+    """``nbytes`` of fresh memory as a uint8 tensor, from torch's allocator (which reuses
+    what a previous load freed, as torch.load's storages do)."""
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 
-class _Slab:
-    """Memory for small storages, carved from mappings of one huge page each.
+def _staged_storage(
+    m: Member, cs: int, home: dict[int, tuple[Any, int]], staged: dict[int, memoryview]
+) -> torch.Tensor:
+    """The storage of a record that holds no whole chunk: its bytes where they were read.
 
-    Each storage is a tensor of its own over its part (its own storage object, as
-    ``torch.load`` gives); a mapping is unmapped once the last storage in it is gone. Storages
-    that follow each other in the file share a mapping: a state's weights and its optimizer
-    state lie apart, so keeping one part of a state keeps little of the other alive.
+    Such a record lies in one or two neighbouring staged chunks, mostly of one mapping: the
+    storage is a tensor of its own over those bytes (its own storage object, as torch.load
+    gives), nothing copied; the mapping is unmapped once its last storage is gone. Each run of
+    staged chunks between records that own whole chunks has a mapping of its own, so keeping
+    a part of a state (its weights) keeps alive only the small records read beside them.
+    A record whose chunks lie in two buffers (the end of the file was read first) is copied.
     """
-
-    def __init__(self) -> None:
-        self._memory: mmap.mmap | None = None
-        self._used = HUGE
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        at = -(-self._used // 64) * 64  # the alignment torch.save gives every storage
-        if self._memory is None or at + nbytes > HUGE:
-            self._memory = _mapping(HUGE, HUGE)
-            at = 0
-        self._used = at + nbytes
-        return torch.frombuffer(self._memory, dtype=torch.uint8, count=nbytes, offset=at)
+    nbytes = m.stop - m.start
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    first, last = m.start // cs, (m.stop - 1) // cs
+    buffer, at = home[first]
+    if home[last][0] is buffer:
+        offset = at + m.start - first * cs
+        return torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=offset)
+    out = _allocate(nbytes)
+    view = _dtypes.byte_view(out)
+    for c in range(first, last + 1):
+        lo, hi = max(m.start, c * cs), min(m.stop, c * cs + cs)
+        view[lo - m.start : hi - m.start] = staged[c][lo - c * cs : hi - c * cs]
+    return out
 
 
 def _mapping(length: int, huge: int) -> mmap.mmap:
@@ -396,15 +416,18 @@ def _read_staged(
     digests: bytes | None,
     chunks: range,
     staged: dict[int, memoryview],
+    home: dict[int, tuple[Any, int]],
 ) -> list[int]:
     if not chunks:
         return []
-    buffer = memoryview(bytearray(min(size, chunks.stop * cs) - chunks.start * cs))
+    memory = bytearray(min(size, chunks.stop * cs) - chunks.start * cs)
+    buffer = memoryview(memory)
     reads = []
     for c in chunks:
         at = (c - chunks.start) * cs
         out = buffer[at : at + min(cs, size - c * cs)]
         staged[c] = out
+        home[c] = (memory, at)
         digest = None if digests is None else digests[16 * c : 16 * c + 16]
         reads.append(RawRead(file, c * cs, out, digest))
     found = files.read_verify(reads, 0)
