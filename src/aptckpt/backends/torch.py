@@ -30,10 +30,11 @@ writer raises when it then cannot finish the file.
 
 Integrity: the payload holds the XXH3-128 digests of the file's chunks. A load
 reads each chunk once, checking it as it comes in, and torch unpickles those bytes
-only -- never the file again (:mod:`aptckpt.backends._torchread`: large storages
-are read straight into their own memory, the rest staged and copied). aptckpt
-always loads with torch's ``weights_only`` unpickler, so a file carrying a
-code-running pickle is refused whether or not digests are verified. After loading, the state is flattened
+only -- never the file again (:mod:`aptckpt.backends._torchread`: storages that hold
+whole chunks are read straight into their own memory, the others are storages over
+the buffer their chunks were read into). aptckpt always loads with torch's
+``weights_only`` unpickler, so a file carrying a code-running pickle is refused
+whether or not digests are verified. After loading, the state is flattened
 again and its skeleton must equal the manifest's. When ``torch.load`` fails on a
 file whose digests match, the file is as it was written -- torch cannot read it
 (another torch version, or a file an older aptckpt wrote for a tensor like the
