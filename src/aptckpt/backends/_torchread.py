@@ -17,7 +17,10 @@ Where the chunks go:
    storage record (``<archive>/data/<key>``) is read straight into that storage's
    final memory, a fresh allocation of its own (as ``torch.load`` gives it); every
    other chunk (zip headers, the pickle, small records, the edges of large ones) into
-   a staging buffer, from which the small storages and the edges are then copied.
+   a staging mapping, one per run of such chunks (huge pages where it fills whole
+   ones). The edges of large records are copied from there; a record that holds no
+   whole chunk becomes a storage over the staging bytes it was read into -- its own
+   storage object, nothing copied -- and the mapping lives as long as one of them does.
 3. Before anything is unpickled, the layout is checked against the verified bytes:
    each member's local header (signature, name, method, length) and data descriptor.
    A layout that does not check (a file another zip writer wrote, a legacy
