@@ -145,6 +145,15 @@ BENCHES: tuple[Bench, ...] = (
         minutes=2,
     ),
     Bench(
+        "torch-backend",
+        "bench_torch_backend.py",
+        None,
+        full=("--rounds", "5", "--big"),
+        quick=("--rounds", "1"),
+        minutes=6,
+        default=False,
+    ),
+    Bench(
         "native",
         "bench_native.py",
         None,

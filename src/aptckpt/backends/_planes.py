@@ -39,7 +39,9 @@ def _shrinks(data: memoryview, level: int) -> bool:
     return len(compress_level(level).compress(data)) <= (1 - MIN_SAVING) * len(data)
 
 
-def _sample(plane: memoryview) -> bytes:
+def _sample(plane: memoryview) -> Any:
+    if len(plane) <= 2 * _SLICES * _SLICE:  # small: the whole plane (slices would overlap)
+        return plane
     step = len(plane) // _SLICES
     return b"".join(plane[i * step : i * step + _SLICE] for i in range(_SLICES))
 
