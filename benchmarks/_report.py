@@ -123,7 +123,7 @@ def load_table(results: dict[str, Any], nbytes: int) -> str:
 
 def compression_rows(label: str, results: dict[str, Any], nbytes: int) -> list[list[str]]:
     rows = []
-    for key in ("apt-zstd", "apt-zstd-none"):
+    for key in ("apt-auto", "apt-zstd", "apt-zstd-none"):
         r = results.get(key)
         if not r or r.disk_bytes is None:
             continue

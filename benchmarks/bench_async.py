@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     contenders: dict[str, Callable[[int], float]] = {
         "memcpy into touched buffers": memcpy_run,
         "memcpy, numpy, 1 thread, one touched buffer": numpy_memcpy,
-        "aptckpt async save, zstd level 1": apt("zstd", False, backend="zstd"),
+        "aptckpt async save, zstd level 1": apt("zstd", False, backend="zstd", codec="zstd"),
         "aptckpt async save, codec=none": apt("raw", False, backend="zstd", codec="none"),
         "aptckpt async save, back to back": apt("b2b", True, backend="zstd", codec="none"),
         "torch.save (no fsync)": torch_save,

@@ -282,7 +282,8 @@ def _observe(where: str, caught: list[warnings.WarningMessage]) -> None:
 
 APT_CONTENDERS: dict[str, tuple[str, dict[str, Any]]] = {
     "apt-torch": ("torch", {}),
-    "apt-zstd": ("zstd", {"level": 1}),
+    "apt-auto": ("zstd", {"codec": "auto"}),
+    "apt-zstd": ("zstd", {"codec": "zstd", "level": 1}),
     "apt-zstd-none": ("zstd", {"codec": "none"}),
 }
 
@@ -401,7 +402,7 @@ SELECTORS: dict[str, set[str]] = {
     "safetensors": {"safetensors"},
     "dcp": {"dcp-t1", "dcp-t2"},
     "aptckpt": set(APT_CONTENDERS),
-    "zstd": {"apt-zstd", "apt-zstd-none"},
+    "zstd": {"apt-auto", "apt-zstd", "apt-zstd-none"},
     **{k: {k} for k in ("dcp-t1", "dcp-t2", *APT_CONTENDERS)},
 }
 

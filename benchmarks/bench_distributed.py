@@ -454,7 +454,7 @@ def save_round(rank: int, world: int, port: int, cfg: dict[str, Any]) -> None:
     saves: dict[str, Callable[[Path], dict[str, float] | None]] = {
         RAW: lambda p: raw.write(p, direct=False),
         RAW_DIRECT: lambda p: raw.write(p, direct=True),
-        APT_ZSTD: apt_save({"backend": "zstd"}),
+        APT_ZSTD: apt_save({"backend": "zstd", "codec": "zstd"}),
         APT_NONE: apt_save({"backend": "zstd", "codec": "none"}),
         APT_ASYNC: apt_async,
         DCP: lambda p: dcp.save(state, checkpoint_id=str(p)),

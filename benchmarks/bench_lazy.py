@@ -56,7 +56,7 @@ from aptckpt.storage.remote import _store
 HERE = Path(__file__).resolve().parent
 WORKDIR = HERE / "_work"
 BACKENDS: dict[str, dict[str, Any]] = {
-    "zstd": {"backend": "zstd"},
+    "zstd": {"backend": "zstd", "codec": "zstd"},
     "zstd-raw": {"backend": "zstd", "codec": "none"},
     "delta": {"backend": "delta"},
     "torch": {"backend": "torch"},

@@ -424,11 +424,11 @@ def check_in_place(loaded: Any, ref: Any) -> str:
 
 
 APT_CONTENDERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "apt-zstd": ("zstd", {"level": 1}),
+    "apt-zstd": ("zstd", {"codec": "zstd", "level": 1}),
     "apt-zstd-none": ("zstd", {"codec": "none"}),
     # Shards of 16 MiB rather than 512 MiB: more, smaller objects (see the notes on moto's
     # ranged GETs, whose cost grows with the object's size).
-    "apt-zstd-16m": ("zstd", {"level": 1, "shard_size": 16 << 20}),
+    "apt-zstd-16m": ("zstd", {"codec": "zstd", "level": 1, "shard_size": 16 << 20}),
     "apt-torch": ("torch", {}),
 }
 

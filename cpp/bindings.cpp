@@ -140,6 +140,25 @@ void hash_chunk(const Buffer& buf, std::size_t chunk, std::size_t i, char* out) 
 
 // ---- hashing ----
 
+// Bytes out[begin, end) of an unshuffle, as xxh3_128_produced asks for them.
+struct UnshuffleRange {
+    const std::uint8_t* src;
+    std::size_t size;
+    std::size_t itemsize;
+    std::uint8_t* out;
+};
+
+void unshuffle_ready(void* context, std::size_t begin, std::size_t end) {
+    const auto* job = static_cast<const UnshuffleRange*>(context);
+    const std::size_t n = job->size / job->itemsize;
+    // Whole elements up to `end`, and the trailing bytes once the range reaches them.
+    const std::size_t first = std::min(n, (begin + job->itemsize - 1) / job->itemsize);
+    const std::size_t last = end == job->size ? n : std::min(n, (end + job->itemsize - 1) / job->itemsize);
+    if (last > first || end == job->size) {
+        aptckpt::unshuffle_elements(job->src, job->size, job->itemsize, job->out, first, last);
+    }
+}
+
 py::bytes xxh3_128(py::handle data) {
     const Buffer buf(data, "data", false);
     std::uint8_t digest[kDigestSize];
@@ -211,6 +230,26 @@ void unshuffle(py::handle src, long long itemsize, py::handle out) {
     py::gil_scoped_release nogil;
     aptckpt::unshuffle(in.data(), in.size(), static_cast<std::size_t>(itemsize),
                        dst.mutable_data());
+}
+
+// Bytes of output unshuffled per step before the hash reads them (they are still in L1/L2).
+constexpr std::size_t kUnshuffleHashSegment = 32 << 10;
+
+py::bytes unshuffle_hash(py::handle src, long long itemsize, py::handle out) {
+    const Buffer in(src, "src", false);
+    const Buffer dst(out, "out", true);
+    check_shuffle_args(in, itemsize, dst);
+    std::uint8_t digest[kDigestSize];
+    {
+        py::gil_scoped_release nogil;
+        UnshuffleRange job{in.data(), in.size(), static_cast<std::size_t>(itemsize),
+                           dst.mutable_data()};
+        aptckpt::xxh3_128_store(aptckpt::xxh3_128_produced(dst.mutable_data(), dst.size(),
+                                                           kUnshuffleHashSegment,
+                                                           unshuffle_ready, &job),
+                                digest);
+    }
+    return py::bytes(reinterpret_cast<const char*>(digest), kDigestSize);
 }
 
 void xor_(py::handle a, py::handle b, py::handle out) {
@@ -377,6 +416,8 @@ PYBIND11_MODULE(_native, m) {
           "Byte shuffle: out[b*n + i] = src[i*itemsize + b]; trailing bytes copied unchanged.");
     m.def("unshuffle", &unshuffle, py::arg("src"), py::arg("itemsize"), py::arg("out"),
           "Inverse of shuffle.");
+    m.def("unshuffle_hash", &unshuffle_hash, py::arg("src"), py::arg("itemsize"), py::arg("out"),
+          "unshuffle(src, itemsize, out), then return xxh3_128(out), in one pass over out.");
     m.def("xor", &xor_, py::arg("a"), py::arg("b"), py::arg("out"),
           "out[i] = a[i] ^ b[i]; equal lengths; out may be a or b.");
     m.def("pwrite_many", &pwrite_many, py::arg("fd"), py::arg("buffers"), py::arg("offsets"),

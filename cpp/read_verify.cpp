@@ -2,6 +2,7 @@
 #include "read_verify.hpp"
 
 #include <errno.h>
+#include <sys/mman.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -52,10 +53,35 @@ struct GroupResult {
     std::size_t filled = 0;  // spans of the group read in full (the rest hit the end of the file)
 };
 
+// Fault in the whole pages of a destination in one system call before the read writes it (a read
+// into fresh memory otherwise takes a fault per 4 KiB page inside the copy). A hint: refused on
+// kernels before 5.14, and then the pages fault in during the read as before.
+void populate(void* data, std::size_t size) {
+#if defined(__linux__)
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+    constexpr std::size_t kPage = 4096;
+    constexpr std::size_t kPopulateFrom = std::size_t{64} << 10;
+    if (size < kPopulateFrom) return;
+    const auto address = reinterpret_cast<std::uintptr_t>(data);
+    const std::uintptr_t start = (address + kPage - 1) / kPage * kPage;
+    const std::uintptr_t stop = (address + size) / kPage * kPage;
+    if (stop > start) {
+        const int saved = errno;
+        ::madvise(reinterpret_cast<void*>(start), stop - start, MADV_POPULATE_WRITE);
+        errno = saved;
+    }
+#else
+    (void)data, (void)size;
+#endif
+}
+
 GroupResult read_group(const std::vector<CheckedSpan>& spans, const Group& g) {
     std::vector<iovec> iov(g.count);
     for (std::size_t k = 0; k < g.count; ++k) {
         iov[k] = {spans[g.first + k].data, spans[g.first + k].size};
+        populate(spans[g.first + k].data, spans[g.first + k].size);
     }
     GroupResult r;
     std::size_t k = 0;  // first iovec not yet full

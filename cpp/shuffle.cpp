@@ -40,10 +40,11 @@ void shuffle_scalar(const u8* src, u8* out, std::size_t n, std::size_t k, std::s
     }
 }
 
-void unshuffle_scalar(const u8* src, u8* out, std::size_t n, std::size_t k, std::size_t begin) {
+void unshuffle_scalar(const u8* src, u8* out, std::size_t n, std::size_t k, std::size_t begin,
+                      std::size_t end) {
     const std::size_t step = std::max<std::size_t>(1, kBlockBytes / k);
-    for (std::size_t i0 = begin; i0 < n; i0 += step) {
-        const std::size_t i1 = std::min(n, i0 + step);
+    for (std::size_t i0 = begin; i0 < end; i0 += step) {
+        const std::size_t i1 = std::min(end, i0 + step);
         for (std::size_t b = 0; b < k; ++b) {
             const u8* row = src + b * n;
             for (std::size_t i = i0; i < i1; ++i) out[i * k + b] = row[i];
@@ -99,15 +100,15 @@ void shuffle_sse2(const u8* src, u8* out, std::size_t n) {
 }
 
 template <std::size_t K, std::size_t Rounds>
-void unshuffle_sse2(const u8* src, u8* out, std::size_t n) {
-    const std::size_t vec_end = n - n % kLanes;
-    for (std::size_t i0 = 0; i0 < vec_end; i0 += kLanes) {
+void unshuffle_sse2(const u8* src, u8* out, std::size_t n, std::size_t begin, std::size_t end) {
+    const std::size_t vec_end = begin + (end - begin) / kLanes * kLanes;
+    for (std::size_t i0 = begin; i0 < vec_end; i0 += kLanes) {
         __m128i v[K];
         for (std::size_t b = 0; b < K; ++b) v[b] = load(src + b * n + i0);
         for (std::size_t r = 0; r < Rounds; ++r) merge_round<K>(v);
         for (std::size_t j = 0; j < K; ++j) store(out + i0 * K + 16 * j, v[j]);
     }
-    unshuffle_scalar(src, out, n, K, vec_end);
+    unshuffle_scalar(src, out, n, K, vec_end, end);
 }
 #endif  // __SSE2__
 
@@ -127,17 +128,18 @@ bool shuffle_fast(const u8* src, u8* out, std::size_t n, std::size_t k) {
 #endif
 }
 
-bool unshuffle_fast(const u8* src, u8* out, std::size_t n, std::size_t k) {
+bool unshuffle_fast(const u8* src, u8* out, std::size_t n, std::size_t k, std::size_t begin,
+                    std::size_t end) {
 #if defined(__SSE2__)
     switch (k) {
-        case 2: unshuffle_sse2<2, 1>(src, out, n); return true;
-        case 4: unshuffle_sse2<4, 2>(src, out, n); return true;
-        case 8: unshuffle_sse2<8, 3>(src, out, n); return true;
-        case 16: unshuffle_sse2<16, 4>(src, out, n); return true;
+        case 2: unshuffle_sse2<2, 1>(src, out, n, begin, end); return true;
+        case 4: unshuffle_sse2<4, 2>(src, out, n, begin, end); return true;
+        case 8: unshuffle_sse2<8, 3>(src, out, n, begin, end); return true;
+        case 16: unshuffle_sse2<16, 4>(src, out, n, begin, end); return true;
         default: return false;
     }
 #else
-    (void)src, (void)out, (void)n, (void)k;
+    (void)src, (void)out, (void)n, (void)k, (void)begin, (void)end;
     return false;
 #endif
 }
@@ -162,8 +164,22 @@ void unshuffle(const u8* src, std::size_t size, std::size_t itemsize, u8* out) n
         copy_bytes(out, src, size);
         return;
     }
-    if (!unshuffle_fast(src, out, n, itemsize)) unshuffle_scalar(src, out, n, itemsize, 0);
+    if (!unshuffle_fast(src, out, n, itemsize, 0, n)) unshuffle_scalar(src, out, n, itemsize, 0, n);
     copy_bytes(out + body, src + body, size - body);
+}
+
+void unshuffle_elements(const u8* src, std::size_t size, std::size_t itemsize, u8* out,
+                        std::size_t begin, std::size_t end) noexcept {
+    const std::size_t n = size / itemsize;
+    if (itemsize == 1) {
+        copy_bytes(out + begin, src + begin, end - begin);
+    } else if (!unshuffle_fast(src, out, n, itemsize, begin, end)) {
+        unshuffle_scalar(src, out, n, itemsize, begin, end);
+    }
+    if (end == n) {
+        const std::size_t body = n * itemsize;
+        copy_bytes(out + body, src + body, size - body);
+    }
 }
 
 void xor_bytes(const u8* a, const u8* b, std::size_t size, u8* out) noexcept {

@@ -21,6 +21,12 @@ void shuffle(const std::uint8_t* src, std::size_t size, std::size_t itemsize,
 void unshuffle(const std::uint8_t* src, std::size_t size, std::size_t itemsize,
                std::uint8_t* out) noexcept;
 
+// unshuffle restricted to the elements [begin, end) of the n = size / itemsize whole elements
+// (their bytes out[begin*itemsize, end*itemsize)); the trailing size % itemsize bytes are copied
+// when end == n. Calls over ranges that cover [0, n) give exactly unshuffle's output.
+void unshuffle_elements(const std::uint8_t* src, std::size_t size, std::size_t itemsize,
+                        std::uint8_t* out, std::size_t begin, std::size_t end) noexcept;
+
 void xor_bytes(const std::uint8_t* a, const std::uint8_t* b, std::size_t size,
                std::uint8_t* out) noexcept;
 

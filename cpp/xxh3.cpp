@@ -8,6 +8,7 @@
 // and uses AVX2 only where the CPU has it (never -march=native).
 #include "xxh3.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -425,6 +426,31 @@ Hash128 hash_long(const u8* p, std::size_t len) {
             merge_accs(acc, kMergeHighOffset, ~(n * kPrime64_2))};
 }
 
+// hash_long, with the blocks accumulated as `ready` makes them available.
+Hash128 hash_long_produced(const u8* p, std::size_t len, std::size_t segment, ReadyFn ready,
+                           void* context) {
+    alignas(32) u64 acc[8] = {kPrime32_3, kPrime64_1, kPrime64_2, kPrime64_3,
+                              kPrime64_4, kPrime32_2, kPrime64_5, kPrime32_1};
+    const Kernel& k = kernel();
+    const std::size_t nblocks = (len - 1) / kBlockLen;
+    std::size_t produced = 0;
+    std::size_t hashed = 0;  // blocks
+    while (produced < len) {
+        const std::size_t next = std::min(len, produced + segment);
+        ready(context, produced, next);
+        produced = next;
+        const std::size_t available = std::min(nblocks, produced / kBlockLen);
+        k.blocks(acc, p + hashed * kBlockLen, available - hashed);
+        hashed = available;
+    }
+    const std::size_t tail_stripes = ((len - 1) - nblocks * kBlockLen) / kStripeLen;
+    k.stripes(acc, p + nblocks * kBlockLen, tail_stripes, kSecret);
+    k.stripes(acc, p + len - kStripeLen, 1, kSecret + kLastStripeOffset);
+    const u64 n = static_cast<u64>(len);
+    return {merge_accs(acc, kMergeLowOffset, n * kPrime64_1),
+            merge_accs(acc, kMergeHighOffset, ~(n * kPrime64_2))};
+}
+
 void store_be64(u8* out, u64 v) {
     for (int i = 7; i >= 0; --i) {
         out[i] = static_cast<u8>(v);
@@ -447,10 +473,22 @@ Hash128 xxh3_128(const void* data, std::size_t size) noexcept {
     return hash_long(p, size);
 }
 
+Hash128 xxh3_128_produced(std::uint8_t* data, std::size_t size, std::size_t segment, ReadyFn ready,
+                          void* context) noexcept {
+    if (size <= 240 || segment == 0) {
+        if (size > 0) ready(context, 0, size);
+        return xxh3_128(data, size);
+    }
+    return hash_long_produced(data, size, segment, ready, context);
+}
+
+void xxh3_128_store(const Hash128& digest, std::uint8_t* out) noexcept {
+    store_be64(out, digest.high);
+    store_be64(out + 8, digest.low);
+}
+
 void xxh3_128_canonical(const void* data, std::size_t size, std::uint8_t* out) noexcept {
-    const Hash128 h = xxh3_128(data, size);
-    store_be64(out, h.high);
-    store_be64(out + 8, h.low);
+    xxh3_128_store(xxh3_128(data, size), out);
 }
 
 const char* xxh3_simd() noexcept {

@@ -22,6 +22,17 @@ Hash128 xxh3_128(const void* data, std::size_t size) noexcept;
 // The digest in canonical byte order into `out[0:16)`.
 void xxh3_128_canonical(const void* data, std::size_t size, std::uint8_t* out) noexcept;
 
+// The digest of `data[0:size)` where the bytes are produced while hashing: before any byte of
+// [begin, end) is read, `ready(context, begin, end)` is called, for consecutive ranges that cover
+// [0, size) in order, each about `segment` bytes. So a producer (an unshuffle) writes a range
+// that the hash then reads while it is still in cache. Same digest as xxh3_128.
+using ReadyFn = void (*)(void* context, std::size_t begin, std::size_t end);
+Hash128 xxh3_128_produced(std::uint8_t* data, std::size_t size, std::size_t segment, ReadyFn ready,
+                          void* context) noexcept;
+
+// A digest in canonical byte order into `out[0:16)`.
+void xxh3_128_store(const Hash128& digest, std::uint8_t* out) noexcept;
+
 // Instruction set of the long-input loop this process uses: "avx2", "sse2" or "scalar".
 const char* xxh3_simd() noexcept;
 

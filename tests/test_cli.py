@@ -92,7 +92,7 @@ def test_inspect(capsys, ckpt):
     lines = out.splitlines()
     assert lines[0].split() == ["path", str(ckpt)]
     assert lines[1].split() == ["backend", "zstd"]
-    assert "level=1 codec=zstd" in out and "raw bytes       304 B" in out
+    assert "level=1 codec=auto" in out and "raw bytes       304 B" in out
     assert "epoch         3" in out and "note          'hi'" in out
     header = next(line for line in lines if line.startswith("key"))
     assert header.split() == ["key", "dtype", "shape", "bytes", "stored", "codecs"]

@@ -179,6 +179,25 @@ def test_shuffle_layout_and_round_trip(impl: ModuleType, itemsize: int) -> None:
         back = np.empty(length, np.uint8)
         impl.unshuffle(out, itemsize, back)
         assert back.tobytes() == data, length
+        fused = np.empty(length, np.uint8)
+        assert impl.unshuffle_hash(out, itemsize, fused) == xxhash.xxh3_128_digest(data), length
+        assert fused.tobytes() == data, length
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 3, 4, 8, 16])
+def test_unshuffle_hash_across_its_segments_and_blocks(impl: ModuleType, itemsize: int) -> None:
+    """The core unshuffles 32 KiB of output, then hashes the 1 KiB blocks it completed: lengths
+    around both, and around the 240-byte short-input limit of XXH3."""
+    segment = 32 << 10
+    lengths = {239, 240, 241, 1023, 1024, 1025, segment - 1, segment, segment + 1}
+    lengths |= {3 * segment + 1000, 3 * segment + 1024, 4 * MiB, 4 * MiB + 1}
+    for length in sorted(lengths):
+        data = DATA[:length]
+        shuffled = bytearray(length)
+        impl.shuffle(data, itemsize, shuffled)
+        out = bytearray(length)
+        assert impl.unshuffle_hash(shuffled, itemsize, out) == xxhash.xxh3_128_digest(data)
+        assert bytes(out) == data, length
 
 
 def test_shuffle_arguments_are_validated(impl: ModuleType) -> None:
@@ -398,10 +417,10 @@ def test_native_and_twin_agree(data: bytes, itemsize: int, chunk: int, threads: 
     assert NATIVE.hash_chunks(data, chunk, threads) == _pyimpl.hash_chunks(data, chunk, threads)
     many = [data, data[1:], b""]
     assert NATIVE.hash_chunks_many(many, chunk) == _pyimpl.hash_chunks_many(many, chunk)
-    for name in ("shuffle", "unshuffle"):
+    for name in ("shuffle", "unshuffle", "unshuffle_hash"):
         native_out, twin_out = bytearray(len(data)), bytearray(len(data))
-        getattr(NATIVE, name)(data, itemsize, native_out)
-        getattr(_pyimpl, name)(data, itemsize, twin_out)
+        found = getattr(NATIVE, name)(data, itemsize, native_out)
+        assert found == getattr(_pyimpl, name)(data, itemsize, twin_out)
         assert native_out == twin_out
     native_out, twin_out = bytearray(len(data)), bytearray(len(data))
     NATIVE.xor(data, data[::-1], native_out)

@@ -5,6 +5,7 @@ bit for bit."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -93,3 +94,28 @@ def test_loads_beside_saves(tmp_path: Path) -> None:
                 )
 
     _run_threads(4, work)
+
+
+def test_a_forked_child_saves_and_loads_with_its_own_chunk_pool(tmp_path):
+    """The chunk pool lives as long as the process; a child of fork() has none of its threads
+    and must not wait on them (it would hang): it makes its own."""
+    import multiprocessing
+
+    state = {"w": torch.randn(300_000), "v": torch.arange(100_000)}
+    aptckpt.save(state, tmp_path / "parent", threads=2)
+    aptckpt.load(tmp_path / "parent")  # the parent's pool exists now
+
+    def child() -> None:
+        aptckpt.save(state, tmp_path / "child", threads=2)
+        loaded = aptckpt.load(tmp_path / "child")
+        # compared with numpy: torch's own OpenMP threads do not survive fork()
+        same = loaded["w"].numpy().tobytes() == state["w"].numpy().tobytes()
+        os._exit(0 if same else 3)
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(60)
+    if process.is_alive():
+        process.kill()
+        pytest.fail("the forked child hung on the parent's pool")
+    assert process.exitcode == 0

@@ -26,6 +26,9 @@ means the library default, :func:`aptckpt._config.threads`):
     the ``len(src) % itemsize`` trailing bytes are copied unchanged to the end.
 ``unshuffle(src, itemsize, out) -> None``
     The inverse of ``shuffle``.
+``unshuffle_hash(src, itemsize, out) -> bytes``
+    ``unshuffle`` then ``xxh3_128(out)``; the core hashes each part of ``out`` right after
+    writing it, while it is still in cache (one pass over ``out`` instead of two).
 ``xor(a, b, out) -> None``
     ``out[i] = a[i] ^ b[i]``; equal lengths; ``out`` may be ``a`` or ``b``.
 ``pwrite_many(fd, buffers, offsets, threads=0) -> int``
@@ -64,6 +67,7 @@ __all__ = [
     "shuffle",
     "simd",
     "unshuffle",
+    "unshuffle_hash",
     "xor",
     "xxh3_128",
 ]
@@ -105,6 +109,7 @@ hash_chunks = _impl.hash_chunks
 hash_chunks_many = _impl.hash_chunks_many
 shuffle = _impl.shuffle
 unshuffle = _impl.unshuffle
+unshuffle_hash = _impl.unshuffle_hash
 xor = _impl.xor
 pwrite_many = _impl.pwrite_many
 pread_many = _impl.pread_many

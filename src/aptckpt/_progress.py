@@ -192,6 +192,13 @@ class _CountingFiles(DataFiles):
             start = stop
         return found
 
+    def read_into(
+        self, file: int, offset: int, out: memoryview, digest: bytes | None
+    ) -> str | None:
+        why = self.inner.read_into(file, offset, out, digest)
+        self._add(file, len(out))
+        return why
+
     def expect(self, file: int, ranges: Sequence[tuple[int, int]]) -> None:
         self.inner.expect(file, ranges)  # the storage's read-ahead hint, passed on
 

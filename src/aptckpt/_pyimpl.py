@@ -38,6 +38,7 @@ __all__ = [
     "shuffle",
     "simd",
     "unshuffle",
+    "unshuffle_hash",
     "xor",
     "xxh3_128",
 ]
@@ -212,6 +213,12 @@ def shuffle(src: Buffer, itemsize: int, out: Buffer) -> None:
     n = a.size // k
     b[: n * k].reshape(k, n)[...] = a[: n * k].reshape(n, k).T
     b[n * k :] = a[n * k :]
+
+
+def unshuffle_hash(src: Buffer, itemsize: int, out: Buffer) -> bytes:
+    """:func:`unshuffle`, then the :func:`xxh3_128` digest of ``out``."""
+    unshuffle(src, itemsize, out)
+    return xxh3_128(out)
 
 
 def unshuffle(src: Buffer, itemsize: int, out: Buffer) -> None:

@@ -28,9 +28,9 @@ import zstandard
 from aptckpt import _accel
 from aptckpt.errors import FormatError, IntegrityError
 
-__all__ = ["MAX_ZSTD_RATIO", "RAW", "CodecError", "Pipeline"]
+__all__ = ["MAX_ZSTD_RATIO", "RAW", "CodecError", "Pipeline", "compress_level", "scratch"]
 
-_STEP_ORDER = ("xor", "shuffle", "zstd")
+_STEP_ORDER = ("xor", "shuffle", "split", "zstd")
 _MAX_ITEMSIZE = 16
 
 #: No zstd frame decodes to more than this many times its own size: a block
@@ -44,6 +44,11 @@ class CodecError(IntegrityError):
     """Stored bytes could not be decoded: the chunk is damaged."""
 
 
+#: Scratch buffers up to this size stay with their thread (the chunk pool's threads live as
+#: long as the process: a few buffers of one chunk each per thread); larger ones are freed.
+_MAX_KEPT_SCRATCH = 64 << 20
+
+
 class _Scratch(threading.local):
     def __init__(self) -> None:
         self.buffers: dict[str, bytearray] = {}
@@ -51,6 +56,8 @@ class _Scratch(threading.local):
         self.decompressor = zstandard.ZstdDecompressor()
 
     def buffer(self, name: str, size: int) -> memoryview:
+        if size > _MAX_KEPT_SCRATCH:  # a huge chunk_size: not kept for the thread's lifetime
+            return memoryview(bytearray(size))
         buf = self.buffers.get(name)
         if buf is None or len(buf) < size:
             buf = self.buffers[name] = bytearray(size)
@@ -68,13 +75,30 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+def compress_level(level: int) -> zstandard.ZstdCompressor:
+    """This thread's zstd compressor at ``level``."""
+    return _scratch.compressor(level)
+
+
+def scratch(name: str, size: int) -> memoryview:
+    """This thread's reusable buffer ``name`` of ``size`` bytes (contents undefined)."""
+    return _scratch.buffer(name, size)
+
+
 @dataclass(frozen=True)
 class Pipeline:
-    """Which steps a chunk went through; ``shuffle`` is the element size (0: none)."""
+    """Which steps a chunk went through; ``shuffle`` is the element size (0: none);
+    ``split`` is how many leading byte planes of the shuffled chunk are stored raw, ahead
+    of the zstd frame of the others (0: all go through zstd)."""
 
     xor: bool = False
     shuffle: int = 0
     zstd: bool = False
+    split: int = 0
+
+    def __post_init__(self) -> None:
+        if self.split and not (self.zstd and 1 <= self.split < self.shuffle):
+            raise ValueError(f"split {self.split} needs zstd and 1 <= split < shuffle")
 
     def to_record(self) -> list[dict[str, Any]]:
         steps: list[dict[str, Any]] = []
@@ -82,6 +106,8 @@ class Pipeline:
             steps.append({"id": "xor"})
         if self.shuffle:
             steps.append({"id": "shuffle", "itemsize": self.shuffle})
+        if self.split:
+            steps.append({"id": "split", "raw_planes": self.split})
         if self.zstd:
             steps.append({"id": "zstd"})
         return steps
@@ -92,7 +118,7 @@ class Pipeline:
         if not isinstance(record, list):
             raise FormatError(f"codec pipeline {record!r} is not a list", path=where)
         ids = []
-        shuffle = 0
+        shuffle = split = 0
         for step in record:
             step_id = step.get("id") if isinstance(step, dict) else None
             if step_id not in _STEP_ORDER:
@@ -105,10 +131,20 @@ class Pipeline:
                 shuffle = step.get("itemsize")
                 if type(shuffle) is not int or not 2 <= shuffle <= _MAX_ITEMSIZE:
                     raise FormatError(f"bad shuffle itemsize {shuffle!r}", path=where)
+            if step_id == "split":
+                split = step.get("raw_planes")
+                if type(split) is not int or split < 1:
+                    raise FormatError(f"bad split raw_planes {split!r}", path=where)
             ids.append(step_id)
         if ids != [s for s in _STEP_ORDER if s in ids]:
             raise FormatError(f"codec steps {ids} are out of order or repeated", path=where)
-        return cls(xor="xor" in ids, shuffle=shuffle, zstd="zstd" in ids)
+        if "split" in ids and not ("zstd" in ids and split < shuffle):
+            raise FormatError(
+                f"codec steps {ids}: split needs shuffle and zstd, and raw_planes below the "
+                "itemsize",
+                path=where,
+            )
+        return cls(xor="xor" in ids, shuffle=shuffle, zstd="zstd" in ids, split=split)
 
     def max_raw_size(self, stored: int) -> int:
         """The most raw bytes ``stored`` bytes encoded with this pipeline can hold."""
@@ -121,14 +157,30 @@ class Pipeline:
             for n, on in (
                 ("xor", self.xor),
                 (f"shuffle{self.shuffle}", self.shuffle),
+                (f"split{self.split}", self.split),
                 ("zstd", self.zstd),
             )
             if on
         ]
         return "+".join(names) or "raw"
 
-    def encode(self, raw: memoryview, *, level: int = 1, base: memoryview | None = None) -> Any:
-        """Encode one chunk; returns a buffer valid until the next call on this thread."""
+    def raw_prefix(self, raw_size: int) -> int:
+        """How many of a ``raw_size``-byte chunk's stored bytes are raw byte planes ahead of
+        its zstd frame (split chunks; 0 otherwise). The stored digest covers the frame only:
+        the raw planes are the chunk's own bytes, checked by its digest."""
+        return self.split * (raw_size // self.shuffle) if self.split else 0
+
+    def encode(
+        self,
+        raw: memoryview,
+        *,
+        level: int = 1,
+        base: memoryview | None = None,
+        shuffled: memoryview | None = None,
+    ) -> Any:
+        """Encode one chunk. A pipeline ending in zstd returns new memory; one without
+        returns a buffer valid until the next call on this thread. ``shuffled``: the chunk
+        already shuffled by this pipeline's itemsize (only without xor)."""
         data: Any = raw
         if self.xor:
             if base is None or len(base) != len(raw):
@@ -136,21 +188,61 @@ class Pipeline:
             out = _scratch.buffer("xor", len(raw))
             _accel.xor(raw, base, out)
             data = out
-        if self.shuffle:
+        if self.shuffle and shuffled is not None and not self.xor:
+            data = shuffled
+        elif self.shuffle:
             out = _scratch.buffer("shuffle", len(raw))
             _accel.shuffle(data, self.shuffle, out)
             data = out
         if self.zstd:
-            data = _scratch.compressor(level).compress(data)
+            head = self.raw_prefix(len(raw))
+            frame = _scratch.compressor(level).compress(data[head:])
+            if head:
+                return b"".join((data[:head], frame))
+            data = frame
         return data
 
-    def decode(self, stored: Any, out: memoryview, *, base: memoryview | None = None) -> None:
-        """Decode ``stored`` into ``out`` (exactly the chunk's raw length)."""
+    def decode(
+        self,
+        stored: Any,
+        out: memoryview,
+        *,
+        base: memoryview | None = None,
+        planes: memoryview | None = None,
+        digest: bool = False,
+    ) -> bytes | None:
+        """Decode ``stored`` into ``out`` (exactly the chunk's raw length).
+
+        Each step writes where the next one reads, in per-thread scratch memory that is
+        reused (no fresh pages): zstd decompresses straight into ``out`` when no step
+        follows it, else into scratch that the unshuffle (or xor) then writes to ``out``.
+        For a split chunk, ``planes`` may be :func:`scratch` ``("planes", len(out))`` whose
+        first :meth:`raw_prefix` bytes the caller already filled with the raw planes; then
+        ``stored`` is the zstd frame alone. With ``digest``, returns the XXH3-128 of ``out``
+        (taken as the unshuffle writes it, when that is the last step).
+        """
         data: Any = stored
         if self.zstd:
-            data = _decompress(stored, len(out))
+            head = self.raw_prefix(len(out))
+            if head and planes is None:
+                if len(stored) <= head:
+                    raise CodecError(f"split chunk of {len(stored)} bytes has no zstd frame")
+                planes = _scratch.buffer("planes", len(out))
+                planes[:head] = stored[:head]
+                stored = memoryview(stored)[head:]
+            if head:
+                assert planes is not None
+                assert len(planes) == len(out)
+                target = planes
+            else:
+                target = _scratch.buffer("zstd", len(out)) if self.shuffle or self.xor else out
+            _decompress_into(stored, target[head:])
+            data = target
         elif len(data) != len(out):
             raise CodecError(f"stored chunk is {len(data)} bytes, expected {len(out)}")
+        if self.shuffle and not self.xor and digest:
+            found: bytes = _accel.unshuffle_hash(data, self.shuffle, out)
+            return found
         if self.shuffle:
             target = _scratch.buffer("unshuffle", len(out)) if self.xor else out
             _accel.unshuffle(data, self.shuffle, target)
@@ -161,24 +253,33 @@ class Pipeline:
             _accel.xor(data, base, out)
         elif data is not out:
             out[:] = data
+        return _accel.xxh3_128(out) if digest else None
 
 
-def _decompress(stored: Any, expected: int) -> Any:
+def _decompress_into(stored: Any, out: memoryview) -> None:
+    """Decompress the zstd frame ``stored`` into ``out``, which it must fill exactly."""
     # Check the declared size before decompressing: a hostile frame header may
-    # announce terabytes, and zstandard would allocate what it announces.
+    # announce terabytes; nothing is allocated from it here, but a frame that does not
+    # say it fills ``out`` exactly is refused before any work.
+    expected = len(out)
     try:
         declared = zstandard.frame_content_size(stored)
     except zstandard.ZstdError as err:
         raise CodecError(f"not a zstd frame ({err})") from err
     if declared != expected:
         raise CodecError(f"zstd frame declares {declared} bytes, expected {expected}")
+    filled = 0
     try:
-        data = _scratch.decompressor.decompress(stored, max_output_size=expected)
+        reader = _scratch.decompressor.stream_reader(stored, read_across_frames=False)
+        while filled < expected:
+            got = reader.readinto(out[filled:])
+            if not got:
+                break
+            filled += got
     except zstandard.ZstdError as err:
         raise CodecError(f"zstd frame is damaged ({err})") from err
-    if len(data) != expected:
-        raise CodecError(f"zstd frame decoded to {len(data)} bytes, expected {expected}")
-    return data
+    if filled != expected:
+        raise CodecError(f"zstd frame decoded to {filled} bytes, expected {expected}")
 
 
 RAW = Pipeline()

@@ -108,7 +108,7 @@ def _v3_values() -> dict[str, Any]:
 
 
 GOLDEN = {
-    "zstd": {"chunk_size": 256, "shard_size": 16 << 10},
+    "zstd": {"codec": "zstd", "chunk_size": 256, "shard_size": 16 << 10},
     "zstd-raw": {"codec": "none", "chunk_size": 256},
     "torch": {"chunk_size": 256},
     "delta": {"chunk_size": 256, "keyframe_every": 8, "local_below": 64},

@@ -20,10 +20,13 @@ tensors in parallel.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import threading
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -31,9 +34,9 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 
-from aptckpt import _accel, _dtypes, tree
+from aptckpt import _accel, _dtypes, _memory, tree
 from aptckpt._config import MAX_CHUNK_SIZE
-from aptckpt.codecs import MAX_ZSTD_RATIO, RAW, CodecError, Pipeline
+from aptckpt.codecs import MAX_ZSTD_RATIO, RAW, CodecError, Pipeline, scratch
 from aptckpt.errors import (
     BackendError,
     FormatError,
@@ -399,27 +402,58 @@ def parse_chunk_table(
 
 def ordered_map(
     fn: Callable[[T], R], items: Iterable[T], *, threads: int, window: int | None = None
-) -> Iterator[R]:
+) -> Generator[R, None, None]:
     """``map(fn, items)`` on a thread pool, results in order, at most ``window`` in flight.
 
-    The window bounds memory when each result holds a buffer (an encoded chunk).
+    The window bounds memory when each result holds a buffer (an encoded chunk). The pool
+    lives as long as the process (:func:`shared_pool`), so its threads' scratch buffers and
+    zstd contexts are reused from one save or load to the next instead of faulted in anew.
+    ``fn`` must not call :func:`ordered_map` itself (it would wait for its own pool).
     """
     if threads <= 1:
         yield from map(fn, items)
         return
     window = window or 2 * threads + 2
     pending: deque[Future[R]] = deque()
-    with ThreadPoolExecutor(threads, thread_name_prefix="aptckpt") as pool:
-        try:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
+    pool = shared_pool(threads)
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
                 yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        for future in pending:  # wait for the ones already running: they use the caller's
+            if not future.cancelled():  # buffers, which it may free once this returns
+                with contextlib.suppress(BaseException):
+                    future.result()
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def shared_pool(threads: int) -> ThreadPoolExecutor:
+    """The process's pool of ``threads`` worker threads for chunk work (created once)."""
+    with _pools_lock:
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="aptckpt")
+        return pool
+
+
+def _forget_pools() -> None:
+    # A child of fork() has none of the parent's threads: it makes its own pools.
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 def new_tensors(
@@ -439,7 +473,7 @@ def new_tensors(
                 continue
             dtype = _dtypes.dtype_from_name(record.dtype)
             assert dtype is not None  # validated by manifest.decode
-            out.append(torch.empty(record.shape, dtype=dtype))
+            out.append(_memory.empty(record.shape, dtype))
     return out
 
 
@@ -496,9 +530,13 @@ def fill_tensors(
             else:
                 raw_slots.append((slot, place))
 
+    fresh = [into is None or into[i] is None for i in range(len(outs))]
+
     def run(batch: list[_Slot[C]]) -> list[tuple[int, int, IntegrityError]]:
         found = []
         for slot in batch:
+            if fresh[slot.tensor]:
+                _memory.populate(slot.out)
             try:
                 decode(slot.chunk, slot.out)
             except (IntegrityError, EOFError) as err:
@@ -725,11 +763,25 @@ def decode_into(
         if pipeline.xor:
             raise CodecError("xor-delta chunks need a base; this backend stores none")
         # Raw chunks never get here: stored_raw() sends them to the storage in one call.
-        stored = files.read(chunk.file, chunk.offset, chunk.length)
-        if verify and _accel.xxh3_128(stored) != chunk.stored_digest:
-            raise CodecError("stored-bytes digest mismatch: the file changed after saving")
-        pipeline.decode(stored, out)
-        if verify and _accel.xxh3_128(out) != chunk.digest:
+        # A split chunk's raw planes are read straight to where the unshuffle reads them;
+        # its stored digest covers the zstd frame that follows them.
+        head = pipeline.raw_prefix(len(out))
+        if head >= chunk.length:
+            raise CodecError(f"split chunk of {chunk.length} bytes has no zstd frame")
+        planes = scratch("planes", len(out)) if head else None
+        reads = [(chunk.offset + head, scratch("stored", chunk.length - head), verify)]
+        if planes is not None:
+            reads.append((chunk.offset, planes[:head], False))
+        for offset, buffer, check in reads:
+            why = files.read_into(
+                chunk.file, offset, buffer, chunk.stored_digest if check else None
+            )
+            if why == "eof":
+                raise EOFError("the file ends before the chunk does")
+            if why is not None:
+                raise CodecError("stored-bytes digest mismatch: the file changed after saving")
+        found = pipeline.decode(reads[0][1], out, planes=planes, digest=verify)
+        if verify and found != chunk.digest:
             raise CodecError("digest mismatch: the stored bytes changed after saving")
 
     locate = partial(locate_chunk, manifest)

@@ -28,9 +28,12 @@ Interruptions: an exception raised while writing (``KeyboardInterrupt``, a full
 disk) reaches the caller as itself, not as the ``RuntimeError`` that torch's zip
 writer raises when it then cannot finish the file.
 
-Integrity: the payload holds the XXH3-128 digests of the file's chunks; they
-are checked before ``torch.load`` sees a byte. aptckpt always loads with
-``weights_only=True``, so a file carrying a code-running pickle is refused
+Integrity: the payload holds the XXH3-128 digests of the file's chunks. A load
+reads each chunk once, checking it as it comes in, and torch unpickles those bytes
+only -- never the file again (:mod:`aptckpt.backends._torchread`: storages that hold
+whole chunks are read straight into their own memory, the others are storages over
+the buffer their chunks were read into). aptckpt always loads with torch's
+``weights_only`` unpickler, so a file carrying a code-running pickle is refused
 whether or not digests are verified. After loading, the state is flattened
 again and its skeleton must equal the manifest's. When ``torch.load`` fails on a
 file whose digests match, the file is as it was written -- torch cannot read it
@@ -45,9 +48,7 @@ Payload::
 from __future__ import annotations
 
 import functools
-import io
 import pickle
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar, Protocol, cast
@@ -56,7 +57,7 @@ import msgpack
 import torch
 
 from aptckpt import _accel, _config, _dtypes, tree
-from aptckpt.backends import _chunks, _torchfile
+from aptckpt.backends import _chunks, _torchfile, _torchread
 from aptckpt.backends.base import Backend, BackendOptions, TensorLayout
 from aptckpt.errors import FormatError, IntegrityError, UnsupportedObjectError
 from aptckpt.manifest import Manifest
@@ -273,19 +274,18 @@ class TorchBackend(Backend):
             damage = _Damage(where, files, manifest, chunk_size, digests)
             if files.failed:
                 raise damage.error(files.failed[0])
-            local = reader.storage.local
-            contents = _contents(files, size) if verify or not local else b""
-            if verify and _file_digests(contents, chunk_size) != digests:
+            # One pass: every chunk read once, into the memory torch gets, and checked on
+            # the way in; torch unpickles those bytes, never the file itself.
+            contents = _torchread.read_file(files, 0, size, chunk_size, digests if verify else None)
+            if isinstance(contents, list):  # chunks that failed their digests or were cut short
                 raise damage.error(None)
-            # Locally torch reads the file itself; elsewhere the bytes already read.
-            with files.stream(0) if local else io.BytesIO(contents) as f:
-                try:
-                    state = _load_safely(f, where, record.path)
-                except _Unreadable as err:
-                    # Damage, or a file torch cannot read as written: the digests tell.
-                    if not verify and _file_digests(_contents(files, size), chunk_size) != digests:
-                        raise damage.error(None) from err.__cause__
-                    raise err.intact(manifest) from err.__cause__
+            try:
+                state = _unpickled(contents, where, record.path)
+            except _Unreadable as err:
+                # Damage, or a file torch cannot read as written: the digests tell.
+                if not verify and _file_digests(_contents(files, size), chunk_size) != digests:
+                    raise damage.error(None) from err.__cause__
+                raise err.intact(manifest) from err.__cause__
         try:
             flat = tree.flatten(state)
         except Exception as err:
@@ -476,12 +476,9 @@ class _Unreadable(Exception):
         )
 
 
-def _load_safely(f: Any, where: str, name: str) -> Any:
+def _unpickled(contents: _torchread.Contents, where: str, name: str) -> Any:
     try:
-        with warnings.catch_warnings():
-            # torch's own rebuild of quantized tensors trips its TypedStorage deprecation
-            warnings.filterwarnings("ignore", "TypedStorage is deprecated")
-            return torch.load(f, map_location="cpu", weights_only=True)
+        return _torchread.unpickle(contents)
     except pickle.UnpicklingError as err:
         raise _Unreadable(str(err), where, name, pickle_refused=True) from err
     except Exception as err:  # torch raises RuntimeError, EOFError, zipfile errors, ...

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 
 from aptckpt import _accel, _config, _dtypes
-from aptckpt.backends import _chunks, _mapped
+from aptckpt.backends import _chunks, _mapped, _planes
 from aptckpt.backends._chunks import DIGEST_SIZE
 from aptckpt.backends.base import BackendOptions, InPlaceBackend, TensorLayout
 from aptckpt.codecs import RAW, Pipeline
@@ -45,7 +45,7 @@ from aptckpt.tree import FlatState
 
 __all__ = ["ZstdBackend", "ZstdOptions"]
 
-_CODECS = ("zstd", "none")
+_CODECS = ("zstd", "none", "auto")
 #: Raw chunks are hashed in groups of about this many bytes, one group ahead of the writes.
 _HASH_GROUP = 64 << 20
 
@@ -56,14 +56,16 @@ class ZstdOptions(BackendOptions):
 
     Attributes:
         level: zstd compression level (1..22; negative levels are faster still).
-        codec: ``"zstd"`` to compress, ``"none"`` to store chunks raw.
+        codec: ``"zstd"`` to compress every chunk, ``"none"`` to store chunks raw,
+            ``"auto"`` to compress only the byte planes that compress (see
+            :func:`choose_pipeline`) and store the rest raw.
         chunk_size: bytes per chunk, a multiple of 16.
         shard_size: a shard file is closed once it holds this many bytes.
         threads: worker threads (default: ``APTCKPT_THREADS`` or the CPU count).
     """
 
     level: int = _config.DEFAULT_ZSTD_LEVEL
-    codec: str = "zstd"
+    codec: str = "auto"
     chunk_size: int = _config.DEFAULT_CHUNK_SIZE
     shard_size: int = _config.DEFAULT_SHARD_SIZE
     threads: int | None = field(default=None, metadata={"record": False})
@@ -279,11 +281,17 @@ class ZstdBackend(InPlaceBackend):
         digest: bytes = _accel.xxh3_128(job.data)
         if not job.data:
             return digest, RAW, job.data, None
-        pipeline = Pipeline(shuffle=job.itemsize if job.itemsize > 1 else 0, zstd=True)
-        encoded = pipeline.encode(job.data, level=self.options.level)
+        if self.options.codec == "auto":
+            pipeline, encoded = _planes.encode(job.data, job.itemsize, self.options.level)
+            if pipeline == RAW:
+                return digest, RAW, job.data, None
+        else:
+            pipeline = Pipeline(shuffle=job.itemsize if job.itemsize > 1 else 0, zstd=True)
+            encoded = pipeline.encode(job.data, level=self.options.level)
         if len(encoded) >= len(job.data):  # incompressible: store it as it is
             return digest, RAW, job.data, None
-        return digest, pipeline, encoded, _accel.xxh3_128(encoded)
+        head = pipeline.raw_prefix(len(job.data))
+        return digest, pipeline, encoded, _accel.xxh3_128(encoded[head:])
 
     # ------------------------------------------------------------------- read
 

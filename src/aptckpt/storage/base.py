@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from aptckpt import _accel
+
 if TYPE_CHECKING:
     from typing import BinaryIO
 
@@ -293,6 +295,22 @@ class DataFiles(ABC):
         """Perform every read (in parallel), checking each against its digest; return
         ``(index into reads, why)`` per bad one, ``why`` ``"eof"`` (the file ends first)
         or ``"digest"`` (the bytes differ). All reads check a digest, or none does."""
+
+    def read_into(
+        self, file: int, offset: int, out: memoryview, digest: bytes | None
+    ) -> str | None:
+        """Fill ``out`` from ``offset`` of file ``file`` and, when ``digest`` is given, check
+        the bytes against it: None when all is well, else ``"eof"`` or ``"digest"`` as in
+        :meth:`read_verify`. One read into memory the caller reuses (a decoder's scratch),
+        where :meth:`read` returns new memory. The default goes through :meth:`read`, so
+        a storage that reads ahead keeps doing so."""
+        data = self.read(file, offset, len(out))
+        out[: len(data)] = data
+        if len(data) < len(out):
+            return "eof"
+        if digest is not None and _accel.xxh3_128(out) != digest:
+            return "digest"
+        return None
 
     def expect(self, file: int, ranges: Sequence[tuple[int, int]]) -> None:  # noqa: B027
         """The byte ranges ``[start, stop)`` of file ``file`` that :meth:`read` is about to
