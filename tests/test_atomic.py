@@ -38,6 +38,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     assert torch.equal(aptckpt.load(tmp_path / "c")["v"], torch.ones(2))
 
 
+@pytest.mark.core_independent
 def test_crash_before_manifest_leaves_no_checkpoint_and_next_save_cleans(tmp_path):
     code = (
         "import os, aptckpt, torch\n"
@@ -220,6 +221,7 @@ def die_between_renames(path, when):
     assert proc.returncode == 9
 
 
+@pytest.mark.core_independent
 @pytest.mark.parametrize("recovery", ["load", "save_elsewhere", "save_again", "manager_cleanup"])
 def test_a_replacement_killed_between_its_renames_keeps_the_old_checkpoint(tmp_path, recovery):
     old = {"v": torch.full((64,), 1.0)}
@@ -244,6 +246,7 @@ def test_a_replacement_killed_between_its_renames_keeps_the_old_checkpoint(tmp_p
     assert os.listdir(tmp_path) == ["c"]
 
 
+@pytest.mark.core_independent
 def test_a_replacement_killed_after_its_renames_leaves_the_new_checkpoint(tmp_path):
     aptckpt.save({"v": torch.full((64,), 1.0)}, tmp_path / "c")
     die_between_renames(tmp_path / "c", "second")

@@ -127,6 +127,7 @@ def run_script(tmp_path: Path, mode: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.core_independent
 def test_interpreter_exit_finishes_the_save_in_flight(tmp_path):
     proc = run_script(tmp_path, "exit")
     assert proc.returncode == 0, proc.stderr
@@ -134,6 +135,7 @@ def test_interpreter_exit_finishes_the_save_in_flight(tmp_path):
     aptckpt.verify(tmp_path / "new")
 
 
+@pytest.mark.core_independent
 def test_a_kill_during_the_background_persist_leaves_the_previous_checkpoint(tmp_path):
     proc = run_script(tmp_path, "kill")
     assert proc.returncode == -signal.SIGKILL
@@ -156,6 +158,7 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
+@pytest.mark.core_independent
 def test_a_forked_child_saves_in_the_background_too(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", FORK, str(tmp_path)], capture_output=True, text=True, timeout=120

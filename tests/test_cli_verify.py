@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
 import torch
 
 import aptckpt
@@ -43,6 +44,7 @@ print("exit", main(["verify", sys.argv[1]]))
 """
 
 
+@pytest.mark.core_independent
 @needs_root
 def test_verify_as_a_user_who_cannot_read_part_of_the_run_exits_1():
     with reachable_tmp() as run_dir:

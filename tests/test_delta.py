@@ -418,6 +418,7 @@ else:
 """
 
 
+@pytest.mark.core_independent
 @needs_root
 @pytest.mark.parametrize("hidden", ["directory", "searchable_only", "manifest"])
 def test_gc_by_a_user_who_cannot_read_part_of_the_run_removes_nothing(hidden):
@@ -503,6 +504,7 @@ def _can_mount() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.core_independent
 @pytest.mark.skipif(not _can_mount(), reason="needs unshare -m (root)")
 def test_gc_on_a_real_read_only_mount(tmp_path):
     run, mount = tmp_path / "run", tmp_path / "mnt"

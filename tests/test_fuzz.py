@@ -256,6 +256,7 @@ def _places(doc: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
             yield from _places(doc[index], (*path, index))
 
 
+@pytest.mark.core_independent
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_wrong_type_in_every_field(pristine, backend):
     """Every field, nested ones included, replaced by values of every wrong type."""

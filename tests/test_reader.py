@@ -188,6 +188,7 @@ _UNREADABLE = {
 }
 
 
+@pytest.mark.core_independent
 @needs_root
 def test_files_this_user_may_not_read_are_unreadable_errors():
     with reachable_tmp() as root:
