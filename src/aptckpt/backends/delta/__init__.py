@@ -131,7 +131,9 @@ class DeltaBackend(InPlaceBackend):
         return [run[start:stop] for run, (start, stop) in zip(runs, cuts, strict=True)]
 
     def format_version(self, payload: Any) -> int:
-        # the local shard's table came with format version 3
+        # packs came with format version 5, the local shard's table with version 3
+        if isinstance(payload, dict) and "packs" in payload:
+            return 5
         return 3 if isinstance(payload, dict) and "local" in payload else 2
 
     def describe(self, manifest: Manifest) -> list[TensorLayout]:
@@ -161,4 +163,7 @@ class DeltaBackend(InPlaceBackend):
 
     def external_bytes(self, manifest: Manifest) -> int:
         payload = parse_payload(manifest, "manifest")
-        return sum({o.name: o.size for o in payload.objects}.values())
+        # each stored object once: a file of its own by name, a packed one by its place
+        return sum(
+            {(o.pack, o.offset if o.pack else o.name): o.size for o in payload.objects}.values()
+        )
