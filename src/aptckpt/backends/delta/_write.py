@@ -24,13 +24,14 @@ from aptckpt.backends.delta._format import (
     _LOCAL_SHARD,
     _SAMPLE,
     DeltaOptions,
+    DeltaPayload,
     StoredObject,
 )
 from aptckpt.backends.delta._read import decode_chain
-from aptckpt.backends.delta._store import Base, find_base, store_path
+from aptckpt.backends.delta._store import Base, find_base, store_path, written
 from aptckpt.codecs import RAW, Pipeline
 from aptckpt.errors import IntegrityError, UnsafePathError
-from aptckpt.manifest import check_relative_path
+from aptckpt.manifest import TensorRecord, check_relative_path
 from aptckpt.objectstore import ObjectStore
 from aptckpt.storage import CheckpointWriter
 from aptckpt.tree import FlatState
@@ -111,10 +112,43 @@ def write(flat: FlatState, writer: CheckpointWriter, opts: DeltaOptions, threads
     rows: list[list[list[Any]] | None] = [None] * len(views)
     for i, tensor_rows in zip(local, local_rows, strict=True):
         rows[i] = tensor_rows
-    payload = _payload(opts, up, name, since, _relative_base(store, base), chunks)
+    payload, objects = _payload(opts, up, name, since, _relative_base(store, base), chunks)
     if local:
         payload["local"] = {"codecs": [RAW.to_record()], "chunks": rows}
+    elif writer.rank is None:
+        _remember(store, writer.path, payload, objects, chunks, flat, views, opts)
     return payload
+
+
+def _remember(
+    store: ObjectStore,
+    path: str,
+    payload: dict[str, Any],
+    objects: list[StoredObject],
+    chunks: list[list[StoredObject] | None],
+    flat: FlatState,
+    views: list[memoryview],
+    opts: DeltaOptions,
+) -> None:
+    """Keep this save's payload, parsed, for the next save against it (see ``written``)."""
+    every, since = payload["keyframe_every"], payload["since_keyframe"]
+    parsed = DeltaPayload(
+        opts.chunk_size,
+        payload["store"]["up"],
+        payload["store"]["name"],
+        every,
+        since,
+        payload["base"],
+        tuple(objects),
+        tuple(tuple(row or ()) for row in chunks),
+    )
+    by_key = {
+        # only the byte length of a base's tensor record is ever looked at
+        leaf.key_path: (TensorRecord("uint8", (len(view),)), tuple(row or ()))
+        for leaf, view, row in zip(flat.tensors, views, chunks, strict=True)
+    }
+    canonical = store.storage.canonical(path)
+    written.remember(store, path, payload, Base(canonical, parsed, by_key))
 
 
 def _relative_base(store: ObjectStore, base: Base | None) -> str | None:
@@ -167,7 +201,8 @@ def _payload(
     since: int,
     base: str | None,
     chunks: list[list[StoredObject] | None],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[StoredObject]]:
+    """The payload, and its objects in the order of its object table."""
     pipelines: dict[Pipeline, int] = {}
     packs: dict[bytes, int] = {}
     pack_rows: list[list[Any]] = []
@@ -202,7 +237,7 @@ def _payload(
     }
     if pack_rows:  # format v5: readers before it refuse the checkpoint by its version
         payload["packs"] = pack_rows
-    return payload
+    return payload, list(index)
 
 
 def _delta_may_win(
@@ -231,12 +266,21 @@ def _encode(
     whole = Pipeline(shuffle=shuffle, zstd=True)
     best: tuple[Pipeline, Any, StoredObject | None] | None = None
     if job.prev is not None:
-        previous = _previous_version(store, job.prev, len(raw))
         pipeline = Pipeline(xor=True, shuffle=shuffle, zstd=True)
         # Each link costs a decode on every load: it must beat the whole chunk by
         # a margin that grows with the chain.
         weight = 1 + _config.DELTA_CHAIN_PENALTY * (job.prev.depth + 1)
-        if previous is not None and _delta_may_win(raw, previous, pipeline, whole, weight, level):
+        # Decided first on the kept copy as it is (a copy racing a concurrent save only
+        # sways the guess), so a densely changed chunk costs no copy and check of its
+        # previous version.
+        kept = recent.peek(store.location, job.prev.digest, len(raw))
+        hopeless = kept is not None and not _delta_may_win(
+            raw, kept, pipeline, whole, weight, level
+        )
+        previous = None if hopeless else _previous_version(store, job.prev, len(raw))
+        if previous is not None and (
+            kept is not None or _delta_may_win(raw, previous, pipeline, whole, weight, level)
+        ):
             delta = pipeline.encode(raw, level=level, base=previous)
             # The whole chunk's size is predicted from how well the chain's whole
             # object compressed; compress it only when that leaves the delta in doubt.
