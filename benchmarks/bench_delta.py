@@ -198,7 +198,9 @@ class DeltaChain:
             "since_keyframe": p["since_keyframe"],
             "keyframe_every": p["keyframe_every"],
             "keyframe": p["since_keyframe"] == 0,
-            "chunks": sum(len(c) for c in p["chunks"]),
+            # a tensor kept in the checkpoint's own shard (local_below) has nil here
+            "chunks": sum(len(c) for c in p["chunks"] if c is not None)
+            + sum(len(c) for c in (p.get("local") or {}).get("chunks", []) if c is not None),
             "objects": len(rows),
             "new_objects": len(new),
             "new_xor": sum(1 for r in new if r[5] is not None),
