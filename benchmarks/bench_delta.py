@@ -70,7 +70,9 @@ from workload import GPT, ModelConfig, build_workload, describe, tensor_bytes, u
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-WORKDIR = HERE / "_work"  # gitignored: every file the benchmark writes goes here
+# gitignored: every file the benchmark writes goes here (BENCH_DELTA_WORKDIR: another folder,
+# so that two runs -- before and after -- can go at once)
+WORKDIR = Path(os.environ.get("BENCH_DELTA_WORKDIR") or HERE / "_work")
 _rel = _sysutil.repo_relative
 MANIFEST_NAME = "manifest.msgpack"
 
