@@ -144,7 +144,7 @@ class _ObjectCheck:
     def __init__(self, store: ObjectStore, reader: CheckpointReader | None = None) -> None:
         self.store = store
         self.reader = reader
-        self.found: dict[bytes, str | None] = {}
+        self.found: dict[tuple[bytes, bool], str | None] = {}
         self._lock = threading.Lock()
         if store.storage.local:
             entry = store.storage.info(store.objects)
