@@ -18,6 +18,13 @@ explicitly, default ``keyframe_every``), and in the same round saves the same st
    more), save times, and warm load time of the last delta checkpoint vs a zstd load.
 4. **unchanged state**: the state of scenario 3's last checkpoint saved again with delta, a few
    times, interleaved with zstd saves of it. Target: bytes and time <= 5% of the zstd save.
+5. **many small tensors**: a state of ``--small-tensors`` (default 100,000) tensors of 16 fp32
+   each, saved a few times with 1% of them changed in between, delta and zstd interleaved.
+   Target: a delta save takes no longer than a zstd save (it writes far less).
+6. **reference run**: the reference APT loop (``python -m aptckpt.apt --epochs 3
+   --temp-checkpoint-freq 10``, asynchronous saves) run once per backend and repetition; the
+   share of its wall time blocked by checkpoints, as it prints it, and each save's
+   ``blocked_s`` from the run's history. Target: delta blocks <= 1.5x the share zstd blocks.
 
 Method: ratios are taken within a round (the same state, seconds apart) and the median of the
 per-round ratios is reported; the order of the timed saves rotates from round to round; every
@@ -29,6 +36,7 @@ Usage::
     python benchmarks/bench_delta.py --scale small --out benchmarks/_work/RESULTS-delta-small.md
     python benchmarks/bench_delta.py --scale full                    # writes RESULTS-delta.md
     python benchmarks/bench_delta.py --scale small --scenarios 1,4
+    python benchmarks/bench_delta.py --scenarios 5,6 --small-tensors 20000 --reference-reps 1
     python benchmarks/bench_delta.py --from-json benchmarks/_work/results-delta-full-<stamp>.json
 """
 
@@ -42,6 +50,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -61,7 +70,9 @@ from workload import GPT, ModelConfig, build_workload, describe, tensor_bytes, u
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-WORKDIR = HERE / "_work"  # gitignored: every file the benchmark writes goes here
+# gitignored: every file the benchmark writes goes here (BENCH_DELTA_WORKDIR: another folder,
+# so that two runs -- before and after -- can go at once)
+WORKDIR = Path(os.environ.get("BENCH_DELTA_WORKDIR") or HERE / "_work")
 _rel = _sysutil.repo_relative
 MANIFEST_NAME = "manifest.msgpack"
 
@@ -71,6 +82,10 @@ TARGET_FROZEN_TIME = 0.3  # delta save time / zstd save time of the full state, 
 TARGET_BF16_FEWER = 10.0  # zstd bytes / delta bytes, at least
 TARGET_DENSE_BYTES = 1.0  # delta bytes / zstd bytes, at most, for every checkpoint
 TARGET_UNCHANGED = 0.05  # delta bytes and time / zstd, at most
+TARGET_SMALL_TIME = 1.0  # delta save time / zstd save time of many small tensors, at most
+TARGET_BLOCKED = 1.5  # delta's blocked share of the reference run / zstd's, at most
+REFERENCE_ARGS = ["--epochs", "3", "--temp-checkpoint-freq", "10"]
+REFERENCE_BACKENDS = ("zstd", "torch", "delta")
 
 BF16_LR = 1e-5
 
@@ -87,6 +102,7 @@ class Plan:
     dense_steps: int = 3
     load_reps: int = 3
     unchanged_reps: int = 7
+    small_saves: int = 4
 
 
 # Same counts at both scales, so that "small" exercises the same keyframe positions.
@@ -184,7 +200,9 @@ class DeltaChain:
             "since_keyframe": p["since_keyframe"],
             "keyframe_every": p["keyframe_every"],
             "keyframe": p["since_keyframe"] == 0,
-            "chunks": sum(len(c) for c in p["chunks"]),
+            # a tensor kept in the checkpoint's own shard (local_below) has nil here
+            "chunks": sum(len(c) for c in p["chunks"] if c is not None)
+            + sum(len(c) for c in (p.get("local") or {}).get("chunks", []) if c is not None),
             "objects": len(rows),
             "new_objects": len(new),
             "new_xor": sum(1 for r in new if r[5] is not None),
@@ -437,15 +455,17 @@ def scenario_bf16(aptckpt: Any, wl: Any, plan: Plan, optimizer: str) -> dict[str
     checks = {key: verify_load(aptckpt, c.prev, states[key]) if c.prev else "none"
               for key, c in chains.items()}  # fmt: skip
     # A keyframe's cost: the next checkpoint (as many steps on) saved against the last one with
-    # keyframe_every=1, so that it is a keyframe -- it reuses only whole objects of its base and
-    # stores every other chunk whole, as the next real keyframe of the cycle would. It is the
-    # last save of the chain, so it changes no figure above.
+    # keyframe_every = its since_keyframe + 1, so that it is a keyframe and reuses what the next
+    # real keyframe of the cycle would reuse (every object its base reaches is shallower than
+    # that; each aptckpt version's own keyframe rule applies). It is the last save of the
+    # chain, so it changes no figure above.
     train(model, opt, cfg, gen, plan.bf16_steps)
     step += plan.bf16_steps
     next_states = snapshot(step)
     probes = {}
     for key, chain in chains.items():
-        probes[key] = chain.save(next_states[key], keyframe_every=1)
+        last = read_payload(chain.prev)["since_keyframe"] if chain.prev else 0
+        probes[key] = chain.save(next_states[key], keyframe_every=last + 1)
         assert probes[key]["keyframe"]
         _log(f"[bf16-{optimizer}] {key}: keyframe probe {_b(probes[key]['written_bytes'])}")
     cpu = meter.read()
@@ -463,6 +483,114 @@ def scenario_bf16(aptckpt: Any, wl: Any, plan: Plan, optimizer: str) -> dict[str
     }
     _sysutil.remove(run)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# scenario 5: many small tensors
+
+
+def _store_files(run: Path) -> int:
+    store = run / "aptckpt-store"
+    return sum(
+        len(os.listdir(store / sub)) for sub in ("objects", "packs") if (store / sub).is_dir()
+    )
+
+
+def scenario_small(aptckpt: Any, plan: Plan, count: int) -> dict[str, Any]:
+    run = fresh_dir(WORKDIR / "delta-small")
+    gen = torch.Generator().manual_seed(5)
+    state = {f"t{i:06d}": torch.randn(16, generator=gen) for i in range(count)}
+    chain = DeltaChain(aptckpt, run)
+    rounds: list[dict[str, Any]] = []
+    meter = _sysutil.CpuMeter()
+    for k in range(plan.small_saves):
+        for i in range(k % 100, count, 100) if k else ():  # 1% of the tensors change
+            state[f"t{i:06d}"].add_(1.0)
+        files_before = _store_files(run)
+
+        def delta_save(s: Any = state, before: int = files_before) -> dict[str, Any]:
+            rec = chain.save(s)
+            rec["store_files"] = _store_files(run) - before
+            return rec
+
+        ops = [
+            ("delta", delta_save),
+            ("zstd", lambda s=state: timed_save(aptckpt, s, run / "ref-zstd", "zstd")),
+        ]
+        r = run_ops(ops, k)
+        rounds.append(r)
+        _sysutil.remove(run / "ref-zstd")
+        _log(
+            f"[small {k + 1}/{plan.small_saves}] delta {r['delta']['seconds']:.2f} s "
+            f"{_b(r['delta']['written_bytes'])} ({r['delta']['store_files']} store files); "
+            f"zstd {r['zstd']['seconds']:.2f} s {_b(r['zstd']['written_bytes'])}"
+        )
+    check = verify_load(aptckpt, chain.prev, state) if chain.prev else "no checkpoint"
+    out = {
+        "tensors": count,
+        "state_bytes": tensor_bytes(state),
+        "rounds": rounds,
+        "cpu": meter.read(),
+        "verify_last": check,
+        "loadavg_end": _sysutil.loadavg(),
+    }
+    _sysutil.remove(run)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# scenario 6: the reference run's blocked share per backend
+
+_BLOCKED = re.compile(r"blocked on checkpoints ([0-9.]+)s = ([0-9.]+)% of ([0-9.]+)s wall")
+
+
+def reference_run(aptckpt: Any, backend: str, run: Path) -> dict[str, Any]:
+    """One reference run (``python -m aptckpt.apt``) with ``backend``, importing the same
+    aptckpt as this benchmark; its printed blocked share and its history's saves."""
+    _settle()
+    env = dict(os.environ)
+    code = str(Path(aptckpt.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (code, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "aptckpt.apt", *REFERENCE_ARGS, "--checkpoint-dir", str(run),
+           "--backend", backend, "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    found = _BLOCKED.search(proc.stdout)
+    if proc.returncode != 0 or found is None:
+        raise RuntimeError(f"reference run with {backend} failed: {proc.stdout}{proc.stderr}")
+    saves = aptckpt.CheckpointManager(run).history().saves
+    return {
+        "backend": backend,
+        "blocked_s": float(found.group(1)),
+        "blocked_pct": float(found.group(2)),
+        "wall_s": float(found.group(3)),
+        "saves": len(saves),
+        "save_blocked_s": [e.blocked_s for e in saves],
+        "save_s": [e.save_s for e in saves],
+        "bytes_written": [e.bytes_written for e in saves],
+    }
+
+
+def scenario_reference(aptckpt: Any, reps: int) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {b: [] for b in REFERENCE_BACKENDS}
+    meter = _sysutil.CpuMeter()
+    for k in range(reps):
+        order = REFERENCE_BACKENDS if k % 2 == 0 else REFERENCE_BACKENDS[::-1]
+        for backend in order:
+            run = fresh_dir(WORKDIR / f"delta-reference-{backend}")
+            r = reference_run(aptckpt, backend, run)
+            runs[backend].append(r)
+            _sysutil.remove(run)
+            _log(
+                f"[reference {k + 1}/{reps}] {backend}: blocked {r['blocked_s']:.3f} s = "
+                f"{r['blocked_pct']:.2f}% of {r['wall_s']:.1f} s, {r['saves']} saves"
+            )
+    return {
+        "args": REFERENCE_ARGS,
+        "reps": reps,
+        "runs": runs,
+        "cpu": meter.read(),
+        "loadavg_end": _sysutil.loadavg(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -683,6 +811,27 @@ def summarize(res: dict[str, Any]) -> list[dict[str, Any]]:
                         f"{_pct(max(t, default=math.nan))}] over {len(t)} non-keyframe re-saves",
             "met": bool(t) and median(t) <= TARGET_UNCHANGED,
         })  # fmt: skip
+    if "small" in res:
+        rs = res["small"]["rounds"][1:]
+        t = [r["delta"]["seconds"] / r["zstd"]["seconds"] for r in rs]
+        rows.append({
+            "scenario": f"5 {res['small']['tensors']:,} small tensors",
+            "target": f"delta save time / zstd save time <= {TARGET_SMALL_TIME}x (saves after "
+                      "the first)",
+            "measured": f"median {_x3(median(t))} [{_x3(min(t, default=math.nan))}-"
+                        f"{_x3(max(t, default=math.nan))}] over {len(t)} saves",
+            "met": bool(t) and median(t) <= TARGET_SMALL_TIME,
+        })  # fmt: skip
+    if "reference" in res:
+        runs = res["reference"]["runs"]
+        share = {b: median([r["blocked_pct"] for r in rs]) for b, rs in runs.items()}
+        rows.append({
+            "scenario": "6 reference run",
+            "target": f"delta blocked share / zstd's <= {TARGET_BLOCKED}x",
+            "measured": ", ".join(f"{b} {share[b]:.2f}%" for b in runs)
+                        + f" (median of {res['reference']['reps']})",
+            "met": share["delta"] <= TARGET_BLOCKED * share["zstd"],
+        })  # fmt: skip
     return rows
 
 
@@ -835,8 +984,8 @@ def render_bf16(r: dict[str, Any]) -> list[str]:
         f"Amortised over a keyframe cycle (`keyframe_every` = {am['keyframe_every']}): one "
         f"keyframe + {am['keyframe_every'] - 1} delta saves. The keyframe's cost is measured on "
         f"the next checkpoint ({r['steps_between']} more steps), saved against the last one with "
-        f"`keyframe_every=1` so that it is a keyframe (it reuses only whole objects of its base, "
-        f"as the next real keyframe would): "
+        f"`keyframe_every` = its `since_keyframe` + 1, so that it is a keyframe that reuses "
+        f"what the next real keyframe would: "
         f"{_b(am['keyframe_bytes'])} (first save of the series: "
         f"{_b(am['first_bytes'])}). Per save: ({_b(am['keyframe_bytes'])} + "
         f"{am['keyframe_every'] - 1} x {_b(am['delta_median'])}) / "
@@ -963,9 +1112,8 @@ def render_unchanged(r: dict[str, Any]) -> list[str]:
         f"each round interleaved with a zstd save of the same state (order alternating). "
         f"The chain continues scenario 3's, so its `since_keyframe` counter runs on"
         + (
-            f"; re-save {', '.join(map(str, kf))} falls on a keyframe, which stores whole every "
-            f"chunk whose only stored form was an xor-delta -- it is shown but left out of the "
-            f"target medians."
+            f"; re-save {', '.join(map(str, kf))} falls on a keyframe -- it is shown but left "
+            f"out of the target medians."
             if kf
             else "."
         ),
@@ -986,6 +1134,65 @@ def render_unchanged(r: dict[str, Any]) -> list[str]:
         ),
         "",
         f"Last re-saved checkpoint loaded and compared bit for bit: {r['verify_last']}.",
+        "",
+        _cpu_line(r["cpu"], r["loadavg_end"]),
+        "",
+    ]
+
+
+def render_small(r: dict[str, Any]) -> list[str]:
+    head = ["save", "kind", "delta written", "zstd written", "new store files", "delta save s",
+            "zstd save s", "delta / zstd time"]  # fmt: skip
+    rows = []
+    for i, x in enumerate(r["rounds"], 1):
+        d, z = x["delta"], x["zstd"]
+        rows.append([
+            str(i), _kind(d, i == 1), _b(d["written_bytes"]), _b(z["written_bytes"]),
+            str(d["store_files"]), f"{d['seconds']:.3f}", f"{z['seconds']:.3f}",
+            _x(d["seconds"] / z["seconds"]),
+        ])  # fmt: skip
+    return [
+        "## 5. Many small tensors",
+        "",
+        f"{r['tensors']:,} tensors of 16 fp32 each ({_b(r['state_bytes'])} of tensors), saved "
+        f"{len(r['rounds'])} times with delta (each against the previous) and zstd, the order "
+        f"alternating; 1% of the tensors change between saves. *New store files*: files the "
+        f"delta save added to the store (loose objects and packs).",
+        "",
+        table(head, rows),
+        "",
+        f"Last delta checkpoint loaded and compared bit for bit: {r['verify_last']}.",
+        "",
+        _cpu_line(r["cpu"], r["loadavg_end"]),
+        "",
+    ]
+
+
+def render_reference(r: dict[str, Any]) -> list[str]:
+    head = ["backend", "blocked share of wall time", "blocked s", "wall s", "saves",
+            "blocked per save, ms", "save until committed, s"]  # fmt: skip
+    rows = []
+    for backend, runs in r["runs"].items():
+        per_save = [1000 * b for x in runs for b in x["save_blocked_s"]]
+        commit = [s for x in runs for s in x["save_s"]]
+        rows.append([
+            backend,
+            _spread([x["blocked_pct"] / 100 for x in runs], _pct),
+            fmt_s([x["blocked_s"] for x in runs]), fmt_s([x["wall_s"] for x in runs]),
+            str(runs[0]["saves"]),
+            f"{median(per_save):.1f} [{min(per_save):.1f}-{max(per_save):.1f}]",
+            fmt_s(commit),
+        ])  # fmt: skip
+    return [
+        "## 6. Reference run: time blocked by checkpoints",
+        "",
+        f"`python -m aptckpt.apt {' '.join(r['args'])} --checkpoint-dir D --backend B "
+        f"--no-progress` (asynchronous saves), {r['reps']} run(s) per backend, the order of the "
+        f"backends reversed every other repetition. *Blocked share*: as the run prints it "
+        f"(median [min-max] over runs); per save: `blocked_s` and `save_s` from the run's "
+        f"history (all runs pooled).",
+        "",
+        table(head, rows),
         "",
         _cpu_line(r["cpu"], r["loadavg_end"]),
         "",
@@ -1056,9 +1263,7 @@ def observations(res: dict[str, Any]) -> list[str]:
             out.append(
                 f"Scenario 4: the unchanged state re-saved on a keyframe wrote "
                 f"{_b(d['written_bytes'])} ({_pct(d['written_bytes'] / z['written_bytes'])} "
-                f"of a zstd save) in {_pct(d['seconds'] / z['seconds'])} of its "
-                f"time: a keyframe stores whole every chunk whose only stored form is an "
-                f"xor-delta, whether or not it changed."
+                f"of a zstd save) in {_pct(d['seconds'] / z['seconds'])} of its time."
             )
     return out
 
@@ -1129,6 +1334,10 @@ def render(meta: dict[str, Any], res: dict[str, Any]) -> str:
         out += render_dense(res["dense"])
     if "unchanged" in res:
         out += render_unchanged(res["unchanged"])
+    if "small" in res:
+        out += render_small(res["small"])
+    if "reference" in res:
+        out += render_reference(res["reference"])
     return "\n".join(out)
 
 
@@ -1154,8 +1363,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-delta.md")
     parser.add_argument(
         "--scenarios",
-        default="1,2,3,4",
-        help="comma list of 1 (frozen), 2 (bf16), 3 (dense), 4 (unchanged; runs 3 first)",
+        default="1,2,3,4,5,6",
+        help="comma list of 1 (frozen), 2 (bf16), 3 (dense), 4 (unchanged; runs 3 first), "
+        "5 (many small tensors), 6 (reference run's blocked share per backend)",
+    )
+    parser.add_argument(
+        "--small-tensors", type=int, default=100_000, help="tensors of scenario 5 (default 100000)"
+    )
+    parser.add_argument(
+        "--reference-reps", type=int, default=2, help="runs per backend in scenario 6 (default 2)"
     )
     parser.add_argument(
         "--note",
@@ -1176,8 +1392,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.scenarios = {s.strip() for s in args.scenarios.split(",") if s.strip()}
-    if not args.scenarios <= {"1", "2", "3", "4"}:
-        parser.error("--scenarios takes a comma list of 1, 2, 3, 4")
+    if not args.scenarios <= {"1", "2", "3", "4", "5", "6"}:
+        parser.error("--scenarios takes a comma list of 1, 2, 3, 4, 5, 6")
     args.bf16_optimizers = [s for s in args.bf16_optimizers.split(",") if s]
     if not set(args.bf16_optimizers) <= {"adamw", "sgd"}:
         parser.error("--bf16-optimizers takes a comma list of adamw, sgd")
@@ -1248,6 +1464,12 @@ def main(argv: list[str] | None = None) -> None:
             )
         _sysutil.remove(cont["run"])
         del cont
+    if "5" in args.scenarios:
+        _log(f"scenario 5: {args.small_tensors:,} small tensors")
+        res["small"] = scenario_small(aptckpt, plan, args.small_tensors)
+    if "6" in args.scenarios:
+        _log("scenario 6: the reference run, per backend")
+        res["reference"] = scenario_reference(aptckpt, args.reference_reps)
     meta = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "duration_s": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),

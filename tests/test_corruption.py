@@ -209,7 +209,13 @@ def build_delta(root: Path) -> Target:
     for step in range(4):
         ckpt = root / f"step-{step}"
         aptckpt.save(
-            state, ckpt, backend="delta", chunk_size=CHUNK, keyframe_every=3, local_below=0
+            state,
+            ckpt,
+            backend="delta",
+            chunk_size=CHUNK,
+            keyframe_every=3,
+            local_below=0,
+            pack_below=0,  # loose objects: the damage map below is per object file
         )
         checkpoints.append(ckpt)
         emb = state["model"]["embed.weight"]

@@ -61,6 +61,8 @@ def codecs(path: Path) -> dict[str, tuple[str, ...]]:
 def save(state: Any, path: Path, **options: Any) -> aptckpt.SaveInfo:
     options.setdefault("chunk_size", CHUNK)
     options.setdefault("local_below", 0)  # the small tensors here test the store's mechanics
+    # ... of loose objects (tests/test_delta_packs.py tests packs)
+    options.setdefault("pack_below", 0)
     return aptckpt.save(state, path, backend="delta", **options)
 
 
@@ -96,7 +98,7 @@ def test_unchanged_state_writes_nothing_new(tmp_path):
 
 
 def test_small_tensors_are_kept_in_the_checkpoint_not_as_objects(tmp_path):
-    # An object per tensor costs a file and an fsync: 100,000 small tensors took 28 s.
+    # local_below (the default before packs): small tensors in the checkpoint's own shard.
     state = {f"t{i}": torch.full((4,), float(i)) for i in range(3000)}
     state["big"] = torch.randn(64 << 10)
     first = save(state, tmp_path / "s0", local_below=16 << 10)
@@ -267,6 +269,7 @@ def test_options_recorded_without_paths(tmp_path):
         "chunk_size": CHUNK,
         "keyframe_every": 8,
         "local_below": 0,
+        "pack_below": 0,
     }
 
 

@@ -38,6 +38,7 @@ def run(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 def save(state: Any, url: str, **options: Any) -> aptckpt.SaveInfo:
     options.setdefault("chunk_size", CHUNK)
     options.setdefault("local_below", 0)
+    options.setdefault("pack_below", 0)  # loose objects here; tests/test_delta_packs.py: packs
     return aptckpt.save(state, url, backend="delta", **options)
 
 

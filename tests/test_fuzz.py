@@ -163,6 +163,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             options["shard_size"] = 256
         if backend == "delta":  # the tensors under 100 bytes in its shard, the rest objects
             options["local_below"] = 100
+            options["pack_below"] = 0  # loose object files (packs: tests/test_delta_packs.py)
         aptckpt.save(small_state(), root / "ckpt", backend=backend, **options)
         roots[backend] = root
     return roots

@@ -18,6 +18,8 @@ from aptckpt.testing import assert_state_equal
 from golden.make_golden import (
     DELTA_CHAIN,
     GOLDEN,
+    PACKED_GOLDEN,
+    PACKED_VERSION,
     SHARDED_GOLDEN,
     SHARDED_VERSION,
     SINGLE_PROCESS_VERSION,
@@ -31,11 +33,13 @@ CASES = sorted(p for p in GOLDEN_DIR.glob("v*/*") if p.is_dir())
 
 
 def test_every_current_golden_exists():
-    assert aptckpt.FORMAT_VERSION == SHARDED_VERSION
+    assert aptckpt.FORMAT_VERSION == PACKED_VERSION
     names = {p.name for p in CASES if p.parent.name == f"v{SINGLE_PROCESS_VERSION}"}
     assert names == set(GOLDEN)
     names = {p.name for p in CASES if p.parent.name == f"v{SHARDED_VERSION}"}
     assert names == set(SHARDED_GOLDEN)
+    names = {p.name for p in CASES if p.parent.name == f"v{PACKED_VERSION}"}
+    assert names == set(PACKED_GOLDEN)
 
 
 @pytest.mark.parametrize("path", CASES, ids=lambda p: f"{p.parent.name}-{p.name}")
@@ -45,7 +49,12 @@ def test_golden_loads_bit_exact(path):
         checkpoints = [(path, sharded_expected())]
         assert aptckpt.inspect(path).world_size == 2
     elif path.name == "delta":  # a run directory: a chain of checkpoints and their store
-        checkpoints = [(path / name, delta_state(i, version)) for i, name in enumerate(DELTA_CHAIN)]
+        state_version = SINGLE_PROCESS_VERSION if version == PACKED_VERSION else version
+        checkpoints = [
+            (path / name, delta_state(i, state_version)) for i, name in enumerate(DELTA_CHAIN)
+        ]
+        if version == PACKED_VERSION:  # the small objects really lie in packs
+            assert any((path / "aptckpt-store" / "packs").iterdir())
         codecs = {c for t in aptckpt.inspect(path / DELTA_CHAIN[-1]).tensors for c in t.codecs}
         assert any(c.startswith("xor") for c in codecs)  # the chain really holds deltas
     else:

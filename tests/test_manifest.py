@@ -193,13 +193,15 @@ def test_a_checkpoint_is_written_with_the_lowest_format_version_that_reads_it(tm
         "numpy": ({**plain, "x": np.float64(1)}, {}, 3),
         "sparse": ({**plain, "s": torch.eye(2).to_sparse()}, {}, 3),
         "metadata": (plain, {"metadata": {"s": {1}}}, 3),
-        "delta-local": (plain, {"backend": "delta"}, 3),
-        "delta-store": (plain, {"backend": "delta", "local_below": 0}, 2),
+        "delta-local": (plain, {"backend": "delta", "local_below": 16 << 10}, 3),
+        "delta-store": (plain, {"backend": "delta", "pack_below": 0}, 2),
+        # a chunk no earlier save stored (the others' are reused, loose)
+        "delta-packed": ({**plain, "w": torch.full((3,), 7.0)}, {"backend": "delta"}, 5),
     }
     for name, (state, options, version) in cases.items():
         aptckpt.save(state, tmp_path / name, **options)
         assert aptckpt.inspect(tmp_path / name).format_version == version, name
-        if name != "delta-local":
+        if name not in ("delta-local", "delta-packed"):
             converted = tmp_path / f"{name}-converted"
             aptckpt.convert(tmp_path / name, converted)
             assert aptckpt.inspect(converted).format_version == version, name
@@ -271,4 +273,4 @@ def test_hostile_sharded_manifests_raise_format_error(where, value):
 def test_a_version_3_reader_would_refuse_version_4():
     doc = _sharded_doc()
     assert mf.decode(mf.pack_document(doc)).format_version == 4
-    assert mf.FORMAT_VERSION == 4
+    assert mf.FORMAT_VERSION == 5  # version 5: delta packs

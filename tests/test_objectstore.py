@@ -31,7 +31,7 @@ def put(store: ObjectStore, data: bytes) -> bytes:
 
 def test_create_makes_layout_and_reopens(tmp_path):
     store = ObjectStore.create(tmp_path / "s")
-    assert sorted(os.listdir(tmp_path / "s")) == ["LOCK", "STORE", "objects", "tmp"]
+    assert sorted(os.listdir(tmp_path / "s")) == ["LOCK", "STORE", "objects", "packs", "tmp"]
     assert objectstore.is_store(tmp_path / "s")
     name = put(store, b"hello")
     again = ObjectStore.create(tmp_path / "s")  # idempotent

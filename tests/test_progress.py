@@ -89,8 +89,9 @@ def test_collect_garbage_reports_checkpoints_and_objects(tmp_path):
     calls, progress = _collect()
     report = aptckpt.collect_garbage(run, progress=progress)
     total = calls[-1][1]
-    assert total == report.checkpoints + report.kept_objects + report.removed_objects
-    assert sum(a for a, _ in calls) == total and report.removed_objects >= 1
+    files = report.kept_objects + report.removed_objects + report.kept_packs + report.removed_packs
+    assert total == report.checkpoints + files
+    assert sum(a for a, _ in calls) == total and report.removed_packs >= 1
 
 
 def test_damage_stops_the_count_short_and_is_still_reported(tmp_path):
@@ -168,7 +169,8 @@ def test_cli_gc_json_stays_clean(tmp_path, capsys, monkeypatch):
     tty = FakeTTY()
     monkeypatch.setattr(sys, "stderr", tty)
     assert main(["gc", "--json", str(run)]) == 0
-    assert tty.getvalue() == "" and json.loads(capsys.readouterr().out)["kept_objects"] >= 1
+    doc = json.loads(capsys.readouterr().out)
+    assert tty.getvalue() == "" and doc["kept_objects"] + doc["kept_packs"] >= 1
     assert main(["gc", str(run)]) == 0
     assert "gc:" in tty.getvalue()
 

@@ -24,7 +24,8 @@ from privileges import needs_root, reachable_tmp, run_as_nobody
 BACKENDS = {
     "zstd": {"chunk_size": 4096},
     "torch": {},
-    "delta": {"chunk_size": 4096, "local_below": 0},  # every tensor an object of the store
+    # every tensor a loose object of the store (packs: tests/test_delta_packs.py)
+    "delta": {"chunk_size": 4096, "local_below": 0, "pack_below": 0},
 }
 
 
@@ -65,7 +66,9 @@ def test_a_checkpoint_deleted_while_loading_is_reported_deleted_not_damaged(
 
 
 def test_a_load_in_progress_keeps_its_objects_from_garbage_collection(tmp_path, monkeypatch):
-    aptckpt.save(state(0), tmp_path / "c", backend="delta", chunk_size=4096, local_below=0)
+    aptckpt.save(
+        state(0), tmp_path / "c", backend="delta", chunk_size=4096, local_below=0, pack_below=0
+    )
     real = ObjectStore.read_into
     seen: list[BaseException] = []
 

@@ -20,9 +20,10 @@ CASES = [
     ("zstd", {"codec": "none"}),
     ("zstd", {}),
     ("delta", {}),
+    ("delta", {"pack_below": 0}),
     ("torch", {}),
 ]
-IDS = ["zstd-raw", "zstd", "delta", "torch"]
+IDS = ["zstd-raw", "zstd", "delta", "delta-loose", "torch"]
 
 
 def _state() -> dict[str, Any]:
@@ -52,7 +53,7 @@ def _patch_first_read(monkeypatch, backend: str, options: dict[str, Any], mutate
             return original(self, *args, **kwargs)
 
         monkeypatch.setattr(_directio.DirectWriter, name, write)
-    elif backend == "zstd":
+    elif backend == "zstd" or options.get("pack_below") != 0:  # delta: packed objects
         encode = Pipeline.encode
 
         def encoding(self: Any, raw: Any, *args: Any, **kwargs: Any) -> Any:

@@ -21,6 +21,15 @@ DEFAULT_KEYFRAME_EVERY = 8
 #: ``delta`` backend: an xor link must beat compressing the chunk alone by this
 #: fraction per link of its chain (each link costs a decode on every load).
 DELTA_CHAIN_PENALTY = 0.1
+#: ``delta`` backend: new objects of fewer stored bytes go into the save's one pack file
+#: (a loose object costs a file, an fsync and a rename; 1 MiB is written in about the
+#: time of one fsync here).
+DEFAULT_PACK_BELOW = 1 << 20
+#: ``delta`` backend: a save that would reach less than this fraction of a pack's bytes
+#: copies the objects it reaches into its own pack instead, so every pack a committed
+#: checkpoint reaches is at least this full with live objects (bounded waste, no
+#: rewriting by garbage collection).
+DELTA_PACK_MIN_USE = 0.5
 #: ``delta`` backend: default bytes of raw chunks kept in memory between saves of one
 #: process (``APTCKPT_DELTA_CACHE_BYTES``), so the next save deltas against them
 #: without decoding their chains from the store. 0 disables.

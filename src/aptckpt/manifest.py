@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "aptckpt"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 #: The first version that stores a state saved by several ranks (``parts``, ``shards``).
 SHARDED_SINCE = 4
 MANIFEST_NAME = "manifest.msgpack"

@@ -9,6 +9,9 @@ prefix such as ``s3://bucket/run/aptckpt-store``)::
       LOCK                  (local only) flock target: saves and loads hold it shared,
                             garbage collection exclusive
       objects/3fa1c0...     one file per object, named by the XXH3-128 of its bytes (32 hex)
+      packs/9b04e2...       one file per save holding its small objects end to end, named
+                            by the XXH3-128 of its bytes; manifests record each packed
+                            object's pack and offset
       tmp/                  (local only) where saves stage objects before renaming them
                             into objects/; cleared by garbage collection and by the
                             run's next writer
@@ -147,6 +150,7 @@ class ObjectStore:
         self.storage = storage
         self.root = root
         self.objects = storage.join(root, "objects")
+        self.packs = storage.join(root, "packs")
         self._tmp = storage.join(root, "tmp")
         self._lock_path = storage.join(root, _LOCK)
         self._pending: list[tuple[str, bytes]] = []  # (path, bytes), awaiting the storage
@@ -190,7 +194,7 @@ class ObjectStore:
         whatever they point to -- another run's store, a user's files)."""
         if not self.storage.local:
             return  # object stores have no links
-        for part in (self.root, self.objects, self._tmp, self._lock_path):
+        for part in (self.root, self.objects, self.packs, self._tmp, self._lock_path):
             entry = self.storage.info(part)
             if entry is not None and entry.kind in ("link", "other"):
                 raise UnsafePathError(
@@ -238,6 +242,7 @@ class ObjectStore:
         store._check_links()
         store._check_marker()
         storage.makedirs(store.objects)
+        storage.makedirs(store.packs)
         storage.makedirs(store._tmp)  # what older aptckpt versions write objects through
         if storage.has_locks and storage.info(store._lock_path) is None:
             storage.create_file(store._lock_path, b"")
@@ -331,10 +336,20 @@ class ObjectStore:
             return f"{self.storage.name(self.root)}/objects/{_hex_name(name)}"
         return self.storage.display(self.path(name))
 
-    def info(self, name: bytes) -> Entry | None:
-        """What is stored under object ``name`` (not following a link), or None."""
+    def pack_path(self, name: bytes) -> str:
+        """Where pack ``name`` lives, in the storage's spelling."""
+        return self.storage.join(self.packs, _hex_name(name))
+
+    def pack_label(self, name: bytes) -> str:
+        """How messages name a pack (as :meth:`label` names an object)."""
+        if self.storage.local:
+            return f"{self.storage.name(self.root)}/packs/{_hex_name(name)}"
+        return self.storage.display(self.pack_path(name))
+
+    def info(self, name: bytes, *, pack: bool = False) -> Entry | None:
+        """What is stored under object (or pack) ``name`` (not following a link), or None."""
         try:
-            return self.storage.info(self.path(name))
+            return self.storage.info(self.pack_path(name) if pack else self.path(name))
         except PermissionError as err:
             raise UnreadableError(
                 f"cannot read object '{self.label(name)}': {err.strerror}; load as a user "
@@ -342,15 +357,15 @@ class ObjectStore:
                 path=self.location,
             ) from err
 
-    def exists(self, name: bytes, size: int) -> bool:
-        entry = self.storage.info(self.path(name))
+    def exists(self, name: bytes, size: int, *, pack: bool = False) -> bool:
+        entry = self.storage.info(self.pack_path(name) if pack else self.path(name))
         return entry is not None and entry.kind == "file" and entry.size == size
 
-    def _reusable(self, name: bytes, size: int) -> bool:
+    def _reusable(self, name: bytes, size: int, path: str | None = None) -> bool:
         """True if a save may count on the object already stored under ``name`` instead
         of writing it: the right size, and (without locks) young enough that garbage
         collection will not take it before the save commits."""
-        entry = self.storage.info(self.path(name))
+        entry = self.storage.info(path or self.path(name))
         if entry is None or entry.kind != "file" or entry.size != size:
             return False
         if self.storage.has_locks or entry.mtime <= 0:
@@ -373,6 +388,63 @@ class ObjectStore:
         if full:
             self.sync()
         return len(owned)
+
+    def put_pack(self, data: bytes) -> tuple[bytes, int]:
+        """Store ``data`` as one pack, named by its XXH3-128, unless the store has it;
+        ``(name, bytes written)``. Written, durably, at the next :meth:`sync`, with the
+        loose objects still pending (one directory fsync for both locally)."""
+        from aptckpt import _accel  # the store's users have imported it already
+
+        name = bytes(_accel.xxh3_128(data))
+        path = self.pack_path(name)
+        if self._reusable(name, len(data), path):
+            return name, 0
+        with self._mutex:
+            self._pending.append((path, data))
+            self._pending_bytes += len(data)
+        return name, len(data)
+
+    def read_packed(self, pack: bytes, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of pack ``pack`` (several objects at once when the
+        caller coalesces neighbours)."""
+        label = self.pack_label(pack)
+        if self.storage.local:
+            entry = self.storage.info(self.packs)
+            if entry is not None and entry.kind in ("link", "other"):
+                raise UnsafePathError(
+                    f"'{label}' is reached through a symbolic link; stores never contain links",
+                    path=self.location,
+                )
+        try:
+            data = self.storage.read_range(self.pack_path(pack), offset, size)
+        except FileNotFoundError as err:
+            raise IntegrityError(
+                f"pack '{label}' is missing from the store (removed by hand, or the run was "
+                "copied without it)",
+                path=self.location,
+                file=label,
+            ) from err
+        except PermissionError as err:
+            raise UnreadableError(
+                f"cannot read pack '{label}': {err.strerror}; load as a user allowed to "
+                "read the run's object store, or fix its permissions",
+                path=self.location,
+            ) from err
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.EINVAL):
+                what = "a symbolic link" if err.errno == errno.ELOOP else "not a regular file"
+                raise UnsafePathError(
+                    f"'{label}' is {what}; stores hold regular files only", path=self.location
+                ) from err
+            raise
+        if len(data) != size:
+            raise IntegrityError(
+                f"pack '{label}' ends before offset {offset + size} (the manifest places an "
+                "object there): it was truncated",
+                path=self.location,
+                file=label,
+            )
+        return data
 
     def sync(self, threads: int = 4) -> None:
         """Make every object :meth:`put` since the last call durable under its name."""
@@ -458,6 +530,28 @@ class ObjectStore:
             except ValueError:
                 continue
             yield name, self.storage.join(self.objects, entry.name), entry
+
+    def pack_entries(self) -> Iterator[tuple[bytes, str, Entry]]:
+        """Every well-named pack: ``(name, path, entry)``; nothing for a store without
+        ``packs/`` (made by an older aptckpt)."""
+        try:
+            listed = self.storage.list(self.packs)
+        except FileNotFoundError:
+            return
+        except PermissionError as err:
+            raise UnreadableError(
+                f"cannot list the packs of store '{self.location}': {err.strerror}; run as "
+                "a user allowed to read the whole run directory, or fix its permissions",
+                path=self.packs,
+            ) from err
+        for entry in listed:
+            if len(entry.name) != 2 * _NAME_BYTES or entry.kind != "file":
+                continue
+            try:
+                name = bytes.fromhex(entry.name)
+            except ValueError:
+                continue
+            yield name, self.storage.join(self.packs, entry.name), entry
 
     def names(self) -> Iterator[tuple[bytes, str, int]]:
         """Every well-named object: ``(name, path, size)``."""

@@ -1,7 +1,8 @@
 """Generate the committed golden checkpoints of the current format version.
 
 Run once per format version (``python tests/golden/make_golden.py``; version 4, saved by a
-process group of two ranks: ``python tests/golden/make_golden.py --sharded``); the files
+process group of two ranks: ``python tests/golden/make_golden.py --sharded``; version 5, a
+``delta`` run whose objects are packed: ``--packed``); the files
 under ``tests/golden/v<N>/`` are then committed and never regenerated: they
 prove that every later aptckpt still reads them. The state is built from fixed
 byte patterns (no RNG), so it can be rebuilt exactly by the tests.
@@ -128,8 +129,12 @@ def delta_state(index: int, version: int = aptckpt.FORMAT_VERSION) -> dict[str, 
 #: Checkpoints saved by a process group of two ranks (format version 4).
 SHARDED_GOLDEN = {name: GOLDEN[name] for name in ("zstd", "zstd-raw", "torch")}
 SHARDED_VERSION = 4
-#: The newest version a single-process save writes.
+#: The newest version a single-process save writes without packs.
 SINGLE_PROCESS_VERSION = 3
+#: ``delta`` checkpoints whose small objects are packed (format version 5), as a run
+#: directory like the version 3 one. The state is the version 3 golden state.
+PACKED_GOLDEN = {"delta": {"chunk_size": 256, "keyframe_every": 8}}
+PACKED_VERSION = 5
 _SHARDED_WORLD = 2
 
 
@@ -191,10 +196,29 @@ def main_sharded() -> None:
     print("wrote", HERE / f"v{SHARDED_VERSION}")
 
 
+def main_packed() -> None:
+    for name, options in PACKED_GOLDEN.items():
+        path = HERE / f"v{PACKED_VERSION}" / name
+        shutil.rmtree(path, ignore_errors=True)
+        for index, checkpoint in enumerate(DELTA_CHAIN):
+            aptckpt.save(
+                delta_state(index, SINGLE_PROCESS_VERSION),
+                path / checkpoint,
+                backend="delta",
+                metadata={"golden": name},
+                **options,
+            )
+            assert aptckpt.inspect(path / checkpoint).format_version == PACKED_VERSION
+        print("wrote", path)
+
+
 def main() -> None:
     version = SINGLE_PROCESS_VERSION
     if aptckpt.FORMAT_VERSION == SHARDED_VERSION and "--sharded" in sys.argv:
         main_sharded()
+        return
+    if aptckpt.FORMAT_VERSION == PACKED_VERSION and "--packed" in sys.argv:
+        main_packed()
         return
     for name, options in GOLDEN.items():
         backend = name.split("-")[0]

@@ -230,6 +230,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
                     "kept_bytes": 0,
                     "removed_objects": 0,
                     "removed_bytes": 0,
+                    "kept_packs": 0,
+                    "removed_packs": 0,
                     "dry_run": args.dry_run,
                     "note": note,
                 }
@@ -244,11 +246,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
     rows = [
         ("store", report.store),
         ("checkpoints", f"{report.checkpoints} (delta checkpoints using the store)"),
-        ("kept", f"{report.kept_objects} objects, {fmt_size(report.kept_bytes)}"),
-        (verb, f"{report.removed_objects} objects, {fmt_size(report.removed_bytes)}"),
+        (
+            "kept",
+            f"{report.kept_objects} objects, {report.kept_packs} packs, "
+            f"{fmt_size(report.kept_bytes)}",
+        ),
+        (
+            verb,
+            f"{report.removed_objects} objects, {report.removed_packs} packs, "
+            f"{fmt_size(report.removed_bytes)}",
+        ),
         ("would free" if report.dry_run else "freed", fmt_size(report.removed_bytes)),
     ]
     print(render_pairs(rows))
-    if report.dry_run and report.removed_objects:
+    if report.dry_run and (report.removed_objects or report.removed_packs):
         print("dry run: nothing was removed; run again without --dry-run to free the space")
     return 0

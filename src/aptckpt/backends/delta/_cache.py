@@ -70,6 +70,12 @@ class _RecentChunks:
         out[:] = data
         return bool(_accel.xxh3_128(out) == digest)
 
+    def peek(self, store: str, digest: bytes, size: int) -> memoryview | None:
+        """The kept chunk ``digest`` of ``store`` itself, unchecked and uncopied (it may be
+        reused by a concurrent save meanwhile): for guesses only, never for data."""
+        data = self._stores.get(store, {}).get(digest)
+        return memoryview(data) if data is not None and len(data) == size else None
+
     def begin(self) -> _Filling:
         return _Filling(_config.delta_cache_bytes())
 

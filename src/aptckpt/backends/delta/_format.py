@@ -48,21 +48,28 @@ class DeltaOptions(BackendOptions):
         threads: worker threads (default: ``APTCKPT_THREADS`` or the CPU count).
         local_below: tensors of fewer bytes are stored raw in the checkpoint's own shard
             file instead of as objects of the store (an object costs a file and an fsync;
-            a few bytes are not worth deduplicating). 0 stores every tensor as objects.
+            a few bytes are not worth deduplicating). 0 (the default since packs) stores
+            every tensor as objects: small ones go into the save's pack, deduplicated.
+        pack_below: new objects of fewer stored bytes go into the one *pack* file the save
+            writes (one file and one fsync for all of them) instead of a file each.
+            0 writes every object as a file of its own.
     """
 
     level: int = _config.DEFAULT_ZSTD_LEVEL
     chunk_size: int = _config.DEFAULT_CHUNK_SIZE
     keyframe_every: int = _config.DEFAULT_KEYFRAME_EVERY
-    local_below: int = 16 << 10
+    local_below: int = 0
+    pack_below: int = _config.DEFAULT_PACK_BELOW
     store: str | os.PathLike[str] | None = field(default=None, metadata={"record": False})
     base: str | os.PathLike[str] | None = field(default=None, metadata={"record": False})
     threads: int | None = field(default=None, metadata={"record": False})
 
     def validate(self) -> None:
         _chunks.check_common_options(self.level, self.chunk_size, self.threads)
-        if type(self.local_below) is not int or self.local_below < 0:
-            raise BackendError(f"local_below {self.local_below!r} must be an int >= 0")
+        for name in ("local_below", "pack_below"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise BackendError(f"{name} {value!r} must be an int >= 0")
         if type(self.keyframe_every) is not int or not 1 <= self.keyframe_every <= MAX_CHAIN:
             raise BackendError(
                 f"keyframe_every {self.keyframe_every!r} must be an int in 1..{MAX_CHAIN}"
@@ -75,7 +82,10 @@ class DeltaOptions(BackendOptions):
 
 @dataclass(frozen=True, eq=False)
 class StoredObject:
-    """One object of the store, as a manifest describes it (compared by identity)."""
+    """One object of the store, as a manifest describes it (compared by identity).
+
+    ``pack`` is the pack file holding it (None: a file of its own in ``objects/``), at
+    ``offset``; ``pack_size`` is that pack's recorded size."""
 
     name: bytes
     size: int
@@ -83,6 +93,9 @@ class StoredObject:
     pipeline: Pipeline
     digest: bytes
     base: StoredObject | None = None
+    pack: bytes | None = None
+    offset: int = 0
+    pack_size: int = 0
 
     @property
     def depth(self) -> int:
@@ -131,14 +144,28 @@ class DeltaPayload:
 
 
 def _row_object(
-    row: object, index: int, objects: list[StoredObject], pipelines: Sequence[Pipeline], where: str
+    row: object,
+    index: int,
+    objects: list[StoredObject],
+    pipelines: Sequence[Pipeline],
+    packs: Sequence[tuple[bytes, int]],
+    where: str,
 ) -> StoredObject:
     def bad(why: str) -> FormatError:
         return FormatError(f"delta object {index} {row!r}: {why}", path=where)
 
-    if not (isinstance(row, list) and len(row) == 6):
-        raise bad("is not a 6-item list")
-    name, size, raw_size, codec, digest, base = row
+    if not (isinstance(row, list) and len(row) in (6, 8)):
+        raise bad("is not a 6-item (loose) or 8-item (packed) list")
+    name, size, raw_size, codec, digest, base = row[:6]
+    pack: bytes | None = None
+    offset = pack_size = 0
+    if len(row) == 8:
+        p_index, offset = row[6], row[7]
+        if type(p_index) is not int or not 0 <= p_index < len(packs):
+            raise bad("names a missing pack")
+        pack, pack_size = packs[p_index]
+        if type(offset) is not int or offset < 0:
+            raise bad("its pack offset must be a non-negative int")
     if not (isinstance(name, bytes) and len(name) == _DIGEST):
         raise bad("name is not a 16-byte digest")
     if not (isinstance(digest, bytes) and len(digest) == _DIGEST):
@@ -165,10 +192,35 @@ def _row_object(
         raise bad("stored size does not fit its codec and raw size")
     if pipeline == RAW and name != digest:
         raise bad("a raw object's name must be its digest")
-    obj = StoredObject(name, size, raw_size, pipeline, digest, base_obj)
+    if pack is not None and offset + size > pack_size:
+        raise bad(f"lies past the end of its pack ({pack_size} bytes)")
+    obj = StoredObject(name, size, raw_size, pipeline, digest, base_obj, pack, offset, pack_size)
     if base_obj is not None and obj.depth > MAX_CHAIN:
         raise bad(f"its xor chain is longer than {MAX_CHAIN}")
     return obj
+
+
+def _parse_packs(packs: object, where: str) -> list[tuple[bytes, int]]:
+    """The payload's pack table (format v5): ``[[name, size], ...]``."""
+    if not isinstance(packs, list):
+        raise FormatError("delta payload's pack table is not a list", path=where)
+    parsed = []
+    for index, row in enumerate(packs):
+        if not (
+            isinstance(row, list)
+            and len(row) == 2
+            and isinstance(row[0], bytes)
+            and len(row[0]) == _DIGEST
+            and type(row[1]) is int
+            and row[1] > 0
+        ):
+            raise FormatError(
+                f"delta pack {index} {row!r}: not a [16-byte name, size > 0] pair", path=where
+            )
+        parsed.append((row[0], row[1]))
+    if len({name for name, _ in parsed}) != len(parsed):
+        raise FormatError("delta pack table names a pack twice", path=where)
+    return parsed
 
 
 def parse_payload(manifest: Manifest, where: str) -> DeltaPayload:
@@ -197,12 +249,13 @@ def parse_payload(manifest: Manifest, where: str) -> DeltaPayload:
     if not isinstance(codecs, list) or not codecs:
         raise FormatError("delta payload has no codec table", path=where)
     pipelines = [Pipeline.from_record(c, where=where) for c in codecs]
+    packs = _parse_packs(p.get("packs", []), where)
     rows = p.get("objects")
     if not isinstance(rows, list):
         raise FormatError("delta payload has no object table", path=where)
     objects: list[StoredObject] = []
     for index, row in enumerate(rows):
-        objects.append(_row_object(row, index, objects, pipelines, where))
+        objects.append(_row_object(row, index, objects, pipelines, packs, where))
     raw_chunks = p.get("chunks")
     if not isinstance(raw_chunks, list) or len(raw_chunks) != len(manifest.tensors):
         raise FormatError("payload has no chunk list for every tensor", path=where)

@@ -35,7 +35,12 @@ class GarbageReport:
     """What :func:`collect_garbage` found and did.
 
     ``young_objects`` counts unreferenced objects kept by the age rule (object stores
-    only: a save in flight may still commit a manifest reaching them).
+    only: a save in flight may still commit a manifest reaching them). Packs are
+    counted apart (``kept_packs``, ``removed_packs``, young ones in ``young_objects``);
+    their bytes are in ``kept_bytes`` and ``removed_bytes``. A pack is kept whole while
+    any committed checkpoint reaches an object in it, and removed whole once none does;
+    it is never rewritten (saves keep every pack they reach at least half live, see
+    ``aptckpt._config.DELTA_PACK_MIN_USE``).
     """
 
     store: str
@@ -46,6 +51,8 @@ class GarbageReport:
     removed_bytes: int
     dry_run: bool
     young_objects: int = 0
+    kept_packs: int = 0
+    removed_packs: int = 0
 
 
 def find_store(path: str | os.PathLike[str], storage: Storage | None = None) -> ObjectStore:
@@ -164,11 +171,11 @@ class _Count:
             self.progress(1, self.total)
 
 
-def _reachable(store: ObjectStore, count: _Count) -> tuple[set[bytes], int]:
-    """The objects every committed delta checkpoint using ``store`` reaches, and how
-    many checkpoints those are."""
+def _reachable(store: ObjectStore, count: _Count) -> tuple[set[tuple[bytes, bool]], int]:
+    """The files (``(object name, False)`` or ``(pack name, True)``) every committed delta
+    checkpoint using ``store`` reaches, and how many checkpoints those are."""
     storage = store.storage
-    reachable: set[bytes] = set()
+    reachable: set[tuple[bytes, bool]] = set()
     checkpoints = 0
     home = storage.parent(store.root)
     found = list(objectstore.find_checkpoints(home, skip=store.root, strict=True, storage=storage))
@@ -202,35 +209,57 @@ def _reachable(store: ObjectStore, count: _Count) -> tuple[set[bytes], int]:
             continue
         checkpoints += 1
         for payload in payloads:
-            reachable.update(o.name for o in payload.objects)
+            reachable.update(
+                (o.pack, True) if o.pack is not None else (o.name, False) for o in payload.objects
+            )
     return reachable, checkpoints
 
 
 def _remove_unreachable(
-    store: ObjectStore, reachable: set[bytes], checkpoints: int, *, dry_run: bool, count: _Count
+    store: ObjectStore,
+    reachable: set[tuple[bytes, bool]],
+    checkpoints: int,
+    *,
+    dry_run: bool,
+    count: _Count,
 ) -> GarbageReport:
     storage = store.storage
     # Without locks a save may be in flight: its objects are young (the age rule).
     cutoff = None if storage.has_locks else time.time() - objectstore.grace_seconds()
-    kept = kept_bytes = removed = removed_bytes = young = 0
-    entries = list(store.entries())
+    kept = [0, 0]  # objects, packs
+    removed = [0, 0]
+    kept_bytes = removed_bytes = young = 0
+    entries = [(n, f, e, False) for n, f, e in store.entries()]
+    entries += [(n, f, e, True) for n, f, e in store.pack_entries()]
     count.grow(len(entries))
-    for name, file, entry in entries:
+    for name, file, entry, pack in entries:
         count.step()
-        if name in reachable:
-            kept, kept_bytes = kept + 1, kept_bytes + entry.size
+        if (name, pack) in reachable:
+            kept[pack] += 1
+            kept_bytes += entry.size
             continue
         if cutoff is not None and (entry.mtime <= 0 or entry.mtime > cutoff):
             young += 1
-            kept, kept_bytes = kept + 1, kept_bytes + entry.size
+            kept[pack] += 1
+            kept_bytes += entry.size
             continue
         if not dry_run:
             storage.remove_file(file)
-        removed, removed_bytes = removed + 1, removed_bytes + entry.size
+        removed[pack] += 1
+        removed_bytes += entry.size
     if not dry_run and storage.has_locks:
         store.clear_tmp()  # older versions' temp files: only under the exclusive lock
     return GarbageReport(
-        store.location, checkpoints, kept, kept_bytes, removed, removed_bytes, dry_run, young
+        store.location,
+        checkpoints,
+        kept[0],
+        kept_bytes,
+        removed[0],
+        removed_bytes,
+        dry_run,
+        young,
+        kept[1],
+        removed[1],
     )
 
 

@@ -20,10 +20,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
-from aptckpt import objectstore, tree
+import msgpack
+
+from aptckpt import _config, objectstore, tree
 from aptckpt.backends.delta._format import DeltaPayload, StoredObject, parse_payload
 from aptckpt.errors import AptckptError, BackendError, UnsupportedPathError
 from aptckpt.manifest import MANIFEST_NAME, Manifest, TensorRecord
@@ -31,7 +35,7 @@ from aptckpt.objectstore import ObjectStore
 from aptckpt.storage import Storage, is_url, resolve
 from aptckpt.storage.local._temps import is_temporary
 
-__all__ = ["Base", "find_base", "read_base", "store_path"]
+__all__ = ["Base", "find_base", "read_base", "store_path", "written"]
 
 log = logging.getLogger("aptckpt")
 
@@ -77,12 +81,53 @@ def store_path(storage: Storage, checkpoint: str, store: str | os.PathLike[str] 
     return on_storage(storage, store, "store")
 
 
+class _Written:
+    """The last payload this process wrote, parsed, so that the next save against that
+    checkpoint need not decode and validate its manifest again (for a state of 100,000
+    small tensors that took longer than writing what changed). It is used only once the
+    committed manifest's payload is found equal to it: a save that failed to commit, or a
+    checkpoint replaced since, falls back to reading the manifest."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entry: tuple[str, str, dict[str, Any], Base] | None = None
+
+    def remember(self, store: ObjectStore, path: str, payload: dict[str, Any], base: Base) -> None:
+        with self._lock:
+            self._entry = (store.storage.canonical(store.root), path, payload, base)
+
+    def recall(self, storage: Storage, path: str, store: ObjectStore) -> Base | None:
+        with self._lock:
+            entry = self._entry
+        if entry is None or entry[1] != storage.canonical(path):
+            return None
+        if entry[0] != storage.canonical(store.root):
+            return None
+        try:
+            data = storage.read_file(
+                storage.join(path, MANIFEST_NAME), limit=_config.MAX_MANIFEST_BYTES
+            )
+            doc = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+        except Exception:  # unreadable or damaged: the full reader says why
+            return None
+        if not isinstance(doc, dict) or doc.get("backend") != "delta" or "parts" in doc:
+            return None
+        return entry[3] if doc.get("payload") == entry[2] else None
+
+
+written = _Written()
+
+
 def read_base(
     storage: Storage, path: str, store: ObjectStore, rank: int | None = None
 ) -> Base | None:
     """The delta checkpoint at ``path`` if it uses ``store``, else None. A checkpoint saved
     by a process group is a base only for a rank's part (``rank``): the part that rank
     wrote, its tensors keyed by the key paths of the tensors they store boxes of."""
+    if rank is None:
+        known = written.recall(storage, path, store)
+        if known is not None:
+            return known
     with storage.open_checkpoint(path) as reader:
         manifest = reader.read_manifest()
     if manifest.backend != "delta":

@@ -9,6 +9,7 @@ and hands the new objects to :meth:`ObjectStore.put` / :meth:`ObjectStore.sync`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,13 +24,14 @@ from aptckpt.backends.delta._format import (
     _LOCAL_SHARD,
     _SAMPLE,
     DeltaOptions,
+    DeltaPayload,
     StoredObject,
 )
 from aptckpt.backends.delta._read import decode_chain
-from aptckpt.backends.delta._store import Base, find_base, store_path
+from aptckpt.backends.delta._store import Base, find_base, store_path, written
 from aptckpt.codecs import RAW, Pipeline
 from aptckpt.errors import IntegrityError, UnsafePathError
-from aptckpt.manifest import check_relative_path
+from aptckpt.manifest import TensorRecord, check_relative_path
 from aptckpt.objectstore import ObjectStore
 from aptckpt.storage import CheckpointWriter
 from aptckpt.tree import FlatState
@@ -82,16 +84,22 @@ def write(flat: FlatState, writer: CheckpointWriter, opts: DeltaOptions, threads
     filling = recent.begin()
     try:
         results = _chunks.ordered_map(
-            lambda job: _encode(store, job, filling, opts.level), planner.jobs, threads=threads
+            lambda job: _encode(store, job, filling, opts), planner.jobs, threads=threads
         )
+        packer = _Packer()
         new_objects = []
-        for obj, nbytes in results:
+        for obj, stored, nbytes in results:
             new_objects.append(obj)
             written += nbytes
+            if stored is not None:
+                packer.add(obj, stored)
+        resolved = planner.resolve(new_objects)
+        _copy_forward(store, resolved, packer)
         # Before the last objects are handed to the storage; objects are named by the
         # digest of the very bytes they hold (a raw chunk is copied, then checked), so
         # none written before is named by a digest its bytes do not match.
         _chunks.check_unchanged(flat, hosts, digests, opts.chunk_size, threads)
+        written += packer.put(store)
         store.sync(threads * 2)
     except BaseException:
         recent.abort(filling)
@@ -99,15 +107,48 @@ def write(flat: FlatState, writer: CheckpointWriter, opts: DeltaOptions, threads
     recent.commit(store.location, filling)
     writer.external_bytes += written
     chunks: list[list[StoredObject] | None] = [None] * len(views)
-    for i, row in zip(in_store, planner.resolve(new_objects), strict=True):
+    for i, row in zip(in_store, packer.relocate(resolved), strict=True):
         chunks[i] = row
     rows: list[list[list[Any]] | None] = [None] * len(views)
     for i, tensor_rows in zip(local, local_rows, strict=True):
         rows[i] = tensor_rows
-    payload = _payload(opts, up, name, since, _relative_base(store, base), chunks)
+    payload, objects = _payload(opts, up, name, since, _relative_base(store, base), chunks)
     if local:
         payload["local"] = {"codecs": [RAW.to_record()], "chunks": rows}
+    elif writer.rank is None:
+        _remember(store, writer.path, payload, objects, chunks, flat, views, opts)
     return payload
+
+
+def _remember(
+    store: ObjectStore,
+    path: str,
+    payload: dict[str, Any],
+    objects: list[StoredObject],
+    chunks: list[list[StoredObject] | None],
+    flat: FlatState,
+    views: list[memoryview],
+    opts: DeltaOptions,
+) -> None:
+    """Keep this save's payload, parsed, for the next save against it (see ``written``)."""
+    every, since = payload["keyframe_every"], payload["since_keyframe"]
+    parsed = DeltaPayload(
+        opts.chunk_size,
+        payload["store"]["up"],
+        payload["store"]["name"],
+        every,
+        since,
+        payload["base"],
+        tuple(objects),
+        tuple(tuple(row or ()) for row in chunks),
+    )
+    by_key = {
+        # only the byte length of a base's tensor record is ever looked at
+        leaf.key_path: (TensorRecord("uint8", (len(view),)), tuple(row or ()))
+        for leaf, view, row in zip(flat.tensors, views, chunks, strict=True)
+    }
+    canonical = store.storage.canonical(path)
+    written.remember(store, path, payload, Base(canonical, parsed, by_key))
 
 
 def _relative_base(store: ObjectStore, base: Base | None) -> str | None:
@@ -160,8 +201,11 @@ def _payload(
     since: int,
     base: str | None,
     chunks: list[list[StoredObject] | None],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[StoredObject]]:
+    """The payload, and its objects in the order of its object table."""
     pipelines: dict[Pipeline, int] = {}
+    packs: dict[bytes, int] = {}
+    pack_rows: list[list[Any]] = []
     index: dict[StoredObject, int] = {}
     rows: list[list[Any]] = []
 
@@ -171,11 +215,17 @@ def _payload(
         base_index = add(obj.base) if obj.base is not None else None
         codec = pipelines.setdefault(obj.pipeline, len(pipelines))
         index[obj] = len(rows)
-        rows.append([obj.name, obj.size, obj.raw_size, codec, obj.digest, base_index])
+        row = [obj.name, obj.size, obj.raw_size, codec, obj.digest, base_index]
+        if obj.pack is not None:
+            if obj.pack not in packs:
+                packs[obj.pack] = len(pack_rows)
+                pack_rows.append([obj.pack, obj.pack_size])
+            row += [packs[obj.pack], obj.offset]
+        rows.append(row)
         return index[obj]
 
     refs = [None if tensor is None else [add(obj) for obj in tensor] for tensor in chunks]
-    return {
+    payload: dict[str, Any] = {
         "chunk_size": opts.chunk_size,
         "store": {"up": up, "name": name},
         "keyframe_every": opts.keyframe_every,
@@ -185,6 +235,9 @@ def _payload(
         "objects": rows,
         "chunks": refs,
     }
+    if pack_rows:  # format v5: readers before it refuse the checkpoint by its version
+        payload["packs"] = pack_rows
+    return payload, list(index)
 
 
 def _delta_may_win(
@@ -199,20 +252,35 @@ def _delta_may_win(
     return as_delta * weight < len(whole.encode(raw[sample], level=level))
 
 
-def _encode(store: ObjectStore, job: _Job, filling: Any, level: int) -> tuple[StoredObject, int]:
-    """Store one new chunk: as an xor-delta against its previous version when that
-    pays for its place in the chain, else whole (compressed or raw)."""
+def _encode(
+    store: ObjectStore, job: _Job, filling: Any, opts: DeltaOptions
+) -> tuple[StoredObject, bytes | None, int]:
+    """Encode one new chunk: as an xor-delta against its previous version when that
+    pays for its place in the chain, else whole (compressed or raw). An object of at
+    least ``pack_below`` stored bytes is handed to the store as a file of its own:
+    ``(object, None, bytes written)``; a smaller one is returned for the save's pack:
+    ``(object, its stored bytes, 0)``."""
+    level = opts.level
     raw = job.data
     shuffle = job.itemsize if job.itemsize > 1 else 0
     whole = Pipeline(shuffle=shuffle, zstd=True)
     best: tuple[Pipeline, Any, StoredObject | None] | None = None
     if job.prev is not None:
-        previous = _previous_version(store, job.prev, len(raw))
         pipeline = Pipeline(xor=True, shuffle=shuffle, zstd=True)
         # Each link costs a decode on every load: it must beat the whole chunk by
         # a margin that grows with the chain.
         weight = 1 + _config.DELTA_CHAIN_PENALTY * (job.prev.depth + 1)
-        if previous is not None and _delta_may_win(raw, previous, pipeline, whole, weight, level):
+        # Decided first on the kept copy as it is (a copy racing a concurrent save only
+        # sways the guess), so a densely changed chunk costs no copy and check of its
+        # previous version.
+        kept = recent.peek(store.location, job.prev.digest, len(raw))
+        hopeless = kept is not None and not _delta_may_win(
+            raw, kept, pipeline, whole, weight, level
+        )
+        previous = None if hopeless else _previous_version(store, job.prev, len(raw))
+        if previous is not None and (
+            kept is not None or _delta_may_win(raw, previous, pipeline, whole, weight, level)
+        ):
             delta = pipeline.encode(raw, level=level, base=previous)
             # The whole chunk's size is predicted from how well the chain's whole
             # object compressed; compress it only when that leaves the delta in doubt.
@@ -239,9 +307,104 @@ def _encode(store: ObjectStore, job: _Job, filling: Any, level: int) -> tuple[St
         best = (RAW, copy, None)
     pipeline, stored, base = best
     name = job.digest if pipeline == RAW else _accel.xxh3_128(stored)
-    written = store.put(name, stored)
     recent.offer(filling, job.digest, raw)
-    return StoredObject(name, len(stored), len(raw), pipeline, job.digest, base), written
+    obj = StoredObject(name, len(stored), len(raw), pipeline, job.digest, base)
+    if len(stored) < opts.pack_below:
+        return obj, stored if isinstance(stored, bytes) else bytes(stored), 0
+    return obj, None, store.put(name, stored)
+
+
+class _Packer:
+    """The save's one pack: the small objects it writes, end to end, in job order.
+
+    One file and one fsync for all of them, where a file each cost an fsync each. The
+    pack is named by the XXH3-128 of its bytes, written whole and durably before the
+    manifest (locally staged, fsynced and renamed; on object stores one PUT), so a save
+    that dies leaves at worst an unreferenced pack, never a partial one under its name.
+    """
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.size = 0
+        self.at: dict[bytes, int] = {}  # object name -> offset (same name, same bytes)
+        self.placed: dict[StoredObject, int] = {}
+        self.name: bytes | None = None
+
+    def add(self, obj: StoredObject, stored: bytes) -> None:
+        offset = self.at.get(obj.name)
+        if offset is None:
+            offset = self.at[obj.name] = self.size
+            self.pieces.append(stored)
+            self.size += len(stored)
+        self.placed[obj] = offset
+
+    def put(self, store: ObjectStore) -> int:
+        """Hand the pack to the store (written at its next ``sync``); bytes written."""
+        if not self.size:
+            return 0
+        self.name, written = store.put_pack(b"".join(self.pieces))
+        self.pieces = []
+        return written
+
+    def relocate(self, rows: list[list[StoredObject]]) -> list[list[StoredObject]]:
+        """``rows`` with every object placed in the pack (and every object whose chain
+        reaches one) given its place."""
+        memo: dict[StoredObject, StoredObject] = {}
+
+        def final(obj: StoredObject) -> StoredObject:
+            done = memo.get(obj)
+            if done is not None:
+                return done
+            base = final(obj.base) if obj.base is not None else None
+            offset = self.placed.get(obj)
+            if offset is not None:
+                assert self.name is not None
+                done = dataclasses.replace(
+                    obj, base=base, pack=self.name, offset=offset, pack_size=self.size
+                )
+            elif base is not obj.base:
+                done = dataclasses.replace(obj, base=base)
+            else:
+                done = obj
+            memo[obj] = done
+            return done
+
+        return [[final(obj) for obj in row] for row in rows]
+
+
+def _copy_forward(store: ObjectStore, rows: list[list[StoredObject]], packer: _Packer) -> None:
+    """Copy into this save's pack the objects it reaches in packs it would use less than
+    ``DELTA_PACK_MIN_USE`` of: every pack a committed checkpoint reaches is then at least
+    that full with objects it reaches, so the bytes garbage collection must keep for
+    partly dead packs are bounded (at most as many as the live ones, at 0.5), without
+    ever rewriting a pack or a manifest."""
+    used: dict[bytes, list[StoredObject]] = {}
+    seen: set[StoredObject] = set()
+    for row in rows:
+        for obj in row:
+            link: StoredObject | None = obj
+            while link is not None and link not in seen:
+                seen.add(link)
+                if link.pack is not None and link not in packer.placed:
+                    used.setdefault(link.pack, []).append(link)
+                link = link.base
+    for pack, objects in used.items():
+        spans = {o.offset: o for o in objects}  # one stored object may have several rows
+        if sum(o.size for o in spans.values()) >= _config.DELTA_PACK_MIN_USE * objects[0].pack_size:
+            continue
+        copies: dict[int, bytes] = {}
+        for offset, obj in sorted(spans.items()):
+            stored = store.read_packed(pack, offset, obj.size)
+            if _accel.xxh3_128(stored) != obj.name:
+                raise IntegrityError(
+                    f"object '{obj.name.hex()}' at offset {offset} of pack "
+                    f"'{store.pack_label(pack)}' does not match its name: the pack changed "
+                    "after saving; run aptckpt verify on the checkpoints of this run",
+                    path=store.location,
+                )
+            copies[offset] = stored
+        for obj in objects:
+            packer.add(obj, copies[obj.offset])
 
 
 def _previous_version(store: ObjectStore, prev: StoredObject, size: int) -> Any:
@@ -258,6 +421,11 @@ def _previous_version(store: ObjectStore, prev: StoredObject, size: int) -> Any:
     return previous
 
 
+def _where(obj: StoredObject) -> tuple[bytes, bool]:
+    """The file an object lives in: its pack, or its own."""
+    return (obj.pack, True) if obj.pack is not None else (obj.name, False)
+
+
 class _Planner:
     """Decides, chunk by chunk, which object to reuse and what to encode."""
 
@@ -266,16 +434,19 @@ class _Planner:
     ) -> None:
         self.store, self.base, self.keyframe, self.opts = store, base, keyframe, opts
         # Objects that may be reused by digest (a digest names the exact bytes, so
-        # the base's chunk size does not matter). A keyframe reuses no delta.
+        # the base's chunk size does not matter). A keyframe reuses them too: reusing
+        # an object never makes its chain longer, and every chain the base reaches is
+        # shorter than keyframe_every (checked again here, for a keyframe_every lowered
+        # since). What a keyframe changes is how *changed* chunks are stored: whole.
         self.known: dict[bytes, StoredObject] = {}
         for obj in base.payload.objects if base is not None else ():
-            if keyframe and obj.base is not None:
+            if obj.depth >= opts.keyframe_every:
                 continue
             seen = self.known.get(obj.digest)
             if seen is None or obj.depth < seen.depth:
                 self.known[obj.digest] = obj
         self._present: dict[StoredObject, bool] = {}
-        self._exists: dict[bytes, bool] = {}
+        self._exists: dict[tuple[bytes, bool], bool] = {}
         if base is not None and not store.storage.local:
             self._look_up(base.payload.objects)
         self.jobs: list[_Job] = []
@@ -286,19 +457,24 @@ class _Planner:
     def _look_up(self, objects: Sequence[StoredObject]) -> None:
         """Whether each of ``objects`` is in the store, asked in parallel (on an object
         store each question is a request; asked one by one they would dominate a save)."""
-        unique = list({obj.name: obj for obj in objects}.values())
+        unique = list({_where(obj): obj for obj in objects}.values())
         if not unique:
             return
         with ThreadPoolExecutor(min(_LOOKUPS, len(unique))) as pool:
-            found = list(pool.map(lambda o: self.store.exists(o.name, o.size), unique))
-        self._exists.update(zip((o.name for o in unique), found, strict=True))
+            found = list(pool.map(self._stat, unique))
+        self._exists.update(zip((_where(o) for o in unique), found, strict=True))
+
+    def _stat(self, obj: StoredObject) -> bool:
+        if obj.pack is not None:  # one look at the pack for all its objects
+            return self.store.exists(obj.pack, obj.pack_size, pack=True)
+        return self.store.exists(obj.name, obj.size)
 
     def _in_store(self, obj: StoredObject) -> bool:
         present = self._present.get(obj)
         if present is None:
-            exists = self._exists.get(obj.name)
+            exists = self._exists.get(_where(obj))
             if exists is None:
-                exists = self.store.exists(obj.name, obj.size)
+                exists = self._exists[_where(obj)] = self._stat(obj)
             present = exists and (obj.base is None or self._in_store(obj.base))
             self._present[obj] = present
         return present
