@@ -411,22 +411,8 @@ u64 merge_accs(const u64 acc[8], std::size_t secret_offset, u64 init) {
     return avalanche(result);
 }
 
-Hash128 hash_long(const u8* p, std::size_t len) {
-    alignas(32) u64 acc[8] = {kPrime32_3, kPrime64_1, kPrime64_2, kPrime64_3,
-                              kPrime64_4, kPrime32_2, kPrime64_5, kPrime32_1};
-    const Kernel& k = kernel();
-    // The last block is never scrambled, even when full: hence len - 1.
-    const std::size_t nblocks = (len - 1) / kBlockLen;
-    k.blocks(acc, p, nblocks);
-    const std::size_t tail_stripes = ((len - 1) - nblocks * kBlockLen) / kStripeLen;
-    k.stripes(acc, p + nblocks * kBlockLen, tail_stripes, kSecret);
-    k.stripes(acc, p + len - kStripeLen, 1, kSecret + kLastStripeOffset);
-    const u64 n = static_cast<u64>(len);
-    return {merge_accs(acc, kMergeLowOffset, n * kPrime64_1),
-            merge_accs(acc, kMergeHighOffset, ~(n * kPrime64_2))};
-}
 
-// hash_long, with the blocks accumulated as `ready` makes them available.
+// Long inputs (> 240 bytes), their blocks accumulated as `ready` makes them available.
 Hash128 hash_long_produced(const u8* p, std::size_t len, std::size_t segment, ReadyFn ready,
                            void* context) {
     alignas(32) u64 acc[8] = {kPrime32_3, kPrime64_1, kPrime64_2, kPrime64_3,
@@ -449,6 +435,12 @@ Hash128 hash_long_produced(const u8* p, std::size_t len, std::size_t segment, Re
     const u64 n = static_cast<u64>(len);
     return {merge_accs(acc, kMergeLowOffset, n * kPrime64_1),
             merge_accs(acc, kMergeHighOffset, ~(n * kPrime64_2))};
+}
+
+void already_there(void*, std::size_t, std::size_t) {}
+
+Hash128 hash_long(const u8* p, std::size_t len) {
+    return hash_long_produced(p, len, len, already_there, nullptr);
 }
 
 void store_be64(u8* out, u64 v) {

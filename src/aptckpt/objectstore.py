@@ -404,29 +404,31 @@ class ObjectStore:
             self._pending_bytes += len(data)
         return name, len(data)
 
-    def read_packed(self, pack: bytes, offset: int, size: int) -> bytes:
-        """``size`` bytes at ``offset`` of pack ``pack`` (several objects at once when the
-        caller coalesces neighbours)."""
-        label = self.pack_label(pack)
+    def _read_range(
+        self, kind: str, label: str, folder: str, path: str, offset: int, length: int
+    ) -> bytes:
+        """Up to ``length`` bytes of the object or pack file at ``path`` from ``offset``,
+        each way it can fail named (``kind``: "object" or "pack"; ``folder``: where it lies,
+        which must not be a link)."""
         if self.storage.local:
-            entry = self.storage.info(self.packs)
+            entry = self.storage.info(folder)
             if entry is not None and entry.kind in ("link", "other"):
                 raise UnsafePathError(
                     f"'{label}' is reached through a symbolic link; stores never contain links",
                     path=self.location,
                 )
         try:
-            data = self.storage.read_range(self.pack_path(pack), offset, size)
+            return self.storage.read_range(path, offset, length)
         except FileNotFoundError as err:
             raise IntegrityError(
-                f"pack '{label}' is missing from the store (removed by hand, or the run was "
+                f"{kind} '{label}' is missing from the store (removed by hand, or the run was "
                 "copied without it)",
                 path=self.location,
                 file=label,
             ) from err
         except PermissionError as err:
             raise UnreadableError(
-                f"cannot read pack '{label}': {err.strerror}; load as a user allowed to "
+                f"cannot read {kind} '{label}': {err.strerror}; load as a user allowed to "
                 "read the run's object store, or fix its permissions",
                 path=self.location,
             ) from err
@@ -437,6 +439,12 @@ class ObjectStore:
                     f"'{label}' is {what}; stores hold regular files only", path=self.location
                 ) from err
             raise
+
+    def read_packed(self, pack: bytes, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of pack ``pack`` (several objects at once when the
+        caller coalesces neighbours)."""
+        label = self.pack_label(pack)
+        data = self._read_range("pack", label, self.packs, self.pack_path(pack), offset, size)
         if len(data) != size:
             raise IntegrityError(
                 f"pack '{label}' ends before offset {offset + size} (the manifest places an "
@@ -471,35 +479,7 @@ class ObjectStore:
     def read(self, name: bytes, size: int) -> bytes:
         """The object ``name``, which must be exactly ``size`` bytes."""
         label = self.label(name)
-        if self.storage.local:
-            entry = self.storage.info(self.objects)
-            if entry is not None and entry.kind in ("link", "other"):
-                raise UnsafePathError(
-                    f"'{label}' is reached through a symbolic link; stores never contain links",
-                    path=self.location,
-                )
-        try:
-            data = self.storage.read_range(self.path(name), 0, size + 1)
-        except FileNotFoundError as err:
-            raise IntegrityError(
-                f"object '{label}' is missing from the store (removed by hand, or the run was "
-                "copied without it)",
-                path=self.location,
-                file=label,
-            ) from err
-        except PermissionError as err:
-            raise UnreadableError(
-                f"cannot read object '{label}': {err.strerror}; load as a user allowed to "
-                "read the run's object store, or fix its permissions",
-                path=self.location,
-            ) from err
-        except OSError as err:
-            if err.errno in (errno.ELOOP, errno.EINVAL):
-                what = "a symbolic link" if err.errno == errno.ELOOP else "not a regular file"
-                raise UnsafePathError(
-                    f"'{label}' is {what}; stores hold regular files only", path=self.location
-                ) from err
-            raise
+        data = self._read_range("object", label, self.objects, self.path(name), 0, size + 1)
         if len(data) != size:
             entry = self.storage.info(self.path(name))
             actual = entry.size if entry is not None else len(data)
@@ -514,35 +494,27 @@ class ObjectStore:
 
     def entries(self) -> Iterator[tuple[bytes, str, Entry]]:
         """Every well-named object: ``(name, path, entry)``. Other files are skipped."""
-        try:
-            listed = self.storage.list(self.objects)
-        except PermissionError as err:
-            raise UnreadableError(
-                f"cannot list the objects of store '{self.location}': {err.strerror}; run as "
-                "a user allowed to read the whole run directory, or fix its permissions",
-                path=self.objects,
-            ) from err
-        for entry in listed:
-            if len(entry.name) != 2 * _NAME_BYTES or entry.kind != "file":
-                continue
-            try:
-                name = bytes.fromhex(entry.name)
-            except ValueError:
-                continue
-            yield name, self.storage.join(self.objects, entry.name), entry
+        return self._listed("objects", self.objects, missing_ok=False)
 
     def pack_entries(self) -> Iterator[tuple[bytes, str, Entry]]:
         """Every well-named pack: ``(name, path, entry)``; nothing for a store without
         ``packs/`` (made by an older aptckpt)."""
+        return self._listed("packs", self.packs, missing_ok=True)
+
+    def _listed(
+        self, what: str, folder: str, *, missing_ok: bool
+    ) -> Iterator[tuple[bytes, str, Entry]]:
         try:
-            listed = self.storage.list(self.packs)
+            listed = self.storage.list(folder)
         except FileNotFoundError:
+            if not missing_ok:
+                raise
             return
         except PermissionError as err:
             raise UnreadableError(
-                f"cannot list the packs of store '{self.location}': {err.strerror}; run as "
+                f"cannot list the {what} of store '{self.location}': {err.strerror}; run as "
                 "a user allowed to read the whole run directory, or fix its permissions",
-                path=self.packs,
+                path=folder,
             ) from err
         for entry in listed:
             if len(entry.name) != 2 * _NAME_BYTES or entry.kind != "file":
@@ -551,7 +523,7 @@ class ObjectStore:
                 name = bytes.fromhex(entry.name)
             except ValueError:
                 continue
-            yield name, self.storage.join(self.packs, entry.name), entry
+            yield name, self.storage.join(folder, entry.name), entry
 
     def names(self) -> Iterator[tuple[bytes, str, int]]:
         """Every well-named object: ``(name, path, size)``."""

@@ -187,11 +187,19 @@ class _ObjectCheck:
             return self._check_pack(obj.pack, obj.pack_size)
         label = self.store.label(obj.name)
         entry = self.store.info(obj.name)
+        missing = self._missing("object", label, entry)
+        if missing is None and entry is not None and entry.size != obj.size:
+            return f"object '{label}' is {entry.size} bytes, manifest says {obj.size}"
+        return missing
+
+    def _missing(self, kind: str, label: str, entry: Any) -> str | None:
+        """Why the store's ``kind`` ("object" or "pack") ``label`` (``entry``: its info) cannot
+        be read, if it is missing; raises for a link or special file in its place."""
         if entry is None:
             if self.reader is not None:
                 self.reader.check_present(label)
             return (
-                f"object '{label}' is missing from the store (removed by hand, or the run was "
+                f"{kind} '{label}' is missing from the store (removed by hand, or the run was "
                 "copied without it)"
             )
         if entry.kind != "file":
@@ -200,29 +208,15 @@ class _ObjectCheck:
                 "file); stores hold regular files only",
                 path=self.store.location,
             )
-        if entry.size != obj.size:
-            return f"object '{label}' is {entry.size} bytes, manifest says {obj.size}"
         return None
 
     def _check_pack(self, pack: bytes, size: int) -> str | None:
         label = self.store.pack_label(pack)
         entry = self.store.info(pack, pack=True)
-        if entry is None:
-            if self.reader is not None:
-                self.reader.check_present(label)
-            return (
-                f"pack '{label}' is missing from the store (removed by hand, or the run was "
-                "copied without it)"
-            )
-        if entry.kind != "file":
-            raise UnsafePathError(
-                f"'{label}' is not a regular file (a symbolic link, a directory or a special "
-                "file); stores hold regular files only",
-                path=self.store.location,
-            )
-        if entry.size != size:
+        missing = self._missing("pack", label, entry)
+        if missing is None and entry is not None and entry.size != size:
             return f"pack '{label}' is {entry.size} bytes, manifest says {size}"
-        return None
+        return missing
 
 
 def _file_of(obj: StoredObject) -> tuple[bytes, bool]:
