@@ -219,3 +219,38 @@ def test_files_this_user_may_not_read_are_unreadable_errors():
         assert all(line.split()[1] == "UnreadableError" for line in mine[:2]), (case, mine)
         assert mine[2].split()[1] == ("UnreadableError" if by_inspect else "READ"), (case, mine)
         assert all("Permission denied" in line and "permissions" in line for line in mine[:2])
+
+
+def test_announced_ranges_are_read_ahead_in_a_window(tmp_path, monkeypatch):
+    """read_into asks the kernel for the announced bytes up to _READ_AHEAD past the read,
+    each byte once, adjacent chunks as one request, and nothing that was not announced."""
+    from aptckpt.storage.local import _reader
+
+    window = 1000
+    monkeypatch.setattr(_reader, "_READ_AHEAD", window)
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 40)  # 10240 bytes
+    advised: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        os, "posix_fadvise", lambda fd, start, length, advice: advised.append((start, length))
+    )
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        files = _reader.LocalDataFiles([fd], {})
+        # chunks 0-300 and 300-600 are adjacent (one run); 5000-9000 is another run
+        files.expect(0, [(300, 600), (0, 300), (5000, 9000)])
+        out = memoryview(bytearray(300))
+        assert files.read_into(0, 0, out, None) is None
+        assert bytes(out) == (bytes(range(256)) * 2)[:300]
+        assert advised == [(0, 600)]  # up to 1000: only the first run
+        files.read_into(0, 300, out, None)
+        assert advised == [(0, 600)]  # nothing new below 1300
+        files.read_into(0, 5000, out, None)
+        assert advised[1:] == [(5000, 1000)]  # the window into the second run
+        files.read_into(0, 5300, out, None)
+        assert advised[2:] == [(6000, 300)]  # only what was not advised yet
+        files.read_into(0, 8900, out[:100], None)
+        assert advised[3:] == [(6300, 2700)]  # to the end of the run, never past it
+        assert sum(length for _, length in advised) == 600 + 4000
+    finally:
+        os.close(fd)

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import os
 import stat
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -259,13 +260,60 @@ class CheckpointReader(base.CheckpointReader):
                 os.close(fd)
 
 
+#: How far ahead of the chunk being decoded the kernel is asked to read (``expect``).
+_READ_AHEAD = 64 << 20
+
+
 class LocalDataFiles(base.DataFiles):
     """Open descriptors of a checkpoint's data files: positional reads, the core's
-    parallel verified reads, memory maps."""
+    parallel verified reads, memory maps.
+
+    The ranges a decoder announces with :meth:`expect` are read ahead: each
+    :meth:`read_into` asks the kernel (``POSIX_FADV_WILLNEED``) for the announced ranges up
+    to :data:`_READ_AHEAD` bytes past it, so the disk reads the next chunks while the
+    threads decode this one (a cold load otherwise waits for each chunk's read, then for
+    its decode)."""
 
     def __init__(self, fds: list[int], failed: dict[int, base.FileProblem]) -> None:
         self.fds = fds
         self.failed = failed
+        self._ahead: dict[int, list[tuple[int, int]]] = {}  # file -> announced runs
+        self._advised: dict[int, tuple[int, int]] = {}  # file -> (run index, advised up to)
+        self._ahead_lock = threading.Lock()
+
+    def expect(self, file: int, ranges: Sequence[tuple[int, int]]) -> None:
+        runs: list[tuple[int, int]] = []
+        for start, stop in sorted(ranges):
+            if runs and start <= runs[-1][1]:  # adjacent chunks: one request
+                runs[-1] = (runs[-1][0], max(stop, runs[-1][1]))
+            else:
+                runs.append((start, stop))
+        with self._ahead_lock:
+            self._ahead[file], self._advised[file] = runs, (0, 0)
+
+    def _read_ahead(self, file: int, offset: int) -> None:
+        """Advise the announced bytes of ``file`` below ``offset + _READ_AHEAD`` not
+        advised yet."""
+        runs = self._ahead.get(file)
+        if not runs or not hasattr(os, "posix_fadvise"):
+            return
+        target = offset + _READ_AHEAD
+        todo: list[tuple[int, int]] = []
+        with self._ahead_lock:
+            index, done = self._advised[file]
+            if target <= done:
+                return
+            while index < len(runs) and runs[index][0] < target:
+                start, stop = max(runs[index][0], done), min(runs[index][1], target)
+                if stop > start:
+                    todo.append((start, stop))
+                if runs[index][1] > target:
+                    break
+                index += 1
+            self._advised[file] = (index, target)
+        for start, stop in todo:
+            with contextlib.suppress(OSError):  # a hint
+                os.posix_fadvise(self.fds[file], start, stop - start, os.POSIX_FADV_WILLNEED)
 
     def read(self, file: int, offset: int, length: int) -> bytes:
         return os.pread(self.fds[file], length, offset)
@@ -286,6 +334,7 @@ class LocalDataFiles(base.DataFiles):
     def read_into(
         self, file: int, offset: int, out: memoryview, digest: bytes | None
     ) -> str | None:
+        self._read_ahead(file, offset)
         # One span through the core: the read and the hash run without the GIL.
         found = _accel.read_verify_many([self.fds[file]], [out], [offset], digest, 1)
         return found[0][1] if found else None
