@@ -169,7 +169,11 @@ def test_save_pre_hook_takes_over_and_damage_is_named(tmp_path: Path) -> None:
     save_state(acc, tmp_path / "c", backend="delta")
     assert seen == [str(tmp_path / "c")]
     assert aptckpt.load(tmp_path / "c")["models"] == []
-    stored = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix == ".bin"]
+    stored = [  # the store's objects and packs, or a local shard
+        p
+        for p in tmp_path.rglob("*")
+        if p.is_file() and (p.suffix == ".bin" or {"objects", "packs"} & set(p.parts))
+    ]
     data = max(stored, key=lambda p: p.stat().st_size)
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0x10
