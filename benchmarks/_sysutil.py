@@ -74,6 +74,15 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+def fsync_file(path: Path) -> None:
+    """fsync one file by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def evict(path: Path) -> None:
     """Drop a checkpoint's pages from the page cache.
 

@@ -182,21 +182,13 @@ def touch(obj: Any) -> Any:
 # peers
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def torch_save(obj: Any, path: Path) -> None:
     torch.save(obj, path)
 
 
 def torch_save_fsync(obj: Any, path: Path) -> None:
     torch.save(obj, path)
-    _fsync_file(path)
+    _sysutil.fsync_file(path)
 
 
 def torch_load(path: Path, ref: Any) -> Any:
@@ -224,7 +216,7 @@ def safetensors_save(obj: Any, path: Path) -> None:
     # safetensors refuses tensors sharing memory, so the tied embedding is stored once; the
     # optimizer's param_groups and other plain values ride along as JSON metadata.
     save_file(unique_tensors(obj), str(path), metadata={"plain": json.dumps(_plain_skeleton(obj))})
-    _fsync_file(path)
+    _sysutil.fsync_file(path)
 
 
 def safetensors_load(path: Path, ref: Any) -> Any:

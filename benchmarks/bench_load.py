@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import os
 import sys
 import tempfile
 import time
@@ -56,14 +55,6 @@ HERE = Path(__file__).resolve().parent
 PHASES = ("save", "after save", "warm", "cold")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Contender:
     """A way to save and load a state; ``error`` says why it cannot run here."""
 
@@ -75,7 +66,7 @@ class Contender:
 def contenders() -> list[Contender]:
     def torch_save(state: Any, path: Path) -> None:
         torch.save(state, path)
-        _fsync(path)
+        _sysutil.fsync_file(path)
 
     def apt(**options: Any) -> Callable[[Any, Path], None]:
         def save(state: Any, path: Path) -> None:
