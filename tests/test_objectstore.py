@@ -285,3 +285,88 @@ def test_store_appears_complete_or_not_at_all(tmp_path, monkeypatch):
     store = ObjectStore.create(tmp_path / "aptckpt-store")
     assert objectstore.is_store(store.root)
     assert ObjectStore.create(tmp_path / "aptckpt-store").root == store.root
+
+
+def _blobs(count: int, size: int) -> list[tuple[bytes, bytes]]:
+    blobs = [os.urandom(size) for _ in range(count)]
+    return [(_accel.xxh3_128(b), b) for b in blobs]
+
+
+def test_full_batches_are_written_behind_and_all_named_by_sync(tmp_path, monkeypatch):
+    monkeypatch.setattr(objectstore, "_BATCH_BYTES", 3000)
+    store = ObjectStore.create(tmp_path / "s")
+    seen: list[int] = []
+    real = store.storage.put_files
+
+    def spy(items, **kwargs):
+        seen.append(len(items))
+        return real(items, **kwargs)
+
+    monkeypatch.setattr(store.storage, "put_files", spy)
+    blobs = _blobs(10, 1000)
+    for name, data in blobs:
+        store.put(name, data)
+    assert sum(seen) >= 6  # three full batches went to the storage before sync
+    store.sync()
+    assert sum(seen) == 10 and store._writer is None  # no thread outlives sync
+    for name, data in blobs:
+        assert store.read(name, len(data)) == data
+
+
+def test_an_error_written_behind_surfaces_at_the_next_put_or_sync(tmp_path, monkeypatch):
+    monkeypatch.setattr(objectstore, "_BATCH_BYTES", 3000)
+    store = ObjectStore.create(tmp_path / "s")
+
+    def full_disk(items, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store.storage, "put_files", full_disk)
+
+    def save() -> None:
+        for name, data in _blobs(20, 1000):  # the first batch fails behind; a later put sees it
+            store.put(name, data)
+        store.sync()
+
+    with pytest.raises(OSError, match="No space"):
+        save()
+    store.discard_pending()
+    assert store._writer is None and store._writing is None
+
+
+def test_a_failed_save_waits_for_the_batch_behind_before_discarding(tmp_path, monkeypatch):
+    monkeypatch.setattr(objectstore, "_BATCH_BYTES", 3000)
+    store = ObjectStore.create(tmp_path / "s")
+    release = threading.Event()
+    real = store.storage.put_files
+    done: list[int] = []
+
+    def slow(items, **kwargs):
+        release.wait(5)
+        real(items, **kwargs)
+        done.append(len(items))
+
+    monkeypatch.setattr(store.storage, "put_files", slow)
+    for name, data in _blobs(3, 1000):
+        store.put(name, data)  # the third fills a batch: written behind, held by `slow`
+    threading.Timer(0.2, release.set).start()
+    store.discard_pending()  # returns only once that batch has ended: nothing writes after
+    assert done == [3] and store._writer is None
+
+
+def test_puts_from_many_threads_lose_no_object(tmp_path, monkeypatch):
+    monkeypatch.setattr(objectstore, "_BATCH_BYTES", 5000)
+    store = ObjectStore.create(tmp_path / "s")
+    blobs = _blobs(64, 700)
+
+    def worker(part: list[tuple[bytes, bytes]]) -> None:
+        for name, data in part:
+            store.put(name, data)
+
+    threads = [threading.Thread(target=worker, args=(blobs[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.sync()
+    for name, data in blobs:
+        assert store.read(name, len(data)) == data

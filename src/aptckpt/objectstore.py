@@ -68,6 +68,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import msgpack
 
@@ -106,8 +107,10 @@ _MAX_MARKER_BYTES = 4096
 #: How far below its store's directory a checkpoint may be.
 MAX_STORE_DEPTH = 16
 #: New objects held in memory before they are handed to the storage in one batch: large
-#: enough that a local batch shares its directory fsync, small enough to bound memory.
-_BATCH_BYTES = 64 << 20
+#: enough that a local batch shares its directory fsync, small enough to bound memory. A full
+#: batch is written behind the save (one batch at a time, by a thread of the store's own)
+#: while its encoders go on: at most two batches are held.
+_BATCH_BYTES = 16 << 20
 
 
 def grace_seconds() -> float:
@@ -156,6 +159,10 @@ class ObjectStore:
         self._pending: list[tuple[str, bytes]] = []  # (path, bytes), awaiting the storage
         self._pending_bytes = 0
         self._mutex = threading.Lock()
+        # The batch being written behind the save, and who may start the next one.
+        self._writing: Future[None] | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._write_lock = threading.Lock()
 
     @property
     def location(self) -> str:
@@ -381,13 +388,39 @@ class ObjectStore:
         if self._reusable(name, len(data)):
             return 0
         owned = data if isinstance(data, bytes) else bytes(data)
+        batch = None
         with self._mutex:
             self._pending.append((self.path(name), owned))
             self._pending_bytes += len(owned)
-            full = self._pending_bytes >= _BATCH_BYTES
-        if full:
-            self.sync()
+            if self._pending_bytes >= _BATCH_BYTES:
+                batch, self._pending, self._pending_bytes = self._pending, [], 0
+        if batch:
+            self._write_behind(batch)
         return len(owned)
+
+    def _write_behind(self, batch: list[tuple[str, bytes]]) -> None:
+        """Start writing ``batch`` in the background once the batch before it is written
+        (raising its error): the caller waits only when the storage is a batch behind."""
+        with self._write_lock:
+            self._wait_written()
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="aptckpt-store")
+            self._writing = self._writer.submit(self._put_batch, batch, 4)
+
+    def _wait_written(self) -> None:
+        """Wait for the batch written behind, if any; raise its error (``_write_lock`` held)."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()
+
+    def _put_batch(self, batch: list[tuple[str, bytes]], threads: int) -> None:
+        # Those written before a failure are unreferenced objects: GC's job. Locally,
+        # temporaries go to tmp/ (cleared under the exclusive lock): one rename per object,
+        # no lock file per object.
+        staging = self._tmp if self.storage.local else None
+        if staging is not None:
+            self.storage.makedirs(staging)
+        self.storage.put_files(batch, threads=threads, staging=staging)
 
     def put_pack(self, data: bytes) -> tuple[bytes, int]:
         """Store ``data`` as one pack, named by its XXH3-128, unless the store has it;
@@ -458,19 +491,28 @@ class ObjectStore:
         """Make every object :meth:`put` since the last call durable under its name."""
         with self._mutex:
             pending, self._pending, self._pending_bytes = self._pending, [], 0
-        if pending:
-            # Those written before a failure are unreferenced objects: GC's job.
-            # Locally, temporaries go to tmp/ (cleared under the exclusive lock): one
-            # rename per object, no lock file per object.
-            staging = self._tmp if self.storage.local else None
-            if staging is not None:
-                self.storage.makedirs(staging)
-            self.storage.put_files(pending, threads=threads, staging=staging)
+        with self._write_lock:
+            try:
+                self._wait_written()
+            finally:
+                self._stop_writer()
+            if pending:
+                self._put_batch(pending, threads)
 
     def discard_pending(self) -> None:
-        """Drop the objects :meth:`put` but never written (a failed save)."""
+        """Drop the objects :meth:`put` but never written (a failed save), after the batch
+        being written behind, if any, has ended (its error is the failed save's concern)."""
         with self._mutex:
             self._pending, self._pending_bytes = [], 0
+        with self._write_lock:
+            with contextlib.suppress(Exception):
+                self._wait_written()
+            self._stop_writer()
+
+    def _stop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)
 
     def read_into(self, name: bytes, out: memoryview) -> None:
         """Fill ``out`` with the object ``name``, which must be exactly ``len(out)`` bytes."""
