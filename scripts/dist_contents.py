@@ -149,10 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("file", type=Path)
     parser.add_argument("--core", choices=["native", "python"], default="native")
     args = parser.parse_args(argv)
-    if args.kind == "sdist":
-        problems = check_sdist(args.file)
-    else:
-        problems = check_wheel(args.file, args.core)
+    check = check_sdist if args.kind == "sdist" else lambda f: check_wheel(f, args.core)
+    problems = check(args.file)
     for problem in problems:
         print(f"  PROBLEM: {problem}", file=sys.stderr)
     return 1 if problems else 0
