@@ -60,7 +60,7 @@ def installation(core: str) -> None:
     )
     files = {str(f) for f in importlib.metadata.files("aptckpt") or []}
     check("aptckpt/py.typed" in files, "the py.typed marker is not installed")
-    check(aptckpt.IMPLEMENTATION == core, f"core is {aptckpt.IMPLEMENTATION!r}, expected {core!r}")
+    check(core == aptckpt.IMPLEMENTATION, f"core is {aptckpt.IMPLEMENTATION!r}, expected {core!r}")
     natives = [f for f in files if f.startswith("aptckpt/_native")]
     check(bool(natives) == (core == "native"), f"compiled files installed: {natives}")
     tools = [m for m in ("scikit_build_core", "pybind11", "cmake", "ninja") if _importable(m)]
