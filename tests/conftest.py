@@ -73,6 +73,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _unmeasured_disks() -> None:
+    """Each test starts with no disk speed measured, so whether a save writes through the page
+    cache (``storage/local/_cachepolicy.py``) does not depend on the tests run before it."""
+    from aptckpt.storage.local import _cachepolicy
+
+    _cachepolicy.forget()
+
+
 # ------------------------------------------------------------------ object stores
 #
 # A real S3 API server on loopback (moto's, threaded, in this process) for the whole

@@ -246,3 +246,80 @@ def test_an_interrupt_while_closing_leaves_no_descriptor(tmp_path, monkeypatch):
         writer.close()
     monkeypatch.undo()
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def _cached_budgets() -> list[int]:
+    return sorted(
+        {
+            0,
+            1,
+            BLOCK_SIZE - 1,
+            BLOCK_SIZE,
+            BLOCK_SIZE + 1,
+            SMALL - 1,
+            SMALL,
+            SMALL + 1,
+            3 * SMALL,
+            10 * SMALL,
+        }
+    )
+
+
+@pytest.mark.parametrize("budget", _cached_budgets())
+def test_a_cached_head_then_direct_writes_hold_the_bytes(tmp_path, budget):
+    from aptckpt.storage.local._cachepolicy import CacheBudget
+
+    size = 5 * SMALL + 123
+    data = os.urandom(size)
+    for split in (size, SMALL, BLOCK_SIZE, 1000, 1):
+        if split == 1 and budget > SMALL:
+            continue  # byte by byte is slow; the small budgets cover it
+        path = tmp_path / f"f-{split}"
+        cache = CacheBudget(budget)
+        options = {"direct": True, "digest_chunk_size": SMALL, "buffer_size": SMALL}
+        with DirectWriter(path, cache=cache, **options) as f:
+            for start in range(0, size, split):
+                f.write(data[start : start + split])
+        assert path.read_bytes() == data, (budget, split)
+        assert f.digests() == _accel.hash_chunks(data, SMALL)
+        # Cached: what the budget granted, rounded up to the block where O_DIRECT starts.
+        expected = min(size, -(-budget // BLOCK_SIZE) * BLOCK_SIZE) if budget else 0
+        assert f.cached == expected, (budget, split)
+        if direct_io_supported(tmp_path) and expected < size:
+            assert f.direct, (budget, split)
+
+
+def test_a_budget_spans_the_files_of_a_save(tmp_path):
+    from aptckpt.storage.local._cachepolicy import CacheBudget
+
+    cache = CacheBudget(4 * SMALL)
+    sizes = []
+    for name in ("a", "b", "c"):
+        with DirectWriter(tmp_path / name, direct=True, cache=cache, buffer_size=SMALL) as f:
+            f.write_many([os.urandom(SMALL // 2 + 1) for _ in range(3)])
+        sizes.append(f.cached)
+        assert (tmp_path / name).stat().st_size == 3 * (SMALL // 2 + 1)
+    whole = 3 * (SMALL // 2 + 1)
+    # a and b fit; c gets the rest, rounded up to the block where O_DIRECT starts
+    left = 4 * SMALL - 2 * whole
+    assert sizes == [whole, whole, -(-left // BLOCK_SIZE) * BLOCK_SIZE]
+    assert cache.left == 0
+
+
+def test_a_cached_file_where_o_direct_is_refused_stays_buffered(tmp_path, monkeypatch):
+    from aptckpt.storage.local._cachepolicy import CacheBudget
+
+    real = fcntl.fcntl
+
+    def refuse_direct(fd: int, cmd: int, arg: Any = 0) -> Any:
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, cmd, arg)
+
+    monkeypatch.setattr(_directio.fcntl, "fcntl", refuse_direct)
+    data = os.urandom(3 * SMALL + 5)
+    with DirectWriter(
+        tmp_path / "f", direct=True, cache=CacheBudget(SMALL), buffer_size=SMALL
+    ) as f:
+        f.write(data)
+    assert not f.direct and (tmp_path / "f").read_bytes() == data

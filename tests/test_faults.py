@@ -198,7 +198,20 @@ OPTIONS = {
         False,
     ),
     "delta": ("delta", {"chunk_size": 4096}, True),
+    # The first 20000 bytes of the save through the page cache, the rest O_DIRECT: a shard
+    # switches in the middle, later shards are direct from the start.
+    "zstd-raw-cached": (
+        "zstd",
+        {"chunk_size": 4096, "shard_size": 16384, "codec": "none"},
+        "20000",
+    ),
 }
+
+
+def _io_env(direct: bool | str) -> dict[str, str]:
+    """The environment of a case: O_DIRECT on or off, and a page-cache budget in bytes."""
+    cached = direct if isinstance(direct, str) else "never"
+    return {"APTCKPT_DIRECT_IO": "1" if direct else "0", "APTCKPT_CACHED_WRITES": cached}
 
 
 def sweep(
@@ -259,7 +272,7 @@ def test_every_storage_call_of_a_save_can_fail(tmp_path, monkeypatch, case):
         return root / "s1"
 
     # Not monkeypatch.setenv: the injector's monkeypatch.undo() would drop it mid-sweep.
-    with mock.patch.dict(os.environ, {"APTCKPT_DIRECT_IO": "1" if direct else "0"}):
+    with mock.patch.dict(os.environ, _io_env(direct)):
         count, ops = sweep(tmp_path, monkeypatch, prepare, act, WRITE_ERRORS)
     print(f"\n{case}: {count} faults injected over {len(ops)} storage calls: {sorted(set(ops))}")
     assert {"open", "fsync", "rename"} <= set(ops)
@@ -297,7 +310,7 @@ def test_durability_order(tmp_path, monkeypatch, case):
     """Every byte a checkpoint needs is fsynced before the rename that makes it
     visible, and the parent directory after it (store objects: before the manifest)."""
     backend, options, direct = OPTIONS[case]
-    with mock.patch.dict(os.environ, {"APTCKPT_DIRECT_IO": "1" if direct else "0"}):
+    with mock.patch.dict(os.environ, _io_env(direct)):
         aptckpt.save(state(0), tmp_path / "s0", backend=backend, **options)
         with injected(monkeypatch, Faults(tmp_path)) as faults:
             aptckpt.save(state(1), tmp_path / "s1", backend=backend, **options)

@@ -28,7 +28,15 @@ import zstandard
 from aptckpt import _accel
 from aptckpt.errors import FormatError, IntegrityError
 
-__all__ = ["MAX_ZSTD_RATIO", "RAW", "CodecError", "Pipeline", "compress_level", "scratch"]
+__all__ = [
+    "MAX_ZSTD_RATIO",
+    "PLANES",
+    "RAW",
+    "CodecError",
+    "Pipeline",
+    "compress_level",
+    "scratch",
+]
 
 _STEP_ORDER = ("xor", "shuffle", "split", "zstd")
 _MAX_ITEMSIZE = 16
@@ -38,6 +46,19 @@ _MAX_ITEMSIZE = 16
 #: reader refuses a chunk record claiming more before it allocates anything,
 #: so a hostile manifest cannot make it reserve memory no file could fill.
 MAX_ZSTD_RATIO = (128 << 10) // 4
+
+
+#: A compression setting for the byte planes of numbers, where ``codec="auto"`` would use
+#: level 1: zstd's fast strategy with a 256-entry match table and 7-byte minimum matches.
+#: Such planes (a float's sign and exponent bytes, an integer's high bytes) hold few matches
+#: worth finding; their entropy is in the skew of their symbols, which zstd's Huffman coding of
+#: literals takes whatever the match finder does. A small table stays in L1 cache and misses
+#: the short matches that cost more to code than the literals they replace. Measured on the
+#: exponent planes of MiniLM weights (bf16, fp32) and AdamW moments, 4 MiB chunks, 2026-12-08:
+#: 0.341 of the bytes vs 0.369 at level 1, compression 1.5-3x and decompression 1.3-2x as fast;
+#: integer, boolean and quantized planes compress as well as at level 1 or better. Its frames
+#: are ordinary zstd frames.
+PLANES = "planes"
 
 
 class CodecError(IntegrityError):
@@ -52,7 +73,7 @@ _MAX_KEPT_SCRATCH = 64 << 20
 class _Scratch(threading.local):
     def __init__(self) -> None:
         self.buffers: dict[str, bytearray] = {}
-        self.compressors: dict[int, zstandard.ZstdCompressor] = {}
+        self.compressors: dict[int | str, zstandard.ZstdCompressor] = {}
         self.decompressor = zstandard.ZstdDecompressor()
 
     def buffer(self, name: str, size: int) -> memoryview:
@@ -63,20 +84,36 @@ class _Scratch(threading.local):
             buf = self.buffers[name] = bytearray(size)
         return memoryview(buf)[:size]
 
-    def compressor(self, level: int) -> zstandard.ZstdCompressor:
+    def compressor(self, level: int | str) -> zstandard.ZstdCompressor:
         cctx = self.compressors.get(level)
         if cctx is None:
-            cctx = self.compressors[level] = zstandard.ZstdCompressor(
-                level=level, write_content_size=True, write_checksum=False
-            )
+            cctx = self.compressors[level] = _new_compressor(level)
         return cctx
+
+
+def _new_compressor(level: int | str) -> zstandard.ZstdCompressor:
+    if level != PLANES:
+        assert isinstance(level, int)
+        return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+    params = zstandard.ZstdCompressionParameters(
+        strategy=zstandard.STRATEGY_FAST,
+        window_log=20,
+        hash_log=8,
+        chain_log=8,
+        search_log=1,
+        min_match=7,
+        target_length=0,  # more makes zstd stop Huffman-coding literals
+        write_content_size=True,
+        write_checksum=False,
+    )
+    return zstandard.ZstdCompressor(compression_params=params)
 
 
 _scratch = _Scratch()
 
 
-def compress_level(level: int) -> zstandard.ZstdCompressor:
-    """This thread's zstd compressor at ``level``."""
+def compress_level(level: int | str) -> zstandard.ZstdCompressor:
+    """This thread's zstd compressor at ``level`` (or :data:`PLANES`)."""
     return _scratch.compressor(level)
 
 
@@ -174,7 +211,7 @@ class Pipeline:
         self,
         raw: memoryview,
         *,
-        level: int = 1,
+        level: int | str = 1,
         base: memoryview | None = None,
         shuffled: memoryview | None = None,
     ) -> Any:

@@ -15,6 +15,8 @@ plane is compressed, and
 
 Chunks too small to sample (below :data:`SAMPLE_FROM`) are compressed whole and kept only if
 they shrink by :data:`MIN_SAVING`. The sample costs a few percent of compressing the chunk.
+At level 1 (the default) the planes are compressed with :data:`aptckpt.codecs.PLANES`, zstd
+settings tuned for byte planes; other levels are zstd's own.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from aptckpt import _accel
-from aptckpt.codecs import RAW, Pipeline, compress_level, scratch
+from aptckpt.codecs import PLANES, RAW, Pipeline, compress_level, scratch
 
 __all__ = ["MIN_SAVING", "SAMPLE_FROM", "encode"]
 
@@ -35,7 +37,7 @@ _SLICES = 4
 _SLICE = 4 << 10
 
 
-def _shrinks(data: memoryview, level: int) -> bool:
+def _shrinks(data: memoryview, level: int | str) -> bool:
     return len(compress_level(level).compress(data)) <= (1 - MIN_SAVING) * len(data)
 
 
@@ -49,28 +51,30 @@ def _sample(plane: memoryview) -> Any:
 def encode(data: memoryview, itemsize: int, level: int) -> tuple[Pipeline, Any]:
     """Chunk ``data`` (elements of ``itemsize`` bytes) encoded as ``codec="auto"`` does
     (see the module doc): its pipeline and stored bytes (``data`` itself when raw; else a
-    buffer valid until the next call on this thread)."""
+    buffer valid until the next call on this thread). Level 1 compresses with
+    :data:`~aptckpt.codecs.PLANES`, tuned for byte planes."""
+    preset: int | str = PLANES if level == 1 else level
     shuffle = itemsize if 2 <= itemsize <= 16 else 0
     if len(data) < SAMPLE_FROM:
         whole = Pipeline(shuffle=shuffle, zstd=True)
-        return _kept(whole, whole.encode(data, level=level), data)
+        return _kept(whole, whole.encode(data, level=preset), data)
     if not shuffle:
-        if not _shrinks(memoryview(_sample(data)), level):
+        if not _shrinks(memoryview(_sample(data)), preset):
             return RAW, data
         whole = Pipeline(zstd=True)
-        return _kept(whole, whole.encode(data, level=level), data)
+        return _kept(whole, whole.encode(data, level=preset), data)
     shuffled = scratch("shuffle", len(data))
     _accel.shuffle(data, shuffle, shuffled)
     n = len(data) // shuffle
     raw_planes = 0
     for plane in range(shuffle):
-        if _shrinks(memoryview(_sample(shuffled[plane * n : (plane + 1) * n])), level):
+        if _shrinks(memoryview(_sample(shuffled[plane * n : (plane + 1) * n])), preset):
             break
         raw_planes += 1
     if raw_planes == shuffle:
         return RAW, data
     pipeline = Pipeline(shuffle=shuffle, zstd=True, split=raw_planes)
-    return _kept(pipeline, pipeline.encode(data, level=level, shuffled=shuffled), data)
+    return _kept(pipeline, pipeline.encode(data, level=preset, shuffled=shuffled), data)
 
 
 def _kept(pipeline: Pipeline, encoded: Any, data: memoryview) -> tuple[Pipeline, Any]:

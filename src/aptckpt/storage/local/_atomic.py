@@ -43,6 +43,7 @@ from aptckpt.errors import (
     WriteError,
 )
 from aptckpt.storage import base
+from aptckpt.storage.local._cachepolicy import CacheBudget, budget_for
 from aptckpt.storage.local._directio import DirectWriter
 from aptckpt.storage.local._reader import CheckpointReader, open_regular
 from aptckpt.storage.local._temps import (
@@ -211,6 +212,8 @@ class _TempFiles(base.CheckpointWriter):
 
     root: Path
     _files: list[str]
+    #: What this save may still write through the page cache (made at the first file).
+    _cache_budget: CacheBudget | None = None
 
     @property
     def files(self) -> list[str]:
@@ -219,8 +222,14 @@ class _TempFiles(base.CheckpointWriter):
 
     def open(self, name: str, *, digest_chunk_size: int = 0) -> DirectWriter:
         """Start data file ``name``: written with ``O_DIRECT`` where the file system
-        takes it (:mod:`aptckpt.storage.local._directio`)."""
-        return DirectWriter(self.reserve(name), digest_chunk_size=digest_chunk_size or None)
+        takes it (:mod:`aptckpt.storage.local._directio`), after the part of the save's
+        page-cache budget it gets (:mod:`aptckpt.storage.local._cachepolicy`)."""
+        path = self.reserve(name)
+        if self._cache_budget is None:
+            self._cache_budget = CacheBudget(budget_for(self.root))
+        return DirectWriter(
+            path, digest_chunk_size=digest_chunk_size or None, cache=self._cache_budget
+        )
 
     def reserve(self, name: str) -> Path:
         """Reserve the data file ``name`` (relative, validated) and return its temp path."""

@@ -13,6 +13,12 @@ Where the file system refuses ``O_DIRECT`` (tmpfs, some network file systems: ``
 open or at the first write) the writer goes on with plain buffered writes of the caller's
 bytes, without the copy. ``APTCKPT_DIRECT_IO=0`` asks for that everywhere.
 
+Given a :class:`~aptckpt.storage.local._cachepolicy.CacheBudget`, a writer first writes through
+the page cache, as long as the save's budget lasts (up to the next block boundary), then turns
+``O_DIRECT`` on for the rest of the file (``fcntl(F_SETFL)``). The background thread times its
+``O_DIRECT`` writes, and the writer reports the speed to
+:func:`~aptckpt.storage.local._cachepolicy.record`: the measurement that budget rests on.
+
 The caller still fsyncs the file (:meth:`~aptckpt.storage.base.CheckpointWriter.sync_files`):
 ``O_DIRECT`` makes neither the file's size nor its allocation durable, nor does it flush the
 device's cache.
@@ -21,11 +27,13 @@ device's cache.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import mmap
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +44,8 @@ from typing import Any
 from aptckpt import _accel, _config
 from aptckpt.storage._digests import ChunkDigester
 from aptckpt.storage.base import Sink
+from aptckpt.storage.local import _cachepolicy
+from aptckpt.storage.local._cachepolicy import CacheBudget
 
 __all__ = ["BLOCK_SIZE", "BUFFER_SIZE", "DirectWriter"]
 
@@ -55,6 +65,23 @@ _POOL_LIMIT = 2 * (_IN_FLIGHT + 1)
 
 _pool: list[mmap.mmap] = []
 _pool_lock = threading.Lock()
+
+
+def _load_sync_file_range() -> Any:
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return call
+
+
+#: ``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)``: start writing back a range
+#: of the page cache without waiting, so that cached writes reach the disk while the save goes
+#: on and the final fsync has less left to wait for.
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
 
 
 def _after_fork_in_child() -> None:
@@ -113,6 +140,7 @@ class DirectWriter(Sink):
         direct: bool | None = None,
         digest_chunk_size: int | None = None,
         buffer_size: int = BUFFER_SIZE,
+        cache: CacheBudget | None = None,
     ) -> None:
         if buffer_size <= 0 or buffer_size % BLOCK_SIZE:
             raise ValueError(
@@ -126,10 +154,17 @@ class DirectWriter(Sink):
         self._digester = ChunkDigester(digest_chunk_size) if digest_chunk_size else None
         self._digests = b""
         want_direct = _config.direct_io() if direct is None else direct
+        want_direct = want_direct and hasattr(os, "O_DIRECT")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        #: Whether the descriptor writes with O_DIRECT now (it may start cached: see below).
         self.direct = False
         self.fd = -1
-        if want_direct and hasattr(os, "O_DIRECT"):
+        # The save's page-cache budget, while this file still writes through the page cache
+        # (then O_DIRECT goes on, at the block boundary _cached_until, once it is known).
+        self._cache = cache if want_direct and cache is not None and cache.left else None
+        self._cached_until: int | None = None
+        self._writeback_from = 0  # cached bytes before this offset are being written back
+        if want_direct and self._cache is None:
             try:
                 self.fd = os.open(self.path, flags | os.O_DIRECT, 0o644)
                 self.direct = True
@@ -142,6 +177,7 @@ class DirectWriter(Sink):
         if self.fd < 0:
             self.fd = os.open(self.path, flags, 0o644)
         self.size = 0  #: bytes written so far (the file's final length)
+        self.cached = 0  #: bytes written through the page cache
         self._buffer: mmap.mmap | None = None
         self._view: memoryview | None = None
         self._fill = 0
@@ -149,6 +185,10 @@ class DirectWriter(Sink):
         self._pending: deque[tuple[Future[None], mmap.mmap]] = deque()
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
+        # O_DIRECT bytes written and seconds spent writing them (by the one background
+        # thread, one write at a time: the disk's time), reported to the cache policy.
+        self._timed_bytes = 0
+        self._timed_seconds = 0.0
 
     # ------------------------------------------------------------------ writing
 
@@ -158,6 +198,8 @@ class DirectWriter(Sink):
         n = len(view)
         if self._digester is not None:
             self._digester.update(view)
+        if self._cache is not None:
+            view = self._write_cached(view)
         if not self.direct:
             _write_all(self.fd, view)
         else:
@@ -174,6 +216,52 @@ class DirectWriter(Sink):
         self.size += n
         return n
 
+    def _write_cached(self, view: memoryview) -> memoryview:
+        """Write the head of ``view`` that the page-cache budget allows, buffered; once it is
+        spent (at a block boundary), turn O_DIRECT on. Returns the rest of ``view``."""
+        assert self._cache is not None
+        if self._cached_until is None:
+            granted = self._cache.take(len(view))
+            if granted == len(view):
+                _write_all(self.fd, view)
+                self.cached += granted
+                self._start_writeback(self.size + granted)
+                return view[:0]
+            # Spent: go on buffered to the next block boundary, where O_DIRECT can start.
+            end = self.size + granted
+            self._cached_until = -(-end // BLOCK_SIZE) * BLOCK_SIZE
+        take = min(len(view), self._cached_until - self.size)
+        _write_all(self.fd, view[:take])
+        self.cached += take
+        self._start_writeback(self.size + take, at_least=0)
+        if self.size + take == self._cached_until:
+            self._go_direct(self._cached_until)
+        return view[take:]
+
+    def _start_writeback(self, end: int, at_least: int = BUFFER_SIZE) -> None:
+        """Start writing back the cached bytes up to ``end`` once ``at_least`` are waiting."""
+        if _sync_file_range is None or end - self._writeback_from < max(at_least, 1):
+            return
+        # A failure only means the final fsync does all the writing back, as without it.
+        _sync_file_range(
+            self.fd, self._writeback_from, end - self._writeback_from, _SYNC_FILE_RANGE_WRITE
+        )
+        self._writeback_from = end
+
+    def _go_direct(self, offset: int) -> None:
+        """Write from ``offset`` (a block boundary) on with O_DIRECT, where the file system
+        takes it; else go on buffered."""
+        self._cache = None
+        try:
+            flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            return
+        self.direct = True
+        self._flushed = offset
+
     def digests(self) -> bytes:
         """The concatenated digests of the file's chunks (after :meth:`close`)."""
         if not self._closed or not self._digest_chunk:
@@ -183,7 +271,7 @@ class DirectWriter(Sink):
     def write_many(self, buffers: Sequence[Any], threads: int = 0) -> None:
         """Append each buffer in turn. Without ``O_DIRECT`` the buffers go to the file straight
         from the caller's memory with the core's parallel positional writes."""
-        if self.direct or self._digest_chunk:
+        if self.direct or self._digest_chunk or self._cache is not None:
             # Runs of small buffers (a state of ten thousand small tensors) are joined in C
             # first: one write() per run instead of per buffer.
             run: list[Any] = []
@@ -237,7 +325,10 @@ class DirectWriter(Sink):
 
     def _write_out(self, view: memoryview, offset: int) -> None:
         try:
+            start = time.perf_counter()
             _pwrite_all(self.fd, view, offset)
+            self._timed_seconds += time.perf_counter() - start
+            self._timed_bytes += len(view)
         except OSError as err:
             if err.errno != errno.EINVAL or not self.direct:
                 raise
@@ -265,6 +356,9 @@ class DirectWriter(Sink):
             self._drain(raise_errors=True)
             if self.direct and self._flushed != self.size:
                 os.ftruncate(self.fd, self.size)
+            if self._timed_bytes:
+                device = os.fstat(self.fd).st_dev
+                _cachepolicy.record(device, self._timed_bytes, self._timed_seconds)
         finally:
             self._release()
 
