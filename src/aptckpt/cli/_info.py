@@ -38,8 +38,8 @@ PURE_SLOWDOWN_SOURCE = "benchmarks/bench_cores.py, 2-core x86-64; benchmarks/RES
 #: pip reuses a pure-Python wheel it built before, which a plain reinstall would get again.
 GET_NATIVE = (
     "pip install --force-reinstall --no-deps --no-cache-dir aptckpt (binary wheels: "
-    "CPython 3.10-3.13 on x86-64 Linux; elsewhere install a C++17 compiler and CMake first, "
-    "and pip builds the core)"
+    "CPython 3.10-3.13, x86-64 Linux with glibc 2.35+; elsewhere install a C++17 compiler "
+    "first, and pip builds the core)"
 )
 
 
