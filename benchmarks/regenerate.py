@@ -145,6 +145,14 @@ BENCHES: tuple[Bench, ...] = (
         minutes=2,
     ),
     Bench(
+        "cores",
+        "bench_cores.py",
+        "RESULTS-cores.md",
+        full=("--reps", "5"),
+        quick=("--reps", "1"),
+        minutes=2,
+    ),
+    Bench(
         "torch-backend",
         "bench_torch_backend.py",
         None,

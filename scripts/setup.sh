@@ -15,11 +15,12 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # test extra, matplotlib draws `aptckpt plot`; the constraints keep them from moving torch.
 "${PIP[@]}" install -c constraints.txt \
     "torch==2.13.0" numpy msgpack zstandard xxhash \
-    "scikit-build-core>=0.10" "pybind11>=2.12" \
+    "scikit-build-core>=0.11" "pybind11>=2.12" \
     tqdm pytest hypothesis safetensors transformers accelerate "lightning>=2.4" omegaconf matplotlib \
     ruff mypy \
     "s3fs>=2024.6" "moto[server]>=5.0"
 # --no-build-isolation reuses the build tools above, and build/ keeps the C++ build
-# incremental between runs.
-"${PIP[@]}" install -c constraints.txt --no-build-isolation --no-deps .
+# incremental between runs. APTCKPT_REQUIRE_NATIVE=1: a failed C++ build is an error here,
+# not the pure-Python fallback a user's `pip install` takes (docs/install.md).
+APTCKPT_REQUIRE_NATIVE=1 "${PIP[@]}" install -c constraints.txt --no-build-isolation --no-deps .
 .venv/bin/python -c "import aptckpt; print(f'aptckpt {aptckpt.__version__} installed, core: {aptckpt.IMPLEMENTATION}')"

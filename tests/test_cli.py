@@ -86,6 +86,86 @@ def test_info(capsys):
     assert {"delta", "torch", "zstd"} <= set(doc["backends"]) and doc["simd"]
 
 
+def test_info_with_the_compiled_core_says_nothing_of_costs(capsys, monkeypatch):
+    monkeypatch.setattr(aptckpt, "NATIVE", True)
+    code, out, _ = run(capsys, "info")
+    assert code == 0 and pairs(out)["core"] == "native (C++)"
+    assert "speed" not in pairs(out) and "pip install" not in out
+    doc = json.loads(run(capsys, "info", "--json")[1])
+    assert doc["native_unavailable"] is None and doc["pure_slowdown"] is None
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason", "core", "fix"),
+    [
+        ("disable", None, "pure Python (APTCKPT_NATIVE=disable)", "unset APTCKPT_NATIVE"),
+        (
+            "auto",
+            "missing",
+            "pure Python: this installation has no compiled core (a pure-Python wheel)",
+            "pip install --force-reinstall --no-deps --no-cache-dir aptckpt (binary wheels",
+        ),
+        (
+            "auto",
+            "ImportError: libstdc++.so.6: cannot open shared object file",
+            "pure Python: the compiled core did not import (ImportError: libstdc++.so.6: cannot",
+            "pip install --force-reinstall --no-deps --no-cache-dir aptckpt (binary wheels",
+        ),
+    ],
+)
+def test_info_with_the_twin_says_why_what_it_costs_and_how_to_get_the_core(
+    capsys, monkeypatch, mode, reason, core, fix
+):
+    from aptckpt import _accel
+    from aptckpt.cli._info import PURE_SLOWDOWN
+
+    monkeypatch.setenv("APTCKPT_NATIVE", mode)
+    monkeypatch.setattr(aptckpt, "NATIVE", False)
+    monkeypatch.setattr(_accel, "NATIVE_UNAVAILABLE", reason)
+    code, out, _ = run(capsys, "info")
+    p = pairs(out)
+    assert code == 0 and p["core"].startswith(core), out
+    assert p["speed"].startswith(
+        f"about {PURE_SLOWDOWN['load']:.1f}x the compiled core's CPU time for verified loads, "
+        f"{PURE_SLOWDOWN['verify']:.1f}x for verify"
+    ), out
+    assert "(measured: benchmarks/bench_cores.py" in p["speed"], out
+    assert p["native core"].startswith(fix), out
+    doc = json.loads(run(capsys, "info", "--json")[1])
+    assert doc["native_unavailable"] == ("disabled" if mode == "disable" else reason)
+    assert {k: doc["pure_slowdown"][k] for k in PURE_SLOWDOWN} == PURE_SLOWDOWN
+
+
+def test_info_in_a_process_whose_compiled_core_is_missing():
+    # what the pure-Python wheel is: no aptckpt._native at all (None in sys.modules makes
+    # the import fail as a missing module does)
+    code = (
+        "import sys; sys.modules['aptckpt._native'] = None\n"
+        "from aptckpt.cli import main; sys.exit(main(['info', '--json']))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "APTCKPT_NATIVE"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["implementation"] == "python" and doc["native"] is False
+    assert doc["native_unavailable"] == "missing" and doc["pure_slowdown"]["load"] > 1
+
+
+def test_info_quotes_what_bench_cores_measured():
+    from aptckpt.cli._info import PURE_SLOWDOWN
+
+    results = Path(__file__).parents[1] / "benchmarks" / "RESULTS-cores.md"
+    rows = {
+        cells[0]: float(cells[-1].rstrip("x"))  # the CPU-time ratio
+        for line in results.read_text().splitlines()
+        if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])
+        if cells[-1].endswith("x")
+    }
+    assert {op: rows[op] for op in PURE_SLOWDOWN} == PURE_SLOWDOWN, "rerun bench_cores.py?"
+
+
 def test_inspect(capsys, ckpt):
     code, out, _ = run(capsys, "inspect", ckpt)
     assert code == 0

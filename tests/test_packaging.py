@@ -1,4 +1,5 @@
-"""Packaging: type checkers see aptckpt's signatures (py.typed is shipped)."""
+"""Packaging: type checkers see aptckpt's signatures (py.typed is shipped); a build without a
+compiler falls back to the pure-Python wheel (scripts/check_dist.sh tests the built wheels)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,50 @@ def test_wheel_ships_py_typed(tmp_path):
     (wheel,) = tmp_path.glob("aptckpt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "aptckpt/py.typed" in names and "aptckpt/_foreign.py" in names
+
+
+# ---------------------------------------------------------------- the pure-Python fallback
+
+
+def _build_wheel(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], list[Path]]:
+    """``pip wheel`` of this checkout with the build tools of the test environment, in a
+    build folder of its own (a failed configure must not poison build/'s CMake cache)."""
+    pytest.importorskip("scikit_build_core")
+    root = Path(__file__).parents[1]
+    out = tmp_path / "wheels"
+    clean = {
+        k: v for k, v in os.environ.items() if k not in ("APTCKPT_PURE", "APTCKPT_REQUIRE_NATIVE")
+    }
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps"),
+            *("--no-cache-dir", "-w", str(out), "-C", f"build-dir={tmp_path / 'build'}"),
+            str(root),
+        ],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    return proc, sorted(out.glob("*.whl"))
+
+
+def test_a_build_without_a_compiler_falls_back_to_the_pure_wheel(tmp_path):
+    proc, wheels = _build_wheel(tmp_path, CC="/bin/false", CXX="/bin/false")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "retrying due to override" in proc.stdout + proc.stderr
+    (wheel,) = wheels
+    assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not [n for n in names if ".so" in n], names  # not even the checkout's own core
+    assert "aptckpt/_pyimpl.py" in names and "aptckpt/py.typed" in names
+
+
+@pytest.mark.slow  # about 10 s; the fallback above stays in the default run
+def test_require_native_turns_the_fallback_into_an_error(tmp_path):
+    proc, wheels = _build_wheel(
+        tmp_path, CC="/bin/false", CXX="/bin/false", APTCKPT_REQUIRE_NATIVE="1"
+    )
+    assert proc.returncode != 0 and wheels == []
+    assert "retrying due to override" not in proc.stdout + proc.stderr

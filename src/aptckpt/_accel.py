@@ -58,6 +58,7 @@ from aptckpt.errors import NativeUnavailableError
 __all__ = [
     "IMPLEMENTATION",
     "NATIVE",
+    "NATIVE_UNAVAILABLE",
     "default_threads",
     "hash_chunks",
     "hash_chunks_many",
@@ -75,7 +76,14 @@ __all__ = [
 _MODES = ("auto", "require", "disable")
 
 
+#: Why the compiled core is not active (``None`` when it is, or when ``APTCKPT_NATIVE=disable``
+#: chose the twin): ``"missing"`` when this installation has no compiled core (the pure-Python
+#: wheel, or a build that fell back to it), else the import error of the one it has.
+NATIVE_UNAVAILABLE: str | None = None
+
+
 def _choose() -> ModuleType:
+    global NATIVE_UNAVAILABLE
     mode = os.environ.get("APTCKPT_NATIVE", "auto").strip().lower() or "auto"
     if mode not in _MODES:
         raise NativeUnavailableError(
@@ -86,6 +94,8 @@ def _choose() -> ModuleType:
         try:
             native = importlib.import_module("aptckpt._native")
         except ImportError as err:
+            missing = isinstance(err, ModuleNotFoundError) and err.name == "aptckpt._native"
+            NATIVE_UNAVAILABLE = "missing" if missing else f"{type(err).__name__}: {err}"
             if mode == "require":
                 raise NativeUnavailableError(
                     "APTCKPT_NATIVE=require but the compiled core aptckpt._native cannot be "

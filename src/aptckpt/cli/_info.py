@@ -7,6 +7,7 @@ through :func:`aptckpt.inspect`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Mapping
@@ -24,8 +25,50 @@ from aptckpt.cli._common import (
     render_table,
 )
 
+#: How much more CPU time the pure-Python twin takes than the compiled core, per operation: the
+#: medians that ``benchmarks/bench_cores.py`` measured (benchmarks/RESULTS-cores.md: a
+#: 21M-parameter model with AdamW, 296 MB of fp32 tensors, default backend, warm page cache,
+#: a 2-core x86-64 machine; "load none" is a load of a ``codec="none"`` checkpoint, where
+#: hashing and copying are all the work). CPU time, not wall time: on that shared machine the
+#: wall times moved with other load more than the two cores differ. Quoted, not measured at
+#: run time (``aptckpt info`` stays instant); rerun the bench after changing either core.
+PURE_SLOWDOWN = {"load": 1.3, "verify": 1.4, "save": 1.1, "load none": 2.2}
+PURE_SLOWDOWN_SOURCE = "benchmarks/bench_cores.py, 2-core x86-64; benchmarks/RESULTS-cores.md"
+#: How to get the compiled core: a binary wheel, else a build from the sdist. --no-cache-dir:
+#: pip reuses a pure-Python wheel it built before, which a plain reinstall would get again.
+GET_NATIVE = (
+    "pip install --force-reinstall --no-deps --no-cache-dir aptckpt (binary wheels: "
+    "CPython 3.10-3.13, x86-64 Linux with glibc 2.35+; elsewhere install a C++17 compiler "
+    "first, and pip builds the core)"
+)
+
+
+def _core_rows(mode: str) -> list[tuple[str, str]]:
+    """The ``core`` line, and when the twin is active what it costs and how to change it."""
+    if aptckpt.NATIVE:
+        return [("core", "native (C++)")]
+    reason = _accel.NATIVE_UNAVAILABLE
+    if mode == "disable":
+        installed = importlib.util.find_spec("aptckpt._native") is not None
+        core = "pure Python (APTCKPT_NATIVE=disable)"
+        fix = "unset APTCKPT_NATIVE" if installed else f"unset APTCKPT_NATIVE, then {GET_NATIVE}"
+    elif reason == "missing":
+        core = "pure Python: this installation has no compiled core (a pure-Python wheel)"
+        fix = GET_NATIVE
+    else:
+        core = f"pure Python: the compiled core did not import ({reason})"
+        fix = GET_NATIVE
+    cost = (
+        f"about {PURE_SLOWDOWN['load']:.1f}x the compiled core's CPU time for verified loads, "
+        f"{PURE_SLOWDOWN['verify']:.1f}x for verify, {PURE_SLOWDOWN['load none']:.1f}x for "
+        f"uncompressed loads, {PURE_SLOWDOWN['save']:.1f}x for saves "
+        f"(measured: {PURE_SLOWDOWN_SOURCE})"
+    )
+    return [("core", core), ("speed", cost), ("native core", fix)]
+
 
 def cmd_info(args: argparse.Namespace) -> int:
+    mode = os.environ.get("APTCKPT_NATIVE", "auto").strip().lower() or "auto"
     info = {
         "version": aptckpt.__version__,
         "torch_version": torch.__version__,
@@ -36,19 +79,24 @@ def cmd_info(args: argparse.Namespace) -> int:
         "threads": _config.threads(),
         "backends": list(aptckpt.available_backends()),
         "format_version": aptckpt.FORMAT_VERSION,
+        # why the twin runs ("disabled", "missing" or the import error); null with the core
+        "native_unavailable": None
+        if aptckpt.NATIVE
+        else ("disabled" if mode == "disable" else _accel.NATIVE_UNAVAILABLE),
+        # the twin's CPU time / the core's, measured (see PURE_SLOWDOWN); null with the core
+        "pure_slowdown": None
+        if aptckpt.NATIVE
+        else {**PURE_SLOWDOWN, "measured": PURE_SLOWDOWN_SOURCE},
     }
     if args.json:
         print_json(info)
         return 0
-    mode = os.environ.get("APTCKPT_NATIVE", "auto")
-    why = "APTCKPT_NATIVE=disable" if mode == "disable" else "the compiled core did not import"
-    core = "native (C++)" if aptckpt.NATIVE else f"pure Python ({why})"
     threads_from = "APTCKPT_THREADS" if os.environ.get("APTCKPT_THREADS") else "usable CPUs"
     rows = [
         ("aptckpt", info["version"]),
         ("torch", info["torch_version"]),
         ("python", info["python_version"]),
-        ("core", core),
+        *_core_rows(mode),
         ("simd", info["simd"]),
         ("threads", f"{info['threads']} ({threads_from})"),
         ("backends", ", ".join(info["backends"])),
