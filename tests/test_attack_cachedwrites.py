@@ -84,7 +84,7 @@ def test_auto_is_not_much_worse_than_zstd_on_text_like_tensors(tmp_path, dtype):
     chunks that are not the byte planes of numbers: a uint8 tensor (a byte buffer, a tokenizer
     blob, a dataset shard kept in the state), int64 token ids. On real text PLANES (hash_log 8,
     min_match 7) stores ~1.4x what codec="zstd" (level 1) stores."""
-    text = _source_text(1 * MiB)
+    text = _source_text(MiB // 4)
     state = {"t": torch.tensor(list(text), dtype=dtype)}
     aptckpt.save(state, tmp_path / "z", codec="zstd")
     aptckpt.save(state, tmp_path / "a", codec="auto")
@@ -192,6 +192,8 @@ _BACKENDS = {
     "zstd-auto": ("zstd", {"codec": "auto", "chunk_size": 1 * MiB, "shard_size": 3 * MiB}),
     # torch.save writing through the writer
     "torch": ("torch", {}),
+    # the local pack of small objects (write_many), objects in a store next to it
+    "delta": ("delta", {"chunk_size": 1 * MiB}),
 }
 
 
@@ -202,6 +204,8 @@ def test_a_budget_running_out_anywhere_keeps_every_byte(fast_dir, monkeypatch, v
     monkeypatch.setenv("APTCKPT_DIRECT_IO", "1")
     monkeypatch.setenv("APTCKPT_CACHED_WRITES", str(budget))
     state = _boundary_state()
+    if backend == "delta":
+        options = {**options, "store": fast_dir / "store"}
     aptckpt.save(state, fast_dir / "c", backend=backend, **options)
     aptckpt.verify(fast_dir / "c")
     loaded = aptckpt.load(fast_dir / "c")
@@ -408,11 +412,12 @@ def test_auto_round_trips_tiny_zero_and_noise_chunks(tmp_path, chunk_size):
 def test_planes_checkpoints_load_with_the_pure_python_core(tmp_path):
     g = torch.Generator().manual_seed(0)
     state = {
-        "w": torch.randn(300_000, generator=g) * 0.02,
-        "h": torch.randn(100_000, generator=g).half(),
-        "ids": torch.randint(0, 50_000, (100_000,), generator=g),
+        "w": torch.randn(30_000, generator=g) * 0.02,
+        "h": torch.randn(20_000, generator=g).half(),
+        "ids": torch.randint(0, 50_000, (10_000,), generator=g),
+        "text": torch.tensor(list(_source_text(30_000)), dtype=torch.uint8),
     }
-    aptckpt.save(state, tmp_path / "c", codec="auto", chunk_size=64 * 1024)
+    aptckpt.save(state, tmp_path / "c", codec="auto", chunk_size=16 * 1024)
     torch.save(state, tmp_path / "expected.pt")
     code = (
         "import sys, torch, aptckpt\n"
