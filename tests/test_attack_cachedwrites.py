@@ -202,6 +202,26 @@ def test_the_budget_respects_a_cgroup_memory_limit(tmp_path, monkeypatch):
     assert _cachepolicy.budget_for(tmp_path) <= (4 << 30) // 8
 
 
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="finding 1b: zoo training states, auto 7-9% over zstd")
+@pytest.mark.parametrize("model", ["gpt2", "llama-tied"])
+def test_auto_is_within_a_few_percent_of_zstd_on_zoo_training_states(tmp_path, model):
+    """The state zoo's Hugging Face training states (tiny models, tensors below SAMPLE_FROM
+    compressed whole): codec="auto" stores 1.07-1.09x codec="zstd". Before 5f8edc3 it was
+    1.04-1.075x (partly older), PLANES adds 0-4%: AdamW exp_avg_sq of 8-16 KiB that level 1
+    shrank to 0.88 no longer shrink by MIN_SAVING under PLANES and are stored raw."""
+    pytest.importorskip("transformers")
+    import zoo_states
+
+    run = zoo_states.Run(zoo_states.hf_recipe(model), 0)
+    run.train(2)
+    state = run.training_state()
+    aptckpt.save(state, tmp_path / "z", codec="zstd")
+    aptckpt.save(state, tmp_path / "a", codec="auto")
+    zstd, auto = _shard_bytes(tmp_path / "z"), _shard_bytes(tmp_path / "a")
+    assert auto <= 1.05 * zstd, (auto, zstd, auto / zstd)
+
+
 # ================================================================== guards (pass)
 
 _BUDGET_POINTS = [0, 1, 4095, 4096, 4097, 8 * MiB - 1, 8 * MiB, 8 * MiB + 1]
