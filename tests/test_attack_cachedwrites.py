@@ -255,6 +255,53 @@ def test_writers_sharing_a_disk_do_not_make_it_slow(tmp_path, monkeypatch):
     assert speed is not None and speed >= SLOW_DISK, speed
 
 
+@pytest.fixture
+def overlay_dir(tmp_path):
+    """An overlayfs whose upper layer is on another file system than its lower (xino off):
+    directories report the overlay's st_dev, files the upper layer's. Root and mount only."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    upper_fs, merged = tmp_path / "upperfs", tmp_path / "merged"
+    for folder in (tmp_path / "lower", upper_fs, merged):
+        folder.mkdir()
+    mounted: list[Path] = []
+    try:
+        for args in (
+            ["-t", "tmpfs", "-o", "size=64m", "tmpfs", str(upper_fs)],
+            [
+                "-t",
+                "overlay",
+                "-o",
+                f"lowerdir={tmp_path / 'lower'},upperdir={upper_fs / 'u'},workdir={upper_fs / 'w'}",
+                "overlay",
+                str(merged),
+            ],
+        ):
+            if mounted:
+                (upper_fs / "u").mkdir()
+                (upper_fs / "w").mkdir()
+            done = subprocess.run(["mount", *args], capture_output=True, timeout=30)
+            if done.returncode:
+                pytest.skip(f"cannot mount: {done.stderr.decode()[:200]}")
+            mounted.append(Path(args[-1]))
+        yield merged
+    finally:
+        for point in reversed(mounted):
+            subprocess.run(["umount", str(point)], capture_output=True, timeout=30)
+
+
+@pytest.mark.xfail(strict=True, reason="finding 8: speeds recorded under the file's st_dev")
+def test_a_measurement_on_overlayfs_is_found_by_the_next_save(overlay_dir):
+    """The writer records under fstat(file).st_dev, budget_for looks up stat(dir).st_dev. On
+    overlayfs with layers on different file systems (a container's root whose upper layer is
+    elsewhere) they differ, so "auto" never finds a measurement and never caches."""
+    if not direct_io_supported(overlay_dir):
+        pytest.skip("O_DIRECT refused here")
+    with DirectWriter(overlay_dir / "f", direct=True) as f:
+        f.write(bytes(SAMPLE_BYTES))
+    assert _cachepolicy.measured_speed(_device(overlay_dir)) is not None
+
+
 # ================================================================== guards (pass)
 
 _BUDGET_POINTS = [0, 1, 4095, 4096, 4097, 8 * MiB - 1, 8 * MiB, 8 * MiB + 1]
