@@ -681,3 +681,13 @@ def test_any_budget_over_any_files_keeps_bytes_digests_and_the_budget(
         cached += f.cached
     spent = budget - cache.left
     assert spent <= cached <= spent + len(files) * (BLOCK_SIZE - 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16, torch.int64])
+def test_all_zero_default_chunks_stay_under_the_ratio_bound(tmp_path, dtype):
+    """A 4 MiB chunk of zeros is the most compressible chunk: PLANES's frame must still be
+    no smaller than MAX_ZSTD_RATIO allows (the reader refuses a record claiming more)."""
+    state = {"z": torch.zeros(8 * MiB // torch.empty(0, dtype=dtype).element_size(), dtype=dtype)}
+    aptckpt.save(state, tmp_path / "c", codec="auto")
+    aptckpt.verify(tmp_path / "c")
+    assert torch.equal(aptckpt.load(tmp_path / "c")["z"], state["z"])
