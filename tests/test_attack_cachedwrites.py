@@ -1,8 +1,9 @@
 """Attacks on the page-cache writes of local saves (storage/local/_cachepolicy.py, the cached head
 of DirectWriter) and on the PLANES preset of ``codec="auto"`` (commit 5f8edc3).
 
-The tests marked ``xfail(strict=True)`` are findings: each fails on 5f8edc3 and should pass once
-the finding is fixed (then drop the marker). The others pass and guard what held."""
+The "findings" section holds the attacks that broke 5f8edc3, now fixed (PLANES only for the
+frames of split chunks; the disk measured by its own counters, keyed by the save's folder;
+cgroup limits; ASCII digits only); the "guards" section what held from the start."""
 
 from __future__ import annotations
 
@@ -48,6 +49,28 @@ def _device(path: Path) -> int:
     return os.stat(path).st_dev
 
 
+class FakeDisk:
+    """A block device serving one write at a time at ``speed`` bytes/s, with the counters
+    DiskMeter reads (bytes moved, milliseconds busy): stands in for the kernel's."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, speed: float) -> None:
+        self.speed, self.nbytes, self.busy_ms = speed, 0, 0.0
+        self.lock = threading.Lock()
+        monkeypatch.setattr(_cachepolicy, "_counters", self.counters)
+        monkeypatch.setattr(_directio, "_pwrite_all", self.pwrite)
+
+    def counters(self, path: str) -> tuple[int, int]:
+        with self.lock:
+            return self.nbytes, int(self.busy_ms)
+
+    def pwrite(self, fd: int, view: Any, offset: int) -> None:
+        with self.lock:  # one request at a time; the GIL is free meanwhile
+            seconds = len(view) / self.speed
+            time.sleep(seconds)
+            self.nbytes += len(view)
+            self.busy_ms += seconds * 1000
+
+
 def _measured_slow(path: Path) -> None:
     """One slow sample on ``path``'s device (a disk stalled once, a busy neighbour)."""
     _cachepolicy.record(_device(path), SAMPLE_BYTES, SAMPLE_BYTES / 0.1e9)
@@ -74,12 +97,9 @@ def fast_dir():
         yield Path(d)
 
 
-# ================================================================== findings (xfail strict)
+# ================================================================== findings (fixed)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="finding 1: PLANES applied to byte data/ints with real matches"
-)
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
 def test_auto_is_not_much_worse_than_zstd_on_text_like_tensors(tmp_path, dtype):
     """codec="auto" at level 1 now compresses every chunk it keeps with PLANES, including
@@ -94,9 +114,6 @@ def test_auto_is_not_much_worse_than_zstd_on_text_like_tensors(tmp_path, dtype):
     assert auto <= 1.05 * zstd, (auto, zstd, auto / zstd)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="finding 2: the PLANES sample misses matches, chunk stored raw"
-)
 def test_auto_keeps_compressing_int8_rows_that_repeat(tmp_path):
     """int8 weights whose rows repeat (a quantized table with duplicated rows, 256 KiB apart):
     level 1 found the matches in the 4 sample slices and stored 1/8 of the bytes; PLANES misses
@@ -110,7 +127,6 @@ def test_auto_keeps_compressing_int8_rows_that_repeat(tmp_path):
     assert auto <= 1.05 * zstd, (auto, zstd, auto / zstd)
 
 
-@pytest.mark.xfail(strict=True, reason="finding 3: a slow verdict is never measured again")
 def test_a_disk_judged_slow_once_is_measured_again(tmp_path):
     """One slow sample (the median of one) makes the device slow; every later save smaller
     than MemAvailable/8 then goes wholly through the page cache, so no O_DIRECT byte is ever
@@ -125,16 +141,14 @@ def test_a_disk_judged_slow_once_is_measured_again(tmp_path):
     assert len(device.speeds) > 1 or device.nbytes > 0, "no direct byte measured since"
 
 
-@pytest.mark.xfail(strict=True, reason="finding 4: the O_DIRECT timing includes GIL waits")
 def test_the_measured_speed_is_the_disks_not_the_gils(tmp_path, monkeypatch):
-    """Each direct write is timed in Python around the pwrite, so the time the background
-    thread waits to get the GIL back counts as disk time. With one or two other Python threads
-    busy (a training loop while a background save runs) a 4 GB/s disk measures ~1 or ~0.6
-    GB/s: below SLOW_DISK, so saves go through the page cache (and finding 3 keeps it so)."""
+    """(5f8edc3:) each direct write was timed in Python around the pwrite, so the time the
+    background thread waited to get the GIL back counted as disk time. With one or two other
+    Python threads busy (a training loop while a background save runs) a 4 GB/s disk measured
+    ~1 or ~0.6 GB/s. The disk's own counters do not see the GIL."""
     if not direct_io_supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
-    per_write = 0.002  # the disk: 8 MiB in 2 ms, 4.2 GB/s, GIL released meanwhile
-    monkeypatch.setattr(_directio, "_pwrite_all", lambda fd, view, offset: time.sleep(per_write))
+    FakeDisk(monkeypatch, 4.2e9)  # 8 MiB in 2 ms, the GIL released meanwhile
     stop = threading.Event()
 
     def busy() -> None:
@@ -148,7 +162,7 @@ def test_the_measured_speed_is_the_disks_not_the_gils(tmp_path, monkeypatch):
     try:
         chunk = bytes(BUFFER_SIZE)
         with DirectWriter(tmp_path / "f", direct=True) as f:
-            for _ in range(4):
+            for _ in range(SAMPLE_BYTES // BUFFER_SIZE):
                 f.write(chunk)
     finally:
         stop.set()
@@ -158,7 +172,6 @@ def test_the_measured_speed_is_the_disks_not_the_gils(tmp_path, monkeypatch):
     assert speed is not None and speed >= SLOW_DISK, speed
 
 
-@pytest.mark.xfail(strict=True, reason="finding 5: a unicode digit crashes every local save")
 @pytest.mark.parametrize("value", ["²", "①"])
 def test_an_odd_cached_writes_value_does_not_crash_a_save(tmp_path, monkeypatch, value):
     """str.isdigit() accepts superscripts and circled digits that int() refuses: mode() raises
@@ -172,7 +185,6 @@ def test_an_odd_cached_writes_value_does_not_crash_a_save(tmp_path, monkeypatch,
     assert torch.equal(aptckpt.load(tmp_path / "c")["w"], torch.ones(4))
 
 
-@pytest.mark.xfail(strict=True, reason="finding 6: the budget ignores a cgroup memory limit")
 def test_the_budget_respects_a_cgroup_memory_limit(tmp_path, monkeypatch):
     """In a container (a Kubernetes pod, cgroup v2) /proc/meminfo shows the host's memory.
     A pod limited to 4 GiB on a 512 GiB host gets a 64 GiB page-cache budget: 16x what it may
@@ -205,7 +217,6 @@ def test_the_budget_respects_a_cgroup_memory_limit(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="finding 1b: zoo training states, auto 7-9% over zstd")
 @pytest.mark.parametrize("model", ["gpt2", "llama-tied"])
 def test_auto_is_within_a_few_percent_of_zstd_on_zoo_training_states(tmp_path, model):
     """The state zoo's Hugging Face training states (tiny models, tensors below SAMPLE_FROM
@@ -224,7 +235,6 @@ def test_auto_is_within_a_few_percent_of_zstd_on_zoo_training_states(tmp_path, m
     assert auto <= 1.05 * zstd, (auto, zstd, auto / zstd)
 
 
-@pytest.mark.xfail(strict=True, reason="finding 7: each concurrent writer measures its share")
 def test_writers_sharing_a_disk_do_not_make_it_slow(tmp_path, monkeypatch):
     """Eight ranks of a node (or saves in threads) write to one disk at once; each writer
     times only its own writes, so each measures an eighth of the disk. A 4.2 GB/s disk shared
@@ -232,18 +242,12 @@ def test_writers_sharing_a_disk_do_not_make_it_slow(tmp_path, monkeypatch):
     (8 ranks: all of it). Modelled here: the disk serves one 8 MiB write per 2 ms."""
     if not direct_io_supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
-    disk = threading.Lock()
-
-    def pwrite(fd: int, view: Any, offset: int) -> None:
-        with disk:
-            time.sleep(0.002 * len(view) / BUFFER_SIZE)
-
-    monkeypatch.setattr(_directio, "_pwrite_all", pwrite)
+    FakeDisk(monkeypatch, 4.2e9)
     chunk = bytes(BUFFER_SIZE)
 
     def save(i: int) -> None:
         with DirectWriter(tmp_path / f"f{i}", direct=True) as f:
-            for _ in range(2):
+            for _ in range(2 * SAMPLE_BYTES // BUFFER_SIZE // 8):
                 f.write(chunk)
 
     threads = [threading.Thread(target=save, args=(i,)) for i in range(8)]
@@ -290,13 +294,13 @@ def overlay_dir(tmp_path):
             subprocess.run(["umount", str(point)], capture_output=True, timeout=30)
 
 
-@pytest.mark.xfail(strict=True, reason="finding 8: speeds recorded under the file's st_dev")
-def test_a_measurement_on_overlayfs_is_found_by_the_next_save(overlay_dir):
+def test_a_measurement_on_overlayfs_is_found_by_the_next_save(overlay_dir, monkeypatch):
     """The writer records under fstat(file).st_dev, budget_for looks up stat(dir).st_dev. On
     overlayfs with layers on different file systems (a container's root whose upper layer is
     elsewhere) they differ, so "auto" never finds a measurement and never caches."""
     if not direct_io_supported(overlay_dir):
         pytest.skip("O_DIRECT refused here")
+    FakeDisk(monkeypatch, 0.3e9)  # the upper layer here is tmpfs: no block device of its own
     with DirectWriter(overlay_dir / "f", direct=True) as f:
         f.write(bytes(SAMPLE_BYTES))
     assert _cachepolicy.measured_speed(_device(overlay_dir)) is not None

@@ -63,7 +63,7 @@ def test_a_disk_slower_than_the_page_cache_gets_a_budget(tmp_path, speed, cached
     budget = _cachepolicy.budget_for(tmp_path)
     assert (budget > 0) is cached
     if cached:  # an eighth of the available memory
-        assert 0 < budget <= _cachepolicy._available_memory() // 8 + (64 << 20)
+        assert 0 < budget <= _cachepolicy.available_memory() // 8 + (64 << 20)
 
 
 @pytest.mark.parametrize(
@@ -112,9 +112,49 @@ def test_a_budget_is_shared_by_threads_without_overdrawing():
 def test_direct_writes_are_measured(tmp_path):
     if not direct_io_supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
+    if _cachepolicy._counters(_block_stat(tmp_path)) is None:
+        pytest.skip("no block device behind this file system")
     with DirectWriter(tmp_path / "f", direct=True) as f:
         f.write(os.urandom(1 << 20) * (SAMPLE_BYTES >> 20))
     assert _cachepolicy.measured_speed(_device(tmp_path)) is not None
+
+
+def _block_stat(path) -> str:
+    device = os.stat(path).st_dev
+    return f"/sys/dev/block/{os.major(device)}:{os.minor(device)}/stat"
+
+
+def test_a_file_system_without_a_block_device_is_never_measured(tmp_path, monkeypatch):
+    monkeypatch.setattr(_cachepolicy, "_counters", lambda path: None)
+    with DirectWriter(tmp_path / "f", direct=True) as f:
+        f.write(bytes(SAMPLE_BYTES))
+    assert _cachepolicy.measured_speed(_device(tmp_path)) is None
+    assert _cachepolicy.budget_for(tmp_path) == 0
+
+
+def test_cgroup_limits_bound_the_available_memory(tmp_path, monkeypatch):
+    root = tmp_path / "cg"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "memory.max").write_text("max\n")  # the root: no limit
+    (root / "a" / "memory.max").write_text(str(3 << 30))
+    (root / "a" / "memory.current").write_text(str(1 << 30))
+    (root / "a" / "b" / "memory.max").write_text("max\n")
+    (root / "a" / "b" / "memory.current").write_text(str(1 << 29))
+    (tmp_path / "self-cgroup").write_text("0::/a/b\n")
+    monkeypatch.setitem(
+        _cachepolicy._CGROUP_FILES, "v2", (str(root), "memory.max", "memory.current")
+    )
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        if str(path) == "/proc/self/cgroup":
+            path = tmp_path / "self-cgroup"
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    assert _cachepolicy.available_memory() <= 2 << 30  # a's limit less a's usage
+    monkeypatch.setenv("APTCKPT_CACHED_WRITES", "always")
+    assert 0 < _cachepolicy.budget_for(tmp_path) <= (2 << 30) // 8
 
 
 def test_a_save_to_a_slow_disk_is_cached_and_loads(tmp_path, monkeypatch):

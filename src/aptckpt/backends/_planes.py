@@ -15,8 +15,10 @@ plane is compressed, and
 
 Chunks too small to sample (below :data:`SAMPLE_FROM`) are compressed whole and kept only if
 they shrink by :data:`MIN_SAVING`. The sample costs a few percent of compressing the chunk.
-At level 1 (the default) the planes are compressed with :data:`aptckpt.codecs.PLANES`, zstd
-settings tuned for byte planes; other levels are zstd's own.
+At level 1 (the default) the frame of a split chunk (the sign and exponent planes of floats,
+the high planes of integers) is compressed with :data:`aptckpt.codecs.PLANES`, zstd settings
+tuned for such planes; the samples and whole chunks use the level as it is (their long-range
+matches, as in text or repeated rows, need zstd's own match finder).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ _SLICES = 4
 _SLICE = 4 << 10
 
 
-def _shrinks(data: memoryview, level: int | str) -> bool:
+def _shrinks(data: memoryview, level: int) -> bool:
     return len(compress_level(level).compress(data)) <= (1 - MIN_SAVING) * len(data)
 
 
@@ -51,30 +53,29 @@ def _sample(plane: memoryview) -> Any:
 def encode(data: memoryview, itemsize: int, level: int) -> tuple[Pipeline, Any]:
     """Chunk ``data`` (elements of ``itemsize`` bytes) encoded as ``codec="auto"`` does
     (see the module doc): its pipeline and stored bytes (``data`` itself when raw; else a
-    buffer valid until the next call on this thread). Level 1 compresses with
-    :data:`~aptckpt.codecs.PLANES`, tuned for byte planes."""
-    preset: int | str = PLANES if level == 1 else level
+    buffer valid until the next call on this thread)."""
     shuffle = itemsize if 2 <= itemsize <= 16 else 0
     if len(data) < SAMPLE_FROM:
         whole = Pipeline(shuffle=shuffle, zstd=True)
-        return _kept(whole, whole.encode(data, level=preset), data)
+        return _kept(whole, whole.encode(data, level=level), data)
     if not shuffle:
-        if not _shrinks(memoryview(_sample(data)), preset):
+        if not _shrinks(memoryview(_sample(data)), level):
             return RAW, data
         whole = Pipeline(zstd=True)
-        return _kept(whole, whole.encode(data, level=preset), data)
+        return _kept(whole, whole.encode(data, level=level), data)
     shuffled = scratch("shuffle", len(data))
     _accel.shuffle(data, shuffle, shuffled)
     n = len(data) // shuffle
     raw_planes = 0
     for plane in range(shuffle):
-        if _shrinks(memoryview(_sample(shuffled[plane * n : (plane + 1) * n])), preset):
+        if _shrinks(memoryview(_sample(shuffled[plane * n : (plane + 1) * n])), level):
             break
         raw_planes += 1
     if raw_planes == shuffle:
         return RAW, data
     pipeline = Pipeline(shuffle=shuffle, zstd=True, split=raw_planes)
-    return _kept(pipeline, pipeline.encode(data, level=preset, shuffled=shuffled), data)
+    planes: int | str = PLANES if raw_planes and level == 1 else level
+    return _kept(pipeline, pipeline.encode(data, level=planes, shuffled=shuffled), data)
 
 
 def _kept(pipeline: Pipeline, encoded: Any, data: memoryview) -> tuple[Pipeline, Any]:

@@ -56,7 +56,7 @@ class ZstdOptions(BackendOptions):
 
     Attributes:
         level: zstd compression level (1..22; negative levels are faster still). With
-            ``codec="auto"``, level 1 means :data:`aptckpt.codecs.PLANES` (tuned for byte planes).
+            ``codec="auto"``, level 1 compresses split chunks with :data:`aptckpt.codecs.PLANES`.
         codec: ``"zstd"`` to compress every chunk, ``"none"`` to store chunks raw,
             ``"auto"`` to compress only the byte planes that compress (see
             :func:`choose_pipeline`) and store the rest raw.

@@ -10,14 +10,20 @@ reads the disk. On a slow disk (a throttled cloud volume: the same machine's dis
 load that follows reads memory instead of disk: 2-3x faster for the states of
 ``benchmarks/bench_load.py``.
 
-So every data-file writer times its ``O_DIRECT`` writes (one background thread writes them one
-after another, so the time spent in them is the disk's), and :func:`record` keeps the speeds per
-device. While the median of the last few measured speeds of a save's device is below
-:data:`SLOW_DISK`, a save writes its first ``MemAvailable / 8`` bytes through the page cache
-(:func:`budget_for`); until a device has been measured, or where it is fast, every byte goes
-``O_DIRECT`` as before. ``APTCKPT_CACHED_WRITES`` overrides the measurement: ``auto`` (the
-default), ``always`` (cache that budget whatever the disk), ``never``, or a number of bytes
-(cache that many of each save, whatever the disk).
+So every data file measures its disk while it is written (:class:`DiskMeter`): the block
+device's own counters (``/sys/dev/block/MAJ:MIN/stat``: bytes moved and the time it had requests
+in flight) before its first write and at its close. That is the disk's speed whoever wrote
+(other ranks and threads, the writeback of cached bytes) and whatever this process's threads
+did meanwhile (a timer around a write in Python would count waits for the GIL as disk time).
+:func:`record` keeps the speeds per file system (the ``st_dev`` of the save's directory). While
+the median of the last few speeds is below :data:`SLOW_DISK`, a save writes its first eighth of
+available memory (:func:`available_memory`: within the container's memory limit) through the
+page cache (:func:`budget_for`); until a file system has been measured, where it is fast, or
+where no block device backs it (tmpfs, network and some union file systems), every byte goes
+``O_DIRECT`` as before. Cached saves go on being measured: a disk that speeds up is noticed.
+``APTCKPT_CACHED_WRITES`` overrides the measurement: ``auto`` (the default), ``always`` (cache
+that budget whatever the disk), ``never``, or a number of bytes (cache that many of each save);
+any other value is taken as ``auto``.
 """
 
 from __future__ import annotations
@@ -32,9 +38,9 @@ __all__ = ["SLOW_DISK", "CacheBudget", "budget_for", "forget", "measured_speed",
 
 #: Bytes per second below which a disk is slower than filling the page cache (the reference
 #: machine's buffered writes reached 0.68-0.75 GB/s), so caching a save's bytes costs nothing.
-SLOW_DISK = 1.0e9
-#: ``O_DIRECT`` bytes that make one speed sample (two 8 MiB writes: one is mostly latency).
-SAMPLE_BYTES = 16 << 20
+SLOW_DISK = 0.6e9
+#: Bytes the disk moved that make one speed sample (its busy time is counted in milliseconds).
+SAMPLE_BYTES = 64 << 20
 #: Samples kept per device; their median decides (a disk's speed moves, one write can stall).
 _SAMPLES = 5
 #: The fraction of available memory one save may leave in the page cache.
@@ -94,9 +100,9 @@ if hasattr(os, "register_at_fork"):
 
 def mode() -> str | int:
     """``APTCKPT_CACHED_WRITES``: ``auto`` (default), ``always``, ``never`` or a number of
-    bytes (an int); anything else is taken as ``auto``."""
+    bytes (an int, ASCII digits); anything else is taken as ``auto``."""
     value = os.environ.get("APTCKPT_CACHED_WRITES", "auto").strip().lower()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return int(value)
     return value if value in _MODES else "auto"
 
@@ -116,10 +122,16 @@ def budget_for(directory: str | os.PathLike[str]) -> int:
         speed = measured_speed(device)
         if speed is None or speed >= SLOW_DISK:
             return 0
-    return _available_memory() // _MEMORY_FRACTION
+    return available_memory() // _MEMORY_FRACTION
 
 
-def _available_memory() -> int:
+def available_memory() -> int:
+    """Bytes this process may still fill: the system's available memory, within the memory
+    limits of the cgroups it runs in (a container sees the host's ``/proc/meminfo``)."""
+    return min([_system_available(), *_cgroup_headroom()])
+
+
+def _system_available() -> int:
     try:
         with open("/proc/meminfo", "rb") as f:
             for line in f:
@@ -131,6 +143,79 @@ def _available_memory() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+_CGROUP_FILES = {  # hierarchy: (its mount, limit file, usage file)
+    "v2": ("/sys/fs/cgroup", "memory.max", "memory.current"),
+    "v1": ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"),
+}
+
+
+def _cgroup_headroom() -> list[int]:
+    """``limit - usage`` of each memory cgroup from this process's up to the root that has a
+    limit (cgroup v2 and v1); none where there is no limit or no cgroup file system."""
+    try:
+        with open("/proc/self/cgroup", "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        version = "v2" if hierarchy == "0" and not controllers else None
+        if "memory" in controllers.split(","):
+            version = "v1"
+        if version is None:
+            continue
+        mount, limit_file, usage_file = _CGROUP_FILES[version]
+        parts = [p for p in path.split("/") if p and p != ".."]
+        for depth in range(len(parts), -1, -1):
+            folder = os.path.join(mount, *parts[:depth])
+            limit = _read_int(os.path.join(folder, limit_file))
+            usage = _read_int(os.path.join(folder, usage_file))
+            if limit is not None and usage is not None and limit < (1 << 60):
+                found.append(max(0, limit - usage))
+    return found
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            return int(f.read().strip())  # "max" (no limit) is not an int
+    except (OSError, ValueError):
+        return None
+
+
+class DiskMeter:
+    """The block device behind a file, measured from now to :meth:`finish`: bytes it moved
+    (read and written) and milliseconds it was busy, from its own counters."""
+
+    def __init__(self, fd: int) -> None:
+        device = os.fstat(fd).st_dev
+        self._stat = f"/sys/dev/block/{os.major(device)}:{os.minor(device)}/stat"
+        self._start = _counters(self._stat)
+
+    def finish(self, key: int) -> None:
+        """Record what the device did since the start as a measurement of file system
+        ``key`` (the ``st_dev`` of the directory saves look it up by)."""
+        if self._start is None:
+            return
+        end = _counters(self._stat)
+        if end is None:
+            return
+        nbytes, busy_ms = end[0] - self._start[0], end[1] - self._start[1]
+        record(key, nbytes, busy_ms / 1000)
+
+
+def _counters(path: str) -> tuple[int, int] | None:
+    """(bytes read + written, milliseconds busy) of a block device's ``stat`` file."""
+    try:
+        with open(path, "rb") as f:
+            fields = f.read().split()
+        return (int(fields[2]) + int(fields[6])) * 512, int(fields[9])
+    except (OSError, ValueError, IndexError):
+        return None  # no block device behind it (tmpfs, a network file system), or not Linux
 
 
 class CacheBudget:

@@ -15,9 +15,9 @@ bytes, without the copy. ``APTCKPT_DIRECT_IO=0`` asks for that everywhere.
 
 Given a :class:`~aptckpt.storage.local._cachepolicy.CacheBudget`, a writer first writes through
 the page cache, as long as the save's budget lasts (up to the next block boundary), then turns
-``O_DIRECT`` on for the rest of the file (``fcntl(F_SETFL)``). The background thread times its
-``O_DIRECT`` writes, and the writer reports the speed to
-:func:`~aptckpt.storage.local._cachepolicy.record`: the measurement that budget rests on.
+``O_DIRECT`` on for the rest of the file (``fcntl(F_SETFL)``). Every writer measures the disk
+while it writes (:class:`~aptckpt.storage.local._cachepolicy.DiskMeter`): the measurement that
+budget rests on.
 
 The caller still fsyncs the file (:meth:`~aptckpt.storage.base.CheckpointWriter.sync_files`):
 ``O_DIRECT`` makes neither the file's size nor its allocation durable, nor does it flush the
@@ -33,7 +33,6 @@ import fcntl
 import mmap
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,8 +43,7 @@ from typing import Any
 from aptckpt import _accel, _config
 from aptckpt.storage._digests import ChunkDigester
 from aptckpt.storage.base import Sink
-from aptckpt.storage.local import _cachepolicy
-from aptckpt.storage.local._cachepolicy import CacheBudget
+from aptckpt.storage.local._cachepolicy import CacheBudget, DiskMeter
 
 __all__ = ["BLOCK_SIZE", "BUFFER_SIZE", "DirectWriter"]
 
@@ -185,10 +183,7 @@ class DirectWriter(Sink):
         self._pending: deque[tuple[Future[None], mmap.mmap]] = deque()
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
-        # O_DIRECT bytes written and seconds spent writing them (by the one background
-        # thread, one write at a time: the disk's time), reported to the cache policy.
-        self._timed_bytes = 0
-        self._timed_seconds = 0.0
+        self._meter = DiskMeter(self.fd)
 
     # ------------------------------------------------------------------ writing
 
@@ -325,10 +320,7 @@ class DirectWriter(Sink):
 
     def _write_out(self, view: memoryview, offset: int) -> None:
         try:
-            start = time.perf_counter()
             _pwrite_all(self.fd, view, offset)
-            self._timed_seconds += time.perf_counter() - start
-            self._timed_bytes += len(view)
         except OSError as err:
             if err.errno != errno.EINVAL or not self.direct:
                 raise
@@ -356,9 +348,9 @@ class DirectWriter(Sink):
             self._drain(raise_errors=True)
             if self.direct and self._flushed != self.size:
                 os.ftruncate(self.fd, self.size)
-            if self._timed_bytes:
-                device = os.fstat(self.fd).st_dev
-                _cachepolicy.record(device, self._timed_bytes, self._timed_seconds)
+            # Keyed by the folder's file system, as saves look it up (on overlayfs a file's
+            # st_dev is its layer's, not the folder's).
+            self._meter.finish(os.stat(self.path.parent).st_dev)
         finally:
             self._release()
 
