@@ -127,18 +127,24 @@ def test_auto_keeps_compressing_int8_rows_that_repeat(tmp_path):
     assert auto <= 1.05 * zstd, (auto, zstd, auto / zstd)
 
 
-def test_a_disk_judged_slow_once_is_measured_again(tmp_path):
-    """One slow sample (the median of one) makes the device slow; every later save smaller
-    than MemAvailable/8 then goes wholly through the page cache, so no O_DIRECT byte is ever
-    timed again and the verdict stands for the life of the process, whatever the disk does."""
+def test_a_disk_judged_slow_once_is_measured_again(tmp_path, monkeypatch):
+    """One slow sample (the median of one) made the device slow; every later save smaller
+    than MemAvailable/8 then went wholly through the page cache, so no O_DIRECT byte was ever
+    timed again and the verdict stood for the life of the process. Samples now expire: the
+    first save after that writes O_DIRECT again and is measured."""
     if not direct_io_supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
+    disk = FakeDisk(monkeypatch, 4.2e9)
+    monkeypatch.setattr(_cachepolicy, "SAMPLE_LIFETIME", 0.2)
     _measured_slow(tmp_path)
-    for i in range(2):
-        state = {"w": torch.zeros(SAMPLE_BYTES // 4)}
-        aptckpt.save(state, tmp_path / f"c{i}", codec="none")
-    device = _cachepolicy._devices[_device(tmp_path)]
-    assert len(device.speeds) > 1 or device.nbytes > 0, "no direct byte measured since"
+    state = {"w": torch.zeros(SAMPLE_BYTES // 4)}
+    aptckpt.save(state, tmp_path / "c0", codec="none")  # cached: the verdict is fresh
+    assert disk.nbytes < SAMPLE_BYTES
+    time.sleep(0.3)
+    assert _cachepolicy.budget_for(tmp_path) == 0  # expired: measured again
+    aptckpt.save(state, tmp_path / "c1", codec="none")
+    assert _cachepolicy.measured_speed(_device(tmp_path)) == pytest.approx(4.2e9, rel=0.2)
+    assert _cachepolicy.budget_for(tmp_path) == 0  # and found fast
 
 
 def test_the_measured_speed_is_the_disks_not_the_gils(tmp_path, monkeypatch):

@@ -10,17 +10,21 @@ reads the disk. On a slow disk (a throttled cloud volume: the same machine's dis
 load that follows reads memory instead of disk: 2-3x faster for the states of
 ``benchmarks/bench_load.py``.
 
-So every data file measures its disk while it is written (:class:`DiskMeter`): the block
-device's own counters (``/sys/dev/block/MAJ:MIN/stat``: bytes moved and the time it had requests
-in flight) before its first write and at its close. That is the disk's speed whoever wrote
-(other ranks and threads, the writeback of cached bytes) and whatever this process's threads
-did meanwhile (a timer around a write in Python would count waits for the GIL as disk time).
+So every data file measures its disk while it writes ``O_DIRECT`` (:class:`DiskMeter`): the
+block device's own counters (``/sys/dev/block/MAJ:MIN/stat``: bytes moved and the time it had
+requests in flight) when its direct writes start and at its close. That is the disk's speed
+whoever wrote (other ranks and threads) and whatever this process's threads did meanwhile (a
+timer around a write in Python would count waits for the GIL as disk time). Cached writes are
+not measured: the kernel's writeback keeps many requests in flight, and the device's busy-time
+rate then says little about how fast a save reaches the disk (measured here: 1.7 GB/s of busy
+time for saves that took as long as the 0.45 GB/s direct ones).
 :func:`record` keeps the speeds per file system (the ``st_dev`` of the save's directory). While
 the median of the last few speeds is below :data:`SLOW_DISK`, a save writes its first eighth of
 available memory (:func:`available_memory`: within the container's memory limit) through the
 page cache (:func:`budget_for`); until a file system has been measured, where it is fast, or
 where no block device backs it (tmpfs, network and some union file systems), every byte goes
-``O_DIRECT`` as before. Cached saves go on being measured: a disk that speeds up is noticed.
+``O_DIRECT`` as before. Samples expire after :data:`SAMPLE_LIFETIME` seconds, so a disk judged
+slow is measured again by the next save after that (it goes ``O_DIRECT`` once more).
 ``APTCKPT_CACHED_WRITES`` overrides the measurement: ``auto`` (the default), ``always`` (cache
 that budget whatever the disk), ``never``, or a number of bytes (cache that many of each save);
 any other value is taken as ``auto``.
@@ -31,18 +35,23 @@ from __future__ import annotations
 import os
 import statistics
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 __all__ = ["SLOW_DISK", "CacheBudget", "budget_for", "forget", "measured_speed", "record"]
 
-#: Bytes per second below which a disk is slower than filling the page cache (the reference
-#: machine's buffered writes reached 0.68-0.75 GB/s), so caching a save's bytes costs nothing.
-SLOW_DISK = 0.6e9
+#: Bytes per second of busy time below which a disk is slower than filling the page cache, so
+#: caching a save's bytes costs nothing. The reference machine's buffered writes reached
+#: 0.68-0.75 GB/s; its disk, throttled on 2026-12-08 to a busy-time rate of 0.45-0.86 GB/s,
+#: took saves of 45-273 MB as fast through the page cache as with O_DIRECT.
+SLOW_DISK = 1.0e9
 #: Bytes the disk moved that make one speed sample (its busy time is counted in milliseconds).
 SAMPLE_BYTES = 64 << 20
 #: Samples kept per device; their median decides (a disk's speed moves, one write can stall).
 _SAMPLES = 5
+#: Seconds a sample counts for.
+SAMPLE_LIFETIME = 600.0
 #: The fraction of available memory one save may leave in the page cache.
 _MEMORY_FRACTION = 8
 
@@ -51,7 +60,9 @@ _MODES = {"auto", "always", "never"}
 
 @dataclass
 class _Device:
-    speeds: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES))
+    speeds: deque[tuple[float, float]] = field(  # (when, bytes/s)
+        default_factory=lambda: deque(maxlen=_SAMPLES)
+    )
     nbytes: int = 0  # measured but not yet a sample
     seconds: float = 0.0
 
@@ -70,7 +81,7 @@ def record(device: int, nbytes: int, seconds: float) -> None:
         state.nbytes += nbytes
         state.seconds += seconds
         if state.nbytes >= SAMPLE_BYTES:
-            state.speeds.append(state.nbytes / state.seconds)
+            state.speeds.append((time.monotonic(), state.nbytes / state.seconds))
             state.nbytes, state.seconds = 0, 0.0
 
 
@@ -78,7 +89,12 @@ def measured_speed(device: int) -> float | None:
     """The median measured ``O_DIRECT`` write speed of ``device`` in bytes/s, or None."""
     with _lock:
         state = _devices.get(device)
-        return statistics.median(state.speeds) if state and state.speeds else None
+        if state is None:
+            return None
+        recent = [
+            speed for when, speed in state.speeds if time.monotonic() - when < SAMPLE_LIFETIME
+        ]
+        return statistics.median(recent) if recent else None
 
 
 def forget() -> None:

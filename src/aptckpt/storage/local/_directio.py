@@ -16,8 +16,8 @@ bytes, without the copy. ``APTCKPT_DIRECT_IO=0`` asks for that everywhere.
 Given a :class:`~aptckpt.storage.local._cachepolicy.CacheBudget`, a writer first writes through
 the page cache, as long as the save's budget lasts (up to the next block boundary), then turns
 ``O_DIRECT`` on for the rest of the file (``fcntl(F_SETFL)``). Every writer measures the disk
-while it writes (:class:`~aptckpt.storage.local._cachepolicy.DiskMeter`): the measurement that
-budget rests on.
+while it writes ``O_DIRECT`` (:class:`~aptckpt.storage.local._cachepolicy.DiskMeter`): the
+measurement that budget rests on.
 
 The caller still fsyncs the file (:meth:`~aptckpt.storage.base.CheckpointWriter.sync_files`):
 ``O_DIRECT`` makes neither the file's size nor its allocation durable, nor does it flush the
@@ -183,7 +183,7 @@ class DirectWriter(Sink):
         self._pending: deque[tuple[Future[None], mmap.mmap]] = deque()
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
-        self._meter = DiskMeter(self.fd)
+        self._meter = DiskMeter(self.fd) if self.direct else None
 
     # ------------------------------------------------------------------ writing
 
@@ -256,6 +256,7 @@ class DirectWriter(Sink):
             return
         self.direct = True
         self._flushed = offset
+        self._meter = DiskMeter(self.fd)
 
     def digests(self) -> bytes:
         """The concatenated digests of the file's chunks (after :meth:`close`)."""
@@ -350,7 +351,8 @@ class DirectWriter(Sink):
                 os.ftruncate(self.fd, self.size)
             # Keyed by the folder's file system, as saves look it up (on overlayfs a file's
             # st_dev is its layer's, not the folder's).
-            self._meter.finish(os.stat(self.path.parent).st_dev)
+            if self._meter is not None:
+                self._meter.finish(os.stat(self.path.parent).st_dev)
         finally:
             self._release()
 
