@@ -119,3 +119,30 @@ def test_a_forked_child_saves_and_loads_with_its_own_chunk_pool(tmp_path):
         process.kill()
         pytest.fail("the forked child hung on the parent's pool")
     assert process.exitcode == 0
+
+
+@pytest.mark.parametrize("count", [0, 1, 255, 256, 257, 1000])
+def test_batched_map_keeps_order_and_groups_small_items(count):
+    from aptckpt.backends import _chunks
+
+    sizes = [(i * 37) % (3 << 20) if i % 50 == 0 else 64 for i in range(count)]
+    threads_seen: set[str] = set()
+
+    def work(i: int) -> int:
+        threads_seen.add(threading.current_thread().name)
+        return i * 2
+
+    out = list(_chunks.batched_map(work, list(range(count)), sizes, threads=2))
+    assert out == [i * 2 for i in range(count)]
+
+
+def test_batched_map_raises_the_first_error_in_order():
+    from aptckpt.backends import _chunks
+
+    def work(i: int) -> int:
+        if i in (700, 300):
+            raise ValueError(f"item {i}")
+        return i
+
+    with pytest.raises(ValueError, match="item 300"):
+        list(_chunks.batched_map(work, list(range(1000)), [64] * 1000, threads=2))

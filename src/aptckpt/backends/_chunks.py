@@ -432,6 +432,27 @@ def ordered_map(
                     future.result()
 
 
+def batched_map(
+    fn: Callable[[T], R], items: Sequence[T], sizes: Sequence[int], *, threads: int
+) -> Generator[R, None, None]:
+    """:func:`ordered_map` of ``fn`` over ``items`` (of ``sizes`` bytes each), small items
+    grouped into one task of about ``_BATCH_BYTES`` or ``_BATCH_SLOTS`` items: a task per
+    100,000 tiny chunks costs more in the pool's queue and the GIL than their work."""
+    groups: list[list[T]] = []
+    current: list[T] = []
+    size = 0
+    for item, nbytes in zip(items, sizes, strict=True):
+        current.append(item)
+        size += nbytes
+        if size >= _BATCH_BYTES or len(current) >= _BATCH_SLOTS:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    for results in ordered_map(lambda group: [fn(i) for i in group], groups, threads=threads):
+        yield from results
+
+
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 

@@ -162,9 +162,10 @@ class ZstdBackend(InPlaceBackend):
         rows: list[list[list[Any]]] = [[] for _ in range(n_tensors)]
         shards = _ShardWriter(writer, self.options.shard_size)
         try:
-            for job, (digest, pipeline, data, stored_digest) in zip(
-                jobs, _chunks.ordered_map(self._encode, jobs, threads=self._threads), strict=True
-            ):
+            encoded = _chunks.batched_map(
+                self._encode, jobs, [len(job.data) for job in jobs], threads=self._threads
+            )
+            for job, (digest, pipeline, data, stored_digest) in zip(jobs, encoded, strict=True):
                 if pipeline not in codec_index:
                     codec_index[pipeline] = len(pipelines)
                     pipelines.append(pipeline)
