@@ -405,7 +405,7 @@ class ObjectStore:
             self._wait_written()
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="aptckpt-store")
-            self._writing = self._writer.submit(self._put_batch, batch, 4)
+            self._writing = self._writer.submit(self._put_batch, batch)
 
     def _wait_written(self) -> None:
         """Wait for the batch written behind, if any; raise its error (``_write_lock`` held)."""
@@ -413,7 +413,7 @@ class ObjectStore:
         if writing is not None:
             writing.result()
 
-    def _put_batch(self, batch: list[tuple[str, bytes]], threads: int) -> None:
+    def _put_batch(self, batch: list[tuple[str, bytes]], threads: int = 4) -> None:
         # Those written before a failure are unreferenced objects: GC's job. Locally,
         # temporaries go to tmp/ (cleared under the exclusive lock): one rename per object,
         # no lock file per object.

@@ -438,17 +438,7 @@ def batched_map(
     """:func:`ordered_map` of ``fn`` over ``items`` (of ``sizes`` bytes each), small items
     grouped into one task of about ``_BATCH_BYTES`` or ``_BATCH_SLOTS`` items: a task per
     100,000 tiny chunks costs more in the pool's queue and the GIL than their work."""
-    groups: list[list[T]] = []
-    current: list[T] = []
-    size = 0
-    for item, nbytes in zip(items, sizes, strict=True):
-        current.append(item)
-        size += nbytes
-        if size >= _BATCH_BYTES or len(current) >= _BATCH_SLOTS:
-            groups.append(current)
-            current, size = [], 0
-    if current:
-        groups.append(current)
+    groups = _groups(items, sizes)
     for results in ordered_map(lambda group: [fn(i) for i in group], groups, threads=threads):
         yield from results
 
@@ -637,18 +627,24 @@ _BATCH_SLOTS = 256
 def _batches(slots: list[_Slot[C]]) -> list[list[_Slot[C]]]:
     """Consecutive slots grouped into tasks of about ``_BATCH_BYTES`` (a large chunk
     is a task of its own)."""
-    batches: list[list[_Slot[C]]] = []
-    current: list[_Slot[C]] = []
+    return _groups(slots, [len(slot.out) for slot in slots])
+
+
+def _groups(items: Sequence[T], sizes: Sequence[int]) -> list[list[T]]:
+    """Consecutive ``items`` (of ``sizes`` bytes) grouped into runs of about
+    ``_BATCH_BYTES`` or at most ``_BATCH_SLOTS`` items."""
+    groups: list[list[T]] = []
+    current: list[T] = []
     size = 0
-    for slot in slots:
-        current.append(slot)
-        size += len(slot.out)
+    for item, nbytes in zip(items, sizes, strict=True):
+        current.append(item)
+        size += nbytes
         if size >= _BATCH_BYTES or len(current) >= _BATCH_SLOTS:
-            batches.append(current)
+            groups.append(current)
             current, size = [], 0
     if current:
-        batches.append(current)
-    return batches
+        groups.append(current)
+    return groups
 
 
 def refuse_unreadable(

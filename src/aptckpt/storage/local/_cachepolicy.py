@@ -72,8 +72,8 @@ _lock = threading.Lock()
 
 
 def record(device: int, nbytes: int, seconds: float) -> None:
-    """Note that ``nbytes`` were written to ``device`` with ``O_DIRECT`` in ``seconds`` of
-    write calls. Every :data:`SAMPLE_BYTES` of them make one speed sample."""
+    """Note that the disk of file system ``device`` moved ``nbytes`` in ``seconds`` of busy
+    time (:class:`DiskMeter`). Every :data:`SAMPLE_BYTES` of them make one speed sample."""
     if nbytes <= 0 or seconds <= 0:
         return
     with _lock:
@@ -86,14 +86,13 @@ def record(device: int, nbytes: int, seconds: float) -> None:
 
 
 def measured_speed(device: int) -> float | None:
-    """The median measured ``O_DIRECT`` write speed of ``device`` in bytes/s, or None."""
+    """The median of ``device``'s unexpired speed samples in bytes/s, or None."""
     with _lock:
         state = _devices.get(device)
         if state is None:
             return None
-        recent = [
-            speed for when, speed in state.speeds if time.monotonic() - when < SAMPLE_LIFETIME
-        ]
+        oldest = time.monotonic() - SAMPLE_LIFETIME
+        recent = [speed for when, speed in state.speeds if when > oldest]
         return statistics.median(recent) if recent else None
 
 

@@ -217,19 +217,16 @@ class DirectWriter(Sink):
         assert self._cache is not None
         if self._cached_until is None:
             granted = self._cache.take(len(view))
-            if granted == len(view):
-                _write_all(self.fd, view)
-                self.cached += granted
-                self._start_writeback(self.size + granted)
-                return view[:0]
-            # Spent: go on buffered to the next block boundary, where O_DIRECT can start.
-            end = self.size + granted
-            self._cached_until = -(-end // BLOCK_SIZE) * BLOCK_SIZE
-        take = min(len(view), self._cached_until - self.size)
+            if granted < len(view):
+                # Spent: go on buffered to the next block boundary, where O_DIRECT can start.
+                self._cached_until = -(-(self.size + granted) // BLOCK_SIZE) * BLOCK_SIZE
+        take = len(view) if self._cached_until is None else self._cached_until - self.size
+        take = min(take, len(view))
         _write_all(self.fd, view[:take])
         self.cached += take
-        self._start_writeback(self.size + take, at_least=0)
+        self._start_writeback(self.size + take)
         if self.size + take == self._cached_until:
+            self._start_writeback(self._cached_until, at_least=0)
             self._go_direct(self._cached_until)
         return view[take:]
 
